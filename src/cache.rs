@@ -1,0 +1,456 @@
+//! The local artifact cache: one directory per artifact, committed atomically, shared
+//! safely by concurrent jolt processes, trimmed to a size in least-recently-used order.
+//!
+//! Layout under the cache root:
+//!
+//! ```text
+//! <task>/<identity>/                  committed artifact (.manifest.json, .build.log, files)
+//! <task>/.<identity>.<unique>.tmp/    artifact being staged (renamed on commit)
+//! .locks/<identity>.lock              held (flock) while an artifact is built or removed
+//! .refs/<pid>-<unique>                identities a live process uses; the file is flocked
+//!                                     by its owner, so an unlockable file means "alive"
+//! .tmp/                               build directories and non-cacheable artifacts
+//! .stat/                              stat caches of influence-file hashes
+//! ```
+//!
+//! An artifact's last use is its directory's modification time.
+
+use anyhow::{Context, Result};
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use crate::artifact::{Manifest, MANIFEST};
+use crate::fsutil::{self, unique_suffix};
+use crate::recipe::Expires;
+
+/// A committed artifact found by a scan.
+#[derive(Debug)]
+pub struct CachedArtifact {
+    pub dir: PathBuf,
+    pub task: String,
+    pub identity: String,
+    pub size: u64,
+    pub last_used: SystemTime,
+    pub created: u64,
+    pub expires: Expires,
+}
+
+impl CachedArtifact {
+    /// Whether the expiry policy allows evicting it now.
+    pub fn expired(&self, now: u64) -> bool {
+        let unused = SystemTime::now()
+            .duration_since(self.last_used)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        match self.expires {
+            Expires::Immediately => true,
+            Expires::Never => false,
+            Expires::After(secs) => now.saturating_sub(self.created) >= secs,
+            Expires::UnusedFor(secs) => unused >= secs,
+        }
+    }
+}
+
+/// An inter-process lock on one artifact; released on drop.
+pub struct ArtifactLock {
+    _file: File,
+}
+
+/// The local cache.
+pub struct Cache {
+    pub root: PathBuf,
+    limit: u64,
+    refs: Mutex<File>,
+    /// Our own uses, for trimming within this process.
+    used: Mutex<HashSet<String>>,
+    /// Size of the cache at the last scan plus what was committed since.
+    estimate: Mutex<Option<u64>>,
+}
+
+fn is_identity(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Cache {
+    /// Opens (creating) the cache at `root`, limited to `limit` bytes.
+    pub fn open(root: &Path, limit: u64) -> Result<Cache> {
+        for sub in [".locks", ".refs", ".tmp"] {
+            let dir = root.join(sub);
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("Cannot create cache directory {}", dir.display()))?;
+        }
+        let refs_path = root.join(".refs").join(unique_suffix());
+        let refs = File::options()
+            .create(true)
+            .append(true)
+            .open(&refs_path)
+            .with_context(|| format!("Cannot create {}", refs_path.display()))?;
+        refs.lock()
+            .with_context(|| format!("Cannot lock {}", refs_path.display()))?;
+        Ok(Cache {
+            root: root.to_path_buf(),
+            limit,
+            refs: Mutex::new(refs),
+            used: Mutex::new(HashSet::new()),
+            estimate: Mutex::new(None),
+        })
+    }
+
+    /// Where the artifact of `task` with `identity` lives when committed.
+    pub fn artifact_dir(&self, task: &str, identity: &str) -> PathBuf {
+        self.root.join(task).join(identity)
+    }
+
+    /// Whether the artifact is committed (its manifest is readable).
+    pub fn is_present(&self, task: &str, identity: &str) -> bool {
+        self.artifact_dir(task, identity).join(MANIFEST).is_file()
+    }
+
+    /// Declares that this process uses these identities, so no process evicts them,
+    /// and marks those present as just used.
+    pub fn mark_used<'a>(&self, artifacts: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<()> {
+        let mut text = String::new();
+        let now = SystemTime::now();
+        let mut used = self.used.lock().expect("cache refs");
+        for (task, identity) in artifacts {
+            if used.insert(identity.to_string()) {
+                text.push_str(identity);
+                text.push('\n');
+            }
+            let dir = self.artifact_dir(task, identity);
+            if let Ok(f) = File::open(&dir) {
+                let _ = f.set_modified(now);
+            }
+        }
+        drop(used);
+        if !text.is_empty() {
+            self.refs
+                .lock()
+                .expect("cache refs")
+                .write_all(text.as_bytes())
+                .context("Cannot record artifact use in the cache")?;
+        }
+        Ok(())
+    }
+
+    fn lock_file(&self, identity: &str) -> Result<File> {
+        let path = self.root.join(".locks").join(format!("{identity}.lock"));
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("Cannot open lock {}", path.display()))
+    }
+
+    /// Takes the artifact's lock without waiting; `None` when another process holds it.
+    pub fn try_lock(&self, identity: &str) -> Result<Option<ArtifactLock>> {
+        let file = self.lock_file(identity)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(ArtifactLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e).context("Cannot lock artifact"),
+        }
+    }
+
+    /// Takes the artifact's lock, waiting for another process to release it.
+    pub fn lock(&self, identity: &str) -> Result<ArtifactLock> {
+        let file = self.lock_file(identity)?;
+        file.lock().context("Cannot lock artifact")?;
+        Ok(ArtifactLock { _file: file })
+    }
+
+    /// Creates an empty staging directory for an artifact (hold its lock).
+    pub fn stage(&self, task: &str, identity: &str) -> Result<PathBuf> {
+        let dir = self
+            .root
+            .join(task)
+            .join(format!(".{identity}.{}.tmp", unique_suffix()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("Cannot create {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// A fresh scratch directory under the cache's `.tmp`.
+    pub fn scratch(&self, prefix: &str) -> Result<PathBuf> {
+        let name: String = prefix
+            .chars()
+            .map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' })
+            .collect();
+        let dir = self.root.join(".tmp").join(format!("{name}-{}", unique_suffix()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("Cannot create {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Renames a staged artifact into place (hold its lock) and trims the cache.
+    pub fn commit(&self, staging: &Path, task: &str, identity: &str, size: u64) -> Result<PathBuf> {
+        let dir = self.artifact_dir(task, identity);
+        if dir.exists() {
+            // A stale directory without a readable manifest: replace it.
+            let trash = self.root.join(".tmp").join(format!("trash-{}", unique_suffix()));
+            std::fs::rename(&dir, &trash)
+                .with_context(|| format!("Cannot replace {}", dir.display()))?;
+            fsutil::remove_dir_all(&trash)?;
+        }
+        std::fs::rename(staging, &dir)
+            .with_context(|| format!("Cannot commit artifact {}", dir.display()))?;
+        self.mark_used([(task, identity)])?;
+        let over = {
+            let mut estimate = self.estimate.lock().expect("cache estimate");
+            match estimate.as_mut() {
+                Some(total) => {
+                    *total += size;
+                    *total > self.limit
+                }
+                None => true,
+            }
+        };
+        if over {
+            self.trim()?;
+        }
+        Ok(dir)
+    }
+
+    /// Identities used by live jolt processes (this one included).
+    fn in_use(&self) -> HashSet<String> {
+        let mut ids = self.used.lock().expect("cache refs").clone();
+        let Ok(entries) = std::fs::read_dir(self.root.join(".refs")) else {
+            return ids;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(mut file) = File::open(&path) else {
+                continue;
+            };
+            match file.try_lock_shared() {
+                Ok(()) => {
+                    // Its owner is gone.
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(_) => {
+                    let mut text = String::new();
+                    if file.read_to_string(&mut text).is_ok() {
+                        ids.extend(text.lines().map(str::to_string));
+                    }
+                }
+            }
+        }
+        ids
+    }
+
+    /// Every committed artifact; removes staging directories that nobody builds into.
+    pub fn scan(&self) -> Vec<CachedArtifact> {
+        let mut out = Vec::new();
+        self.scan_dir(&self.root, "", &mut out);
+        out
+    }
+
+    fn scan_dir(&self, dir: &Path, task: &str, out: &mut Vec<CachedArtifact>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            if let Some(staged) = name.strip_prefix('.') {
+                if task.is_empty() {
+                    continue;
+                }
+                // A staging directory whose lock is free belongs to a dead process.
+                let identity = staged.split('.').next().unwrap_or("");
+                if is_identity(identity) {
+                    if let Ok(Some(_lock)) = self.try_lock(identity) {
+                        let _ = std::fs::remove_dir_all(&path);
+                    }
+                }
+                continue;
+            }
+            if is_identity(&name) && !task.is_empty() {
+                let last_used = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                if let Ok(m) = Manifest::read(&path) {
+                    out.push(CachedArtifact {
+                        dir: path,
+                        task: task.to_string(),
+                        identity: name,
+                        size: m.size,
+                        last_used,
+                        created: fsutil::parse_timestamp(&m.created).unwrap_or(0),
+                        expires: m.expires,
+                    });
+                }
+                continue;
+            }
+            let sub = if task.is_empty() {
+                name
+            } else {
+                format!("{task}/{name}")
+            };
+            self.scan_dir(&path, &sub, out);
+        }
+    }
+
+    /// Removes an artifact unless a live process uses it or holds its lock.
+    pub fn remove(&self, artifact: &CachedArtifact, in_use: &HashSet<String>) -> Result<bool> {
+        if in_use.contains(&artifact.identity) {
+            return Ok(false);
+        }
+        let Some(_lock) = self.try_lock(&artifact.identity)? else {
+            return Ok(false);
+        };
+        let trash = self.root.join(".tmp").join(format!("trash-{}", unique_suffix()));
+        match std::fs::rename(&artifact.dir, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e).with_context(|| format!("Cannot remove {}", artifact.dir.display())),
+        }
+        fsutil::remove_dir_all(&trash)?;
+        let _ = std::fs::remove_file(self.root.join(".locks").join(format!("{}.lock", artifact.identity)));
+        Ok(true)
+    }
+
+    /// Evicts least-recently-used artifacts until the cache fits its limit; artifacts in
+    /// use, or whose expiry policy forbids it, stay.
+    pub fn trim(&self) -> Result<()> {
+        let mut artifacts = self.scan();
+        let mut total: u64 = artifacts.iter().map(|a| a.size).sum();
+        if total > self.limit {
+            artifacts.sort_by_key(|a| a.last_used);
+            let in_use = self.in_use();
+            let now = fsutil::now_secs();
+            for artifact in &artifacts {
+                if total <= self.limit {
+                    break;
+                }
+                if artifact.expired(now) && self.remove(artifact, &in_use)? {
+                    log::debug!("evicted {}", artifact.dir.display());
+                    total -= artifact.size;
+                }
+            }
+        }
+        *self.estimate.lock().expect("cache estimate") = Some(total);
+        Ok(())
+    }
+
+    /// Removes artifacts not in use: all of them, or only expired ones.
+    pub fn clean(&self, only_expired: bool, filter: &dyn Fn(&CachedArtifact) -> bool) -> Result<usize> {
+        let in_use = self.in_use();
+        let now = fsutil::now_secs();
+        let mut removed = 0;
+        for artifact in self.scan() {
+            if filter(&artifact) && (!only_expired || artifact.expired(now)) && self.remove(&artifact, &in_use)? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes scratch directories of processes that are gone (best effort).
+    pub fn clean_scratch(&self) {
+        let Ok(entries) = std::fs::read_dir(self.root.join(".tmp")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .rsplit_once('-')
+                .and_then(|(head, _)| head.rsplit_once('-'))
+                .and_then(|(head, _)| head.rsplit('-').next())
+                .and_then(|p| p.parse::<i32>().ok());
+            let alive = pid.map(|p| unsafe { libc::kill(p, 0) } == 0).unwrap_or(false);
+            if !alive || name.starts_with("trash-") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(cache: &Cache, task: &str, id: &str, size: usize, expires: Expires) -> PathBuf {
+        let _lock = cache.lock(id).unwrap();
+        let staging = cache.stage(task, id).unwrap();
+        std::fs::write(staging.join("data"), vec![b'x'; size]).unwrap();
+        Manifest {
+            task: task.into(),
+            identity: id.into(),
+            parameters: Default::default(),
+            influence: vec![],
+            environ: Default::default(),
+            strings: Default::default(),
+            paths: Default::default(),
+            files: vec!["data".into()],
+            created: fsutil::format_timestamp(fsutil::now_secs()),
+            size: size as u64,
+            expires,
+            duration: 0.0,
+            jolt: String::new(),
+        }
+        .write(&staging)
+        .unwrap();
+        cache.commit(&staging, task, id, size as u64).unwrap()
+    }
+
+    fn id(n: u8) -> String {
+        format!("{:064x}", n)
+    }
+
+    #[test]
+    fn trimming_evicts_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Cache::open(dir.path(), 2500).unwrap();
+        let a = commit(&writer, "a", &id(1), 1000, Expires::Immediately);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = commit(&writer, "b", &id(2), 1000, Expires::Immediately);
+        drop(writer);
+        // A new process that has not used a or b commits c: a, the oldest, goes.
+        let other = Cache::open(dir.path(), 2500).unwrap();
+        let c = commit(&other, "c", &id(3), 1000, Expires::Immediately);
+        assert!(!a.exists());
+        assert!(b.exists() && c.exists());
+    }
+
+    #[test]
+    fn artifacts_in_use_or_never_expiring_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = Cache::open(dir.path(), 0).unwrap();
+        let kept = commit(&user, "used", &id(1), 100, Expires::Immediately);
+        let never = commit(&user, "never", &id(2), 100, Expires::Never);
+        let other = Cache::open(dir.path(), 0).unwrap();
+        let gone = commit(&other, "x", &id(3), 100, Expires::Immediately);
+        assert!(kept.exists(), "used by a live process");
+        assert!(never.exists(), "expires = never");
+        assert!(gone.exists(), "used by the committing process itself");
+        drop(user);
+        other.trim().unwrap();
+        assert!(!kept.exists(), "its user has exited");
+        assert!(never.exists());
+    }
+
+    #[test]
+    fn stale_staging_directories_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+        let staging = cache.stage("t", &id(9)).unwrap();
+        cache.scan();
+        assert!(!staging.exists());
+        let _lock = cache.lock(&id(8)).unwrap();
+        let busy = cache.stage("t", &id(8)).unwrap();
+        let other = Cache::open(dir.path(), 1 << 30).unwrap();
+        // flock is per open file: the other handle cannot take the lock.
+        let _ = other.scan();
+        assert!(busy.exists());
+    }
+}

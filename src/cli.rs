@@ -1,0 +1,151 @@
+//! The command line, as clap sees it. Nothing here knows how commands work: `lib.rs`
+//! turns these structs into calls of the command modules.
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "jolt", version, about = "A build and task executor with shared artifact caches")]
+pub struct Cli {
+    /// A config file, or a `section.key=value` override (repeatable)
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE|KEY=VALUE")]
+    pub config: Vec<String>,
+    /// More output (-vv for debug output)
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Build tasks and their requirements
+    Build(BuildArgs),
+    /// Run a network worker that executes requests from the broker
+    #[command(name = "amqp-worker")]
+    AmqpWorker,
+    /// Remove artifacts from the local cache
+    Clean(CleanArgs),
+    /// Get or set configuration values
+    Config(ConfigArgs),
+    /// List tasks, or the requirements of a task
+    List(ListArgs),
+    /// Show what jolt knows about a task
+    #[command(alias = "info")]
+    Inspect(InspectArgs),
+    /// Print the dependency tree of a task
+    Display(DisplayArgs),
+    /// Fetch artifacts from the HTTP cache without building
+    Download(DownloadArgs),
+}
+
+#[derive(Debug, Args, Default)]
+pub struct BuildArgs {
+    /// Tasks to build: name or name:param=value,...
+    #[arg(value_name = "TASK")]
+    pub tasks: Vec<String>,
+    /// Number of tasks to run at once (default: number of CPUs)
+    #[arg(short, long)]
+    pub jobs: Option<usize>,
+    /// Run tasks on network workers
+    #[arg(short, long)]
+    pub network: bool,
+    /// Rebuild the goals even if cached
+    #[arg(short, long)]
+    pub force: bool,
+    /// Salt every task's identity
+    #[arg(short, long)]
+    pub salt: Option<String>,
+    /// Keep building independent tasks after a failure
+    #[arg(short, long)]
+    pub keep_going: bool,
+    /// Copy the goals' artifacts into this directory
+    #[arg(long, value_name = "DIR")]
+    pub copy: Option<PathBuf>,
+    /// Do not download artifacts from the HTTP cache
+    #[arg(long)]
+    pub no_download: bool,
+    /// Do not upload artifacts to the HTTP cache
+    #[arg(long)]
+    pub no_upload: bool,
+    /// Write a JSON report of every task to FILE
+    #[arg(long, value_name = "FILE")]
+    pub result: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanArgs {
+    /// Tasks whose artifacts to remove (default: every artifact)
+    #[arg(value_name = "TASK")]
+    pub tasks: Vec<String>,
+    /// Also remove the artifacts of the tasks' requirements
+    #[arg(short, long)]
+    pub deps: bool,
+    /// Only remove artifacts whose expiry policy allows it
+    #[arg(short, long)]
+    pub expired: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// section.key
+    pub key: Option<String>,
+    /// New value
+    pub value: Option<String>,
+    /// List all values
+    #[arg(short, long)]
+    pub list: bool,
+    /// Delete the key
+    #[arg(short, long)]
+    pub delete: bool,
+    /// Use the system-wide file /etc/jolt/config.toml
+    #[arg(short, long)]
+    pub global: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    pub task: Option<String>,
+    /// All requirements, transitively
+    #[arg(short, long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    pub task: String,
+    /// Print the influence lines behind the identity
+    #[arg(short, long)]
+    pub influence: bool,
+    /// Salt, as for build -s
+    #[arg(short, long)]
+    pub salt: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum DisplayFormat {
+    #[default]
+    Tree,
+    Dot,
+}
+
+#[derive(Debug, Args)]
+pub struct DisplayArgs {
+    #[arg(required = true)]
+    pub tasks: Vec<String>,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = DisplayFormat::Tree)]
+    pub format: DisplayFormat,
+    /// Show each subtree only once
+    #[arg(short, long)]
+    pub prune: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    #[arg(required = true)]
+    pub tasks: Vec<String>,
+}

@@ -1,0 +1,161 @@
+//! `jolt build`: graph, executor, then locations, copies and the report.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::time::Instant;
+
+use super::Workspace;
+use crate::artifact::{BUILD_LOG, MANIFEST};
+use crate::cli::BuildArgs;
+use crate::config::Config;
+use crate::console;
+use crate::error::{self, usage};
+use crate::executor::{self, Status};
+use crate::fsutil::format_duration;
+use crate::graph::{Graph, GraphOptions};
+
+#[derive(Serialize)]
+struct TaskReport<'a> {
+    name: &'a str,
+    task: &'a str,
+    qualified: &'a str,
+    identity: &'a str,
+    status: &'static str,
+    goal: bool,
+    duration: f64,
+}
+
+#[derive(Serialize)]
+struct BuildReport<'a> {
+    result: &'static str,
+    duration: f64,
+    tasks: Vec<TaskReport<'a>>,
+}
+
+pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
+    let started = Instant::now();
+    if args.network {
+        return Err(usage(
+            "Network builds (--network) are not available in this version of jolt",
+        ));
+    }
+    let ws = Workspace::open(config)?;
+    let graph = ws.graph(
+        &args.tasks,
+        &GraphOptions {
+            salt: args.salt.clone(),
+            force: args.force,
+        },
+    )?;
+    let jobs = match args.jobs {
+        Some(0) => return Err(usage("-j needs at least 1")),
+        Some(j) => j,
+        None => match config.get_int("jolt.jobs")? {
+            Some(j) if j > 0 => j as usize,
+            _ => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        },
+    };
+    let report = executor::run(
+        &graph,
+        &ws.cache,
+        &ws.recipes.root,
+        &executor::Options {
+            jobs,
+            keep_going: args.keep_going,
+        },
+    )?;
+
+    let mut code = error::SUCCESS;
+    if report.interrupted {
+        code = error::INTERRUPTED;
+    } else if report.failed() {
+        code = error::TASK_FAILED;
+    }
+    if code == error::SUCCESS {
+        for &g in &graph.goals {
+            let node = &graph.nodes[g];
+            if node.task.cacheable && matches!(report.status[g], Status::Executed | Status::Cached) {
+                let dir = ws.cache.artifact_dir(node.name(), &node.identity);
+                console::info(&format!("Location: {}", dir.display()));
+                if let Some(dest) = &args.copy {
+                    copy_artifact(&dir, dest)?;
+                }
+            }
+        }
+    }
+    let failed: Vec<usize> = (0..graph.nodes.len())
+        .filter(|&i| matches!(report.status[i], Status::Failed | Status::Unstable))
+        .collect();
+    if !failed.is_empty() {
+        console::error("List of failed tasks");
+        for &i in &failed {
+            let suffix = if report.status[i] == Status::Unstable {
+                " (unstable)"
+            } else {
+                ""
+            };
+            console::error(&format!("- {}{suffix}", graph.nodes[i].label()));
+        }
+    }
+    console::info(&format!(
+        "Total execution time: {} ({} executed, {} cached, {} failed)",
+        format_duration(started.elapsed()),
+        report.count(Status::Executed),
+        report.count(Status::Cached),
+        report.count(Status::Failed) + report.count(Status::Unstable),
+    ));
+    if let Some(path) = &args.result {
+        write_report(path, &graph, &report, code, started)?;
+    }
+    Ok(code)
+}
+
+fn copy_artifact(dir: &std::path::Path, dest: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dest).with_context(|| format!("Cannot create {}", dest.display()))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == MANIFEST || name == BUILD_LOG {
+            continue;
+        }
+        crate::fsutil::copy_tree(&entry.path(), &dest.join(&name))?;
+    }
+    Ok(())
+}
+
+fn write_report(
+    path: &std::path::Path,
+    graph: &Graph,
+    report: &executor::Report,
+    code: i32,
+    started: Instant,
+) -> Result<()> {
+    let tasks = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| report.status[*i] != Status::Unneeded && !n.is_alias() && !n.is_resource())
+        .map(|(i, n)| TaskReport {
+            name: &n.short,
+            task: n.name(),
+            qualified: &n.qualified,
+            identity: &n.identity,
+            status: report.status[i].name(),
+            goal: graph.goals.contains(&i),
+            duration: report.duration[i].map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        })
+        .collect();
+    let result = match code {
+        error::SUCCESS => "SUCCESS",
+        error::INTERRUPTED => "INTERRUPTED",
+        _ => "FAILED",
+    };
+    let text = serde_json::to_vec_pretty(&BuildReport {
+        result,
+        duration: started.elapsed().as_secs_f64(),
+        tasks,
+    })?;
+    std::fs::write(path, text).with_context(|| format!("Cannot write {}", path.display()))
+}

@@ -1,0 +1,107 @@
+//! `clean` and `config`: maintenance of the local cache and the configuration files.
+
+use anyhow::Result;
+use std::collections::HashSet;
+
+use super::{open_cache, Workspace};
+use crate::cli::{CleanArgs, ConfigArgs};
+use crate::config::{self, Config};
+use crate::console;
+use crate::error::usage;
+use crate::graph::GraphOptions;
+
+pub fn clean(config: &Config, args: CleanArgs) -> Result<i32> {
+    if args.tasks.is_empty() {
+        let cache = open_cache(config)?;
+        let removed = cache.clean(args.expired, &|_| true)?;
+        cache.clean_scratch();
+        console::info(&format!("Removed {removed} artifacts from {}", cache.root.display()));
+        return Ok(0);
+    }
+    let ws = Workspace::open(config)?;
+    let graph = ws.graph(&args.tasks, &GraphOptions::default())?;
+    let nodes = if args.deps {
+        graph.closure(&graph.requested)
+    } else {
+        graph.goals.clone()
+    };
+    let identities: HashSet<&str> = nodes
+        .iter()
+        .map(|&i| graph.nodes[i].identity.as_str())
+        .collect();
+    let removed = ws
+        .cache
+        .clean(args.expired, &|a| identities.contains(a.identity.as_str()))?;
+    console::info(&format!("Removed {removed} artifacts"));
+    Ok(0)
+}
+
+fn shown(key: &str, value: &str) -> String {
+    if key.ends_with("password") {
+        "********".to_string()
+    } else {
+        value.to_string()
+    }
+}
+
+pub fn config(merged: &Config, args: ConfigArgs) -> Result<i32> {
+    let file = if args.global {
+        config::global_file()
+    } else {
+        config::user_file()
+    };
+    if args.list {
+        let entries = if args.global {
+            let mut c = Config::default();
+            for (section, values) in config::read_file(&file)? {
+                for (k, v) in values {
+                    c.set(&format!("{section}.{k}"), v);
+                }
+            }
+            c.entries()
+        } else {
+            merged.entries()
+        };
+        for (key, value) in entries {
+            console::print(&format!("{key} = {}", shown(&key, &value)));
+        }
+        return Ok(0);
+    }
+    let Some(key) = args.key else {
+        return Err(usage("config needs a KEY (section.key), or -l to list"));
+    };
+    let (section, name) = config::split_key(&key)?;
+    if args.delete {
+        if args.value.is_some() {
+            return Err(usage("config -d takes a KEY, not a value"));
+        }
+        let mut sections = config::read_file(&file)?;
+        let removed = sections
+            .get_mut(section)
+            .and_then(|s| s.remove(name))
+            .is_some();
+        if !removed {
+            return Err(usage(format!("No such key: {key}")));
+        }
+        config::write_file(&file, &sections)?;
+        return Ok(0);
+    }
+    match args.value {
+        None => match merged.get(&key) {
+            Some(v) => {
+                console::print(&format!("{key} = {}", shown(&key, &v)));
+                Ok(0)
+            }
+            None => Err(usage(format!("No such key: {key}"))),
+        },
+        Some(value) => {
+            let mut sections = config::read_file(&file)?;
+            sections
+                .entry(section.to_string())
+                .or_default()
+                .insert(name.to_string(), toml::Value::String(value));
+            config::write_file(&file, &sections)?;
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! `list`, `inspect` and `display`: read-only views of recipes, graph and cache.
+
+use anyhow::Result;
+use std::collections::BTreeSet;
+
+use super::Workspace;
+use crate::cli::{DisplayArgs, DisplayFormat, InspectArgs, ListArgs};
+use crate::config::Config;
+use crate::console;
+use crate::graph::{Graph, GraphOptions};
+use crate::recipe::Recipes;
+
+pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
+    let root = crate::recipe::find_root(&std::env::current_dir()?)?;
+    let recipes = Recipes::load(&root)?;
+    match args.task {
+        None => {
+            let width = recipes.tasks.keys().map(|k| k.len()).max().unwrap_or(0);
+            for (name, task) in &recipes.tasks {
+                match &task.def.description {
+                    Some(d) => console::print(&format!("{name:<width$}  {d}")),
+                    None => console::print(name),
+                }
+            }
+        }
+        Some(task) => {
+            let cache_dir = tempfile_free_hashes(&recipes);
+            let graph = crate::graph::build(&recipes, &cache_dir, &[task], &GraphOptions::default())?;
+            let top = graph.requested[0];
+            let names: BTreeSet<&str> = if args.all {
+                graph
+                    .closure(&[top])
+                    .into_iter()
+                    .filter(|&i| i != top)
+                    .map(|i| graph.nodes[i].short.as_str())
+                    .collect()
+            } else {
+                graph.nodes[top]
+                    .deps
+                    .iter()
+                    .map(|&i| graph.nodes[i].short.as_str())
+                    .collect()
+            };
+            for name in names {
+                console::print(name);
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Listing requirements needs identities only for form's sake: hash without a stat cache.
+fn tempfile_free_hashes(recipes: &Recipes) -> crate::hashcache::FileHashes {
+    crate::hashcache::FileHashes::ephemeral(&recipes.root)
+}
+
+pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
+    let ws = Workspace::open(config)?;
+    let graph = ws.graph(
+        std::slice::from_ref(&args.task),
+        &GraphOptions {
+            salt: args.salt,
+            force: false,
+        },
+    )?;
+    let node = &graph.nodes[graph.requested[0]];
+    let task = &node.task;
+    let mut out = vec![node.short.clone()];
+    if let Some(d) = &task.def.description {
+        out.push(format!("  {d}"));
+    }
+    out.push(String::new());
+    out.push("Parameters".into());
+    if task.params.is_empty() {
+        out.push("  None".into());
+    }
+    for (name, p) in &task.params {
+        let help = p.help.as_deref().map(|h| format!("{h} ")).unwrap_or_default();
+        out.push(format!(
+            "  {name:<16}  {help}{} = {}",
+            p.describe(),
+            node.params[name]
+        ));
+    }
+    out.push("Requirements".into());
+    if node.deps.is_empty() {
+        out.push("  None".into());
+    }
+    for &d in &node.deps {
+        out.push(format!("  {}", graph.nodes[d].short));
+    }
+    out.push("Definition".into());
+    out.push(format!(
+        "  File              {}{}",
+        task.file.display(),
+        task.line.map(|l| format!(" ({l})")).unwrap_or_default()
+    ));
+    out.push(format!("  Kind              {:?}", task.kind).to_lowercase().replace("kind              ", "Kind              "));
+    out.push("Cache".into());
+    out.push(format!("  Identity          {}", node.identity));
+    if task.cacheable {
+        let dir = ws.cache.artifact_dir(node.name(), &node.identity);
+        let present = ws.cache.is_present(node.name(), &node.identity);
+        out.push(format!("  Location          {}", dir.display()));
+        out.push(format!(
+            "  Local             {}",
+            if present { "True" } else { "False" }
+        ));
+    } else {
+        out.push("  Local             not cacheable".into());
+    }
+    if args.influence {
+        out.push("Influence".into());
+        for line in &node.influence {
+            out.push(format!("  {line}"));
+        }
+    }
+    for line in out {
+        console::print(&line);
+    }
+    Ok(0)
+}
+
+pub fn display(config: &Config, args: DisplayArgs) -> Result<i32> {
+    let root = crate::recipe::find_root(&std::env::current_dir()?)?;
+    let recipes = Recipes::load(&root)?;
+    let _ = config;
+    let hashes = crate::hashcache::FileHashes::ephemeral(&root);
+    let graph = crate::graph::build(&recipes, &hashes, &args.tasks, &GraphOptions::default())?;
+    match args.format {
+        DisplayFormat::Tree => {
+            let mut printed = BTreeSet::new();
+            for &g in &graph.requested {
+                console::print(&graph.nodes[g].short);
+                tree(&graph, g, "", args.prune, &mut printed);
+            }
+        }
+        DisplayFormat::Dot => {
+            console::print("digraph jolt {");
+            for i in graph.closure(&graph.requested) {
+                let n = &graph.nodes[i];
+                console::print(&format!("  \"{}\";", n.short));
+                for &d in &n.deps {
+                    console::print(&format!("  \"{}\" -> \"{}\";", n.short, graph.nodes[d].short));
+                }
+            }
+            console::print("}");
+        }
+    }
+    Ok(0)
+}
+
+fn tree(graph: &Graph, i: usize, indent: &str, prune: bool, printed: &mut BTreeSet<usize>) {
+    printed.insert(i);
+    let deps = &graph.nodes[i].deps;
+    for (k, &d) in deps.iter().enumerate() {
+        let last = k + 1 == deps.len();
+        let (branch, cont) = if last { ("└╴", "  ") } else { ("├╴", "│ ") };
+        let name = &graph.nodes[d].short;
+        if prune && printed.contains(&d) {
+            console::print(&format!("{indent}{branch}[{name}]"));
+            continue;
+        }
+        console::print(&format!("{indent}{branch}{name}"));
+        tree(graph, d, &format!("{indent}{cont}"), prune, printed);
+    }
+}

@@ -1,0 +1,335 @@
+//! Layered configuration: files, environment and command-line overrides.
+//!
+//! Layers, later wins: `/etc/jolt/config.toml`, `$XDG_CONFIG_HOME/jolt/config.toml`,
+//! each `-c FILE`, environment variables `JOLT_<SECTION>_<KEY>`, each
+//! `-c section.key=value`. Values are kept as TOML values; typed getters accept the
+//! string spellings that come from the environment and the command line.
+
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::usage;
+
+/// Sections whose keys may be set from the environment.
+const SECTIONS: &[&str] = &["jolt", "http", "amqp", "network"];
+
+type Section = BTreeMap<String, toml::Value>;
+
+/// The merged configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    values: BTreeMap<String, Section>,
+}
+
+/// Where `jolt config KEY VALUE` writes.
+pub fn user_file() -> PathBuf {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".config"));
+    base.join("jolt").join("config.toml")
+}
+
+/// Where `jolt config --global KEY VALUE` writes.
+pub fn global_file() -> PathBuf {
+    PathBuf::from("/etc/jolt/config.toml")
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// Splits `section.key` into its two parts.
+pub fn split_key(key: &str) -> Result<(&str, &str)> {
+    match key.split_once('.') {
+        Some((s, k)) if !s.is_empty() && !k.is_empty() => Ok((s, k)),
+        _ => Err(usage(format!(
+            "Invalid configuration key '{key}': expected section.key"
+        ))),
+    }
+}
+
+/// Reads one TOML config file into sections; a missing file is empty.
+pub fn read_file(path: &Path) -> Result<BTreeMap<String, Section>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e).with_context(|| format!("Cannot read {}", path.display())),
+    };
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        usage(format!(
+            "Syntax error in configuration {}: {}",
+            path.display(),
+            crate::recipe::one_line(&e, &text)
+        ))
+    })?;
+    let mut out = BTreeMap::new();
+    for (section, value) in table {
+        match value {
+            toml::Value::Table(t) => {
+                out.insert(section, t.into_iter().collect());
+            }
+            _ => {
+                return Err(usage(format!(
+                    "Syntax error in configuration {}: '{section}' must be a [section]",
+                    path.display()
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes sections back to a TOML config file.
+pub fn write_file(path: &Path, sections: &BTreeMap<String, Section>) -> Result<()> {
+    let mut table = toml::Table::new();
+    for (name, section) in sections {
+        if section.is_empty() {
+            continue;
+        }
+        table.insert(
+            name.clone(),
+            toml::Value::Table(section.clone().into_iter().collect()),
+        );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    }
+    let text = toml::to_string(&table)?;
+    crate::fsutil::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("Cannot write {}", path.display()))
+}
+
+impl Config {
+    /// Loads all layers. `overrides` are the `-c` arguments in command-line order.
+    pub fn load(overrides: &[String]) -> Result<Config> {
+        let mut config = Config::default();
+        config.merge(read_file(&global_file())?);
+        config.merge(read_file(&user_file())?);
+        let mut assignments = Vec::new();
+        for arg in overrides {
+            let path = Path::new(arg);
+            if path.is_file() {
+                config.merge(read_file(path)?);
+            } else if let Some((key, value)) = arg.split_once('=') {
+                split_key(key.trim())?;
+                assignments.push((key.trim().to_string(), value.trim().to_string()));
+            } else {
+                return Err(usage(format!(
+                    "Syntax error in configuration: '{arg}' is neither a file nor section.key=value"
+                )));
+            }
+        }
+        config.merge_env(std::env::vars());
+        for (key, value) in assignments {
+            config.set(&key, toml::Value::String(value));
+        }
+        Ok(config)
+    }
+
+    fn merge(&mut self, layer: BTreeMap<String, Section>) {
+        for (name, section) in layer {
+            self.values.entry(name).or_default().extend(section);
+        }
+    }
+
+    fn merge_env(&mut self, vars: impl Iterator<Item = (String, String)>) {
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix("JOLT_") else {
+                continue;
+            };
+            let key = match rest {
+                "CACHE_SIZE" | "CACHESIZE" => "jolt.cachesize".to_string(),
+                _ => {
+                    let Some((section, key)) = rest.split_once('_') else {
+                        continue;
+                    };
+                    let section = section.to_ascii_lowercase();
+                    if !SECTIONS.contains(&section.as_str()) || key.is_empty() {
+                        continue;
+                    }
+                    format!("{section}.{}", key.to_ascii_lowercase())
+                }
+            };
+            self.set(&key, toml::Value::String(value));
+        }
+    }
+
+    /// Sets `section.key` in the merged view.
+    pub fn set(&mut self, key: &str, value: toml::Value) {
+        if let Some((section, name)) = key.split_once('.') {
+            self.values
+                .entry(section.to_string())
+                .or_default()
+                .insert(name.to_string(), value);
+        }
+    }
+
+    /// The raw value of `section.key`.
+    pub fn value(&self, key: &str) -> Option<&toml::Value> {
+        let (section, name) = key.split_once('.')?;
+        self.values.get(section)?.get(name)
+    }
+
+    /// The value of `section.key` as a string.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.value(key).map(value_to_string)
+    }
+
+    /// A boolean setting; accepts true/false/yes/no/on/off/1/0.
+    pub fn get_bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(toml::Value::Boolean(b)) => Ok(*b),
+            Some(v) => parse_bool(&value_to_string(v)).ok_or_else(|| {
+                usage(format!(
+                    "Illegal value '{}' for configuration key {key}: expected a boolean",
+                    value_to_string(v)
+                ))
+            }),
+        }
+    }
+
+    /// An integer setting.
+    pub fn get_int(&self, key: &str) -> Result<Option<i64>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(toml::Value::Integer(i)) => Ok(Some(*i)),
+            Some(v) => value_to_string(v).trim().parse().map(Some).map_err(|_| {
+                usage(format!(
+                    "Illegal value '{}' for configuration key {key}: expected an integer",
+                    value_to_string(v)
+                ))
+            }),
+        }
+    }
+
+    /// A size setting such as `10G`.
+    pub fn get_size(&self, key: &str) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => parse_size(&v).map(Some).ok_or_else(|| {
+                usage(format!(
+                    "Illegal value '{v}' for configuration key {key}: expected a size such as 500M or 10G"
+                ))
+            }),
+        }
+    }
+
+    /// All `section.key = value` pairs, sorted.
+    pub fn entries(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (section, values) in &self.values {
+            for (key, value) in values {
+                out.push((format!("{section}.{key}"), value_to_string(value)));
+            }
+        }
+        out
+    }
+
+    /// The local cache directory: `jolt.cachedir`, else `$XDG_CACHE_HOME/jolt`.
+    pub fn cachedir(&self) -> PathBuf {
+        if let Some(dir) = self.get("jolt.cachedir").filter(|d| !d.is_empty()) {
+            return expand_home(&dir);
+        }
+        std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| home().join(".cache"))
+            .join("jolt")
+    }
+}
+
+fn expand_home(path: &str) -> PathBuf {
+    match path.strip_prefix("~/") {
+        Some(rest) => home().join(rest),
+        None => PathBuf::from(path),
+    }
+}
+
+fn value_to_string(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Parses the boolean spellings users write.
+pub fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Some(true),
+        "false" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses `512`, `500M`, `10G`, `1.5T`, `2 GiB` (powers of 1024) into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let unit = unit.trim().to_ascii_uppercase();
+    let unit = unit.trim_end_matches("IB").trim_end_matches('B');
+    let factor: u64 = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return None,
+    };
+    if number < 0.0 {
+        return None;
+    }
+    Some((number * factor as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("10G"), Some(10 << 30));
+        assert_eq!(parse_size("500 M"), Some(500 << 20));
+        assert_eq!(parse_size("0G"), Some(0));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("123"), Some(123));
+        assert_eq!(parse_size("ten"), None);
+        assert_eq!(parse_size("5Q"), None);
+    }
+
+    #[test]
+    fn environment_overrides_known_sections_only() {
+        let mut c = Config::default();
+        c.merge_env(
+            vec![
+                ("JOLT_AMQP_HOST".to_string(), "broker".to_string()),
+                ("JOLT_AMQP_ROUTING_KEY".to_string(), "linux".to_string()),
+                ("JOLT_CACHE_SIZE".to_string(), "5G".to_string()),
+                ("JOLT_ROOT".to_string(), "/x".to_string()),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(c.get("amqp.host").as_deref(), Some("broker"));
+        assert_eq!(c.get("amqp.routing_key").as_deref(), Some("linux"));
+        assert_eq!(c.get("jolt.cachesize").as_deref(), Some("5G"));
+        assert_eq!(c.entries().len(), 3);
+    }
+
+    #[test]
+    fn booleans_accept_common_spellings() {
+        let mut c = Config::default();
+        c.set("jolt.upload", toml::Value::String("no".into()));
+        assert!(!c.get_bool("jolt.upload", true).unwrap());
+        c.set("jolt.upload", toml::Value::String("maybe".into()));
+        assert!(c.get_bool("jolt.upload", true).is_err());
+        assert!(c.get_bool("jolt.download", true).unwrap());
+    }
+}

@@ -1,0 +1,149 @@
+//! The console: Jolt-style log lines, task output and the live status line.
+//!
+//! Every write takes one lock and writes whole lines, so output from different tasks
+//! never interleaves mid-line; during a build only the executor's main thread writes.
+//! Errors go to stderr, everything else to stdout. The status line is drawn on stderr
+//! only when stderr is a terminal, and is cleared before any other line is written.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+
+/// Message severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Debug,
+    Verbose,
+    Info,
+    Warning,
+    Error,
+}
+
+impl Level {
+    fn tag(self) -> &'static str {
+        match self {
+            Level::Debug => "[  DEBUG]",
+            Level::Verbose => "[VERBOSE]",
+            Level::Info => "[   INFO]",
+            Level::Warning => "[WARNING]",
+            Level::Error => "[  ERROR]",
+        }
+    }
+}
+
+struct State {
+    threshold: Level,
+    status_enabled: bool,
+    status: Option<String>,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    threshold: Level::Info,
+    status_enabled: false,
+    status: None,
+});
+
+/// Sets verbosity (-1 quiet, 0 normal, 1 verbose, 2 debug) and enables the status
+/// line when stderr is a terminal.
+pub fn init(verbosity: i8) {
+    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    s.threshold = match verbosity {
+        i8::MIN..=-1 => Level::Warning,
+        0 => Level::Info,
+        1 => Level::Verbose,
+        _ => Level::Debug,
+    };
+    s.status_enabled = std::io::stderr().is_terminal() && std::env::var_os("TERM").is_some_and(|t| t != "dumb");
+}
+
+fn with_cleared(s: &mut State, write: impl FnOnce()) {
+    let redraw = s.status_enabled && s.status.is_some();
+    if redraw {
+        let _ = write!(std::io::stderr(), "\r\x1b[K");
+    }
+    write();
+    if redraw {
+        if let Some(status) = &s.status {
+            let _ = write!(std::io::stderr(), "{status}");
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+/// Writes a log line.
+pub fn log(level: Level, message: &str) {
+    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    if level < s.threshold {
+        return;
+    }
+    with_cleared(&mut s, || {
+        if level == Level::Error {
+            let _ = writeln!(std::io::stderr(), "{} {message}", level.tag());
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{} {message}", level.tag());
+            let _ = out.flush();
+        }
+    });
+}
+
+pub fn info(message: &str) {
+    log(Level::Info, message);
+}
+
+pub fn warn(message: &str) {
+    log(Level::Warning, message);
+}
+
+pub fn error(message: &str) {
+    log(Level::Error, message);
+}
+
+pub fn verbose(message: &str) {
+    log(Level::Verbose, message);
+}
+
+/// Writes a line of task output, optionally prefixed with the task's name.
+pub fn output(prefix: Option<&str>, line: &str, stderr: bool) {
+    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    if s.threshold > Level::Info {
+        return;
+    }
+    with_cleared(&mut s, || {
+        let text = match prefix {
+            Some(p) => format!("[{p}] {line}\n"),
+            None => format!("{line}\n"),
+        };
+        if stderr {
+            let _ = std::io::stderr().write_all(text.as_bytes());
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        }
+    });
+}
+
+/// Writes plain text to stdout (command results such as `list`), never filtered.
+pub fn print(text: &str) {
+    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    with_cleared(&mut s, || {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}");
+        let _ = out.flush();
+    });
+}
+
+/// Shows (or, with `None`, removes) the live status line.
+pub fn status(text: Option<String>) {
+    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    if !s.status_enabled {
+        return;
+    }
+    let mut err = std::io::stderr();
+    let _ = write!(err, "\r\x1b[K");
+    if let Some(t) = &text {
+        let _ = write!(err, "{t}");
+    }
+    let _ = err.flush();
+    s.status = text;
+}

@@ -1,0 +1,67 @@
+//! Exit codes and the typed errors that carry them.
+//!
+//! Most code returns `anyhow::Result`; where the kind of failure decides the exit
+//! code (a recipe error, an unreachable server), the error is a [`Coded`] somewhere in
+//! the chain, and [`exit_code`] finds it.
+
+use std::fmt;
+
+/// Everything went well, also when nothing had to run.
+pub const SUCCESS: i32 = 0;
+/// A task failed (or an unclassified runtime error occurred).
+pub const TASK_FAILED: i32 = 1;
+/// Usage, recipe or configuration error: unknown task or parameter, a syntax error, a cycle.
+pub const USAGE: i32 = 2;
+/// Infrastructure error: the broker or the HTTP cache is unreachable where it is required.
+pub const INFRA: i32 = 3;
+/// Interrupted by the user (SIGINT) or terminated (SIGTERM).
+pub const INTERRUPTED: i32 = 130;
+
+/// An error that decides the process exit code.
+#[derive(Debug)]
+pub struct Coded {
+    pub code: i32,
+    pub message: String,
+}
+
+impl fmt::Display for Coded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Coded {}
+
+/// A usage, recipe or configuration error (exit 2).
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    Coded {
+        code: USAGE,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// An infrastructure error (exit 3).
+pub fn infra(message: impl Into<String>) -> anyhow::Error {
+    Coded {
+        code: INFRA,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// Returns early with a usage error built like `format!`.
+#[macro_export]
+macro_rules! bail_usage {
+    ($($arg:tt)*) => {
+        return Err($crate::error::usage(format!($($arg)*)))
+    };
+}
+
+/// The exit code an error maps to: the first [`Coded`] in its chain, else 1.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<Coded>())
+        .map(|c| c.code)
+        .unwrap_or(TASK_FAILED)
+}

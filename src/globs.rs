@@ -1,0 +1,159 @@
+//! Glob expansion relative to a directory: `src/**/*.c`, `include/**`, `a.txt`.
+//!
+//! Only the literal prefix of a pattern is walked, so `src/app/*.c` lists one
+//! directory. `*` does not cross `/`; `**` matches any depth; `.git` is never entered.
+
+use anyhow::{Context, Result};
+use globset::{GlobBuilder, GlobMatcher};
+use std::path::{Path, PathBuf};
+
+use crate::error::usage;
+
+fn has_meta(s: &str) -> bool {
+    s.contains(['*', '?', '[', '{'])
+}
+
+/// A compiled glob relative to some base directory.
+pub struct Pattern {
+    /// The directory (relative to the base) where matching starts.
+    pub prefix: PathBuf,
+    matcher: Option<GlobMatcher>,
+    /// The pattern matches a directory as a whole (`dir` or `dir/**`).
+    literal: bool,
+}
+
+impl Pattern {
+    pub fn new(pattern: &str) -> Result<Pattern> {
+        let pattern = pattern.trim_start_matches("./");
+        if pattern.starts_with('/') || pattern.split('/').any(|c| c == "..") {
+            return Err(usage(format!(
+                "Glob '{pattern}' must be relative and stay inside its directory"
+            )));
+        }
+        let mut prefix = PathBuf::new();
+        let mut rest = Vec::new();
+        for comp in pattern.split('/').filter(|c| !c.is_empty()) {
+            if rest.is_empty() && !has_meta(comp) {
+                prefix.push(comp);
+            } else {
+                rest.push(comp);
+            }
+        }
+        if rest.is_empty() {
+            return Ok(Pattern {
+                prefix,
+                matcher: None,
+                literal: true,
+            });
+        }
+        let glob = GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| usage(format!("Invalid glob '{pattern}': {e}")))?;
+        Ok(Pattern {
+            prefix,
+            matcher: Some(glob.compile_matcher()),
+            literal: false,
+        })
+    }
+
+    /// Whether a path relative to the base matches.
+    pub fn is_match(&self, rel: &Path) -> bool {
+        match &self.matcher {
+            Some(m) => m.is_match(rel),
+            None => rel.starts_with(&self.prefix),
+        }
+    }
+
+    /// Matching paths relative to `base`, sorted. With `files_only`, directories
+    /// are descended into instead of returned (a literal directory means all its files).
+    pub fn expand(&self, base: &Path, files_only: bool) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let start = base.join(&self.prefix);
+        let meta = match std::fs::symlink_metadata(&start) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).with_context(|| format!("Cannot read {}", start.display())),
+        };
+        if self.literal {
+            if meta.is_dir() && files_only {
+                walk(base, &self.prefix, &mut |rel, is_dir| {
+                    if !is_dir {
+                        out.push(rel.to_path_buf());
+                    }
+                    true
+                })?;
+            } else {
+                out.push(self.prefix.clone());
+            }
+        } else if meta.is_dir() {
+            walk(base, &self.prefix, &mut |rel, is_dir| {
+                if self.is_match(rel) && !(is_dir && files_only) {
+                    if is_dir {
+                        out.push(rel.to_path_buf());
+                        return false;
+                    }
+                    out.push(rel.to_path_buf());
+                }
+                true
+            })?;
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Walks `base/dir` depth-first, calling `visit(relative path, is_dir)`; returning
+/// false from a directory skips its contents.
+fn walk(base: &Path, dir: &Path, visit: &mut dyn FnMut(&Path, bool) -> bool) -> Result<()> {
+    let full = base.join(dir);
+    let entries = std::fs::read_dir(&full).with_context(|| format!("Cannot read {}", full.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == ".git" {
+            continue;
+        }
+        let rel = dir.join(&name);
+        let is_dir = entry.file_type()?.is_dir();
+        if visit(&rel, is_dir) && is_dir {
+            walk(base, &rel, visit)?;
+        }
+    }
+    Ok(())
+}
+
+/// Expands one pattern to files relative to `base`.
+pub fn files(base: &Path, pattern: &str) -> Result<Vec<PathBuf>> {
+    Pattern::new(pattern)?.expand(base, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_recursive_and_flat_globs() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for f in ["src/a.c", "src/b.h", "src/sub/c.c", "inc/x/y.h", ".git/config"] {
+            std::fs::create_dir_all(root.join(f).parent().unwrap()).unwrap();
+            std::fs::write(root.join(f), "x").unwrap();
+        }
+        let names = |p: &str| -> Vec<String> {
+            files(root, p)
+                .unwrap()
+                .into_iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names("src/*.c"), vec!["src/a.c"]);
+        assert_eq!(names("src/**/*.c"), vec!["src/a.c", "src/sub/c.c"]);
+        assert_eq!(names("inc/**"), vec!["inc/x/y.h"]);
+        assert_eq!(names("inc"), vec!["inc/x/y.h"]);
+        assert_eq!(names("src/b.h"), vec!["src/b.h"]);
+        assert!(names("missing/*.c").is_empty());
+        assert!(names("**/config").is_empty());
+        assert!(files(root, "../x").is_err());
+    }
+}

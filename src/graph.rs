@@ -1,0 +1,665 @@
+//! The task graph: task references instantiated with parameters, their requirements,
+//! what each consumer sees of its requirements, and every node's influence lines and
+//! identity.
+//!
+//! Nodes are created depth-first, so a node's requirements always have lower indices
+//! than the node itself: index order is a topological order.
+
+use anyhow::Result;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use crate::error::usage;
+use crate::hashcache::FileHashes;
+use crate::placeholder::{self, DepRef};
+use crate::recipe::{hex, Kind, Recipes, Task};
+use crate::taskref::{self, TaskRef};
+
+/// Bumped only when the way identities are computed changes.
+pub const FORMAT: u32 = 1;
+
+/// One task instance.
+#[derive(Debug)]
+pub struct Node {
+    pub task: Arc<Task>,
+    /// Every parameter, canonical, defaults included.
+    pub params: BTreeMap<String, String>,
+    /// Name and every parameter: the node's key.
+    pub qualified: String,
+    /// Name and the parameters that differ from their defaults: used in messages.
+    pub short: String,
+    /// Direct requirements, as declared (aliases included).
+    pub deps: Vec<usize>,
+    /// Artifacts this node's commands see: transitive ones first, direct ones last.
+    /// Computed on first use ([`Graph::visible`]): a no-op build never needs it.
+    visible: OnceLock<Vec<usize>>,
+    /// Resources acquired around this node's execution.
+    pub resources: Vec<usize>,
+    pub taint: Option<String>,
+    /// Influence lines; the identity is their SHA-256.
+    pub influence: Vec<String>,
+    pub identity: String,
+    /// Scheduling priority: own weight plus the heaviest chain of consumers.
+    pub weight: i64,
+}
+
+impl Node {
+    pub fn name(&self) -> &str {
+        &self.task.name
+    }
+
+    /// `short id8`, the way log lines name a task.
+    pub fn label(&self) -> String {
+        format!("{} {}", self.short, &self.identity[..8])
+    }
+
+    pub fn is_alias(&self) -> bool {
+        self.task.kind == Kind::Alias
+    }
+
+    pub fn is_resource(&self) -> bool {
+        self.task.kind == Kind::Resource
+    }
+}
+
+/// The graph of a build.
+#[derive(Debug)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    /// The goals as requested.
+    pub requested: Vec<usize>,
+    /// The goals with aliases replaced by what they require.
+    pub goals: Vec<usize>,
+}
+
+/// How identities are salted.
+#[derive(Debug, Default, Clone)]
+pub struct GraphOptions {
+    /// `-s`: a taint for every task.
+    pub salt: Option<String>,
+    /// `-f`: a fresh taint for the goals.
+    pub force: bool,
+}
+
+struct Builder<'a> {
+    recipes: &'a Recipes,
+    hashes: &'a FileHashes,
+    opts: &'a GraphOptions,
+    forced: HashSet<String>,
+    nodes: Vec<Node>,
+    index: HashMap<String, usize>,
+    stack: Vec<String>,
+    globs: HashMap<String, Vec<PathBuf>>,
+}
+
+/// Builds the graph of `goals`.
+pub fn build(
+    recipes: &Recipes,
+    hashes: &FileHashes,
+    goals: &[String],
+    opts: &GraphOptions,
+) -> Result<Graph> {
+    let mut b = Builder {
+        recipes,
+        hashes,
+        opts,
+        forced: HashSet::new(),
+        nodes: Vec::new(),
+        index: HashMap::new(),
+        stack: Vec::new(),
+        globs: HashMap::new(),
+    };
+    if opts.force {
+        for goal in goals {
+            let (task, params) = b.resolve(goal, None)?;
+            b.forced.insert(qualified(&task, &params));
+        }
+    }
+    let mut requested = Vec::new();
+    for goal in goals {
+        requested.push(b.instantiate(goal, None)?);
+    }
+    let mut graph = Graph {
+        nodes: b.nodes,
+        requested: requested.clone(),
+        goals: Vec::new(),
+    };
+    for &g in &requested {
+        for e in graph.expand_alias(g) {
+            if !graph.goals.contains(&e) {
+                graph.goals.push(e);
+            }
+        }
+    }
+    graph.compute_weights();
+    Ok(graph)
+}
+
+fn qualified(task: &Task, params: &BTreeMap<String, String>) -> String {
+    let pairs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    taskref::format(&task.name, &pairs)
+}
+
+fn env_lookup(task: &str, var: &str) -> Result<String> {
+    std::env::var(var).map_err(|_| {
+        usage(format!(
+            "Environment variable '{var}' used as {{env.{var}}} in task '{task}' is not set"
+        ))
+    })
+}
+
+impl Builder<'_> {
+    /// Resolves a reference to its task and canonical parameters.
+    fn resolve(
+        &self,
+        reference: &str,
+        consumer: Option<&str>,
+    ) -> Result<(Arc<Task>, BTreeMap<String, String>)> {
+        let r = TaskRef::parse(reference)?;
+        let task = self.recipes.tasks.get(&r.name).ok_or_else(|| match consumer {
+            Some(c) => usage(format!("No such task '{}' (required by {c})", r.name)),
+            None => usage(format!("No such task '{}'", r.name)),
+        })?;
+        let mut params = BTreeMap::new();
+        for (k, v) in &r.params {
+            let decl = task
+                .params
+                .get(k)
+                .ok_or_else(|| usage(format!("No such parameter '{k}' ({})", task.name)))?;
+            params.insert(k.clone(), decl.normalize(&task.name, k, v)?);
+        }
+        for (k, decl) in &task.params {
+            if params.contains_key(k) {
+                continue;
+            }
+            match &decl.default {
+                Some(d) => {
+                    params.insert(k.clone(), d.clone());
+                }
+                None => {
+                    return Err(usage(format!(
+                        "Required parameter '{k}' has not been set ({})",
+                        task.name
+                    )))
+                }
+            }
+        }
+        Ok((task.clone(), params))
+    }
+
+    fn instantiate(&mut self, reference: &str, consumer: Option<&str>) -> Result<usize> {
+        let (task, params) = self.resolve(reference, consumer)?;
+        let qualified = qualified(&task, &params);
+        if let Some(&i) = self.index.get(&qualified) {
+            return Ok(i);
+        }
+        if let Some(pos) = self.stack.iter().position(|q| *q == qualified) {
+            let mut cycle: Vec<&str> = self.stack[pos..].iter().map(String::as_str).collect();
+            cycle.push(&qualified);
+            return Err(usage(format!("Dependency cycle: {}", cycle.join(" -> "))));
+        }
+        self.stack.push(qualified.clone());
+        let mut deps = Vec::new();
+        for req in &task.def.requires {
+            let expanded = placeholder::expand(&task.name, req, &mut |name| {
+                if let Some(v) = params.get(name) {
+                    return Ok(Some(v.clone()));
+                }
+                if let Some(var) = name.strip_prefix("env.") {
+                    return env_lookup(&task.name, var).map(Some);
+                }
+                Ok(None)
+            })?;
+            let child = self.instantiate(&expanded, Some(&qualified))?;
+            if !deps.contains(&child) {
+                deps.push(child);
+            }
+        }
+        self.stack.pop();
+
+        let short_pairs: Vec<(&str, &str)> = params
+            .iter()
+            .filter(|(k, v)| task.params[*k].default.as_deref() != Some(v.as_str()))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let short = taskref::format(&task.name, &short_pairs);
+        let taint = match (&self.opts.salt, self.forced.contains(&qualified)) {
+            (salt, true) => Some(format!(
+                "{}{}",
+                salt.as_deref().map(|s| format!("{s}+")).unwrap_or_default(),
+                fresh_taint()
+            )),
+            (Some(salt), false) => Some(salt.clone()),
+            (None, false) => None,
+        };
+        let mut node = Node {
+            task: task.clone(),
+            params,
+            qualified: qualified.clone(),
+            short,
+            resources: Vec::new(),
+            deps,
+            visible: OnceLock::new(),
+            taint,
+            influence: Vec::new(),
+            identity: String::new(),
+            weight: task.def.weight,
+        };
+        for &d in &node.deps {
+            for e in expand_alias(&self.nodes, d) {
+                if self.nodes[e].is_resource() && !node.resources.contains(&e) {
+                    node.resources.push(e);
+                }
+            }
+        }
+        let i = self.nodes.len();
+        self.nodes.push(node);
+        self.validate(i)?;
+        let lines = self.influence(i)?;
+        let node = &mut self.nodes[i];
+        node.identity = identity(&lines);
+        node.influence = lines;
+        self.index.insert(qualified, i);
+        Ok(i)
+    }
+
+    /// Checks every placeholder of a node's commands, paths and publish rules.
+    fn validate(&self, i: usize) -> Result<()> {
+        let node = &self.nodes[i];
+        let task = &node.task;
+        let mut templates: Vec<(&str, bool)> = Vec::new();
+        for c in &task.run {
+            templates.push((c, true));
+        }
+        for c in task.acquire.iter().chain(&task.release) {
+            templates.push((c, false));
+        }
+        if let Some(cwd) = &task.def.cwd {
+            templates.push((cwd, !node.is_resource()));
+        }
+        for v in task.def.env.values() {
+            templates.push((v, !node.is_resource()));
+        }
+        for rule in &task.publish {
+            templates.push((&rule.files, true));
+            for t in rule.cwd.iter().chain(&rule.dest) {
+                templates.push((t, true));
+            }
+        }
+        for (template, has_dirs) in templates {
+            let names = placeholder::names(template)
+                .map_err(|e| usage(format!("Task '{}': {e}", task.name)))?;
+            for name in names {
+                let known = node.params.contains_key(name)
+                    || name == "root"
+                    || (has_dirs && (name == "builddir" || name == "artifact"));
+                if known {
+                    continue;
+                }
+                if let Some(var) = name.strip_prefix("env.") {
+                    env_lookup(&task.name, var)?;
+                    continue;
+                }
+                if let Some(rest) = name.strip_prefix("deps.") {
+                    let (dep, key) = match placeholder::parse_dep(rest) {
+                        DepRef::Dir(d) => (d, None),
+                        DepRef::String(d, k) => (d, Some(("strings", k))),
+                        DepRef::Path(d, k) => (d, Some(("paths", k))),
+                    };
+                    let found = find_dep(&self.nodes, i, dep).map_err(|e| {
+                        usage(format!("{e} in placeholder '{{{name}}}' of task '{}'", task.name))
+                    })?;
+                    let dep_def = &self.nodes[found].task.def;
+                    match key {
+                        Some(("strings", k)) if !dep_def.strings.contains_key(k) => {}
+                        Some(("paths", k)) if !dep_def.paths.contains_key(k) => {}
+                        _ => continue,
+                    }
+                }
+                return Err(usage(format!(
+                    "Unknown placeholder '{{{name}}}' in task '{}'",
+                    task.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn influence(&mut self, i: usize) -> Result<Vec<String>> {
+        let node = &self.nodes[i];
+        let task = node.task.clone();
+        let mut lines = vec![format!("Name: {}", task.name)];
+        let influencing: Vec<String> = node
+            .params
+            .iter()
+            .filter(|(k, _)| task.params[*k].influence)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !influencing.is_empty() {
+            lines.push(format!("Parameters: {}", influencing.join(",")));
+        }
+        lines.push(format!("Definition: {}", task.definition));
+        let mut files = BTreeSet::new();
+        let root = &self.recipes.root;
+        for pattern in &task.def.influence {
+            if !self.globs.contains_key(pattern) {
+                let found = crate::globs::files(root, pattern)
+                    .map_err(|e| usage(format!("Task '{}': {e:#}", task.name)))?;
+                self.globs.insert(pattern.clone(), found);
+            }
+            files.extend(self.globs[pattern].iter().cloned());
+        }
+        for file in files {
+            let hash = self.hashes.hash(&file)?;
+            lines.push(format!("File: {hash}: {}", file.display()));
+        }
+        let mut vars: BTreeSet<&str> = task.def.influence_env.iter().map(String::as_str).collect();
+        for template in env_templates(&task) {
+            for name in placeholder::names(template).unwrap_or_default() {
+                if let Some(var) = name.strip_prefix("env.") {
+                    vars.insert(var);
+                }
+            }
+        }
+        let node = &self.nodes[i];
+        for var in vars {
+            match std::env::var(var) {
+                Ok(v) => lines.push(format!("Environment: {var}={v}")),
+                Err(_) => lines.push(format!("Environment: {var} is unset")),
+            }
+        }
+        if let Some(taint) = &node.taint {
+            lines.push(format!("Taint: {taint}"));
+        }
+        let mut reqs: Vec<&Node> = node.deps.iter().map(|&d| &self.nodes[d]).collect();
+        reqs.sort_by(|a, b| a.qualified.cmp(&b.qualified));
+        for dep in reqs {
+            lines.push(format!("Requirement: {}: {}", dep.identity, dep.short));
+        }
+        lines.push(format!("Format: {FORMAT}"));
+        Ok(lines)
+    }
+}
+
+/// Templates whose `{env.VAR}` placeholders influence the identity.
+fn env_templates(task: &Task) -> impl Iterator<Item = &String> {
+    task.run
+        .iter()
+        .chain(&task.acquire)
+        .chain(&task.release)
+        .chain(task.def.cwd.iter())
+        .chain(task.def.env.values())
+        .chain(task.publish.iter().flat_map(|r| {
+            std::iter::once(&r.files)
+                .chain(r.cwd.iter())
+                .chain(r.dest.iter())
+        }))
+}
+
+/// The SHA-256 of influence lines, each terminated by a newline.
+pub fn identity(lines: &[String]) -> String {
+    let mut hasher = Sha256::new();
+    for line in lines {
+        hasher.update(line.as_bytes());
+        hasher.update(b"\n");
+    }
+    hex(&hasher.finalize())
+}
+
+fn fresh_taint() -> String {
+    let seed = format!(
+        "{:?}{}",
+        std::time::SystemTime::now(),
+        crate::fsutil::unique_suffix()
+    );
+    hex(&Sha256::digest(seed.as_bytes()))[..16].to_string()
+}
+
+fn expand_alias(nodes: &[Node], i: usize) -> Vec<usize> {
+    if nodes[i].is_alias() {
+        let mut out = Vec::new();
+        for &d in &nodes[i].deps {
+            for e in expand_alias(nodes, d) {
+                if !out.contains(&e) {
+                    out.push(e);
+                }
+            }
+        }
+        out
+    } else {
+        vec![i]
+    }
+}
+
+/// What node `i` sees of its requirements: artifacts of transitive requirements
+/// (through requirements that are not selfsustained) first, direct ones last.
+pub fn visible(nodes: &[Node], i: usize) -> &[usize] {
+    nodes[i].visible.get_or_init(|| {
+        let mut direct = Vec::new();
+        for &d in &nodes[i].deps {
+            for e in expand_alias(nodes, d) {
+                if !nodes[e].is_resource() && !direct.contains(&e) {
+                    direct.push(e);
+                }
+            }
+        }
+        let mut seen: HashSet<usize> = direct.iter().copied().collect();
+        let mut out = Vec::new();
+        for &d in &direct {
+            let dep = &nodes[d];
+            if dep.task.has_artifact() && !dep.task.def.selfsustained {
+                for &t in visible(nodes, d) {
+                    if seen.insert(t) {
+                        out.push(t);
+                    }
+                }
+            }
+        }
+        out.extend(direct);
+        out
+    })
+}
+
+/// The visible requirement of node `i` that `name` refers to: a task name, or a full
+/// or short reference.
+pub fn find_dep(nodes: &[Node], i: usize, name: &str) -> Result<usize> {
+    let seen = visible(nodes, i);
+    let candidates: Vec<usize> = seen
+        .iter()
+        .copied()
+        .filter(|&v| {
+            let n = &nodes[v];
+            n.qualified == name || n.short == name
+        })
+        .collect();
+    if let [one] = candidates[..] {
+        return Ok(one);
+    }
+    let by_name: Vec<usize> = seen
+        .iter()
+        .copied()
+        .filter(|&v| nodes[v].name() == name)
+        .collect();
+    match by_name[..] {
+        [one] => Ok(one),
+        [] => Err(usage(format!("'{name}' is not a requirement"))),
+        _ => Err(usage(format!(
+            "'{name}' is ambiguous: name one of {}",
+            by_name
+                .iter()
+                .map(|&i| nodes[i].qualified.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+impl Graph {
+    /// A node with aliases replaced by what they require.
+    pub fn expand_alias(&self, i: usize) -> Vec<usize> {
+        expand_alias(&self.nodes, i)
+    }
+
+    /// What node `i` sees of its requirements (see [`visible`]).
+    pub fn visible(&self, i: usize) -> &[usize] {
+        visible(&self.nodes, i)
+    }
+
+    fn compute_weights(&mut self) {
+        let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &d in n.deps.iter().chain(&n.resources) {
+                if !consumers[d].contains(&i) {
+                    consumers[d].push(i);
+                }
+            }
+        }
+        for i in (0..self.nodes.len()).rev() {
+            let heaviest = consumers[i]
+                .iter()
+                .map(|&c| self.nodes[c].weight)
+                .max()
+                .unwrap_or(0);
+            self.nodes[i].weight = self.nodes[i].task.def.weight + heaviest.max(0);
+        }
+    }
+
+    /// Every node reachable from `roots` through requirements, roots included, in index order.
+    pub fn closure(&self, roots: &[usize]) -> Vec<usize> {
+        let mut seen = vec![false; self.nodes.len()];
+        let mut stack: Vec<usize> = roots.to_vec();
+        while let Some(i) = stack.pop() {
+            if !std::mem::replace(&mut seen[i], true) {
+                stack.extend(&self.nodes[i].deps);
+            }
+        }
+        (0..self.nodes.len()).filter(|&i| seen[i]).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph(recipe: &str, goals: &[&str]) -> Result<Graph> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("jolt.toml"), recipe).unwrap();
+        let recipes = Recipes::load(dir.path())?;
+        let hashes = FileHashes::ephemeral(dir.path());
+        let goals: Vec<String> = goals.iter().map(|s| s.to_string()).collect();
+        build(&recipes, &hashes, &goals, &GraphOptions::default())
+    }
+
+    const HELLO: &str = r#"
+[task.hello]
+parameters.recipient = "world"
+parameters.flags = { type = "list", default = [] }
+parameters.loud = false
+run = "echo {recipient}"
+
+[task.print]
+requires = ["hello:recipient={recipient}"]
+parameters.recipient = "world"
+run = "cat {deps.hello}"
+"#;
+
+    #[test]
+    fn equivalent_references_are_one_node() {
+        let g = graph(
+            HELLO,
+            &["hello", "hello:recipient=world", "hello:flags=b+a", "hello:flags=a+b,loud=no"],
+        )
+        .unwrap();
+        assert_eq!(g.nodes.len(), 2);
+        assert_eq!(g.nodes[0].short, "hello");
+        assert_eq!(g.nodes[1].short, "hello:flags=a+b");
+    }
+
+    #[test]
+    fn parameters_change_identity_and_requirements_follow() {
+        let g = graph(HELLO, &["print", "print:recipient=john"]).unwrap();
+        let hellos: Vec<&Node> = g.nodes.iter().filter(|n| n.name() == "hello").collect();
+        assert_eq!(hellos.len(), 2);
+        assert_ne!(hellos[0].identity, hellos[1].identity);
+        let print = &g.nodes[g.goals[1]];
+        assert!(print.influence.iter().any(|l| l.starts_with("Requirement: ")
+            && l.ends_with(": hello:recipient=john")));
+    }
+
+    #[test]
+    fn bad_references_are_usage_errors() {
+        let msg = |goal: &str| format!("{}", graph(HELLO, &[goal]).unwrap_err());
+        assert_eq!(msg("nope"), "No such task 'nope'");
+        assert_eq!(msg("hello:x=1"), "No such parameter 'x' (hello)");
+        assert!(msg("hello:loud=maybe").starts_with("Illegal value 'maybe'"));
+    }
+
+    #[test]
+    fn cycles_name_their_tasks() {
+        let err = graph(
+            "[task.a]\nrequires=[\"b\"]\n[task.b]\nrequires=[\"c\"]\n[task.c]\nrequires=[\"a\"]\n",
+            &["a"],
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "Dependency cycle: a -> b -> c -> a");
+    }
+
+    #[test]
+    fn unknown_placeholders_are_rejected() {
+        let err = graph("[task.a]\nrun = \"echo {nope}\"\n", &["a"]).unwrap_err();
+        assert_eq!(err.to_string(), "Unknown placeholder '{nope}' in task 'a'");
+        let err = graph("[task.a]\nrun = \"cat {deps.b}\"\n", &["a"]).unwrap_err();
+        assert!(err.to_string().contains("'b' is not a requirement"), "{err}");
+    }
+
+    #[test]
+    fn selfsustained_tasks_hide_their_requirements() {
+        let g = graph(
+            r#"
+[task.a]
+[task.b]
+requires = ["a"]
+[task.s]
+requires = ["a"]
+selfsustained = true
+[task.c1]
+requires = ["b"]
+[task.c2]
+requires = ["s"]
+"#,
+            &["c1", "c2"],
+        )
+        .unwrap();
+        let names = |i: usize| -> Vec<&str> {
+            g.visible(i).iter().map(|&v| g.nodes[v].name()).collect()
+        };
+        assert_eq!(names(g.goals[0]), vec!["a", "b"]);
+        assert_eq!(names(g.goals[1]), vec!["s"]);
+    }
+
+    #[test]
+    fn aliases_are_spliced_and_weights_follow_consumers() {
+        let g = graph(
+            r#"
+[task.a]
+weight = 1
+[task.b]
+[task.all]
+kind = "alias"
+requires = ["a", "b"]
+[task.top]
+requires = ["all"]
+weight = 10
+"#,
+            &["all", "top"],
+        )
+        .unwrap();
+        let goal_names: Vec<&str> = g.goals.iter().map(|&i| g.nodes[i].name()).collect();
+        assert_eq!(goal_names, vec!["a", "b", "top"]);
+        assert_eq!(g.visible(g.goals[2]).len(), 2);
+        let a = g.nodes.iter().find(|n| n.name() == "a").unwrap();
+        assert_eq!(a.weight, 11);
+    }
+}

@@ -1,0 +1,217 @@
+//! Content hashes of influence files, remembered by a stat cache.
+//!
+//! A file whose size, mtime, ctime and inode match the remembered entry is not read
+//! again. Entries for files modified in the last two seconds are not stored, so a file
+//! changed twice within one timestamp tick is never mistaken for unchanged.
+//!
+//! On disk: `<cachedir>/.stat/<16 hex of sha256(workspace root)>`, one line per file:
+//! `sha256 \t size \t mtime_ns \t ctime_ns \t inode \t relative path`.
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::recipe::hex;
+
+/// Seconds within which a modification time is considered too fresh to trust.
+const RACY_SECS: i64 = 2;
+
+#[derive(Clone, PartialEq, Eq)]
+struct Stat {
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    ino: u64,
+}
+
+impl Stat {
+    fn of(meta: &std::fs::Metadata) -> Stat {
+        Stat {
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// File hashes of one workspace, with their stat cache.
+pub struct FileHashes {
+    root: PathBuf,
+    store: Option<PathBuf>,
+    entries: Mutex<HashMap<PathBuf, (Stat, String)>>,
+    dirty: AtomicBool,
+    reads: AtomicUsize,
+}
+
+impl FileHashes {
+    /// Loads the stat cache of `root` from `cachedir` (a missing or unreadable one is empty).
+    pub fn load(cachedir: &Path, root: &Path) -> FileHashes {
+        let key = hex(&Sha256::digest(root.as_os_str().as_encoded_bytes()));
+        let store = cachedir.join(".stat").join(&key[..16]);
+        let mut entries = HashMap::new();
+        if let Ok(text) = std::fs::read_to_string(&store) {
+            for line in text.lines() {
+                let mut f = line.splitn(6, '\t');
+                let parsed = (|| {
+                    let hash = f.next()?.to_string();
+                    let stat = Stat {
+                        size: f.next()?.parse().ok()?,
+                        mtime_ns: f.next()?.parse().ok()?,
+                        ctime_ns: f.next()?.parse().ok()?,
+                        ino: f.next()?.parse().ok()?,
+                    };
+                    Some((PathBuf::from(f.next()?), (stat, hash)))
+                })();
+                if let Some((path, entry)) = parsed {
+                    entries.insert(path, entry);
+                }
+            }
+        }
+        FileHashes {
+            root: root.to_path_buf(),
+            store: Some(store),
+            entries: Mutex::new(entries),
+            dirty: AtomicBool::new(false),
+            reads: AtomicUsize::new(0),
+        }
+    }
+
+    /// A hasher that remembers nothing on disk.
+    pub fn ephemeral(root: &Path) -> FileHashes {
+        FileHashes {
+            root: root.to_path_buf(),
+            store: None,
+            entries: Mutex::new(HashMap::new()),
+            dirty: AtomicBool::new(false),
+            reads: AtomicUsize::new(0),
+        }
+    }
+
+    /// The SHA-256 of a file relative to the workspace root; symlinks hash their target path.
+    pub fn hash(&self, rel: &Path) -> Result<String> {
+        let full = self.root.join(rel);
+        let meta = std::fs::symlink_metadata(&full)
+            .with_context(|| format!("Cannot read influence file {}", rel.display()))?;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&full)?;
+            let digest = Sha256::digest(target.as_os_str().as_encoded_bytes());
+            return Ok(format!("symlink:{}", hex(&digest)));
+        }
+        let stat = Stat::of(&meta);
+        if let Some((known, hash)) = self.entries.lock().expect("hash cache").get(rel) {
+            if *known == stat {
+                return Ok(hash.clone());
+            }
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let hash = hash_file(&full)
+            .with_context(|| format!("Cannot read influence file {}", rel.display()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        if stat.mtime_ns / 1_000_000_000 < now - RACY_SECS
+            && !rel.to_string_lossy().contains(['\t', '\n'])
+        {
+            self.entries
+                .lock()
+                .expect("hash cache")
+                .insert(rel.to_path_buf(), (stat, hash.clone()));
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        Ok(hash)
+    }
+
+    /// How many files this hasher has read (the others were answered from the stat cache).
+    pub fn files_read(&self) -> usize {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Writes the stat cache back when it changed.
+    pub fn save(&self) -> Result<()> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let entries = self.entries.lock().expect("hash cache");
+        let mut text = String::with_capacity(entries.len() * 120);
+        for (path, (s, hash)) in entries.iter() {
+            if !self.root.join(path).exists() {
+                continue;
+            }
+            text.push_str(&format!(
+                "{hash}\t{}\t{}\t{}\t{}\t{}\n",
+                s.size,
+                s.mtime_ns,
+                s.ctime_ns,
+                s.ino,
+                path.display()
+            ));
+        }
+        if let Some(dir) = store.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        crate::fsutil::write_atomic(store, text.as_bytes())
+            .with_context(|| format!("Cannot write {}", store.display()))
+    }
+}
+
+/// The SHA-256 of a file's content, in hex.
+pub fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_files_are_not_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, root) = (dir.path().join("cache"), dir.path().join("ws"));
+        std::fs::create_dir_all(&root).unwrap();
+        let file = root.join("a.txt");
+        std::fs::write(&file, "one").unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let first = FileHashes::load(&cache, &root);
+        let h = first.hash(Path::new("a.txt")).unwrap();
+        first.save().unwrap();
+
+        assert_eq!(first.files_read(), 1);
+
+        // A second process answers from the stat cache without reading the file.
+        let second = FileHashes::load(&cache, &root);
+        assert_eq!(second.hash(Path::new("a.txt")).unwrap(), h);
+        assert_eq!(second.files_read(), 0);
+
+        // A change is seen even when the size stays the same.
+        std::fs::write(&file, "two").unwrap();
+        let third = FileHashes::load(&cache, &root);
+        assert_ne!(third.hash(Path::new("a.txt")).unwrap(), h);
+        assert_eq!(third.files_read(), 1);
+    }
+}

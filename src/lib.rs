@@ -1,0 +1,54 @@
+//! jolt: a build and task executor.
+//!
+//! Data flows one way: [`recipe`] → [`graph`] (identities from [`hashcache`]) →
+//! [`executor`] → [`cache`]. The command modules wire these together; `main.rs` only
+//! turns [`run`]'s result into an exit code.
+
+pub mod artifact;
+pub mod cache;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod console;
+pub mod error;
+pub mod executor;
+pub mod fsutil;
+pub mod globs;
+pub mod graph;
+pub mod hashcache;
+pub mod interrupt;
+pub mod param;
+pub mod placeholder;
+pub mod recipe;
+pub mod taskref;
+
+use clap::Parser;
+use std::ffi::OsString;
+
+/// Runs jolt with these arguments and returns the exit code.
+pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let cli = match cli::Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    let verbosity = if cli.quiet { -1 } else { cli.verbose as i8 };
+    console::init(verbosity);
+    let _ = env_logger::Builder::new()
+        .filter_level(match verbosity {
+            2.. => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Warn,
+        })
+        .parse_env("RUST_LOG")
+        .try_init();
+    interrupt::install();
+    match commands::dispatch(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            console::error(&format!("{err:#}"));
+            error::exit_code(&err)
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Placeholder expansion: `{name}` in recipe strings, `{{` and `}}` as escapes.
+//!
+//! Parsing is separate from resolution so the graph can validate every placeholder of a
+//! task before anything runs, and the executor can expand them later with real paths.
+
+use anyhow::Result;
+
+use crate::error::usage;
+
+/// One piece of a template.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Text(&'a str),
+    Brace(char),
+    Placeholder(&'a str),
+}
+
+/// Splits a template into text and placeholders.
+pub fn parse(template: &str) -> Result<Vec<Piece<'_>>, String> {
+    let mut pieces = Vec::new();
+    let bytes = template.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'{' if bytes.get(i + 1) == Some(&b'{') => {
+                pieces.push(Piece::Text(&template[start..i]));
+                pieces.push(Piece::Brace('{'));
+                i += 2;
+                start = i;
+            }
+            b'}' if bytes.get(i + 1) == Some(&b'}') => {
+                pieces.push(Piece::Text(&template[start..i]));
+                pieces.push(Piece::Brace('}'));
+                i += 2;
+                start = i;
+            }
+            b'{' => {
+                let end = template[i + 1..]
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed '{{' in \"{template}\""))?;
+                let name = &template[i + 1..i + 1 + end];
+                if name.contains('{') {
+                    return Err(format!("unclosed '{{' in \"{template}\""));
+                }
+                pieces.push(Piece::Text(&template[start..i]));
+                pieces.push(Piece::Placeholder(name.trim()));
+                i += end + 2;
+                start = i;
+            }
+            b'}' => return Err(format!("unmatched '}}' in \"{template}\" (write '}}}}')")),
+            _ => i += 1,
+        }
+    }
+    pieces.push(Piece::Text(&template[start..]));
+    pieces.retain(|p| !matches!(p, Piece::Text("")));
+    Ok(pieces)
+}
+
+/// Expands `template`, asking `resolve` for each placeholder. `resolve` returns
+/// `Ok(None)` for a placeholder it does not know.
+pub fn expand(
+    task: &str,
+    template: &str,
+    resolve: &mut dyn FnMut(&str) -> Result<Option<String>>,
+) -> Result<String> {
+    let pieces = parse(template).map_err(|e| usage(format!("Task '{task}': {e}")))?;
+    let mut out = String::with_capacity(template.len());
+    for piece in pieces {
+        match piece {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Brace(c) => out.push(c),
+            Piece::Placeholder(name) => match resolve(name)? {
+                Some(value) => out.push_str(&value),
+                None => {
+                    return Err(usage(format!(
+                        "Unknown placeholder '{{{name}}}' in task '{task}'"
+                    )))
+                }
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// The placeholder names used in `template`.
+pub fn names(template: &str) -> Result<Vec<&str>, String> {
+    Ok(parse(template)?
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Placeholder(n) => Some(n),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A parsed `{deps.NAME...}` placeholder.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DepRef<'a> {
+    Dir(&'a str),
+    String(&'a str, &'a str),
+    Path(&'a str, &'a str),
+}
+
+/// Parses the part after `deps.`; task names may themselves contain dots.
+pub fn parse_dep(rest: &str) -> DepRef<'_> {
+    if let Some((name, key)) = rest.rsplit_once(".strings.") {
+        return DepRef::String(name, key);
+    }
+    if let Some((name, key)) = rest.rsplit_once(".paths.") {
+        return DepRef::Path(name, key);
+    }
+    DepRef::Dir(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand_with(t: &str) -> Result<String> {
+        expand("t", t, &mut |n| {
+            Ok(match n {
+                "a" => Some("1".into()),
+                "deps.x" => Some("/c/x".into()),
+                _ => None,
+            })
+        })
+    }
+
+    #[test]
+    fn expands_and_escapes() {
+        assert_eq!(expand_with("echo {a} {{a}} }}{{").unwrap(), "echo 1 {a} }{");
+        assert_eq!(expand_with("cat {deps.x}/f").unwrap(), "cat /c/x/f");
+        assert_eq!(expand_with("awk '{{print $1}}'").unwrap(), "awk '{print $1}'");
+    }
+
+    #[test]
+    fn unknown_and_malformed_placeholders_are_errors() {
+        let e = expand_with("echo {nope}").unwrap_err().to_string();
+        assert_eq!(e, "Unknown placeholder '{nope}' in task 't'");
+        assert!(expand_with("echo {a").is_err());
+        assert!(expand_with("echo a}").is_err());
+    }
+
+    #[test]
+    fn dep_references_allow_dotted_names() {
+        assert_eq!(parse_dep("tools.gcc"), DepRef::Dir("tools.gcc"));
+        assert_eq!(
+            parse_dep("tools.gcc.strings.version"),
+            DepRef::String("tools.gcc", "version")
+        );
+        assert_eq!(parse_dep("lib.paths.include"), DepRef::Path("lib", "include"));
+    }
+}

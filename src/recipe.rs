@@ -1,0 +1,519 @@
+//! Recipes: finding the workspace, reading `jolt.toml` and its includes, and turning
+//! each `[task.NAME]` table into a validated [`Task`].
+//!
+//! The raw definition of a task is kept as read ([`TaskDef`]); its canonical form,
+//! without the keys that cannot change what a task produces (description, weight,
+//! scheduling hints, help texts), is hashed into the task's `Definition` influence.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::usage;
+use crate::param::Param;
+
+/// The recipe file that marks the workspace root.
+pub const ROOT_FILE: &str = "jolt.toml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDef {
+    #[serde(default)]
+    include: Vec<String>,
+    #[serde(default)]
+    task: BTreeMap<String, TaskDef>,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// The kind of a task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    Task,
+    Alias,
+    Resource,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// A task table as written in a recipe. Keys that do not influence the artifact are
+/// not serialised, so they stay out of the definition hash.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskDef {
+    #[serde(default, skip_serializing)]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub kind: Kind,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, toml::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub influence: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub influence_env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<OneOrMany>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<toml::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub environ: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub strings: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub paths: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acquire: Option<OneOrMany>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<OneOrMany>,
+    #[serde(default, skip_serializing)]
+    pub cacheable: Option<bool>,
+    #[serde(default, skip_serializing)]
+    pub selfsustained: bool,
+    #[serde(default, skip_serializing)]
+    pub weight: i64,
+    #[serde(default, skip_serializing)]
+    pub unstable: bool,
+    #[serde(default, skip_serializing)]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub routing_key: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub fast: bool,
+    #[serde(default, skip_serializing)]
+    pub expires: Option<toml::Value>,
+}
+
+/// A publish rule: copy `files` (a glob relative to `cwd`) into the artifact at `dest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishRule {
+    pub files: String,
+    pub cwd: Option<String>,
+    pub dest: Option<String>,
+    pub flatten: bool,
+}
+
+/// When an artifact may be evicted from the local cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expires {
+    /// Evictable as soon as the cache is over its size limit (the default).
+    Immediately,
+    /// Never evicted automatically.
+    Never,
+    /// Evictable once older than this many seconds.
+    After(u64),
+    /// Evictable once unused for this many seconds.
+    UnusedFor(u64),
+}
+
+/// A validated task.
+#[derive(Debug)]
+pub struct Task {
+    pub name: String,
+    pub def: TaskDef,
+    pub kind: Kind,
+    pub params: BTreeMap<String, Param>,
+    pub run: Vec<String>,
+    pub acquire: Vec<String>,
+    pub release: Vec<String>,
+    pub publish: Vec<PublishRule>,
+    pub cacheable: bool,
+    pub timeout: Option<Duration>,
+    pub expires: Expires,
+    /// The recipe file, relative to the workspace root.
+    pub file: PathBuf,
+    /// The line of the task's table in that file, when found.
+    pub line: Option<usize>,
+    /// SHA-256 of the canonical definition.
+    pub definition: String,
+}
+
+/// A recipe file as read.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// Relative to the workspace root.
+    pub path: PathBuf,
+    pub text: String,
+}
+
+/// All recipes of a workspace.
+#[derive(Debug)]
+pub struct Recipes {
+    pub root: PathBuf,
+    pub files: Vec<SourceFile>,
+    pub tasks: BTreeMap<String, Arc<Task>>,
+}
+
+/// The nearest directory from `start` upwards that holds `jolt.toml`.
+pub fn find_root(start: &Path) -> Result<PathBuf> {
+    let mut dir = Some(start);
+    while let Some(d) = dir {
+        if d.join(ROOT_FILE).is_file() {
+            return Ok(d.to_path_buf());
+        }
+        dir = d.parent();
+    }
+    Err(usage(format!(
+        "No {ROOT_FILE} found in {} or any parent directory",
+        start.display()
+    )))
+}
+
+/// Formats a TOML error as one line with the line and column it points at.
+pub fn one_line(err: &toml::de::Error, text: &str) -> String {
+    let message = err.message().replace('\n', " ");
+    match err.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!("line {line}, column {column}: {}", message.trim())
+        }
+        None => message.trim().to_string(),
+    }
+}
+
+impl Recipes {
+    /// Reads `root/jolt.toml` and everything it includes.
+    pub fn load(root: &Path) -> Result<Recipes> {
+        let mut recipes = Recipes {
+            root: root.to_path_buf(),
+            files: Vec::new(),
+            tasks: BTreeMap::new(),
+        };
+        let mut queue = vec![PathBuf::from(ROOT_FILE)];
+        while let Some(rel) = queue.pop() {
+            if recipes.files.iter().any(|f| f.path == rel) {
+                continue;
+            }
+            let full = root.join(&rel);
+            let text = std::fs::read_to_string(&full)
+                .with_context(|| format!("Cannot read recipe {}", rel.display()))
+                .map_err(|e| usage(format!("{e:#}")))?;
+            let def: FileDef = toml::from_str(&text).map_err(|e| {
+                usage(format!(
+                    "Syntax error in {} at {}",
+                    rel.display(),
+                    one_line(&e, &text)
+                ))
+            })?;
+            let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+            let mut included = Vec::new();
+            for pattern in &def.include {
+                let found = crate::globs::files(&root.join(&dir), pattern)
+                    .with_context(|| format!("In {}", rel.display()))?;
+                included.extend(found.into_iter().map(|p| dir.join(p)));
+            }
+            included.sort();
+            included.reverse();
+            queue.extend(included);
+            for (name, task_def) in def.task {
+                if let Some(existing) = recipes.tasks.get(&name) {
+                    return Err(usage(format!(
+                        "Task '{name}' is defined twice: in {} and in {}",
+                        existing.file.display(),
+                        rel.display()
+                    )));
+                }
+                let line = find_line(&text, &name);
+                let task = Task::new(name.clone(), task_def, rel.clone(), line)?;
+                recipes.tasks.insert(name, Arc::new(task));
+            }
+            recipes.files.push(SourceFile { path: rel, text });
+        }
+        Ok(recipes)
+    }
+
+    /// The task called `name`, or a `No such task` error.
+    pub fn task(&self, name: &str) -> Result<&Arc<Task>> {
+        self.tasks
+            .get(name)
+            .ok_or_else(|| usage(format!("No such task '{name}'")))
+    }
+}
+
+fn find_line(text: &str, name: &str) -> Option<usize> {
+    let candidates = [
+        format!("[task.{name}]"),
+        format!("[task.\"{name}\"]"),
+        format!("[task.'{name}']"),
+        format!("task.{name}."),
+        format!("task.\"{name}\"."),
+    ];
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            candidates.iter().any(|c| l.starts_with(c.as_str()))
+        })
+        .map(|i| i + 1)
+}
+
+impl Task {
+    fn new(name: String, def: TaskDef, file: PathBuf, line: Option<usize>) -> Result<Task> {
+        let bad = |what: String| usage(format!("Task '{name}' in {}: {what}", file.display()));
+        if !crate::taskref::valid_name(&name) {
+            return Err(bad(
+                "invalid name: use letters, digits and _ - . /".to_string(),
+            ));
+        }
+        let mut params = BTreeMap::new();
+        for (pname, decl) in &def.parameters {
+            if !pname.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                return Err(bad(format!("invalid parameter name '{pname}'")));
+            }
+            params.insert(pname.clone(), Param::from_toml(&name, pname, decl)?);
+        }
+        let run = def.run.clone().map(OneOrMany::into_vec).unwrap_or_default();
+        let acquire = def.acquire.clone().map(OneOrMany::into_vec).unwrap_or_default();
+        let release = def.release.clone().map(OneOrMany::into_vec).unwrap_or_default();
+        let publish = match &def.publish {
+            None => Vec::new(),
+            Some(v) => parse_publish(v).map_err(bad)?,
+        };
+        let timeout = match &def.timeout {
+            None => None,
+            Some(t) => Some(
+                crate::fsutil::parse_duration(t)
+                    .ok_or_else(|| bad(format!("invalid timeout '{t}': expected e.g. 90s, 10m, 2h")))?,
+            ),
+        };
+        let expires = match &def.expires {
+            None => Expires::Immediately,
+            Some(v) => parse_expires(v).map_err(bad)?,
+        };
+        match def.kind {
+            Kind::Alias => {
+                if run.len() + publish.len() + acquire.len() + release.len() > 0
+                    || def.cwd.is_some()
+                    || !def.influence.is_empty()
+                    || !def.environ.is_empty()
+                {
+                    return Err(bad(
+                        "an alias may only have requires, parameters and a description".into(),
+                    ));
+                }
+            }
+            Kind::Resource => {
+                if !run.is_empty() || !publish.is_empty() {
+                    return Err(bad(
+                        "a resource has acquire and release commands, not run or publish".into(),
+                    ));
+                }
+            }
+            Kind::Task => {
+                if !acquire.is_empty() || !release.is_empty() {
+                    return Err(bad(
+                        "acquire and release belong to tasks of kind = \"resource\"".into(),
+                    ));
+                }
+            }
+        }
+        let cacheable = def.kind == Kind::Task && def.cacheable.unwrap_or(true);
+        let definition = definition_hash(&def);
+        Ok(Task {
+            name,
+            kind: def.kind,
+            def,
+            params,
+            run,
+            acquire,
+            release,
+            publish,
+            cacheable,
+            timeout,
+            expires,
+            file,
+            line,
+            definition,
+        })
+    }
+
+    /// Whether this task produces an artifact that consumers see.
+    pub fn has_artifact(&self) -> bool {
+        self.kind == Kind::Task
+    }
+}
+
+fn definition_hash(def: &TaskDef) -> String {
+    let mut def = def.clone();
+    for decl in def.parameters.values_mut() {
+        if let toml::Value::Table(t) = decl {
+            t.remove("help");
+        }
+    }
+    let json = serde_json::to_vec(&def).unwrap_or_default();
+    hex(&Sha256::digest(&json))
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+fn parse_publish(value: &toml::Value) -> Result<Vec<PublishRule>, String> {
+    let items = match value {
+        toml::Value::Array(items) => items.clone(),
+        other => vec![other.clone()],
+    };
+    items
+        .iter()
+        .map(|item| match item {
+            toml::Value::String(s) => Ok(PublishRule {
+                files: s.clone(),
+                cwd: None,
+                dest: None,
+                flatten: false,
+            }),
+            toml::Value::Table(t) => {
+                let mut rule = PublishRule {
+                    files: String::new(),
+                    cwd: None,
+                    dest: None,
+                    flatten: false,
+                };
+                for (k, v) in t {
+                    let s = || {
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| format!("publish '{k}' must be a string"))
+                    };
+                    match k.as_str() {
+                        "files" => rule.files = s()?,
+                        "cwd" => rule.cwd = Some(s()?),
+                        "dest" => rule.dest = Some(s()?),
+                        "flatten" => {
+                            rule.flatten = v
+                                .as_bool()
+                                .ok_or_else(|| "publish 'flatten' must be true or false".to_string())?
+                        }
+                        other => return Err(format!("unknown publish key '{other}'")),
+                    }
+                }
+                if rule.files.is_empty() {
+                    return Err("a publish rule needs 'files'".to_string());
+                }
+                Ok(rule)
+            }
+            other => Err(format!(
+                "publish rules are glob strings or {{ files, cwd, dest, flatten }} tables, not {other}"
+            )),
+        })
+        .collect()
+}
+
+fn parse_expires(value: &toml::Value) -> Result<Expires, String> {
+    let duration = |v: &toml::Value| -> Result<u64, String> {
+        v.as_str()
+            .and_then(crate::fsutil::parse_duration)
+            .map(|d| d.as_secs())
+            .ok_or_else(|| format!("invalid expires duration {v}: expected e.g. \"7d\""))
+    };
+    match value {
+        toml::Value::String(s) if s == "never" => Ok(Expires::Never),
+        toml::Value::String(s) if s == "immediately" => Ok(Expires::Immediately),
+        toml::Value::Table(t) if t.len() == 1 => {
+            let (k, v) = t.iter().next().expect("one entry");
+            match k.as_str() {
+                "after" => Ok(Expires::After(duration(v)?)),
+                "unused_for" => Ok(Expires::UnusedFor(duration(v)?)),
+                _ => Err(format!("unknown expires policy '{k}'")),
+            }
+        }
+        other => Err(format!(
+            "invalid expires {other}: expected \"never\", \"immediately\", {{ after = \"7d\" }} or {{ unused_for = \"30d\" }}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(text: &str) -> Result<Task> {
+        let def: TaskDef = toml::from_str(text)?;
+        Task::new("t".into(), def, PathBuf::from(ROOT_FILE), None)
+    }
+
+    #[test]
+    fn definition_ignores_scheduling_keys() {
+        let a = task("run = \"echo hi\"").unwrap();
+        let b = task("run = \"echo hi\"\nweight = 5\ndescription = \"x\"\nunstable = true").unwrap();
+        let c = task("run = \"echo ho\"").unwrap();
+        assert_eq!(a.definition, b.definition);
+        assert_ne!(a.definition, c.definition);
+    }
+
+    #[test]
+    fn publish_rules_accept_strings_and_tables() {
+        let t = task("publish = [\"*.txt\", { files = \"a\", cwd = \"{builddir}\", dest = \"d/\", flatten = true }]").unwrap();
+        assert_eq!(t.publish.len(), 2);
+        assert_eq!(t.publish[1].dest.as_deref(), Some("d/"));
+        assert!(t.publish[1].flatten);
+        assert!(task("publish = [{ file = \"a\" }]").is_err());
+    }
+
+    #[test]
+    fn expires_policies_parse() {
+        assert_eq!(task("expires = \"never\"").unwrap().expires, Expires::Never);
+        assert_eq!(
+            task("expires = { after = \"7d\" }").unwrap().expires,
+            Expires::After(7 * 86400)
+        );
+        assert_eq!(
+            task("expires = { unused_for = \"1h\" }").unwrap().expires,
+            Expires::UnusedFor(3600)
+        );
+        assert!(task("expires = \"soon\"").is_err());
+    }
+
+    #[test]
+    fn kinds_are_validated() {
+        assert!(task("kind = \"alias\"\nrequires = [\"a\"]").is_ok());
+        assert!(task("kind = \"alias\"\nrun = \"x\"").is_err());
+        assert!(task("kind = \"resource\"\nacquire = \"x\"").is_ok());
+        assert!(task("acquire = \"x\"").is_err());
+        assert!(task("timeout = \"forever\"").is_err());
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let text = "[task.a]\nrun = \"x\"\nbogus = \n";
+        let err = toml::from_str::<FileDef>(text).unwrap_err();
+        assert!(one_line(&err, text).starts_with("line 3"), "{}", one_line(&err, text));
+    }
+}
