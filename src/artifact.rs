@@ -60,7 +60,9 @@ impl Manifest {
 pub fn list_files(dir: &Path) -> Result<(Vec<String>, u64)> {
     fn visit(base: &Path, rel: &Path, out: &mut Vec<String>, size: &mut u64) -> Result<()> {
         let full = base.join(rel);
-        for entry in std::fs::read_dir(&full).with_context(|| format!("Cannot read {}", full.display()))? {
+        for entry in
+            std::fs::read_dir(&full).with_context(|| format!("Cannot read {}", full.display()))?
+        {
             let entry = entry?;
             let path = rel.join(entry.file_name());
             if rel.as_os_str().is_empty()

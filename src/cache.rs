@@ -112,7 +112,10 @@ impl Cache {
 
     /// Declares that this process uses these identities, so no process evicts them,
     /// and marks those present as just used.
-    pub fn mark_used<'a>(&self, artifacts: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<()> {
+    pub fn mark_used<'a>(
+        &self,
+        artifacts: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<()> {
         let mut text = String::new();
         let now = SystemTime::now();
         let mut used = self.used.lock().expect("cache refs");
@@ -179,9 +182,18 @@ impl Cache {
     pub fn scratch(&self, prefix: &str) -> Result<PathBuf> {
         let name: String = prefix
             .chars()
-            .map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
-        let dir = self.root.join(".tmp").join(format!("{name}-{}", unique_suffix()));
+        let dir = self
+            .root
+            .join(".tmp")
+            .join(format!("{name}-{}", unique_suffix()));
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("Cannot create {}", dir.display()))?;
         Ok(dir)
@@ -192,7 +204,10 @@ impl Cache {
         let dir = self.artifact_dir(task, identity);
         if dir.exists() {
             // A stale directory without a readable manifest: replace it.
-            let trash = self.root.join(".tmp").join(format!("trash-{}", unique_suffix()));
+            let trash = self
+                .root
+                .join(".tmp")
+                .join(format!("trash-{}", unique_suffix()));
             std::fs::rename(&dir, &trash)
                 .with_context(|| format!("Cannot replace {}", dir.display()))?;
             fsutil::remove_dir_all(&trash)?;
@@ -308,14 +323,23 @@ impl Cache {
         let Some(_lock) = self.try_lock(&artifact.identity)? else {
             return Ok(false);
         };
-        let trash = self.root.join(".tmp").join(format!("trash-{}", unique_suffix()));
+        let trash = self
+            .root
+            .join(".tmp")
+            .join(format!("trash-{}", unique_suffix()));
         match std::fs::rename(&artifact.dir, &trash) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e).with_context(|| format!("Cannot remove {}", artifact.dir.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("Cannot remove {}", artifact.dir.display()))
+            }
         }
         fsutil::remove_dir_all(&trash)?;
-        let _ = std::fs::remove_file(self.root.join(".locks").join(format!("{}.lock", artifact.identity)));
+        let _ = std::fs::remove_file(
+            self.root
+                .join(".locks")
+                .join(format!("{}.lock", artifact.identity)),
+        );
         Ok(true)
     }
 
@@ -343,12 +367,19 @@ impl Cache {
     }
 
     /// Removes artifacts not in use: all of them, or only expired ones.
-    pub fn clean(&self, only_expired: bool, filter: &dyn Fn(&CachedArtifact) -> bool) -> Result<usize> {
+    pub fn clean(
+        &self,
+        only_expired: bool,
+        filter: &dyn Fn(&CachedArtifact) -> bool,
+    ) -> Result<usize> {
         let in_use = self.in_use();
         let now = fsutil::now_secs();
         let mut removed = 0;
         for artifact in self.scan() {
-            if filter(&artifact) && (!only_expired || artifact.expired(now)) && self.remove(&artifact, &in_use)? {
+            if filter(&artifact)
+                && (!only_expired || artifact.expired(now))
+                && self.remove(&artifact, &in_use)?
+            {
                 removed += 1;
             }
         }
@@ -367,7 +398,9 @@ impl Cache {
                 .and_then(|(head, _)| head.rsplit_once('-'))
                 .and_then(|(head, _)| head.rsplit('-').next())
                 .and_then(|p| p.parse::<i32>().ok());
-            let alive = pid.map(|p| unsafe { libc::kill(p, 0) } == 0).unwrap_or(false);
+            let alive = pid
+                .map(|p| unsafe { libc::kill(p, 0) } == 0)
+                .unwrap_or(false);
             if !alive || name.starts_with("trash-") {
                 let _ = std::fs::remove_dir_all(entry.path());
             }

@@ -5,10 +5,19 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "jolt", version, about = "A build and task executor with shared artifact caches")]
+#[command(
+    name = "jolt",
+    version,
+    about = "A build and task executor with shared artifact caches"
+)]
 pub struct Cli {
     /// A config file, or a `section.key=value` override (repeatable)
-    #[arg(short = 'c', long = "config", global = true, value_name = "FILE|KEY=VALUE")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        global = true,
+        value_name = "FILE|KEY=VALUE"
+    )]
     pub config: Vec<String>,
     /// More output (-vv for debug output)
     #[arg(short, long, action = ArgAction::Count, global = true)]

@@ -52,7 +52,8 @@ pub fn init(verbosity: i8) {
         1 => Level::Verbose,
         _ => Level::Debug,
     };
-    s.status_enabled = std::io::stderr().is_terminal() && std::env::var_os("TERM").is_some_and(|t| t != "dumb");
+    s.status_enabled =
+        std::io::stderr().is_terminal() && std::env::var_os("TERM").is_some_and(|t| t != "dumb");
 }
 
 fn with_cleared(s: &mut State, write: impl FnOnce()) {

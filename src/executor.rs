@@ -203,7 +203,12 @@ pub fn run(graph: &Graph, cache: &Cache, root: &Path, opts: &Options) -> Result<
         let needs: Vec<usize> = if node.is_alias() {
             graph.expand_alias(i)
         } else {
-            graph.visible(i).iter().chain(&node.resources).copied().collect()
+            graph
+                .visible(i)
+                .iter()
+                .chain(&node.resources)
+                .copied()
+                .collect()
         };
         for d in needs {
             if matches!(plan[d], Plan::Execute | Plan::Resource) && !dependents[d].contains(&i) {
@@ -227,10 +232,11 @@ pub fn run(graph: &Graph, cache: &Cache, root: &Path, opts: &Options) -> Result<
         done: 0,
         total: to_execute,
     };
-    for i in 0..n {
-        if matches!(plan[i], Plan::Execute | Plan::Resource) && sched.pending[i] == 0 {
-            sched.make_ready(i);
-        }
+    let initially_ready: Vec<usize> = (0..n)
+        .filter(|&i| matches!(plan[i], Plan::Execute | Plan::Resource) && sched.pending[i] == 0)
+        .collect();
+    for i in initially_ready {
+        sched.make_ready(i);
     }
 
     let prefix_output = opts.jobs > 1 && to_execute > 1;
@@ -380,7 +386,12 @@ impl Scheduler<'_> {
         }
     }
 
-    fn finish(&mut self, i: usize, result: Result<Done, Failure>, infos: &[OnceLock<Arc<ArtifactInfo>>]) {
+    fn finish(
+        &mut self,
+        i: usize,
+        result: Result<Done, Failure>,
+        infos: &[OnceLock<Arc<ArtifactInfo>>],
+    ) {
         let node = &self.graph.nodes[i];
         self.done += 1;
         match result {
@@ -530,7 +541,12 @@ impl Worker<'_> {
     }
 
     /// Expands a template in the context of node `i`.
-    fn expand(&self, i: usize, template: &str, dirs: Option<(&Path, &Path)>) -> Result<String, Failure> {
+    fn expand(
+        &self,
+        i: usize,
+        template: &str,
+        dirs: Option<(&Path, &Path)>,
+    ) -> Result<String, Failure> {
         let node = &self.graph.nodes[i];
         let mut resolve = |name: &str| -> Result<Option<String>> {
             if let Some(v) = node.params.get(name) {
@@ -552,11 +568,16 @@ impl Worker<'_> {
                     DepRef::Path(d, k) => (d, Some((false, k))),
                 };
                 let d = graph::find_dep(&self.graph.nodes, i, dep)?;
-                let info = self.info(d).map_err(|f| anyhow::anyhow!(f.lines.join("; ")))?;
+                let info = self
+                    .info(d)
+                    .map_err(|f| anyhow::anyhow!(f.lines.join("; ")))?;
                 return Ok(match key {
                     None => Some(info.dir.display().to_string()),
                     Some((true, k)) => info.strings.get(k).cloned(),
-                    Some((false, k)) => info.paths.get(k).map(|p| info.dir.join(p).display().to_string()),
+                    Some((false, k)) => info
+                        .paths
+                        .get(k)
+                        .map(|p| info.dir.join(p).display().to_string()),
                 });
             }
             Ok(None)
@@ -565,12 +586,20 @@ impl Worker<'_> {
     }
 
     /// The environment of node `i`'s commands.
-    fn environment(&self, i: usize, builddir: &Path, staging: &Path) -> Result<Vec<(String, String)>, Failure> {
+    fn environment(
+        &self,
+        i: usize,
+        builddir: &Path,
+        staging: &Path,
+    ) -> Result<Vec<(String, String)>, Failure> {
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         env.insert("JOLT_ROOT".into(), self.root.display().to_string());
         env.insert("JOLT_BUILDDIR".into(), builddir.display().to_string());
         env.insert("JOLT_ARTIFACT".into(), staging.display().to_string());
-        env.insert("JOLT_CACHEDIR".into(), self.cache.root.display().to_string());
+        env.insert(
+            "JOLT_CACHEDIR".into(),
+            self.cache.root.display().to_string(),
+        );
         for &d in self.graph.visible(i) {
             let info = self.info(d)?;
             for (name, value) in &info.environ {
@@ -601,7 +630,13 @@ impl Worker<'_> {
         Ok(env.into_iter().collect())
     }
 
-    fn build(&self, i: usize, builddir: &Path, staging: &Path, start: Instant) -> Result<Manifest, Failure> {
+    fn build(
+        &self,
+        i: usize,
+        builddir: &Path,
+        staging: &Path,
+        start: Instant,
+    ) -> Result<Manifest, Failure> {
         let node = &self.graph.nodes[i];
         let task = &node.task;
         let log_file = File::create(staging.join(BUILD_LOG))
@@ -622,16 +657,16 @@ impl Worker<'_> {
             let rnode = &self.graph.nodes[r];
             let _ = self.events.send(Event::Log(
                 console::Level::Info,
-                format!("Resource acquisition started ({} for {})", rnode.label(), node.short),
+                format!(
+                    "Resource acquisition started ({} for {})",
+                    rnode.label(),
+                    node.short
+                ),
             ));
-            result = rnode
-                .task
-                .acquire
-                .iter()
-                .try_for_each(|c| {
-                    let cmd = self.expand(r, c, None)?;
-                    self.command(i, &cmd, self.root, &renv, deadline, &log)
-                });
+            result = rnode.task.acquire.iter().try_for_each(|c| {
+                let cmd = self.expand(r, c, None)?;
+                self.command(i, &cmd, self.root, &renv, deadline, &log)
+            });
             if let Err(f) = result {
                 result = Err(Failure {
                     lines: f
@@ -673,7 +708,11 @@ impl Worker<'_> {
                     Some(c) => cwd.join(self.expand(i, c, dirs)?),
                     None => cwd.clone(),
                 },
-                dest: rule.dest.as_ref().map(|d| self.expand(i, d, dirs)).transpose()?,
+                dest: rule
+                    .dest
+                    .as_ref()
+                    .map(|d| self.expand(i, d, dirs))
+                    .transpose()?,
                 flatten: rule.flatten,
             };
             artifact::publish(node.name(), &rule, staging)?;

@@ -50,8 +50,8 @@ pub fn remove_dir_all(path: &Path) -> Result<()> {
 /// Copies a file or a directory tree, keeping symlinks as symlinks and the
 /// executable bits of files.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
-    let meta = std::fs::symlink_metadata(src)
-        .with_context(|| format!("Cannot read {}", src.display()))?;
+    let meta =
+        std::fs::symlink_metadata(src).with_context(|| format!("Cannot read {}", src.display()))?;
     if let Some(dir) = dst.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
     }
@@ -228,7 +228,10 @@ mod tests {
         assert_eq!(parse_duration("45").unwrap().as_secs(), 45);
         assert!(parse_duration("soon").is_none());
         assert_eq!(format_duration(std::time::Duration::from_secs(5)), "05s");
-        assert_eq!(format_duration(std::time::Duration::from_secs(125)), "02min 05s");
+        assert_eq!(
+            format_duration(std::time::Duration::from_secs(125)),
+            "02min 05s"
+        );
         assert_eq!(
             format_duration(std::time::Duration::from_secs(3725)),
             "01h 02min 05s"

@@ -107,7 +107,8 @@ impl Pattern {
 /// false from a directory skips its contents.
 fn walk(base: &Path, dir: &Path, visit: &mut dyn FnMut(&Path, bool) -> bool) -> Result<()> {
     let full = base.join(dir);
-    let entries = std::fs::read_dir(&full).with_context(|| format!("Cannot read {}", full.display()))?;
+    let entries =
+        std::fs::read_dir(&full).with_context(|| format!("Cannot read {}", full.display()))?;
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name();
@@ -136,7 +137,13 @@ mod tests {
     fn expands_recursive_and_flat_globs() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        for f in ["src/a.c", "src/b.h", "src/sub/c.c", "inc/x/y.h", ".git/config"] {
+        for f in [
+            "src/a.c",
+            "src/b.h",
+            "src/sub/c.c",
+            "inc/x/y.h",
+            ".git/config",
+        ] {
             std::fs::create_dir_all(root.join(f).parent().unwrap()).unwrap();
             std::fs::write(root.join(f), "x").unwrap();
         }

@@ -138,7 +138,10 @@ pub fn build(
 }
 
 fn qualified(task: &Task, params: &BTreeMap<String, String>) -> String {
-    let pairs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     taskref::format(&task.name, &pairs)
 }
 
@@ -158,10 +161,14 @@ impl Builder<'_> {
         consumer: Option<&str>,
     ) -> Result<(Arc<Task>, BTreeMap<String, String>)> {
         let r = TaskRef::parse(reference)?;
-        let task = self.recipes.tasks.get(&r.name).ok_or_else(|| match consumer {
-            Some(c) => usage(format!("No such task '{}' (required by {c})", r.name)),
-            None => usage(format!("No such task '{}'", r.name)),
-        })?;
+        let task = self
+            .recipes
+            .tasks
+            .get(&r.name)
+            .ok_or_else(|| match consumer {
+                Some(c) => usage(format!("No such task '{}' (required by {c})", r.name)),
+                None => usage(format!("No such task '{}'", r.name)),
+            })?;
         let mut params = BTreeMap::new();
         for (k, v) in &r.params {
             let decl = task
@@ -309,7 +316,10 @@ impl Builder<'_> {
                         DepRef::Path(d, k) => (d, Some(("paths", k))),
                     };
                     let found = find_dep(&self.nodes, i, dep).map_err(|e| {
-                        usage(format!("{e} in placeholder '{{{name}}}' of task '{}'", task.name))
+                        usage(format!(
+                            "{e} in placeholder '{{{name}}}' of task '{}'",
+                            task.name
+                        ))
                     })?;
                     let dep_def = &self.nodes[found].task.def;
                     match key {
@@ -569,7 +579,12 @@ run = "cat {deps.hello}"
     fn equivalent_references_are_one_node() {
         let g = graph(
             HELLO,
-            &["hello", "hello:recipient=world", "hello:flags=b+a", "hello:flags=a+b,loud=no"],
+            &[
+                "hello",
+                "hello:recipient=world",
+                "hello:flags=b+a",
+                "hello:flags=a+b,loud=no",
+            ],
         )
         .unwrap();
         assert_eq!(g.nodes.len(), 2);
@@ -584,8 +599,10 @@ run = "cat {deps.hello}"
         assert_eq!(hellos.len(), 2);
         assert_ne!(hellos[0].identity, hellos[1].identity);
         let print = &g.nodes[g.goals[1]];
-        assert!(print.influence.iter().any(|l| l.starts_with("Requirement: ")
-            && l.ends_with(": hello:recipient=john")));
+        assert!(print
+            .influence
+            .iter()
+            .any(|l| l.starts_with("Requirement: ") && l.ends_with(": hello:recipient=john")));
     }
 
     #[test]
@@ -611,7 +628,10 @@ run = "cat {deps.hello}"
         let err = graph("[task.a]\nrun = \"echo {nope}\"\n", &["a"]).unwrap_err();
         assert_eq!(err.to_string(), "Unknown placeholder '{nope}' in task 'a'");
         let err = graph("[task.a]\nrun = \"cat {deps.b}\"\n", &["a"]).unwrap_err();
-        assert!(err.to_string().contains("'b' is not a requirement"), "{err}");
+        assert!(
+            err.to_string().contains("'b' is not a requirement"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -632,9 +652,8 @@ requires = ["s"]
             &["c1", "c2"],
         )
         .unwrap();
-        let names = |i: usize| -> Vec<&str> {
-            g.visible(i).iter().map(|&v| g.nodes[v].name()).collect()
-        };
+        let names =
+            |i: usize| -> Vec<&str> { g.visible(i).iter().map(|&v| g.nodes[v].name()).collect() };
         assert_eq!(names(g.goals[0]), vec!["a", "b"]);
         assert_eq!(names(g.goals[1]), vec!["s"]);
     }

@@ -143,13 +143,13 @@ impl Param {
                         other => return Err(bad(format!("unknown key '{other}'"))),
                     }
                 }
-                param.ty = ty
-                    .or_else(|| default.as_ref().map(infer_type))
-                    .unwrap_or(if param.min.is_some() || param.max.is_some() {
+                param.ty = ty.or_else(|| default.as_ref().map(infer_type)).unwrap_or(
+                    if param.min.is_some() || param.max.is_some() {
                         ParamType::Int
                     } else {
                         ParamType::String
-                    });
+                    },
+                );
                 default
             }
             other => {
@@ -220,9 +220,8 @@ impl Param {
                 Ok(items.join("+"))
             }
             ty => {
-                let v = normalize_scalar(ty, value).ok_or_else(|| {
-                    illegal(&format!(", expected {}", ty.name()))
-                })?;
+                let v = normalize_scalar(ty, value)
+                    .ok_or_else(|| illegal(&format!(", expected {}", ty.name())))?;
                 if ty == ParamType::Int {
                     let n: i64 = v.parse().map_err(|_| illegal(""))?;
                     if let Some(min) = self.min.filter(|m| n < *m) {

@@ -131,7 +131,10 @@ mod tests {
     fn expands_and_escapes() {
         assert_eq!(expand_with("echo {a} {{a}} }}{{").unwrap(), "echo 1 {a} }{");
         assert_eq!(expand_with("cat {deps.x}/f").unwrap(), "cat /c/x/f");
-        assert_eq!(expand_with("awk '{{print $1}}'").unwrap(), "awk '{print $1}'");
+        assert_eq!(
+            expand_with("awk '{{print $1}}'").unwrap(),
+            "awk '{print $1}'"
+        );
     }
 
     #[test]
@@ -149,6 +152,9 @@ mod tests {
             parse_dep("tools.gcc.strings.version"),
             DepRef::String("tools.gcc", "version")
         );
-        assert_eq!(parse_dep("lib.paths.include"), DepRef::Path("lib", "include"));
+        assert_eq!(
+            parse_dep("lib.paths.include"),
+            DepRef::Path("lib", "include")
+        );
     }
 }

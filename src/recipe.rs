@@ -282,7 +282,7 @@ impl Task {
         let bad = |what: String| usage(format!("Task '{name}' in {}: {what}", file.display()));
         if !crate::taskref::valid_name(&name) {
             return Err(bad(
-                "invalid name: use letters, digits and _ - . /".to_string(),
+                "invalid name: use letters, digits and _ - . /".to_string()
             ));
         }
         let mut params = BTreeMap::new();
@@ -293,18 +293,25 @@ impl Task {
             params.insert(pname.clone(), Param::from_toml(&name, pname, decl)?);
         }
         let run = def.run.clone().map(OneOrMany::into_vec).unwrap_or_default();
-        let acquire = def.acquire.clone().map(OneOrMany::into_vec).unwrap_or_default();
-        let release = def.release.clone().map(OneOrMany::into_vec).unwrap_or_default();
+        let acquire = def
+            .acquire
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
+        let release = def
+            .release
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
         let publish = match &def.publish {
             None => Vec::new(),
             Some(v) => parse_publish(v).map_err(bad)?,
         };
         let timeout = match &def.timeout {
             None => None,
-            Some(t) => Some(
-                crate::fsutil::parse_duration(t)
-                    .ok_or_else(|| bad(format!("invalid timeout '{t}': expected e.g. 90s, 10m, 2h")))?,
-            ),
+            Some(t) => Some(crate::fsutil::parse_duration(t).ok_or_else(|| {
+                bad(format!("invalid timeout '{t}': expected e.g. 90s, 10m, 2h"))
+            })?),
         };
         let expires = match &def.expires {
             None => Expires::Immediately,
@@ -472,7 +479,8 @@ mod tests {
     #[test]
     fn definition_ignores_scheduling_keys() {
         let a = task("run = \"echo hi\"").unwrap();
-        let b = task("run = \"echo hi\"\nweight = 5\ndescription = \"x\"\nunstable = true").unwrap();
+        let b =
+            task("run = \"echo hi\"\nweight = 5\ndescription = \"x\"\nunstable = true").unwrap();
         let c = task("run = \"echo ho\"").unwrap();
         assert_eq!(a.definition, b.definition);
         assert_ne!(a.definition, c.definition);
@@ -514,6 +522,10 @@ mod tests {
     fn syntax_errors_name_the_line() {
         let text = "[task.a]\nrun = \"x\"\nbogus = \n";
         let err = toml::from_str::<FileDef>(text).unwrap_err();
-        assert!(one_line(&err, text).starts_with("line 3"), "{}", one_line(&err, text));
+        assert!(
+            one_line(&err, text).starts_with("line 3"),
+            "{}",
+            one_line(&err, text)
+        );
     }
 }

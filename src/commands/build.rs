@@ -76,7 +76,8 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
     if code == error::SUCCESS {
         for &g in &graph.goals {
             let node = &graph.nodes[g];
-            if node.task.cacheable && matches!(report.status[g], Status::Executed | Status::Cached) {
+            if node.task.cacheable && matches!(report.status[g], Status::Executed | Status::Cached)
+            {
                 let dir = ws.cache.artifact_dir(node.name(), &node.identity);
                 console::info(&format!("Location: {}", dir.display()));
                 if let Some(dest) = &args.copy {

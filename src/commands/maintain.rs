@@ -15,7 +15,10 @@ pub fn clean(config: &Config, args: CleanArgs) -> Result<i32> {
         let cache = open_cache(config)?;
         let removed = cache.clean(args.expired, &|_| true)?;
         cache.clean_scratch();
-        console::info(&format!("Removed {removed} artifacts from {}", cache.root.display()));
+        console::info(&format!(
+            "Removed {removed} artifacts from {}",
+            cache.root.display()
+        ));
         return Ok(0);
     }
     let ws = Workspace::open(config)?;

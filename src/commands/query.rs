@@ -25,7 +25,8 @@ pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
         }
         Some(task) => {
             let cache_dir = tempfile_free_hashes(&recipes);
-            let graph = crate::graph::build(&recipes, &cache_dir, &[task], &GraphOptions::default())?;
+            let graph =
+                crate::graph::build(&recipes, &cache_dir, &[task], &GraphOptions::default())?;
             let top = graph.requested[0];
             let names: BTreeSet<&str> = if args.all {
                 graph
@@ -75,7 +76,11 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
         out.push("  None".into());
     }
     for (name, p) in &task.params {
-        let help = p.help.as_deref().map(|h| format!("{h} ")).unwrap_or_default();
+        let help = p
+            .help
+            .as_deref()
+            .map(|h| format!("{h} "))
+            .unwrap_or_default();
         out.push(format!(
             "  {name:<16}  {help}{} = {}",
             p.describe(),
@@ -95,7 +100,11 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
         task.file.display(),
         task.line.map(|l| format!(" ({l})")).unwrap_or_default()
     ));
-    out.push(format!("  Kind              {:?}", task.kind).to_lowercase().replace("kind              ", "Kind              "));
+    out.push(
+        format!("  Kind              {:?}", task.kind)
+            .to_lowercase()
+            .replace("kind              ", "Kind              "),
+    );
     out.push("Cache".into());
     out.push(format!("  Identity          {}", node.identity));
     if task.cacheable {
@@ -141,7 +150,10 @@ pub fn display(config: &Config, args: DisplayArgs) -> Result<i32> {
                 let n = &graph.nodes[i];
                 console::print(&format!("  \"{}\";", n.short));
                 for &d in &n.deps {
-                    console::print(&format!("  \"{}\" -> \"{}\";", n.short, graph.nodes[d].short));
+                    console::print(&format!(
+                        "  \"{}\" -> \"{}\";",
+                        n.short, graph.nodes[d].short
+                    ));
                 }
             }
             console::print("}");
@@ -155,7 +167,11 @@ fn tree(graph: &Graph, i: usize, indent: &str, prune: bool, printed: &mut BTreeS
     let deps = &graph.nodes[i].deps;
     for (k, &d) in deps.iter().enumerate() {
         let last = k + 1 == deps.len();
-        let (branch, cont) = if last { ("└╴", "  ") } else { ("├╴", "│ ") };
+        let (branch, cont) = if last {
+            ("└╴", "  ")
+        } else {
+            ("├╴", "│ ")
+        };
         let name = &graph.nodes[d].short;
         if prune && printed.contains(&d) {
             console::print(&format!("{indent}{branch}[{name}]"));

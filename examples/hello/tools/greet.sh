@@ -1,0 +1,3 @@
+#!/bin/sh
+# Frames the content of a file.
+echo "*** $(cat "$1") ***"

@@ -1,0 +1,440 @@
+//! Local builds: execution, caching, parameters, metadata, scheduling options.
+
+mod util;
+
+use util::Workspace;
+
+const HELLO: &str = r#"
+[task.hello]
+description = "Writes a greeting"
+parameters.recipient = { default = "world", help = "Who to greet" }
+run = "echo 'Hello {recipient}!' > {builddir}/message.txt"
+publish = [{ files = "message.txt", cwd = "{builddir}" }]
+
+[task.print]
+requires = ["hello:recipient={recipient}"]
+parameters.recipient = "world"
+cacheable = false
+run = "cat {deps.hello}/message.txt"
+"#;
+
+#[test]
+fn a_task_executes_once_then_comes_from_the_cache() {
+    let ws = Workspace::with(HELLO);
+    let first = ws.jolt(&["build", "hello"]);
+    first
+        .success()
+        .contains("Execution started (hello ")
+        .contains("Execution finished after 00s (hello ");
+    let location = &first.locations()[0];
+    assert_eq!(
+        std::fs::read_to_string(location.join("message.txt")).unwrap(),
+        "Hello world!\n"
+    );
+    assert!(location.join(".manifest.json").is_file());
+    assert!(location.join(".build.log").is_file());
+    assert!(location.starts_with(ws.cachedir().join("hello")));
+
+    let second = ws.jolt(&["build", "hello"]);
+    second.success().lacks("Execution started");
+    assert_eq!(second.locations(), first.locations());
+}
+
+#[test]
+fn the_manifest_describes_the_artifact() {
+    let ws = Workspace::with(HELLO);
+    let run = ws.jolt(&["build", "hello:recipient=john"]);
+    run.success();
+    let dir = &run.locations()[0];
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(".manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["task"], "hello");
+    assert_eq!(
+        manifest["identity"].as_str().unwrap(),
+        dir.file_name().unwrap().to_str().unwrap()
+    );
+    assert_eq!(manifest["parameters"]["recipient"], "john");
+    assert_eq!(manifest["files"][0], "message.txt");
+    assert!(manifest["influence"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("Name: hello"));
+    assert!(manifest["size"].as_u64().unwrap() > 0);
+    assert!(manifest["created"].as_str().unwrap().ends_with('Z'));
+}
+
+#[test]
+fn parameters_select_distinct_artifacts_and_defaults_are_the_same_task() {
+    let ws = Workspace::with(HELLO);
+    ws.jolt(&["build", "print:recipient=john"])
+        .success()
+        .contains("Hello john!");
+    ws.jolt(&["build", "hello"])
+        .success()
+        .contains("Execution started (hello ");
+    ws.jolt(&["build", "hello:recipient=world"])
+        .success()
+        .lacks("Execution started");
+    assert_eq!(ws.artifacts("hello").len(), 2);
+}
+
+#[test]
+fn log_lines_name_the_task_with_its_non_default_parameters() {
+    let ws = Workspace::with(HELLO);
+    let run = ws.jolt(&["build", "hello:recipient=john"]);
+    let line = &run.lines_with("Execution started")[0];
+    let id = run.locations()[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(
+        line,
+        &format!(
+            "[   INFO] Execution started (hello:recipient=john {})",
+            &id[..8]
+        )
+    );
+}
+
+#[test]
+fn changing_an_influence_file_rebuilds_and_reverting_it_reuses() {
+    let ws = Workspace::with(
+        "[task.app]\ninfluence = [\"src/**/*.c\"]\nrun = \"cat src/main.c > {artifact}/out\"\n",
+    );
+    ws.file("src/main.c", "one")
+        .file("src/lib/util.c", "u")
+        .file("src/notes.txt", "n");
+    let first = ws.jolt(&["build", "app"]);
+    first.success().contains("Execution started");
+    ws.file("src/notes.txt", "not an influence");
+    ws.jolt(&["build", "app"])
+        .success()
+        .lacks("Execution started");
+    ws.file("src/lib/util.c", "changed");
+    let second = ws.jolt(&["build", "app"]);
+    second.success().contains("Execution started");
+    assert_ne!(first.locations(), second.locations());
+    ws.file("src/lib/util.c", "u");
+    let third = ws.jolt(&["build", "app"]);
+    third.success().lacks("Execution started");
+    assert_eq!(third.locations(), first.locations());
+}
+
+#[test]
+fn influence_env_and_env_placeholders_are_part_of_the_identity() {
+    let ws = Workspace::with(
+        "[task.a]\ninfluence_env = [\"CFLAGS\"]\nrun = \"true\"\n[task.b]\nrun = \"echo {env.GREETING}\"\n",
+    );
+    let mut cmd = ws.command(&["build", "a", "b"]);
+    cmd.env("CFLAGS", "-O2").env("GREETING", "hi");
+    ws.run(cmd).success().contains("hi");
+    let mut same = ws.command(&["build", "a", "b"]);
+    same.env("CFLAGS", "-O2").env("GREETING", "hi");
+    ws.run(same).success().lacks("Execution started");
+    let mut other = ws.command(&["build", "a", "b"]);
+    other.env("CFLAGS", "-O3").env("GREETING", "hello");
+    let run = ws.run(other);
+    let mut started = run.started();
+    started.sort();
+    assert_eq!(started, vec!["a", "b"]);
+}
+
+#[test]
+fn editing_a_command_changes_the_identity_but_a_description_does_not() {
+    let ws = Workspace::with("[task.a]\nrun = \"echo one\"\n");
+    ws.jolt(&["build", "a"]).success().contains("one");
+    ws.file(
+        "jolt.toml",
+        "[task.a]\ndescription = \"new words\"\nweight = 3\nrun = \"echo one\"\n",
+    );
+    ws.jolt(&["build", "a"])
+        .success()
+        .lacks("Execution started");
+    ws.file("jolt.toml", "[task.a]\nrun = \"echo two\"\n");
+    ws.jolt(&["build", "a"]).success().contains("two");
+}
+
+#[test]
+fn a_tool_puts_itself_on_its_consumers_path_and_exports_metadata() {
+    let ws = Workspace::with(
+        r#"
+[task.tool]
+run = ["mkdir -p {artifact}/bin", "printf '#!/bin/sh\necho tool says $1\n' > {artifact}/bin/mytool", "chmod +x {artifact}/bin/mytool"]
+environ = { PATH = "bin", TOOL_MODE = "fast" }
+strings = { version = "1.2" }
+paths = { bin = "bin/mytool" }
+
+[task.user]
+requires = ["tool"]
+run = [
+  "mytool hello > {artifact}/out",
+  "echo $TOOL_MODE {deps.tool.strings.version} >> {artifact}/out",
+  "test -x {deps.tool.paths.bin}",
+  "test -d {deps.tool}/bin",
+  "test -n \"$JOLT_ROOT\" -a -n \"$JOLT_BUILDDIR\" -a -n \"$JOLT_ARTIFACT\" -a -n \"$JOLT_CACHEDIR\"",
+]
+"#,
+    );
+    let run = ws.jolt(&["build", "user"]);
+    run.success();
+    let out = std::fs::read_to_string(run.locations()[0].join("out")).unwrap();
+    assert_eq!(out, "tool says hello\nfast 1.2\n");
+}
+
+#[test]
+fn direct_requirements_win_over_transitive_ones_in_the_environment() {
+    let ws = Workspace::with(
+        r#"
+[task.base]
+run = "mkdir -p {artifact}/bin"
+environ = { MODE = "base", PATH = "bin" }
+[task.mid]
+requires = ["base"]
+run = "mkdir -p {artifact}/bin"
+environ = { MODE = "mid", PATH = "bin" }
+[task.top]
+requires = ["mid"]
+run = ["echo MODE=$MODE", "echo PATH=$PATH"]
+"#,
+    );
+    let run = ws.jolt(&["build", "top"]);
+    run.success().contains("MODE=mid");
+    let path = run.lines_with("PATH=")[0].clone();
+    let mid = path.find("/mid/").expect("mid on PATH");
+    let base = path.find("/base/").expect("base on PATH");
+    assert!(mid < base, "the direct requirement comes first: {path}");
+}
+
+#[test]
+fn an_alias_builds_what_it_requires() {
+    let ws = Workspace::with(&format!(
+        "{HELLO}\n[task.all]\nkind = \"alias\"\nrequires = [\"hello\", \"hello:recipient=bob\"]\n"
+    ));
+    let run = ws.jolt(&["build", "all"]);
+    run.success();
+    assert_eq!(run.locations().len(), 2);
+    assert_eq!(run.started().len(), 2);
+}
+
+#[test]
+fn with_no_command_the_default_task_is_built() {
+    let ws = Workspace::with("[task.default]\nrun = \"echo built default\"\n[task.custom]\nrun = \"echo built custom\"\n");
+    ws.jolt(&[]).success().contains("built default");
+    ws.jolt(&["-c", "jolt.default=custom"])
+        .success()
+        .contains("built custom");
+}
+
+#[test]
+fn included_recipes_and_slashed_names_work() {
+    let ws = Workspace::with("include = [\"recipes/*.toml\"]\n[task.app]\nrequires = [\"tools/gcc\"]\nrun = \"cat {deps.tools/gcc}/v\"\n");
+    ws.file(
+        "recipes/tools.toml",
+        "[task.\"tools/gcc\"]\nrun = \"echo 12 > {artifact}/v\"\n",
+    );
+    ws.jolt(&["build", "app"]).success().contains("12");
+    assert_eq!(ws.artifacts("tools/gcc").len(), 1);
+}
+
+#[test]
+fn a_resource_is_acquired_and_released_around_its_consumer() {
+    let ws = Workspace::with(
+        r#"
+[task.lock]
+kind = "resource"
+acquire = "echo acquire >> {root}/events"
+release = "echo release >> {root}/events"
+[task.user]
+requires = ["lock"]
+run = "echo run >> {root}/events"
+[task.failing]
+requires = ["lock"]
+run = "false"
+"#,
+    );
+    ws.jolt(&["build", "user"]).success();
+    assert_eq!(ws.read("events"), "acquire\nrun\nrelease\n");
+    ws.jolt(&["build", "user"]).success();
+    assert_eq!(
+        ws.read("events"),
+        "acquire\nrun\nrelease\n",
+        "a cached consumer acquires nothing"
+    );
+    ws.jolt(&["build", "failing"]).code(1);
+    assert_eq!(
+        ws.read("events"),
+        "acquire\nrun\nrelease\nacquire\nrelease\n"
+    );
+}
+
+#[test]
+fn a_failing_acquire_fails_the_consumer_without_running_it() {
+    let ws = Workspace::with(
+        "[task.r]\nkind = \"resource\"\nacquire = \"false\"\nrelease = \"echo released >> {root}/events\"\n[task.user]\nrequires = [\"r\"]\nrun = \"echo ran >> {root}/events\"\n",
+    );
+    ws.jolt(&["build", "user"])
+        .code(1)
+        .contains("Resource acquisition failed");
+    assert_eq!(ws.read("events"), "");
+}
+
+#[test]
+fn keep_going_builds_independent_tasks_after_a_failure() {
+    let ws = Workspace::with(
+        "[task.bad]\nrun = \"false\"\nweight = 10\n[task.after_bad]\nrequires = [\"bad\"]\n[task.good]\nrun = \"echo good\"\n",
+    );
+    let run = ws.jolt(&["build", "-j", "1", "-k", "after_bad", "good"]);
+    run.code(1)
+        .contains("Command failed: false")
+        .contains("List of failed tasks");
+    assert_eq!(ws.artifacts("good").len(), 1);
+    let stopped = Workspace::with(
+        "[task.bad]\nrun = \"false\"\nweight = 10\n[task.good]\nrun = \"echo good\"\n",
+    );
+    stopped.jolt(&["build", "-j", "1", "bad", "good"]).code(1);
+    assert!(
+        stopped.artifacts("good").is_empty(),
+        "without -k the build stops"
+    );
+}
+
+#[test]
+fn force_rebuilds_the_goal_with_a_fresh_identity() {
+    let ws = Workspace::with(HELLO);
+    let plain = ws.jolt(&["build", "hello"]);
+    let forced = ws.jolt(&["build", "-f", "hello"]);
+    forced.success().contains("Execution started (hello ");
+    let again = ws.jolt(&["build", "-f", "hello"]);
+    assert_ne!(forced.locations(), plain.locations());
+    assert_ne!(forced.locations(), again.locations());
+    ws.jolt(&["build", "hello"])
+        .success()
+        .lacks("Execution started");
+}
+
+#[test]
+fn salt_changes_every_identity_and_repeats() {
+    let ws = Workspace::with(HELLO);
+    ws.jolt(&["build", "print"]).success();
+    let salted = ws.jolt(&["build", "-s", "one", "print"]);
+    assert_eq!(salted.started().len(), 2);
+    let again = ws.jolt(&["build", "-s", "one", "print"]);
+    assert_eq!(again.started(), vec!["print".to_string()]);
+}
+
+#[test]
+fn copy_puts_the_goal_files_in_a_directory() {
+    let ws = Workspace::with(HELLO);
+    ws.jolt(&["build", "hello", "--copy", "out"]).success();
+    assert_eq!(ws.read("out/message.txt"), "Hello world!\n");
+    assert!(!ws.root().join("out/.manifest.json").exists());
+}
+
+#[test]
+fn result_file_reports_every_task() {
+    let ws = Workspace::with(HELLO);
+    ws.jolt(&["build", "print", "--result", "r.json"]).success();
+    let report: serde_json::Value = serde_json::from_str(&ws.read("r.json")).unwrap();
+    assert_eq!(report["result"], "SUCCESS");
+    let tasks = report["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2);
+    for t in tasks {
+        assert_eq!(t["status"], "executed");
+        assert_eq!(t["identity"].as_str().unwrap().len(), 64);
+        assert!(t["duration"].as_f64().is_some());
+    }
+    ws.file("jolt.toml", "[task.bad]\nrun = \"false\"\n");
+    ws.jolt(&["build", "bad", "--result", "r.json"]).code(1);
+    let report: serde_json::Value = serde_json::from_str(&ws.read("r.json")).unwrap();
+    assert_eq!(report["result"], "FAILED");
+    assert_eq!(report["tasks"][0]["status"], "failed");
+}
+
+#[test]
+fn an_unstable_failure_does_not_fail_the_build_but_its_consumer_fails() {
+    let ws = Workspace::with(
+        "[task.flaky]\nunstable = true\nrun = \"false\"\n[task.user]\nrequires = [\"flaky\"]\nrun = \"true\"\n",
+    );
+    ws.jolt(&["build", "flaky"])
+        .success()
+        .contains("List of failed tasks");
+    ws.jolt(&["build", "user"])
+        .code(1)
+        .contains("Task depends on failed task 'flaky'");
+}
+
+#[test]
+fn a_non_cacheable_task_runs_every_time_and_has_no_location() {
+    let ws = Workspace::with(HELLO);
+    let first = ws.jolt(&["build", "print"]);
+    first.success().contains("Hello world!");
+    assert!(first.locations().is_empty());
+    ws.jolt(&["build", "print"])
+        .success()
+        .contains("Execution started (print ");
+}
+
+#[test]
+fn ready_tasks_start_highest_weight_first() {
+    let ws = Workspace::with("[task.a]\nweight = 3\n[task.b]\nweight = 1\n[task.c]\nweight = 2\n");
+    let run = ws.jolt(&["build", "-j", "1", "a", "b", "c"]);
+    assert_eq!(run.started(), vec!["a", "c", "b"]);
+}
+
+#[test]
+fn jobs_run_tasks_at_the_same_time() {
+    // Each task waits for the other to start: only a parallel build finishes them.
+    let ws = Workspace::with(
+        r#"
+[task.ping]
+timeout = "20s"
+run = "touch {root}/ping; while [ ! -f {root}/pong ]; do sleep 0.02; done"
+[task.pong]
+timeout = "20s"
+run = "touch {root}/pong; while [ ! -f {root}/ping ]; do sleep 0.02; done"
+"#,
+    );
+    let run = ws.jolt(&["build", "-j", "2", "ping", "pong"]);
+    run.success();
+}
+
+#[test]
+fn parallel_output_lines_carry_their_task() {
+    let ws = Workspace::with("[task.a]\nrun = \"echo from-a\"\n[task.b]\nrun = \"echo from-b\"\n");
+    let run = ws.jolt(&["build", "-j", "2", "a", "b"]);
+    run.success().contains("[a] from-a").contains("[b] from-b");
+    let serial = Workspace::with("[task.a]\nrun = \"echo from-a\"\n");
+    let out = serial.jolt(&["build", "a"]);
+    assert!(out.stdout.lines().any(|l| l == "from-a"), "{}", out.stdout);
+}
+
+#[test]
+fn a_cached_selfsustained_task_prunes_its_requirements() {
+    let ws = Workspace::with(
+        r#"
+[task.dep]
+run = "echo dep > {artifact}/f"
+[task.bundle]
+selfsustained = true
+requires = ["dep"]
+run = "cp {deps.dep}/f {artifact}/f"
+[task.user]
+requires = ["bundle"]
+run = "cat {deps.bundle}/f"
+"#,
+    );
+    ws.jolt(&["build", "bundle"]).success();
+    ws.jolt(&["clean", "dep"]).success();
+    let run = ws.jolt(&["build", "user"]);
+    run.success().contains("dep");
+    assert_eq!(run.started(), vec!["user"]);
+}
+
+#[test]
+fn quiet_hides_info_lines() {
+    let ws = Workspace::with(HELLO);
+    let run = ws.jolt(&["-q", "build", "hello"]);
+    run.success().lacks("Execution started");
+}

@@ -1,0 +1,155 @@
+//! The local cache shared by processes: locking, trimming, expiry, cleaning, interrupts.
+
+mod util;
+
+use std::time::Duration;
+use util::Workspace;
+
+#[test]
+fn two_builds_of_one_task_at_once_execute_it_once() {
+    let ws = Workspace::with(
+        "[task.slow]\nrun = [\"echo run >> {root}/count\", \"sleep 1\", \"echo done > {artifact}/f\"]\n",
+    );
+    let a = ws
+        .command(&["build", "slow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let b = ws
+        .command(&["build", "slow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success() && b.status.success());
+    assert_eq!(ws.read("count"), "run\n", "executed exactly once");
+    let out_b = String::from_utf8_lossy(&b.stdout);
+    let out_a = String::from_utf8_lossy(&a.stdout);
+    let loc = |s: &str| {
+        s.lines()
+            .find(|l| l.contains("Location:"))
+            .map(str::to_string)
+    };
+    assert_eq!(loc(&out_a), loc(&out_b));
+    assert!(out_a.contains("Execution started") != out_b.contains("Execution started"));
+}
+
+#[test]
+fn the_cache_is_trimmed_least_recently_used_first() {
+    let ws = Workspace::with(
+        "[task.a]\nrun = \"head -c 4000 /dev/zero > {artifact}/f\"\n[task.b]\nrun = \"head -c 4000 /dev/zero > {artifact}/f\"\n[task.c]\nrun = \"head -c 4000 /dev/zero > {artifact}/f\"\n",
+    );
+    ws.jolt(&["build", "a"]).success();
+    std::thread::sleep(Duration::from_millis(20));
+    ws.jolt(&["build", "b"]).success();
+    std::thread::sleep(Duration::from_millis(20));
+    ws.jolt(&["build", "a"]).success(); // a is now more recently used than b
+    ws.jolt(&["-c", "jolt.cachesize=9000", "build", "c"])
+        .success();
+    assert_eq!(ws.artifacts("a").len(), 1);
+    assert!(
+        ws.artifacts("b").is_empty(),
+        "b was the least recently used"
+    );
+    assert_eq!(ws.artifacts("c").len(), 1);
+}
+
+#[test]
+fn a_build_never_evicts_what_it_uses() {
+    let ws = Workspace::with(
+        "[task.dep]\nrun = \"head -c 4000 /dev/zero > {artifact}/f\"\n[task.top]\nrequires = [\"dep\"]\nrun = \"head -c 4000 /dev/zero > {artifact}/f\"\n",
+    );
+    let run = ws.jolt(&["-c", "jolt.cachesize=0", "build", "top"]);
+    run.success();
+    assert_eq!(ws.artifacts("dep").len(), 1);
+    assert_eq!(ws.artifacts("top").len(), 1);
+    // The next process does not use them: its commit evicts them.
+    ws.file("jolt.toml", "[task.other]\nrun = \"true\"\n");
+    ws.jolt(&["-c", "jolt.cachesize=0", "build", "other"])
+        .success();
+    assert!(ws.artifacts("dep").is_empty());
+    assert!(ws.artifacts("top").is_empty());
+}
+
+#[test]
+fn artifacts_that_never_expire_survive_trimming_and_clean_expired() {
+    let ws = Workspace::with(
+        "[task.keep]\nexpires = \"never\"\nrun = \"echo x > {artifact}/f\"\n[task.drop]\nrun = \"echo x > {artifact}/f\"\n[task.other]\nrun = \"true\"\n",
+    );
+    ws.jolt(&["build", "keep", "drop"]).success();
+    ws.jolt(&["clean", "--expired"]).success();
+    assert_eq!(ws.artifacts("keep").len(), 1);
+    assert!(ws.artifacts("drop").is_empty());
+    ws.jolt(&["-c", "jolt.cachesize=0", "build", "other"])
+        .success();
+    assert_eq!(ws.artifacts("keep").len(), 1);
+    ws.jolt(&["clean"]).success();
+    assert!(
+        ws.artifacts("keep").is_empty(),
+        "clean without --expired removes everything"
+    );
+}
+
+#[test]
+fn expires_after_is_honoured() {
+    let ws = Workspace::with(
+        "[task.short]\nexpires = { after = \"1s\" }\nrun = \"echo x > {artifact}/f\"\n[task.long]\nexpires = { unused_for = \"1h\" }\nrun = \"echo x > {artifact}/f\"\n",
+    );
+    ws.jolt(&["build", "short", "long"]).success();
+    ws.jolt(&["clean", "--expired"]).success();
+    assert_eq!(ws.artifacts("short").len(), 1, "not yet expired");
+    std::thread::sleep(Duration::from_millis(2100));
+    ws.jolt(&["clean", "--expired"]).success();
+    assert!(ws.artifacts("short").is_empty());
+    assert_eq!(ws.artifacts("long").len(), 1);
+}
+
+#[test]
+fn clean_with_tasks_removes_only_their_artifacts() {
+    let ws =
+        Workspace::with("[task.a]\nrun = \"true\"\n[task.b]\nrequires = [\"a\"]\nrun = \"true\"\n");
+    ws.jolt(&["build", "b"]).success();
+    ws.jolt(&["clean", "b"]).success();
+    assert!(ws.artifacts("b").is_empty());
+    assert_eq!(ws.artifacts("a").len(), 1);
+    ws.jolt(&["build", "b"]).success();
+    ws.jolt(&["clean", "--deps", "b"]).success();
+    assert!(ws.artifacts("a").is_empty());
+}
+
+#[test]
+fn interrupt_stops_commands_keeps_the_cache_consistent_and_exits_130() {
+    let ws = Workspace::with(
+        "[task.fast]\nrun = \"echo ok > {artifact}/f\"\n[task.slow]\nrequires = [\"fast\"]\nrun = [\"echo > {artifact}/partial\", \"echo $$ > {root}/pid; sleep 60\"]\n",
+    );
+    let child = ws
+        .command(&["build", "slow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ws.read("pid").trim().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "slow never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid: i32 = ws.read("pid").trim().parse().unwrap();
+    assert!(!util::alive(pid), "the command survived");
+    assert_eq!(ws.artifacts("fast").len(), 1, "finished work is kept");
+    assert!(ws.artifacts("slow").is_empty());
+    assert!(ws.staging_leftovers().is_empty());
+    ws.jolt(&["build", "fast"])
+        .success()
+        .lacks("Execution started");
+}
