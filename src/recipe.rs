@@ -55,6 +55,16 @@ pub enum Kind {
     Resource,
 }
 
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Task => "task",
+            Kind::Alias => "alias",
+            Kind::Resource => "resource",
+        }
+    }
+}
+
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }

@@ -8,6 +8,7 @@ use crate::cli::{DisplayArgs, DisplayFormat, InspectArgs, ListArgs};
 use crate::config::Config;
 use crate::console;
 use crate::graph::{Graph, GraphOptions};
+use crate::hashcache::FileHashes;
 use crate::recipe::Recipes;
 
 pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
@@ -24,9 +25,9 @@ pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
             }
         }
         Some(task) => {
-            let cache_dir = tempfile_free_hashes(&recipes);
+            let hashes = FileHashes::ephemeral(&recipes.root);
             let graph =
-                crate::graph::build(&recipes, &cache_dir, &[task], &GraphOptions::default())?;
+                crate::graph::build(&recipes, &hashes, &[task], &GraphOptions::default())?;
             let top = graph.requested[0];
             let names: BTreeSet<&str> = if args.all {
                 graph
@@ -48,11 +49,6 @@ pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
         }
     }
     Ok(0)
-}
-
-/// Listing requirements needs identities only for form's sake: hash without a stat cache.
-fn tempfile_free_hashes(recipes: &Recipes) -> crate::hashcache::FileHashes {
-    crate::hashcache::FileHashes::ephemeral(&recipes.root)
 }
 
 pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
@@ -130,11 +126,10 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub fn display(config: &Config, args: DisplayArgs) -> Result<i32> {
+pub fn display(_config: &Config, args: DisplayArgs) -> Result<i32> {
     let root = crate::recipe::find_root(&std::env::current_dir()?)?;
     let recipes = Recipes::load(&root)?;
-    let _ = config;
-    let hashes = crate::hashcache::FileHashes::ephemeral(&root);
+    let hashes = FileHashes::ephemeral(&root);
     let graph = crate::graph::build(&recipes, &hashes, &args.tasks, &GraphOptions::default())?;
     match args.format {
         DisplayFormat::Tree => {

@@ -1,0 +1,47 @@
+# jolt — build, test and package.
+#
+#   make build     release binary at target/release/jolt
+#   make example   build jolt and run the bundled example (examples/hello)
+#   make test      the whole test suite (unit and integration tests)
+#   make lint      rustfmt and clippy, as CI runs them
+#   make static    statically linked x86_64 Linux binary at target/jolt-static
+#   make bench     the benchmarks of scripts/bench
+
+CARGO ?= cargo
+STATIC_TARGET ?= x86_64-unknown-linux-musl
+
+.PHONY: build example test lint static bench clean
+
+build:
+	$(CARGO) build --release
+
+example: build
+	cd examples/hello && ../../target/release/jolt build default
+
+test:
+	$(CARGO) test --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+# musl gives a binary that needs no libc at all (DNS included); where the musl
+# target cannot be installed, fall back to glibc with a static C runtime.
+static:
+	@rustup target add $(STATIC_TARGET) >/dev/null 2>&1 || true
+	@if rustup target list --installed 2>/dev/null | grep -qx $(STATIC_TARGET); then \
+		$(CARGO) build --release --target $(STATIC_TARGET) && \
+		cp target/$(STATIC_TARGET)/release/jolt target/jolt-static; \
+	else \
+		echo "musl target unavailable: linking glibc statically"; \
+		RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target x86_64-unknown-linux-gnu && \
+		cp target/x86_64-unknown-linux-gnu/release/jolt target/jolt-static; \
+	fi
+	@file target/jolt-static 2>/dev/null || true
+	@ls -l target/jolt-static
+
+bench:
+	scripts/bench
+
+clean:
+	$(CARGO) clean
