@@ -22,27 +22,49 @@ requires = ["lib", "hello:recipient=bob"]
 #[test]
 fn config_sets_gets_lists_and_deletes_user_values() {
     let ws = Workspace::with(RECIPE);
-    ws.jolt(&["config", "http.uri", "http://cache:8080/"]).success();
-    ws.jolt(&["config", "http.uri"]).success().contains("http.uri = http://cache:8080/");
+    ws.jolt(&["config", "http.uri", "http://cache:8080/"])
+        .success();
+    ws.jolt(&["config", "http.uri"])
+        .success()
+        .contains("http.uri = http://cache:8080/");
     let file = std::fs::read_to_string(ws.config_home().join("jolt/config.toml")).unwrap();
-    assert!(file.contains("[http]") && file.contains("uri = \"http://cache:8080/\""), "{file}");
-    ws.jolt(&["config", "-l"]).success().contains("http.uri = http://cache:8080/");
+    assert!(
+        file.contains("[http]") && file.contains("uri = \"http://cache:8080/\""),
+        "{file}"
+    );
+    ws.jolt(&["config", "-l"])
+        .success()
+        .contains("http.uri = http://cache:8080/");
     ws.jolt(&["config", "-d", "http.uri"]).success();
-    ws.jolt(&["config", "http.uri"]).code(2).contains("No such key: http.uri");
-    ws.jolt(&["config", "-d", "http.uri"]).code(2).contains("No such key");
+    ws.jolt(&["config", "http.uri"])
+        .code(2)
+        .contains("No such key: http.uri");
+    ws.jolt(&["config", "-d", "http.uri"])
+        .code(2)
+        .contains("No such key");
     ws.jolt(&["config", "nodot"]).code(2);
 }
 
 #[test]
 fn config_layers_follow_their_precedence() {
     let ws = Workspace::with(RECIPE);
-    ws.jolt(&["config", "amqp.host", "from-user-file"]).success();
+    ws.jolt(&["config", "amqp.host", "from-user-file"])
+        .success();
     ws.file("extra.toml", "[amqp]\nhost = \"from-c-file\"\n");
-    ws.jolt(&["-c", "extra.toml", "config", "amqp.host"]).success().contains("= from-c-file");
+    ws.jolt(&["-c", "extra.toml", "config", "amqp.host"])
+        .success()
+        .contains("= from-c-file");
     let mut env = ws.command(&["-c", "extra.toml", "config", "amqp.host"]);
     env.env("JOLT_AMQP_HOST", "from-env");
     ws.run(env).success().contains("= from-env");
-    let mut both = ws.command(&["-c", "amqp.host=from-override", "-c", "extra.toml", "config", "amqp.host"]);
+    let mut both = ws.command(&[
+        "-c",
+        "amqp.host=from-override",
+        "-c",
+        "extra.toml",
+        "config",
+        "amqp.host",
+    ]);
     both.env("JOLT_AMQP_HOST", "from-env");
     ws.run(both).success().contains("= from-override");
 }
@@ -52,7 +74,9 @@ fn config_never_prints_passwords() {
     let ws = Workspace::with(RECIPE);
     ws.jolt(&["config", "http.password", "s3cret"]).success();
     let run = ws.jolt(&["config", "-l"]);
-    run.success().contains("http.password = ********").lacks("s3cret");
+    run.success()
+        .contains("http.password = ********")
+        .lacks("s3cret");
 }
 
 #[test]
@@ -60,7 +84,12 @@ fn the_cache_directory_comes_from_the_configuration() {
     let ws = Workspace::with(RECIPE);
     ws.file("src/a.txt", "a");
     let other = ws.dir.path().join("other-cache");
-    let run = ws.jolt(&["-c", &format!("jolt.cachedir={}", other.display()), "build", "hello"]);
+    let run = ws.jolt(&[
+        "-c",
+        &format!("jolt.cachedir={}", other.display()),
+        "build",
+        "hello",
+    ]);
     run.success();
     assert!(run.locations()[0].starts_with(&other));
 }
@@ -69,7 +98,9 @@ fn the_cache_directory_comes_from_the_configuration() {
 fn list_shows_tasks_and_requirements() {
     let ws = Workspace::with(RECIPE);
     let all = ws.jolt(&["list"]);
-    all.success().contains("app    The app").contains("hello  Writes a greeting");
+    all.success()
+        .contains("app    The app")
+        .contains("hello  Writes a greeting");
     assert_eq!(all.stdout.lines().count(), 3);
     let direct = ws.jolt(&["list", "app"]);
     assert_eq!(direct.stdout, "hello:recipient=bob\nlib\n");
@@ -96,8 +127,15 @@ fn inspect_shows_the_task_and_its_influence() {
     let file_line = run.lines_with("File: ")[0].clone();
     assert!(file_line.contains("ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"));
     let built = ws.jolt(&["build", "hello:recipient=bob"]);
-    let id = built.locations()[0].file_name().unwrap().to_string_lossy().into_owned();
-    ws.jolt(&["info", "hello:recipient=bob"]).success().contains(&id).contains("Local             True");
+    let id = built.locations()[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    ws.jolt(&["info", "hello:recipient=bob"])
+        .success()
+        .contains(&id)
+        .contains("Local             True");
 }
 
 #[test]
@@ -106,9 +144,7 @@ fn identities_do_not_depend_on_the_workspace_path() {
     let b = Workspace::with(RECIPE);
     a.file("src/a.txt", "same");
     b.file("src/a.txt", "same");
-    let id = |ws: &Workspace| {
-        ws.jolt(&["inspect", "app"]).lines_with("Identity")[0].clone()
-    };
+    let id = |ws: &Workspace| ws.jolt(&["inspect", "app"]).lines_with("Identity")[0].clone();
     assert_eq!(id(&a), id(&b));
 }
 
@@ -116,7 +152,10 @@ fn identities_do_not_depend_on_the_workspace_path() {
 fn display_prints_the_tree_and_dot() {
     let ws = Workspace::with(RECIPE);
     let tree = ws.jolt(&["display", "app"]);
-    assert_eq!(tree.stdout, "app\n├╴lib\n│ └╴hello\n└╴hello:recipient=bob\n");
+    assert_eq!(
+        tree.stdout,
+        "app\n├╴lib\n│ └╴hello\n└╴hello:recipient=bob\n"
+    );
     let dot = ws.jolt(&["display", "--format", "dot", "app"]);
     dot.success()
         .contains("digraph")

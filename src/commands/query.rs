@@ -26,8 +26,7 @@ pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
         }
         Some(task) => {
             let hashes = FileHashes::ephemeral(&recipes.root);
-            let graph =
-                crate::graph::build(&recipes, &hashes, &[task], &GraphOptions::default())?;
+            let graph = crate::graph::build(&recipes, &hashes, &[task], &GraphOptions::default())?;
             let top = graph.requested[0];
             let names: BTreeSet<&str> = if args.all {
                 graph
