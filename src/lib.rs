@@ -4,6 +4,7 @@
 //! [`executor`] → [`cache`]. The command modules wire these together; `main.rs` only
 //! turns [`run`]'s result into an exit code.
 
+pub mod archive;
 pub mod artifact;
 pub mod cache;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod fsutil;
 pub mod globs;
 pub mod graph;
 pub mod hashcache;
+pub mod http_cache;
 pub mod interrupt;
 pub mod param;
 pub mod placeholder;

@@ -1,0 +1,302 @@
+//! Artifact archives: one tar per artifact, built deterministically and unpacked
+//! defensively.
+//!
+//! Packing walks the artifact in sorted order with deterministic headers (no owners,
+//! fixed mtime) and writes `.manifest.json` last, so an archive cut short anywhere
+//! lacks its manifest. Unpacking accepts only relative paths inside the destination,
+//! regular files, directories and symlinks that point inside the artifact; anything
+//! else (`..`, absolute paths, links leaving the artifact, hard links, devices, fifos)
+//! rejects the whole archive.
+
+use anyhow::{bail, Context, Result};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::artifact::{Manifest, MANIFEST};
+
+/// Writes the artifact directory `dir` as a tar stream.
+pub fn pack(dir: &Path, out: impl Write) -> Result<()> {
+    let mut builder = tar::Builder::new(out);
+    builder.mode(tar::HeaderMode::Deterministic);
+    builder.follow_symlinks(false);
+    let mut entries = Vec::new();
+    walk(dir, Path::new(""), &mut entries)?;
+    entries.sort();
+    if let Some(pos) = entries.iter().position(|p| p == Path::new(MANIFEST)) {
+        let manifest = entries.remove(pos);
+        entries.push(manifest);
+    }
+    for rel in entries {
+        let full = dir.join(&rel);
+        let meta = std::fs::symlink_metadata(&full)
+            .with_context(|| format!("Cannot read {}", full.display()))?;
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&full)?;
+            header.set_size(0);
+            builder.append_link(&mut header, &rel, &target)?;
+        } else if meta.is_dir() {
+            header.set_size(0);
+            builder.append_data(&mut header, &rel, std::io::empty())?;
+        } else {
+            let file =
+                File::open(&full).with_context(|| format!("Cannot read {}", full.display()))?;
+            builder.append_data(&mut header, &rel, file)?;
+        }
+    }
+    builder.into_inner()?.flush()?;
+    Ok(())
+}
+
+fn walk(base: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let full = base.join(rel);
+    for entry in
+        std::fs::read_dir(&full).with_context(|| format!("Cannot read {}", full.display()))?
+    {
+        let entry = entry?;
+        let path = rel.join(entry.file_name());
+        let is_dir = entry.file_type()?.is_dir();
+        out.push(path.clone());
+        if is_dir {
+            walk(base, &path, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// A path from an archive made relative and checked to stay inside; `None` when it
+/// is absolute, empty or climbs out with `..`.
+fn safe_path(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    (!out.as_os_str().is_empty()).then_some(out)
+}
+
+/// Whether a symlink at `link` (relative to the artifact root) pointing at `target`
+/// stays inside the artifact.
+fn link_stays_inside(link: &Path, target: &Path) -> bool {
+    if target.is_absolute() {
+        return false;
+    }
+    let mut depth: i64 = link.components().count() as i64 - 1;
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Unpacks a tar stream into the empty directory `dest`, rejecting unsafe entries.
+pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries().context("Unreadable archive")? {
+        let mut entry = entry.context("Unreadable archive entry")?;
+        let raw = entry.path().context("Unreadable entry path")?.into_owned();
+        let Some(rel) = safe_path(&raw) else {
+            bail!("archive entry '{}' escapes the artifact", raw.display());
+        };
+        let target = dest.join(&rel);
+        if let Some(parent) = target.parent() {
+            // Parents must be real directories created by this unpack, never symlinks.
+            let mut check = dest.to_path_buf();
+            for c in rel.parent().into_iter().flat_map(|p| p.components()) {
+                check.push(c);
+                if let Ok(m) = std::fs::symlink_metadata(&check) {
+                    if !m.is_dir() {
+                        bail!(
+                            "archive entry '{}' goes through a non-directory",
+                            raw.display()
+                        );
+                    }
+                }
+            }
+            std::fs::create_dir_all(parent)?;
+        }
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::Directory => {
+                std::fs::create_dir_all(&target)?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mode = entry.header().mode().unwrap_or(0o644);
+                let mut file = File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(&target)
+                    .with_context(|| format!("archive entry '{}' is duplicated", raw.display()))?;
+                std::io::copy(&mut entry, &mut file)
+                    .with_context(|| format!("archive entry '{}' is truncated", raw.display()))?;
+                let perm = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
+                file.set_permissions(std::fs::Permissions::from_mode(perm))?;
+            }
+            tar::EntryType::Symlink => {
+                let link = entry
+                    .link_name()
+                    .context("Unreadable symlink target")?
+                    .map(|l| l.into_owned())
+                    .unwrap_or_default();
+                if !link_stays_inside(&rel, &link) {
+                    bail!(
+                        "archive symlink '{}' -> '{}' points outside the artifact",
+                        raw.display(),
+                        link.display()
+                    );
+                }
+                std::os::unix::fs::symlink(&link, &target)
+                    .with_context(|| format!("archive entry '{}' is duplicated", raw.display()))?;
+            }
+            other => bail!(
+                "archive entry '{}' has a forbidden type ({other:?})",
+                raw.display()
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Checks an unpacked artifact: its manifest names `task` and `identity`, and every
+/// file the manifest lists is there.
+pub fn verify(dir: &Path, task: &str, identity: &str) -> Result<Manifest> {
+    let manifest =
+        Manifest::read(dir).context("the archive has no readable manifest (truncated?)")?;
+    if manifest.identity != identity || manifest.task != task {
+        bail!(
+            "the archive holds {} {}, not {task} {identity}",
+            manifest.task,
+            manifest.identity
+        );
+    }
+    let (files, _) = crate::artifact::list_files(dir)?;
+    if files != manifest.files {
+        bail!("the archive's files do not match its manifest");
+    }
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(path: &str, kind: tar::EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o644);
+        // Write the raw name so the builder's own checks do not stop a hostile path.
+        let name = &mut h.as_old_mut().name;
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_cksum();
+        h
+    }
+
+    fn hostile(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (path, kind, data) in entries {
+            let mut h = header(
+                path,
+                *kind,
+                if *kind == tar::EntryType::Symlink {
+                    0
+                } else {
+                    data.len() as u64
+                },
+            );
+            if *kind == tar::EntryType::Symlink {
+                h.set_link_name(data).unwrap();
+                h.set_cksum();
+            }
+            out.extend_from_slice(h.as_bytes());
+            if *kind != tar::EntryType::Symlink {
+                out.extend_from_slice(data.as_bytes());
+                out.resize(out.len().div_ceil(512) * 512, 0);
+            }
+        }
+        out.resize(out.len() + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn pack_and_unpack_round_trip_deterministically() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("bin")).unwrap();
+        std::fs::write(src.path().join("bin/tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            src.path().join("bin/tool"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(src.path().join(MANIFEST), "{}").unwrap();
+        std::os::unix::fs::symlink("bin/tool", src.path().join("link")).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        pack(src.path(), &mut a).unwrap();
+        pack(src.path(), &mut b).unwrap();
+        assert_eq!(a, b);
+        let dest = tempfile::tempdir().unwrap();
+        unpack(&a[..], dest.path()).unwrap();
+        let mode = std::fs::metadata(dest.path().join("bin/tool"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(
+            std::fs::read_link(dest.path().join("link")).unwrap(),
+            Path::new("bin/tool")
+        );
+    }
+
+    #[test]
+    fn hostile_entries_are_rejected() {
+        use tar::EntryType::*;
+        let cases: Vec<Vec<(&str, tar::EntryType, &str)>> = vec![
+            vec![("../evil", Regular, "x")],
+            vec![("/etc/evil", Regular, "x")],
+            vec![("a/../../evil", Regular, "x")],
+            vec![("link", Symlink, "/etc")],
+            vec![("link", Symlink, "../outside")],
+            vec![("dir/link", Symlink, "../../outside")],
+            vec![("dev", Char, "")],
+            vec![("fifo", Fifo, "")],
+            vec![("hard", Link, "")],
+            vec![("link", Symlink, "."), ("link/x", Regular, "x")],
+        ];
+        for entries in cases {
+            let dest = tempfile::tempdir().unwrap();
+            let data = hostile(&entries);
+            assert!(
+                unpack(&data[..], dest.path()).is_err(),
+                "accepted {entries:?}"
+            );
+        }
+        let dest = tempfile::tempdir().unwrap();
+        let ok = hostile(&[("dir/link", Symlink, "../file"), ("file", Regular, "x")]);
+        unpack(&ok[..], dest.path()).unwrap();
+    }
+
+    #[test]
+    fn a_truncated_archive_is_an_error() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("big"), vec![7u8; 100_000]).unwrap();
+        let mut data = Vec::new();
+        pack(src.path(), &mut data).unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        assert!(unpack(&data[..50_000], dest.path()).is_err());
+    }
+}

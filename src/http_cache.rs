@@ -1,0 +1,302 @@
+//! The shared HTTP artifact cache: `HEAD`, `GET` and `PUT` of
+//! `{http.uri}/{task}/{identity}.tar`, served by any WebDAV-PUT capable server
+//! (nginx with `dav_methods PUT; create_full_put_path on; client_max_body_size 0;`).
+//!
+//! Transfers stream: an upload is packed into a temporary file (its length goes into
+//! `Content-Length`) and sent from it; a download is unpacked into a staging directory
+//! as it arrives and verified before the caller commits it. Connection errors and 5xx
+//! answers are retried with back-off; a cache that stays unreachable is marked down
+//! and skipped for the rest of the process, so the caller warns once.
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufWriter, Read};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::artifact::Manifest;
+use crate::config::Config;
+use crate::error::usage;
+
+/// An unreachable server: the caller may go on without the cache.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// Whether an error (anywhere in its chain) is an [`Unreachable`].
+pub fn is_unreachable(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.is::<Unreachable>())
+}
+
+/// A client of the HTTP cache.
+pub struct HttpCache {
+    agent: ureq::Agent,
+    base: String,
+    authorization: Option<String>,
+    /// Downloads are enabled.
+    pub download: bool,
+    /// Uploads are enabled.
+    pub upload: bool,
+    retries: u32,
+    down: AtomicBool,
+}
+
+/// Counts bytes read through it.
+struct Counting<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Whether the configuration names an HTTP cache.
+pub fn configured(config: &Config) -> bool {
+    config.get("http.uri").is_some_and(|u| !u.trim().is_empty())
+}
+
+impl HttpCache {
+    /// The cache named by `http.uri`, if any. `no_download`/`no_upload` are the
+    /// command-line switches, which win over the configuration.
+    pub fn from_config(
+        config: &Config,
+        no_download: bool,
+        no_upload: bool,
+    ) -> Result<Option<HttpCache>> {
+        let Some(uri) = config.get("http.uri").filter(|u| !u.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let uri = uri.trim().trim_end_matches('/').to_string();
+        if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+            return Err(usage(format!(
+                "Invalid http.uri '{uri}': expected http:// or https://"
+            )));
+        }
+        let authorization = match (config.get("http.username"), config.get("http.password")) {
+            (Some(user), password) => Some(format!(
+                "Basic {}",
+                base64(format!("{user}:{}", password.unwrap_or_default()).as_bytes())
+            )),
+            _ => None,
+        };
+        let secs = |key: &str, default: u64| -> Result<Duration> {
+            Ok(Duration::from_secs(
+                config
+                    .get_int(key)?
+                    .map(|v| v.max(1) as u64)
+                    .unwrap_or(default),
+            ))
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(secs("http.connect_timeout", 10)?))
+            .timeout_per_read(Some(secs("http.timeout", 60)?))
+            .timeout_per_write(Some(secs("http.timeout", 60)?))
+            .max_redirects(5)
+            .user_agent(format!("jolt/{}", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Ok(Some(HttpCache {
+            agent,
+            base: uri,
+            authorization,
+            download: config.get_bool("jolt.download", true)?
+                && config.get_bool("http.download", true)?
+                && !no_download,
+            upload: config.get_bool("jolt.upload", true)?
+                && config.get_bool("http.upload", true)?
+                && !no_upload,
+            retries: config
+                .get_int("http.retries")?
+                .map(|r| r.max(0) as u32)
+                .unwrap_or(3),
+            down: AtomicBool::new(false),
+        }))
+    }
+
+    /// The cache's base URI.
+    pub fn uri(&self) -> &str {
+        &self.base
+    }
+
+    /// The URL of an artifact.
+    pub fn url(&self, task: &str, identity: &str) -> String {
+        format!("{}/{task}/{identity}.tar", self.base)
+    }
+
+    /// Whether an earlier request found the server unreachable.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Marks the server down; returns true the first time, so one warning is printed.
+    pub fn mark_down(&self) -> bool {
+        !self.down.swap(true, Ordering::Relaxed)
+    }
+
+    /// Sends a request built by `make`, retrying connection errors and 5xx answers.
+    fn send(
+        &self,
+        url: &str,
+        make: &mut dyn FnMut() -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
+        if self.is_down() {
+            return Err(Unreachable(format!("{url}: the HTTP cache is down")).into());
+        }
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            let last = attempt >= self.retries;
+            match make() {
+                Ok(resp) if resp.status().is_server_error() && !last => {
+                    log::debug!("{url}: {}, retrying", resp.status());
+                }
+                Ok(resp) => return Ok(resp),
+                Err(e) if last => {
+                    let unreachable = matches!(
+                        e,
+                        ureq::Error::Io(_)
+                            | ureq::Error::ConnectionFailed
+                            | ureq::Error::HostNotFound
+                            | ureq::Error::Timeout(_)
+                    );
+                    let message = format!("{url}: {e}");
+                    if unreachable {
+                        return Err(Unreachable(message).into());
+                    }
+                    bail!(message);
+                }
+                Err(e) => log::debug!("{url}: {e}, retrying"),
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
+            attempt += 1;
+        }
+    }
+
+    fn with_auth<B>(&self, mut req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        if let Some(auth) = &self.authorization {
+            req = req.header("Authorization", auth);
+        }
+        req
+    }
+
+    /// `HEAD`: whether the cache holds the artifact.
+    pub fn exists(&self, task: &str, identity: &str) -> Result<bool> {
+        let url = self.url(task, identity);
+        let resp = self.send(&url, &mut || self.with_auth(self.agent.head(&url)).call())?;
+        match resp.status().as_u16() {
+            200 => Ok(true),
+            404 | 410 => Ok(false),
+            code => bail!("{url}: HEAD answered {code}"),
+        }
+    }
+
+    /// `GET`: unpacks the artifact into the empty directory `staging` and verifies it.
+    /// `Ok(None)` when the cache does not hold it.
+    pub fn fetch(&self, task: &str, identity: &str, staging: &Path) -> Result<Option<Manifest>> {
+        let url = self.url(task, identity);
+        let mut resp = self.send(&url, &mut || self.with_auth(self.agent.get(&url)).call())?;
+        match resp.status().as_u16() {
+            200 => {}
+            404 | 410 => return Ok(None),
+            code => bail!("{url}: GET answered {code}"),
+        }
+        let expected: Option<u64> = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let mut body = Counting {
+            inner: resp.body_mut().as_reader(),
+            count: 0,
+        };
+        let unpacked = crate::archive::unpack(&mut body, staging);
+        // Drain what the tar reader left (end-of-archive padding) to count every byte.
+        let _ = std::io::copy(&mut body, &mut std::io::sink());
+        if let Some(len) = expected {
+            if body.count != len {
+                bail!("{url}: truncated download ({} of {len} bytes)", body.count);
+            }
+        }
+        unpacked.with_context(|| format!("{url}: corrupt archive"))?;
+        let manifest = crate::archive::verify(staging, task, identity)
+            .with_context(|| format!("{url}: rejected"))?;
+        Ok(Some(manifest))
+    }
+
+    /// `PUT`: packs the artifact directory into `scratch/upload.tar` and sends it.
+    pub fn store(&self, task: &str, identity: &str, dir: &Path, scratch: &Path) -> Result<()> {
+        let url = self.url(task, identity);
+        let tar_path = scratch.join("upload.tar");
+        {
+            let file = std::fs::File::create(&tar_path)
+                .with_context(|| format!("Cannot create {}", tar_path.display()))?;
+            let mut out = BufWriter::with_capacity(256 * 1024, file);
+            crate::archive::pack(dir, &mut out)?;
+            out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+        }
+        let resp = self.send(&url, &mut || {
+            let file = std::fs::File::open(&tar_path).map_err(ureq::Error::Io)?;
+            self.with_auth(self.agent.put(&url))
+                .header("Content-Type", "application/x-tar")
+                .send(file)
+        })?;
+        let _ = std::fs::remove_file(&tar_path);
+        match resp.status().as_u16() {
+            200 | 201 | 204 => Ok(()),
+            401 | 403 => bail!(
+                "{url}: upload refused ({}); set http.username and http.password (or JOLT_HTTP_PASSWORD)",
+                resp.status()
+            ),
+            code => bail!("{url}: PUT answered {code}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+    }
+}
