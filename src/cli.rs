@@ -157,4 +157,7 @@ pub struct DisplayArgs {
 pub struct DownloadArgs {
     #[arg(required = true)]
     pub tasks: Vec<String>,
+    /// Copy the artifacts into this directory
+    #[arg(long, value_name = "DIR")]
+    pub copy: Option<PathBuf>,
 }

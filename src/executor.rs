@@ -22,10 +22,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::artifact::{self, Manifest, BUILD_LOG};
-use crate::cache::Cache;
+use crate::cache::{ArtifactLock, Cache};
 use crate::console;
 use crate::fsutil::{self, format_duration};
 use crate::graph::{self, Graph, Node};
+use crate::http_cache::{self, HttpCache};
 use crate::interrupt;
 use crate::placeholder::{self, DepRef};
 
@@ -39,6 +40,8 @@ pub struct Options {
     pub jobs: usize,
     /// `-k`: keep starting tasks whose requirements succeeded after a failure.
     pub keep_going: bool,
+    /// `jolt download`: fetch the goals from the HTTP cache, never execute.
+    pub download_only: bool,
 }
 
 /// What became of a node.
@@ -50,6 +53,8 @@ pub enum Status {
     Pending,
     /// Found in the local cache.
     Cached,
+    /// Fetched from the HTTP cache.
+    Downloaded,
     Executed,
     Failed,
     /// Failed, but marked `unstable`: does not fail the build.
@@ -65,6 +70,7 @@ impl Status {
             Status::Unneeded => "unneeded",
             Status::Pending => "not run",
             Status::Cached => "cached",
+            Status::Downloaded => "downloaded",
             Status::Executed => "executed",
             Status::Failed => "failed",
             Status::Unstable => "unstable",
@@ -137,7 +143,11 @@ impl From<anyhow::Error> for Failure {
 
 enum Done {
     Executed(Arc<ArtifactInfo>, Duration),
+    Downloaded(Arc<ArtifactInfo>),
+    /// Another process committed the artifact while this one waited for its lock.
     Reused(Arc<ArtifactInfo>),
+    /// The HTTP cache could not deliver a usable artifact: build it instead.
+    DownloadFailed,
 }
 
 enum Event {
@@ -147,125 +157,78 @@ enum Event {
     Done(usize, Result<Done, Failure>),
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Plan {
-    Skip,
+    /// Not (yet) needed.
+    Unplanned,
     Cached,
+    Download,
     Execute,
-    Resource,
+    /// An alias or a resource: done once what it groups is done.
+    Group,
+}
+
+/// The services a build uses.
+pub struct Services<'a> {
+    pub cache: &'a Cache,
+    pub http: Option<&'a HttpCache>,
 }
 
 /// Runs the graph's goals.
-pub fn run(graph: &Graph, cache: &Cache, root: &Path, opts: &Options) -> Result<Report> {
+pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> Result<Report> {
     let n = graph.nodes.len();
-    let mut plan = vec![Plan::Skip; n];
-    let mut stack: Vec<usize> = graph.goals.clone();
-    while let Some(i) = stack.pop() {
-        if plan[i] != Plan::Skip {
-            continue;
-        }
-        let node = &graph.nodes[i];
-        if node.is_alias() {
-            plan[i] = Plan::Resource;
-            stack.extend(graph.expand_alias(i));
-            continue;
-        }
-        if node.is_resource() {
-            plan[i] = Plan::Resource;
-        } else {
-            cache.mark_used([(node.name(), node.identity.as_str())])?;
-            if node.task.cacheable && cache.is_present(node.name(), &node.identity) {
-                plan[i] = Plan::Cached;
-                continue;
-            }
-            plan[i] = Plan::Execute;
-        }
-        stack.extend(graph.visible(i));
-        stack.extend(&node.resources);
-    }
-
-    let infos: Vec<OnceLock<Arc<ArtifactInfo>>> = (0..n).map(|_| OnceLock::new()).collect();
-    let mut status: Vec<Status> = plan
-        .iter()
-        .map(|p| match p {
-            Plan::Skip => Status::Unneeded,
-            Plan::Cached => Status::Cached,
-            _ => Status::Pending,
-        })
-        .collect();
-    let mut pending = vec![0usize; n];
-    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for i in 0..n {
-        if !matches!(plan[i], Plan::Execute | Plan::Resource) {
-            continue;
-        }
-        let node = &graph.nodes[i];
-        let needs: Vec<usize> = if node.is_alias() {
-            graph.expand_alias(i)
-        } else {
-            graph
-                .visible(i)
-                .iter()
-                .chain(&node.resources)
-                .copied()
-                .collect()
-        };
-        for d in needs {
-            if matches!(plan[d], Plan::Execute | Plan::Resource) && !dependents[d].contains(&i) {
-                pending[i] += 1;
-                dependents[d].push(i);
-            }
-        }
-    }
-    let to_execute = plan.iter().filter(|p| **p == Plan::Execute).count();
     let mut sched = Scheduler {
         graph,
-        plan: &plan,
-        status: &mut status,
-        pending,
-        dependents,
+        services,
+        plan: vec![Plan::Unplanned; n],
+        status: vec![Status::Unneeded; n],
+        available: vec![false; n],
+        pending: vec![0; n],
+        dependents: vec![Vec::new(); n],
         ready: BinaryHeap::new(),
         durations: vec![None; n],
         started: vec![None; n],
         stop: false,
         keep_going: opts.keep_going,
+        download_only: opts.download_only,
         done: 0,
-        total: to_execute,
+        total: 0,
     };
-    let initially_ready: Vec<usize> = (0..n)
-        .filter(|&i| matches!(plan[i], Plan::Execute | Plan::Resource) && sched.pending[i] == 0)
-        .collect();
-    for i in initially_ready {
-        sched.make_ready(i);
+    for &g in &graph.goals {
+        sched.plan(g)?;
     }
 
-    let prefix_output = opts.jobs > 1 && to_execute > 1;
+    let infos: Vec<OnceLock<Arc<ArtifactInfo>>> = (0..n).map(|_| OnceLock::new()).collect();
+    let prefix_output = opts.jobs > 1 && sched.total > 1;
     let mut interrupted = false;
     let scratch_dirs: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        let (job_tx, job_rx) = unbounded::<usize>();
+    let result: Result<()> = std::thread::scope(|scope| {
+        let (job_tx, job_rx) = unbounded::<(usize, Plan)>();
         let (ev_tx, ev_rx) = unbounded::<Event>();
-        for _ in 0..opts.jobs.max(1).min(to_execute.max(1)) {
+        for _ in 0..opts.jobs.max(1) {
             let worker = Worker {
                 graph,
-                cache,
+                cache: services.cache,
+                http: services.http,
                 root,
                 infos: &infos,
                 events: ev_tx.clone(),
                 scratch: &scratch_dirs,
             };
-            let jobs: Receiver<usize> = job_rx.clone();
+            let jobs: Receiver<(usize, Plan)> = job_rx.clone();
             scope.spawn(move || {
-                while let Ok(i) = jobs.recv() {
-                    let result = worker.execute(i);
+                while let Ok((i, plan)) = jobs.recv() {
+                    let result = match plan {
+                        Plan::Download => worker.download(i),
+                        _ => worker.execute(i),
+                    };
                     let _ = worker.events.send(Event::Done(i, result));
                 }
             });
         }
         drop(ev_tx);
         let mut running = 0usize;
-        let mut running_set: Vec<usize> = Vec::new();
-        loop {
+        let outcome = loop {
             if interrupt::is_set() && !sched.stop {
                 sched.stop = true;
                 interrupted = true;
@@ -276,17 +239,16 @@ pub fn run(graph: &Graph, cache: &Cache, root: &Path, opts: &Options) -> Result<
                     break;
                 };
                 running += 1;
-                running_set.push(i);
-                let _ = job_tx.send(i);
+                let _ = job_tx.send((i, sched.plan[i]));
             }
             if running == 0 {
-                break;
+                break Ok(());
             }
             sched.show_status(running);
             let event = match ev_rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(e) => e,
                 Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Disconnected) => break Ok(()),
             };
             match event {
                 Event::Started(i) => {
@@ -300,29 +262,41 @@ pub fn run(graph: &Graph, cache: &Cache, root: &Path, opts: &Options) -> Result<
                 Event::Log(level, message) => console::log(level, &message),
                 Event::Done(i, result) => {
                     running -= 1;
-                    running_set.retain(|&r| r != i);
-                    sched.finish(i, result, &infos);
+                    if let Err(e) = sched.finish(i, result, &infos) {
+                        sched.stop = true;
+                        // Let the running jobs end before giving up.
+                        while running > 0 {
+                            if let Ok(Event::Done(..)) = ev_rx.recv() {
+                                running -= 1;
+                            }
+                        }
+                        break Err(e);
+                    }
                 }
             }
-        }
+        };
         drop(job_tx);
+        outcome
     });
     console::status(None);
     for dir in scratch_dirs.into_inner().unwrap_or_default() {
         let _ = fsutil::remove_dir_all(&dir);
     }
-    let durations = sched.durations;
+    result?;
     Ok(Report {
-        status,
-        duration: durations,
+        status: sched.status,
+        duration: sched.durations,
         interrupted,
     })
 }
 
 struct Scheduler<'a> {
     graph: &'a Graph,
-    plan: &'a [Plan],
-    status: &'a mut [Status],
+    services: &'a Services<'a>,
+    plan: Vec<Plan>,
+    status: Vec<Status>,
+    /// The node's artifact (or, for a group, everything it groups) is there.
+    available: Vec<bool>,
     pending: Vec<usize>,
     dependents: Vec<Vec<usize>>,
     ready: BinaryHeap<(i64, std::cmp::Reverse<usize>)>,
@@ -330,15 +304,128 @@ struct Scheduler<'a> {
     started: Vec<Option<Instant>>,
     stop: bool,
     keep_going: bool,
+    download_only: bool,
     done: usize,
     total: usize,
 }
 
+/// Warns once that the HTTP cache is unreachable, or about any other HTTP failure.
+fn http_warning(http: &HttpCache, what: &str, err: &anyhow::Error) -> Option<String> {
+    if http_cache::is_unreachable(err) {
+        http.mark_down().then(|| {
+            format!(
+                "HTTP cache {} is unreachable ({err:#}); going on without it",
+                http.uri()
+            )
+        })
+    } else {
+        Some(format!("{what} failed: {err:#}"))
+    }
+}
+
 impl Scheduler<'_> {
+    /// Decides what node `i` needs, planning its requirements first.
+    fn plan(&mut self, i: usize) -> Result<()> {
+        if self.plan[i] != Plan::Unplanned {
+            return Ok(());
+        }
+        let graph = self.graph;
+        let node = &graph.nodes[i];
+        self.status[i] = Status::Pending;
+        let needs: Vec<usize> = if node.is_alias() {
+            self.plan[i] = Plan::Group;
+            graph.expand_alias(i)
+        } else if node.is_resource() {
+            self.plan[i] = Plan::Group;
+            graph
+                .visible(i)
+                .iter()
+                .chain(&node.resources)
+                .copied()
+                .collect()
+        } else {
+            let cache = self.services.cache;
+            cache.mark_used([(node.name(), node.identity.as_str())])?;
+            if node.task.cacheable && cache.is_present(node.name(), &node.identity) {
+                self.plan[i] = Plan::Cached;
+                self.status[i] = Status::Cached;
+                self.available[i] = true;
+                return Ok(());
+            }
+            self.total += 1;
+            if node.task.cacheable && self.remote_has(i) {
+                self.plan[i] = Plan::Download;
+                self.make_ready(i);
+                return Ok(());
+            }
+            if self.download_only {
+                self.not_built(i);
+                return Ok(());
+            }
+            self.plan[i] = Plan::Execute;
+            graph
+                .visible(i)
+                .iter()
+                .chain(&node.resources)
+                .copied()
+                .collect()
+        };
+        self.plan_needs(i, needs)
+    }
+
+    fn plan_needs(&mut self, i: usize, needs: Vec<usize>) -> Result<()> {
+        for d in needs {
+            self.plan(d)?;
+            if self.available[d] {
+                continue;
+            }
+            if self.status[d] == Status::Pending {
+                if !self.dependents[d].contains(&i) {
+                    self.pending[i] += 1;
+                    self.dependents[d].push(i);
+                }
+            } else {
+                self.status[i] = Status::Blocked;
+            }
+        }
+        if self.pending[i] == 0 && self.status[i] == Status::Pending {
+            self.make_ready(i);
+        }
+        Ok(())
+    }
+
+    /// `jolt download` of a task that no cache holds.
+    fn not_built(&mut self, i: usize) {
+        console::error(&format!(
+            "Task must be built first: no cache holds {}",
+            self.graph.nodes[i].label()
+        ));
+        self.status[i] = Status::Failed;
+        self.propagate(i, Some((i, false)));
+    }
+
+    /// Whether the HTTP cache holds node `i`'s artifact (and downloads are enabled).
+    fn remote_has(&mut self, i: usize) -> bool {
+        let Some(http) = self.services.http.filter(|h| h.download && !h.is_down()) else {
+            return false;
+        };
+        let node = &self.graph.nodes[i];
+        match http.exists(node.name(), &node.identity) {
+            Ok(present) => present,
+            Err(e) => {
+                if let Some(w) = http_warning(http, "HEAD", &e) {
+                    console::warn(&w);
+                }
+                false
+            }
+        }
+    }
+
     fn make_ready(&mut self, i: usize) {
-        if self.plan[i] == Plan::Resource {
+        if self.plan[i] == Plan::Group {
             // Resources and aliases do no work of their own.
             self.status[i] = Status::Unneeded;
+            self.available[i] = true;
             self.propagate(i, None);
         } else {
             self.ready
@@ -386,12 +473,25 @@ impl Scheduler<'_> {
         }
     }
 
+    fn succeed(
+        &mut self,
+        i: usize,
+        status: Status,
+        info: Arc<ArtifactInfo>,
+        infos: &[OnceLock<Arc<ArtifactInfo>>],
+    ) {
+        let _ = infos[i].set(info);
+        self.status[i] = status;
+        self.available[i] = true;
+        self.propagate(i, None);
+    }
+
     fn finish(
         &mut self,
         i: usize,
         result: Result<Done, Failure>,
         infos: &[OnceLock<Arc<ArtifactInfo>>],
-    ) {
+    ) -> Result<()> {
         let node = &self.graph.nodes[i];
         self.done += 1;
         match result {
@@ -401,19 +501,29 @@ impl Scheduler<'_> {
                     format_duration(duration),
                     node.label()
                 ));
-                let _ = infos[i].set(info);
-                self.status[i] = Status::Executed;
                 self.durations[i] = Some(duration);
-                self.propagate(i, None);
+                self.succeed(i, Status::Executed, info, infos);
             }
+            Ok(Done::Downloaded(info)) => self.succeed(i, Status::Downloaded, info, infos),
             Ok(Done::Reused(info)) => {
                 console::verbose(&format!(
                     "Execution skipped, built by another process ({})",
                     node.label()
                 ));
-                let _ = infos[i].set(info);
-                self.status[i] = Status::Cached;
-                self.propagate(i, None);
+                self.succeed(i, Status::Cached, info, infos);
+            }
+            Ok(Done::DownloadFailed) if self.download_only => self.not_built(i),
+            Ok(Done::DownloadFailed) => {
+                self.done -= 1;
+                self.plan[i] = Plan::Execute;
+                let needs = self
+                    .graph
+                    .visible(i)
+                    .iter()
+                    .chain(&node.resources)
+                    .copied()
+                    .collect();
+                self.plan_needs(i, needs)?;
             }
             Err(failure) if failure.interrupted => {
                 self.status[i] = Status::Interrupted;
@@ -443,6 +553,7 @@ impl Scheduler<'_> {
                 self.propagate(i, Some((i, unstable)));
             }
         }
+        Ok(())
     }
 
     fn show_status(&self, running: usize) {
@@ -460,6 +571,7 @@ impl Scheduler<'_> {
 struct Worker<'a> {
     graph: &'a Graph,
     cache: &'a Cache,
+    http: Option<&'a HttpCache>,
     root: &'a Path,
     infos: &'a [OnceLock<Arc<ArtifactInfo>>],
     events: Sender<Event>,
@@ -483,26 +595,132 @@ impl Worker<'_> {
             .clone())
     }
 
+    fn log(&self, level: console::Level, message: String) {
+        let _ = self.events.send(Event::Log(level, message));
+    }
+
+    /// Takes node `i`'s artifact lock, waiting (with a message) for another process.
+    fn lock(&self, i: usize) -> Result<ArtifactLock, Failure> {
+        let node = &self.graph.nodes[i];
+        if let Some(lock) = self.cache.try_lock(&node.identity)? {
+            return Ok(lock);
+        }
+        self.log(
+            console::Level::Info,
+            format!(
+                "Artifact is temporarily locked by another process ({})",
+                node.label()
+            ),
+        );
+        Ok(self.cache.lock(&node.identity)?)
+    }
+
+    fn http_warning(&self, http: &HttpCache, what: &str, err: &anyhow::Error) {
+        if let Some(w) = http_warning(http, what, err) {
+            self.log(console::Level::Warning, w);
+        }
+    }
+
+    /// Fetches node `i`'s artifact from the HTTP cache into the local cache.
+    fn download(&self, i: usize) -> Result<Done, Failure> {
+        let node = &self.graph.nodes[i];
+        let Some(http) = self.http else {
+            return Ok(Done::DownloadFailed);
+        };
+        let _lock = self.lock(i)?;
+        if self.cache.is_present(node.name(), &node.identity) {
+            return Ok(Done::Reused(self.info(i)?));
+        }
+        self.log(
+            console::Level::Info,
+            format!("Download started ({})", node.label()),
+        );
+        let start = Instant::now();
+        let staging = self.cache.stage(node.name(), &node.identity)?;
+        let url = http.url(node.name(), &node.identity);
+        let fetched = http.fetch(node.name(), &node.identity, &staging);
+        let manifest = match fetched {
+            Ok(Some(manifest)) => manifest,
+            Ok(None) => {
+                let _ = fsutil::remove_dir_all(&staging);
+                self.log(
+                    console::Level::Warning,
+                    format!("{url} is no longer in the HTTP cache; building the task instead"),
+                );
+                return Ok(Done::DownloadFailed);
+            }
+            Err(e) => {
+                let _ = fsutil::remove_dir_all(&staging);
+                self.http_warning(http, "Download", &e);
+                if !http_cache::is_unreachable(&e) {
+                    self.log(
+                        console::Level::Warning,
+                        format!("Building {} instead of downloading {url}", node.short),
+                    );
+                }
+                return Ok(Done::DownloadFailed);
+            }
+        };
+        let dir = self
+            .cache
+            .commit(&staging, node.name(), &node.identity, manifest.size)
+            .inspect_err(|_| {
+                let _ = fsutil::remove_dir_all(&staging);
+            })?;
+        self.log(
+            console::Level::Info,
+            format!(
+                "Download finished after {} ({})",
+                format_duration(start.elapsed()),
+                node.label()
+            ),
+        );
+        Ok(Done::Downloaded(Arc::new(ArtifactInfo::from_manifest(
+            dir, manifest,
+        ))))
+    }
+
+    /// Uploads a freshly committed artifact when uploads are enabled; failures warn.
+    fn upload(&self, i: usize, dir: &Path) {
+        let Some(http) = self.http.filter(|h| h.upload && !h.is_down()) else {
+            return;
+        };
+        let node = &self.graph.nodes[i];
+        match http.exists(node.name(), &node.identity) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => return self.http_warning(http, "HEAD", &e),
+        }
+        self.log(
+            console::Level::Info,
+            format!("Upload started ({})", node.label()),
+        );
+        let start = Instant::now();
+        let result = self
+            .cache
+            .scratch(&format!("upload-{}", node.name()))
+            .and_then(|scratch| {
+                let r = http.store(node.name(), &node.identity, dir, &scratch);
+                let _ = fsutil::remove_dir_all(&scratch);
+                r
+            });
+        match result {
+            Ok(()) => self.log(
+                console::Level::Info,
+                format!(
+                    "Upload finished after {} ({})",
+                    format_duration(start.elapsed()),
+                    node.label()
+                ),
+            ),
+            Err(e) => self.http_warning(http, "Upload", &e),
+        }
+    }
+
     fn execute(&self, i: usize) -> Result<Done, Failure> {
         let node = &self.graph.nodes[i];
         let cacheable = node.task.cacheable;
-        let _lock = if cacheable {
-            match self.cache.try_lock(&node.identity)? {
-                Some(lock) => Some(lock),
-                None => {
-                    let _ = self.events.send(Event::Log(
-                        console::Level::Info,
-                        format!(
-                            "Artifact is temporarily locked by another process ({})",
-                            node.label()
-                        ),
-                    ));
-                    Some(self.cache.lock(&node.identity)?)
-                }
-            }
-        } else {
-            None
-        };
+        let _lock = if cacheable { Some(self.lock(i)?) } else { None };
         if cacheable && self.cache.is_present(node.name(), &node.identity) {
             return Ok(Done::Reused(self.info(i)?));
         }
@@ -516,28 +734,31 @@ impl Worker<'_> {
         };
         let result = self.build(i, &builddir, &staging, start);
         let _ = fsutil::remove_dir_all(&builddir);
-        match result {
-            Ok(manifest) => {
-                let dir = if cacheable {
-                    self.cache
-                        .commit(&staging, node.name(), &node.identity, manifest.size)
-                        .inspect_err(|_| {
-                            let _ = fsutil::remove_dir_all(&staging);
-                        })?
-                } else {
-                    self.scratch.lock().expect("scratch").push(staging.clone());
-                    staging
-                };
-                Ok(Done::Executed(
-                    Arc::new(ArtifactInfo::from_manifest(dir, manifest)),
-                    start.elapsed(),
-                ))
-            }
+        let manifest = match result {
+            Ok(manifest) => manifest,
             Err(failure) => {
                 let _ = fsutil::remove_dir_all(&staging);
-                Err(failure)
+                return Err(failure);
             }
-        }
+        };
+        let duration = start.elapsed();
+        let dir = if cacheable {
+            let dir = self
+                .cache
+                .commit(&staging, node.name(), &node.identity, manifest.size)
+                .inspect_err(|_| {
+                    let _ = fsutil::remove_dir_all(&staging);
+                })?;
+            self.upload(i, &dir);
+            dir
+        } else {
+            self.scratch.lock().expect("scratch").push(staging.clone());
+            staging
+        };
+        Ok(Done::Executed(
+            Arc::new(ArtifactInfo::from_manifest(dir, manifest)),
+            duration,
+        ))
     }
 
     /// Expands a template in the context of node `i`.

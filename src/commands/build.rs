@@ -6,13 +6,14 @@ use std::time::Instant;
 
 use super::Workspace;
 use crate::artifact::{BUILD_LOG, MANIFEST};
-use crate::cli::BuildArgs;
+use crate::cli::{BuildArgs, DownloadArgs};
 use crate::config::Config;
 use crate::console;
 use crate::error::{self, usage};
-use crate::executor::{self, Status};
+use crate::executor::{self, Services, Status};
 use crate::fsutil::format_duration;
 use crate::graph::{Graph, GraphOptions};
+use crate::http_cache::HttpCache;
 
 #[derive(Serialize)]
 struct TaskReport<'a> {
@@ -57,16 +58,60 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
                 .unwrap_or(1),
         },
     };
-    let report = executor::run(
-        &graph,
-        &ws.cache,
-        &ws.recipes.root,
-        &executor::Options {
-            jobs,
-            keep_going: args.keep_going,
-        },
-    )?;
+    let http = HttpCache::from_config(config, args.no_download, args.no_upload)?;
+    let services = Services {
+        cache: &ws.cache,
+        http: http.as_ref(),
+    };
+    let opts = executor::Options {
+        jobs,
+        keep_going: args.keep_going,
+        download_only: false,
+    };
+    let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
+    finish(&ws, &graph, &report, &args, started)
+}
 
+/// `jolt download`: fetch the goals' artifacts from the HTTP cache without building.
+pub fn download(config: &Config, args: DownloadArgs) -> Result<i32> {
+    let started = Instant::now();
+    let Some(http) = HttpCache::from_config(config, false, true)? else {
+        return Err(usage("jolt download needs an HTTP cache: set http.uri"));
+    };
+    let ws = Workspace::open(config)?;
+    let graph = ws.graph(&args.tasks, &GraphOptions::default())?;
+    let services = Services {
+        cache: &ws.cache,
+        http: Some(&http),
+    };
+    let opts = executor::Options {
+        jobs: 4,
+        keep_going: true,
+        download_only: true,
+    };
+    let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
+    if http.is_down() {
+        return Err(error::infra(format!(
+            "HTTP cache {} is unreachable",
+            http.uri()
+        )));
+    }
+    let build_args = BuildArgs {
+        tasks: args.tasks,
+        copy: args.copy,
+        ..Default::default()
+    };
+    finish(&ws, &graph, &report, &build_args, started)
+}
+
+/// Locations, copies, the summary and the report of a finished build.
+fn finish(
+    ws: &Workspace,
+    graph: &Graph,
+    report: &executor::Report,
+    args: &BuildArgs,
+    started: Instant,
+) -> Result<i32> {
     let mut code = error::SUCCESS;
     if report.interrupted {
         code = error::INTERRUPTED;
@@ -101,14 +146,15 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
         }
     }
     console::info(&format!(
-        "Total execution time: {} ({} executed, {} cached, {} failed)",
+        "Total execution time: {} ({} executed, {} downloaded, {} cached, {} failed)",
         format_duration(started.elapsed()),
         report.count(Status::Executed),
+        report.count(Status::Downloaded),
         report.count(Status::Cached),
         report.count(Status::Failed) + report.count(Status::Unstable),
     ));
     if let Some(path) = &args.result {
-        write_report(path, &graph, &report, code, started)?;
+        write_report(path, graph, report, code, started)?;
     }
     Ok(code)
 }

@@ -36,9 +36,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Some(Cmd::AmqpWorker) => Err(usage(
             "amqp-worker is not available in this version of jolt (network builds are not implemented yet)",
         )),
-        Some(Cmd::Download(_)) => Err(usage(
-            "download is not available in this version of jolt (the HTTP cache is not implemented yet)",
-        )),
+        Some(Cmd::Download(args)) => build::download(&config, args),
         Some(Cmd::Clean(args)) => maintain::clean(&config, args),
         Some(Cmd::Config(args)) => maintain::config(&config, args),
         Some(Cmd::List(args)) => query::list(&config, args),

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::console;
 use crate::graph::{Graph, GraphOptions};
 use crate::hashcache::FileHashes;
+use crate::http_cache::HttpCache;
 use crate::recipe::Recipes;
 
 pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
@@ -110,6 +111,18 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
             "  Local             {}",
             if present { "True" } else { "False" }
         ));
+        if let Some(http) = HttpCache::from_config(config, false, true)? {
+            let remote = match http.exists(node.name(), &node.identity) {
+                Ok(true) => "True".to_string(),
+                Ok(false) => "False".to_string(),
+                Err(e) => format!("unknown ({e:#})"),
+            };
+            out.push(format!("  Remote            {remote}"));
+            out.push(format!(
+                "  URL               {}",
+                http.url(node.name(), &node.identity)
+            ));
+        }
     } else {
         out.push("  Local             not cacheable".into());
     }
