@@ -121,8 +121,11 @@ fn finish(
     if code == error::SUCCESS {
         for &g in &graph.goals {
             let node = &graph.nodes[g];
-            if node.task.cacheable && matches!(report.status[g], Status::Executed | Status::Cached)
-            {
+            let available = matches!(
+                report.status[g],
+                Status::Executed | Status::Cached | Status::Downloaded
+            );
+            if node.task.cacheable && available {
                 let dir = ws.cache.artifact_dir(node.name(), &node.identity);
                 console::info(&format!("Location: {}", dir.display()));
                 if let Some(dest) = &args.copy {

@@ -207,3 +207,160 @@ pub fn alive(pid: i32) -> bool {
     let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
     !matches!(state, Some(Some('Z')) | None)
 }
+
+/// An nginx serving a private HTTP artifact cache on a loopback port, started with the
+/// repository's `scripts/nginx`; stopped when dropped.
+pub struct Nginx {
+    pub url: String,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    auth: Option<String>,
+    child: Option<std::process::Child>,
+}
+
+fn nginx_installed() -> bool {
+    ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .any(|p| Path::new(p).exists())
+        || Command::new("sh")
+            .args(["-c", "command -v nginx"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+}
+
+impl Nginx {
+    /// Starts a server, or returns `None` (the test skips) when nginx is not installed;
+    /// with `CI=true` a missing nginx fails the test instead.
+    pub fn start() -> Option<Nginx> {
+        Self::start_with(None)
+    }
+
+    /// A server on which PUT needs Basic auth as `user:password`.
+    pub fn start_with_auth(user_password: &str) -> Option<Nginx> {
+        Self::start_with(Some(user_password.to_string()))
+    }
+
+    fn start_with(auth: Option<String>) -> Option<Nginx> {
+        if !nginx_installed() {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("nginx is required with CI=true: apt-get install -y nginx-light");
+            }
+            eprintln!("skipping: nginx is not installed (apt-get install -y nginx-light)");
+            return None;
+        }
+        let mut server = Nginx {
+            url: String::new(),
+            port: 0,
+            dir: tempfile::tempdir().unwrap(),
+            auth,
+            child: None,
+        };
+        for _ in 0..20 {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            server.port = listener.local_addr().unwrap().port();
+            drop(listener);
+            if server.spawn() {
+                return Some(server);
+            }
+        }
+        panic!(
+            "nginx did not start: {}",
+            server.dir.path().join("error.log").display()
+        );
+    }
+
+    /// Starts the server again on the same port after [`Nginx::stop`].
+    pub fn restart(&mut self) {
+        assert!(self.spawn(), "nginx did not restart on port {}", self.port);
+    }
+
+    fn spawn(&mut self) -> bool {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nginx");
+        let mut cmd = Command::new(script);
+        cmd.arg("run")
+            .arg(self.dir.path())
+            .arg(self.port.to_string());
+        if let Some(a) = &self.auth {
+            cmd.arg(a);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                self.child = Some(child);
+                self.url = format!("http://127.0.0.1:{}", self.port);
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Stops the server; its files stay.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Where the server keeps `path` (relative to the cache URL).
+    pub fn file(&self, path: &str) -> PathBuf {
+        self.dir.path().join("root").join(path)
+    }
+
+    /// Every `.tar` the server holds, relative to its root.
+    pub fn objects(&self) -> Vec<String> {
+        fn visit(base: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    visit(base, &e.path(), out);
+                } else {
+                    out.push(
+                        e.path()
+                            .strip_prefix(base)
+                            .unwrap()
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let root = self.dir.path().join("root");
+        visit(&root, &root, &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Workspace {
+    /// A second workspace with the same files but its own (empty) cache.
+    pub fn sibling(&self) -> Workspace {
+        let other = Workspace::new();
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", self.root().display()))
+            .arg(other.root())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        other
+    }
+}

@@ -1,0 +1,371 @@
+//! The shared HTTP artifact cache, against a real nginx (WebDAV PUT) on loopback.
+
+mod util;
+
+use std::time::Duration;
+use util::{Nginx, Workspace};
+
+const RECIPE: &str = r#"
+[task.lib]
+influence = ["src/*.c"]
+run = ["mkdir -p {artifact}/lib", "cat src/*.c > {artifact}/lib/libx.txt"]
+environ = { LIBX = "yes" }
+
+[task.app]
+requires = ["lib"]
+run = "cp {deps.lib}/lib/libx.txt {artifact}/app.txt"
+
+[task.other]
+requires = ["lib"]
+run = "echo $LIBX > {artifact}/other.txt"
+"#;
+
+fn workspace(server: &Nginx) -> Workspace {
+    let ws = Workspace::with(RECIPE);
+    ws.file("src/a.c", "int a;\n");
+    ws.file(
+        "jolt.conf.toml",
+        &format!("[http]\nuri = \"{}/cache\"\n", server.url),
+    );
+    ws
+}
+
+fn jolt(ws: &Workspace, args: &[&str]) -> util::Run {
+    let mut all = vec!["-c", "jolt.conf.toml"];
+    all.extend_from_slice(args);
+    ws.jolt(&all)
+}
+
+#[test]
+fn an_upload_is_downloaded_into_another_empty_cache() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    let built = jolt(&a, &["build", "app"]);
+    built
+        .success()
+        .contains("Upload started (app ")
+        .contains("Upload finished after")
+        .contains("Upload started (lib ");
+    let id = built.locations()[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(server.file(&format!("cache/app/{id}.tar")).is_file());
+
+    let b = a.sibling();
+    let fetched = jolt(&b, &["build", "app"]);
+    fetched
+        .success()
+        .contains("Download started (app ")
+        .contains("Download finished after")
+        .lacks("Execution started")
+        .lacks("Download started (lib ");
+    let dir = &fetched.locations()[0];
+    assert_eq!(
+        std::fs::read_to_string(dir.join("app.txt")).unwrap(),
+        "int a;\n"
+    );
+    let manifest = std::fs::read_to_string(dir.join(".manifest.json")).unwrap();
+    assert!(manifest.contains(&id));
+    assert!(b.staging_leftovers().is_empty());
+}
+
+#[test]
+fn two_workspaces_share_artifacts_through_the_cache() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    jolt(&a, &["build", "app"]).success();
+    let b = a.sibling();
+    // b needs lib to execute `other`: it downloads lib and runs only other.
+    let run = jolt(&b, &["build", "other"]);
+    run.success().contains("Download started (lib ");
+    assert_eq!(run.started(), vec!["other"]);
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("other.txt")).unwrap(),
+        "yes\n"
+    );
+    // and a now downloads what b uploaded.
+    jolt(&a, &["build", "other"])
+        .success()
+        .contains("Download started (other ")
+        .lacks("Execution started");
+}
+
+#[test]
+fn switches_disable_uploads_and_downloads() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    jolt(&a, &["build", "--no-upload", "lib"])
+        .success()
+        .lacks("Upload started");
+    jolt(&a, &["-c", "jolt.upload=false", "build", "app"])
+        .success()
+        .lacks("Upload started");
+    assert!(server.objects().is_empty());
+    jolt(&a, &["build", "-f", "lib"])
+        .success()
+        .contains("Upload started");
+    let b = a.sibling();
+    let run = jolt(&b, &["build", "--no-download", "-f", "lib"]);
+    run.success()
+        .lacks("Download started")
+        .contains("Execution started");
+}
+
+#[test]
+fn an_unreachable_cache_is_one_warning_and_the_build_goes_on() {
+    let ws = Workspace::with(RECIPE);
+    ws.file("src/a.c", "x");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let uri = format!("http.uri=http://127.0.0.1:{port}/cache");
+    let run = ws.jolt(&["-c", &uri, "-c", "http.retries=0", "build", "app", "other"]);
+    run.success();
+    assert_eq!(run.count("unreachable"), 1, "{}", run.all());
+    assert!(run.all().contains(&format!("127.0.0.1:{port}")));
+    assert_eq!(run.started().len(), 3);
+}
+
+#[test]
+fn the_cache_going_down_mid_build_does_not_fail_the_build() {
+    let Some(mut server) = Nginx::start() else {
+        return;
+    };
+    let ws = Workspace::with(
+        r#"
+[task.first]
+run = ["touch {root}/first-started", "while [ ! -f {root}/go ]; do sleep 0.02; done", "echo 1 > {artifact}/f"]
+[task.second]
+requires = ["first"]
+run = "echo 2 > {artifact}/f"
+"#,
+    );
+    ws.file(
+        "jolt.conf.toml",
+        &format!("[http]\nuri = \"{}\"\nretries = 1\n", server.url),
+    );
+    let child = ws
+        .command(&["-c", "jolt.conf.toml", "build", "second"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ws.root().join("first-started").exists() {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.stop();
+    ws.file("go", "");
+    let out = child.wait_with_output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert_eq!(all.matches("unreachable").count(), 1, "{all}");
+    assert_eq!(ws.artifacts("second").len(), 1);
+}
+
+#[test]
+fn a_corrupt_or_truncated_object_is_rejected_and_the_task_built() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    let built = jolt(&a, &["build", "lib"]);
+    let id = built.locations()[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let object = server.file(&format!("cache/lib/{id}.tar"));
+    let bytes = std::fs::read(&object).unwrap();
+
+    for bad in [
+        bytes[..bytes.len() / 2].to_vec(),
+        b"this is not a tar archive at all".repeat(40),
+    ] {
+        std::fs::write(&object, &bad).unwrap();
+        let b = a.sibling();
+        let run = jolt(&b, &["-c", "jolt.upload=false", "build", "lib"]);
+        run.success()
+            .contains(&format!("{}/cache/lib/{id}.tar", server.url))
+            .contains("Execution started (lib ");
+        assert!(b.staging_leftovers().is_empty());
+        let dir = &run.locations()[0];
+        assert_eq!(
+            std::fs::read_to_string(dir.join("lib/libx.txt")).unwrap(),
+            "int a;\n"
+        );
+    }
+}
+
+#[test]
+fn an_archive_naming_another_identity_is_rejected() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    let lib = jolt(&a, &["build", "lib"]);
+    let lib_id = lib.locations()[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    a.file("src/a.c", "int b;\n");
+    let other = a.jolt(&["inspect", "lib"]);
+    let new_id = other.lines_with("Identity")[0]
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
+    assert_ne!(lib_id, new_id);
+    std::fs::copy(
+        server.file(&format!("cache/lib/{lib_id}.tar")),
+        server.file(&format!("cache/lib/{new_id}.tar")),
+    )
+    .unwrap();
+    let run = jolt(&a, &["-c", "jolt.upload=false", "build", "lib"]);
+    run.success()
+        .contains("rejected")
+        .contains("Execution started (lib ");
+    let dir = &run.locations()[0];
+    assert_eq!(
+        std::fs::read_to_string(dir.join("lib/libx.txt")).unwrap(),
+        "int b;\n"
+    );
+}
+
+/// A tar whose one entry is written with a raw (unchecked) name and type.
+fn raw_tar(name: &str, kind: tar::EntryType, link: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    if !link.is_empty() {
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
+    out
+}
+
+#[test]
+fn a_path_escaping_archive_never_reaches_the_disk() {
+    let Some(server) = Nginx::start() else { return };
+    let ws = workspace(&server);
+    let id = ws.jolt(&["inspect", "lib"]).lines_with("Identity")[0]
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
+    let object = server.file(&format!("cache/lib/{id}.tar"));
+    std::fs::create_dir_all(object.parent().unwrap()).unwrap();
+    let cases = [
+        raw_tar("../../../escaped.txt", tar::EntryType::Regular, "", b"evil"),
+        raw_tar(
+            "/tmp/jolt-absolute-escape.txt",
+            tar::EntryType::Regular,
+            "",
+            b"evil",
+        ),
+        raw_tar("link", tar::EntryType::Symlink, "/etc", b""),
+        raw_tar("dev", tar::EntryType::Char, "", b""),
+    ];
+    for tar_bytes in cases {
+        std::fs::write(&object, tar_bytes).unwrap();
+        let run = jolt(&ws, &["-c", "jolt.upload=false", "build", "lib"]);
+        run.success()
+            .contains(&format!("cache/lib/{id}.tar"))
+            .contains("Execution started (lib ");
+        jolt(&ws, &["clean"]).success();
+    }
+    assert!(!ws.cachedir().join("escaped.txt").exists());
+    assert!(!ws.dir.path().join("escaped.txt").exists());
+    assert!(!std::path::Path::new("/tmp/jolt-absolute-escape.txt").exists());
+    assert!(ws.staging_leftovers().is_empty());
+}
+
+#[test]
+fn jolt_download_fetches_without_building() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    jolt(&a, &["build", "lib"]).success();
+    let b = a.sibling();
+    let run = jolt(&b, &["download", "lib", "--copy", "out"]);
+    run.success()
+        .contains("Download started (lib ")
+        .lacks("Execution started");
+    assert_eq!(b.read("out/lib/libx.txt"), "int a;\n");
+    jolt(&b, &["download", "app"])
+        .code(1)
+        .contains("Task must be built first");
+    b.jolt(&["download", "lib"]).code(2).contains("http.uri");
+    let dead = b.jolt(&[
+        "-c",
+        "http.uri=http://127.0.0.1:1",
+        "-c",
+        "http.retries=0",
+        "download",
+        "app",
+    ]);
+    dead.code(3).contains("127.0.0.1:1");
+}
+
+#[test]
+fn a_missing_object_is_built() {
+    let Some(server) = Nginx::start() else { return };
+    let ws = workspace(&server);
+    jolt(&ws, &["inspect", "lib"])
+        .success()
+        .contains("Remote            False");
+    jolt(&ws, &["build", "lib"])
+        .success()
+        .contains("Execution started")
+        .lacks("WARNING");
+    jolt(&ws, &["inspect", "lib"])
+        .success()
+        .contains("Remote            True");
+}
+
+#[test]
+fn uploads_need_credentials_where_the_server_requires_them() {
+    let Some(server) = Nginx::start_with_auth("builder:hunter2") else {
+        return;
+    };
+    let ws = workspace(&server);
+    let refused = jolt(&ws, &["build", "lib"]);
+    refused.success().contains("401").contains("http.username");
+    assert!(server.objects().is_empty());
+
+    let mut cmd = ws.command(&[
+        "-c",
+        "jolt.conf.toml",
+        "-c",
+        "http.username=builder",
+        "build",
+        "-f",
+        "lib",
+    ]);
+    cmd.env("JOLT_HTTP_PASSWORD", "hunter2");
+    let accepted = ws.run(cmd);
+    accepted
+        .success()
+        .contains("Upload finished")
+        .lacks("hunter2");
+    assert_eq!(server.objects().len(), 1);
+    // Reading needs no credentials.
+    let b = ws.sibling();
+    let forced_id = accepted.locations()[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(server.objects()[0].contains(&forced_id));
+    jolt(&b, &["build", "app"])
+        .success()
+        .lacks("Download started (lib ");
+}
