@@ -51,6 +51,34 @@ pub fn pack(dir: &Path, out: impl Write) -> Result<()> {
     Ok(())
 }
 
+/// Writes the files `files` (relative to `root`, sorted) as a deterministic tar
+/// stream: a source snapshot.
+pub fn pack_files(root: &Path, files: &[PathBuf], out: impl Write) -> Result<()> {
+    let mut builder = tar::Builder::new(out);
+    builder.mode(tar::HeaderMode::Deterministic);
+    builder.follow_symlinks(false);
+    let mut files = files.to_vec();
+    files.sort();
+    files.dedup();
+    for rel in files {
+        let full = root.join(&rel);
+        let meta = std::fs::symlink_metadata(&full)
+            .with_context(|| format!("Cannot read {}", full.display()))?;
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
+        if meta.file_type().is_symlink() {
+            header.set_size(0);
+            builder.append_link(&mut header, &rel, std::fs::read_link(&full)?)?;
+        } else {
+            let file =
+                File::open(&full).with_context(|| format!("Cannot read {}", full.display()))?;
+            builder.append_data(&mut header, &rel, file)?;
+        }
+    }
+    builder.into_inner()?.flush()?;
+    Ok(())
+}
+
 fn walk(base: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let full = base.join(rel);
     for entry in

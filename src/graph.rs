@@ -40,6 +40,8 @@ pub struct Node {
     pub taint: Option<String>,
     /// Influence lines; the identity is their SHA-256.
     pub influence: Vec<String>,
+    /// The influence files, relative to the workspace root.
+    pub files: Vec<PathBuf>,
     pub identity: String,
     /// Scheduling priority: own weight plus the heaviest chain of consumers.
     pub weight: i64,
@@ -72,15 +74,25 @@ pub struct Graph {
     pub requested: Vec<usize>,
     /// The goals with aliases replaced by what they require.
     pub goals: Vec<usize>,
+    /// The environment variables tasks are influenced by, with the values used.
+    pub env: BTreeMap<String, String>,
 }
 
-/// How identities are salted.
+/// How identities are salted, and what a network worker is told.
 #[derive(Debug, Default, Clone)]
 pub struct GraphOptions {
     /// `-s`: a taint for every task.
     pub salt: Option<String>,
     /// `-f`: a fresh taint for the goals.
     pub force: bool,
+    /// Taints by qualified reference, overriding `salt` and `force` (network requests).
+    pub taints: HashMap<String, String>,
+    /// Identities by qualified reference: such nodes take this identity instead of
+    /// computing one, and their influence files are not read (network requests).
+    pub pins: HashMap<String, String>,
+    /// Values of the environment variables that influence tasks; `None` reads the
+    /// process environment.
+    pub env: Option<BTreeMap<String, String>>,
 }
 
 struct Builder<'a> {
@@ -92,6 +104,7 @@ struct Builder<'a> {
     index: HashMap<String, usize>,
     stack: Vec<String>,
     globs: HashMap<String, Vec<PathBuf>>,
+    env: BTreeMap<String, String>,
 }
 
 /// Builds the graph of `goals`.
@@ -110,6 +123,7 @@ pub fn build(
         index: HashMap::new(),
         stack: Vec::new(),
         globs: HashMap::new(),
+        env: BTreeMap::new(),
     };
     if opts.force {
         for goal in goals {
@@ -125,6 +139,7 @@ pub fn build(
         nodes: b.nodes,
         requested: requested.clone(),
         goals: Vec::new(),
+        env: b.env,
     };
     for &g in &requested {
         for e in graph.expand_alias(g) {
@@ -145,15 +160,28 @@ fn qualified(task: &Task, params: &BTreeMap<String, String>) -> String {
     taskref::format(&task.name, &pairs)
 }
 
-fn env_lookup(task: &str, var: &str) -> Result<String> {
-    std::env::var(var).map_err(|_| {
-        usage(format!(
-            "Environment variable '{var}' used as {{env.{var}}} in task '{task}' is not set"
-        ))
-    })
-}
-
 impl Builder<'_> {
+    /// The value of an environment variable that influences a task, remembered.
+    fn env_var(&mut self, var: &str) -> Option<String> {
+        if let Some(v) = self.env.get(var) {
+            return Some(v.clone());
+        }
+        let value = match &self.opts.env {
+            Some(given) => given.get(var).cloned(),
+            None => std::env::var(var).ok(),
+        }?;
+        self.env.insert(var.to_string(), value.clone());
+        Some(value)
+    }
+
+    fn env_placeholder(&mut self, task: &str, var: &str) -> Result<String> {
+        self.env_var(var).ok_or_else(|| {
+            usage(format!(
+                "Environment variable '{var}' used as {{env.{var}}} in task '{task}' is not set"
+            ))
+        })
+    }
+
     /// Resolves a reference to its task and canonical parameters.
     fn resolve(
         &self,
@@ -215,7 +243,7 @@ impl Builder<'_> {
                     return Ok(Some(v.clone()));
                 }
                 if let Some(var) = name.strip_prefix("env.") {
-                    return env_lookup(&task.name, var).map(Some);
+                    return self.env_placeholder(&task.name, var).map(Some);
                 }
                 Ok(None)
             })?;
@@ -233,6 +261,9 @@ impl Builder<'_> {
             .collect();
         let short = taskref::format(&task.name, &short_pairs);
         let taint = match (&self.opts.salt, self.forced.contains(&qualified)) {
+            _ if self.opts.taints.contains_key(&qualified) => {
+                Some(self.opts.taints[&qualified].clone())
+            }
             (salt, true) => Some(format!(
                 "{}{}",
                 salt.as_deref().map(|s| format!("{s}+")).unwrap_or_default(),
@@ -251,6 +282,7 @@ impl Builder<'_> {
             visible: OnceLock::new(),
             taint,
             influence: Vec::new(),
+            files: Vec::new(),
             identity: String::new(),
             weight: task.def.weight,
         };
@@ -263,20 +295,28 @@ impl Builder<'_> {
         }
         let i = self.nodes.len();
         self.nodes.push(node);
+        if let Some(pinned) = self.opts.pins.get(&qualified) {
+            let node = &mut self.nodes[i];
+            node.identity = pinned.clone();
+            node.influence = vec![format!("Pinned: {pinned}")];
+            self.index.insert(qualified, i);
+            return Ok(i);
+        }
         self.validate(i)?;
-        let lines = self.influence(i)?;
+        let (lines, files) = self.influence(i)?;
         let node = &mut self.nodes[i];
         node.identity = identity(&lines);
         node.influence = lines;
+        node.files = files;
         self.index.insert(qualified, i);
         Ok(i)
     }
 
     /// Checks every placeholder of a node's commands, paths and publish rules.
-    fn validate(&self, i: usize) -> Result<()> {
-        let node = &self.nodes[i];
-        let task = &node.task;
+    fn validate(&mut self, i: usize) -> Result<()> {
+        let task = self.nodes[i].task.clone();
         let mut templates: Vec<(&str, bool)> = Vec::new();
+        let is_resource = self.nodes[i].is_resource();
         for c in &task.run {
             templates.push((c, true));
         }
@@ -284,10 +324,10 @@ impl Builder<'_> {
             templates.push((c, false));
         }
         if let Some(cwd) = &task.def.cwd {
-            templates.push((cwd, !node.is_resource()));
+            templates.push((cwd, !is_resource));
         }
         for v in task.def.env.values() {
-            templates.push((v, !node.is_resource()));
+            templates.push((v, !is_resource));
         }
         for rule in &task.publish {
             templates.push((&rule.files, true));
@@ -299,14 +339,14 @@ impl Builder<'_> {
             let names = placeholder::names(template)
                 .map_err(|e| usage(format!("Task '{}': {e}", task.name)))?;
             for name in names {
-                let known = node.params.contains_key(name)
+                let known = self.nodes[i].params.contains_key(name)
                     || name == "root"
                     || (has_dirs && (name == "builddir" || name == "artifact"));
                 if known {
                     continue;
                 }
                 if let Some(var) = name.strip_prefix("env.") {
-                    env_lookup(&task.name, var)?;
+                    self.env_placeholder(&task.name, var)?;
                     continue;
                 }
                 if let Some(rest) = name.strip_prefix("deps.") {
@@ -337,7 +377,7 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn influence(&mut self, i: usize) -> Result<Vec<String>> {
+    fn influence(&mut self, i: usize) -> Result<(Vec<String>, Vec<PathBuf>)> {
         let node = &self.nodes[i];
         let task = node.task.clone();
         let mut lines = vec![format!("Name: {}", task.name)];
@@ -361,8 +401,8 @@ impl Builder<'_> {
             }
             files.extend(self.globs[pattern].iter().cloned());
         }
-        for file in files {
-            let hash = self.hashes.hash(&file)?;
+        for file in &files {
+            let hash = self.hashes.hash(file)?;
             lines.push(format!("File: {hash}: {}", file.display()));
         }
         let mut vars: BTreeSet<&str> = task.def.influence_env.iter().map(String::as_str).collect();
@@ -373,13 +413,14 @@ impl Builder<'_> {
                 }
             }
         }
-        let node = &self.nodes[i];
+        let vars: Vec<String> = vars.into_iter().map(str::to_string).collect();
         for var in vars {
-            match std::env::var(var) {
-                Ok(v) => lines.push(format!("Environment: {var}={v}")),
-                Err(_) => lines.push(format!("Environment: {var} is unset")),
+            match self.env_var(&var) {
+                Some(v) => lines.push(format!("Environment: {var}={v}")),
+                None => lines.push(format!("Environment: {var} is unset")),
             }
         }
+        let node = &self.nodes[i];
         if let Some(taint) = &node.taint {
             lines.push(format!("Taint: {taint}"));
         }
@@ -389,7 +430,7 @@ impl Builder<'_> {
             lines.push(format!("Requirement: {}: {}", dep.identity, dep.short));
         }
         lines.push(format!("Format: {FORMAT}"));
-        Ok(lines)
+        Ok((lines, files.into_iter().collect()))
     }
 }
 

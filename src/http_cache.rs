@@ -216,8 +216,11 @@ impl HttpCache {
 
     /// `HEAD`: whether the cache holds the artifact.
     pub fn exists(&self, task: &str, identity: &str) -> Result<bool> {
-        let url = self.url(task, identity);
-        let resp = self.send(&url, &mut || self.with_auth(self.agent.head(&url)).call())?;
+        self.head(&self.url(task, identity))
+    }
+
+    fn head(&self, url: &str) -> Result<bool> {
+        let resp = self.send(url, &mut || self.with_auth(self.agent.head(url)).call())?;
         match resp.status().as_u16() {
             200 => Ok(true),
             404 | 410 => Ok(false),
@@ -225,14 +228,13 @@ impl HttpCache {
         }
     }
 
-    /// `GET`: unpacks the artifact into the empty directory `staging` and verifies it.
-    /// `Ok(None)` when the cache does not hold it.
-    pub fn fetch(&self, task: &str, identity: &str, staging: &Path) -> Result<Option<Manifest>> {
-        let url = self.url(task, identity);
-        let mut resp = self.send(&url, &mut || self.with_auth(self.agent.get(&url)).call())?;
+    /// `GET` of a tar, unpacked into the empty directory `dest` as it arrives.
+    /// `Ok(false)` when the cache does not hold it.
+    fn get_unpacked(&self, url: &str, dest: &Path) -> Result<bool> {
+        let mut resp = self.send(url, &mut || self.with_auth(self.agent.get(url)).call())?;
         match resp.status().as_u16() {
             200 => {}
-            404 | 410 => return Ok(None),
+            404 | 410 => return Ok(false),
             code => bail!("{url}: GET answered {code}"),
         }
         let expected: Option<u64> = resp
@@ -244,7 +246,7 @@ impl HttpCache {
             inner: resp.body_mut().as_reader(),
             count: 0,
         };
-        let unpacked = crate::archive::unpack(&mut body, staging);
+        let unpacked = crate::archive::unpack(&mut body, dest);
         // Drain what the tar reader left (end-of-archive padding) to count every byte.
         let _ = std::io::copy(&mut body, &mut std::io::sink());
         if let Some(len) = expected {
@@ -253,29 +255,17 @@ impl HttpCache {
             }
         }
         unpacked.with_context(|| format!("{url}: corrupt archive"))?;
-        let manifest = crate::archive::verify(staging, task, identity)
-            .with_context(|| format!("{url}: rejected"))?;
-        Ok(Some(manifest))
+        Ok(true)
     }
 
-    /// `PUT`: packs the artifact directory into `scratch/upload.tar` and sends it.
-    pub fn store(&self, task: &str, identity: &str, dir: &Path, scratch: &Path) -> Result<()> {
-        let url = self.url(task, identity);
-        let tar_path = scratch.join("upload.tar");
-        {
-            let file = std::fs::File::create(&tar_path)
-                .with_context(|| format!("Cannot create {}", tar_path.display()))?;
-            let mut out = BufWriter::with_capacity(256 * 1024, file);
-            crate::archive::pack(dir, &mut out)?;
-            out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
-        }
-        let resp = self.send(&url, &mut || {
-            let file = std::fs::File::open(&tar_path).map_err(ureq::Error::Io)?;
-            self.with_auth(self.agent.put(&url))
+    /// `PUT` of a file.
+    fn put(&self, url: &str, path: &Path) -> Result<()> {
+        let resp = self.send(url, &mut || {
+            let file = std::fs::File::open(path).map_err(ureq::Error::Io)?;
+            self.with_auth(self.agent.put(url))
                 .header("Content-Type", "application/x-tar")
                 .send(file)
         })?;
-        let _ = std::fs::remove_file(&tar_path);
         match resp.status().as_u16() {
             200 | 201 | 204 => Ok(()),
             401 | 403 => bail!(
@@ -284,6 +274,56 @@ impl HttpCache {
             ),
             code => bail!("{url}: PUT answered {code}"),
         }
+    }
+
+    /// `GET`: unpacks the artifact into the empty directory `staging` and verifies it.
+    /// `Ok(None)` when the cache does not hold it.
+    pub fn fetch(&self, task: &str, identity: &str, staging: &Path) -> Result<Option<Manifest>> {
+        let url = self.url(task, identity);
+        if !self.get_unpacked(&url, staging)? {
+            return Ok(None);
+        }
+        let manifest = crate::archive::verify(staging, task, identity)
+            .with_context(|| format!("{url}: rejected"))?;
+        Ok(Some(manifest))
+    }
+
+    /// `PUT`: packs the artifact directory into `scratch/upload.tar` and sends it.
+    pub fn store(&self, task: &str, identity: &str, dir: &Path, scratch: &Path) -> Result<()> {
+        let tar_path = scratch.join("upload.tar");
+        {
+            let file = std::fs::File::create(&tar_path)
+                .with_context(|| format!("Cannot create {}", tar_path.display()))?;
+            let mut out = BufWriter::with_capacity(256 * 1024, file);
+            crate::archive::pack(dir, &mut out)?;
+            out.into_inner().map_err(|e| e.into_error())?;
+        }
+        let result = self.put(&self.url(task, identity), &tar_path);
+        let _ = std::fs::remove_file(&tar_path);
+        result
+    }
+
+    /// The URL of a source snapshot.
+    pub fn source_url(&self, digest: &str) -> String {
+        format!("{}/_sources/{digest}.tar", self.base)
+    }
+
+    /// Uploads the source snapshot `tar` under its digest unless the cache has it.
+    pub fn store_source(&self, digest: &str, tar: &Path) -> Result<()> {
+        let url = self.source_url(digest);
+        if self.head(&url)? {
+            return Ok(());
+        }
+        self.put(&url, tar)
+    }
+
+    /// Unpacks the source snapshot `digest` into `dest`.
+    pub fn fetch_source(&self, digest: &str, dest: &Path) -> Result<()> {
+        let url = self.source_url(digest);
+        if !self.get_unpacked(&url, dest)? {
+            bail!("{url}: the source snapshot is not in the HTTP cache");
+        }
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 //! [`executor`] → [`cache`]. The command modules wire these together; `main.rs` only
 //! turns [`run`]'s result into an exit code.
 
+pub mod amqp;
 pub mod archive;
 pub mod artifact;
 pub mod cache;
@@ -19,6 +20,8 @@ pub mod graph;
 pub mod hashcache;
 pub mod http_cache;
 pub mod interrupt;
+pub mod messages;
+pub mod network;
 pub mod param;
 pub mod placeholder;
 pub mod recipe;

@@ -10,7 +10,7 @@ use crate::cli::{BuildArgs, DownloadArgs};
 use crate::config::Config;
 use crate::console;
 use crate::error::{self, usage};
-use crate::executor::{self, Services, Status};
+use crate::executor::{self, Mode, Services, Status};
 use crate::fsutil::format_duration;
 use crate::graph::{Graph, GraphOptions};
 use crate::http_cache::HttpCache;
@@ -46,6 +46,7 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
         &GraphOptions {
             salt: args.salt.clone(),
             force: args.force,
+            ..Default::default()
         },
     )?;
     let jobs = match args.jobs {
@@ -66,7 +67,7 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
     let opts = executor::Options {
         jobs,
         keep_going: args.keep_going,
-        download_only: false,
+        mode: Mode::Local,
     };
     let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
     finish(&ws, &graph, &report, &args, started)
@@ -87,7 +88,7 @@ pub fn download(config: &Config, args: DownloadArgs) -> Result<i32> {
     let opts = executor::Options {
         jobs: 4,
         keep_going: true,
-        download_only: true,
+        mode: Mode::DownloadOnly,
     };
     let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
     if http.is_down() {

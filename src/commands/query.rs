@@ -57,7 +57,7 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
         std::slice::from_ref(&args.task),
         &GraphOptions {
             salt: args.salt,
-            force: false,
+            ..Default::default()
         },
     )?;
     let node = &graph.nodes[graph.requested[0]];

@@ -1,0 +1,770 @@
+//! The work a pool thread does for one node: execute it (commands, publish, commit,
+//! upload), download it, upload it, or have a network worker execute it.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use crossbeam_channel::{unbounded, Sender};
+
+use super::{http_warning, ArtifactInfo, Done, Event, Failure, Mode, Plan};
+use crate::artifact::{self, Manifest, BUILD_LOG};
+use crate::cache::{ArtifactLock, Cache};
+use crate::console;
+use crate::fsutil::{self, format_duration};
+use crate::graph::{self, Graph, Node};
+use crate::http_cache::{self, HttpCache};
+use crate::interrupt;
+use crate::messages::{ReplyKind, Request, VERSION};
+use crate::network::Incoming;
+use crate::placeholder::{self, DepRef};
+
+/// Grace period between SIGTERM and SIGKILL when a command's process group is killed.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Lines of a failed task's log kept for its report.
+const LOG_TAIL: usize = 200;
+
+/// A pool thread's view of the build.
+pub(super) struct Worker<'a> {
+    pub graph: &'a Graph,
+    pub cache: &'a Cache,
+    pub http: Option<&'a HttpCache>,
+    pub mode: Mode<'a>,
+    pub root: &'a Path,
+    pub infos: &'a [OnceLock<Arc<ArtifactInfo>>],
+    pub events: Sender<Event>,
+    pub scratch: &'a Mutex<Vec<PathBuf>>,
+    pub is_goal: &'a [bool],
+}
+
+type Log = Arc<Mutex<File>>;
+
+/// The last `LOG_TAIL` lines of a file.
+fn tail(path: &Path) -> Option<String> {
+    let text = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(LOG_TAIL);
+    Some(lines[start..].join("\n"))
+}
+
+impl Worker<'_> {
+    /// Does what `plan` says for node `i`.
+    pub fn run(&self, i: usize, plan: Plan) -> Result<Done, Failure> {
+        match plan {
+            Plan::Download => self.download(i),
+            Plan::Upload => self.upload_job(i),
+            Plan::Remote => self.remote(i),
+            _ => self.execute(i),
+        }
+    }
+
+    pub fn send(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn info(&self, i: usize) -> Result<Arc<ArtifactInfo>, Failure> {
+        if let Some(info) = self.infos[i].get() {
+            return Ok(info.clone());
+        }
+        let node = &self.graph.nodes[i];
+        let dir = self.cache.artifact_dir(node.name(), &node.identity);
+        let manifest = Manifest::read(&dir).map_err(|e| {
+            Failure::new(format!("Artifact of '{}' is unusable: {e:#}", node.short))
+        })?;
+        Ok(self.infos[i]
+            .get_or_init(|| Arc::new(ArtifactInfo::from_manifest(dir, manifest)))
+            .clone())
+    }
+
+    fn log(&self, level: console::Level, message: String) {
+        self.send(Event::Log(level, message));
+    }
+
+    /// Takes node `i`'s artifact lock, waiting (with a message) for another process.
+    fn lock(&self, i: usize) -> Result<ArtifactLock, Failure> {
+        let node = &self.graph.nodes[i];
+        if let Some(lock) = self.cache.try_lock(&node.identity)? {
+            return Ok(lock);
+        }
+        self.log(
+            console::Level::Info,
+            format!(
+                "Artifact is temporarily locked by another process ({})",
+                node.label()
+            ),
+        );
+        Ok(self.cache.lock(&node.identity)?)
+    }
+
+    fn http_warning(&self, http: &HttpCache, what: &str, err: &anyhow::Error) {
+        if let Some(w) = http_warning(http, what, err) {
+            self.log(console::Level::Warning, w);
+        }
+    }
+
+    /// Fetches node `i`'s artifact from the HTTP cache into the local cache.
+    fn download(&self, i: usize) -> Result<Done, Failure> {
+        let node = &self.graph.nodes[i];
+        let Some(http) = self.http else {
+            return Ok(Done::DownloadFailed);
+        };
+        let _lock = self.lock(i)?;
+        if self.cache.is_present(node.name(), &node.identity) {
+            return Ok(Done::Reused(self.info(i)?));
+        }
+        self.log(
+            console::Level::Info,
+            format!("Download started ({})", node.label()),
+        );
+        let start = Instant::now();
+        let staging = self.cache.stage(node.name(), &node.identity)?;
+        let url = http.url(node.name(), &node.identity);
+        let fetched = http.fetch(node.name(), &node.identity, &staging);
+        let manifest = match fetched {
+            Ok(Some(manifest)) => manifest,
+            Ok(None) => {
+                let _ = fsutil::remove_dir_all(&staging);
+                self.log(
+                    console::Level::Warning,
+                    format!("{url} is no longer in the HTTP cache"),
+                );
+                return Ok(Done::DownloadFailed);
+            }
+            Err(e) => {
+                let _ = fsutil::remove_dir_all(&staging);
+                self.http_warning(http, "Download", &e);
+                if !http_cache::is_unreachable(&e) && matches!(self.mode, Mode::Local) {
+                    self.log(
+                        console::Level::Warning,
+                        format!("Building {} instead of downloading {url}", node.short),
+                    );
+                }
+                return Ok(Done::DownloadFailed);
+            }
+        };
+        let dir = self
+            .cache
+            .commit(&staging, node.name(), &node.identity, manifest.size)
+            .inspect_err(|_| {
+                let _ = fsutil::remove_dir_all(&staging);
+            })?;
+        self.log(
+            console::Level::Info,
+            format!(
+                "Download finished after {} ({})",
+                format_duration(start.elapsed()),
+                node.label()
+            ),
+        );
+        Ok(Done::Downloaded(Arc::new(ArtifactInfo::from_manifest(
+            dir, manifest,
+        ))))
+    }
+
+    /// Sends a committed artifact to the HTTP cache unless it is there already.
+    fn upload(&self, i: usize, dir: &Path) -> Result<(), anyhow::Error> {
+        let Some(http) = self.http.filter(|h| h.upload) else {
+            return Ok(());
+        };
+        let node = &self.graph.nodes[i];
+        if http.exists(node.name(), &node.identity)? {
+            return Ok(());
+        }
+        self.log(
+            console::Level::Info,
+            format!("Upload started ({})", node.label()),
+        );
+        let start = Instant::now();
+        let scratch = self.cache.scratch(&format!("upload-{}", node.name()))?;
+        let result = http.store(node.name(), &node.identity, dir, &scratch);
+        let _ = fsutil::remove_dir_all(&scratch);
+        result?;
+        self.log(
+            console::Level::Info,
+            format!(
+                "Upload finished after {} ({})",
+                format_duration(start.elapsed()),
+                node.label()
+            ),
+        );
+        Ok(())
+    }
+
+    /// Whether an upload must succeed: workers and network builds depend on it.
+    fn upload_required(&self) -> bool {
+        matches!(self.mode, Mode::Worker | Mode::Network(_))
+    }
+
+    /// Uploads after a commit: a failure fails the task where the upload is required,
+    /// and is a warning otherwise.
+    fn publish_remote(&self, i: usize, dir: &Path) -> Result<(), Failure> {
+        let Some(http) = self.http else {
+            return Ok(());
+        };
+        if !self.upload_required() && (!http.upload || http.is_down()) {
+            return Ok(());
+        }
+        match self.upload(i, dir) {
+            Ok(()) => Ok(()),
+            Err(e) if self.upload_required() => Err(Failure::new(format!("Upload failed: {e:#}"))),
+            Err(e) => {
+                self.http_warning(http, "Upload", &e);
+                Ok(())
+            }
+        }
+    }
+
+    /// A job that only uploads an artifact present in the local cache.
+    fn upload_job(&self, i: usize) -> Result<Done, Failure> {
+        let node = &self.graph.nodes[i];
+        let dir = self.cache.artifact_dir(node.name(), &node.identity);
+        self.publish_remote(i, &dir)?;
+        Ok(Done::Uploaded)
+    }
+
+    fn execute(&self, i: usize) -> Result<Done, Failure> {
+        let node = &self.graph.nodes[i];
+        let cacheable = node.task.cacheable;
+        let _lock = if cacheable { Some(self.lock(i)?) } else { None };
+        if cacheable && self.cache.is_present(node.name(), &node.identity) {
+            let info = self.info(i)?;
+            self.publish_remote(i, &info.dir)?;
+            return Ok(Done::Reused(info));
+        }
+        self.send(Event::Started(i));
+        let start = Instant::now();
+        let builddir = self.cache.scratch(&format!("build-{}", node.name()))?;
+        let staging = if cacheable {
+            self.cache.stage(node.name(), &node.identity)?
+        } else {
+            self.cache.scratch(&format!("artifact-{}", node.name()))?
+        };
+        let result = self.build(i, &builddir, &staging, start);
+        let _ = fsutil::remove_dir_all(&builddir);
+        let manifest = match result {
+            Ok(manifest) => manifest,
+            Err(mut failure) => {
+                failure.log = tail(&staging.join(BUILD_LOG));
+                let _ = fsutil::remove_dir_all(&staging);
+                return Err(failure);
+            }
+        };
+        let duration = start.elapsed();
+        let dir = if cacheable {
+            let dir = self
+                .cache
+                .commit(&staging, node.name(), &node.identity, manifest.size)
+                .inspect_err(|_| {
+                    let _ = fsutil::remove_dir_all(&staging);
+                })?;
+            self.publish_remote(i, &dir)?;
+            dir
+        } else {
+            self.scratch.lock().expect("scratch").push(staging.clone());
+            staging
+        };
+        Ok(Done::Executed(
+            Arc::new(ArtifactInfo::from_manifest(dir, manifest)),
+            duration,
+        ))
+    }
+
+    /// Has a network worker execute node `i` and waits for its reply.
+    fn remote(&self, i: usize) -> Result<Done, Failure> {
+        let Mode::Network(net) = self.mode else {
+            return Err(Failure::new(
+                "internal error: remote execution outside a network build",
+            ));
+        };
+        let Some(http) = self.http else {
+            return Err(Failure::new(
+                "Network builds need an HTTP cache: set http.uri",
+            ));
+        };
+        let node = &self.graph.nodes[i];
+        let request = self.request(i, net, http)?;
+        let body = serde_json::to_vec(&request).map_err(anyhow::Error::from)?;
+        let routing_key = node.task.def.routing_key.as_deref().unwrap_or("default");
+        let subscription = net.client.subscribe(&node.identity)?;
+        net.client.publish(routing_key, &body)?;
+        self.log(
+            console::Level::Info,
+            format!("Remote execution started ({})", node.label()),
+        );
+        let start = Instant::now();
+        let silence = net.client.settings().progress * 4;
+        let still = net.client.settings().timeout;
+        let mut last_news: Option<Instant> = None;
+        let mut last_note = Instant::now();
+        let reply = loop {
+            if interrupt::is_set() {
+                return Err(Failure::interrupted("Remote execution interrupted"));
+            }
+            match subscription.recv_timeout(Duration::from_millis(200)) {
+                Ok(Incoming::Reply(reply)) => match reply.kind {
+                    ReplyKind::Accepted => {
+                        if last_news.is_none() {
+                            self.send(Event::RemoteRunning);
+                        }
+                        last_news = Some(Instant::now());
+                        self.log(
+                            console::Level::Verbose,
+                            format!(
+                                "Remote execution accepted by {} ({})",
+                                reply.worker,
+                                node.label()
+                            ),
+                        );
+                    }
+                    ReplyKind::Running => last_news = Some(Instant::now()),
+                    _ => break reply,
+                },
+                Ok(Incoming::Reconnected) => {
+                    // Replies sent while we were away are lost: ask the cache, then again.
+                    if node.task.cacheable
+                        && http.exists(node.name(), &node.identity).unwrap_or(false)
+                    {
+                        break crate::messages::Reply {
+                            version: VERSION,
+                            identity: node.identity.clone(),
+                            kind: ReplyKind::Success,
+                            worker: String::new(),
+                            duration: start.elapsed().as_secs_f64(),
+                            log: String::new(),
+                            error: String::new(),
+                        };
+                    }
+                    net.client.publish(routing_key, &body)?;
+                    last_news = None;
+                }
+                Err(_) => {
+                    if last_news.is_some_and(|t| t.elapsed() > silence) {
+                        self.log(
+                            console::Level::Warning,
+                            format!(
+                                "No news from the worker running {} for {}: sending the request again",
+                                node.label(),
+                                format_duration(silence)
+                            ),
+                        );
+                        net.client.publish(routing_key, &body)?;
+                        last_news = None;
+                    }
+                    if last_note.elapsed() >= still {
+                        last_note = Instant::now();
+                        self.log(
+                            console::Level::Info,
+                            format!(
+                                "Remote execution still in progress after {} ({})",
+                                format_duration(start.elapsed()),
+                                node.label()
+                            ),
+                        );
+                    }
+                }
+            }
+        };
+        drop(subscription);
+        let duration = Duration::from_secs_f64(reply.duration.max(0.0));
+        if reply.kind != ReplyKind::Success {
+            for line in reply.log.lines() {
+                self.send(Event::Replay(i, line.to_string()));
+            }
+            let what = if reply.error.is_empty() {
+                "the task failed".to_string()
+            } else {
+                reply.error.clone()
+            };
+            return Err(Failure {
+                lines: vec![format!(
+                    "Remote execution failed on {}: {what}",
+                    reply.worker
+                )],
+                interrupted: false,
+                log: Some(reply.log),
+                remote: true,
+            });
+        }
+        let info = if node.task.cacheable && self.is_goal[i] {
+            match self.download(i)? {
+                Done::Downloaded(info) | Done::Reused(info) => Some(info),
+                _ => {
+                    return Err(Failure::new(format!(
+                        "The artifact of {} could not be downloaded from {}",
+                        node.label(),
+                        http.url(node.name(), &node.identity)
+                    )))
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Done::RemoteExecuted(info, duration))
+    }
+
+    /// The execution request of node `i`, with its source snapshot uploaded.
+    fn request(
+        &self,
+        i: usize,
+        net: &super::Network,
+        http: &HttpCache,
+    ) -> Result<Request, Failure> {
+        let node = &self.graph.nodes[i];
+        let mut pins = BTreeMap::new();
+        let mut taints = BTreeMap::new();
+        for j in self.graph.closure(&[i]) {
+            let n = &self.graph.nodes[j];
+            if j != i {
+                pins.insert(n.qualified.clone(), n.identity.clone());
+            }
+            if let Some(t) = &n.taint {
+                taints.insert(n.qualified.clone(), t.clone());
+            }
+        }
+        let snapshot = if node.files.is_empty() {
+            None
+        } else {
+            Some(
+                net.client
+                    .snapshot(self.root, &node.files, http, self.cache)?,
+            )
+        };
+        Ok(Request {
+            version: VERSION,
+            identity: node.identity.clone(),
+            task: node.name().to_string(),
+            reference: node.qualified.clone(),
+            recipes: net.recipes.clone(),
+            taints,
+            pins,
+            env: self.graph.env.clone(),
+            snapshot,
+            client: crate::messages::whoami(),
+        })
+    }
+
+    /// Expands a template in the context of node `i`.
+    fn expand(
+        &self,
+        i: usize,
+        template: &str,
+        dirs: Option<(&Path, &Path)>,
+    ) -> Result<String, Failure> {
+        let node = &self.graph.nodes[i];
+        let mut resolve = |name: &str| -> Result<Option<String>> {
+            if let Some(v) = node.params.get(name) {
+                return Ok(Some(v.clone()));
+            }
+            match (name, dirs) {
+                ("root", _) => return Ok(Some(self.root.display().to_string())),
+                ("builddir", Some((b, _))) => return Ok(Some(b.display().to_string())),
+                ("artifact", Some((_, a))) => return Ok(Some(a.display().to_string())),
+                _ => {}
+            }
+            if let Some(var) = name.strip_prefix("env.") {
+                return Ok(Some(self.graph.env.get(var).cloned().unwrap_or_default()));
+            }
+            if let Some(rest) = name.strip_prefix("deps.") {
+                let (dep, key) = match placeholder::parse_dep(rest) {
+                    DepRef::Dir(d) => (d, None),
+                    DepRef::String(d, k) => (d, Some((true, k))),
+                    DepRef::Path(d, k) => (d, Some((false, k))),
+                };
+                let d = graph::find_dep(&self.graph.nodes, i, dep)?;
+                let info = self
+                    .info(d)
+                    .map_err(|f| anyhow::anyhow!(f.lines.join("; ")))?;
+                return Ok(match key {
+                    None => Some(info.dir.display().to_string()),
+                    Some((true, k)) => info.strings.get(k).cloned(),
+                    Some((false, k)) => info
+                        .paths
+                        .get(k)
+                        .map(|p| info.dir.join(p).display().to_string()),
+                });
+            }
+            Ok(None)
+        };
+        placeholder::expand(node.name(), template, &mut resolve).map_err(Failure::from)
+    }
+
+    /// The environment of node `i`'s commands.
+    fn environment(
+        &self,
+        i: usize,
+        builddir: &Path,
+        staging: &Path,
+    ) -> Result<Vec<(String, String)>, Failure> {
+        // The influencing variables with the values the identity was computed from
+        // (on a network worker: the client's values).
+        let mut env: BTreeMap<String, String> = self.graph.env.clone();
+        env.insert("JOLT_ROOT".into(), self.root.display().to_string());
+        env.insert("JOLT_BUILDDIR".into(), builddir.display().to_string());
+        env.insert("JOLT_ARTIFACT".into(), staging.display().to_string());
+        env.insert(
+            "JOLT_CACHEDIR".into(),
+            self.cache.root.display().to_string(),
+        );
+        for &d in self.graph.visible(i) {
+            let info = self.info(d)?;
+            for (name, value) in &info.environ {
+                if name.contains("PATH") {
+                    let old = env
+                        .get(name)
+                        .cloned()
+                        .or_else(|| std::env::var(name).ok())
+                        .unwrap_or_default();
+                    let mut parts: Vec<String> = value
+                        .split(':')
+                        .filter(|p| !p.is_empty())
+                        .map(|p| info.dir.join(p).display().to_string())
+                        .collect();
+                    if !old.is_empty() {
+                        parts.push(old);
+                    }
+                    env.insert(name.clone(), parts.join(":"));
+                } else {
+                    env.insert(name.clone(), value.clone());
+                }
+            }
+        }
+        for (name, value) in &self.graph.nodes[i].task.def.env {
+            let v = self.expand(i, value, Some((builddir, staging)))?;
+            env.insert(name.clone(), v);
+        }
+        Ok(env.into_iter().collect())
+    }
+
+    fn build(
+        &self,
+        i: usize,
+        builddir: &Path,
+        staging: &Path,
+        start: Instant,
+    ) -> Result<Manifest, Failure> {
+        let node = &self.graph.nodes[i];
+        let task = &node.task;
+        let log_file = File::create(staging.join(BUILD_LOG))
+            .map_err(|e| Failure::new(format!("Cannot create build log: {e}")))?;
+        let log: Log = Arc::new(Mutex::new(log_file));
+        let dirs = Some((builddir, staging));
+        let env = self.environment(i, builddir, staging)?;
+        let cwd = match &task.def.cwd {
+            Some(c) => self.root.join(self.expand(i, c, dirs)?),
+            None => self.root.to_path_buf(),
+        };
+        let deadline = task.timeout.map(|t| start + t);
+
+        let mut acquired: Vec<usize> = Vec::new();
+        let mut result = Ok(());
+        for &r in &node.resources {
+            let renv = self.environment(r, builddir, staging)?;
+            let rnode = &self.graph.nodes[r];
+            self.send(Event::Log(
+                console::Level::Info,
+                format!(
+                    "Resource acquisition started ({} for {})",
+                    rnode.label(),
+                    node.short
+                ),
+            ));
+            result = rnode.task.acquire.iter().try_for_each(|c| {
+                let cmd = self.expand(r, c, None)?;
+                self.command(i, &cmd, self.root, &renv, deadline, &log)
+            });
+            if let Err(f) = result {
+                result = Err(Failure {
+                    lines: f
+                        .lines
+                        .into_iter()
+                        .chain([format!("Resource acquisition failed ({})", rnode.label())])
+                        .collect(),
+                    ..f
+                });
+                break;
+            }
+            acquired.push(r);
+        }
+        if result.is_ok() {
+            result = task.run.iter().try_for_each(|c| {
+                let cmd = self.expand(i, c, dirs)?;
+                self.command(i, &cmd, &cwd, &env, deadline, &log)
+            });
+        }
+        for &r in acquired.iter().rev() {
+            let rnode = &self.graph.nodes[r];
+            let renv = self.environment(r, builddir, staging)?;
+            let released = rnode.task.release.iter().try_for_each(|c| {
+                let cmd = self.expand(r, c, None)?;
+                self.command(i, &cmd, self.root, &renv, None, &log)
+            });
+            if let Err(f) = released {
+                if result.is_ok() {
+                    result = Err(f);
+                }
+            }
+        }
+        result?;
+
+        for rule in &task.publish {
+            let rule = artifact::Rule {
+                files: self.expand(i, &rule.files, dirs)?,
+                cwd: match &rule.cwd {
+                    Some(c) => cwd.join(self.expand(i, c, dirs)?),
+                    None => cwd.clone(),
+                },
+                dest: rule
+                    .dest
+                    .as_ref()
+                    .map(|d| self.expand(i, d, dirs))
+                    .transpose()?,
+                flatten: rule.flatten,
+            };
+            artifact::publish(node.name(), &rule, staging)?;
+        }
+        let meta = |map: &BTreeMap<String, String>| -> Result<BTreeMap<String, String>, Failure> {
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), self.expand(i, v, None)?)))
+                .collect()
+        };
+        let (files, size) = artifact::list_files(staging)?;
+        let _ = log.lock().expect("log").flush();
+        let manifest = Manifest {
+            task: node.name().to_string(),
+            identity: node.identity.clone(),
+            parameters: node.params.clone(),
+            influence: node.influence.clone(),
+            environ: meta(&task.def.environ)?,
+            strings: meta(&task.def.strings)?,
+            paths: meta(&task.def.paths)?,
+            files,
+            created: fsutil::format_timestamp(fsutil::now_secs()),
+            size,
+            expires: task.expires,
+            duration: start.elapsed().as_secs_f64(),
+            jolt: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        manifest.write(staging)?;
+        Ok(manifest)
+    }
+
+    /// Runs one shell command of node `i`, streaming its output.
+    fn command(
+        &self,
+        i: usize,
+        cmd: &str,
+        cwd: &Path,
+        env: &[(String, String)],
+        deadline: Option<Instant>,
+        log: &Log,
+    ) -> Result<(), Failure> {
+        let node: &Node = &self.graph.nodes[i];
+        let mut child = Command::new("sh")
+            .arg("-e")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(cwd)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| {
+                Failure::new(format!(
+                    "Cannot run command in {} ({}): {e}",
+                    cwd.display(),
+                    node.short
+                ))
+            })?;
+        let (done_tx, done_rx) = unbounded::<()>();
+        let streams: Vec<(Box<dyn std::io::Read + Send>, bool)> = vec![
+            (Box::new(child.stdout.take().expect("piped stdout")), false),
+            (Box::new(child.stderr.take().expect("piped stderr")), true),
+        ];
+        for (stream, is_err) in streams {
+            let events = self.events.clone();
+            let log = log.clone();
+            let done = done_tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match reader.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            let _ = log.lock().expect("log").write_all(&buf);
+                            let line = String::from_utf8_lossy(&buf);
+                            let line = line.trim_end_matches(['\n', '\r']).to_string();
+                            let _ = events.send(Event::Output(i, line, is_err));
+                        }
+                    }
+                }
+                drop(done);
+            });
+        }
+        drop(done_tx);
+
+        let pgid = child.id() as i32;
+        let mut backoff = Duration::from_micros(200);
+        let mut killed: Option<(Instant, bool)> = None; // (when, timed out)
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) => {}
+                Err(_) => break None,
+            }
+            let now = Instant::now();
+            match killed {
+                None => {
+                    let timed_out = deadline.is_some_and(|d| now >= d);
+                    if timed_out || interrupt::is_set() {
+                        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+                        killed = Some((now, timed_out));
+                    }
+                }
+                Some((when, _)) if now.duration_since(when) > KILL_GRACE => {
+                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                }
+                Some(_) => {}
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(20));
+        };
+        if killed.is_some() {
+            // Take down whatever else the command left in its group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+        // Wait for the output to drain; a background process holding the pipe open
+        // must not hold up the build forever.
+        let _ = done_rx.recv_timeout(Duration::from_secs(2));
+        match killed {
+            Some((_, true)) => {
+                let _ = writeln!(log.lock().expect("log"), "Command timeout: {cmd}");
+                Err(Failure::new(format!("Command timeout: {cmd}")))
+            }
+            Some((_, false)) => Err(Failure::interrupted(format!("Command interrupted: {cmd}"))),
+            None => match status {
+                Some(s) if s.success() => Ok(()),
+                other => {
+                    let _ = writeln!(log.lock().expect("log"), "Command failed: {cmd}");
+                    let code = other
+                        .and_then(|s| s.code())
+                        .map(|c| format!("exit status {c}"))
+                        .unwrap_or_else(|| "killed by a signal".into());
+                    log::debug!("{cmd}: {code}");
+                    Err(Failure::new(format!("Command failed: {cmd}")))
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,780 @@
+//! The executor: decides what each node of a graph needs (nothing, the cached
+//! artifact, a download, an execution here or on a network worker), then does it on a
+//! pool of threads.
+//!
+//! The calling thread is the scheduler and owns the console: it keeps two ready
+//! queues (executions here, limited by `-j`; transfers and remote executions, limited
+//! separately), highest weight first, hands node indices to the pool through a
+//! crossbeam channel and receives the threads' events (started, output lines, done)
+//! on another. What a thread does for a node is in [`job`].
+//!
+//! Only what is needed runs: a goal that is available needs nothing else; a task that
+//! must execute needs the artifacts it sees and its resources. "Available" means in
+//! the local cache for local builds, and in the HTTP cache for network builds and on
+//! workers.
+
+mod job;
+
+use anyhow::Result;
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
+use std::collections::{BTreeMap, BinaryHeap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::artifact::Manifest;
+use crate::cache::Cache;
+use crate::console;
+use crate::fsutil::{self, format_duration};
+use crate::graph::Graph;
+use crate::http_cache::{self, HttpCache};
+use crate::interrupt;
+use crate::messages::RecipeText;
+use crate::network::NetworkClient;
+use job::Worker;
+
+/// What kind of build this is.
+#[derive(Clone, Copy)]
+pub enum Mode<'a> {
+    /// `jolt build`: execute here, download what the HTTP cache holds.
+    Local,
+    /// `jolt download`: fetch the goals from the HTTP cache, never execute.
+    DownloadOnly,
+    /// A network worker: the goal is executed here (unless the HTTP cache holds it)
+    /// and uploaded; requirements must come from the caches.
+    Worker,
+    /// `jolt build --network`: workers execute, the client uploads what only it has
+    /// and downloads the goals.
+    Network(&'a Network<'a>),
+}
+
+/// What a network build needs besides the caches.
+pub struct Network<'a> {
+    pub client: &'a NetworkClient,
+    /// The workspace's recipe files, sent with every request.
+    pub recipes: Vec<RecipeText>,
+    /// Remote executions in flight at once.
+    pub jobs: usize,
+}
+
+/// Executor options.
+pub struct Options<'a> {
+    /// Executions at once on this machine.
+    pub jobs: usize,
+    /// `-k`: keep starting tasks whose requirements succeeded after a failure.
+    pub keep_going: bool,
+    pub mode: Mode<'a>,
+}
+
+/// Downloads and uploads at once.
+const TRANSFERS: usize = 4;
+
+/// What became of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Not needed by this build.
+    Unneeded,
+    /// Needed, but never started (the build stopped first).
+    Pending,
+    /// Found in the local cache.
+    Cached,
+    /// Found in the HTTP cache and not needed here.
+    Remote,
+    /// Fetched from the HTTP cache.
+    Downloaded,
+    /// Sent to the HTTP cache (network builds, workers).
+    Uploaded,
+    Executed,
+    Failed,
+    /// Failed, but marked `unstable`: does not fail the build.
+    Unstable,
+    /// Not run because a requirement failed.
+    Blocked,
+    Interrupted,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Unneeded => "unneeded",
+            Status::Pending => "not run",
+            Status::Cached => "cached",
+            Status::Remote => "remote",
+            Status::Downloaded => "downloaded",
+            Status::Uploaded => "uploaded",
+            Status::Executed => "executed",
+            Status::Failed => "failed",
+            Status::Unstable => "unstable",
+            Status::Blocked => "blocked",
+            Status::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// A committed (or, for non-cacheable tasks, temporary) artifact and its metadata.
+#[derive(Debug)]
+pub struct ArtifactInfo {
+    pub dir: PathBuf,
+    pub environ: BTreeMap<String, String>,
+    pub strings: BTreeMap<String, String>,
+    pub paths: BTreeMap<String, String>,
+}
+
+impl ArtifactInfo {
+    fn from_manifest(dir: PathBuf, m: Manifest) -> ArtifactInfo {
+        ArtifactInfo {
+            dir,
+            environ: m.environ,
+            strings: m.strings,
+            paths: m.paths,
+        }
+    }
+}
+
+/// The outcome of a build.
+#[derive(Debug)]
+pub struct Report {
+    pub status: Vec<Status>,
+    pub duration: Vec<Option<Duration>>,
+    /// The tail of the log of each failed task.
+    pub logs: Vec<Option<String>>,
+    pub interrupted: bool,
+}
+
+impl Report {
+    pub fn count(&self, s: Status) -> usize {
+        self.status.iter().filter(|&&x| x == s).count()
+    }
+
+    /// Whether any failure counts against the build.
+    pub fn failed(&self) -> bool {
+        self.status
+            .iter()
+            .any(|s| matches!(s, Status::Failed | Status::Blocked | Status::Pending))
+    }
+}
+
+struct Failure {
+    lines: Vec<String>,
+    interrupted: bool,
+    /// The tail of the task's log.
+    log: Option<String>,
+    /// The failure happened on a network worker.
+    remote: bool,
+}
+
+impl Failure {
+    fn new(line: impl Into<String>) -> Failure {
+        Failure {
+            lines: vec![line.into()],
+            interrupted: false,
+            log: None,
+            remote: false,
+        }
+    }
+
+    fn interrupted(line: impl Into<String>) -> Failure {
+        Failure {
+            interrupted: true,
+            ..Failure::new(line)
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Failure {
+        Failure::new(format!("{e:#}"))
+    }
+}
+
+enum Done {
+    Executed(Arc<ArtifactInfo>, Duration),
+    /// Executed by a network worker; the artifact is in the HTTP cache (and, for a
+    /// goal, downloaded).
+    RemoteExecuted(Option<Arc<ArtifactInfo>>, Duration),
+    Downloaded(Arc<ArtifactInfo>),
+    Uploaded,
+    /// Another process committed the artifact while this one waited for its lock.
+    Reused(Arc<ArtifactInfo>),
+    /// The HTTP cache could not deliver a usable artifact: build it instead.
+    DownloadFailed,
+}
+
+enum Event {
+    Started(usize),
+    Output(usize, String, bool),
+    /// A line of a remote task's log, always shown with the task's name.
+    Replay(usize, String),
+    Log(console::Level, String),
+    /// A remote execution was accepted by a worker.
+    RemoteRunning,
+    Done(usize, Result<Done, Failure>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Plan {
+    /// Not (yet) needed.
+    Unplanned,
+    /// Available without work.
+    Available,
+    Download,
+    Upload,
+    Execute,
+    Remote,
+    /// An alias or a resource: done once what it groups is done.
+    Group,
+}
+
+impl Plan {
+    /// Which ready queue and limit the job uses: 0 local executions, 1 the others.
+    fn lane(self) -> usize {
+        match self {
+            Plan::Execute => 0,
+            _ => 1,
+        }
+    }
+}
+
+/// The services a build uses.
+pub struct Services<'a> {
+    pub cache: &'a Cache,
+    pub http: Option<&'a HttpCache>,
+}
+
+/// Runs the graph's goals.
+pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> Result<Report> {
+    let n = graph.nodes.len();
+    let mut is_goal = vec![false; n];
+    for &g in &graph.goals {
+        is_goal[g] = true;
+    }
+    let limits = [
+        opts.jobs.max(1),
+        match opts.mode {
+            Mode::Network(net) => net.jobs.max(1) + TRANSFERS,
+            _ => TRANSFERS,
+        },
+    ];
+    let mut sched = Scheduler {
+        graph,
+        services,
+        mode: opts.mode,
+        is_goal,
+        plan: vec![Plan::Unplanned; n],
+        status: vec![Status::Unneeded; n],
+        available: vec![false; n],
+        pending: vec![0; n],
+        dependents: vec![Vec::new(); n],
+        ready: [BinaryHeap::new(), BinaryHeap::new()],
+        durations: vec![None; n],
+        started: vec![None; n],
+        logs: vec![None; n],
+        stop: false,
+        keep_going: opts.keep_going,
+        done: 0,
+        total: 0,
+        remote_running: 0,
+    };
+    for &g in &graph.goals {
+        sched.plan(g)?;
+    }
+
+    let infos: Vec<OnceLock<Arc<ArtifactInfo>>> = (0..n).map(|_| OnceLock::new()).collect();
+    let is_goal = sched.is_goal.clone();
+    let prefix_output = opts.jobs > 1 && sched.total > 1;
+    let mut interrupted = false;
+    let scratch_dirs: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let result: Result<()> = std::thread::scope(|scope| {
+        let (job_tx, job_rx) = unbounded::<(usize, Plan)>();
+        let (ev_tx, ev_rx) = unbounded::<Event>();
+        for _ in 0..limits[0] + limits[1] {
+            let worker = Worker {
+                graph,
+                cache: services.cache,
+                http: services.http,
+                mode: opts.mode,
+                root,
+                infos: &infos,
+                events: ev_tx.clone(),
+                scratch: &scratch_dirs,
+                is_goal: &is_goal,
+            };
+            let jobs: Receiver<(usize, Plan)> = job_rx.clone();
+            scope.spawn(move || {
+                while let Ok((i, plan)) = jobs.recv() {
+                    let result = worker.run(i, plan);
+                    worker.send(Event::Done(i, result));
+                }
+            });
+        }
+        drop(ev_tx);
+        let mut running = [0usize; 2];
+        let outcome = loop {
+            if interrupt::is_set() && !sched.stop {
+                sched.stop = true;
+                interrupted = true;
+                console::error("Interrupted by user");
+            }
+            for lane in 0..2 {
+                while !sched.stop && running[lane] < limits[lane] {
+                    let Some((_, std::cmp::Reverse(i))) = sched.ready[lane].pop() else {
+                        break;
+                    };
+                    running[lane] += 1;
+                    let _ = job_tx.send((i, sched.plan[i]));
+                }
+            }
+            if running == [0, 0] {
+                break Ok(());
+            }
+            sched.show_status(running[0]);
+            let event = match ev_rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(e) => e,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break Ok(()),
+            };
+            match event {
+                Event::Started(i) => {
+                    sched.started[i] = Some(Instant::now());
+                    console::info(&format!("Execution started ({})", graph.nodes[i].label()))
+                }
+                Event::Output(i, line, is_err) => {
+                    let prefix = prefix_output.then(|| graph.nodes[i].short.as_str());
+                    console::output(prefix, &line, is_err);
+                }
+                Event::Replay(i, line) => {
+                    console::output(Some(&graph.nodes[i].short), &line, false)
+                }
+                Event::Log(level, message) => console::log(level, &message),
+                Event::RemoteRunning => sched.remote_running += 1,
+                Event::Done(i, result) => {
+                    let lane = sched.plan[i].lane();
+                    running[lane] -= 1;
+                    if sched.plan[i] == Plan::Remote && sched.remote_running > 0 {
+                        sched.remote_running -= 1;
+                    }
+                    if let Err(e) = sched.finish(i, result, &infos) {
+                        sched.stop = true;
+                        // Let the running jobs end before giving up.
+                        let mut left: usize = running.iter().sum();
+                        while left > 0 {
+                            match ev_rx.recv() {
+                                Ok(Event::Done(..)) => left -= 1,
+                                Ok(_) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        drop(job_tx);
+        outcome
+    });
+    console::status(None);
+    for dir in scratch_dirs.into_inner().unwrap_or_default() {
+        let _ = fsutil::remove_dir_all(&dir);
+    }
+    result?;
+    Ok(Report {
+        status: sched.status,
+        duration: sched.durations,
+        logs: sched.logs,
+        interrupted,
+    })
+}
+
+struct Scheduler<'a> {
+    graph: &'a Graph,
+    services: &'a Services<'a>,
+    mode: Mode<'a>,
+    is_goal: Vec<bool>,
+    plan: Vec<Plan>,
+    status: Vec<Status>,
+    /// The node's artifact (or, for a group, everything it groups) is available.
+    available: Vec<bool>,
+    pending: Vec<usize>,
+    dependents: Vec<Vec<usize>>,
+    ready: [BinaryHeap<(i64, std::cmp::Reverse<usize>)>; 2],
+    durations: Vec<Option<Duration>>,
+    started: Vec<Option<Instant>>,
+    logs: Vec<Option<String>>,
+    stop: bool,
+    keep_going: bool,
+    done: usize,
+    total: usize,
+    remote_running: usize,
+}
+
+/// Warns once that the HTTP cache is unreachable, or about any other HTTP failure.
+fn http_warning(http: &HttpCache, what: &str, err: &anyhow::Error) -> Option<String> {
+    if http_cache::is_unreachable(err) {
+        http.mark_down().then(|| {
+            format!(
+                "HTTP cache {} is unreachable ({err:#}); going on without it",
+                http.uri()
+            )
+        })
+    } else {
+        Some(format!("{what} failed: {err:#}"))
+    }
+}
+
+impl Scheduler<'_> {
+    /// Decides what node `i` needs, planning its requirements first.
+    fn plan(&mut self, i: usize) -> Result<()> {
+        if self.plan[i] != Plan::Unplanned {
+            return Ok(());
+        }
+        let graph = self.graph;
+        let node = &graph.nodes[i];
+        self.status[i] = Status::Pending;
+        let needs = || -> Vec<usize> {
+            graph
+                .visible(i)
+                .iter()
+                .chain(&node.resources)
+                .copied()
+                .collect()
+        };
+        if node.is_alias() {
+            self.plan[i] = Plan::Group;
+            return self.plan_needs(i, graph.expand_alias(i));
+        }
+        if node.is_resource() {
+            self.plan[i] = Plan::Group;
+            return self.plan_needs(i, needs());
+        }
+        let cache = self.services.cache;
+        cache.mark_used([(node.name(), node.identity.as_str())])?;
+        let cacheable = node.task.cacheable;
+        let local = cacheable && cache.is_present(node.name(), &node.identity);
+        let goal = self.is_goal[i];
+        let plan = match self.mode {
+            Mode::Local => {
+                if local {
+                    Plan::Available
+                } else if cacheable && self.remote_has(i) {
+                    Plan::Download
+                } else {
+                    Plan::Execute
+                }
+            }
+            Mode::DownloadOnly => {
+                if local {
+                    Plan::Available
+                } else if self.remote_has(i) {
+                    Plan::Download
+                } else {
+                    self.not_built(i);
+                    return Ok(());
+                }
+            }
+            Mode::Worker => {
+                let remote = cacheable && self.remote_has(i);
+                match (goal, local, remote) {
+                    (true, _, true) => {
+                        self.plan[i] = Plan::Available;
+                        self.status[i] = Status::Remote;
+                        self.available[i] = true;
+                        return Ok(());
+                    }
+                    (true, true, false) => Plan::Upload,
+                    (true, false, false) => Plan::Execute,
+                    (false, true, _) => Plan::Available,
+                    (false, false, true) => Plan::Download,
+                    (false, false, false) => {
+                        self.not_built(i);
+                        return Ok(());
+                    }
+                }
+            }
+            Mode::Network(_) => {
+                let remote = cacheable && self.remote_has(i);
+                if remote && local {
+                    Plan::Available
+                } else if remote {
+                    if goal {
+                        Plan::Download
+                    } else {
+                        self.plan[i] = Plan::Available;
+                        self.status[i] = Status::Remote;
+                        self.available[i] = true;
+                        return Ok(());
+                    }
+                } else if local {
+                    Plan::Upload
+                } else if node.task.def.fast
+                    && needs().iter().all(|&d| {
+                        let n = &graph.nodes[d];
+                        n.is_resource() || cache.is_present(n.name(), &n.identity)
+                    })
+                {
+                    Plan::Execute
+                } else {
+                    Plan::Remote
+                }
+            }
+        };
+        self.plan[i] = plan;
+        match plan {
+            Plan::Available => {
+                self.status[i] = Status::Cached;
+                self.available[i] = true;
+                Ok(())
+            }
+            Plan::Execute | Plan::Remote => {
+                self.total += 1;
+                self.plan_needs(i, needs())
+            }
+            _ => {
+                self.total += 1;
+                self.make_ready(i);
+                Ok(())
+            }
+        }
+    }
+
+    fn plan_needs(&mut self, i: usize, needs: Vec<usize>) -> Result<()> {
+        for d in needs {
+            self.plan(d)?;
+            if self.available[d] {
+                continue;
+            }
+            if self.status[d] == Status::Pending {
+                if !self.dependents[d].contains(&i) {
+                    self.pending[i] += 1;
+                    self.dependents[d].push(i);
+                }
+            } else {
+                self.status[i] = Status::Blocked;
+            }
+        }
+        if self.pending[i] == 0 && self.status[i] == Status::Pending {
+            self.make_ready(i);
+        }
+        Ok(())
+    }
+
+    /// A task that must come from a cache but no cache holds.
+    fn not_built(&mut self, i: usize) {
+        let node = &self.graph.nodes[i];
+        let message = match self.mode {
+            Mode::Worker => format!(
+                "Requirement {} is in no cache: it must be built before its consumers",
+                node.label()
+            ),
+            _ => format!("Task must be built first: no cache holds {}", node.label()),
+        };
+        console::error(&message);
+        self.plan[i] = Plan::Available;
+        self.status[i] = Status::Failed;
+        self.propagate(i, Some((i, false)));
+    }
+
+    /// Whether the HTTP cache holds node `i`'s artifact (and downloads are enabled).
+    fn remote_has(&mut self, i: usize) -> bool {
+        let Some(http) = self.services.http.filter(|h| h.download && !h.is_down()) else {
+            return false;
+        };
+        let node = &self.graph.nodes[i];
+        match http.exists(node.name(), &node.identity) {
+            Ok(present) => present,
+            Err(e) => {
+                if let Some(w) = http_warning(http, "HEAD", &e) {
+                    console::warn(&w);
+                }
+                false
+            }
+        }
+    }
+
+    fn make_ready(&mut self, i: usize) {
+        if self.plan[i] == Plan::Group {
+            // Resources and aliases do no work of their own.
+            self.status[i] = Status::Unneeded;
+            self.available[i] = true;
+            self.propagate(i, None);
+        } else {
+            let lane = self.plan[i].lane();
+            self.ready[lane].push((self.graph.nodes[i].weight, std::cmp::Reverse(i)));
+        }
+    }
+
+    /// Releases the dependents of a finished node; `failed` names a failed requirement.
+    fn propagate(&mut self, i: usize, failed: Option<(usize, bool)>) {
+        for c in std::mem::take(&mut self.dependents[i]) {
+            if self.status[c] != Status::Pending {
+                continue;
+            }
+            match failed {
+                None => {
+                    self.pending[c] -= 1;
+                    if self.pending[c] == 0 {
+                        self.make_ready(c);
+                    }
+                }
+                Some((f, unstable)) => {
+                    if unstable && matches!(self.plan[c], Plan::Execute | Plan::Remote) {
+                        let node = &self.graph.nodes[c];
+                        console::error(&format!(
+                            "Task depends on failed task '{}' ({})",
+                            self.graph.nodes[f].short,
+                            node.label()
+                        ));
+                        let s = if node.task.def.unstable {
+                            Status::Unstable
+                        } else {
+                            if !self.keep_going {
+                                self.stop = true;
+                            }
+                            Status::Failed
+                        };
+                        self.status[c] = s;
+                        self.propagate(c, Some((c, s == Status::Unstable)));
+                    } else {
+                        self.status[c] = Status::Blocked;
+                        self.propagate(c, Some((f, false)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn succeed(
+        &mut self,
+        i: usize,
+        status: Status,
+        info: Option<Arc<ArtifactInfo>>,
+        infos: &[OnceLock<Arc<ArtifactInfo>>],
+    ) {
+        if let Some(info) = info {
+            let _ = infos[i].set(info);
+        }
+        self.status[i] = status;
+        self.available[i] = true;
+        self.propagate(i, None);
+    }
+
+    fn finish(
+        &mut self,
+        i: usize,
+        result: Result<Done, Failure>,
+        infos: &[OnceLock<Arc<ArtifactInfo>>],
+    ) -> Result<()> {
+        let node = &self.graph.nodes[i];
+        self.done += 1;
+        match result {
+            Ok(Done::Executed(info, duration)) => {
+                console::info(&format!(
+                    "Execution finished after {} ({})",
+                    format_duration(duration),
+                    node.label()
+                ));
+                self.durations[i] = Some(duration);
+                self.succeed(i, Status::Executed, Some(info), infos);
+            }
+            Ok(Done::RemoteExecuted(info, duration)) => {
+                console::info(&format!(
+                    "Remote execution finished after {} ({})",
+                    format_duration(duration),
+                    node.label()
+                ));
+                self.durations[i] = Some(duration);
+                self.succeed(i, Status::Executed, info, infos);
+            }
+            Ok(Done::Downloaded(info)) => self.succeed(i, Status::Downloaded, Some(info), infos),
+            Ok(Done::Uploaded) => self.succeed(i, Status::Uploaded, None, infos),
+            Ok(Done::Reused(info)) => {
+                console::verbose(&format!(
+                    "Execution skipped, built by another process ({})",
+                    node.label()
+                ));
+                self.succeed(i, Status::Cached, Some(info), infos);
+            }
+            Ok(Done::DownloadFailed) => match self.mode {
+                Mode::Local => {
+                    // Build it instead, with what it needs.
+                    self.done -= 1;
+                    self.plan[i] = Plan::Execute;
+                    let needs = self
+                        .graph
+                        .visible(i)
+                        .iter()
+                        .chain(&node.resources)
+                        .copied()
+                        .collect();
+                    self.plan_needs(i, needs)?;
+                }
+                Mode::Network(_) => {
+                    let url = self
+                        .services
+                        .http
+                        .map(|h| h.url(node.name(), &node.identity))
+                        .unwrap_or_default();
+                    console::error(&format!(
+                        "The HTTP cache holds an unusable artifact of {} ({url}): remove it and build again",
+                        node.label()
+                    ));
+                    self.status[i] = Status::Failed;
+                    if !self.keep_going {
+                        self.stop = true;
+                    }
+                    self.propagate(i, Some((i, false)));
+                }
+                Mode::DownloadOnly | Mode::Worker => self.not_built(i),
+            },
+            Err(failure) if failure.interrupted => {
+                self.status[i] = Status::Interrupted;
+                self.propagate(i, Some((i, false)));
+            }
+            Err(failure) => {
+                for line in &failure.lines {
+                    console::error(line);
+                }
+                let unstable = node.task.def.unstable;
+                let elapsed = self.started[i].map(|s| s.elapsed()).unwrap_or_default();
+                self.durations[i] = Some(elapsed);
+                console::error(&format!(
+                    "{}xecution failed after {} ({}){}",
+                    if failure.remote { "Remote e" } else { "E" },
+                    format_duration(elapsed),
+                    node.label(),
+                    if unstable { ", unstable" } else { "" }
+                ));
+                self.logs[i] = failure.log;
+                self.status[i] = if unstable {
+                    Status::Unstable
+                } else {
+                    Status::Failed
+                };
+                if !unstable && !self.keep_going {
+                    self.stop = true;
+                }
+                self.propagate(i, Some((i, unstable)));
+            }
+        }
+        Ok(())
+    }
+
+    fn show_status(&self, running: usize) {
+        let remote = match self.mode {
+            Mode::Network(_) => {
+                let in_flight = self.ready[1].len();
+                format!(
+                    ", {} remote running, {} queued",
+                    self.remote_running, in_flight
+                )
+            }
+            _ => String::new(),
+        };
+        console::status(Some(format!(
+            "[{}/{}] {} running{remote}{}",
+            self.done,
+            self.total,
+            running,
+            if self.stop { ", stopping" } else { "" }
+        )));
+    }
+}

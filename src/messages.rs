@@ -1,0 +1,169 @@
+//! The messages of network builds: execution requests (client → worker, through
+//! `jolt_exchange`) and replies (worker → clients, through `jolt_results`, routed by
+//! task identity). Both are JSON objects with a `version`; a worker answers a request
+//! it cannot read or whose version it does not speak with an `error` reply.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The message format version this jolt speaks.
+pub const VERSION: u32 = 1;
+
+/// A recipe file carried by a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecipeText {
+    /// Relative to the workspace root.
+    pub path: String,
+    pub text: String,
+}
+
+/// What a worker needs to build one task anywhere.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    pub version: u32,
+    /// The identity the client computed; the worker must compute the same.
+    pub identity: String,
+    /// The task's name.
+    pub task: String,
+    /// The qualified reference (name and every parameter) to build.
+    pub reference: String,
+    /// Every recipe file of the workspace.
+    pub recipes: Vec<RecipeText>,
+    /// Taints (salt, `-f`) by qualified reference.
+    #[serde(default)]
+    pub taints: BTreeMap<String, String>,
+    /// Identities of every requirement in the task's closure, by qualified reference.
+    #[serde(default)]
+    pub pins: BTreeMap<String, String>,
+    /// Values of the environment variables the identities depend on.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// SHA-256 of the source snapshot at `{http.uri}/_sources/{digest}.tar`, a tar of
+    /// the task's influence files; `None` when it has none.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Who asks: `host:pid`.
+    #[serde(default)]
+    pub client: String,
+}
+
+/// What a reply says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyKind {
+    /// A worker took the request.
+    Accepted,
+    /// The worker is still at it (sent periodically).
+    Running,
+    /// The artifact is in the HTTP cache (or the task, not cacheable, ran).
+    Success,
+    /// The task failed; `log` holds the tail of its output.
+    Failed,
+    /// The request could not be handled (malformed, incompatible, identity mismatch).
+    Error,
+}
+
+/// A worker's answer, published to `jolt_results` with the identity as routing key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub version: u32,
+    pub identity: String,
+    pub kind: ReplyKind,
+    /// `host:pid` of the worker.
+    pub worker: String,
+    /// Seconds the execution took.
+    #[serde(default)]
+    pub duration: f64,
+    /// The tail of the task's log.
+    #[serde(default)]
+    pub log: String,
+    /// What went wrong.
+    #[serde(default)]
+    pub error: String,
+}
+
+/// Why a request was refused: the identity when it could be read, and a message.
+#[derive(Debug)]
+pub struct Malformed {
+    pub identity: Option<String>,
+    pub message: String,
+}
+
+impl Request {
+    /// Reads a request body, checking its version.
+    pub fn parse(body: &[u8]) -> Result<Request, Malformed> {
+        let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| Malformed {
+            identity: None,
+            message: format!("malformed request: {e}"),
+        })?;
+        let identity = value
+            .get("identity")
+            .and_then(|v| v.as_str())
+            .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_string);
+        let version = value.get("version").and_then(|v| v.as_u64());
+        if version != Some(VERSION as u64) {
+            return Err(Malformed {
+                identity,
+                message: format!(
+                    "incompatible request version {}; this worker speaks version {VERSION}",
+                    version
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|| "(none)".into())
+                ),
+            });
+        }
+        serde_json::from_value(value).map_err(|e| Malformed {
+            identity,
+            message: format!("malformed request: {e}"),
+        })
+    }
+}
+
+/// `host:pid`, naming this process in messages.
+pub fn whoami() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{host}:{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_requests_are_refused_with_their_identity_when_readable() {
+        let id = "a".repeat(64);
+        let e = Request::parse(b"not json").unwrap_err();
+        assert!(e.identity.is_none());
+        let e = Request::parse(format!("{{\"version\": 99, \"identity\": \"{id}\"}}").as_bytes())
+            .unwrap_err();
+        assert_eq!(e.identity.as_deref(), Some(id.as_str()));
+        assert!(e.message.contains("incompatible"));
+        let e = Request::parse(format!("{{\"version\": 1, \"identity\": \"{id}\"}}").as_bytes())
+            .unwrap_err();
+        assert!(e.message.contains("malformed"));
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request {
+            version: VERSION,
+            identity: "b".repeat(64),
+            task: "t".into(),
+            reference: "t:p=1".into(),
+            recipes: vec![RecipeText {
+                path: "jolt.toml".into(),
+                text: "[task.t]".into(),
+            }],
+            taints: BTreeMap::new(),
+            pins: BTreeMap::new(),
+            env: BTreeMap::new(),
+            snapshot: None,
+            client: whoami(),
+        };
+        let back = Request::parse(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back.reference, "t:p=1");
+    }
+}

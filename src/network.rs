@@ -1,0 +1,416 @@
+//! The client side of network builds: one connection to RabbitMQ, one exclusive reply
+//! queue bound to `jolt_results` by the identity of every task this client waits for,
+//! and a thread that owns the connection: it reads replies and hands them to the
+//! waiting jobs, and when the broker goes away it reconnects with capped back-off,
+//! re-binds, and tells every waiting job (which then re-checks the HTTP cache and
+//! sends its request again).
+
+use amiquip::{
+    AmqpProperties, Channel, ConsumerMessage, ConsumerOptions, FieldTable, Publish,
+    QueueDeclareOptions,
+};
+use anyhow::{Context, Result};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::amqp::{Settings, RESULTS};
+use crate::cache::Cache;
+use crate::error::infra;
+use crate::http_cache::HttpCache;
+use crate::messages::Reply;
+use crate::recipe::hex;
+
+/// What a waiting job receives.
+#[derive(Debug)]
+pub enum Incoming {
+    Reply(Reply),
+    /// The connection was lost and is back: replies may have been missed.
+    Reconnected,
+}
+
+struct Link {
+    channel: Channel,
+    queue: String,
+    /// Routing keys whose request queue this connection has declared.
+    declared: HashSet<String>,
+}
+
+struct Shared {
+    /// The publishing channel, `None` while disconnected.
+    link: Mutex<Option<Link>>,
+    connected: Condvar,
+    waiters: Mutex<HashMap<String, Vec<Sender<Incoming>>>>,
+    stop: AtomicBool,
+}
+
+/// A connection to the broker for one build.
+pub struct NetworkClient {
+    settings: Settings,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    snapshots: Mutex<HashSet<String>>,
+}
+
+/// Replies for one identity; unsubscribes when dropped.
+pub struct Subscription<'a> {
+    client: &'a NetworkClient,
+    identity: String,
+    tx: Sender<Incoming>,
+    rx: Receiver<Incoming>,
+}
+
+impl Subscription<'_> {
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Incoming, RecvTimeoutError> {
+        self.rx.recv_timeout(timeout)
+    }
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        self.client.unsubscribe(&self.identity, &self.tx);
+    }
+}
+
+/// Opens the connection and its two channels; declares the reply queue.
+fn open(settings: &Settings) -> Result<(amiquip::Connection, Channel, Channel, String)> {
+    let mut connection = settings.connect()?;
+    let publisher = connection.open_channel(None)?;
+    let consumer = connection.open_channel(None)?;
+    let queue = consumer.queue_declare(
+        "",
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+    )?;
+    let name = queue.name().to_string();
+    publisher.exchange_declare(
+        amiquip::ExchangeType::Direct,
+        RESULTS,
+        amiquip::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+    )?;
+    Ok((connection, publisher, consumer, name))
+}
+
+impl NetworkClient {
+    /// Connects to the broker; an unreachable broker is an infrastructure error (exit 3).
+    pub fn connect(settings: Settings) -> Result<NetworkClient> {
+        let first = open(&settings).map_err(|e| infra(format!("{e:#}")))?;
+        let shared = Arc::new(Shared {
+            link: Mutex::new(None),
+            connected: Condvar::new(),
+            waiters: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+        });
+        let thread = {
+            let shared = shared.clone();
+            let settings = settings.clone();
+            std::thread::spawn(move || serve(settings, shared, first))
+        };
+        Ok(NetworkClient {
+            settings,
+            shared,
+            thread: Some(thread),
+            snapshots: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Waits for a connection (or a stop) and runs `f` on the publishing link.
+    fn with_link<T>(&self, f: impl FnOnce(&mut Link) -> Result<T>) -> Result<T> {
+        let mut guard = self.shared.link.lock().expect("link");
+        loop {
+            if crate::interrupt::is_set() || self.shared.stop.load(Ordering::Relaxed) {
+                anyhow::bail!("interrupted");
+            }
+            if let Some(link) = guard.as_mut() {
+                return f(link);
+            }
+            guard = self
+                .shared
+                .connected
+                .wait_timeout(guard, Duration::from_millis(200))
+                .expect("link")
+                .0;
+        }
+    }
+
+    /// Starts receiving the replies for `identity`.
+    pub fn subscribe(&self, identity: &str) -> Result<Subscription<'_>> {
+        let (tx, rx) = unbounded();
+        self.shared
+            .waiters
+            .lock()
+            .expect("waiters")
+            .entry(identity.to_string())
+            .or_default()
+            .push(tx.clone());
+        // Bind now; after a reconnect the connection thread binds every waiter again.
+        let bound = self.with_link(|link| {
+            link.channel
+                .queue_bind(&link.queue, RESULTS, identity, FieldTable::new())
+                .map_err(anyhow::Error::from)
+        });
+        if let Err(e) = bound {
+            log::debug!("bind {identity}: {e:#}");
+        }
+        Ok(Subscription {
+            client: self,
+            identity: identity.to_string(),
+            tx,
+            rx,
+        })
+    }
+
+    fn unsubscribe(&self, identity: &str, own: &Sender<Incoming>) {
+        let mut waiters = self.shared.waiters.lock().expect("waiters");
+        let last = match waiters.get_mut(identity) {
+            Some(list) => {
+                list.retain(|tx| !tx.same_channel(own));
+                list.is_empty()
+            }
+            None => false,
+        };
+        if last {
+            waiters.remove(identity);
+            drop(waiters);
+            if let Ok(mut guard) = self.shared.link.lock() {
+                if let Some(link) = guard.as_mut() {
+                    let _ = link.channel.queue_unbind(
+                        &link.queue,
+                        RESULTS,
+                        identity,
+                        FieldTable::new(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Publishes a request (persistent, with the configured priority), declaring the
+    /// request queue of its routing key first. Waits while the broker is away.
+    pub fn publish(&self, routing_key: &str, body: &[u8]) -> Result<()> {
+        let priority = self.settings.priority;
+        loop {
+            let sent = self.with_link(|link| {
+                if !link.declared.contains(routing_key) {
+                    self.settings.declare(&link.channel, routing_key)?;
+                    link.declared.insert(routing_key.to_string());
+                }
+                link.channel
+                    .basic_publish(
+                        crate::amqp::REQUESTS,
+                        Publish::with_properties(
+                            body,
+                            routing_key,
+                            AmqpProperties::default()
+                                .with_delivery_mode(2)
+                                .with_priority(priority)
+                                .with_content_type("application/json".into()),
+                        ),
+                    )
+                    .map_err(anyhow::Error::from)
+            });
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(e) if crate::interrupt::is_set() => return Err(e),
+                Err(e) => {
+                    // The connection thread notices the loss and reconnects.
+                    log::debug!("publish failed, waiting for the broker: {e:#}");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// Packs `files` (relative to `root`) into a source snapshot, uploads it to the
+    /// HTTP cache once per digest, and returns the digest.
+    pub fn snapshot(
+        &self,
+        root: &Path,
+        files: &[PathBuf],
+        http: &HttpCache,
+        cache: &Cache,
+    ) -> Result<String> {
+        struct Hashing<W> {
+            inner: W,
+            hasher: Sha256,
+        }
+        impl<W: Write> Write for Hashing<W> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let n = self.inner.write(buf)?;
+                self.hasher.update(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.inner.flush()
+            }
+        }
+        let scratch = cache.scratch("snapshot")?;
+        let result = (|| {
+            let path = scratch.join("sources.tar");
+            let file = std::fs::File::create(&path)?;
+            let mut out = Hashing {
+                inner: std::io::BufWriter::new(file),
+                hasher: Sha256::new(),
+            };
+            crate::archive::pack_files(root, files, &mut out)?;
+            out.flush()?;
+            let digest = hex(&out.hasher.finalize());
+            if self.snapshots.lock().expect("snapshots").contains(&digest) {
+                return Ok(digest);
+            }
+            http.store_source(&digest, &path)
+                .with_context(|| "Cannot upload the source snapshot")?;
+            self.snapshots
+                .lock()
+                .expect("snapshots")
+                .insert(digest.clone());
+            Ok(digest)
+        })();
+        let _ = crate::fsutil::remove_dir_all(&scratch);
+        result
+    }
+}
+
+impl Drop for NetworkClient {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The connection thread: reads replies, reconnects when the broker goes away.
+fn serve(
+    settings: Settings,
+    shared: Arc<Shared>,
+    first: (amiquip::Connection, Channel, Channel, String),
+) {
+    let mut next = Some(first);
+    let mut reconnected = false;
+    let mut backoff = Duration::from_millis(250);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let (connection, publisher, consumer_channel, queue) = match next.take() {
+            Some(c) => c,
+            None => match open(&settings) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::debug!("reconnect: {e:#}");
+                    sleep_unless_stopped(&shared, backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_millis(250);
+        // Bind every identity someone waits for, then let publishers in.
+        let identities: Vec<String> = shared
+            .waiters
+            .lock()
+            .expect("waiters")
+            .keys()
+            .cloned()
+            .collect();
+        let mut ok = true;
+        for identity in &identities {
+            if publisher
+                .queue_bind(&queue, RESULTS, identity.as_str(), FieldTable::new())
+                .is_err()
+            {
+                ok = false;
+                break;
+            }
+        }
+        let consumer = match consumer_channel.basic_consume(
+            queue.as_str(),
+            ConsumerOptions {
+                no_ack: true,
+                exclusive: true,
+                ..Default::default()
+            },
+        ) {
+            Ok(c) if ok => c,
+            _ => {
+                drop(connection);
+                continue;
+            }
+        };
+        *shared.link.lock().expect("link") = Some(Link {
+            channel: publisher,
+            queue: queue.clone(),
+            declared: HashSet::new(),
+        });
+        shared.connected.notify_all();
+        if reconnected {
+            crate::console::warn(&format!(
+                "Reconnected to RabbitMQ at {}",
+                settings.address()
+            ));
+            for list in shared.waiters.lock().expect("waiters").values() {
+                for tx in list {
+                    let _ = tx.send(Incoming::Reconnected);
+                }
+            }
+        }
+        loop {
+            if shared.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            match consumer.receiver().recv_timeout(Duration::from_millis(200)) {
+                Ok(ConsumerMessage::Delivery(delivery)) => {
+                    match serde_json::from_slice::<Reply>(&delivery.body) {
+                        Ok(reply) => {
+                            let waiters = shared.waiters.lock().expect("waiters");
+                            for tx in waiters.get(&reply.identity).into_iter().flatten() {
+                                let _ = tx.send(Incoming::Reply(reply.clone()));
+                            }
+                        }
+                        Err(e) => log::warn!("ignoring an unreadable reply: {e}"),
+                    }
+                }
+                Ok(other) => {
+                    crate::console::warn(&format!(
+                        "Lost the connection to RabbitMQ at {} ({other:?}); reconnecting",
+                        settings.address()
+                    ));
+                    break;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let link = shared.link.lock().expect("link").take();
+        drop(consumer);
+        drop(link);
+        drop(consumer_channel);
+        if shared.stop.load(Ordering::Relaxed) {
+            let _ = connection.close();
+            return;
+        }
+        drop(connection);
+        reconnected = true;
+    }
+}
+
+fn sleep_unless_stopped(shared: &Shared, total: Duration) {
+    let until = std::time::Instant::now() + total;
+    while std::time::Instant::now() < until && !shared.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
