@@ -26,6 +26,7 @@ pub mod param;
 pub mod placeholder;
 pub mod recipe;
 pub mod taskref;
+pub mod worker;
 
 use clap::Parser;
 use std::ffi::OsString;
@@ -48,7 +49,6 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
         })
         .parse_env("RUST_LOG")
         .try_init();
-    interrupt::install();
     match commands::dispatch(cli) {
         Ok(code) => code,
         Err(err) => {

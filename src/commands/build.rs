@@ -10,10 +10,12 @@ use crate::cli::{BuildArgs, DownloadArgs};
 use crate::config::Config;
 use crate::console;
 use crate::error::{self, usage};
-use crate::executor::{self, Mode, Services, Status};
+use crate::executor::{self, Mode, Network, Services, Status};
 use crate::fsutil::format_duration;
 use crate::graph::{Graph, GraphOptions};
 use crate::http_cache::HttpCache;
+use crate::messages::RecipeText;
+use crate::network::NetworkClient;
 
 #[derive(Serialize)]
 struct TaskReport<'a> {
@@ -35,11 +37,6 @@ struct BuildReport<'a> {
 
 pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
     let started = Instant::now();
-    if args.network {
-        return Err(usage(
-            "Network builds (--network) are not available in this version of jolt",
-        ));
-    }
     let ws = Workspace::open(config)?;
     let graph = ws.graph(
         &args.tasks,
@@ -64,12 +61,51 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
         cache: &ws.cache,
         http: http.as_ref(),
     };
+    if !args.network {
+        let opts = executor::Options {
+            jobs,
+            keep_going: args.keep_going,
+            mode: Mode::Local,
+        };
+        let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
+        return finish(&ws, &graph, &report, &args, started);
+    }
+
+    let Some(http) = &http else {
+        return Err(usage(
+            "Network builds exchange artifacts through an HTTP cache: set http.uri",
+        ));
+    };
+    let settings = crate::amqp::Settings::from_config(config)?;
+    let client = NetworkClient::connect(settings)?;
+    let net = Network {
+        client: &client,
+        recipes: ws
+            .recipes
+            .files
+            .iter()
+            .map(|f| RecipeText {
+                path: f.path.to_string_lossy().into_owned(),
+                text: f.text.clone(),
+            })
+            .collect(),
+        jobs: config
+            .get_int("amqp.jobs")?
+            .map(|j| j.max(1) as usize)
+            .unwrap_or(32),
+    };
     let opts = executor::Options {
         jobs,
         keep_going: args.keep_going,
-        mode: Mode::Local,
+        mode: Mode::Network(&net),
     };
     let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
+    if http.is_down() {
+        return Err(error::infra(format!(
+            "HTTP cache {} is unreachable; network builds need it",
+            http.uri()
+        )));
+    }
     finish(&ws, &graph, &report, &args, started)
 }
 
@@ -124,7 +160,7 @@ fn finish(
             let node = &graph.nodes[g];
             let available = matches!(
                 report.status[g],
-                Status::Executed | Status::Cached | Status::Downloaded
+                Status::Executed | Status::Cached | Status::Downloaded | Status::Uploaded
             );
             if node.task.cacheable && available {
                 let dir = ws.cache.artifact_dir(node.name(), &node.identity);

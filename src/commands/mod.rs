@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use crate::cache::Cache;
 use crate::cli::{Cli, Cmd};
 use crate::config::Config;
-use crate::error::{self, usage};
+use crate::error;
 use crate::graph::{Graph, GraphOptions};
 use crate::hashcache::FileHashes;
 use crate::recipe::Recipes;
@@ -20,10 +20,17 @@ pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
 
 /// Runs the parsed command line; returns the exit code.
 pub fn dispatch(cli: Cli) -> Result<i32> {
+    if matches!(cli.command, Some(Cmd::AmqpWorker)) {
+        crate::interrupt::install_worker();
+    } else {
+        crate::interrupt::install();
+    }
     let config = Config::load(&cli.config)?;
     match cli.command {
         None => {
-            let default = config.get("jolt.default").unwrap_or_else(|| "default".into());
+            let default = config
+                .get("jolt.default")
+                .unwrap_or_else(|| "default".into());
             build::run(
                 &config,
                 crate::cli::BuildArgs {
@@ -33,9 +40,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             )
         }
         Some(Cmd::Build(args)) => build::run(&config, args),
-        Some(Cmd::AmqpWorker) => Err(usage(
-            "amqp-worker is not available in this version of jolt (network builds are not implemented yet)",
-        )),
+        Some(Cmd::AmqpWorker) => crate::worker::run(&config),
         Some(Cmd::Download(args)) => build::download(&config, args),
         Some(Cmd::Clean(args)) => maintain::clean(&config, args),
         Some(Cmd::Config(args)) => maintain::config(&config, args),

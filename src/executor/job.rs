@@ -292,7 +292,12 @@ impl Worker<'_> {
         let node = &self.graph.nodes[i];
         let request = self.request(i, net, http)?;
         let body = serde_json::to_vec(&request).map_err(anyhow::Error::from)?;
-        let routing_key = node.task.def.routing_key.as_deref().unwrap_or("default");
+        let routing_key = node
+            .task
+            .def
+            .routing_key
+            .as_deref()
+            .unwrap_or(&net.client.settings().routing_key);
         let subscription = net.client.subscribe(&node.identity)?;
         net.client.publish(routing_key, &body)?;
         self.log(

@@ -495,7 +495,7 @@ impl Scheduler<'_> {
                 if remote && local {
                     Plan::Available
                 } else if remote {
-                    if goal {
+                    if goal && self.services.http.is_some_and(|h| h.download) {
                         Plan::Download
                     } else {
                         self.plan[i] = Plan::Available;
@@ -503,7 +503,7 @@ impl Scheduler<'_> {
                         self.available[i] = true;
                         return Ok(());
                     }
-                } else if local {
+                } else if local && self.services.http.is_some_and(|h| h.upload) {
                     Plan::Upload
                 } else if node.task.def.fast
                     && needs().iter().all(|&d| {
@@ -573,9 +573,15 @@ impl Scheduler<'_> {
         self.propagate(i, Some((i, false)));
     }
 
-    /// Whether the HTTP cache holds node `i`'s artifact (and downloads are enabled).
+    /// Whether the HTTP cache holds node `i`'s artifact (and, for local builds,
+    /// downloads are enabled).
     fn remote_has(&mut self, i: usize) -> bool {
-        let Some(http) = self.services.http.filter(|h| h.download && !h.is_down()) else {
+        let local = matches!(self.mode, Mode::Local | Mode::DownloadOnly);
+        let Some(http) = self
+            .services
+            .http
+            .filter(|h| (h.download || !local) && !h.is_down())
+        else {
             return false;
         };
         let node = &self.graph.nodes[i];
@@ -743,7 +749,14 @@ impl Scheduler<'_> {
                     node.label(),
                     if unstable { ", unstable" } else { "" }
                 ));
-                self.logs[i] = failure.log;
+                let mut log = failure.log.unwrap_or_default();
+                for line in &failure.lines {
+                    if !log.is_empty() {
+                        log.push('\n');
+                    }
+                    log.push_str(line);
+                }
+                self.logs[i] = Some(log);
                 self.status[i] = if unstable {
                     Status::Unstable
                 } else {

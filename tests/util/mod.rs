@@ -364,3 +364,134 @@ impl Workspace {
         other
     }
 }
+
+/// The RabbitMQ of the machine (127.0.0.1:5672, guest/guest), with a routing key of
+/// this test's own so tests never take each other's requests. Its request queue is
+/// deleted when dropped.
+pub struct Broker {
+    pub routing_key: String,
+}
+
+impl Broker {
+    /// `None` (skip) when no broker answers, unless `CI=true`, where that fails.
+    pub fn start() -> Option<Broker> {
+        match amiquip::Connection::insecure_open("amqp://guest:guest@127.0.0.1:5672/%2F") {
+            Ok(c) => {
+                let _ = c.close();
+            }
+            Err(e) => {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("RabbitMQ is required with CI=true: {e}");
+                }
+                eprintln!("skipping: RabbitMQ is not running on 127.0.0.1:5672 ({e})");
+                return None;
+            }
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(Broker {
+            routing_key: format!("test-{}-{n}-{nanos}", std::process::id()),
+        })
+    }
+
+    /// Runs `f` on a fresh channel.
+    pub fn with_channel<T>(&self, f: impl FnOnce(&amiquip::Channel) -> T) -> T {
+        let mut c =
+            amiquip::Connection::insecure_open("amqp://guest:guest@127.0.0.1:5672/%2F").unwrap();
+        let ch = c.open_channel(None).unwrap();
+        let out = f(&ch);
+        let _ = c.close();
+        out
+    }
+
+    /// Messages waiting in this test's request queue (`None` before it exists).
+    pub fn queued(&self) -> Option<u32> {
+        self.with_channel(|ch| {
+            ch.queue_declare_passive(format!("jolt_tasks_{}", self.routing_key))
+                .ok()
+                .and_then(|q| q.declared_message_count())
+        })
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let key = self.routing_key.clone();
+        let _ = std::panic::catch_unwind(|| {
+            self.with_channel(|ch| {
+                let _ = ch.queue_delete(format!("jolt_tasks_{key}"), Default::default());
+            })
+        });
+    }
+}
+
+/// A `jolt amqp-worker` process with its own cache; killed when dropped.
+pub struct WorkerProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+    pub cache: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    /// Starts a worker with `config` (a file) and extra `-c` overrides.
+    pub fn start(config: &Path, overrides: &[String]) -> WorkerProcess {
+        let cache = tempfile::tempdir().unwrap();
+        let log = cache.path().join("worker.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_jolt"));
+        cmd.arg("-c").arg(config);
+        for o in overrides {
+            cmd.arg("-c").arg(o);
+        }
+        cmd.arg("amqp-worker");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("JOLT_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .env("JOLT_JOLT_CACHEDIR", cache.path().join("cache"))
+            .env("XDG_CONFIG_HOME", cache.path().join("config"))
+            .current_dir(cache.path())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let worker = WorkerProcess { child, log, cache };
+        worker.wait_for("waiting for requests", std::time::Duration::from_secs(20));
+        worker
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the worker's output holds `text`.
+    pub fn wait_for(&self, text: &str, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.output().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker never printed {text:?}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

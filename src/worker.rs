@@ -1,0 +1,379 @@
+//! `jolt amqp-worker`: takes execution requests from RabbitMQ one at a time and
+//! builds them.
+//!
+//! For each request: refuse it (with an `error` reply, acked) when it is malformed or
+//! of another version; take the per-identity lock (an exclusive queue
+//! `jolt_lock_<identity>`, which the broker drops with the connection, so a dead
+//! worker never holds it) or, when another worker holds it, drop the duplicate (that
+//! worker's replies reach every client waiting for the identity); reply `accepted`,
+//! and `running` every `amqp.progress` seconds; rebuild the workspace from the
+//! request's recipes and source snapshot in a fresh directory; recompute the identity
+//! (requirements pinned to the request's identities) and refuse a mismatch; let the
+//! executor serve the goal (from the HTTP cache when it is there, else execute and
+//! upload; requirements come from the caches); reply; and only then ack.
+//!
+//! The request stays unacked while the task runs, so a worker that dies has it
+//! redelivered. A task longer than RabbitMQ's `consumer_timeout` survives too: the
+//! broker closes the consumer's channel and requeues the request; the worker goes on
+//! (the lock and the progress replies live on other channels), replies when done, and
+//! reconnects; the requeued copy finds the lock held (a duplicate, dropped) or the
+//! artifact in the HTTP cache (an immediate success). Clients that hear nothing for
+//! four progress intervals send their request again, which covers a worker that died
+//! after its delivery was requeued.
+
+use amiquip::{
+    AmqpProperties, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery, Publish,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::RecvTimeoutError;
+use std::collections::HashMap;
+use std::path::{Component, Path};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::amqp::{task_queue, Settings, RESULTS};
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::console;
+use crate::error::usage;
+use crate::executor::{self, Mode, Services, Status};
+use crate::fsutil::format_duration;
+use crate::graph::GraphOptions;
+use crate::hashcache::FileHashes;
+use crate::http_cache::HttpCache;
+use crate::interrupt;
+use crate::messages::{whoami, Reply, ReplyKind, Request, VERSION};
+use crate::recipe::Recipes;
+
+struct Worker {
+    settings: Settings,
+    http: HttpCache,
+    cache: Cache,
+    me: String,
+}
+
+/// Runs the worker until SIGTERM (drain) or SIGINT.
+pub fn run(config: &Config) -> Result<i32> {
+    let settings = Settings::from_config(config)?;
+    let http = HttpCache::from_config(config, false, false)?
+        .ok_or_else(|| usage("amqp-worker needs an HTTP cache: set http.uri"))?;
+    if !http.upload {
+        return Err(usage(
+            "Artifact upload must be enabled for workers: remove http.upload/jolt.upload = false",
+        ));
+    }
+    let worker = Worker {
+        cache: crate::commands::open_cache(config)?,
+        http,
+        me: whoami(),
+        settings,
+    };
+    console::info(&format!(
+        "Worker {} serves routing key '{}' from {}",
+        worker.me,
+        worker.settings.routing_key,
+        worker.settings.address()
+    ));
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if interrupt::draining() || interrupt::is_set() {
+            console::info("Worker stopped");
+            return Ok(if interrupt::is_set() {
+                crate::error::INTERRUPTED
+            } else {
+                0
+            });
+        }
+        match worker.session(&mut backoff) {
+            Ok(()) => continue,
+            Err(e) => {
+                console::warn(&format!(
+                    "{e:#}; reconnecting in {}",
+                    format_duration(backoff).trim_start_matches('0')
+                ));
+                let until = Instant::now() + backoff;
+                while Instant::now() < until && !interrupt::draining() && !interrupt::is_set() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+fn publish_reply(publisher: &Mutex<Channel>, reply: &Reply) -> Result<()> {
+    let body = serde_json::to_vec(reply)?;
+    publisher
+        .lock()
+        .expect("publisher")
+        .basic_publish(
+            RESULTS,
+            Publish::with_properties(
+                &body,
+                reply.identity.as_str(),
+                AmqpProperties::default().with_content_type("application/json".into()),
+            ),
+        )
+        .context("Cannot publish a reply")
+}
+
+/// Whether a recipe path from a request stays inside the workspace.
+fn safe_relative(path: &str) -> bool {
+    let p = Path::new(path);
+    !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+impl Worker {
+    fn reply(&self, identity: &str, kind: ReplyKind) -> Reply {
+        Reply {
+            version: VERSION,
+            identity: identity.to_string(),
+            kind,
+            worker: self.me.clone(),
+            duration: 0.0,
+            log: String::new(),
+            error: String::new(),
+        }
+    }
+
+    /// One connection's worth of work; returns `Ok` when asked to stop.
+    fn session(&self, backoff: &mut Duration) -> Result<()> {
+        let mut connection = self.settings.connect()?;
+        *backoff = Duration::from_secs(1);
+        let channel = connection.open_channel(None)?;
+        self.settings
+            .declare(&channel, &self.settings.routing_key)?;
+        channel.qos(0, 1, false)?;
+        let publisher = Mutex::new(connection.open_channel(None)?);
+        let queue = channel.queue_declare_passive(task_queue(&self.settings.routing_key))?;
+        let consumer = queue.consume(ConsumerOptions::default())?;
+        console::info(&format!(
+            "Connected to {}; waiting for requests on {}",
+            self.settings.address(),
+            task_queue(&self.settings.routing_key)
+        ));
+        loop {
+            if interrupt::draining() || interrupt::is_set() {
+                let _ = consumer.cancel();
+                drop(consumer);
+                let _ = connection.close();
+                return Ok(());
+            }
+            match consumer.receiver().recv_timeout(Duration::from_millis(250)) {
+                Ok(ConsumerMessage::Delivery(delivery)) => {
+                    if !self.handle(&mut connection, &publisher, &delivery)? {
+                        // Interrupted: leave the request unacked for another worker.
+                        drop(consumer);
+                        let _ = connection.close();
+                        return Ok(());
+                    }
+                    if let Err(e) = consumer.ack(delivery) {
+                        bail!(
+                            "Cannot acknowledge the request (the broker took it back, e.g. after its consumer_timeout): {e}"
+                        );
+                    }
+                }
+                Ok(other) => bail!("The broker ended the consumer ({other:?})"),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => bail!("Lost the connection to the broker"),
+            }
+        }
+    }
+
+    /// Serves one request; returns false when the worker was interrupted mid-task.
+    fn handle(
+        &self,
+        connection: &mut Connection,
+        publisher: &Mutex<Channel>,
+        delivery: &Delivery,
+    ) -> Result<bool> {
+        let request = match Request::parse(&delivery.body) {
+            Ok(r) => r,
+            Err(bad) => {
+                console::warn(&format!("Refusing a request: {}", bad.message));
+                if let Some(identity) = bad.identity {
+                    let mut reply = self.reply(&identity, ReplyKind::Error);
+                    reply.error = bad.message;
+                    publish_reply(publisher, &reply)?;
+                }
+                return Ok(true);
+            }
+        };
+        let id8 = &request.identity[..8];
+        let lock_channel = connection.open_channel(None)?;
+        let lock = format!("jolt_lock_{}", request.identity);
+        let locked = lock_channel.queue_declare(
+            lock.as_str(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+        );
+        if locked.is_err() {
+            console::info(&format!(
+                "{} {id8} is being built by another worker: dropping this duplicate request",
+                request.reference
+            ));
+            return Ok(true);
+        }
+        console::info(&format!(
+            "Request for {} {id8} from {}{}",
+            request.reference,
+            request.client,
+            if delivery.redelivered {
+                " (redelivered)"
+            } else {
+                ""
+            }
+        ));
+        publish_reply(
+            publisher,
+            &self.reply(&request.identity, ReplyKind::Accepted),
+        )?;
+        let start = Instant::now();
+        let stop = AtomicBool::new(false);
+        let outcome = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if last.elapsed() >= self.settings.progress {
+                        last = Instant::now();
+                        let _ = publish_reply(
+                            publisher,
+                            &self.reply(&request.identity, ReplyKind::Running),
+                        );
+                    }
+                }
+            });
+            let outcome = self.build(&request);
+            stop.store(true, Ordering::Relaxed);
+            outcome
+        });
+        let mut reply = match outcome {
+            Outcome::Interrupted => return Ok(false),
+            Outcome::Done(kind, log, error) => {
+                let mut r = self.reply(&request.identity, kind);
+                r.log = log;
+                r.error = error;
+                r
+            }
+        };
+        reply.duration = start.elapsed().as_secs_f64();
+        console::info(&format!(
+            "Reply {:?} for {} {id8} after {}",
+            reply.kind,
+            request.reference,
+            format_duration(start.elapsed())
+        ));
+        publish_reply(publisher, &reply)?;
+        let _ = lock_channel.queue_delete(lock.as_str(), QueueDeleteOptions::default());
+        let _ = lock_channel.close();
+        Ok(true)
+    }
+
+    fn build(&self, request: &Request) -> Outcome {
+        let ws = match self.cache.scratch("ws") {
+            Ok(ws) => ws,
+            Err(e) => return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),
+        };
+        let outcome = self.build_in(request, &ws).unwrap_or_else(|e| {
+            console::error(&format!("{e:#}"));
+            Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}"))
+        });
+        let _ = crate::fsutil::remove_dir_all(&ws);
+        outcome
+    }
+
+    fn build_in(&self, request: &Request, ws: &Path) -> Result<Outcome> {
+        for recipe in &request.recipes {
+            if !safe_relative(&recipe.path) {
+                bail!("recipe path '{}' leaves the workspace", recipe.path);
+            }
+            let path = ws.join(&recipe.path);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&path, &recipe.text)?;
+        }
+        if let Some(digest) = &request.snapshot {
+            self.http.fetch_source(digest, ws)?;
+        }
+        let recipes = Recipes::load(ws)?;
+        let hashes = FileHashes::ephemeral(ws);
+        let opts = GraphOptions {
+            taints: request
+                .taints
+                .clone()
+                .into_iter()
+                .collect::<HashMap<_, _>>(),
+            pins: request.pins.clone().into_iter().collect::<HashMap<_, _>>(),
+            env: Some(request.env.clone()),
+            ..Default::default()
+        };
+        let graph = crate::graph::build(
+            &recipes,
+            &hashes,
+            std::slice::from_ref(&request.reference),
+            &opts,
+        )?;
+        let goal = graph.requested[0];
+        let node = &graph.nodes[goal];
+        if node.identity != request.identity {
+            bail!(
+                "identity mismatch for {}: the client computed {}, this worker {}; do client and worker run the same jolt, recipes and sources?",
+                request.reference,
+                request.identity,
+                node.identity
+            );
+        }
+        let services = Services {
+            cache: &self.cache,
+            http: Some(&self.http),
+        };
+        let opts = executor::Options {
+            jobs: 1,
+            keep_going: false,
+            mode: Mode::Worker,
+        };
+        let report = executor::run(&graph, &services, ws, &opts)?;
+        if report.interrupted {
+            return Ok(Outcome::Interrupted);
+        }
+        let failed = (0..graph.nodes.len()).find(|&i| {
+            matches!(
+                report.status[i],
+                Status::Failed | Status::Unstable | Status::Blocked
+            )
+        });
+        Ok(match failed {
+            None if !report.failed() => {
+                Outcome::Done(ReplyKind::Success, String::new(), String::new())
+            }
+            None => Outcome::Done(
+                ReplyKind::Failed,
+                String::new(),
+                "the task did not run".into(),
+            ),
+            Some(i) => {
+                let error = if i == goal {
+                    "the task failed".to_string()
+                } else {
+                    format!("requirement {} is unavailable", graph.nodes[i].label())
+                };
+                Outcome::Done(
+                    ReplyKind::Failed,
+                    report.logs[i].clone().unwrap_or_default(),
+                    error,
+                )
+            }
+        })
+    }
+}
+
+enum Outcome {
+    Done(ReplyKind, String, String),
+    Interrupted,
+}

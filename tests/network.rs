@@ -1,0 +1,374 @@
+//! Network builds with real RabbitMQ (127.0.0.1:5672), a real nginx cache and real
+//! `jolt amqp-worker` processes. Each test has a routing key of its own.
+
+mod util;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use util::{Broker, Nginx, WorkerProcess, Workspace};
+
+struct Cluster {
+    server: Nginx,
+    broker: Broker,
+    dir: tempfile::TempDir,
+}
+
+fn cluster() -> Option<Cluster> {
+    let broker = Broker::start()?;
+    let server = Nginx::start()?;
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster {
+        server,
+        broker,
+        dir,
+    };
+    std::fs::write(
+        c.config(),
+        format!(
+            "[http]\nuri = \"{}/cache\"\n[amqp]\nhost = \"127.0.0.1\"\nrouting_key = \"{}\"\nprogress = 1\n",
+            c.server.url, c.broker.routing_key
+        ),
+    )
+    .unwrap();
+    Some(c)
+}
+
+impl Cluster {
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("network.toml")
+    }
+
+    fn worker(&self) -> WorkerProcess {
+        WorkerProcess::start(&self.config(), &[])
+    }
+
+    fn build(&self, ws: &Workspace, args: &[&str]) -> util::Run {
+        let config = self.config().display().to_string();
+        let mut all = vec!["-c", config.as_str(), "build", "--network"];
+        all.extend_from_slice(args);
+        ws.jolt(&all)
+    }
+
+    fn spawn_build(&self, ws: &Workspace, args: &[&str]) -> std::process::Child {
+        self.spawn_build_with(ws, &[], args)
+    }
+
+    fn spawn_build_with(
+        &self,
+        ws: &Workspace,
+        overrides: &[&str],
+        args: &[&str],
+    ) -> std::process::Child {
+        let config = self.config().display().to_string();
+        let mut all = vec!["-c", config.as_str()];
+        for o in overrides {
+            all.extend_from_slice(&["-c", o]);
+        }
+        all.extend_from_slice(&["build", "--network"]);
+        all.extend_from_slice(args);
+        ws.command(&all)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+fn finish(child: std::process::Child) -> util::Run {
+    let out = child.wait_with_output().unwrap();
+    util::Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const GRAPH: &str = r#"
+[task.src]
+influence = ["src/*.c"]
+run = "cat src/*.c > {artifact}/all.c"
+
+[task.lib]
+parameters.n = "1"
+requires = ["src"]
+run = "echo lib{n} $(cat {deps.src}/all.c) > {artifact}/lib.txt"
+
+[task.app]
+requires = ["lib:n=1", "lib:n=2", "lib:n=3"]
+run = ["cat {deps.lib:n=1}/lib.txt {deps.lib:n=2}/lib.txt {deps.lib:n=3}/lib.txt > {artifact}/app.txt", "echo app built"]
+"#;
+
+#[test]
+fn a_graph_is_built_by_two_workers_then_reused() {
+    let Some(c) = cluster() else { return };
+    let (w1, w2) = (c.worker(), c.worker());
+    let ws = Workspace::with(GRAPH);
+    ws.file("src/a.c", "int a;");
+    let run = c.build(&ws, &["app"]);
+    run.success()
+        .contains("Remote execution started (app ")
+        .contains("Remote execution finished after")
+        .contains("Download finished after")
+        .lacks("Execution started");
+    assert_eq!(run.count("Remote execution started"), 5);
+    let app = std::fs::read_to_string(run.locations()[0].join("app.txt")).unwrap();
+    assert_eq!(app, "lib1 int a;\nlib2 int a;\nlib3 int a;\n");
+    let served =
+        w1.output().matches("Request for").count() + w2.output().matches("Request for").count();
+    assert_eq!(served, 5);
+
+    let again = c.build(&ws, &["app"]);
+    again.success().lacks("Remote execution started");
+    let fresh = ws.sibling();
+    let fetched = c.build(&fresh, &["app"]);
+    fetched
+        .success()
+        .lacks("Remote execution started")
+        .contains("Download started (app ");
+    drop((w1, w2));
+}
+
+#[test]
+fn a_failing_remote_task_exits_1_and_shows_its_log() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with("[task.bad]\nrun = [\"echo about to fail\", \"false\"]\n");
+    let run = c.build(&ws, &["bad"]);
+    run.code(1)
+        .contains("[bad] about to fail")
+        .contains("Command failed: false")
+        .contains("Remote execution failed");
+}
+
+#[test]
+fn a_killed_worker_loses_no_task() {
+    let Some(c) = cluster() else { return };
+    let first = c.worker();
+    let marker = c.dir.path().join("started");
+    let ws = Workspace::with(&format!(
+        "[task.slow]\nrun = [\"echo run >> {}\", \"sleep 2\", \"echo done > {{artifact}}/f\"]\n",
+        marker.display()
+    ));
+    let client = c.spawn_build(&ws, &["slow"]);
+    wait_until("the task to start", Duration::from_secs(30), || {
+        marker.exists()
+    });
+    first.signal(libc::SIGKILL);
+    let second = c.worker();
+    let run = finish(client);
+    run.success();
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "run\nrun\n");
+    assert!(
+        second.output().contains("(redelivered)"),
+        "{}",
+        second.output()
+    );
+}
+
+#[test]
+fn two_clients_building_one_graph_execute_each_task_once() {
+    let Some(c) = cluster() else { return };
+    let (_w1, _w2) = (c.worker(), c.worker());
+    let counter = c.dir.path().join("count");
+    let recipe = format!(
+        "[task.a]\nrun = [\"echo a >> {0}\", \"sleep 1\"]\n[task.b]\nrequires = [\"a\"]\nrun = [\"echo b >> {0}\", \"sleep 1\"]\n",
+        counter.display()
+    );
+    let (one, two) = (Workspace::with(&recipe), Workspace::with(&recipe));
+    let first = c.spawn_build(&one, &["b"]);
+    let second = c.spawn_build(&two, &["b"]);
+    finish(first).success();
+    finish(second).success();
+    let mut lines: Vec<String> = std::fs::read_to_string(&counter)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.sort();
+    assert_eq!(lines, vec!["a", "b"]);
+}
+
+#[test]
+fn a_high_priority_request_overtakes_queued_ones() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let order = c.dir.path().join("order");
+    let gate = c.dir.path().join("gate");
+    let recipe = format!(
+        "[task.blocker]\nrun = \"while [ ! -f {gate} ]; do sleep 0.05; done\"\n[task.low]\nrun = \"echo low >> {order}\"\n[task.high]\nrun = \"echo high >> {order}\"\n",
+        gate = gate.display(),
+        order = order.display()
+    );
+    let ws = Workspace::with(&recipe);
+    let blocker = c.spawn_build(&ws, &["blocker"]);
+    wait_until("the blocker to run", Duration::from_secs(30), || {
+        c.broker.queued() == Some(0)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let low = c.spawn_build(&ws, &["low"]);
+    wait_until("low to be queued", Duration::from_secs(30), || {
+        c.broker.queued() == Some(1)
+    });
+    let mut high = c.spawn_build_with(&ws, &["amqp.priority=5"], &["high"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.broker.queued() != Some(2) {
+        if let Ok(Some(_)) = high.try_wait() {
+            panic!("high ended early: {}", finish(high).all());
+        }
+        assert!(Instant::now() < deadline, "high was never queued");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&gate, "").unwrap();
+    finish(blocker).success();
+    finish(low).success();
+    finish(high).success();
+    assert_eq!(std::fs::read_to_string(&order).unwrap(), "high\nlow\n");
+}
+
+#[test]
+fn a_routing_key_sends_a_task_only_to_its_pool() {
+    let Some(c) = cluster() else { return };
+    let pool = format!("{}-gpu", c.broker.routing_key);
+    let general = c.worker();
+    let special = WorkerProcess::start(&c.config(), &[format!("amqp.routing_key={pool}")]);
+    let ws = Workspace::with(&format!(
+        "[task.plain]\nrun = \"true\"\n[task.special]\nrouting_key = \"{pool}\"\nrequires = [\"plain\"]\nrun = \"true\"\n"
+    ));
+    c.build(&ws, &["special"]).success();
+    assert!(
+        special.output().contains("Request for special"),
+        "{}",
+        special.output()
+    );
+    assert!(!general.output().contains("Request for special"));
+    assert!(general.output().contains("Request for plain"));
+    c.broker.with_channel(|ch| {
+        let _ = ch.queue_delete(format!("jolt_tasks_{pool}"), Default::default());
+    });
+}
+
+#[test]
+fn an_interrupted_client_leaves_the_workers_healthy() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    let marker = c.dir.path().join("started");
+    let ws = Workspace::with(&format!(
+        "[task.slow]\nrun = [\"touch {}\", \"sleep 3\"]\n[task.quick]\nrun = \"echo quick\"\n",
+        marker.display()
+    ));
+    let client = c.spawn_build(&ws, &["slow"]);
+    wait_until("the task to start", Duration::from_secs(30), || {
+        marker.exists()
+    });
+    unsafe { libc::kill(client.id() as i32, libc::SIGINT) };
+    let run = finish(client);
+    assert_eq!(run.code, 130, "{}", run.all());
+    c.build(&ws, &["quick"]).success();
+    assert!(w.output().contains("Request for quick"));
+}
+
+#[test]
+fn an_unreachable_broker_exits_3_naming_it() {
+    let Some(server) = Nginx::start() else { return };
+    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let uri = format!("http.uri={}", server.url);
+    let run = ws.jolt(&[
+        "-c",
+        &uri,
+        "-c",
+        "amqp.host=127.0.0.1",
+        "-c",
+        "amqp.port=1",
+        "build",
+        "--network",
+        "a",
+    ]);
+    run.code(3).contains("127.0.0.1:1");
+}
+
+#[test]
+fn malformed_and_incompatible_requests_are_answered_and_acked() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    let identity = "e".repeat(64);
+    let replies = c.broker.with_channel(|ch| {
+        use amiquip::{ConsumerMessage, ConsumerOptions, FieldTable, Publish, QueueDeclareOptions};
+        let q = ch
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        q.bind(
+            &ch.exchange_declare_passive("jolt_results").unwrap(),
+            identity.as_str(),
+            FieldTable::new(),
+        )
+        .unwrap();
+        let consumer = q
+            .consume(ConsumerOptions {
+                no_ack: true,
+                ..Default::default()
+            })
+            .unwrap();
+        let requests = ch.exchange_declare_passive("jolt_exchange").unwrap();
+        requests
+            .publish(Publish::new(b"{not json", c.broker.routing_key.as_str()))
+            .unwrap();
+        let body = format!("{{\"version\": 99, \"identity\": \"{identity}\"}}");
+        requests
+            .publish(Publish::new(body.as_bytes(), c.broker.routing_key.as_str()))
+            .unwrap();
+        let mut got = Vec::new();
+        if let Ok(ConsumerMessage::Delivery(d)) =
+            consumer.receiver().recv_timeout(Duration::from_secs(20))
+        {
+            got.push(String::from_utf8_lossy(&d.body).into_owned());
+        }
+        got
+    });
+    assert_eq!(replies.len(), 1);
+    assert!(
+        replies[0].contains("\"kind\":\"error\"") && replies[0].contains("incompatible"),
+        "{}",
+        replies[0]
+    );
+    wait_until("the queue to drain", Duration::from_secs(10), || {
+        c.broker.queued() == Some(0)
+    });
+    assert_eq!(w.output().matches("Refusing a request").count(), 2);
+    // The worker is still serving.
+    let ws = Workspace::with("[task.ok]\nrun = \"true\"\n");
+    c.build(&ws, &["ok"]).success();
+}
+
+#[test]
+fn sigterm_lets_a_worker_finish_its_task_then_exit() {
+    let Some(c) = cluster() else { return };
+    let mut w = c.worker();
+    let marker = c.dir.path().join("started");
+    let ws = Workspace::with(&format!(
+        "[task.slow]\nrun = [\"touch {}\", \"sleep 2\"]\n",
+        marker.display()
+    ));
+    let client = c.spawn_build(&ws, &["slow"]);
+    wait_until("the task to start", Duration::from_secs(30), || {
+        marker.exists()
+    });
+    w.signal(libc::SIGTERM);
+    finish(client).success();
+    let status = w.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", w.output());
+    assert!(w.output().contains("Reply Success"));
+}
