@@ -495,3 +495,92 @@ impl Drop for WorkerProcess {
         let _ = self.child.wait();
     }
 }
+
+pub struct Cluster {
+    pub server: Nginx,
+    pub broker: Broker,
+    pub dir: tempfile::TempDir,
+}
+
+/// RabbitMQ and nginx for a network build test, with a config file naming both.
+pub fn cluster() -> Option<Cluster> {
+    let broker = Broker::start()?;
+    let server = Nginx::start()?;
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster {
+        server,
+        broker,
+        dir,
+    };
+    std::fs::write(
+        c.config(),
+        format!(
+            "[http]\nuri = \"{}/cache\"\n[amqp]\nhost = \"127.0.0.1\"\nrouting_key = \"{}\"\nprogress = 1\n",
+            c.server.url, c.broker.routing_key
+        ),
+    )
+    .unwrap();
+    Some(c)
+}
+
+impl Cluster {
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("network.toml")
+    }
+
+    pub fn worker(&self) -> WorkerProcess {
+        WorkerProcess::start(&self.config(), &[])
+    }
+
+    pub fn build(&self, ws: &Workspace, args: &[&str]) -> Run {
+        let config = self.config().display().to_string();
+        let mut all = vec!["-c", config.as_str(), "build", "--network"];
+        all.extend_from_slice(args);
+        ws.jolt(&all)
+    }
+
+    pub fn spawn_build(&self, ws: &Workspace, args: &[&str]) -> std::process::Child {
+        self.spawn_build_with(ws, &[], args)
+    }
+
+    pub fn spawn_build_with(
+        &self,
+        ws: &Workspace,
+        overrides: &[&str],
+        args: &[&str],
+    ) -> std::process::Child {
+        let config = self.config().display().to_string();
+        let mut all = vec!["-c", config.as_str()];
+        for o in overrides {
+            all.extend_from_slice(&["-c", o]);
+        }
+        all.extend_from_slice(&["build", "--network"]);
+        all.extend_from_slice(args);
+        ws.command(&all)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+/// Waits for a spawned jolt and collects its output.
+pub fn finish(child: std::process::Child) -> Run {
+    let out = child.wait_with_output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
