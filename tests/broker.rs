@@ -73,15 +73,22 @@ fn a_broker_restart_while_the_client_waits_loses_nothing() {
 fn a_task_longer_than_the_consumer_timeout_completes_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(c) = cluster() else { return };
+    // RabbitMQ 3.10 checks delivery timeouts on a channel tick of about a minute:
+    // the task must outlast a tick after the timeout.
     let _timeout = ConsumerTimeout::set(2000);
     let (w1, w2) = (c.worker(), c.worker());
     let marker = c.dir.path().join("runs");
     let ws = Workspace::with(&format!(
-        "[task.long]\nrun = [\"echo run >> {}\", \"sleep 8\", \"echo ok > {{artifact}}/f\"]\n",
+        "[task.long]\nrun = [\"echo run >> {}\", \"sleep 75\", \"echo ok > {{artifact}}/f\"]\n",
         marker.display()
     ));
     let run = finish(c.spawn_build(&ws, &["long"]));
     run.success();
+    let logs = format!("{}{}", w1.output(), w2.output());
+    assert!(
+        logs.contains("PRECONDITION_FAILED") || logs.contains("Cannot acknowledge"),
+        "the broker's consumer_timeout never struck:\n{logs}"
+    );
     assert_eq!(
         std::fs::read_to_string(&marker).unwrap(),
         "run\n",
