@@ -17,9 +17,38 @@ fn has_meta(s: &str) -> bool {
 pub struct Pattern {
     /// The directory (relative to the base) where matching starts.
     pub prefix: PathBuf,
-    matcher: Option<GlobMatcher>,
-    /// The pattern matches a directory as a whole (`dir` or `dir/**`).
-    literal: bool,
+    matcher: Matcher,
+}
+
+enum Matcher {
+    /// No wildcard: the prefix itself (a directory means everything in it).
+    Literal,
+    /// One last component with only `*` and `?` (`src/*.c`): names in the prefix
+    /// directory are matched without a regex, the common case made cheap.
+    Name(String),
+    Glob(GlobMatcher),
+}
+
+/// Matches a file name against `*` and `?` wildcards.
+fn wildcard(pattern: &[u8], name: &[u8]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == name[n]) {
+            p += 1;
+            n += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, n));
+            p += 1;
+        } else if let Some((sp, sn)) = star {
+            p = sp + 1;
+            n = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 impl Pattern {
@@ -42,9 +71,16 @@ impl Pattern {
         if rest.is_empty() {
             return Ok(Pattern {
                 prefix,
-                matcher: None,
-                literal: true,
+                matcher: Matcher::Literal,
             });
+        }
+        if let [name] = rest[..] {
+            if !name.contains(['[', '{', '\\']) && name != "**" {
+                return Ok(Pattern {
+                    prefix,
+                    matcher: Matcher::Name(name.to_string()),
+                });
+            }
         }
         let glob = GlobBuilder::new(pattern)
             .literal_separator(true)
@@ -52,16 +88,21 @@ impl Pattern {
             .map_err(|e| usage(format!("Invalid glob '{pattern}': {e}")))?;
         Ok(Pattern {
             prefix,
-            matcher: Some(glob.compile_matcher()),
-            literal: false,
+            matcher: Matcher::Glob(glob.compile_matcher()),
         })
     }
 
     /// Whether a path relative to the base matches.
     pub fn is_match(&self, rel: &Path) -> bool {
         match &self.matcher {
-            Some(m) => m.is_match(rel),
-            None => rel.starts_with(&self.prefix),
+            Matcher::Glob(m) => m.is_match(rel),
+            Matcher::Literal => rel.starts_with(&self.prefix),
+            Matcher::Name(name) => {
+                rel.parent() == Some(self.prefix.as_path())
+                    && rel
+                        .file_name()
+                        .is_some_and(|f| wildcard(name.as_bytes(), f.as_encoded_bytes()))
+            }
         }
     }
 
@@ -70,12 +111,47 @@ impl Pattern {
     pub fn expand(&self, base: &Path, files_only: bool) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         let start = base.join(&self.prefix);
+        if let Matcher::Name(name) = &self.matcher {
+            let entries = match std::fs::read_dir(&start) {
+                Ok(e) => e,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    return Ok(out)
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("Cannot read {}", start.display()))
+                }
+            };
+            for entry in entries {
+                let entry = entry?;
+                let file_name = entry.file_name();
+                if !wildcard(name.as_bytes(), file_name.as_encoded_bytes()) {
+                    continue;
+                }
+                if files_only && entry.file_type()?.is_dir() {
+                    walk(base, &self.prefix.join(&file_name), &mut |rel, is_dir| {
+                        if !is_dir {
+                            out.push(rel.to_path_buf());
+                        }
+                        true
+                    })?;
+                } else {
+                    out.push(self.prefix.join(file_name));
+                }
+            }
+            out.sort();
+            return Ok(out);
+        }
         let meta = match std::fs::symlink_metadata(&start) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
             Err(e) => return Err(e).with_context(|| format!("Cannot read {}", start.display())),
         };
-        if self.literal {
+        if matches!(self.matcher, Matcher::Literal) {
             if meta.is_dir() && files_only {
                 walk(base, &self.prefix, &mut |rel, is_dir| {
                     if !is_dir {
@@ -162,5 +238,18 @@ mod tests {
         assert!(names("missing/*.c").is_empty());
         assert!(names("**/config").is_empty());
         assert!(files(root, "../x").is_err());
+        assert_eq!(names("src/?.c"), vec!["src/a.c"]);
+        assert_eq!(names("*/*.c"), vec!["src/a.c"]);
+    }
+
+    #[test]
+    fn wildcards_match_names() {
+        assert!(wildcard(b"*.c", b"main.c"));
+        assert!(!wildcard(b"*.c", b"main.h"));
+        assert!(wildcard(b"a*b*c", b"aXXbYc"));
+        assert!(!wildcard(b"a*b*c", b"aXXbY"));
+        assert!(wildcard(b"?", b"x"));
+        assert!(wildcard(b"*", b""));
+        assert!(wildcard(b"f*", b"f"));
     }
 }

@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -246,6 +246,7 @@ impl Recipes {
             included.sort();
             included.reverse();
             queue.extend(included);
+            let lines = task_lines(&text);
             for (name, task_def) in def.task {
                 if let Some(existing) = recipes.tasks.get(&name) {
                     return Err(usage(format!(
@@ -254,7 +255,7 @@ impl Recipes {
                         rel.display()
                     )));
                 }
-                let line = find_line(&text, &name);
+                let line = lines.get(&name).copied();
                 let task = Task::new(name.clone(), task_def, rel.clone(), line)?;
                 recipes.tasks.insert(name, Arc::new(task));
             }
@@ -271,20 +272,24 @@ impl Recipes {
     }
 }
 
-fn find_line(text: &str, name: &str) -> Option<usize> {
-    let candidates = [
-        format!("[task.{name}]"),
-        format!("[task.\"{name}\"]"),
-        format!("[task.'{name}']"),
-        format!("task.{name}."),
-        format!("task.\"{name}\"."),
-    ];
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start();
-            candidates.iter().any(|c| l.starts_with(c.as_str()))
-        })
-        .map(|i| i + 1)
+/// The line of each `[task.NAME]` header of a recipe file, in one pass.
+fn task_lines(text: &str) -> HashMap<String, usize> {
+    let mut lines = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some(rest) = line.trim_start().strip_prefix("[task.") else {
+            continue;
+        };
+        let Some(header) = rest.trim_end().strip_suffix(']') else {
+            continue;
+        };
+        let name = header
+            .strip_prefix('"')
+            .and_then(|h| h.strip_suffix('"'))
+            .or_else(|| header.strip_prefix('\'').and_then(|h| h.strip_suffix('\'')))
+            .unwrap_or(header);
+        lines.entry(name.to_string()).or_insert(i + 1);
+    }
+    lines
 }
 
 impl Task {
@@ -526,6 +531,16 @@ mod tests {
         assert!(task("kind = \"resource\"\nacquire = \"x\"").is_ok());
         assert!(task("acquire = \"x\"").is_err());
         assert!(task("timeout = \"forever\"").is_err());
+    }
+
+    #[test]
+    fn task_headers_are_found_with_their_lines() {
+        let lines = task_lines(
+            "[task.a]\nrun = 'x'\n\n[task.\"tools/gcc\"]\n  [task.'b.c']\n[task.a.env]\n",
+        );
+        assert_eq!(lines.get("a"), Some(&1));
+        assert_eq!(lines.get("tools/gcc"), Some(&4));
+        assert_eq!(lines.get("b.c"), Some(&5));
     }
 
     #[test]
