@@ -5,6 +5,7 @@
 
 use anyhow::{Context, Result};
 use globset::{GlobBuilder, GlobMatcher};
+use std::fs::Metadata;
 use std::path::{Path, PathBuf};
 
 use crate::error::usage;
@@ -109,9 +110,23 @@ impl Pattern {
     /// Matching paths relative to `base`, sorted. With `files_only`, directories
     /// are descended into instead of returned (a literal directory means all its files).
     pub fn expand(&self, base: &Path, files_only: bool) -> Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
+        Ok(self
+            .expand_with_meta(base, files_only)?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect())
+    }
+
+    /// Like [`Pattern::expand`], with the (not followed) metadata of files where the
+    /// walk got it cheaply, relative to their directory.
+    pub fn expand_with_meta(
+        &self,
+        base: &Path,
+        files_only: bool,
+    ) -> Result<Vec<(PathBuf, Option<Metadata>)>> {
         let start = base.join(&self.prefix);
         if let Matcher::Name(name) = &self.matcher {
+            let mut out = Vec::new();
             let entries = match std::fs::read_dir(&start) {
                 Ok(e) => e,
                 Err(e)
@@ -135,20 +150,21 @@ impl Pattern {
                 if files_only && entry.file_type()?.is_dir() {
                     walk(base, &self.prefix.join(&file_name), &mut |rel, is_dir| {
                         if !is_dir {
-                            out.push(rel.to_path_buf());
+                            out.push((rel.to_path_buf(), None));
                         }
                         true
                     })?;
                 } else {
-                    out.push(self.prefix.join(file_name));
+                    out.push((self.prefix.join(file_name), entry.metadata().ok()));
                 }
             }
-            out.sort();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
             return Ok(out);
         }
+        let mut out: Vec<PathBuf> = Vec::new();
         let meta = match std::fs::symlink_metadata(&start) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("Cannot read {}", start.display())),
         };
         if matches!(self.matcher, Matcher::Literal) {
@@ -175,7 +191,7 @@ impl Pattern {
             })?;
         }
         out.sort();
-        Ok(out)
+        Ok(out.into_iter().map(|p| (p, None)).collect())
     }
 }
 
@@ -203,6 +219,11 @@ fn walk(base: &Path, dir: &Path, visit: &mut dyn FnMut(&Path, bool) -> bool) -> 
 /// Expands one pattern to files relative to `base`.
 pub fn files(base: &Path, pattern: &str) -> Result<Vec<PathBuf>> {
     Pattern::new(pattern)?.expand(base, true)
+}
+
+/// Expands one pattern to files relative to `base`, with metadata where cheap.
+pub fn files_with_meta(base: &Path, pattern: &str) -> Result<Vec<(PathBuf, Option<Metadata>)>> {
+    Pattern::new(pattern)?.expand_with_meta(base, true)
 }
 
 #[cfg(test)]

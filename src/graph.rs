@@ -8,7 +8,7 @@
 use anyhow::Result;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use crate::error::usage;
@@ -103,7 +103,7 @@ struct Builder<'a> {
     nodes: Vec<Node>,
     index: HashMap<String, usize>,
     stack: Vec<String>,
-    globs: HashMap<String, Vec<PathBuf>>,
+    globs: HashMap<String, Vec<(PathBuf, Option<std::fs::Metadata>)>>,
     env: BTreeMap<String, String>,
 }
 
@@ -391,20 +391,25 @@ impl Builder<'_> {
             lines.push(format!("Parameters: {}", influencing.join(",")));
         }
         lines.push(format!("Definition: {}", task.definition));
-        let mut files = BTreeSet::new();
+        let mut files: BTreeMap<&Path, Option<&std::fs::Metadata>> = BTreeMap::new();
         let root = &self.recipes.root;
         for pattern in &task.def.influence {
             if !self.globs.contains_key(pattern) {
-                let found = crate::globs::files(root, pattern)
+                let found = crate::globs::files_with_meta(root, pattern)
                     .map_err(|e| usage(format!("Task '{}': {e:#}", task.name)))?;
                 self.globs.insert(pattern.clone(), found);
             }
-            files.extend(self.globs[pattern].iter().cloned());
         }
-        for file in &files {
-            let hash = self.hashes.hash(file)?;
+        for pattern in &task.def.influence {
+            for (path, meta) in &self.globs[pattern] {
+                files.entry(path.as_path()).or_insert(meta.as_ref());
+            }
+        }
+        for (file, meta) in &files {
+            let hash = self.hashes.hash_with(file, *meta)?;
             lines.push(format!("File: {hash}: {}", file.display()));
         }
+        let files: Vec<PathBuf> = files.keys().map(|p| p.to_path_buf()).collect();
         let mut vars: BTreeSet<&str> = task.def.influence_env.iter().map(String::as_str).collect();
         for template in env_templates(&task) {
             for name in placeholder::names(template).unwrap_or_default() {
@@ -430,7 +435,7 @@ impl Builder<'_> {
             lines.push(format!("Requirement: {}: {}", dep.identity, dep.short));
         }
         lines.push(format!("Format: {FORMAT}"));
-        Ok((lines, files.into_iter().collect()))
+        Ok((lines, files))
     }
 }
 

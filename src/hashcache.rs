@@ -44,7 +44,8 @@ impl Stat {
 pub struct FileHashes {
     root: PathBuf,
     store: Option<PathBuf>,
-    entries: Mutex<HashMap<PathBuf, (Stat, String)>>,
+    /// Keyed by the relative path as text (hashing a `Path` walks its components).
+    entries: Mutex<HashMap<String, (Stat, String)>>,
     dirty: AtomicBool,
     reads: AtomicUsize,
 }
@@ -66,7 +67,7 @@ impl FileHashes {
                         ctime_ns: f.next()?.parse().ok()?,
                         ino: f.next()?.parse().ok()?,
                     };
-                    Some((PathBuf::from(f.next()?), (stat, hash)))
+                    Some((f.next()?.to_string(), (stat, hash)))
                 })();
                 if let Some((path, entry)) = parsed {
                     entries.insert(path, entry);
@@ -95,16 +96,29 @@ impl FileHashes {
 
     /// The SHA-256 of a file relative to the workspace root; symlinks hash their target path.
     pub fn hash(&self, rel: &Path) -> Result<String> {
+        self.hash_with(rel, None)
+    }
+
+    /// [`FileHashes::hash`] with the file's (not followed) metadata when the caller has it.
+    pub fn hash_with(&self, rel: &Path, meta: Option<&std::fs::Metadata>) -> Result<String> {
         let full = self.root.join(rel);
-        let meta = std::fs::symlink_metadata(&full)
-            .with_context(|| format!("Cannot read influence file {}", rel.display()))?;
+        let owned;
+        let meta = match meta {
+            Some(m) => m,
+            None => {
+                owned = std::fs::symlink_metadata(&full)
+                    .with_context(|| format!("Cannot read influence file {}", rel.display()))?;
+                &owned
+            }
+        };
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(&full)?;
             let digest = Sha256::digest(target.as_os_str().as_encoded_bytes());
             return Ok(format!("symlink:{}", hex(&digest)));
         }
-        let stat = Stat::of(&meta);
-        if let Some((known, hash)) = self.entries.lock().expect("hash cache").get(rel) {
+        let stat = Stat::of(meta);
+        let key = rel.to_string_lossy();
+        if let Some((known, hash)) = self.entries.lock().expect("hash cache").get(key.as_ref()) {
             if *known == stat {
                 return Ok(hash.clone());
             }
@@ -117,12 +131,13 @@ impl FileHashes {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         if stat.mtime_ns / 1_000_000_000 < now - RACY_SECS
-            && !rel.to_string_lossy().contains(['\t', '\n'])
+            && !key.contains(['\t', '\n'])
+            && rel.to_str().is_some()
         {
             self.entries
                 .lock()
                 .expect("hash cache")
-                .insert(rel.to_path_buf(), (stat, hash.clone()));
+                .insert(key.into_owned(), (stat, hash.clone()));
             self.dirty.store(true, Ordering::Relaxed);
         }
         Ok(hash)
@@ -149,11 +164,7 @@ impl FileHashes {
             }
             text.push_str(&format!(
                 "{hash}\t{}\t{}\t{}\t{}\t{}\n",
-                s.size,
-                s.mtime_ns,
-                s.ctime_ns,
-                s.ino,
-                path.display()
+                s.size, s.mtime_ns, s.ctime_ns, s.ino, path
             ));
         }
         if let Some(dir) = store.parent() {
