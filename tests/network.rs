@@ -287,3 +287,44 @@ fn sigterm_lets_a_worker_finish_its_task_then_exit() {
     assert_eq!(status.code(), Some(0), "{}", w.output());
     assert!(w.output().contains("Reply Success"));
 }
+
+#[test]
+fn a_fast_task_runs_locally_when_its_requirements_are_local() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    let ws = Workspace::with(
+        "[task.dep]\nrun = \"echo dep > {artifact}/f\"\n[task.quick]\nfast = true\nrequires = [\"dep\"]\nrun = \"cat {deps.dep}/f > {artifact}/f\"\n",
+    );
+    // dep is remote only: quick goes to a worker.
+    let remote = c.build(&ws, &["quick"]);
+    remote
+        .success()
+        .contains("Remote execution started (quick ");
+    assert!(w.output().contains("Request for quick"));
+    // With dep in the local cache, a fresh quick (-f) runs here.
+    ws.jolt(&["build", "dep"]).success();
+    let local = c.build(&ws, &["-f", "quick"]);
+    local
+        .success()
+        .contains("Execution started (quick ")
+        .lacks("Remote execution started (quick ");
+}
+
+#[test]
+fn an_artifact_only_the_client_has_is_uploaded_for_the_workers() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    let ws = Workspace::with(
+        "[task.dep]\nrun = \"echo mine > {artifact}/f\"\n[task.top]\nrequires = [\"dep\"]\nrun = \"cp {deps.dep}/f {artifact}/f\"\n",
+    );
+    ws.jolt(&["build", "dep"]).success();
+    let run = c.build(&ws, &["top"]);
+    run.success()
+        .contains("Upload started (dep ")
+        .contains("Remote execution started (top ");
+    assert!(!w.output().contains("Request for dep"));
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("f")).unwrap(),
+        "mine\n"
+    );
+}

@@ -56,7 +56,17 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
                 .unwrap_or(1),
         },
     };
-    let http = HttpCache::from_config(config, args.no_download, args.no_upload)?;
+    // Network builds have their own switches (as in Jolt): network.download decides
+    // whether the goals come back, network.upload whether local-only artifacts go out.
+    let (no_download, no_upload) = if args.network {
+        (
+            args.no_download || !config.get_bool("network.download", true)?,
+            args.no_upload || !config.get_bool("network.upload", true)?,
+        )
+    } else {
+        (args.no_download, args.no_upload)
+    };
+    let http = HttpCache::from_config(config, no_download, no_upload)?;
     let services = Services {
         cache: &ws.cache,
         http: http.as_ref(),
