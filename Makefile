@@ -25,12 +25,14 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# musl gives a binary that needs no libc at all (DNS included); where the musl
-# target cannot be installed, fall back to glibc with a static C runtime.
+# musl gives a binary that needs no libc at all (DNS included). ring (TLS) compiles
+# C for the target: musl-gcc comes with Debian's musl-tools. Where the musl target
+# cannot be installed, fall back to glibc with a static C runtime.
 static:
 	@rustup target add $(STATIC_TARGET) >/dev/null 2>&1 || true
+	@command -v musl-gcc >/dev/null || { echo "make static needs musl-gcc: apt-get install -y musl-tools"; exit 1; }
 	@if rustup target list --installed 2>/dev/null | grep -qx $(STATIC_TARGET); then \
-		$(CARGO) build --release --target $(STATIC_TARGET) && \
+		CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --target $(STATIC_TARGET) && \
 		cp target/$(STATIC_TARGET)/release/jolt target/jolt-static; \
 	else \
 		echo "musl target unavailable: linking glibc statically"; \

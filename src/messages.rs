@@ -122,9 +122,15 @@ impl Request {
 
 /// `host:pid`, naming this process in messages.
 pub fn whoami() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it
+    // or truncates, and we stop at the first NUL either way.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let host = match ok {
+        true if len > 0 => String::from_utf8_lossy(&buf[..len]).into_owned(),
+        _ => "unknown".to_string(),
+    };
     format!("{host}:{}", std::process::id())
 }
 
