@@ -2,7 +2,9 @@
 #
 #   make build     release binary at target/release/jolt
 #   make example   build jolt and run the bundled example (examples/hello)
-#   make test      the whole test suite (unit and integration tests)
+#   make test      the whole test suite (unit and integration tests), after
+#                  scripts/test-services made sure RabbitMQ and nginx are there
+#   make cluster   a local build cluster (scripts/cluster start 2)
 #   make lint      rustfmt and clippy, as CI runs them
 #   make static    statically linked x86_64 Linux binary at target/jolt-static
 #   make bench     the benchmarks of scripts/bench
@@ -10,7 +12,7 @@
 CARGO ?= cargo
 STATIC_TARGET ?= x86_64-unknown-linux-musl
 
-.PHONY: build example test lint static bench clean
+.PHONY: build example test lint static bench clean cluster
 
 build:
 	$(CARGO) build --release
@@ -19,6 +21,7 @@ example: build
 	cd examples/hello && ../../target/release/jolt build default
 
 test:
+	scripts/test-services
 	$(CARGO) test --no-fail-fast
 
 lint:
@@ -44,6 +47,9 @@ static:
 
 bench:
 	scripts/bench
+
+cluster: build
+	scripts/cluster start 2
 
 clean:
 	$(CARGO) clean

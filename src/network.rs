@@ -396,13 +396,20 @@ fn serve(
             }
         }
         let link = shared.link.lock().expect("link").take();
-        drop(consumer);
-        drop(link);
-        drop(consumer_channel);
         if shared.stop.load(Ordering::Relaxed) {
+            // Close cleanly: amiquip complains about channels dropped unclosed.
+            let _ = consumer.cancel();
+            drop(consumer);
+            if let Some(link) = link {
+                let _ = link.channel.close();
+            }
+            let _ = consumer_channel.close();
             let _ = connection.close();
             return;
         }
+        drop(consumer);
+        drop(link);
+        drop(consumer_channel);
         drop(connection);
         reconnected = true;
     }

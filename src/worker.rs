@@ -158,6 +158,8 @@ impl Worker {
             if interrupt::draining() || interrupt::is_set() {
                 let _ = consumer.cancel();
                 drop(consumer);
+                let _ = publisher.into_inner().map(|p| p.close());
+                let _ = channel.close();
                 let _ = connection.close();
                 return Ok(());
             }

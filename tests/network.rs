@@ -328,3 +328,43 @@ fn an_artifact_only_the_client_has_is_uploaded_for_the_workers() {
         "mine\n"
     );
 }
+
+#[test]
+fn scaling_down_mid_build_loses_no_task() {
+    let Some(c) = cluster() else { return };
+    let mut workers = vec![c.worker(), c.worker(), c.worker()];
+    let log = c.dir.path().join("done");
+    let mut recipe = String::from("[task.all]\nkind = \"alias\"\nrequires = [");
+    for i in 0..30 {
+        recipe.push_str(&format!("\"t{i}\", "));
+    }
+    recipe.push_str("]\n");
+    for i in 0..30 {
+        recipe.push_str(&format!(
+            "[task.t{i}]\nrun = [\"sleep 0.3\", \"echo t{i} >> {}\", \"echo {i} > {{artifact}}/n\"]\n",
+            log.display()
+        ));
+    }
+    let ws = Workspace::with(&recipe);
+    let client = c.spawn_build(&ws, &["all"]);
+    wait_until("a few tasks to finish", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log)
+            .map(|s| s.lines().count() >= 3)
+            .unwrap_or(false)
+    });
+    let mut leaving = workers.remove(0);
+    leaving.signal(libc::SIGTERM);
+    let run = finish(client);
+    run.success();
+    assert_eq!(run.locations().len(), 30);
+    let status = leaving.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", leaving.output());
+    let mut done: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    done.sort();
+    done.dedup();
+    assert_eq!(done.len(), 30);
+}
