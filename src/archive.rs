@@ -111,7 +111,7 @@ fn safe_path(path: &Path) -> Option<PathBuf> {
 
 /// Whether a symlink at `link` (relative to the artifact root) pointing at `target`
 /// stays inside the artifact.
-fn link_stays_inside(link: &Path, target: &Path) -> bool {
+pub(crate) fn link_stays_inside(link: &Path, target: &Path) -> bool {
     if target.is_absolute() {
         return false;
     }
@@ -132,30 +132,39 @@ fn link_stays_inside(link: &Path, target: &Path) -> bool {
     true
 }
 
+/// Fails when a parent of `rel` inside `dest` exists as anything but a directory
+/// (a symlink planted by an earlier entry must not be written through).
+pub(crate) fn check_parents(dest: &Path, rel: &Path) -> Result<()> {
+    let mut check = dest.to_path_buf();
+    for c in rel.parent().into_iter().flat_map(|p| p.components()) {
+        check.push(c);
+        if let Ok(m) = std::fs::symlink_metadata(&check) {
+            if !m.is_dir() {
+                bail!(
+                    "archive entry '{}' goes through a non-directory",
+                    rel.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Unpacks a tar stream into the empty directory `dest`, rejecting unsafe entries.
 pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
     let mut archive = tar::Archive::new(reader);
     for entry in archive.entries().context("Unreadable archive")? {
         let mut entry = entry.context("Unreadable archive entry")?;
         let raw = entry.path().context("Unreadable entry path")?.into_owned();
+        if raw.components().all(|c| matches!(c, Component::CurDir)) {
+            continue; // "./", the archive's own root
+        }
         let Some(rel) = safe_path(&raw) else {
             bail!("archive entry '{}' escapes the artifact", raw.display());
         };
         let target = dest.join(&rel);
+        check_parents(dest, &rel)?;
         if let Some(parent) = target.parent() {
-            // Parents must be real directories created by this unpack, never symlinks.
-            let mut check = dest.to_path_buf();
-            for c in rel.parent().into_iter().flat_map(|p| p.components()) {
-                check.push(c);
-                if let Ok(m) = std::fs::symlink_metadata(&check) {
-                    if !m.is_dir() {
-                        bail!(
-                            "archive entry '{}' goes through a non-directory",
-                            raw.display()
-                        );
-                    }
-                }
-            }
             std::fs::create_dir_all(parent)?;
         }
         let kind = entry.header().entry_type();
@@ -189,6 +198,34 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
                     );
                 }
                 std::os::unix::fs::symlink(&link, &target)
+                    .with_context(|| format!("archive entry '{}' is duplicated", raw.display()))?;
+            }
+            tar::EntryType::Link => {
+                // A hard link to an entry unpacked before: copied, inside only.
+                let link = entry
+                    .link_name()
+                    .context("Unreadable link target")?
+                    .map(|l| l.into_owned())
+                    .unwrap_or_default();
+                let Some(source) = safe_path(&link) else {
+                    bail!(
+                        "archive hard link '{}' -> '{}' points outside",
+                        raw.display(),
+                        link.display()
+                    );
+                };
+                let source = dest.join(source);
+                if !std::fs::symlink_metadata(&source)
+                    .map(|m| m.is_file())
+                    .unwrap_or(false)
+                {
+                    bail!(
+                        "archive hard link '{}' -> '{}' has no target",
+                        raw.display(),
+                        link.display()
+                    );
+                }
+                std::fs::copy(&source, &target)
                     .with_context(|| format!("archive entry '{}' is duplicated", raw.display()))?;
             }
             other => bail!(

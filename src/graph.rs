@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use crate::error::usage;
 use crate::hashcache::FileHashes;
 use crate::placeholder::{self, DepRef};
-use crate::recipe::{hex, Kind, Recipes, Task};
+use crate::recipe::{hex, Kind, Recipes, Source, Task};
 use crate::taskref::{self, TaskRef};
 
 /// Bumped only when the way identities are computed changes.
@@ -42,6 +42,9 @@ pub struct Node {
     pub influence: Vec<String>,
     /// The influence files, relative to the workspace root.
     pub files: Vec<PathBuf>,
+    /// For the kinds `git` and `download`: the source with placeholders expanded
+    /// and, for git, `rev` resolved to a commit.
+    pub source: Option<Source>,
     pub identity: String,
     /// Scheduling priority: own weight plus the heaviest chain of consumers.
     pub weight: i64,
@@ -93,6 +96,9 @@ pub struct GraphOptions {
     /// Values of the environment variables that influence tasks; `None` reads the
     /// process environment.
     pub env: Option<BTreeMap<String, String>>,
+    /// Git commits by qualified reference, instead of resolving revisions (network
+    /// requests carry the client's).
+    pub commits: HashMap<String, String>,
 }
 
 struct Builder<'a> {
@@ -283,6 +289,7 @@ impl Builder<'_> {
             taint,
             influence: Vec::new(),
             files: Vec::new(),
+            source: None,
             identity: String::new(),
             weight: task.def.weight,
         };
@@ -303,6 +310,7 @@ impl Builder<'_> {
             return Ok(i);
         }
         self.validate(i)?;
+        self.nodes[i].source = self.source(i)?;
         let (lines, files) = self.influence(i)?;
         let node = &mut self.nodes[i];
         node.identity = identity(&lines);
@@ -310,6 +318,59 @@ impl Builder<'_> {
         node.files = files;
         self.index.insert(qualified, i);
         Ok(i)
+    }
+
+    /// Expands a built-in kind's url and rev (parameters, `{root}`, `{env.VAR}`) and
+    /// resolves a git revision to its commit.
+    fn source(&mut self, i: usize) -> Result<Option<Source>> {
+        let task = self.nodes[i].task.clone();
+        let Some(source) = &task.source else {
+            return Ok(None);
+        };
+        let params = self.nodes[i].params.clone();
+        let root = self.recipes.root.display().to_string();
+        let expand = |b: &mut Self, template: &str| -> Result<String> {
+            placeholder::expand(&task.name, template, &mut |name| {
+                if let Some(v) = params.get(name) {
+                    return Ok(Some(v.clone()));
+                }
+                if name == "root" {
+                    return Ok(Some(root.clone()));
+                }
+                if let Some(var) = name.strip_prefix("env.") {
+                    return b.env_placeholder(&task.name, var).map(Some);
+                }
+                Ok(None)
+            })
+        };
+        Ok(Some(match source {
+            Source::Git { url, rev, keep_git } => {
+                let url = expand(self, url)?;
+                let rev = expand(self, rev)?;
+                let qualified = &self.nodes[i].qualified;
+                let commit = match self.opts.commits.get(qualified) {
+                    Some(c) => c.clone(),
+                    None => crate::sources::resolve_git(&task.name, &url, &rev)?,
+                };
+                Source::Git {
+                    url,
+                    rev: commit,
+                    keep_git: *keep_git,
+                }
+            }
+            Source::Download {
+                urls,
+                sha256,
+                extract,
+            } => Source::Download {
+                urls: urls
+                    .iter()
+                    .map(|u| expand(self, u))
+                    .collect::<Result<_>>()?,
+                sha256: sha256.clone(),
+                extract: *extract,
+            },
+        }))
     }
 
     /// Checks every placeholder of a node's commands, paths and publish rules.
@@ -426,6 +487,9 @@ impl Builder<'_> {
             }
         }
         let node = &self.nodes[i];
+        if let Some(Source::Git { rev: commit, .. }) = &node.source {
+            lines.push(format!("Git: {commit}"));
+        }
         if let Some(taint) = &node.taint {
             lines.push(format!("Taint: {taint}"));
         }

@@ -25,6 +25,7 @@ pub mod network;
 pub mod param;
 pub mod placeholder;
 pub mod recipe;
+pub mod sources;
 pub mod taskref;
 pub mod worker;
 

@@ -35,6 +35,9 @@ pub struct Request {
     /// Identities of every requirement in the task's closure, by qualified reference.
     #[serde(default)]
     pub pins: BTreeMap<String, String>,
+    /// Git commits the client resolved, by qualified reference.
+    #[serde(default)]
+    pub commits: BTreeMap<String, String>,
     /// Values of the environment variables the identities depend on.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -165,6 +168,7 @@ mod tests {
             }],
             taints: BTreeMap::new(),
             pins: BTreeMap::new(),
+            commits: BTreeMap::new(),
             env: BTreeMap::new(),
             snapshot: None,
             client: whoami(),

@@ -53,14 +53,25 @@ pub enum Kind {
     Task,
     Alias,
     Resource,
+    /// A git repository checked out at a commit.
+    Git,
+    /// A downloaded file, verified by its SHA-256 and optionally extracted.
+    Download,
 }
 
 impl Kind {
+    /// Whether tasks of this kind produce an artifact.
+    pub fn has_artifact(self) -> bool {
+        matches!(self, Kind::Task | Kind::Git | Kind::Download)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Task => "task",
             Kind::Alias => "alias",
             Kind::Resource => "resource",
+            Kind::Git => "git",
+            Kind::Download => "download",
         }
     }
 }
@@ -100,6 +111,16 @@ pub struct TaskDef {
     pub strings: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub paths: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<OneOrMany>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_git: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extract: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acquire: Option<OneOrMany>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,6 +166,24 @@ pub enum Expires {
     UnusedFor(u64),
 }
 
+/// Where a built-in kind's artifact comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `kind = "git"`: `rev` (branch, tag or full commit) of the repository at `url`.
+    Git {
+        url: String,
+        rev: String,
+        keep_git: bool,
+    },
+    /// `kind = "download"`: the first of `urls` (mirrors of one file) that answers,
+    /// whose SHA-256 must be `sha256`.
+    Download {
+        urls: Vec<String>,
+        sha256: String,
+        extract: bool,
+    },
+}
+
 /// A validated task.
 #[derive(Debug)]
 pub struct Task {
@@ -156,6 +195,8 @@ pub struct Task {
     pub acquire: Vec<String>,
     pub release: Vec<String>,
     pub publish: Vec<PublishRule>,
+    /// For the kinds `git` and `download`.
+    pub source: Option<Source>,
     pub cacheable: bool,
     pub timeout: Option<Duration>,
     pub expires: Expires,
@@ -351,7 +392,25 @@ impl Task {
                     ));
                 }
             }
+            Kind::Git | Kind::Download => {
+                if !run.is_empty()
+                    || !publish.is_empty()
+                    || !acquire.is_empty()
+                    || !release.is_empty()
+                {
+                    return Err(bad(format!(
+                        "a {} task has no run, publish, acquire or release",
+                        def.kind.name()
+                    )));
+                }
+            }
             Kind::Task => {
+                if def.url.is_some() || def.rev.is_some() || def.sha256.is_some() {
+                    return Err(bad(
+                        "url, rev and sha256 belong to tasks of kind = \"git\" or \"download\""
+                            .into(),
+                    ));
+                }
                 if !acquire.is_empty() || !release.is_empty() {
                     return Err(bad(
                         "acquire and release belong to tasks of kind = \"resource\"".into(),
@@ -359,7 +418,41 @@ impl Task {
                 }
             }
         }
-        let cacheable = def.kind == Kind::Task && def.cacheable.unwrap_or(true);
+        let urls = def.url.clone().map(OneOrMany::into_vec).unwrap_or_default();
+        let source = match def.kind {
+            Kind::Git => {
+                let (Some(rev), [url]) = (def.rev.clone(), &urls[..]) else {
+                    return Err(bad(
+                        "a git task needs one url and a rev (branch, tag or commit)".into(),
+                    ));
+                };
+                Some(Source::Git {
+                    url: url.clone(),
+                    rev,
+                    keep_git: def.keep_git.unwrap_or(false),
+                })
+            }
+            Kind::Download => {
+                let sha256 = def.sha256.clone().unwrap_or_default().to_ascii_lowercase();
+                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(bad(
+                        "a download task needs sha256 = \"<64 hex digits>\"".into()
+                    ));
+                }
+                if urls.is_empty() {
+                    return Err(bad(
+                        "a download task needs a url (or a list of mirrors)".into()
+                    ));
+                }
+                Some(Source::Download {
+                    urls,
+                    sha256,
+                    extract: def.extract.unwrap_or(true),
+                })
+            }
+            _ => None,
+        };
+        let cacheable = def.kind.has_artifact() && def.cacheable.unwrap_or(true);
         let definition = definition_hash(&def);
         Ok(Task {
             name,
@@ -370,6 +463,7 @@ impl Task {
             acquire,
             release,
             publish,
+            source,
             cacheable,
             timeout,
             expires,
@@ -381,7 +475,7 @@ impl Task {
 
     /// Whether this task produces an artifact that consumers see.
     pub fn has_artifact(&self) -> bool {
-        self.kind == Kind::Task
+        self.kind.has_artifact()
     }
 }
 
@@ -541,6 +635,22 @@ mod tests {
         assert_eq!(lines.get("a"), Some(&1));
         assert_eq!(lines.get("tools/gcc"), Some(&4));
         assert_eq!(lines.get("b.c"), Some(&5));
+    }
+
+    #[test]
+    fn source_kinds_are_validated() {
+        let git = task("kind = \"git\"\nurl = \"file:///r.git\"\nrev = \"main\"").unwrap();
+        assert!(matches!(git.source, Some(Source::Git { .. })));
+        assert!(git.cacheable);
+        assert!(task("kind = \"git\"\nurl = \"file:///r.git\"").is_err());
+        let sha = "a".repeat(64);
+        let dl = task(&format!("kind = \"download\"\nurl = [\"http://a/x.tgz\", \"http://b/x.tgz\"]\nsha256 = \"{sha}\"")).unwrap();
+        assert!(
+            matches!(dl.source, Some(Source::Download { ref urls, extract: true, .. }) if urls.len() == 2)
+        );
+        assert!(task("kind = \"download\"\nurl = \"http://a/x\"\nsha256 = \"abc\"").is_err());
+        assert!(task("kind = \"download\"\nurl = \"http://a/x\"\nrun = \"x\"").is_err());
+        assert!(task("url = \"http://a/x\"").is_err());
     }
 
     #[test]

@@ -313,6 +313,11 @@ impl Worker {
                 .collect::<HashMap<_, _>>(),
             pins: request.pins.clone().into_iter().collect::<HashMap<_, _>>(),
             env: Some(request.env.clone()),
+            commits: request
+                .commits
+                .clone()
+                .into_iter()
+                .collect::<HashMap<_, _>>(),
             ..Default::default()
         };
         let graph = crate::graph::build(

@@ -24,6 +24,8 @@ use crate::interrupt;
 use crate::messages::{ReplyKind, Request, VERSION};
 use crate::network::Incoming;
 use crate::placeholder::{self, DepRef};
+use crate::recipe::Source;
+use crate::sources;
 
 /// Grace period between SIGTERM and SIGKILL when a command's process group is killed.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -425,10 +427,14 @@ impl Worker<'_> {
         let node = &self.graph.nodes[i];
         let mut pins = BTreeMap::new();
         let mut taints = BTreeMap::new();
+        let mut commits = BTreeMap::new();
         for j in self.graph.closure(&[i]) {
             let n = &self.graph.nodes[j];
             if j != i {
                 pins.insert(n.qualified.clone(), n.identity.clone());
+            }
+            if let Some(Source::Git { rev: commit, .. }) = &n.source {
+                commits.insert(n.qualified.clone(), commit.clone());
             }
             if let Some(t) = &n.taint {
                 taints.insert(n.qualified.clone(), t.clone());
@@ -450,6 +456,7 @@ impl Worker<'_> {
             recipes: net.recipes.clone(),
             taints,
             pins,
+            commits,
             env: self.graph.env.clone(),
             snapshot,
             client: crate::messages::whoami(),
@@ -599,10 +606,24 @@ impl Worker<'_> {
             acquired.push(r);
         }
         if result.is_ok() {
-            result = task.run.iter().try_for_each(|c| {
-                let cmd = self.expand(i, c, dirs)?;
-                self.command(i, &cmd, &cwd, &env, deadline, &log)
-            });
+            result = match &node.source {
+                Some(Source::Git {
+                    url,
+                    rev: commit,
+                    keep_git,
+                }) => sources::git_commands(url, commit, *keep_git)
+                    .iter()
+                    .try_for_each(|cmd| self.command(i, cmd, staging, &env, deadline, &log)),
+                Some(Source::Download {
+                    urls,
+                    sha256,
+                    extract,
+                }) => self.download_source(i, urls, sha256, *extract, builddir, staging, &log),
+                None => task.run.iter().try_for_each(|c| {
+                    let cmd = self.expand(i, c, dirs)?;
+                    self.command(i, &cmd, &cwd, &env, deadline, &log)
+                }),
+            };
         }
         for &r in acquired.iter().rev() {
             let rnode = &self.graph.nodes[r];
@@ -659,6 +680,61 @@ impl Worker<'_> {
         };
         manifest.write(staging)?;
         Ok(manifest)
+    }
+
+    /// `kind = "download"`: fetches the first mirror that answers, verifies the
+    /// SHA-256 while streaming, and extracts or copies the file into the artifact.
+    #[allow(clippy::too_many_arguments)]
+    fn download_source(
+        &self,
+        i: usize,
+        urls: &[String],
+        sha256: &str,
+        extract: bool,
+        builddir: &Path,
+        staging: &Path,
+        log: &Log,
+    ) -> Result<(), Failure> {
+        let node = &self.graph.nodes[i];
+        let mut errors = Vec::new();
+        for url in urls {
+            if interrupt::is_set() {
+                return Err(Failure::interrupted("Download interrupted"));
+            }
+            let name = sources::file_name(url);
+            let file = builddir.join(&name);
+            let _ = writeln!(log.lock().expect("log"), "Downloading {url}");
+            self.log(
+                console::Level::Info,
+                format!("Downloading {url} ({})", node.label()),
+            );
+            match sources::fetch(url, &file) {
+                Err(e) => errors.push(format!("{e:#}")),
+                Ok(actual) if actual != sha256 => errors.push(format!(
+                    "{url}: sha256 mismatch: expected {sha256}, got {actual}"
+                )),
+                Ok(_) => {
+                    let extracted = extract
+                        && sources::extract(&file, &name, staging)
+                            .map_err(|e| Failure::new(format!("{url}: {e:#}")))?;
+                    if !extracted {
+                        std::fs::rename(&file, staging.join(&name))
+                            .or_else(|_| std::fs::copy(&file, staging.join(&name)).map(|_| ()))
+                            .map_err(|e| Failure::new(format!("{url}: {e}")))?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        for e in &errors {
+            let _ = writeln!(log.lock().expect("log"), "{e}");
+        }
+        Err(Failure {
+            lines: errors,
+            interrupted: false,
+            log: None,
+            remote: false,
+        })
     }
 
     /// Runs one shell command of node `i`, streaming its output.
