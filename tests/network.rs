@@ -368,3 +368,75 @@ fn scaling_down_mid_build_loses_no_task() {
     done.dedup();
     assert_eq!(done.len(), 30);
 }
+
+#[test]
+fn a_worker_provisions_a_downloaded_tool_and_a_repository() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    // A tool tarball and a bare repository, both served by the cluster's nginx.
+    let staging = tempfile::tempdir().unwrap();
+    let bin = staging.path().join("tool/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(bin.join("count-lines"), "#!/bin/sh\nwc -l < \"$1\"\n").unwrap();
+    let run = |cmd: &mut std::process::Command| assert!(cmd.status().unwrap().success());
+    run(std::process::Command::new("chmod").args(["+x", bin.join("count-lines").to_str().unwrap()]));
+    let tarball = c.server.file("dl/tool.tgz");
+    std::fs::create_dir_all(tarball.parent().unwrap()).unwrap();
+    run(std::process::Command::new("tar").args([
+        "-czf",
+        tarball.to_str().unwrap(),
+        "-C",
+        staging.path().to_str().unwrap(),
+        "tool",
+    ]));
+    let sha = String::from_utf8(
+        std::process::Command::new("sha256sum")
+            .arg(&tarball)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let sha = sha.split_whitespace().next().unwrap();
+    let work = staging.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("lines.txt"), "a\nb\nc\n").unwrap();
+    let bare = c.server.file("git/src.git");
+    for args in [
+        vec!["init", "-q", "-b", "main", "."],
+        vec!["add", "."],
+        vec![
+            "-c",
+            "user.email=t@example.org",
+            "-c",
+            "user.name=t",
+            "commit",
+            "-qm",
+            "x",
+        ],
+        vec!["clone", "-q", "--bare", ".", bare.to_str().unwrap()],
+    ] {
+        run(std::process::Command::new("git")
+            .args(&args)
+            .current_dir(&work));
+    }
+    run(std::process::Command::new("git")
+        .args(["update-server-info"])
+        .current_dir(&bare));
+    let ws = Workspace::with(&format!(
+        "[task.tool]\nkind = \"download\"\nurl = \"{0}/dl/tool.tgz\"\nsha256 = \"{sha}\"\nenviron = {{ PATH = \"tool/bin\" }}\n[task.src]\nkind = \"git\"\nurl = \"{0}/git/src.git\"\nrev = \"main\"\n[task.count]\nrequires = [\"tool\", \"src\"]\nrun = \"count-lines {{deps.src}}/lines.txt > {{artifact}}/n\"\n",
+        c.server.url
+    ));
+    let built = c.build(&ws, &["count"]);
+    built
+        .success()
+        .contains("Remote execution started (tool ")
+        .contains("Remote execution started (src ");
+    assert_eq!(
+        std::fs::read_to_string(built.locations()[0].join("n"))
+            .unwrap()
+            .trim(),
+        "3"
+    );
+    assert!(w.output().contains("Request for count"));
+}
