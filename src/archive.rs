@@ -18,9 +18,6 @@ use crate::artifact::{Manifest, MANIFEST};
 
 /// Writes the artifact directory `dir` as a tar stream.
 pub fn pack(dir: &Path, out: impl Write) -> Result<()> {
-    let mut builder = tar::Builder::new(out);
-    builder.mode(tar::HeaderMode::Deterministic);
-    builder.follow_symlinks(false);
     let mut entries = Vec::new();
     walk(dir, Path::new(""), &mut entries)?;
     entries.sort();
@@ -28,51 +25,40 @@ pub fn pack(dir: &Path, out: impl Write) -> Result<()> {
         let manifest = entries.remove(pos);
         entries.push(manifest);
     }
-    for rel in entries {
-        let full = dir.join(&rel);
-        let meta = std::fs::symlink_metadata(&full)
-            .with_context(|| format!("Cannot read {}", full.display()))?;
-        let mut header = tar::Header::new_gnu();
-        header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
-        if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(&full)?;
-            header.set_size(0);
-            builder.append_link(&mut header, &rel, &target)?;
-        } else if meta.is_dir() {
-            header.set_size(0);
-            builder.append_data(&mut header, &rel, std::io::empty())?;
-        } else {
-            let file =
-                File::open(&full).with_context(|| format!("Cannot read {}", full.display()))?;
-            builder.append_data(&mut header, &rel, file)?;
-        }
-    }
-    builder.into_inner()?.flush()?;
-    Ok(())
+    write_entries(dir, &entries, out)
 }
 
-/// Writes the files `files` (relative to `root`, sorted) as a deterministic tar
-/// stream: a source snapshot.
+/// Writes the files `files` (relative to `root`) as a deterministic tar stream, in
+/// sorted order: a source snapshot.
 pub fn pack_files(root: &Path, files: &[PathBuf], out: impl Write) -> Result<()> {
-    let mut builder = tar::Builder::new(out);
-    builder.mode(tar::HeaderMode::Deterministic);
-    builder.follow_symlinks(false);
     let mut files = files.to_vec();
     files.sort();
     files.dedup();
-    for rel in files {
-        let full = root.join(&rel);
+    write_entries(root, &files, out)
+}
+
+/// Appends `entries` (relative to `base`, in this order) with deterministic headers:
+/// symlinks as symlinks, directories empty, files with their content.
+fn write_entries(base: &Path, entries: &[PathBuf], out: impl Write) -> Result<()> {
+    let mut builder = tar::Builder::new(out);
+    builder.mode(tar::HeaderMode::Deterministic);
+    builder.follow_symlinks(false);
+    for rel in entries {
+        let full = base.join(rel);
         let meta = std::fs::symlink_metadata(&full)
             .with_context(|| format!("Cannot read {}", full.display()))?;
         let mut header = tar::Header::new_gnu();
         header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
         if meta.file_type().is_symlink() {
             header.set_size(0);
-            builder.append_link(&mut header, &rel, std::fs::read_link(&full)?)?;
+            builder.append_link(&mut header, rel, std::fs::read_link(&full)?)?;
+        } else if meta.is_dir() {
+            header.set_size(0);
+            builder.append_data(&mut header, rel, std::io::empty())?;
         } else {
             let file =
                 File::open(&full).with_context(|| format!("Cannot read {}", full.display()))?;
-            builder.append_data(&mut header, &rel, file)?;
+            builder.append_data(&mut header, rel, file)?;
         }
     }
     builder.into_inner()?.flush()?;

@@ -112,6 +112,17 @@ impl Worker<'_> {
         }
     }
 
+    /// Commits node `i`'s staged artifact; on failure nothing of it stays behind.
+    fn commit(&self, i: usize, staging: &Path, size: u64) -> Result<PathBuf, Failure> {
+        let node = &self.graph.nodes[i];
+        self.cache
+            .commit(staging, node.name(), &node.identity, size)
+            .map_err(|e| {
+                let _ = fsutil::remove_dir_all(staging);
+                Failure::from(e)
+            })
+    }
+
     /// Fetches node `i`'s artifact from the HTTP cache into the local cache.
     fn download(&self, i: usize) -> Result<Done, Failure> {
         let node = &self.graph.nodes[i];
@@ -152,12 +163,7 @@ impl Worker<'_> {
                 return Ok(Done::DownloadFailed);
             }
         };
-        let dir = self
-            .cache
-            .commit(&staging, node.name(), &node.identity, manifest.size)
-            .inspect_err(|_| {
-                let _ = fsutil::remove_dir_all(&staging);
-            })?;
+        let dir = self.commit(i, &staging, manifest.size)?;
         self.log(
             console::Level::Info,
             format!(
@@ -261,12 +267,7 @@ impl Worker<'_> {
         };
         let duration = start.elapsed();
         let dir = if cacheable {
-            let dir = self
-                .cache
-                .commit(&staging, node.name(), &node.identity, manifest.size)
-                .inspect_err(|_| {
-                    let _ = fsutil::remove_dir_all(&staging);
-                })?;
+            let dir = self.commit(i, &staging, manifest.size)?;
             self.publish_remote(i, &dir)?;
             dir
         } else {
