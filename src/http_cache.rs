@@ -9,7 +9,7 @@
 //! and skipped for the rest of the process, so the caller warns once.
 
 use anyhow::{bail, Context, Result};
-use std::io::{BufWriter, Read};
+use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -46,6 +46,26 @@ pub struct HttpCache {
     pub upload: bool,
     retries: u32,
     down: AtomicBool,
+}
+
+/// The body of a streamed upload: the read end of the packer's pipe. At the end of
+/// the pipe it returns the packer's error, if any, so a half-packed archive is never
+/// sent as complete (the request fails and the server discards it).
+struct PackedBody {
+    pipe: std::io::PipeReader,
+    done: crossbeam_channel::Receiver<Result<(), String>>,
+}
+
+impl Read for PackedBody {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.pipe.read(buf)?;
+        if n == 0 {
+            if let Ok(Err(e)) = self.done.recv() {
+                return Err(std::io::Error::other(e));
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// Counts bytes read through it.
@@ -288,19 +308,41 @@ impl HttpCache {
         Ok(Some(manifest))
     }
 
-    /// `PUT`: packs the artifact directory into `scratch/upload.tar` and sends it.
-    pub fn store(&self, task: &str, identity: &str, dir: &Path, scratch: &Path) -> Result<()> {
-        let tar_path = scratch.join("upload.tar");
-        {
-            let file = std::fs::File::create(&tar_path)
-                .with_context(|| format!("Cannot create {}", tar_path.display()))?;
-            let mut out = BufWriter::with_capacity(256 * 1024, file);
-            crate::archive::pack(dir, &mut out)?;
-            out.into_inner().map_err(|e| e.into_error())?;
+    /// `PUT`: streams the artifact directory as a tar (chunked transfer encoding)
+    /// while a thread packs it, so nothing is staged on disk or held in memory.
+    pub fn store(&self, task: &str, identity: &str, dir: &Path) -> Result<()> {
+        let url = self.url(task, identity);
+        let resp = self.send(&url, &mut || {
+            let (reader, writer) = std::io::pipe().map_err(ureq::Error::Io)?;
+            let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
+            let dir = dir.to_path_buf();
+            let packer = std::thread::spawn(move || {
+                let mut out = BufWriter::with_capacity(256 * 1024, writer);
+                let result = crate::archive::pack(&dir, &mut out)
+                    .and_then(|()| out.flush().map_err(anyhow::Error::from))
+                    .map_err(|e| format!("{e:#}"));
+                // Report before the pipe closes, so the reader knows how it ended.
+                let _ = done_tx.send(result);
+            });
+            let body = PackedBody {
+                pipe: reader,
+                done: done_rx,
+            };
+            let result = self
+                .with_auth(self.agent.put(&url))
+                .header("Content-Type", "application/x-tar")
+                .send(ureq::SendBody::from_owned_reader(body));
+            let _ = packer.join();
+            result
+        })?;
+        match resp.status().as_u16() {
+            200 | 201 | 204 => Ok(()),
+            401 | 403 => bail!(
+                "{url}: upload refused ({}); set http.username and http.password (or JOLT_HTTP_PASSWORD)",
+                resp.status()
+            ),
+            code => bail!("{url}: PUT answered {code}"),
         }
-        let result = self.put(&self.url(task, identity), &tar_path);
-        let _ = std::fs::remove_file(&tar_path);
-        result
     }
 
     /// The URL of a source snapshot.
@@ -330,6 +372,32 @@ impl HttpCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_packer_fails_the_upload_body_instead_of_ending_it() {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        writer.write_all(b"half an archive").unwrap();
+        tx.send(Err("disk error".to_string())).unwrap();
+        drop(writer);
+        let mut body = PackedBody {
+            pipe: reader,
+            done: rx,
+        };
+        let mut sink = Vec::new();
+        let err = body.read_to_end(&mut sink).unwrap_err();
+        assert_eq!(err.to_string(), "disk error");
+
+        let (reader, writer) = std::io::pipe().unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        tx.send(Ok(())).unwrap();
+        drop(writer);
+        let mut body = PackedBody {
+            pipe: reader,
+            done: rx,
+        };
+        assert_eq!(body.read_to_end(&mut sink).unwrap(), 0);
+    }
 
     #[test]
     fn base64_matches_rfc4648() {

@@ -372,7 +372,8 @@ fn serve(
             if shared.stop.load(Ordering::Relaxed) {
                 break;
             }
-            match consumer.receiver().recv_timeout(Duration::from_millis(200)) {
+            // Short, so a finished build does not wait long for this thread to stop.
+            match consumer.receiver().recv_timeout(Duration::from_millis(20)) {
                 Ok(ConsumerMessage::Delivery(delivery)) => {
                     match serde_json::from_slice::<Reply>(&delivery.body) {
                         Ok(reply) => {

@@ -29,7 +29,6 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::RecvTimeoutError;
 use std::collections::HashMap;
 use std::path::{Component, Path};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -149,6 +148,8 @@ impl Worker {
         let publisher = Mutex::new(connection.open_channel(None)?);
         let queue = channel.queue_declare_passive(task_queue(&self.settings.routing_key))?;
         let consumer = queue.consume(ConsumerOptions::default())?;
+        // Locks are declared on a channel of their own, kept between requests.
+        let mut lock_channel: Option<Channel> = None;
         console::info(&format!(
             "Connected to {}; waiting for requests on {}",
             self.settings.address(),
@@ -159,13 +160,16 @@ impl Worker {
                 let _ = consumer.cancel();
                 drop(consumer);
                 let _ = publisher.into_inner().map(|p| p.close());
+                if let Some(l) = lock_channel.take() {
+                    let _ = l.close();
+                }
                 let _ = channel.close();
                 let _ = connection.close();
                 return Ok(());
             }
             match consumer.receiver().recv_timeout(Duration::from_millis(250)) {
                 Ok(ConsumerMessage::Delivery(delivery)) => {
-                    if !self.handle(&mut connection, &publisher, &delivery)? {
+                    if !self.handle(&mut connection, &publisher, &mut lock_channel, &delivery)? {
                         // Interrupted: leave the request unacked for another worker.
                         drop(consumer);
                         let _ = connection.close();
@@ -189,6 +193,7 @@ impl Worker {
         &self,
         connection: &mut Connection,
         publisher: &Mutex<Channel>,
+        lock_channel: &mut Option<Channel>,
         delivery: &Delivery,
     ) -> Result<bool> {
         let request = match Request::parse(&delivery.body) {
@@ -204,9 +209,11 @@ impl Worker {
             }
         };
         let id8 = &request.identity[..8];
-        let lock_channel = connection.open_channel(None)?;
+        if lock_channel.is_none() {
+            *lock_channel = Some(connection.open_channel(None)?);
+        }
         let lock = format!("jolt_lock_{}", request.identity);
-        let locked = lock_channel.queue_declare(
+        let locked = lock_channel.as_ref().expect("lock channel").queue_declare(
             lock.as_str(),
             QueueDeclareOptions {
                 exclusive: true,
@@ -214,6 +221,8 @@ impl Worker {
             },
         );
         if locked.is_err() {
+            // The broker closed the channel with the error: open another next time.
+            *lock_channel = None;
             console::info(&format!(
                 "{} {id8} is being built by another worker: dropping this duplicate request",
                 request.reference
@@ -235,23 +244,21 @@ impl Worker {
             &self.reply(&request.identity, ReplyKind::Accepted),
         )?;
         let start = Instant::now();
-        let stop = AtomicBool::new(false);
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let outcome = std::thread::scope(|scope| {
             scope.spawn(|| {
-                let mut last = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
-                    if last.elapsed() >= self.settings.progress {
-                        last = Instant::now();
-                        let _ = publish_reply(
-                            publisher,
-                            &self.reply(&request.identity, ReplyKind::Running),
-                        );
-                    }
+                // Until the build ends (the sender is dropped), tell the clients it runs.
+                while let Err(RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(self.settings.progress)
+                {
+                    let _ = publish_reply(
+                        publisher,
+                        &self.reply(&request.identity, ReplyKind::Running),
+                    );
                 }
             });
             let outcome = self.build(&request);
-            stop.store(true, Ordering::Relaxed);
+            drop(stop);
             outcome
         });
         let mut reply = match outcome {
@@ -271,8 +278,14 @@ impl Worker {
             format_duration(start.elapsed())
         ));
         publish_reply(publisher, &reply)?;
-        let _ = lock_channel.queue_delete(lock.as_str(), QueueDeleteOptions::default());
-        let _ = lock_channel.close();
+        if let Some(channel) = lock_channel.as_ref() {
+            if channel
+                .queue_delete(lock.as_str(), QueueDeleteOptions::default())
+                .is_err()
+            {
+                *lock_channel = None;
+            }
+        }
         Ok(true)
     }
 

@@ -191,10 +191,7 @@ impl Worker<'_> {
             format!("Upload started ({})", node.label()),
         );
         let start = Instant::now();
-        let scratch = self.cache.scratch(&format!("upload-{}", node.name()))?;
-        let result = http.store(node.name(), &node.identity, dir, &scratch);
-        let _ = fsutil::remove_dir_all(&scratch);
-        result?;
+        http.store(node.name(), &node.identity, dir)?;
         self.log(
             console::Level::Info,
             format!(

@@ -251,7 +251,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
     let limits = [
         opts.jobs.max(1),
         match opts.mode {
-            Mode::Network(net) => net.jobs.max(1) + TRANSFERS,
+            Mode::Network(net) => net.jobs.max(TRANSFERS),
             _ => TRANSFERS,
         },
     ];
