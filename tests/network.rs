@@ -114,7 +114,7 @@ fn two_clients_building_one_graph_execute_each_task_once() {
 #[test]
 fn a_high_priority_request_overtakes_queued_ones() {
     let Some(c) = cluster() else { return };
-    let _w = c.worker();
+    let w = c.worker();
     let order = c.dir.path().join("order");
     let gate = c.dir.path().join("gate");
     let recipe = format!(
@@ -124,10 +124,8 @@ fn a_high_priority_request_overtakes_queued_ones() {
     );
     let ws = Workspace::with(&recipe);
     let blocker = c.spawn_build(&ws, &["blocker"]);
-    wait_until("the blocker to run", Duration::from_secs(30), || {
-        c.broker.queued() == Some(0)
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    // The worker holds the blocker: the next requests wait in the queue.
+    w.wait_for("Request for blocker", Duration::from_secs(30));
     let low = c.spawn_build(&ws, &["low"]);
     wait_until("low to be queued", Duration::from_secs(30), || {
         c.broker.queued() == Some(1)
