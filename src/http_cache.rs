@@ -103,6 +103,17 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
+/// What a `PUT` answer means.
+fn put_outcome(url: &str, status: ureq::http::StatusCode) -> Result<()> {
+    match status.as_u16() {
+        200 | 201 | 204 => Ok(()),
+        401 | 403 => bail!(
+            "{url}: upload refused ({status}); set http.username and http.password (or JOLT_HTTP_PASSWORD)"
+        ),
+        code => bail!("{url}: PUT answered {code}"),
+    }
+}
+
 /// Whether the configuration names an HTTP cache.
 pub fn configured(config: &Config) -> bool {
     config.get("http.uri").is_some_and(|u| !u.trim().is_empty())
@@ -286,14 +297,7 @@ impl HttpCache {
                 .header("Content-Type", "application/x-tar")
                 .send(file)
         })?;
-        match resp.status().as_u16() {
-            200 | 201 | 204 => Ok(()),
-            401 | 403 => bail!(
-                "{url}: upload refused ({}); set http.username and http.password (or JOLT_HTTP_PASSWORD)",
-                resp.status()
-            ),
-            code => bail!("{url}: PUT answered {code}"),
-        }
+        put_outcome(url.as_ref(), resp.status())
     }
 
     /// `GET`: unpacks the artifact into the empty directory `staging` and verifies it.
@@ -335,14 +339,7 @@ impl HttpCache {
             let _ = packer.join();
             result
         })?;
-        match resp.status().as_u16() {
-            200 | 201 | 204 => Ok(()),
-            401 | 403 => bail!(
-                "{url}: upload refused ({}); set http.username and http.password (or JOLT_HTTP_PASSWORD)",
-                resp.status()
-            ),
-            code => bail!("{url}: PUT answered {code}"),
-        }
+        put_outcome(url.as_ref(), resp.status())
     }
 
     /// The URL of a source snapshot.
