@@ -323,6 +323,10 @@ impl Cache {
         let Some(_lock) = self.try_lock(&artifact.identity)? else {
             return Ok(false);
         };
+        // A process may have started using it since `in_use` was read.
+        if self.in_use().contains(&artifact.identity) {
+            return Ok(false);
+        }
         let trash = self
             .root
             .join(".tmp")
@@ -334,12 +338,8 @@ impl Cache {
                 return Err(e).with_context(|| format!("Cannot remove {}", artifact.dir.display()))
             }
         }
+        // The lock file stays: another process may be waiting on it.
         fsutil::remove_dir_all(&trash)?;
-        let _ = std::fs::remove_file(
-            self.root
-                .join(".locks")
-                .join(format!("{}.lock", artifact.identity)),
-        );
         Ok(true)
     }
 

@@ -144,7 +144,7 @@ impl Pattern {
             for entry in entries {
                 let entry = entry?;
                 let file_name = entry.file_name();
-                if !wildcard(name.as_bytes(), file_name.as_encoded_bytes()) {
+                if file_name == ".git" || !wildcard(name.as_bytes(), file_name.as_encoded_bytes()) {
                     continue;
                 }
                 if files_only && entry.file_type()?.is_dir() {
@@ -261,6 +261,7 @@ mod tests {
         assert!(files(root, "../x").is_err());
         assert_eq!(names("src/?.c"), vec!["src/a.c"]);
         assert_eq!(names("*/*.c"), vec!["src/a.c"]);
+        assert!(!names("*").iter().any(|n| n.starts_with(".git")));
     }
 
     #[test]

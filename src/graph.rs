@@ -57,7 +57,11 @@ impl Node {
 
     /// `short id8`, the way log lines name a task.
     pub fn label(&self) -> String {
-        format!("{} {}", self.short, &self.identity[..8])
+        format!(
+            "{} {}",
+            self.short,
+            self.identity.get(..8).unwrap_or(&self.identity)
+        )
     }
 
     pub fn is_alias(&self) -> bool {

@@ -102,7 +102,7 @@ impl Request {
         let identity = value
             .get("identity")
             .and_then(|v| v.as_str())
-            .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .filter(|s| is_hex(s, 64))
             .map(str::to_string);
         let version = value.get("version").and_then(|v| v.as_u64());
         if version != Some(VERSION as u64) {
@@ -116,11 +116,38 @@ impl Request {
                 ),
             });
         }
-        serde_json::from_value(value).map_err(|e| Malformed {
-            identity,
+        let request: Request = serde_json::from_value(value).map_err(|e| Malformed {
+            identity: identity.clone(),
             message: format!("malformed request: {e}"),
-        })
+        })?;
+        let bad = |what: String| Malformed {
+            identity: identity.clone(),
+            message: format!("malformed request: {what}"),
+        };
+        if identity.is_none() {
+            return Err(bad("identity is not 64 hex digits".into()));
+        }
+        for (reference, pin) in &request.pins {
+            if !is_hex(pin, 64) {
+                return Err(bad(format!("identity of {reference} is not 64 hex digits")));
+            }
+        }
+        for (reference, commit) in &request.commits {
+            if !is_hex(commit, 40) {
+                return Err(bad(format!("commit of {reference} is not 40 hex digits")));
+            }
+        }
+        if let Some(digest) = &request.snapshot {
+            if !is_hex(digest, 64) {
+                return Err(bad("snapshot is not a sha256".into()));
+            }
+        }
+        Ok(request)
     }
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// `host:pid`, naming this process in messages.
@@ -153,6 +180,24 @@ mod tests {
         let e = Request::parse(format!("{{\"version\": 1, \"identity\": \"{id}\"}}").as_bytes())
             .unwrap_err();
         assert!(e.message.contains("malformed"));
+    }
+
+    #[test]
+    fn requests_with_unusable_identities_are_refused() {
+        let id = "c".repeat(64);
+        let body = |extra: &str| {
+            format!(
+                "{{\"version\": 1, \"identity\": \"{id}\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": []{extra}}}"
+            )
+        };
+        assert!(Request::parse(body("").as_bytes()).is_ok());
+        let short = "{\"version\": 1, \"identity\": \"\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": []}";
+        assert!(Request::parse(short.as_bytes()).is_err());
+        assert!(Request::parse(body(", \"pins\": {\"a\": \"../../x\"}").as_bytes()).is_err());
+        assert!(
+            Request::parse(body(", \"commits\": {\"a\": \"main; rm -rf /\"}").as_bytes()).is_err()
+        );
+        assert!(Request::parse(body(", \"snapshot\": \"../x\"").as_bytes()).is_err());
     }
 
     #[test]

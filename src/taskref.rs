@@ -11,12 +11,17 @@ pub struct TaskRef {
     pub params: Vec<(String, String)>,
 }
 
-/// Whether `name` is a legal task name: letters, digits and `_ - . /`.
+/// Whether `name` is a legal task name: ASCII letters, digits and `_ - . /`, in
+/// `/`-separated parts that are neither empty, `.`, `..` nor start with a dot (a name
+/// becomes a directory of the cache and a path of the HTTP cache's URLs).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+        && name
+            .split('/')
+            .all(|part| !part.is_empty() && !part.starts_with('.'))
 }
 
 impl TaskRef {
@@ -70,6 +75,10 @@ mod tests {
         assert_eq!(r.params.len(), 2);
         assert_eq!(TaskRef::parse("a:p=").unwrap().params[0].1, "");
         assert!(TaskRef::parse("a b").is_err());
+        for bad in ["..", ".", "/abs", "a//b", "a/", ".tmp", "a/../b", "ünï"] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+        assert!(valid_name("tools/gcc-12.2_x"));
         assert!(TaskRef::parse("a:p").is_err());
         assert_eq!(format("a", &[("z", "1"), ("b", "2")]), "a:b=2,z=1");
     }

@@ -208,7 +208,7 @@ impl Worker {
                 return Ok(true);
             }
         };
-        let id8 = &request.identity[..8];
+        let id8 = request.identity.get(..8).unwrap_or(&request.identity);
         if lock_channel.is_none() {
             *lock_channel = Some(connection.open_channel(None)?);
         }

@@ -438,3 +438,18 @@ fn a_worker_provisions_a_downloaded_tool_and_a_repository() {
     );
     assert!(w.output().contains("Request for count"));
 }
+
+#[test]
+fn a_non_cacheable_requirement_runs_on_the_worker_with_its_consumer() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with(
+        "[task.gen]\ncacheable = false\nrun = \"echo generated > {artifact}/g\"\n[task.app]\nrequires = [\"gen\"]\nrun = \"cp {deps.gen}/g {artifact}/g\"\n",
+    );
+    let run = c.build(&ws, &["app"]);
+    run.success();
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("g")).unwrap(),
+        "generated\n"
+    );
+}

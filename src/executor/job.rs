@@ -30,6 +30,9 @@ use crate::sources;
 /// Grace period between SIGTERM and SIGKILL when a command's process group is killed.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a resource's release commands may take.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Lines of a failed task's log kept for its report.
 const LOG_TAIL: usize = 200;
 
@@ -103,7 +106,15 @@ impl Worker<'_> {
                 node.label()
             ),
         );
-        Ok(self.cache.lock(&node.identity)?)
+        loop {
+            if interrupt::is_set() {
+                return Err(Failure::interrupted("Interrupted while waiting for a lock"));
+            }
+            if let Some(lock) = self.cache.try_lock(&node.identity)? {
+                return Ok(lock);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn http_warning(&self, http: &HttpCache, what: &str, err: &anyhow::Error) {
@@ -624,11 +635,15 @@ impl Worker<'_> {
             };
         }
         for &r in acquired.iter().rev() {
+            // Releases run even after Ctrl-C (only their own timeout stops them),
+            // and a failing one does not skip the others.
             let rnode = &self.graph.nodes[r];
-            let renv = self.environment(r, builddir, staging)?;
-            let released = rnode.task.release.iter().try_for_each(|c| {
-                let cmd = self.expand(r, c, None)?;
-                self.command(i, &cmd, self.root, &renv, None, &log)
+            let released = self.environment(r, builddir, staging).and_then(|renv| {
+                rnode.task.release.iter().try_for_each(|c| {
+                    let cmd = self.expand(r, c, None)?;
+                    let deadline = Some(Instant::now() + RELEASE_TIMEOUT);
+                    self.run_command(i, &cmd, self.root, &renv, deadline, &log, false)
+                })
             });
             if let Err(f) = released {
                 if result.is_ok() {
@@ -735,7 +750,7 @@ impl Worker<'_> {
         })
     }
 
-    /// Runs one shell command of node `i`, streaming its output.
+    /// Runs one shell command of node `i`, streaming its output; Ctrl-C stops it.
     fn command(
         &self,
         i: usize,
@@ -744,6 +759,21 @@ impl Worker<'_> {
         env: &[(String, String)],
         deadline: Option<Instant>,
         log: &Log,
+    ) -> Result<(), Failure> {
+        self.run_command(i, cmd, cwd, env, deadline, log, true)
+    }
+
+    /// Runs one shell command; with `interruptible`, Ctrl-C kills its process group.
+    #[allow(clippy::too_many_arguments)]
+    fn run_command(
+        &self,
+        i: usize,
+        cmd: &str,
+        cwd: &Path,
+        env: &[(String, String)],
+        deadline: Option<Instant>,
+        log: &Log,
+        interruptible: bool,
     ) -> Result<(), Failure> {
         let node: &Node = &self.graph.nodes[i];
         let mut child = Command::new("sh")
@@ -806,7 +836,7 @@ impl Worker<'_> {
             match killed {
                 None => {
                     let timed_out = deadline.is_some_and(|d| now >= d);
-                    if timed_out || interrupt::is_set() {
+                    if timed_out || (interruptible && interrupt::is_set()) {
                         unsafe { libc::kill(-pgid, libc::SIGTERM) };
                         killed = Some((now, timed_out));
                     }

@@ -484,6 +484,9 @@ impl Scheduler<'_> {
                     (true, false, false) => Plan::Execute,
                     (false, true, _) => Plan::Available,
                     (false, false, true) => Plan::Download,
+                    // A requirement that keeps no artifact runs here, as it does
+                    // for a local build.
+                    (false, false, false) if !cacheable => Plan::Execute,
                     (false, false, false) => {
                         self.not_built(i);
                         return Ok(());
@@ -547,8 +550,9 @@ impl Scheduler<'_> {
                     self.pending[i] += 1;
                     self.dependents[d].push(i);
                 }
-            } else {
+            } else if self.status[i] == Status::Pending {
                 self.status[i] = Status::Blocked;
+                self.propagate(i, Some((d, false)));
             }
         }
         if self.pending[i] == 0 && self.status[i] == Status::Pending {
