@@ -139,6 +139,7 @@ pub(crate) fn check_parents(dest: &Path, rel: &Path) -> Result<()> {
 /// Unpacks a tar stream into the empty directory `dest`, rejecting unsafe entries.
 pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
     let mut archive = tar::Archive::new(reader);
+    let mut links = Vec::new();
     for entry in archive.entries().context("Unreadable archive")? {
         let mut entry = entry.context("Unreadable archive entry")?;
         let raw = entry.path().context("Unreadable entry path")?.into_owned();
@@ -185,6 +186,7 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
                 }
                 std::os::unix::fs::symlink(&link, &target)
                     .with_context(|| format!("archive entry '{}' is duplicated", raw.display()))?;
+                links.push(rel.clone());
             }
             tar::EntryType::Link => {
                 // A hard link to an entry unpacked before: copied, inside only.
@@ -200,6 +202,7 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
                         link.display()
                     );
                 };
+                check_parents(dest, &source)?;
                 let source = dest.join(source);
                 if !std::fs::symlink_metadata(&source)
                     .map(|m| m.is_file())
@@ -218,6 +221,38 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
                 "archive entry '{}' has a forbidden type ({other:?})",
                 raw.display()
             ),
+        }
+    }
+    verify_links(dest, &links)
+}
+
+/// Checks, once everything is unpacked, that every symlink resolves inside `dest`:
+/// each one was checked on its own text, but a chain of links can still lead out.
+pub(crate) fn verify_links(dest: &Path, links: &[PathBuf]) -> Result<()> {
+    if links.is_empty() {
+        return Ok(());
+    }
+    let root = std::fs::canonicalize(dest)?;
+    for rel in links {
+        let link = dest.join(rel);
+        let target = std::fs::read_link(&link)?;
+        // Resolve what exists of the target; a missing tail stays under its parent.
+        let mut probe = link.parent().unwrap_or(dest).join(&target);
+        let resolved = loop {
+            match std::fs::canonicalize(&probe) {
+                Ok(p) => break Some(p),
+                Err(_) => match probe.parent() {
+                    Some(parent) if parent != probe => probe = parent.to_path_buf(),
+                    _ => break None,
+                },
+            }
+        };
+        if !resolved.is_some_and(|p| p.starts_with(&root)) {
+            bail!(
+                "archive symlink '{}' -> '{}' leads outside the artifact",
+                rel.display(),
+                target.display()
+            );
         }
     }
     Ok(())
@@ -327,6 +362,11 @@ mod tests {
             vec![("fifo", Fifo, "")],
             vec![("hard", Link, "")],
             vec![("link", Symlink, "."), ("link/x", Regular, "x")],
+            // Each link stays inside on its own text; followed, the second leads out.
+            vec![
+                ("a1/a2/a3/a4", Symlink, "../../.."),
+                ("x", Symlink, "a1/a2/a3/a4/../../../../etc/hostname"),
+            ],
         ];
         for entries in cases {
             let dest = tempfile::tempdir().unwrap();

@@ -224,6 +224,7 @@ pub fn extract(archive: &Path, name: &str, dest: &Path) -> Result<bool> {
 }
 
 fn unzip(archive: &Path, dest: &Path) -> Result<()> {
+    let mut links = Vec::new();
     let file = std::fs::File::open(archive)?;
     let mut zip = zip::ZipArchive::new(BufReader::new(file)).context("Unreadable zip archive")?;
     for i in 0..zip.len() {
@@ -251,6 +252,7 @@ fn unzip(archive: &Path, dest: &Path) -> Result<()> {
             }
             std::os::unix::fs::symlink(&link, &target)
                 .with_context(|| format!("zip entry '{raw}' is duplicated"))?;
+            links.push(rel.to_path_buf());
         } else {
             let mut out = std::fs::File::options()
                 .write(true)
@@ -263,7 +265,7 @@ fn unzip(archive: &Path, dest: &Path) -> Result<()> {
             out.set_permissions(std::fs::Permissions::from_mode(perm))?;
         }
     }
-    Ok(())
+    crate::archive::verify_links(dest, &links)
 }
 
 #[cfg(test)]
