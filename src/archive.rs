@@ -16,11 +16,42 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::artifact::{Manifest, MANIFEST};
 
+/// Fails when a symlink among `entries` (relative to `base`) leads outside `base`:
+/// such an archive would be rejected by every reader.
+pub fn check_links(base: &Path, entries: &[PathBuf]) -> Result<()> {
+    let links: Vec<PathBuf> = entries
+        .iter()
+        .filter(|rel| {
+            std::fs::symlink_metadata(base.join(rel))
+                .map(|m| m.file_type().is_symlink())
+                .unwrap_or(false)
+        })
+        .cloned()
+        .collect();
+    for rel in &links {
+        let target = std::fs::read_link(base.join(rel))?;
+        if !link_stays_inside(rel, &target) {
+            bail!(
+                "symlink '{}' -> '{}' points outside; it cannot be shared",
+                rel.display(),
+                target.display()
+            );
+        }
+    }
+    verify_links(base, &links)
+}
+
+/// All paths under `dir`, relative, sorted.
+pub fn entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    walk(dir, Path::new(""), &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
 /// Writes the artifact directory `dir` as a tar stream.
 pub fn pack(dir: &Path, out: impl Write) -> Result<()> {
-    let mut entries = Vec::new();
-    walk(dir, Path::new(""), &mut entries)?;
-    entries.sort();
+    let mut entries = entries(dir)?;
     if let Some(pos) = entries.iter().position(|p| p == Path::new(MANIFEST)) {
         let manifest = entries.remove(pos);
         entries.push(manifest);
@@ -34,6 +65,7 @@ pub fn pack_files(root: &Path, files: &[PathBuf], out: impl Write) -> Result<()>
     let mut files = files.to_vec();
     files.sort();
     files.dedup();
+    check_links(root, &files)?;
     write_entries(root, &files, out)
 }
 

@@ -316,6 +316,8 @@ impl HttpCache {
     /// while a thread packs it, so nothing is staged on disk or held in memory.
     pub fn store(&self, task: &str, identity: &str, dir: &Path) -> Result<()> {
         let url = self.url(task, identity);
+        crate::archive::check_links(dir, &crate::archive::entries(dir)?)
+            .with_context(|| format!("{url}: not uploaded"))?;
         let resp = self.send(&url, &mut || {
             let (reader, writer) = std::io::pipe().map_err(ureq::Error::Io)?;
             let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);

@@ -369,3 +369,18 @@ fn uploads_need_credentials_where_the_server_requires_them() {
         .success()
         .lacks("Download started (lib ");
 }
+
+#[test]
+fn an_artifact_with_a_symlink_leading_out_is_not_uploaded() {
+    let Some(server) = Nginx::start() else { return };
+    let ws = Workspace::with("[task.venv]\nrun = \"ln -s /usr/bin/env {artifact}/python\"\n");
+    ws.file(
+        "jolt.conf.toml",
+        &format!("[http]\nuri = \"{}/cache\"\n", server.url),
+    );
+    let run = jolt(&ws, &["build", "venv"]);
+    run.success()
+        .contains("points outside")
+        .lacks("Upload finished");
+    assert!(server.objects().is_empty());
+}
