@@ -48,6 +48,9 @@ struct Shared {
     connected: Condvar,
     waiters: Mutex<HashMap<String, Vec<Sender<Incoming>>>>,
     stop: AtomicBool,
+    /// A publish failed: the broker may have closed the publishing channel only, so
+    /// the connection thread must start over.
+    broken: AtomicBool,
 }
 
 /// A connection to the broker for one build.
@@ -112,6 +115,7 @@ impl NetworkClient {
             connected: Condvar::new(),
             waiters: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
         });
         let thread = {
             let shared = shared.clone();
@@ -205,6 +209,7 @@ impl NetworkClient {
     /// request queue of its routing key first. Waits while the broker is away.
     pub fn publish(&self, routing_key: &str, body: &[u8]) -> Result<()> {
         let priority = self.settings.priority;
+        let mut failures = 0;
         loop {
             let sent = self.with_link(|link| {
                 if !link.declared.contains(routing_key) {
@@ -229,8 +234,18 @@ impl NetworkClient {
                 Ok(()) => return Ok(()),
                 Err(e) if crate::interrupt::is_set() => return Err(e),
                 Err(e) => {
-                    // The connection thread notices the loss and reconnects.
-                    log::debug!("publish failed, waiting for the broker: {e:#}");
+                    // Start over on a fresh connection; an error that survives that
+                    // (say, a request queue declared with other arguments) is final.
+                    failures += 1;
+                    if failures >= 5 {
+                        return Err(e.context(format!(
+                            "Cannot send a request to RabbitMQ at {}",
+                            self.settings.address()
+                        )));
+                    }
+                    log::debug!("publish failed, reconnecting: {e:#}");
+                    self.shared.link.lock().expect("link").take();
+                    self.shared.broken.store(true, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(500));
                 }
             }
@@ -369,7 +384,7 @@ fn serve(
             }
         }
         loop {
-            if shared.stop.load(Ordering::Relaxed) {
+            if shared.stop.load(Ordering::Relaxed) || shared.broken.swap(false, Ordering::Relaxed) {
                 break;
             }
             // Short, so a finished build does not wait long for this thread to stop.

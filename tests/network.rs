@@ -453,3 +453,13 @@ fn a_non_cacheable_requirement_runs_on_the_worker_with_its_consumer() {
         "generated\n"
     );
 }
+
+#[test]
+fn a_request_queue_declared_otherwise_fails_the_build_instead_of_hanging() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker(); // declares the queue with the default x-max-priority
+    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let client = c.spawn_build_with(&ws, &["amqp.max_priority=3"], &["a"]);
+    let run = finish(client);
+    run.code(1).contains("Cannot send a request to RabbitMQ");
+}
