@@ -297,7 +297,7 @@ impl HttpCache {
                 .header("Content-Type", "application/x-tar")
                 .send(file)
         })?;
-        put_outcome(url.as_ref(), resp.status())
+        put_outcome(url, resp.status())
     }
 
     /// `GET`: unpacks the artifact into the empty directory `staging` and verifies it.
@@ -341,7 +341,7 @@ impl HttpCache {
             let _ = packer.join();
             result
         })?;
-        put_outcome(url.as_ref(), resp.status())
+        put_outcome(&url, resp.status())
     }
 
     /// The URL of a source snapshot.
