@@ -2,9 +2,11 @@
 //! `{http.uri}/{task}/{identity}.tar`, served by any WebDAV-PUT capable server
 //! (nginx with `dav_methods PUT; create_full_put_path on; client_max_body_size 0;`).
 //!
-//! Transfers stream: an upload is packed into a temporary file (its length goes into
-//! `Content-Length`) and sent from it; a download is unpacked into a staging directory
-//! as it arrives and verified before the caller commits it. Connection errors and 5xx
+//! Transfers stream: an upload is packed by a thread into a pipe that a chunked `PUT`
+//! reads (a packing error fails the request, so no truncated archive is stored;
+//! source snapshots, already files, are sent with a `Content-Length`); a download is
+//! unpacked into a staging directory as it arrives and verified before the caller
+//! commits it. Connection errors and 5xx
 //! answers are retried with back-off; a cache that stays unreachable is marked down
 //! and skipped for the rest of the process, so the caller warns once.
 
