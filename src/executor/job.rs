@@ -776,7 +776,8 @@ impl Worker<'_> {
         interruptible: bool,
     ) -> Result<(), Failure> {
         let node: &Node = &self.graph.nodes[i];
-        let mut child = Command::new("sh")
+        let mut command = Command::new("sh");
+        command
             .arg("-e")
             .arg("-c")
             .arg(cmd)
@@ -785,15 +786,22 @@ impl Worker<'_> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| {
-                Failure::new(format!(
-                    "Cannot run command in {} ({}): {e}",
-                    cwd.display(),
-                    node.short
-                ))
-            })?;
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; between fork and exec it only asks the
+        // kernel to kill the command if this thread (and so a killed jolt) goes away.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| {
+            Failure::new(format!(
+                "Cannot run command in {} ({}): {e}",
+                cwd.display(),
+                node.short
+            ))
+        })?;
         let (done_tx, done_rx) = unbounded::<()>();
         let streams: Vec<(Box<dyn std::io::Read + Send>, bool)> = vec![
             (Box::new(child.stdout.take().expect("piped stdout")), false),
