@@ -599,7 +599,7 @@ impl Worker<'_> {
             ));
             result = rnode.task.acquire.iter().try_for_each(|c| {
                 let cmd = self.expand(r, c, None)?;
-                self.command(i, &cmd, self.root, &renv, deadline, &log)
+                self.command(i, &cmd, self.root, &renv, deadline, &log, true)
             });
             if let Err(f) = result {
                 result = Err(Failure {
@@ -622,7 +622,7 @@ impl Worker<'_> {
                     keep_git,
                 }) => sources::git_commands(url, commit, *keep_git)
                     .iter()
-                    .try_for_each(|cmd| self.command(i, cmd, staging, &env, deadline, &log)),
+                    .try_for_each(|cmd| self.command(i, cmd, staging, &env, deadline, &log, true)),
                 Some(Source::Download {
                     urls,
                     sha256,
@@ -630,7 +630,7 @@ impl Worker<'_> {
                 }) => self.download_source(i, urls, sha256, *extract, builddir, staging, &log),
                 None => task.run.iter().try_for_each(|c| {
                     let cmd = self.expand(i, c, dirs)?;
-                    self.command(i, &cmd, &cwd, &env, deadline, &log)
+                    self.command(i, &cmd, &cwd, &env, deadline, &log, true)
                 }),
             };
         }
@@ -642,7 +642,7 @@ impl Worker<'_> {
                 rnode.task.release.iter().try_for_each(|c| {
                     let cmd = self.expand(r, c, None)?;
                     let deadline = Some(Instant::now() + RELEASE_TIMEOUT);
-                    self.run_command(i, &cmd, self.root, &renv, deadline, &log, false)
+                    self.command(i, &cmd, self.root, &renv, deadline, &log, false)
                 })
             });
             if let Err(f) = released {
@@ -750,22 +750,10 @@ impl Worker<'_> {
         })
     }
 
-    /// Runs one shell command of node `i`, streaming its output; Ctrl-C stops it.
-    fn command(
-        &self,
-        i: usize,
-        cmd: &str,
-        cwd: &Path,
-        env: &[(String, String)],
-        deadline: Option<Instant>,
-        log: &Log,
-    ) -> Result<(), Failure> {
-        self.run_command(i, cmd, cwd, env, deadline, log, true)
-    }
-
-    /// Runs one shell command; with `interruptible`, Ctrl-C kills its process group.
+    /// Runs one shell command of node `i`, streaming its output; with `interruptible`,
+    /// Ctrl-C kills its process group.
     #[allow(clippy::too_many_arguments)]
-    fn run_command(
+    fn command(
         &self,
         i: usize,
         cmd: &str,
