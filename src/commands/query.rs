@@ -11,6 +11,7 @@ use crate::graph::{Graph, GraphOptions};
 use crate::hashcache::FileHashes;
 use crate::http_cache::HttpCache;
 use crate::recipe::Recipes;
+use crate::recipe::Source;
 
 pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
     let root = crate::recipe::find_root(&std::env::current_dir()?)?;
@@ -96,11 +97,17 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
         task.file.display(),
         task.line.map(|l| format!(" ({l})")).unwrap_or_default()
     ));
-    out.push(
-        format!("  Kind              {:?}", task.kind)
-            .to_lowercase()
-            .replace("kind              ", "Kind              "),
-    );
+    out.push(format!("  Kind              {}", task.kind.name()));
+    match &node.source {
+        Some(Source::Git {
+            url, rev: commit, ..
+        }) => out.push(format!("  Source            {url} at {commit}")),
+        Some(Source::Download { urls, sha256, .. }) => out.push(format!(
+            "  Source            {} (sha256 {sha256})",
+            urls.join(", ")
+        )),
+        None => {}
+    }
     out.push("Cache".into());
     out.push(format!("  Identity          {}", node.identity));
     if task.cacheable {
