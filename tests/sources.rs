@@ -105,7 +105,8 @@ fn a_pinned_commit_is_never_fetched_again_once_cached() {
         .lacks("Execution started");
     ws.jolt(&["inspect", "-i", "src"])
         .success()
-        .contains(&format!("Git: {commit}"));
+        .contains(&format!("Git: {commit}"))
+        .contains(&format!("repo.git at {commit}"));
 }
 
 #[test]
