@@ -290,6 +290,11 @@ fn keep_going_builds_independent_tasks_after_a_failure() {
         .contains("Command failed: false")
         .contains("List of failed tasks");
     assert_eq!(ws.artifacts("good").len(), 1);
+    assert_eq!(
+        run.locations(),
+        ws.artifacts("good"),
+        "the goal that was built is located"
+    );
     let stopped = Workspace::with(
         "[task.bad]\nrun = \"false\"\nweight = 10\n[task.good]\nrun = \"echo good\"\n",
     );

@@ -165,19 +165,19 @@ fn finish(
     } else if report.failed() {
         code = error::TASK_FAILED;
     }
-    if code == error::SUCCESS {
-        for &g in &graph.goals {
-            let node = &graph.nodes[g];
-            let available = matches!(
-                report.status[g],
-                Status::Executed | Status::Cached | Status::Downloaded | Status::Uploaded
-            );
-            if node.task.cacheable && available {
-                let dir = ws.cache.artifact_dir(node.name(), &node.identity);
-                console::info(&format!("Location: {}", dir.display()));
-                if let Some(dest) = &args.copy {
-                    copy_artifact(&dir, dest)?;
-                }
+    // Every goal that is available gets its Location, also when others failed (-k);
+    // copies are made only of a build that succeeded.
+    for &g in &graph.goals {
+        let node = &graph.nodes[g];
+        let available = matches!(
+            report.status[g],
+            Status::Executed | Status::Cached | Status::Downloaded | Status::Uploaded
+        );
+        if node.task.cacheable && available {
+            let dir = ws.cache.artifact_dir(node.name(), &node.identity);
+            console::info(&format!("Location: {}", dir.display()));
+            if let (Some(dest), error::SUCCESS) = (&args.copy, code) {
+                copy_artifact(&dir, dest)?;
             }
         }
     }
