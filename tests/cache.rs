@@ -3,26 +3,16 @@
 mod util;
 
 use std::time::Duration;
-use util::Workspace;
+use util::{wait_until, Workspace};
 
 #[test]
 fn two_builds_of_one_task_at_once_execute_it_once() {
     let ws = Workspace::with(
         "[task.slow]\nrun = [\"echo run >> {root}/count\", \"sleep 1\", \"echo done > {artifact}/f\"]\n",
     );
-    let a = ws
-        .command(&["build", "slow"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let a = ws.spawn(&["build", "slow"]);
     std::thread::sleep(Duration::from_millis(100));
-    let b = ws
-        .command(&["build", "slow"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let b = ws.spawn(&["build", "slow"]);
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(a.status.success() && b.status.success());
     assert_eq!(ws.read("count"), "run\n", "executed exactly once");
@@ -125,17 +115,10 @@ fn interrupt_stops_commands_keeps_the_cache_consistent_and_exits_130() {
     let ws = Workspace::with(
         "[task.fast]\nrun = \"echo ok > {artifact}/f\"\n[task.slow]\nrequires = [\"fast\"]\nrun = [\"echo > {artifact}/partial\", \"echo $$ > {root}/pid; sleep 60\"]\n",
     );
-    let child = ws
-        .command(&["build", "slow"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while ws.read("pid").trim().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "slow never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = ws.spawn(&["build", "slow"]);
+    wait_until("slow to start", Duration::from_secs(20), || {
+        !ws.read("pid").trim().is_empty()
+    });
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert_eq!(

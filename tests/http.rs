@@ -3,7 +3,7 @@
 mod util;
 
 use std::time::Duration;
-use util::{Nginx, Workspace};
+use util::{finish, wait_until, Nginx, Workspace};
 
 const RECIPE: &str = r#"
 [task.lib]
@@ -146,27 +146,15 @@ run = "echo 2 > {artifact}/f"
         "jolt.conf.toml",
         &format!("[http]\nuri = \"{}\"\nretries = 1\n", server.url),
     );
-    let child = ws
-        .command(&["-c", "jolt.conf.toml", "build", "second"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !ws.root().join("first-started").exists() {
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = ws.spawn(&["-c", "jolt.conf.toml", "build", "second"]);
+    wait_until("first to start", Duration::from_secs(20), || {
+        ws.root().join("first-started").exists()
+    });
     server.stop();
     ws.file("go", "");
-    let out = child.wait_with_output().unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(0), "{all}");
-    assert_eq!(all.matches("unreachable").count(), 1, "{all}");
+    let run = finish(child);
+    run.success();
+    assert_eq!(run.count("unreachable"), 1, "{}", run.all());
     assert_eq!(ws.artifacts("second").len(), 1);
 }
 

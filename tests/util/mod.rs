@@ -73,6 +73,15 @@ impl Workspace {
         cmd
     }
 
+    /// Starts `jolt ARGS` in the background, its output captured (see [`finish`]).
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start jolt")
+    }
+
     /// Runs `jolt ARGS` to completion.
     pub fn jolt(&self, args: &[&str]) -> Run {
         self.run(self.command(args))
@@ -556,11 +565,7 @@ impl Cluster {
         }
         all.extend_from_slice(&["build", "--network"]);
         all.extend_from_slice(args);
-        ws.command(&all)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        ws.spawn(&all)
     }
 }
 
