@@ -77,6 +77,11 @@ impl Settings {
         if !crate::taskref::valid_name(&routing_key) {
             return Err(usage(format!("Invalid amqp.routing_key '{routing_key}'")));
         }
+        let password = config
+            .get("amqp.password")
+            .unwrap_or_else(|| "guest".into());
+        // The default too: amiquip logs its handshake at debug level.
+        crate::secrets::register(&password);
         Ok(Settings {
             host: config
                 .get("amqp.host")
@@ -86,9 +91,7 @@ impl Settings {
             username: config
                 .get("amqp.username")
                 .unwrap_or_else(|| "guest".into()),
-            password: config
-                .get("amqp.password")
-                .unwrap_or_else(|| "guest".into()),
+            password,
             heartbeat: int("amqp.heartbeat", 30, 3600)? as u16,
             routing_key,
             priority: int("amqp.priority", 0, 255)? as u8,
@@ -141,8 +144,20 @@ impl Settings {
             .virtual_host(self.vhost.clone())
             .heartbeat(self.heartbeat)
             .connection_timeout(Some(Duration::from_secs(10)));
-        Connection::insecure_open_stream(stream, options, ConnectionTuning::default())
-            .map_err(|e| fail(&e))
+        Connection::insecure_open_stream(stream, options, ConnectionTuning::default()).map_err(
+            |e| match e {
+                // Retrying cannot help: say so (exit 3) instead of trying forever.
+                amiquip::Error::InvalidCredentials
+                | amiquip::Error::ServerClosedConnection { code: 530, .. } => {
+                    crate::error::infra(format!(
+                        "RabbitMQ at {} refused user '{}' ({e}): check amqp.username, amqp.password (JOLT_AMQP_PASSWORD) and amqp.vhost",
+                        self.address(),
+                        self.username
+                    ))
+                }
+                e => fail(&e),
+            },
+        )
     }
 
     /// Declares the exchanges, and the request queue of `routing_key` bound to it.

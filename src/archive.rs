@@ -87,6 +87,12 @@ fn write_entries(base: &Path, entries: &[PathBuf], out: impl Write) -> Result<()
         } else if meta.is_dir() {
             header.set_size(0);
             builder.append_data(&mut header, rel, std::io::empty())?;
+        } else if !meta.is_file() {
+            bail!(
+                "Cannot pack {}: a {}",
+                full.display(),
+                crate::fsutil::kind_of(&meta)
+            );
         } else {
             let file =
                 File::open(&full).with_context(|| format!("Cannot read {}", full.display()))?;
@@ -302,6 +308,9 @@ pub fn verify(dir: &Path, task: &str, identity: &str) -> Result<Manifest> {
             manifest.identity
         );
     }
+    manifest
+        .check_metadata()
+        .context("the archive's manifest is unsafe")?;
     let (files, _) = crate::artifact::list_files(dir)?;
     if files != manifest.files {
         bail!("the archive's files do not match its manifest");

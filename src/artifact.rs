@@ -55,6 +55,73 @@ impl Manifest {
     }
 }
 
+/// Whether a consumer may take the variable `name` from an artifact's `environ`:
+/// not jolt's own, and not one that makes the dynamic loader or the shell run
+/// something else than what the consumer asked for.
+fn environ_allowed(name: &str) -> bool {
+    let loader =
+        (name.starts_with("LD_") && name != "LD_LIBRARY_PATH") || name.starts_with("DYLD_");
+    let shell = matches!(name, "BASH_ENV" | "ENV" | "IFS" | "SHELLOPTS" | "PS4");
+    !(loader || shell || name.starts_with("JOLT_"))
+}
+
+/// Whether a relative path stays inside the directory it is joined to (`..` may
+/// climb, but never above it).
+fn stays_inside(path: &str) -> bool {
+    let mut depth = 0i64;
+    for c in Path::new(path).components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
+impl Manifest {
+    /// Checks what consumers will take from the manifest: `environ` names are
+    /// variable names, neither jolt's own nor the loader's (`LD_PRELOAD`); the
+    /// artifact-relative paths of `PATH`-like variables and of `paths` stay inside
+    /// the artifact. Checked before a built artifact is committed and when a
+    /// downloaded one is verified.
+    pub fn check_metadata(&self) -> Result<()> {
+        for (name, value) in &self.environ {
+            let valid_name = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_name {
+                anyhow::bail!("environ: '{name}' is not a variable name");
+            }
+            if !environ_allowed(name) {
+                anyhow::bail!("environ: consumers may not be given {name}");
+            }
+            if value.contains('\0') {
+                anyhow::bail!("environ: {name} holds a NUL byte");
+            }
+            if name.contains("PATH") {
+                if let Some(bad) = value.split(':').find(|p| !p.is_empty() && !stays_inside(p)) {
+                    anyhow::bail!(
+                        "environ: {name} entry '{bad}' is not a path inside the artifact"
+                    );
+                }
+            }
+        }
+        for (key, value) in &self.paths {
+            if !stays_inside(value) {
+                anyhow::bail!("paths: {key} = '{value}' is not a path inside the artifact");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Lists the files under an artifact directory (without the manifest and the log),
 /// relative and sorted, with their total size.
 pub fn list_files(dir: &Path) -> Result<(Vec<String>, u64)> {
@@ -73,6 +140,12 @@ pub fn list_files(dir: &Path) -> Result<(Vec<String>, u64)> {
             let meta = entry.metadata()?;
             if meta.is_dir() {
                 visit(base, &path, out, size)?;
+            } else if !(meta.is_file() || meta.file_type().is_symlink()) {
+                anyhow::bail!(
+                    "{} in the artifact is a {}: artifacts hold files, directories and symlinks",
+                    path.display(),
+                    crate::fsutil::kind_of(&meta)
+                );
             } else {
                 *size += meta.len();
                 out.push(path.to_string_lossy().into_owned());
@@ -105,8 +178,9 @@ fn inside(path: &str) -> Option<PathBuf> {
         .then(|| p.to_path_buf())
 }
 
-/// Copies what a rule matches into the artifact directory; returns how many paths matched.
-pub fn publish(task: &str, rule: &Rule, artifact: &Path) -> Result<usize> {
+/// Copies what a rule matches into the artifact directory; returns the paths it
+/// matched (files or directories, absolute).
+pub fn publish(task: &str, rule: &Rule, artifact: &Path) -> Result<Vec<PathBuf>> {
     let pattern = crate::globs::Pattern::new(&rule.files)
         .map_err(|e| usage(format!("Task '{task}': publish rule: {e:#}")))?;
     let matches = pattern.expand(&rule.cwd, false)?;
@@ -154,7 +228,7 @@ pub fn publish(task: &str, rule: &Rule, artifact: &Path) -> Result<usize> {
             _ => crate::fsutil::copy_tree(&src, &base.join(m))?,
         }
     }
-    Ok(matches.len())
+    Ok(matches.into_iter().map(|m| rule.cwd.join(m)).collect())
 }
 
 #[cfg(test)]
@@ -202,6 +276,52 @@ mod tests {
                 "renamed.txt"
             ]
         );
+    }
+
+    #[test]
+    fn metadata_that_would_reach_outside_is_refused() {
+        let manifest = |environ: &[(&str, &str)], paths: &[(&str, &str)]| Manifest {
+            task: "t".into(),
+            identity: "i".into(),
+            parameters: Default::default(),
+            influence: vec![],
+            environ: environ
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            strings: Default::default(),
+            paths: paths
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            files: vec![],
+            created: String::new(),
+            size: 0,
+            expires: crate::recipe::Expires::Immediately,
+            duration: 0.0,
+            jolt: String::new(),
+        };
+        let ok = manifest(
+            &[
+                ("PATH", "bin:tools/../bin"),
+                ("LD_LIBRARY_PATH", "lib"),
+                ("CC", "/usr/bin/gcc"),
+            ],
+            &[("include", "inc")],
+        );
+        ok.check_metadata().unwrap();
+        for (environ, paths) in [
+            (vec![("PATH", "../../..")], vec![]),
+            (vec![("PATH", "bin:/usr/bin")], vec![]),
+            (vec![("LD_PRELOAD", "evil.so")], vec![]),
+            (vec![("JOLT_BUILDDIR", "/tmp")], vec![]),
+            (vec![("BAD NAME", "x")], vec![]),
+            (vec![], vec![("p", "/etc/passwd")]),
+            (vec![], vec![("p", "a/../../b")]),
+        ] {
+            let m = manifest(&environ, &paths);
+            assert!(m.check_metadata().is_err(), "{environ:?} {paths:?}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use crate::artifact::{Manifest, MANIFEST};
+use crate::artifact::Manifest;
 use crate::fsutil::{self, unique_suffix};
 use crate::recipe::Expires;
 
@@ -64,7 +64,8 @@ pub struct ArtifactLock {
 pub struct Cache {
     pub root: PathBuf,
     limit: u64,
-    refs: Mutex<File>,
+    /// Where this process records what it uses; `None` when it could not be created.
+    refs: Mutex<Option<File>>,
     /// Our own uses, for trimming within this process.
     used: Mutex<HashSet<String>>,
     /// Size of the cache at the last scan plus what was committed since.
@@ -78,6 +79,9 @@ fn is_identity(name: &str) -> bool {
 impl Cache {
     /// Opens (creating) the cache at `root`, limited to `limit` bytes.
     pub fn open(root: &Path, limit: u64) -> Result<Cache> {
+        // Commands get paths inside the cache while running elsewhere.
+        let root = &std::path::absolute(root)
+            .with_context(|| format!("Cannot use cache directory {}", root.display()))?;
         for sub in [".locks", ".refs", ".tmp"] {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir)
@@ -88,9 +92,15 @@ impl Cache {
             .create(true)
             .append(true)
             .open(&refs_path)
-            .with_context(|| format!("Cannot create {}", refs_path.display()))?;
-        refs.lock()
-            .with_context(|| format!("Cannot lock {}", refs_path.display()))?;
+            .and_then(|f| f.lock().map(|()| f))
+            .map_err(|e| {
+                // A full disk must not fail a build that only reads the cache.
+                crate::console::warn(&format!(
+                    "Cannot record artifact use in {} ({e}): other jolt processes may evict artifacts this one uses",
+                    refs_path.display()
+                ))
+            })
+            .ok();
         Ok(Cache {
             root: root.to_path_buf(),
             limit,
@@ -105,9 +115,49 @@ impl Cache {
         self.root.join(task).join(identity)
     }
 
-    /// Whether the artifact is committed (its manifest is readable).
+    /// Whether the artifact is committed and usable (see [`Cache::lookup`]).
     pub fn is_present(&self, task: &str, identity: &str) -> bool {
-        self.artifact_dir(task, identity).join(MANIFEST).is_file()
+        self.lookup(task, identity).is_some()
+    }
+
+    /// The manifest of a committed artifact. An artifact whose manifest cannot be
+    /// read, or names another artifact (a crash can leave one: commits are not
+    /// synced), counts as absent, and is removed so that it can be built again,
+    /// unless another process holds its lock (and may be replacing it right now).
+    pub fn lookup(&self, task: &str, identity: &str) -> Option<Manifest> {
+        let dir = self.artifact_dir(task, identity);
+        let error = match Manifest::read(&dir) {
+            Ok(m) if m.identity == identity && m.task == task => return Some(m),
+            Ok(m) => anyhow::anyhow!("its manifest describes {} {}", m.task, m.identity),
+            Err(e) if !dir.exists() => {
+                log::trace!("{}: {e:#}", dir.display());
+                return None;
+            }
+            Err(e) => e,
+        };
+        if let Ok(Some(_lock)) = self.try_lock(identity) {
+            match self.discard(&dir) {
+                Ok(()) => crate::console::warn(&format!(
+                    "Removed the unusable artifact {} ({error:#}); it will be built again",
+                    dir.display()
+                )),
+                Err(e) => log::debug!("{e:#}"),
+            }
+        }
+        None
+    }
+
+    /// Moves an artifact directory to the trash and removes it (hold its lock).
+    fn discard(&self, dir: &Path) -> Result<()> {
+        let trash = self
+            .root
+            .join(".tmp")
+            .join(format!("trash-{}", unique_suffix()));
+        match std::fs::rename(dir, &trash) {
+            Ok(()) => fsutil::remove_dir_all(&trash),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("Cannot remove {}", dir.display())),
+        }
     }
 
     /// Declares that this process uses these identities, so no process evicts them,
@@ -131,11 +181,18 @@ impl Cache {
         }
         drop(used);
         if !text.is_empty() {
-            self.refs
-                .lock()
-                .expect("cache refs")
-                .write_all(text.as_bytes())
-                .context("Cannot record artifact use in the cache")?;
+            let mut refs = self.refs.lock().expect("cache refs");
+            if let Some(file) = refs.as_mut() {
+                if let Err(e) = file.write_all(text.as_bytes()) {
+                    // A full disk must not fail a build that only reads the cache:
+                    // warn once, and record nothing more.
+                    crate::console::warn(&format!(
+                        "Cannot record artifact use in {} ({e}): other jolt processes may evict artifacts this one uses",
+                        self.root.join(".refs").display()
+                    ));
+                    *refs = None;
+                }
+            }
         }
         Ok(())
     }
@@ -204,13 +261,7 @@ impl Cache {
         let dir = self.artifact_dir(task, identity);
         if dir.exists() {
             // A stale directory without a readable manifest: replace it.
-            let trash = self
-                .root
-                .join(".tmp")
-                .join(format!("trash-{}", unique_suffix()));
-            std::fs::rename(&dir, &trash)
-                .with_context(|| format!("Cannot replace {}", dir.display()))?;
-            fsutil::remove_dir_all(&trash)?;
+            self.discard(&dir)?;
         }
         std::fs::rename(staging, &dir)
             .with_context(|| format!("Cannot commit artifact {}", dir.display()))?;
@@ -293,8 +344,8 @@ impl Cache {
                     .metadata()
                     .and_then(|m| m.modified())
                     .unwrap_or(SystemTime::UNIX_EPOCH);
-                if let Ok(m) = Manifest::read(&path) {
-                    out.push(CachedArtifact {
+                let artifact = match Manifest::read(&path) {
+                    Ok(m) => CachedArtifact {
                         dir: path,
                         task: task.to_string(),
                         identity: name,
@@ -302,8 +353,20 @@ impl Cache {
                         last_used,
                         created: fsutil::parse_timestamp(&m.created).unwrap_or(0),
                         expires: m.expires,
-                    });
-                }
+                    },
+                    // Unusable (see `lookup`): listed so that trimming and
+                    // cleaning remove it.
+                    Err(_) => CachedArtifact {
+                        size: fsutil::tree_size(&path),
+                        dir: path,
+                        task: task.to_string(),
+                        identity: name,
+                        last_used,
+                        created: 0,
+                        expires: Expires::Immediately,
+                    },
+                };
+                out.push(artifact);
                 continue;
             }
             let sub = if task.is_empty() {
@@ -327,19 +390,11 @@ impl Cache {
         if self.in_use().contains(&artifact.identity) {
             return Ok(false);
         }
-        let trash = self
-            .root
-            .join(".tmp")
-            .join(format!("trash-{}", unique_suffix()));
-        match std::fs::rename(&artifact.dir, &trash) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => {
-                return Err(e).with_context(|| format!("Cannot remove {}", artifact.dir.display()))
-            }
+        if !artifact.dir.exists() {
+            return Ok(false);
         }
         // The lock file stays: another process may be waiting on it.
-        fsutil::remove_dir_all(&trash)?;
+        self.discard(&artifact.dir)?;
         Ok(true)
     }
 

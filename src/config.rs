@@ -14,6 +14,82 @@ use crate::error::usage;
 /// Sections whose keys may be set from the environment.
 const SECTIONS: &[&str] = &["jolt", "http", "amqp", "network"];
 
+/// Every key jolt reads. Others are refused where they are set on the command line
+/// and warned about where a file or the environment holds them; `params.*` is free.
+pub const KEYS: &[&str] = &[
+    "jolt.cachedir",
+    "jolt.cachesize",
+    "jolt.jobs",
+    "jolt.default",
+    "jolt.upload",
+    "jolt.download",
+    "http.uri",
+    "http.upload",
+    "http.download",
+    "http.username",
+    "http.password",
+    "http.connect_timeout",
+    "http.timeout",
+    "http.retries",
+    "amqp.host",
+    "amqp.port",
+    "amqp.vhost",
+    "amqp.username",
+    "amqp.password",
+    "amqp.routing_key",
+    "amqp.priority",
+    "amqp.max_priority",
+    "amqp.heartbeat",
+    "amqp.progress",
+    "amqp.timeout",
+    "amqp.jobs",
+    "network.upload",
+    "network.download",
+    "network.config",
+];
+
+/// Whether jolt knows the configuration key `section.key`.
+pub fn is_known(key: &str) -> bool {
+    KEYS.contains(&key) || key.starts_with("params.")
+}
+
+/// Refuses a key jolt does not know (a typo would otherwise do nothing).
+pub fn check_key(key: &str) -> Result<()> {
+    split_key(key)?;
+    if is_known(key) {
+        return Ok(());
+    }
+    let (section, _) = split_key(key)?;
+    let similar: Vec<&str> = KEYS
+        .iter()
+        .copied()
+        .filter(|k| k.starts_with(&format!("{section}.")))
+        .collect();
+    Err(usage(if similar.is_empty() {
+        format!("Unknown configuration key '{key}'")
+    } else {
+        format!(
+            "Unknown configuration key '{key}': {section} has {}",
+            similar.join(", ")
+        )
+    }))
+}
+
+/// Warns about the keys of a file that jolt does not know.
+fn warn_unknown(path: &Path, sections: &BTreeMap<String, Section>) {
+    for (section, values) in sections {
+        for key in values.keys() {
+            let key = format!("{section}.{key}");
+            if !is_known(&key) {
+                crate::console::warn(&format!(
+                    "Unknown configuration key '{key}' in {} is ignored",
+                    path.display()
+                ));
+            }
+        }
+    }
+}
+
 type Section = BTreeMap<String, toml::Value>;
 
 /// The merged configuration.
@@ -99,7 +175,8 @@ pub fn write_file(path: &Path, sections: &BTreeMap<String, Section>) -> Result<(
         std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
     }
     let text = toml::to_string(&table)?;
-    crate::fsutil::write_atomic(path, text.as_bytes())
+    // Configuration files may hold passwords: only their owner reads them.
+    crate::fsutil::write_atomic_mode(path, text.as_bytes(), 0o600)
         .with_context(|| format!("Cannot write {}", path.display()))
 }
 
@@ -107,15 +184,21 @@ impl Config {
     /// Loads all layers. `overrides` are the `-c` arguments in command-line order.
     pub fn load(overrides: &[String]) -> Result<Config> {
         let mut config = Config::default();
-        config.merge(read_file(&global_file())?);
-        config.merge(read_file(&user_file())?);
+        let merge_file = |config: &mut Config, path: &Path| -> Result<()> {
+            let sections = read_file(path)?;
+            warn_unknown(path, &sections);
+            config.merge(sections);
+            Ok(())
+        };
+        merge_file(&mut config, &global_file())?;
+        merge_file(&mut config, &user_file())?;
         let mut assignments = Vec::new();
         for arg in overrides {
             let path = Path::new(arg);
             if path.is_file() {
-                config.merge(read_file(path)?);
+                merge_file(&mut config, path)?;
             } else if let Some((key, value)) = arg.split_once('=') {
-                split_key(key.trim())?;
+                check_key(key.trim())?;
                 assignments.push((key.trim().to_string(), value.trim().to_string()));
             } else {
                 return Err(usage(format!(
@@ -154,6 +237,12 @@ impl Config {
                     format!("{section}.{}", key.to_ascii_lowercase())
                 }
             };
+            if !is_known(&key) {
+                crate::console::warn(&format!(
+                    "Unknown configuration key '{key}' in the environment ({name}) is ignored"
+                ));
+                continue;
+            }
             self.set(&key, toml::Value::String(value));
         }
     }
@@ -216,6 +305,19 @@ impl Config {
                     "Illegal value '{v}' for configuration key {key}: expected a size such as 500M or 10G"
                 ))
             }),
+        }
+    }
+
+    /// Registers every password the configuration holds (`*.password`, and the
+    /// userinfo of URLs) with [`crate::secrets`], so that no output shows them.
+    pub fn register_secrets(&self) {
+        for (key, value) in self.entries() {
+            if key.ends_with("password") {
+                crate::secrets::register(&value);
+            }
+            if let (_, Some((_, Some(password)))) = crate::secrets::strip_userinfo(&value) {
+                crate::secrets::register(&password);
+            }
         }
     }
 

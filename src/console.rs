@@ -70,12 +70,13 @@ fn with_cleared(s: &mut State, write: impl FnOnce()) {
     }
 }
 
-/// Writes a log line.
+/// Writes a log line, with every registered secret masked.
 pub fn log(level: Level, message: &str) {
     let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if level < s.threshold {
         return;
     }
+    let message = crate::secrets::redact(message);
     with_cleared(&mut s, || {
         if level == Level::Error {
             let _ = writeln!(std::io::stderr(), "{} {message}", level.tag());

@@ -19,9 +19,20 @@ pub fn unique_suffix() -> String {
 
 /// Writes a file by writing a sibling temporary file and renaming it into place.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, data, 0o644)
+}
+
+/// Like [`write_atomic`], creating the file with `mode` (before the umask): 0o600
+/// for a file that may hold secrets.
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = sibling(path, &format!(".tmp-{}", unique_suffix()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(data)?;
         std::fs::rename(&tmp, path)
     })();
@@ -36,6 +47,24 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(suffix);
     path.with_file_name(name)
+}
+
+/// `path` with `.` and `..` resolved lexically (symlinks are not followed).
+pub fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Removes a directory tree; a missing one is fine.
@@ -69,11 +98,36 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
         for entry in entries {
             copy_tree(&entry.path(), &dst.join(entry.file_name()))?;
         }
-    } else {
+    } else if meta.is_file() {
         std::fs::copy(src, dst)
             .with_context(|| format!("Cannot copy {} to {}", src.display(), dst.display()))?;
+    } else {
+        anyhow::bail!(
+            "Cannot copy {}: not a regular file (a {})",
+            src.display(),
+            kind_of(&meta)
+        );
     }
     Ok(())
+}
+
+/// What kind of file system object `meta` describes, for messages.
+pub fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_file() {
+        "file"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_symlink() {
+        "symlink"
+    } else if t.is_fifo() {
+        "fifo"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "device"
+    }
 }
 
 /// Bytes used by the files under `path` (directories and symlinks count their entry size).
@@ -151,7 +205,12 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146097 + doe - 719468
 }
 
-/// Parses durations such as `90s`, `10m`, `2h`, `7d`, `1w`, `1h30m`.
+/// The longest duration a recipe or the configuration may give (100 years): longer
+/// ones are typing errors, and they would overflow the clocks they are added to.
+pub const MAX_DURATION_SECS: u64 = 100 * 365 * 86400;
+
+/// Parses durations such as `90s`, `10m`, `2h`, `7d`, `1w`, `1h30m`; `None` for
+/// anything else, and for durations over [`MAX_DURATION_SECS`].
 pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     let s = s.trim();
     if s.is_empty() {
@@ -187,12 +246,12 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
             "w" | "week" | "weeks" => 7 * 86400,
             _ => return None,
         };
-        total += n * factor;
+        total = total.checked_add(n.checked_mul(factor)?)?;
     }
     if !number.is_empty() {
-        total += number.parse::<u64>().ok()?;
+        total = total.checked_add(number.parse::<u64>().ok()?)?;
     }
-    Some(std::time::Duration::from_secs(total))
+    (total <= MAX_DURATION_SECS).then(|| std::time::Duration::from_secs(total))
 }
 
 /// Formats a duration the way Jolt does: `05s`, `02min 05s`, `01h 02min 05s`.
@@ -227,6 +286,11 @@ mod tests {
         assert_eq!(parse_duration("7d").unwrap().as_secs(), 7 * 86400);
         assert_eq!(parse_duration("45").unwrap().as_secs(), 45);
         assert!(parse_duration("soon").is_none());
+        // Too long to be meant, or to add to a clock: refused, never wrapped.
+        assert!(parse_duration("18446744073709551615s").is_none());
+        assert!(parse_duration("99999999999999999w").is_none());
+        assert!(parse_duration("101y").is_none());
+        assert_eq!(parse_duration("5200w").unwrap().as_secs(), 5200 * 7 * 86400);
         assert_eq!(format_duration(std::time::Duration::from_secs(5)), "05s");
         assert_eq!(
             format_duration(std::time::Duration::from_secs(125)),

@@ -234,36 +234,90 @@ impl Builder<'_> {
         Ok((task.clone(), params))
     }
 
+    /// Instantiates `reference` and, first, everything it requires. Depth-first without
+    /// recursion (a requirement chain may be thousands of tasks deep): `frames` holds
+    /// the tasks being instantiated, each with the requirements it has resolved so far.
     fn instantiate(&mut self, reference: &str, consumer: Option<&str>) -> Result<usize> {
+        struct Frame {
+            task: Arc<Task>,
+            params: BTreeMap<String, String>,
+            qualified: String,
+            next: usize,
+            deps: Vec<usize>,
+        }
         let (task, params) = self.resolve(reference, consumer)?;
-        let qualified = qualified(&task, &params);
-        if let Some(&i) = self.index.get(&qualified) {
+        let goal = qualified(&task, &params);
+        if let Some(&i) = self.index.get(&goal) {
             return Ok(i);
         }
-        if let Some(pos) = self.stack.iter().position(|q| *q == qualified) {
-            let mut cycle: Vec<&str> = self.stack[pos..].iter().map(String::as_str).collect();
-            cycle.push(&qualified);
-            return Err(usage(format!("Dependency cycle: {}", cycle.join(" -> "))));
-        }
-        self.stack.push(qualified.clone());
-        let mut deps = Vec::new();
-        for req in &task.def.requires {
-            let expanded = placeholder::expand(&task.name, req, &mut |name| {
-                if let Some(v) = params.get(name) {
-                    return Ok(Some(v.clone()));
+        self.stack.push(goal.clone());
+        let mut frames = vec![Frame {
+            task,
+            params,
+            qualified: goal,
+            next: 0,
+            deps: Vec::new(),
+        }];
+        loop {
+            let top = frames.last_mut().expect("a frame");
+            if let Some(req) = top.task.def.requires.get(top.next) {
+                top.next += 1;
+                let (task, params) = (top.task.clone(), &top.params);
+                let expanded = placeholder::expand(&task.name, req, &mut |name| {
+                    if let Some(v) = params.get(name) {
+                        return Ok(Some(v.clone()));
+                    }
+                    if let Some(var) = name.strip_prefix("env.") {
+                        return self.env_placeholder(&task.name, var).map(Some);
+                    }
+                    Ok(None)
+                })?;
+                let (child, child_params) = self.resolve(&expanded, Some(&top.qualified))?;
+                let child_qualified = qualified(&child, &child_params);
+                if let Some(&i) = self.index.get(&child_qualified) {
+                    if !top.deps.contains(&i) {
+                        top.deps.push(i);
+                    }
+                    continue;
                 }
-                if let Some(var) = name.strip_prefix("env.") {
-                    return self.env_placeholder(&task.name, var).map(Some);
+                if let Some(pos) = self.stack.iter().position(|q| *q == child_qualified) {
+                    let mut cycle: Vec<&str> =
+                        self.stack[pos..].iter().map(String::as_str).collect();
+                    cycle.push(&child_qualified);
+                    return Err(usage(format!("Dependency cycle: {}", cycle.join(" -> "))));
                 }
-                Ok(None)
-            })?;
-            let child = self.instantiate(&expanded, Some(&qualified))?;
-            if !deps.contains(&child) {
-                deps.push(child);
+                self.stack.push(child_qualified.clone());
+                frames.push(Frame {
+                    task: child,
+                    params: child_params,
+                    qualified: child_qualified,
+                    next: 0,
+                    deps: Vec::new(),
+                });
+                continue;
+            }
+            let frame = frames.pop().expect("a frame");
+            self.stack.pop();
+            let i = self.add_node(frame.task, frame.params, frame.qualified, frame.deps)?;
+            match frames.last_mut() {
+                Some(parent) => {
+                    if !parent.deps.contains(&i) {
+                        parent.deps.push(i);
+                    }
+                }
+                None => return Ok(i),
             }
         }
-        self.stack.pop();
+    }
 
+    /// Adds a node whose requirements are all instantiated: its identity and checks.
+    fn add_node(
+        &mut self,
+        task: Arc<Task>,
+        params: BTreeMap<String, String>,
+        qualified: String,
+        deps: Vec<usize>,
+    ) -> Result<usize> {
         let short_pairs: Vec<(&str, &str)> = params
             .iter()
             .filter(|(k, v)| task.params[*k].default.as_deref() != Some(v.as_str()))
@@ -400,10 +454,31 @@ impl Builder<'_> {
                 templates.push((t, true));
             }
         }
+        for v in task
+            .def
+            .environ
+            .values()
+            .chain(task.def.strings.values())
+            .chain(task.def.paths.values())
+        {
+            templates.push((v, false));
+        }
         for (template, has_dirs) in templates {
             let names = placeholder::names(template)
                 .map_err(|e| usage(format!("Task '{}': {e}", task.name)))?;
-            for name in names {
+            for raw in names {
+                // Placeholders nested in a name take parameters and {env.VAR}.
+                let params = self.nodes[i].params.clone();
+                let name = placeholder::expand_name(&task.name, raw, &mut |inner| {
+                    if let Some(v) = params.get(inner) {
+                        return Ok(Some(v.clone()));
+                    }
+                    if let Some(var) = inner.strip_prefix("env.") {
+                        return self.env_placeholder(&task.name, var).map(Some);
+                    }
+                    Ok(None)
+                })?;
+                let name = name.as_str();
                 let known = self.nodes[i].params.contains_key(name)
                     || name == "root"
                     || (has_dirs && (name == "builddir" || name == "artifact"));
@@ -456,34 +531,69 @@ impl Builder<'_> {
             lines.push(format!("Parameters: {}", influencing.join(",")));
         }
         lines.push(format!("Definition: {}", task.definition));
-        let mut files: BTreeMap<&Path, Option<&std::fs::Metadata>> = BTreeMap::new();
-        let root = &self.recipes.root;
-        for pattern in &task.def.influence {
-            if !self.globs.contains_key(pattern) {
-                let found = crate::globs::files_with_meta(root, pattern)
+        let params = node.params.clone();
+        let expand = |b: &mut Self, template: &str| -> Result<String> {
+            placeholder::expand(&task.name, template, &mut |name| {
+                if let Some(v) = params.get(name) {
+                    return Ok(Some(v.clone()));
+                }
+                if let Some(var) = name.strip_prefix("env.") {
+                    return b.env_placeholder(&task.name, var).map(Some);
+                }
+                Ok(None)
+            })
+        };
+        let root = self.recipes.root.clone();
+        let mut patterns = Vec::new();
+        for rule in &task.influence {
+            let pattern = expand(self, &rule.files)?;
+            if !self.globs.contains_key(&pattern) {
+                let found = crate::globs::files_with_meta(&root, &pattern)
                     .map_err(|e| usage(format!("Task '{}': {e:#}", task.name)))?;
                 self.globs.insert(pattern.clone(), found);
             }
+            if self.globs[&pattern].is_empty() && !rule.optional {
+                return Err(usage(format!(
+                    "Task '{}': influence pattern '{pattern}' matches no file (write {{ files = \"{}\", optional = true }} if that is expected)",
+                    task.name, rule.files
+                )));
+            }
+            patterns.push(pattern);
         }
-        for pattern in &task.def.influence {
+        let mut files: BTreeMap<&Path, Option<&std::fs::Metadata>> = BTreeMap::new();
+        for pattern in &patterns {
             for (path, meta) in &self.globs[pattern] {
                 files.entry(path.as_path()).or_insert(meta.as_ref());
             }
         }
         for (file, meta) in &files {
-            let hash = self.hashes.hash_with(file, *meta)?;
+            let hash = self
+                .hashes
+                .hash_with(file, *meta)
+                .map_err(|e| usage(format!("Task '{}': {e:#}", task.name)))?;
             lines.push(format!("File: {hash}: {}", file.display()));
         }
         let files: Vec<PathBuf> = files.keys().map(|p| p.to_path_buf()).collect();
-        let mut vars: BTreeSet<&str> = task.def.influence_env.iter().map(String::as_str).collect();
-        for template in env_templates(&task) {
-            for name in placeholder::names(template).unwrap_or_default() {
-                if let Some(var) = name.strip_prefix("env.") {
-                    vars.insert(var);
-                }
+        let mut vars: BTreeSet<String> = BTreeSet::new();
+        for template in &task.def.influence_env {
+            let var = expand(self, template)?;
+            if var.is_empty() || var.contains(['=', '\0']) {
+                return Err(usage(format!(
+                    "Task '{}': influence_env '{template}' is not a variable name",
+                    task.name
+                )));
             }
+            if crate::secrets::is_credential_var(&var) {
+                return Err(usage(format!(
+                    "Task '{}': influence_env may not name the credential variable {var}",
+                    task.name
+                )));
+            }
+            vars.insert(var);
         }
-        let vars: Vec<String> = vars.into_iter().map(str::to_string).collect();
+        for template in env_templates(&task) {
+            vars.extend(env_names(template));
+        }
         for var in vars {
             match self.env_var(&var) {
                 Some(v) => lines.push(format!("Environment: {var}={v}")),
@@ -515,11 +625,27 @@ fn env_templates(task: &Task) -> impl Iterator<Item = &String> {
         .chain(&task.release)
         .chain(task.def.cwd.iter())
         .chain(task.def.env.values())
+        .chain(task.def.environ.values())
+        .chain(task.def.strings.values())
+        .chain(task.def.paths.values())
         .chain(task.publish.iter().flat_map(|r| {
             std::iter::once(&r.files)
                 .chain(r.cwd.iter())
                 .chain(r.dest.iter())
         }))
+}
+
+/// The variables named by `{env.VAR}` placeholders in a template, nested ones included.
+fn env_names(template: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in placeholder::names(template).unwrap_or_default() {
+        if let Some(var) = name.strip_prefix("env.") {
+            out.push(var.to_string());
+        } else if name.contains('{') {
+            out.extend(env_names(name));
+        }
+    }
+    out
 }
 
 /// The SHA-256 of influence lines, each terminated by a newline.
@@ -541,65 +667,138 @@ fn fresh_taint() -> String {
     hex(&Sha256::digest(seed.as_bytes()))[..16].to_string()
 }
 
+/// Node `i`, or, for an alias, what it groups (aliases of aliases included), in
+/// declaration order. Iterative: alias chains may be deep.
 fn expand_alias(nodes: &[Node], i: usize) -> Vec<usize> {
-    if nodes[i].is_alias() {
-        let mut out = Vec::new();
-        for &d in &nodes[i].deps {
-            for e in expand_alias(nodes, d) {
-                if !out.contains(&e) {
-                    out.push(e);
-                }
+    if !nodes[i].is_alias() {
+        return vec![i];
+    }
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![i];
+    while let Some(n) = stack.pop() {
+        if !seen.insert(n) {
+            continue;
+        }
+        if nodes[n].is_alias() {
+            stack.extend(nodes[n].deps.iter().rev());
+        } else {
+            out.push(n);
+        }
+    }
+    out
+}
+
+/// The requirements whose artifacts node `i` sees directly (aliases expanded,
+/// resources left out).
+fn direct_artifacts(nodes: &[Node], i: usize) -> Vec<usize> {
+    let mut direct = Vec::new();
+    for &d in &nodes[i].deps {
+        for e in expand_alias(nodes, d) {
+            if !nodes[e].is_resource() && !direct.contains(&e) {
+                direct.push(e);
             }
         }
-        out
-    } else {
-        vec![i]
     }
+    direct
+}
+
+/// Whether consumers of node `d` see through it to its own requirements.
+fn transparent(node: &Node) -> bool {
+    node.task.has_artifact() && !node.task.def.selfsustained
 }
 
 /// What node `i` sees of its requirements: artifacts of transitive requirements
 /// (through requirements that are not selfsustained) first, direct ones last.
+///
+/// Computed on first use and remembered. Without recursion: the nodes whose view is
+/// needed and not yet known are collected first, then computed in index order, in
+/// which every requirement comes before its consumers.
 pub fn visible(nodes: &[Node], i: usize) -> &[usize] {
-    nodes[i].visible.get_or_init(|| {
-        let mut direct = Vec::new();
-        for &d in &nodes[i].deps {
-            for e in expand_alias(nodes, d) {
-                if !nodes[e].is_resource() && !direct.contains(&e) {
-                    direct.push(e);
-                }
+    if let Some(v) = nodes[i].visible.get() {
+        return v;
+    }
+    let mut todo = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![i];
+    while let Some(n) = stack.pop() {
+        if nodes[n].visible.get().is_some() || !seen.insert(n) {
+            continue;
+        }
+        todo.push(n);
+        for d in direct_artifacts(nodes, n) {
+            if transparent(&nodes[d]) {
+                stack.push(d);
             }
         }
-        let mut seen: HashSet<usize> = direct.iter().copied().collect();
-        let mut out = Vec::new();
-        for &d in &direct {
-            let dep = &nodes[d];
-            if dep.task.has_artifact() && !dep.task.def.selfsustained {
-                for &t in visible(nodes, d) {
-                    if seen.insert(t) {
-                        out.push(t);
+    }
+    todo.sort_unstable();
+    // `stamp[t] == n`: t is in n's view already. One array for all, as views of a deep
+    // chain hold thousands of nodes each.
+    let mut stamp = vec![usize::MAX; nodes.len()];
+    for n in todo {
+        nodes[n].visible.get_or_init(|| {
+            let direct = direct_artifacts(nodes, n);
+            for &d in &direct {
+                stamp[d] = n;
+            }
+            let mut out = Vec::new();
+            for &d in &direct {
+                if transparent(&nodes[d]) {
+                    // Known already: d < n, so it was computed before n (or earlier).
+                    for &t in visible(nodes, d) {
+                        if stamp[t] != n {
+                            stamp[t] = n;
+                            out.push(t);
+                        }
                     }
                 }
             }
+            out.extend(direct);
+            out
+        });
+    }
+    nodes[i].visible.get().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// Whether node `n` is what the reference `name:p=v,...` designates: the same task,
+/// each given parameter equal to the node's once canonicalised, and every other
+/// parameter at its default.
+fn designates(n: &Node, reference: &TaskRef) -> bool {
+    if n.name() != reference.name {
+        return false;
+    }
+    let mut given = HashSet::new();
+    for (k, v) in &reference.params {
+        let Some(decl) = n.task.params.get(k) else {
+            return false;
+        };
+        match decl.normalize(n.name(), k, v) {
+            Ok(value) if n.params.get(k) == Some(&value) => {
+                given.insert(k.as_str());
+            }
+            _ => return false,
         }
-        out.extend(direct);
-        out
+    }
+    n.params.iter().all(|(k, v)| {
+        given.contains(k.as_str()) || n.task.params[k].default.as_deref() == Some(v.as_str())
     })
 }
 
-/// The visible requirement of node `i` that `name` refers to: a task name, or a full
-/// or short reference.
+/// The visible requirement of node `i` that `name` refers to: a task name, or a
+/// reference with parameters (in any order, defaults optional).
 pub fn find_dep(nodes: &[Node], i: usize, name: &str) -> Result<usize> {
     let seen = visible(nodes, i);
-    let candidates: Vec<usize> = seen
-        .iter()
-        .copied()
-        .filter(|&v| {
-            let n = &nodes[v];
-            n.qualified == name || n.short == name
-        })
-        .collect();
-    if let [one] = candidates[..] {
-        return Ok(one);
+    if name.contains(':') {
+        let reference = TaskRef::parse(name)?;
+        return match seen
+            .iter()
+            .copied()
+            .find(|&v| designates(&nodes[v], &reference))
+        {
+            Some(one) => Ok(one),
+            None => Err(usage(format!("'{name}' is not a requirement"))),
+        };
     }
     let by_name: Vec<usize> = seen
         .iter()
@@ -609,14 +808,25 @@ pub fn find_dep(nodes: &[Node], i: usize, name: &str) -> Result<usize> {
     match by_name[..] {
         [one] => Ok(one),
         [] => Err(usage(format!("'{name}' is not a requirement"))),
-        _ => Err(usage(format!(
-            "'{name}' is ambiguous: name one of {}",
-            by_name
-                .iter()
-                .map(|&i| nodes[i].qualified.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
+        _ => {
+            // Several parameter sets: the one with every parameter at its default,
+            // if any, is what the bare name designates.
+            let reference = TaskRef {
+                name: name.to_string(),
+                params: Vec::new(),
+            };
+            if let Some(&one) = by_name.iter().find(|&&v| designates(&nodes[v], &reference)) {
+                return Ok(one);
+            }
+            Err(usage(format!(
+                "'{name}' is ambiguous: name one of {}",
+                by_name
+                    .iter()
+                    .map(|&i| nodes[i].qualified.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
     }
 }
 

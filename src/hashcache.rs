@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -116,6 +116,13 @@ impl FileHashes {
             let digest = Sha256::digest(target.as_os_str().as_encoded_bytes());
             return Ok(format!("symlink:{}", hex(&digest)));
         }
+        if !meta.is_file() {
+            anyhow::bail!(
+                "influence file {} is not a regular file (a {})",
+                rel.display(),
+                crate::fsutil::kind_of(meta)
+            );
+        }
         let stat = Stat::of(meta);
         let key = rel.to_string_lossy();
         if let Some((known, hash)) = self.entries.lock().expect("hash cache").get(key.as_ref()) {
@@ -177,7 +184,14 @@ impl FileHashes {
 
 /// The SHA-256 of a file's content, in hex.
 pub fn hash_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+    // O_NONBLOCK: a fifo put in the file's place must not block the build.
+    let mut file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {

@@ -37,6 +37,23 @@ pub fn is_unreachable(err: &anyhow::Error) -> bool {
     err.chain().any(|e| e.is::<Unreachable>())
 }
 
+/// An archive that arrived whole but is unusable (corrupt, another artifact's, unsafe).
+#[derive(Debug)]
+pub struct Rejected(pub String);
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Rejected {}
+
+/// Whether an error (anywhere in its chain) is a [`Rejected`] archive.
+pub fn is_rejected(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.is::<Rejected>())
+}
+
 /// A client of the HTTP cache.
 pub struct HttpCache {
     agent: ureq::Agent,
@@ -48,6 +65,8 @@ pub struct HttpCache {
     pub upload: bool,
     retries: u32,
     down: AtomicBool,
+    /// Artifact URLs whose archive failed verification: a builder replaces them.
+    rejected: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The body of a streamed upload: the read end of the packer's pipe. At the end of
@@ -132,19 +151,28 @@ impl HttpCache {
         let Some(uri) = config.get("http.uri").filter(|u| !u.trim().is_empty()) else {
             return Ok(None);
         };
-        let uri = uri.trim().trim_end_matches('/').to_string();
+        // Credentials in the URL become the Authorization header; the URL jolt
+        // shows and requests never holds them.
+        let (uri, userinfo) = crate::secrets::strip_userinfo(uri.trim());
+        let uri = uri.trim_end_matches('/').to_string();
         if !(uri.starts_with("http://") || uri.starts_with("https://")) {
             return Err(usage(format!(
                 "Invalid http.uri '{uri}': expected http:// or https://"
             )));
         }
-        let authorization = match (config.get("http.username"), config.get("http.password")) {
-            (Some(user), password) => Some(format!(
+        let (user, password) = match (config.get("http.username"), userinfo) {
+            (Some(user), _) => (Some(user), config.get("http.password")),
+            (None, Some((user, password))) => {
+                (Some(user), config.get("http.password").or(password))
+            }
+            (None, None) => (None, None),
+        };
+        let authorization = user.map(|user| {
+            format!(
                 "Basic {}",
                 base64(format!("{user}:{}", password.unwrap_or_default()).as_bytes())
-            )),
-            _ => None,
-        };
+            )
+        });
         let secs = |key: &str, default: u64| -> Result<Duration> {
             Ok(Duration::from_secs(
                 config
@@ -177,6 +205,7 @@ impl HttpCache {
                 .map(|r| r.max(0) as u32)
                 .unwrap_or(3),
             down: AtomicBool::new(false),
+            rejected: Default::default(),
         }))
     }
 
@@ -198,6 +227,23 @@ impl HttpCache {
     /// Marks the server down; returns true the first time, so one warning is printed.
     pub fn mark_down(&self) -> bool {
         !self.down.swap(true, Ordering::Relaxed)
+    }
+
+    /// Remembers that the cache's archive of an artifact is unusable, so that it is
+    /// neither downloaded again nor kept when this process builds the artifact.
+    pub fn reject(&self, task: &str, identity: &str) {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.url(task, identity));
+    }
+
+    /// Whether the cache's archive of an artifact was found unusable.
+    pub fn is_rejected(&self, task: &str, identity: &str) -> bool {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&self.url(task, identity))
     }
 
     /// Sends a request built by `make`, retrying connection errors and 5xx answers.
@@ -247,8 +293,12 @@ impl HttpCache {
         req
     }
 
-    /// `HEAD`: whether the cache holds the artifact.
+    /// `HEAD`: whether the cache holds a usable archive of the artifact (one found
+    /// unusable counts as absent).
     pub fn exists(&self, task: &str, identity: &str) -> Result<bool> {
+        if self.is_rejected(task, identity) {
+            return Ok(false);
+        }
         self.head(&self.url(task, identity))
     }
 
@@ -262,7 +312,8 @@ impl HttpCache {
     }
 
     /// `GET` of a tar, unpacked into the empty directory `dest` as it arrives.
-    /// `Ok(false)` when the cache does not hold it.
+    /// `Ok(false)` when the cache does not hold it. An archive that arrived whole
+    /// but is unusable is a [`Rejected`] error.
     fn get_unpacked(&self, url: &str, dest: &Path) -> Result<bool> {
         let mut resp = self.send(url, &mut || self.with_auth(self.agent.get(url)).call())?;
         match resp.status().as_u16() {
@@ -287,7 +338,10 @@ impl HttpCache {
                 bail!("{url}: truncated download ({} of {len} bytes)", body.count);
             }
         }
-        unpacked.with_context(|| format!("{url}: corrupt archive"))?;
+        if let Err(e) = unpacked {
+            return Err(anyhow::Error::new(Rejected(format!("{e:#}")))
+                .context(format!("{url}: corrupt archive")));
+        }
         Ok(true)
     }
 
@@ -306,12 +360,28 @@ impl HttpCache {
     /// `Ok(None)` when the cache does not hold it.
     pub fn fetch(&self, task: &str, identity: &str, staging: &Path) -> Result<Option<Manifest>> {
         let url = self.url(task, identity);
-        if !self.get_unpacked(&url, staging)? {
-            return Ok(None);
+        let result = self.get_unpacked(&url, staging).and_then(|found| {
+            if !found {
+                return Ok(None);
+            }
+            crate::archive::verify(staging, task, identity)
+                .map(Some)
+                .map_err(|e| {
+                    anyhow::Error::new(Rejected(format!("{e:#}")))
+                        .context(format!("{url}: rejected"))
+                })
+        });
+        match &result {
+            Err(e) if is_rejected(e) => self.reject(task, identity),
+            Ok(Some(_)) => {
+                self.rejected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&url);
+            }
+            _ => {}
         }
-        let manifest = crate::archive::verify(staging, task, identity)
-            .with_context(|| format!("{url}: rejected"))?;
-        Ok(Some(manifest))
+        result
     }
 
     /// `PUT`: streams the artifact directory as a tar (chunked transfer encoding)
@@ -343,7 +413,12 @@ impl HttpCache {
             let _ = packer.join();
             result
         })?;
-        put_outcome(&url, resp.status())
+        put_outcome(&url, resp.status())?;
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&url);
+        Ok(())
     }
 
     /// The URL of a source snapshot.

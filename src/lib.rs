@@ -17,6 +17,7 @@ pub mod executor;
 pub mod fsutil;
 pub mod globs;
 pub mod graph;
+pub mod guardian;
 pub mod hashcache;
 pub mod http_cache;
 pub mod interrupt;
@@ -25,6 +26,7 @@ pub mod network;
 pub mod param;
 pub mod placeholder;
 pub mod recipe;
+pub mod secrets;
 pub mod sources;
 pub mod taskref;
 pub mod worker;
@@ -49,6 +51,12 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
             _ => log::LevelFilter::Warn,
         })
         .parse_env("RUST_LOG")
+        // Every record is redacted: amiquip logs its handshake, password included.
+        .format(|out, record| {
+            use std::io::Write;
+            let text = format!("[{} {}] {}", record.level(), record.target(), record.args());
+            writeln!(out, "{}", secrets::redact(&text))
+        })
         .try_init();
     match commands::dispatch(cli) {
         Ok(code) => code,

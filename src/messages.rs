@@ -48,6 +48,10 @@ pub struct Request {
     /// Who asks: `host:pid`.
     #[serde(default)]
     pub client: String,
+    /// The HTTP cache's archive of this artifact is unusable: build it (or take it
+    /// from the worker's own cache) and upload it over the bad one.
+    #[serde(default)]
+    pub replace: bool,
 }
 
 /// What a reply says.
@@ -217,6 +221,7 @@ mod tests {
             env: BTreeMap::new(),
             snapshot: None,
             client: whoami(),
+            replace: false,
         };
         let back = Request::parse(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(back.reference, "t:p=1");

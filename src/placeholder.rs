@@ -15,7 +15,37 @@ pub enum Piece<'a> {
     Placeholder(&'a str),
 }
 
-/// Splits a template into text and placeholders.
+/// How deep placeholders may nest (`{deps.obj:mode={mode}}` is depth 2).
+const MAX_NESTING: usize = 4;
+
+/// The end (index of the closing `}`) of the placeholder whose `{` is at `open`;
+/// braces inside it nest.
+fn closing(template: &str, open: usize) -> Result<usize, String> {
+    let mut depth = 0;
+    for (i, b) in template.bytes().enumerate().skip(open) {
+        match b {
+            b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(format!(
+                        "placeholders nest deeper than {MAX_NESTING} levels in \"{template}\""
+                    ));
+                }
+            }
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Ok(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    Err(format!("unclosed '{{' in \"{template}\""))
+}
+
+/// Splits a template into text and placeholders. A placeholder's name may itself hold
+/// placeholders (`{deps.obj:mode={mode}}`): see [`expand`].
 pub fn parse(template: &str) -> Result<Vec<Piece<'_>>, String> {
     let mut pieces = Vec::new();
     let bytes = template.as_bytes();
@@ -36,16 +66,14 @@ pub fn parse(template: &str) -> Result<Vec<Piece<'_>>, String> {
                 start = i;
             }
             b'{' => {
-                let end = template[i + 1..]
-                    .find('}')
-                    .ok_or_else(|| format!("unclosed '{{' in \"{template}\""))?;
-                let name = &template[i + 1..i + 1 + end];
-                if name.contains('{') {
-                    return Err(format!("unclosed '{{' in \"{template}\""));
+                let end = closing(template, i)?;
+                let name = template[i + 1..end].trim();
+                if name.is_empty() {
+                    return Err(format!("empty placeholder '{{}}' in \"{template}\""));
                 }
                 pieces.push(Piece::Text(&template[start..i]));
-                pieces.push(Piece::Placeholder(name.trim()));
-                i += end + 2;
+                pieces.push(Piece::Placeholder(name));
+                i = end + 1;
                 start = i;
             }
             b'}' => return Err(format!("unmatched '}}' in \"{template}\" (write '}}}}')")),
@@ -58,7 +86,8 @@ pub fn parse(template: &str) -> Result<Vec<Piece<'_>>, String> {
 }
 
 /// Expands `template`, asking `resolve` for each placeholder. `resolve` returns
-/// `Ok(None)` for a placeholder it does not know.
+/// `Ok(None)` for a placeholder it does not know. Placeholders inside a placeholder's
+/// name are expanded first, with the same `resolve`.
 pub fn expand(
     task: &str,
     template: &str,
@@ -70,17 +99,33 @@ pub fn expand(
         match piece {
             Piece::Text(t) => out.push_str(t),
             Piece::Brace(c) => out.push(c),
-            Piece::Placeholder(name) => match resolve(name)? {
-                Some(value) => out.push_str(&value),
-                None => {
-                    return Err(usage(format!(
-                        "Unknown placeholder '{{{name}}}' in task '{task}'"
-                    )))
+            Piece::Placeholder(raw) => {
+                let name = expand_name(task, raw, resolve)?;
+                match resolve(&name)? {
+                    Some(value) => out.push_str(&value),
+                    None => {
+                        return Err(usage(format!(
+                            "Unknown placeholder '{{{name}}}' in task '{task}'"
+                        )))
+                    }
                 }
-            },
+            }
         }
     }
     Ok(out)
+}
+
+/// A placeholder's name with the placeholders nested in it expanded.
+pub fn expand_name(
+    task: &str,
+    raw: &str,
+    resolve: &mut dyn FnMut(&str) -> Result<Option<String>>,
+) -> Result<String> {
+    if raw.contains('{') {
+        expand(task, raw, resolve)
+    } else {
+        Ok(raw.to_string())
+    }
 }
 
 /// The placeholder names used in `template`.
@@ -143,6 +188,31 @@ mod tests {
         assert_eq!(e, "Unknown placeholder '{nope}' in task 't'");
         assert!(expand_with("echo {a").is_err());
         assert!(expand_with("echo a}").is_err());
+    }
+
+    #[test]
+    fn placeholders_nest_inside_names() {
+        let mut resolve = |n: &str| -> Result<Option<String>> {
+            Ok(match n {
+                "mode" => Some("debug".into()),
+                "deps.obj:file=add,mode=debug" => Some("/c/obj".into()),
+                _ => None,
+            })
+        };
+        assert_eq!(
+            expand(
+                "t",
+                "cc {deps.obj:file=add,mode={mode}}/add.o",
+                &mut resolve
+            )
+            .unwrap(),
+            "cc /c/obj/add.o"
+        );
+        let e = expand("t", "{deps.obj:mode={nope}}", &mut resolve).unwrap_err();
+        assert_eq!(e.to_string(), "Unknown placeholder '{nope}' in task 't'");
+        let deep = format!("{{x{}{}", "{y".repeat(50), "}".repeat(51));
+        assert!(parse(&deep).unwrap_err().contains("nest deeper"));
+        assert!(parse("{a{b}").is_err());
     }
 
     #[test]

@@ -93,8 +93,9 @@ pub struct TaskDef {
     pub parameters: BTreeMap<String, toml::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<String>,
+    /// Glob strings, or `{ files, optional }` tables.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub influence: Vec<String>,
+    pub influence: Vec<toml::Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub influence_env: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +153,15 @@ pub struct PublishRule {
     pub flatten: bool,
 }
 
+/// An influence rule: files (a glob relative to the workspace root, placeholders
+/// allowed) hashed into the identity. A pattern that matches no file is an error
+/// unless it is `optional`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfluenceRule {
+    pub files: String,
+    pub optional: bool,
+}
+
 /// When an artifact may be evicted from the local cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -195,6 +205,7 @@ pub struct Task {
     pub acquire: Vec<String>,
     pub release: Vec<String>,
     pub publish: Vec<PublishRule>,
+    pub influence: Vec<InfluenceRule>,
     /// For the kinds `git` and `download`.
     pub source: Option<Source>,
     pub cacheable: bool,
@@ -363,10 +374,13 @@ impl Task {
             None => Vec::new(),
             Some(v) => parse_publish(v).map_err(bad)?,
         };
+        let influence = parse_influence(&def.influence).map_err(bad)?;
         let timeout = match &def.timeout {
             None => None,
             Some(t) => Some(crate::fsutil::parse_duration(t).ok_or_else(|| {
-                bad(format!("invalid timeout '{t}': expected e.g. 90s, 10m, 2h"))
+                bad(format!(
+                    "invalid timeout '{t}': expected e.g. 90s, 10m, 2h (at most 100 years)"
+                ))
             })?),
         };
         let expires = match &def.expires {
@@ -463,6 +477,7 @@ impl Task {
             acquire,
             release,
             publish,
+            influence,
             source,
             cacheable,
             timeout,
@@ -552,12 +567,50 @@ fn parse_publish(value: &toml::Value) -> Result<Vec<PublishRule>, String> {
         .collect()
 }
 
+fn parse_influence(items: &[toml::Value]) -> Result<Vec<InfluenceRule>, String> {
+    items
+        .iter()
+        .map(|item| match item {
+            toml::Value::String(s) => Ok(InfluenceRule {
+                files: s.clone(),
+                optional: false,
+            }),
+            toml::Value::Table(t) => {
+                let mut rule = InfluenceRule {
+                    files: String::new(),
+                    optional: false,
+                };
+                for (k, v) in t {
+                    match (k.as_str(), v) {
+                        ("files", toml::Value::String(s)) => rule.files = s.clone(),
+                        ("optional", toml::Value::Boolean(b)) => rule.optional = *b,
+                        ("files", _) => return Err("influence 'files' must be a string".into()),
+                        ("optional", _) => {
+                            return Err("influence 'optional' must be true or false".into())
+                        }
+                        (other, _) => return Err(format!("unknown influence key '{other}'")),
+                    }
+                }
+                if rule.files.is_empty() {
+                    return Err("an influence rule needs 'files'".into());
+                }
+                Ok(rule)
+            }
+            other => Err(format!(
+                "influence entries are glob strings or {{ files, optional }} tables, not {other}"
+            )),
+        })
+        .collect()
+}
+
 fn parse_expires(value: &toml::Value) -> Result<Expires, String> {
     let duration = |v: &toml::Value| -> Result<u64, String> {
         v.as_str()
             .and_then(crate::fsutil::parse_duration)
             .map(|d| d.as_secs())
-            .ok_or_else(|| format!("invalid expires duration {v}: expected e.g. \"7d\""))
+            .ok_or_else(|| {
+                format!("invalid expires duration {v}: expected e.g. \"7d\" (at most 100 years)")
+            })
     };
     match value {
         toml::Value::String(s) if s == "never" => Ok(Expires::Never),

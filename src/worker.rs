@@ -22,8 +22,8 @@
 //! after its delivery was requeued.
 
 use amiquip::{
-    AmqpProperties, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery, Publish,
-    QueueDeclareOptions, QueueDeleteOptions,
+    AmqpProperties, AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery,
+    FieldTable, Publish, QueueDeclareOptions, QueueDeleteOptions,
 };
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::RecvTimeoutError;
@@ -87,6 +87,8 @@ pub fn run(config: &Config) -> Result<i32> {
         }
         match worker.session(&mut backoff) {
             Ok(()) => continue,
+            // Refused credentials do not heal by retrying.
+            Err(e) if crate::error::exit_code(&e) == crate::error::INFRA => return Err(e),
             Err(e) => {
                 console::warn(&format!(
                     "{e:#}; reconnecting in {}",
@@ -169,7 +171,13 @@ impl Worker {
             }
             match consumer.receiver().recv_timeout(Duration::from_millis(250)) {
                 Ok(ConsumerMessage::Delivery(delivery)) => {
-                    if !self.handle(&mut connection, &publisher, &mut lock_channel, &delivery)? {
+                    let mut link = Link {
+                        connection: &mut connection,
+                        channel: &channel,
+                        publisher: &publisher,
+                        locks: &mut lock_channel,
+                    };
+                    if !self.handle(&mut link, &delivery)? {
                         // Interrupted: leave the request unacked for another worker.
                         drop(consumer);
                         let _ = connection.close();
@@ -188,14 +196,12 @@ impl Worker {
         }
     }
 
-    /// Serves one request; returns false when the worker was interrupted mid-task.
-    fn handle(
-        &self,
-        connection: &mut Connection,
-        publisher: &Mutex<Channel>,
-        lock_channel: &mut Option<Channel>,
-        delivery: &Delivery,
-    ) -> Result<bool> {
+    /// Serves one request; returns false when the worker was interrupted mid-task
+    /// (the request stays unacked), true when the request may be acked.
+    ///
+    /// The order of the steps is what keeps every client answered: see the module
+    /// documentation.
+    fn handle(&self, link: &mut Link, delivery: &Delivery) -> Result<bool> {
         let request = match Request::parse(&delivery.body) {
             Ok(r) => r,
             Err(bad) => {
@@ -203,17 +209,20 @@ impl Worker {
                 if let Some(identity) = bad.identity {
                     let mut reply = self.reply(&identity, ReplyKind::Error);
                     reply.error = bad.message;
-                    publish_reply(publisher, &reply)?;
+                    publish_reply(link.publisher, &reply)?;
                 }
                 return Ok(true);
             }
         };
         let id8 = request.identity.get(..8).unwrap_or(&request.identity);
-        if lock_channel.is_none() {
-            *lock_channel = Some(connection.open_channel(None)?);
+        if delivery.redelivered {
+            return self.redelivered(link, delivery, &request).map(|()| true);
+        }
+        if link.locks.is_none() {
+            *link.locks = Some(link.connection.open_channel(None)?);
         }
         let lock = format!("jolt_lock_{}", request.identity);
-        let locked = lock_channel.as_ref().expect("lock channel").queue_declare(
+        let locked = link.locks.as_ref().expect("lock channel").queue_declare(
             lock.as_str(),
             QueueDeclareOptions {
                 exclusive: true,
@@ -222,29 +231,25 @@ impl Worker {
         );
         if locked.is_err() {
             // The broker closed the channel with the error: open another next time.
-            *lock_channel = None;
-            console::info(&format!(
-                "{} {id8} is being built by another worker: dropping this duplicate request",
-                request.reference
-            ));
-            return Ok(true);
+            *link.locks = None;
+            return self.duplicate(link, &request).map(|()| true);
         }
         console::info(&format!(
             "Request for {} {id8} from {}{}",
             request.reference,
             request.client,
-            if delivery.redelivered {
-                " (redelivered)"
-            } else {
-                ""
+            match deliveries(delivery) {
+                1 => String::new(),
+                n => format!(" (delivery {n} of at most {MAX_DELIVERIES})"),
             }
         ));
         publish_reply(
-            publisher,
+            link.publisher,
             &self.reply(&request.identity, ReplyKind::Accepted),
         )?;
         let start = Instant::now();
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let publisher = link.publisher;
         let outcome = std::thread::scope(|scope| {
             scope.spawn(|| {
                 // Until the build ends (the sender is dropped), tell the clients it runs.
@@ -271,22 +276,101 @@ impl Worker {
             }
         };
         reply.duration = start.elapsed().as_secs_f64();
+        // Release the lock before the final reply. A duplicate that finds the lock
+        // held is then sure that this reply is still to come, and its client, bound
+        // before it published, will get it; one that finds the lock free finds the
+        // artifact in the HTTP cache. A lock that cannot be released is dropped with
+        // the connection: the request, unacked, comes back and is answered then.
+        let released = link.locks.as_ref().is_some_and(|channel| {
+            channel
+                .queue_delete(lock.as_str(), QueueDeleteOptions::default())
+                .is_ok()
+        });
+        if !released {
+            *link.locks = None;
+            bail!("Cannot release the lock of {} {id8}", request.reference);
+        }
         console::info(&format!(
             "Reply {:?} for {} {id8} after {}",
             reply.kind,
             request.reference,
             format_duration(start.elapsed())
         ));
-        publish_reply(publisher, &reply)?;
-        if let Some(channel) = lock_channel.as_ref() {
-            if channel
-                .queue_delete(lock.as_str(), QueueDeleteOptions::default())
-                .is_err()
-            {
-                *lock_channel = None;
-            }
-        }
+        publish_reply(link.publisher, &reply)?;
         Ok(true)
+    }
+
+    /// A request another worker holds the lock of. Its client bound its reply queue
+    /// before publishing, so the holder's final reply, sent after the lock is
+    /// released, reaches it. Still, the client hears from this worker: `success`
+    /// when the artifact is in the HTTP cache already, else `accepted`, so that it
+    /// watches for the holder's progress and sends the request again should the
+    /// holder die without answering.
+    fn duplicate(&self, link: &Link, request: &Request) -> Result<()> {
+        let id8 = request.identity.get(..8).unwrap_or(&request.identity);
+        let built = self
+            .http
+            .exists(&request.task, &request.identity)
+            .unwrap_or(false);
+        console::info(&format!(
+            "{} {id8} is being built by another worker: {}",
+            request.reference,
+            if built {
+                "it is in the HTTP cache already"
+            } else {
+                "dropping this duplicate request"
+            }
+        ));
+        let kind = if built {
+            ReplyKind::Success
+        } else {
+            ReplyKind::Accepted
+        };
+        publish_reply(link.publisher, &self.reply(&request.identity, kind))
+    }
+
+    /// A request that was delivered before and never acknowledged: the worker that
+    /// had it died (or crashed on it), or the broker took it back. It is queued again
+    /// with its delivery count, and refused with an error reply once it has been
+    /// delivered [`MAX_DELIVERIES`] times, so that a request that crashes workers
+    /// cannot take the fleet down one worker after another. The copy goes out on
+    /// the consuming channel, ahead of the original's ack.
+    fn redelivered(&self, link: &Link, delivery: &Delivery, request: &Request) -> Result<()> {
+        let id8 = request.identity.get(..8).unwrap_or(&request.identity);
+        let n = deliveries(delivery) + 1;
+        if n > MAX_DELIVERIES {
+            let message = format!(
+                "the request was delivered {n} times without an answer: it crashed or lost the workers that took it"
+            );
+            console::error(&format!(
+                "Refusing {} {id8} (redelivered): {message}",
+                request.reference
+            ));
+            let mut reply = self.reply(&request.identity, ReplyKind::Error);
+            reply.error = message;
+            return publish_reply(link.publisher, &reply);
+        }
+        console::warn(&format!(
+            "Request for {} {id8} from {} (redelivered): queued again as delivery {n} of at most {MAX_DELIVERIES}",
+            request.reference, request.client
+        ));
+        let mut headers = FieldTable::new();
+        headers.insert(DELIVERIES.to_string(), AmqpValue::LongInt(n as i32));
+        let properties = AmqpProperties::default()
+            .with_delivery_mode(2)
+            .with_priority(delivery.properties.priority().unwrap_or(0))
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        link.channel
+            .basic_publish(
+                crate::amqp::REQUESTS,
+                Publish::with_properties(
+                    &delivery.body,
+                    self.settings.routing_key.as_str(),
+                    properties,
+                ),
+            )
+            .context("Cannot queue a redelivered request again")
     }
 
     fn build(&self, request: &Request) -> Outcome {
@@ -294,7 +378,11 @@ impl Worker {
             Ok(ws) => ws,
             Err(e) => return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),
         };
-        let outcome = self.build_in(request, &ws).unwrap_or_else(|e| {
+        // A panic is a bug; it must end in an error reply, not in a dead worker.
+        let built =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build_in(request, &ws)))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the worker panicked")));
+        let outcome = built.unwrap_or_else(|e| {
             console::error(&format!("{e:#}"));
             Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}"))
         });
@@ -341,6 +429,10 @@ impl Worker {
         )?;
         let goal = graph.requested[0];
         let node = &graph.nodes[goal];
+        if request.replace {
+            // The client found the cache's archive unusable: do not serve it, replace it.
+            self.http.reject(node.name(), &node.identity);
+        }
         if node.identity != request.identity {
             bail!(
                 "identity mismatch for {}: the client computed {}, this worker {}; do client and worker run the same jolt, recipes and sources?",
@@ -391,6 +483,44 @@ impl Worker {
             }
         })
     }
+}
+
+/// The AMQP side of a worker's session, as one request sees it.
+struct Link<'a> {
+    connection: &'a mut Connection,
+    /// The consuming channel: a request queued again goes out on it, before the
+    /// original's ack.
+    channel: &'a Channel,
+    publisher: &'a Mutex<Channel>,
+    /// The channel locks are declared on, kept between requests; `None` after the
+    /// broker closed it.
+    locks: &'a mut Option<Channel>,
+}
+
+/// How many times a request may be delivered before it is refused: a request whose
+/// worker died is tried once more; one that dies again is taken for a request that
+/// kills workers.
+const MAX_DELIVERIES: u32 = 2;
+
+/// The header that counts a request's deliveries.
+const DELIVERIES: &str = "x-jolt-deliveries";
+
+/// Which delivery of its request this is: 1, or what its header says.
+fn deliveries(delivery: &Delivery) -> u32 {
+    let value = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.get(DELIVERIES));
+    let n = match value {
+        Some(AmqpValue::LongInt(n)) => *n as i64,
+        Some(AmqpValue::LongUInt(n)) => *n as i64,
+        Some(AmqpValue::LongLongInt(n)) => *n,
+        Some(AmqpValue::ShortInt(n)) => *n as i64,
+        Some(AmqpValue::ShortShortInt(n)) => *n as i64,
+        _ => 1,
+    };
+    n.clamp(1, u32::MAX as i64) as u32
 }
 
 enum Outcome {

@@ -443,3 +443,153 @@ fn quiet_hides_info_lines() {
     let run = ws.jolt(&["-q", "build", "hello"]);
     run.success().lacks("Execution started");
 }
+
+// Identities cover what a task reads (issue 9).
+
+const OBJECTS: &str = r#"
+[task.obj]
+parameters.file = { values = ["add", "mul"] }
+parameters.mode = { default = "release", values = ["debug", "release"] }
+influence = ["src/{file}.c"]
+influence_env = ["CFLAGS_{mode}"]
+run = "cat src/{file}.c > {artifact}/{file}.o"
+
+[task.prog]
+parameters.mode = "release"
+requires = ["obj:file=add,mode={mode}"]
+run = "cat {deps.obj:file=add,mode={mode}}/add.o > {artifact}/prog"
+"#;
+
+#[test]
+fn placeholders_in_influence_select_the_files_hashed() {
+    let ws = Workspace::with(OBJECTS);
+    ws.file("src/add.c", "int add;")
+        .file("src/mul.c", "int mul;");
+    let inspect = ws.jolt(&["inspect", "-i", "obj:file=add"]);
+    inspect
+        .success()
+        .contains("File: ")
+        .contains(": src/add.c")
+        .lacks("src/mul.c")
+        .contains("Environment: CFLAGS_release is unset");
+    ws.jolt(&["build", "obj:file=add"]).success();
+    // Regression: the file was never hashed, so an edit left the old artifact "cached".
+    ws.file("src/add.c", "int add2;");
+    ws.jolt(&["build", "obj:file=add"])
+        .success()
+        .contains("Execution started (obj:file=add ");
+}
+
+#[test]
+fn unknown_placeholders_in_influence_exit_2() {
+    let ws = Workspace::with("[task.t]\ninfluence = [\"src/{nope}.c\"]\n");
+    ws.jolt(&["build", "t"])
+        .code(2)
+        .contains("Unknown placeholder '{nope}' in task 't'");
+    let ws = Workspace::with("[task.t]\ninfluence_env = [\"X_{nope}\"]\n");
+    ws.jolt(&["inspect", "t"])
+        .code(2)
+        .contains("Unknown placeholder '{nope}' in task 't'");
+}
+
+#[test]
+fn an_influence_pattern_that_matches_nothing_is_an_error_unless_optional() {
+    let ws = Workspace::with("[task.t]\ninfluence = [\"gen/*.h\"]\nrun = \"true\"\n");
+    ws.jolt(&["build", "t"])
+        .code(2)
+        .contains("Task 't': influence pattern 'gen/*.h' matches no file");
+    let ws = Workspace::with(
+        "[task.t]\ninfluence = [{ files = \"gen/*.h\", optional = true }]\nrun = \"true\"\n",
+    );
+    ws.jolt(&["build", "t"]).success();
+    ws.file("gen/a.h", "x");
+    ws.jolt(&["inspect", "-i", "t"])
+        .success()
+        .contains(": gen/a.h");
+}
+
+#[test]
+fn a_file_published_from_the_workspace_must_be_an_influence() {
+    let recipe = |influence: &str| {
+        format!(
+            "[task.headers]\ninfluence = [{influence}]\npublish = [{{ files = \"include\", dest = \"inc/\" }}]\n"
+        )
+    };
+    let ws = Workspace::with(&recipe("\"include/a.h\""));
+    ws.file("include/a.h", "a").file("include/b.h", "b");
+    let run = ws.jolt(&["build", "headers"]);
+    run.code(1)
+        .contains("Missing influence: include/b.h (headers)")
+        .lacks("Missing influence: include/a.h")
+        .contains("Task is missing source influence");
+    assert!(ws.artifacts("headers").is_empty());
+    let ws = Workspace::with(&recipe("\"include/**\""));
+    ws.file("include/a.h", "a").file("include/b.h", "b");
+    let run = ws.jolt(&["build", "headers"]);
+    run.success();
+    assert!(run.locations()[0].join("inc/include/b.h").is_file());
+}
+
+#[test]
+fn files_published_from_the_build_directory_need_no_influence() {
+    Workspace::with(HELLO)
+        .jolt(&["build", "hello"])
+        .success()
+        .lacks("Missing influence");
+}
+
+#[test]
+fn placeholders_nest_inside_requirement_references() {
+    let ws = Workspace::with(OBJECTS);
+    ws.file("src/add.c", "int add;")
+        .file("src/mul.c", "int mul;");
+    let run = ws.jolt(&["build", "prog:mode=debug"]);
+    run.success();
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("prog")).unwrap(),
+        "int add;"
+    );
+    // The same reference with the parameters in another order, defaults spelled out.
+    let ws = Workspace::with(&OBJECTS.replace(
+        "{deps.obj:file=add,mode={mode}}",
+        "{deps.obj:mode={mode},file=add}",
+    ));
+    ws.file("src/add.c", "int add;")
+        .file("src/mul.c", "int mul;");
+    ws.jolt(&["build", "prog"]).success();
+}
+
+// Secrets stay secret; metadata stays inside (issue 9).
+
+#[test]
+fn tasks_never_see_the_credentials_of_jolt() {
+    let ws = Workspace::with("[task.t]\nrun = \"env > {artifact}/env\"\n");
+    let mut cmd = ws.command(&["build", "t"]);
+    cmd.env("JOLT_HTTP_PASSWORD", "http-s3cret")
+        .env("JOLT_AMQP_PASSWORD", "amqp-s3cret")
+        .env("JOLT_HTTP_URI", "http://u:url-s3cret@cache/");
+    let run = ws.run(cmd);
+    run.success();
+    let env = std::fs::read_to_string(run.locations()[0].join("env")).unwrap();
+    for secret in ["http-s3cret", "amqp-s3cret", "url-s3cret"] {
+        assert!(!env.contains(secret), "a task saw {secret}:\n{env}");
+    }
+    assert!(env.contains("JOLT_ARTIFACT="));
+}
+
+#[test]
+fn an_environ_for_the_loader_or_leaving_the_artifact_fails_the_task() {
+    for (environ, message) in [
+        (
+            "LD_PRELOAD = \"evil.so\"",
+            "consumers may not be given LD_PRELOAD",
+        ),
+        ("PATH = \"../..\"", "is not a path inside the artifact"),
+    ] {
+        let ws = Workspace::with(&format!(
+            "[task.t]\nrun = \"true\"\nenviron = {{ {environ} }}\n"
+        ));
+        ws.jolt(&["build", "t"]).code(1).contains(message);
+        assert!(ws.artifacts("t").is_empty());
+    }
+}

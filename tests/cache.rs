@@ -136,3 +136,73 @@ fn interrupt_stops_commands_keeps_the_cache_consistent_and_exits_130() {
         .success()
         .lacks("Execution started");
 }
+
+// Caches that heal themselves (issue 9).
+
+#[test]
+fn an_artifact_with_an_unreadable_manifest_is_rebuilt_and_cleanable() {
+    let ws = Workspace::with(
+        "[task.a]\nrun = \"echo a > {artifact}/a\"\n[task.b]\nrequires = [\"a\"]\nrun = \"cat {deps.a}/a > {artifact}/b\"\n",
+    );
+    let first = ws.jolt(&["build", "a"]);
+    first.success();
+    let dir = first.locations()[0].clone();
+    for broken in ["", "{\"task\": \"a\", \"identi", "not json"] {
+        // A crash can leave one: commits are not synced.
+        std::fs::write(dir.join(".manifest.json"), broken).unwrap();
+        // Regression: "build a" said cached, and every consumer failed with
+        // "Artifact of 'a' is unusable".
+        ws.jolt(&["build", "b", "-f"])
+            .success()
+            .contains("Removed the unusable artifact")
+            .contains("Execution started (a ");
+        assert!(ws.artifacts("a")[0].join(".manifest.json").is_file());
+    }
+    std::fs::write(dir.join(".manifest.json"), "").unwrap();
+    ws.jolt(&["clean", "a"])
+        .success()
+        .contains("Removed 1 artifacts");
+    assert!(ws.artifacts("a").is_empty());
+}
+
+#[test]
+fn a_fully_cached_build_succeeds_on_a_full_disk() {
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "this test needs root under CI (it mounts a small tmpfs)"
+        );
+        eprintln!("skipping: needs root to mount a tmpfs");
+        return;
+    }
+    let ws = Workspace::with("[task.a]\nrun = \"echo a > {artifact}/a\"\n");
+    let disk = ws.dir.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount -t tmpfs failed");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let cache = disk.join("cache");
+    let cachedir = format!("jolt.cachedir={}", cache.display());
+    ws.jolt(&["-c", &cachedir, "build", "a"]).success();
+    // Fill the disk to the last byte.
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", disk.join("filler").display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    // Regression: recording the artifact's use failed the build.
+    ws.jolt(&["-c", &cachedir, "build", "a"])
+        .success()
+        .contains("Cannot record artifact use")
+        .lacks("Execution started");
+}

@@ -19,9 +19,16 @@ description = "The app"
 requires = ["lib", "hello:recipient=bob"]
 "#;
 
+/// A workspace with [`RECIPE`] and the file its influence pattern matches.
+fn workspace() -> Workspace {
+    let ws = Workspace::with(RECIPE);
+    ws.file("src/a.txt", "a");
+    ws
+}
+
 #[test]
 fn config_sets_gets_lists_and_deletes_user_values() {
-    let ws = Workspace::with(RECIPE);
+    let ws = workspace();
     ws.jolt(&["config", "http.uri", "http://cache:8080/"])
         .success();
     ws.jolt(&["config", "http.uri"])
@@ -47,7 +54,7 @@ fn config_sets_gets_lists_and_deletes_user_values() {
 
 #[test]
 fn config_layers_follow_their_precedence() {
-    let ws = Workspace::with(RECIPE);
+    let ws = workspace();
     ws.jolt(&["config", "amqp.host", "from-user-file"])
         .success();
     ws.file("extra.toml", "[amqp]\nhost = \"from-c-file\"\n");
@@ -71,7 +78,7 @@ fn config_layers_follow_their_precedence() {
 
 #[test]
 fn config_never_prints_passwords() {
-    let ws = Workspace::with(RECIPE);
+    let ws = workspace();
     ws.jolt(&["config", "http.password", "s3cret"]).success();
     let run = ws.jolt(&["config", "-l"]);
     run.success()
@@ -81,8 +88,7 @@ fn config_never_prints_passwords() {
 
 #[test]
 fn the_cache_directory_comes_from_the_configuration() {
-    let ws = Workspace::with(RECIPE);
-    ws.file("src/a.txt", "a");
+    let ws = workspace();
     let other = ws.dir.path().join("other-cache");
     let run = ws.jolt(&[
         "-c",
@@ -96,7 +102,7 @@ fn the_cache_directory_comes_from_the_configuration() {
 
 #[test]
 fn list_shows_tasks_and_requirements() {
-    let ws = Workspace::with(RECIPE);
+    let ws = workspace();
     let all = ws.jolt(&["list"]);
     all.success()
         .contains("app    The app")
@@ -110,8 +116,7 @@ fn list_shows_tasks_and_requirements() {
 
 #[test]
 fn inspect_shows_the_task_and_its_influence() {
-    let ws = Workspace::with(RECIPE);
-    ws.file("src/a.txt", "a");
+    let ws = workspace();
     let run = ws.jolt(&["inspect", "-i", "hello:recipient=bob"]);
     run.success()
         .contains("Writes a greeting")
@@ -150,7 +155,7 @@ fn identities_do_not_depend_on_the_workspace_path() {
 
 #[test]
 fn display_prints_the_tree_and_dot() {
-    let ws = Workspace::with(RECIPE);
+    let ws = workspace();
     let tree = ws.jolt(&["display", "app"]);
     assert_eq!(
         tree.stdout,
@@ -177,4 +182,32 @@ fn version_and_help_exit_0() {
     let ws = Workspace::new();
     ws.jolt(&["--version"]).success().contains("jolt ");
     ws.jolt(&["--help"]).success().contains("build");
+}
+
+#[test]
+fn config_files_jolt_writes_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = workspace();
+    ws.jolt(&["config", "http.password", "pw"]).success();
+    let mode = std::fs::metadata(ws.config_home().join("jolt/config.toml"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn unknown_configuration_keys_are_refused_when_set_and_warned_when_read() {
+    let ws = workspace();
+    ws.jolt(&["config", "http.url", "http://cache/"])
+        .code(2)
+        .contains("Unknown configuration key 'http.url'")
+        .contains("http.uri");
+    ws.jolt(&["-c", "http.url=x", "list"])
+        .code(2)
+        .contains("Unknown configuration key 'http.url'");
+    ws.file("typo.toml", "[http]\nurl = \"http://cache/\"\n");
+    ws.jolt(&["-c", "typo.toml", "list"])
+        .success()
+        .contains("Unknown configuration key 'http.url' in typo.toml is ignored");
 }

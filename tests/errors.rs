@@ -179,3 +179,156 @@ fn a_missing_cwd_is_a_task_failure_not_a_panic() {
     let ws = Workspace::with("[task.a]\ncwd = \"nowhere\"\nrun = \"true\"\n");
     ws.jolt(&["build", "a"]).code(1).contains("nowhere");
 }
+
+// No input crashes anything (issue 9).
+
+/// A chain of `n` tasks, `t{n-1}` requiring `t{n-2}` ... requiring `t0`; `t0` runs `bottom`.
+fn chain(n: usize, bottom: &str) -> String {
+    let mut recipe = format!("[task.t0]\nrun = \"{bottom}\"\n");
+    for i in 1..n {
+        recipe.push_str(&format!("[task.t{i}]\nrequires = [\"t{}\"]\n", i - 1));
+    }
+    recipe
+}
+
+#[test]
+fn a_requirement_chain_thousands_deep_does_not_overflow_the_stack() {
+    let ws = Workspace::with(&chain(6500, "false"));
+    ws.jolt(&["inspect", "t6499"]).success();
+    let display = ws.jolt(&["display", "t6499"]);
+    display.success();
+    assert_eq!(display.stdout.lines().count(), 6500);
+    ws.jolt(&["list", "-a", "t6499"]).success();
+    // Planning walks the chain down, and the failure of t0 blocks it all the way up.
+    ws.jolt(&["build", "t6499"])
+        .code(1)
+        .contains("Command failed: false");
+}
+
+#[test]
+fn numbers_out_of_range_are_usage_errors() {
+    let ws = Workspace::with("[task.t]\ntimeout = \"18446744073709551615s\"\nrun = \"true\"\n");
+    ws.jolt(&["build", "t"])
+        .code(2)
+        .contains("invalid timeout '18446744073709551615s'");
+    let ws = Workspace::with("[task.t]\nexpires = { after = \"99999999999999999w\" }\n");
+    ws.jolt(&["build", "t"])
+        .code(2)
+        .contains("invalid expires duration");
+    let ws = Workspace::with("[task.t]\nrun = \"true\"\n");
+    ws.jolt(&["build", "-j", "50000", "t"])
+        .code(2)
+        .contains("-j 50000");
+    ws.jolt(&["-c", "jolt.jobs=-3", "build", "t"])
+        .code(2)
+        .contains("jolt.jobs = -3");
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+}
+
+#[test]
+fn a_fifo_among_influence_or_published_files_fails_instead_of_blocking() {
+    let ws = Workspace::with("[task.t]\ninfluence = [\"src/*\"]\nrun = \"true\"\n");
+    ws.file("src/a.c", "a");
+    mkfifo(&ws.root().join("src/pipe"));
+    ws.jolt(&["inspect", "t"])
+        .code(2)
+        .contains("influence file src/pipe is not a regular file (a fifo)");
+    ws.jolt(&["build", "t"]).code(2).contains("src/pipe");
+
+    let ws = Workspace::with(
+        "[task.p]\nrun = \"mkfifo {builddir}/out\"\npublish = [{ files = \"out\", cwd = \"{builddir}\" }]\n",
+    );
+    ws.jolt(&["build", "p"])
+        .code(1)
+        .contains("not a regular file (a fifo)");
+    let ws = Workspace::with("[task.p]\nrun = \"mkfifo {artifact}/out\"\n");
+    ws.jolt(&["build", "p"]).code(1).contains("is a fifo");
+}
+
+#[test]
+fn a_huge_output_line_takes_bounded_memory() {
+    // 200 MB without a newline: once held whole, twice over (788 MB for 400 MB).
+    let ws = Workspace::with(
+        "[task.t]\nrun = \"head -c 200000000 /dev/zero | tr '\\\\000' x; echo; echo done\"\n",
+    );
+    let child = ws.spawn(&["-q", "build", "t"]);
+    let pid = child.id();
+    let peak = std::thread::spawn(move || {
+        let mut peak = 0u64;
+        while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            peak = peak.max(hwm);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        peak
+    });
+    util::finish(child).success();
+    let peak_kb = peak.join().unwrap();
+    assert!(peak_kb < 100_000, "jolt peaked at {peak_kb} kB");
+    let artifact = &ws.artifacts("t")[0];
+    let log = std::fs::metadata(artifact.join(".build.log")).unwrap();
+    assert_eq!(log.len(), 200_000_000 + 1 + 5, "the log keeps every byte");
+}
+
+// No process of a task outlives the jolt that started it (issue 9).
+
+/// A task whose background grandchild ignores SIGTERM and records its pid.
+const STUBBORN: &str = "[task.t]\nrun = \"sh -c \\\"trap '' TERM; echo \\\\$\\\\$ > {root}/grandchild.pid; exec sleep 300\\\" & wait\"\n";
+
+fn grandchild(ws: &Workspace) -> i32 {
+    util::wait_until(
+        "the task's background process",
+        std::time::Duration::from_secs(30),
+        || ws.read("grandchild.pid").trim().parse::<i32>().is_ok(),
+    );
+    ws.read("grandchild.pid").trim().parse().unwrap()
+}
+
+fn assert_dies(pid: i32, after: &str) {
+    util::wait_until(
+        &format!("process {pid} to die after {after}"),
+        std::time::Duration::from_secs(10),
+        || !util::alive(pid),
+    );
+}
+
+#[test]
+fn a_task_dies_with_a_jolt_killed_hard() {
+    let ws = Workspace::with(STUBBORN);
+    let mut child = ws.spawn(&["build", "t"]);
+    let pid = grandchild(&ws);
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    // Regression: only the task's direct sh died; its children ran on under init.
+    assert_dies(pid, "SIGKILL of jolt");
+}
+
+#[test]
+fn a_task_dies_with_a_jolt_interrupted_twice() {
+    let ws = Workspace::with(STUBBORN);
+    let mut child = ws.spawn(&["build", "t"]);
+    let pid = grandchild(&ws);
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert_dies(pid, "a double Ctrl-C");
+}
+
+#[test]
+fn what_a_finished_command_leaves_running_is_stopped() {
+    let ws = Workspace::with(
+        "[task.t]\nrun = \"sh -c 'echo $$ > {root}/grandchild.pid; exec sleep 300' & while [ ! -s {root}/grandchild.pid ]; do sleep 0.05; done\"\n",
+    );
+    ws.jolt(&["build", "t"]).success();
+    let pid = grandchild(&ws);
+    assert_dies(pid, "its command ended");
+}

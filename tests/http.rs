@@ -372,3 +372,107 @@ fn an_artifact_with_a_symlink_leading_out_is_not_uploaded() {
         .lacks("Upload finished");
     assert!(server.objects().is_empty());
 }
+
+// Caches that heal themselves, and secrets that stay secret (issue 9).
+
+/// The identity in the name of an artifact directory.
+fn identity_of(dir: &std::path::Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+#[test]
+fn a_builder_replaces_an_archive_that_clients_reject() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    let id = identity_of(&jolt(&a, &["build", "lib"]).locations()[0]);
+    let object = server.file(&format!("cache/lib/{id}.tar"));
+    std::fs::write(&object, b"this is not a tar archive at all".repeat(40)).unwrap();
+    // Regression: the builder saw that the object exists and skipped the upload, so
+    // the bad archive stayed forever.
+    let b = a.sibling();
+    jolt(&b, &["build", "lib"])
+        .success()
+        .contains("corrupt archive")
+        .contains("Execution started (lib ")
+        .contains("Upload finished");
+    let c = a.sibling();
+    jolt(&c, &["build", "lib"])
+        .success()
+        .contains("Download finished")
+        .lacks("Execution started");
+}
+
+#[test]
+fn a_downloaded_manifest_that_reaches_outside_is_rejected() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    let built = jolt(&a, &["build", "lib"]);
+    let dir = built.locations()[0].clone();
+    let id = identity_of(&dir);
+    for (key, value) in [
+        ("environ", serde_json::json!({"PATH": "../../.."})),
+        ("environ", serde_json::json!({"LD_PRELOAD": "lib/evil.so"})),
+        ("paths", serde_json::json!({"secret": "/etc/shadow"})),
+    ] {
+        let forged = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", dir.display()))
+            .arg(forged.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let path = forged.path().join(".manifest.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        manifest[key] = value;
+        std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+        let mut tar = Vec::new();
+        jolt::archive::pack(forged.path(), &mut tar).unwrap();
+        std::fs::write(server.file(&format!("cache/lib/{id}.tar")), tar).unwrap();
+        let b = a.sibling();
+        jolt(&b, &["-c", "jolt.upload=false", "build", "other"])
+            .success()
+            .contains("unsafe")
+            .contains("Execution started (lib ");
+    }
+}
+
+#[test]
+fn a_password_in_the_cache_url_is_never_shown() {
+    let ws = Workspace::with(RECIPE);
+    ws.file("src/a.c", "int a;\n");
+    let uri = "http.uri=http://ci:s3cr3t-pw@127.0.0.1:9/cache";
+    let run = ws.jolt(&["-c", uri, "build", "lib"]);
+    run.success().contains("unreachable").lacks("s3cr3t-pw");
+    ws.jolt(&["-c", uri, "inspect", "lib"])
+        .success()
+        .contains("http://127.0.0.1:9/cache/lib/")
+        .lacks("s3cr3t-pw");
+    ws.jolt(&["config", "http.uri", "http://ci:s3cr3t-pw@cache:8080/"])
+        .success();
+    for args in [&["config", "-l"][..], &["config", "http.uri"][..]] {
+        ws.jolt(args)
+            .success()
+            .contains("http.uri = http://********@cache:8080/")
+            .lacks("s3cr3t-pw");
+    }
+}
+
+#[test]
+fn credentials_in_the_cache_url_authenticate_uploads() {
+    let Some(server) = Nginx::start_with_auth("builder:hunter2") else {
+        return;
+    };
+    let ws = Workspace::with(RECIPE);
+    ws.file("src/a.c", "int a;\n");
+    let uri = format!(
+        "http.uri={}/cache",
+        server.url.replace("http://", "http://builder:hunter2@")
+    );
+    ws.jolt(&["-c", &uri, "build", "lib"])
+        .success()
+        .contains("Upload finished")
+        .lacks("hunter2");
+    assert_eq!(server.objects().len(), 1);
+}

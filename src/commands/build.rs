@@ -47,11 +47,22 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
         },
     )?;
     let jobs = match args.jobs {
-        Some(0) => return Err(usage("-j needs at least 1")),
-        Some(j) => j,
+        Some(j) if (1..=executor::MAX_JOBS).contains(&j) => j,
+        Some(j) => {
+            return Err(usage(format!(
+                "-j {j}: tasks at once must be between 1 and {}",
+                executor::MAX_JOBS
+            )))
+        }
         None => match config.get_int("jolt.jobs")? {
-            Some(j) if j > 0 => j as usize,
-            _ => std::thread::available_parallelism()
+            Some(j) if (1..=executor::MAX_JOBS as i64).contains(&j) => j as usize,
+            Some(j) => {
+                return Err(usage(format!(
+                    "jolt.jobs = {j}: tasks at once must be between 1 and {}",
+                    executor::MAX_JOBS
+                )))
+            }
+            None => std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
         },
@@ -99,10 +110,16 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
                 text: f.text.clone(),
             })
             .collect(),
-        jobs: config
-            .get_int("amqp.jobs")?
-            .map(|j| j.max(1) as usize)
-            .unwrap_or(32),
+        jobs: match config.get_int("amqp.jobs")? {
+            None => 32,
+            Some(j) if (1..=executor::MAX_JOBS as i64).contains(&j) => j as usize,
+            Some(j) => {
+                return Err(usage(format!(
+                    "amqp.jobs = {j}: remote executions at once must be between 1 and {}",
+                    executor::MAX_JOBS
+                )))
+            }
+        },
     };
     let opts = executor::Options {
         jobs,

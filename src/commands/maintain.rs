@@ -39,11 +39,13 @@ pub fn clean(config: &Config, args: CleanArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// A configuration value as it may be shown: passwords masked, and the userinfo of
+/// URLs.
 fn shown(key: &str, value: &str) -> String {
     if key.ends_with("password") {
-        "********".to_string()
+        crate::secrets::MASK.to_string()
     } else {
-        value.to_string()
+        crate::secrets::masked_url(value)
     }
 }
 
@@ -98,6 +100,7 @@ pub fn config(merged: &Config, args: ConfigArgs) -> Result<i32> {
             None => Err(usage(format!("No such key: {key}"))),
         },
         Some(value) => {
+            config::check_key(&key)?;
             let mut sections = config::read_file(&file)?;
             sections
                 .entry(section.to_string())

@@ -25,7 +25,15 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
     } else {
         crate::interrupt::install();
     }
+    if matches!(
+        cli.command,
+        None | Some(Cmd::Build(_)) | Some(Cmd::AmqpWorker)
+    ) {
+        // Before any thread starts: these commands run tasks.
+        crate::guardian::start();
+    }
     let config = Config::load(&cli.config)?;
+    config.register_secrets();
     match cli.command {
         None => {
             let default = config

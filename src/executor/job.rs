@@ -389,7 +389,10 @@ impl Worker<'_> {
             }
         };
         drop(subscription);
-        let duration = Duration::from_secs_f64(reply.duration.max(0.0));
+        // Any broker user can publish a reply: take its numbers with care.
+        let duration = Duration::try_from_secs_f64(reply.duration)
+            .unwrap_or_default()
+            .min(Duration::from_secs(crate::fsutil::MAX_DURATION_SECS));
         if reply.kind != ReplyKind::Success {
             for line in reply.log.lines() {
                 self.send(Event::Replay(i, line.to_string()));
@@ -469,6 +472,7 @@ impl Worker<'_> {
             env: self.graph.env.clone(),
             snapshot,
             client: crate::messages::whoami(),
+            replace: http.is_rejected(node.name(), &node.identity),
         })
     }
 
@@ -582,7 +586,13 @@ impl Worker<'_> {
             Some(c) => self.root.join(self.expand(i, c, dirs)?),
             None => self.root.to_path_buf(),
         };
-        let deadline = task.timeout.map(|t| start + t);
+        let deadline = task.timeout.and_then(|t| start.checked_add(t));
+        let task_shell = TaskShell {
+            deadline,
+            log: &log,
+        };
+        // Process groups of acquire commands: what they started runs until released.
+        let kept = Mutex::new(Vec::new());
 
         let mut acquired: Vec<usize> = Vec::new();
         let mut result = Ok(());
@@ -599,7 +609,13 @@ impl Worker<'_> {
             ));
             result = rnode.task.acquire.iter().try_for_each(|c| {
                 let cmd = self.expand(r, c, None)?;
-                self.command(i, &cmd, self.root, &renv, deadline, &log, true)
+                self.command(
+                    i,
+                    &Shell {
+                        keep_group: Some(&kept),
+                        ..task_shell.at(&cmd, self.root, &renv)
+                    },
+                )
             });
             if let Err(f) = result {
                 result = Err(Failure {
@@ -622,7 +638,7 @@ impl Worker<'_> {
                     keep_git,
                 }) => sources::git_commands(url, commit, *keep_git)
                     .iter()
-                    .try_for_each(|cmd| self.command(i, cmd, staging, &env, deadline, &log, true)),
+                    .try_for_each(|cmd| self.command(i, &task_shell.at(cmd, staging, &env))),
                 Some(Source::Download {
                     urls,
                     sha256,
@@ -630,7 +646,7 @@ impl Worker<'_> {
                 }) => self.download_source(i, urls, sha256, *extract, builddir, staging, &log),
                 None => task.run.iter().try_for_each(|c| {
                     let cmd = self.expand(i, c, dirs)?;
-                    self.command(i, &cmd, &cwd, &env, deadline, &log, true)
+                    self.command(i, &task_shell.at(&cmd, &cwd, &env))
                 }),
             };
         }
@@ -641,8 +657,14 @@ impl Worker<'_> {
             let released = self.environment(r, builddir, staging).and_then(|renv| {
                 rnode.task.release.iter().try_for_each(|c| {
                     let cmd = self.expand(r, c, None)?;
-                    let deadline = Some(Instant::now() + RELEASE_TIMEOUT);
-                    self.command(i, &cmd, self.root, &renv, deadline, &log, false)
+                    self.command(
+                        i,
+                        &Shell {
+                            deadline: Some(Instant::now() + RELEASE_TIMEOUT),
+                            interruptible: false,
+                            ..task_shell.at(&cmd, self.root, &renv)
+                        },
+                    )
                 })
             });
             if let Err(f) = released {
@@ -650,6 +672,9 @@ impl Worker<'_> {
                     result = Err(f);
                 }
             }
+        }
+        for pgid in kept.into_inner().unwrap_or_default() {
+            end_group(pgid);
         }
         result?;
 
@@ -667,7 +692,8 @@ impl Worker<'_> {
                     .transpose()?,
                 flatten: rule.flatten,
             };
-            artifact::publish(node.name(), &rule, staging)?;
+            let published = artifact::publish(node.name(), &rule, staging)?;
+            self.check_influence(i, &published, &[builddir, staging])?;
         }
         let meta = |map: &BTreeMap<String, String>| -> Result<BTreeMap<String, String>, Failure> {
             map.iter()
@@ -691,8 +717,68 @@ impl Worker<'_> {
             duration: start.elapsed().as_secs_f64(),
             jolt: env!("CARGO_PKG_VERSION").to_string(),
         };
+        manifest
+            .check_metadata()
+            .map_err(|e| Failure::new(format!("{e:#} ({})", node.short)))?;
         manifest.write(staging)?;
         Ok(manifest)
+    }
+
+    /// Files published from the workspace (not from the build directory, the
+    /// artifact or a requirement's artifact) must be among node `i`'s influence
+    /// files: otherwise its identity would not change when they do. As in Jolt, each
+    /// one missing is named, and the task fails.
+    fn check_influence(
+        &self,
+        i: usize,
+        published: &[PathBuf],
+        scratch: &[&Path],
+    ) -> Result<(), Failure> {
+        let node = &self.graph.nodes[i];
+        let root = fsutil::normalize(self.root);
+        let mut elsewhere: Vec<PathBuf> = scratch.iter().map(|p| fsutil::normalize(p)).collect();
+        for &d in self.graph.visible(i) {
+            if let Some(info) = self.infos[d].get() {
+                elsewhere.push(fsutil::normalize(&info.dir));
+            }
+        }
+        let mut missing = Vec::new();
+        for path in published {
+            let path = fsutil::normalize(path);
+            let Ok(rel) = path.strip_prefix(&root) else {
+                continue;
+            };
+            if elsewhere.iter().any(|e| path.starts_with(e)) {
+                continue;
+            }
+            let files = if path.is_dir() {
+                crate::globs::files(&path, "**")?
+                    .into_iter()
+                    .map(|f| rel.join(f))
+                    .collect()
+            } else {
+                vec![rel.to_path_buf()]
+            };
+            missing.extend(
+                files
+                    .into_iter()
+                    .filter(|f| node.files.binary_search(f).is_err()),
+            );
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut lines: Vec<String> = missing
+            .iter()
+            .map(|f| format!("Missing influence: {} ({})", f.display(), node.short))
+            .collect();
+        lines.push("Task is missing source influence".to_string());
+        Err(Failure {
+            lines,
+            interrupted: false,
+            log: None,
+            remote: false,
+        })
     }
 
     /// `kind = "download"`: fetches the first mirror that answers, verifies the
@@ -750,33 +836,28 @@ impl Worker<'_> {
         })
     }
 
-    /// Runs one shell command of node `i`, streaming its output; with `interruptible`,
-    /// Ctrl-C kills its process group.
-    #[allow(clippy::too_many_arguments)]
-    fn command(
-        &self,
-        i: usize,
-        cmd: &str,
-        cwd: &Path,
-        env: &[(String, String)],
-        deadline: Option<Instant>,
-        log: &Log,
-        interruptible: bool,
-    ) -> Result<(), Failure> {
+    /// Runs one shell command of node `i` in a process group of its own, streaming
+    /// its output. When the command ends, whatever it left running in its group is
+    /// killed, unless the caller keeps the group (a resource's acquire command).
+    fn command(&self, i: usize, shell: &Shell) -> Result<(), Failure> {
         let node: &Node = &self.graph.nodes[i];
         let mut command = Command::new("sh");
         command
             .arg("-e")
             .arg("-c")
-            .arg(cmd)
-            .current_dir(cwd)
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .arg(shell.cmd)
+            .current_dir(shell.cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        for var in credential_vars() {
+            command.env_remove(var);
+        }
+        command.envs(shell.env.iter().map(|(k, v)| (k, v)));
         // SAFETY: prctl is async-signal-safe; between fork and exec it only asks the
-        // kernel to kill the command if this thread (and so a killed jolt) goes away.
+        // kernel to kill the command if this thread (and so a killed jolt) goes away
+        // before the guardian knows the command's group.
         unsafe {
             command.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
@@ -786,10 +867,12 @@ impl Worker<'_> {
         let mut child = command.spawn().map_err(|e| {
             Failure::new(format!(
                 "Cannot run command in {} ({}): {e}",
-                cwd.display(),
+                shell.cwd.display(),
                 node.short
             ))
         })?;
+        let pgid = child.id() as i32;
+        crate::guardian::watch(pgid);
         let (done_tx, done_rx) = unbounded::<()>();
         let streams: Vec<(Box<dyn std::io::Read + Send>, bool)> = vec![
             (Box::new(child.stdout.take().expect("piped stdout")), false),
@@ -797,29 +880,17 @@ impl Worker<'_> {
         ];
         for (stream, is_err) in streams {
             let events = self.events.clone();
-            let log = log.clone();
+            let log = shell.log.clone();
             let done = done_tx.clone();
             std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream);
-                let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    match reader.read_until(b'\n', &mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            let _ = log.lock().expect("log").write_all(&buf);
-                            let line = String::from_utf8_lossy(&buf);
-                            let line = line.trim_end_matches(['\n', '\r']).to_string();
-                            let _ = events.send(Event::Output(i, line, is_err));
-                        }
-                    }
-                }
+                forward_lines(stream, &log, &mut |line| {
+                    let _ = events.send(Event::Output(i, line, is_err));
+                });
                 drop(done);
             });
         }
         drop(done_tx);
 
-        let pgid = child.id() as i32;
         let mut backoff = Duration::from_micros(200);
         let mut killed: Option<(Instant, bool)> = None; // (when, timed out)
         let status = loop {
@@ -831,27 +902,30 @@ impl Worker<'_> {
             let now = Instant::now();
             match killed {
                 None => {
-                    let timed_out = deadline.is_some_and(|d| now >= d);
-                    if timed_out || (interruptible && interrupt::is_set()) {
-                        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+                    let timed_out = shell.deadline.is_some_and(|d| now >= d);
+                    if timed_out || (shell.interruptible && interrupt::is_set()) {
+                        kill_group(pgid, libc::SIGTERM);
                         killed = Some((now, timed_out));
                     }
                 }
                 Some((when, _)) if now.duration_since(when) > KILL_GRACE => {
-                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                    kill_group(pgid, libc::SIGKILL);
                 }
                 Some(_) => {}
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_millis(20));
         };
-        if killed.is_some() {
-            // Take down whatever else the command left in its group.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let keep = killed.is_none() && status.is_some_and(|s| s.success());
+        match shell.keep_group {
+            Some(kept) if keep => kept.lock().expect("kept groups").push(pgid),
+            _ => end_group(pgid),
         }
-        // Wait for the output to drain; a background process holding the pipe open
-        // must not hold up the build forever.
+        // Wait for the output to drain; a process that left the group and holds the
+        // pipe open must not hold up the build forever.
         let _ = done_rx.recv_timeout(Duration::from_secs(2));
+        let cmd = shell.cmd;
+        let log = shell.log;
         match killed {
             Some((_, true)) => {
                 let _ = writeln!(log.lock().expect("log"), "Command timeout: {cmd}");
@@ -872,4 +946,107 @@ impl Worker<'_> {
             },
         }
     }
+}
+
+/// One shell command to run for a node.
+struct Shell<'a> {
+    cmd: &'a str,
+    cwd: &'a Path,
+    env: &'a [(String, String)],
+    deadline: Option<Instant>,
+    log: &'a Log,
+    /// Ctrl-C kills it (releases of resources run to their end instead).
+    interruptible: bool,
+    /// Where a command that succeeded leaves its process group (processes it started
+    /// keep running) instead of having it killed: a resource's acquire command, whose
+    /// daemons live until the resource is released.
+    keep_group: Option<&'a Mutex<Vec<i32>>>,
+}
+
+/// What every command of one execution shares.
+struct TaskShell<'a> {
+    deadline: Option<Instant>,
+    log: &'a Log,
+}
+
+impl TaskShell<'_> {
+    /// A command of this execution, with the defaults (interruptible, group killed).
+    fn at<'a>(&'a self, cmd: &'a str, cwd: &'a Path, env: &'a [(String, String)]) -> Shell<'a> {
+        Shell {
+            cmd,
+            cwd,
+            env,
+            deadline: self.deadline,
+            log: self.log,
+            interruptible: true,
+            keep_group: None,
+        }
+    }
+}
+
+/// Sends `signal` to a command's process group.
+fn kill_group(pgid: i32, signal: i32) {
+    // SAFETY: kill has no memory effects; a negative pid names the process group the
+    // command was started in (its leader's pid), which only holds its processes.
+    unsafe { libc::kill(-pgid, signal) };
+}
+
+/// Kills what is left of a command's process group and tells the guardian it is gone.
+fn end_group(pgid: i32) {
+    kill_group(pgid, libc::SIGKILL);
+    crate::guardian::release(pgid);
+}
+
+/// The longest line of task output passed on as one: longer ones arrive in pieces,
+/// so memory stays bounded whatever a command prints.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Copies a command's output into the log as it comes, and hands it on line by line
+/// (a line longer than [`MAX_LINE`] in pieces).
+fn forward_lines(stream: impl std::io::Read, log: &Log, emit: &mut dyn FnMut(String)) {
+    let mut reader = BufReader::with_capacity(MAX_LINE, stream);
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        let (used, ended) = match reader.fill_buf() {
+            Ok([]) | Err(_) => break,
+            Ok(buf) => {
+                let room = MAX_LINE - line.len();
+                let take = &buf[..buf.len().min(room)];
+                match take.iter().position(|&b| b == b'\n') {
+                    Some(pos) => {
+                        line.extend_from_slice(&take[..=pos]);
+                        (pos + 1, true)
+                    }
+                    None => {
+                        line.extend_from_slice(take);
+                        (take.len(), line.len() >= MAX_LINE)
+                    }
+                }
+            }
+        };
+        let _ = log
+            .lock()
+            .expect("log")
+            .write_all(&line[line.len() - used..]);
+        reader.consume(used);
+        if ended {
+            emit(text_of(&line));
+            line.clear();
+        }
+    }
+    if !line.is_empty() {
+        emit(text_of(&line));
+    }
+}
+
+fn text_of(line: &[u8]) -> String {
+    String::from_utf8_lossy(line)
+        .trim_end_matches(['\n', '\r'])
+        .to_string()
+}
+
+/// The credential variables of this process, which commands never inherit.
+fn credential_vars() -> &'static [std::ffi::OsString] {
+    static VARS: OnceLock<Vec<std::ffi::OsString>> = OnceLock::new();
+    VARS.get_or_init(crate::secrets::credential_vars)
 }

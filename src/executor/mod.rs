@@ -69,6 +69,10 @@ pub struct Options<'a> {
 /// Downloads and uploads at once.
 const TRANSFERS: usize = 4;
 
+/// The most tasks (`-j`, `jolt.jobs`) or remote executions (`amqp.jobs`) at once: each
+/// takes a thread.
+pub const MAX_JOBS: usize = 1024;
+
 /// What became of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -287,7 +291,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
     let result: Result<()> = std::thread::scope(|scope| {
         let (job_tx, job_rx) = unbounded::<(usize, Plan)>();
         let (ev_tx, ev_rx) = unbounded::<Event>();
-        for _ in 0..limits[0] + limits[1] {
+        for threads_started in 0..limits[0] + limits[1] {
             let worker = Worker {
                 graph,
                 cache: services.cache,
@@ -300,12 +304,35 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
                 is_goal: &is_goal,
             };
             let jobs: Receiver<(usize, Plan)> = job_rx.clone();
-            scope.spawn(move || {
+            let spawned = std::thread::Builder::new().spawn_scoped(scope, move || {
                 while let Ok((i, plan)) = jobs.recv() {
-                    let result = worker.run(i, plan);
+                    // A panic is a bug, but it must fail this task, not hang the
+                    // scheduler waiting for a Done that never comes.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        worker.run(i, plan)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown cause".into());
+                        Err(Failure::new(format!(
+                            "internal error while running {}: {what}",
+                            graph.nodes[i].label()
+                        )))
+                    });
                     worker.send(Event::Done(i, result));
                 }
             });
+            if let Err(e) = spawned {
+                // Threads that did start serve the build; none is an error.
+                if threads_started == 0 {
+                    return Err(anyhow::anyhow!("Cannot start a thread: {e}"));
+                }
+                log::debug!("thread pool limited to {threads_started} threads: {e}");
+                break;
+            }
         }
         drop(ev_tx);
         let mut running = [0usize; 2];
@@ -422,29 +449,88 @@ fn http_warning(http: &HttpCache, what: &str, err: &anyhow::Error) -> Option<Str
 }
 
 impl Scheduler<'_> {
-    /// Decides what node `i` needs, planning its requirements first.
+    /// Plans node `i` and, first, everything it needs. Depth-first without recursion
+    /// (a requirement chain may be thousands of tasks deep): each frame is a node
+    /// with the needs it still has to plan.
     fn plan(&mut self, i: usize) -> Result<()> {
         if self.plan[i] != Plan::Unplanned {
             return Ok(());
         }
+        match self.decide(i)? {
+            Some(needs) => self.plan_needs(i, needs),
+            None => Ok(()),
+        }
+    }
+
+    /// Plans `needs` (planning their own needs first), then makes node `i` wait for
+    /// those that are not available, or ready when none is left.
+    fn plan_needs(&mut self, i: usize, needs: Vec<usize>) -> Result<()> {
+        let mut frames: Vec<(usize, Vec<usize>, usize)> = vec![(i, needs, 0)];
+        while let Some((node, needs, next)) = frames.last_mut() {
+            let Some(&d) = needs.get(*next) else {
+                let node = *node;
+                frames.pop();
+                if self.pending[node] == 0 && self.status[node] == Status::Pending {
+                    self.make_ready(node);
+                }
+                continue;
+            };
+            if self.plan[d] == Plan::Unplanned {
+                if let Some(own) = self.decide(d)? {
+                    frames.push((d, own, 0));
+                    continue;
+                }
+            }
+            *next += 1;
+            let node = *node;
+            self.wait_for(node, d);
+        }
+        Ok(())
+    }
+
+    /// Makes node `i` wait for its planned need `d`, unless `d` is available; a need
+    /// that failed blocks `i`.
+    fn wait_for(&mut self, i: usize, d: usize) {
+        if self.available[d] {
+            return;
+        }
+        if self.status[d] == Status::Pending {
+            // Each pair is linked once: a node's needs are planned once, and hold no
+            // duplicates (see `needs`; a deep chain makes these lists long: no search).
+            self.pending[i] += 1;
+            self.dependents[d].push(i);
+        } else if self.status[i] == Status::Pending {
+            self.status[i] = Status::Blocked;
+            self.propagate(i, Some((d, false)));
+        }
+    }
+
+    /// What an execution of node `i` needs: the artifacts it sees, and its resources.
+    /// No node appears twice: both lists are free of repetitions, and resources are
+    /// never among the artifacts a node sees.
+    fn needs(&self, i: usize) -> Vec<usize> {
+        let graph = self.graph;
+        graph
+            .visible(i)
+            .iter()
+            .chain(&graph.nodes[i].resources)
+            .copied()
+            .collect()
+    }
+
+    /// Decides what node `i` needs: `Some(needs)` when it waits for them (an
+    /// execution, a group), `None` when it is settled or ready already.
+    fn decide(&mut self, i: usize) -> Result<Option<Vec<usize>>> {
         let graph = self.graph;
         let node = &graph.nodes[i];
         self.status[i] = Status::Pending;
-        let needs = || -> Vec<usize> {
-            graph
-                .visible(i)
-                .iter()
-                .chain(&node.resources)
-                .copied()
-                .collect()
-        };
         if node.is_alias() {
             self.plan[i] = Plan::Group;
-            return self.plan_needs(i, graph.expand_alias(i));
+            return Ok(Some(graph.expand_alias(i)));
         }
         if node.is_resource() {
             self.plan[i] = Plan::Group;
-            return self.plan_needs(i, needs());
+            return Ok(Some(self.needs(i)));
         }
         let cache = self.services.cache;
         cache.mark_used([(node.name(), node.identity.as_str())])?;
@@ -468,7 +554,7 @@ impl Scheduler<'_> {
                     Plan::Download
                 } else {
                     self.not_built(i);
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             Mode::Worker => {
@@ -478,7 +564,7 @@ impl Scheduler<'_> {
                         self.plan[i] = Plan::Available;
                         self.status[i] = Status::Remote;
                         self.available[i] = true;
-                        return Ok(());
+                        return Ok(None);
                     }
                     (true, true, false) => Plan::Upload,
                     (true, false, false) => Plan::Execute,
@@ -489,7 +575,7 @@ impl Scheduler<'_> {
                     (false, false, false) if !cacheable => Plan::Execute,
                     (false, false, false) => {
                         self.not_built(i);
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
@@ -504,12 +590,12 @@ impl Scheduler<'_> {
                         self.plan[i] = Plan::Available;
                         self.status[i] = Status::Remote;
                         self.available[i] = true;
-                        return Ok(());
+                        return Ok(None);
                     }
                 } else if local && self.services.http.is_some_and(|h| h.upload) {
                     Plan::Upload
                 } else if node.task.def.fast
-                    && needs().iter().all(|&d| {
+                    && self.needs(i).iter().all(|&d| {
                         let n = &graph.nodes[d];
                         n.is_resource() || cache.is_present(n.name(), &n.identity)
                     })
@@ -525,40 +611,18 @@ impl Scheduler<'_> {
             Plan::Available => {
                 self.status[i] = Status::Cached;
                 self.available[i] = true;
-                Ok(())
+                Ok(None)
             }
             Plan::Execute | Plan::Remote => {
                 self.total += 1;
-                self.plan_needs(i, needs())
+                Ok(Some(self.needs(i)))
             }
             _ => {
                 self.total += 1;
                 self.make_ready(i);
-                Ok(())
+                Ok(None)
             }
         }
-    }
-
-    fn plan_needs(&mut self, i: usize, needs: Vec<usize>) -> Result<()> {
-        for d in needs {
-            self.plan(d)?;
-            if self.available[d] {
-                continue;
-            }
-            if self.status[d] == Status::Pending {
-                if !self.dependents[d].contains(&i) {
-                    self.pending[i] += 1;
-                    self.dependents[d].push(i);
-                }
-            } else if self.status[i] == Status::Pending {
-                self.status[i] = Status::Blocked;
-                self.propagate(i, Some((d, false)));
-            }
-        }
-        if self.pending[i] == 0 && self.status[i] == Status::Pending {
-            self.make_ready(i);
-        }
-        Ok(())
     }
 
     /// A task that must come from a cache but no cache holds.
@@ -612,18 +676,37 @@ impl Scheduler<'_> {
         }
     }
 
-    /// Releases the dependents of a finished node; `failed` names a failed requirement.
+    /// Releases the dependents of a finished node; `failed` names a failed requirement
+    /// and whether it was unstable. Depth-first in dependents' order, without
+    /// recursion: a frame is a node, how it ended, and its dependents left to visit.
     fn propagate(&mut self, i: usize, failed: Option<(usize, bool)>) {
-        for c in std::mem::take(&mut self.dependents[i]) {
+        let first = std::mem::take(&mut self.dependents[i]);
+        let mut frames = vec![(failed, first, 0usize)];
+        while let Some((failed, dependents, next)) = frames.last_mut() {
+            let Some(&c) = dependents.get(*next) else {
+                frames.pop();
+                continue;
+            };
+            *next += 1;
+            let failed = *failed;
             if self.status[c] != Status::Pending {
                 continue;
             }
-            match failed {
+            let ended = match failed {
                 None => {
                     self.pending[c] -= 1;
-                    if self.pending[c] == 0 {
-                        self.make_ready(c);
+                    if self.pending[c] > 0 {
+                        continue;
                     }
+                    if self.plan[c] != Plan::Group {
+                        let lane = self.plan[c].lane();
+                        self.ready[lane].push((self.graph.nodes[c].weight, std::cmp::Reverse(c)));
+                        continue;
+                    }
+                    // A group whose members are all done is done itself.
+                    self.status[c] = Status::Unneeded;
+                    self.available[c] = true;
+                    None
                 }
                 Some((f, unstable)) => {
                     if unstable && matches!(self.plan[c], Plan::Execute | Plan::Remote) {
@@ -642,13 +725,15 @@ impl Scheduler<'_> {
                             Status::Failed
                         };
                         self.status[c] = s;
-                        self.propagate(c, Some((c, s == Status::Unstable)));
+                        Some((c, s == Status::Unstable))
                     } else {
                         self.status[c] = Status::Blocked;
-                        self.propagate(c, Some((f, false)));
+                        Some((f, false))
                     }
                 }
-            }
+            };
+            let next_dependents = std::mem::take(&mut self.dependents[c]);
+            frames.push((ended, next_dependents, 0));
         }
     }
 
@@ -708,14 +793,28 @@ impl Scheduler<'_> {
                     // Build it instead, with what it needs.
                     self.done -= 1;
                     self.plan[i] = Plan::Execute;
-                    let needs = self
-                        .graph
-                        .visible(i)
-                        .iter()
-                        .chain(&node.resources)
-                        .copied()
-                        .collect();
-                    self.plan_needs(i, needs)?;
+                    self.plan_needs(i, self.needs(i))?;
+                }
+                Mode::Network(_)
+                    if self
+                        .services
+                        .http
+                        .is_some_and(|h| h.is_rejected(node.name(), &node.identity)) =>
+                {
+                    // The cache's archive is unusable: a worker builds it again and
+                    // uploads it over the bad one (the request says so).
+                    let url = self
+                        .services
+                        .http
+                        .map(|h| h.url(node.name(), &node.identity))
+                        .unwrap_or_default();
+                    console::warn(&format!(
+                        "The HTTP cache holds an unusable artifact of {} ({url}): having it built again",
+                        node.label()
+                    ));
+                    self.done -= 1;
+                    self.plan[i] = Plan::Remote;
+                    self.plan_needs(i, self.needs(i))?;
                 }
                 Mode::Network(_) => {
                     let url = self

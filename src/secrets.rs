@@ -1,0 +1,160 @@
+//! Secrets: the passwords jolt is given never reach its output or its tasks.
+//!
+//! - Configured passwords (`http.password`, `amqp.password`, the password in a URL's
+//!   userinfo) are registered here; [`redact`] replaces them in every line jolt
+//!   writes, its log records (amiquip's handshake debug output included) among them.
+//! - URLs are shown without their userinfo ([`strip_userinfo`]).
+//! - Commands never inherit the credential variables of the jolt process
+//!   ([`is_credential_var`], [`credential_vars`]).
+
+use std::borrow::Cow;
+use std::sync::RwLock;
+
+/// What a secret is replaced with.
+pub const MASK: &str = "********";
+
+/// Secrets shorter than this are not redacted: replacing every `a` would garble
+/// output without hiding anything.
+const MIN_SECRET_LEN: usize = 3;
+
+static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+/// Remembers a secret so that [`redact`] hides it, in its plain form and in the
+/// escaped form `{:?}` gives it (which is how protocol frames are logged).
+pub fn register(secret: &str) {
+    if secret.len() < MIN_SECRET_LEN {
+        return;
+    }
+    let escaped = format!("{secret:?}");
+    let escaped = escaped[1..escaped.len() - 1].to_string();
+    let mut secrets = SECRETS.write().unwrap_or_else(|e| e.into_inner());
+    for s in [secret.to_string(), escaped] {
+        if !secrets.contains(&s) {
+            secrets.push(s);
+        }
+    }
+    // Longest first, so a secret containing another is replaced whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+}
+
+/// `text` with every registered secret replaced by [`MASK`].
+pub fn redact(text: &str) -> Cow<'_, str> {
+    let secrets = SECRETS.read().unwrap_or_else(|e| e.into_inner());
+    if !secrets.iter().any(|s| text.contains(s.as_str())) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = text.to_string();
+    for s in secrets.iter() {
+        out = out.replace(s.as_str(), MASK);
+    }
+    Cow::Owned(out)
+}
+
+/// Splits the userinfo off a URL: `http://user:pw@host/x` gives `http://host/x` and
+/// `Some(("user", Some("pw")))` (percent-decoded). URLs without userinfo come back
+/// unchanged.
+pub fn strip_userinfo(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None);
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return (url.to_string(), None);
+    };
+    let (user, password) = match userinfo.split_once(':') {
+        Some((u, p)) => (percent_decode(u), Some(percent_decode(p))),
+        None => (percent_decode(userinfo), None),
+    };
+    (format!("{scheme}://{host}{path}"), Some((user, password)))
+}
+
+/// A URL as it may be shown: userinfo replaced by the mask.
+pub fn masked_url(url: &str) -> String {
+    match strip_userinfo(url) {
+        (clean, Some(_)) => match clean.split_once("://") {
+            Some((scheme, rest)) => format!("{scheme}://{MASK}@{rest}"),
+            None => clean,
+        },
+        (clean, None) => clean,
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if let Some(b) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether an environment variable of the jolt process carries a credential:
+/// `JOLT_<SECTION>_PASSWORD` and `JOLT_<SECTION>_USERNAME`.
+pub fn is_credential_var(name: &str) -> bool {
+    name.starts_with("JOLT_") && (name.ends_with("PASSWORD") || name.ends_with("_USERNAME"))
+}
+
+/// The variables of this process that commands must not inherit: credentials, and
+/// any `JOLT_` variable holding a URL with userinfo.
+pub fn credential_vars() -> Vec<std::ffi::OsString> {
+    std::env::vars_os()
+        .filter(|(name, value)| {
+            let name = name.to_string_lossy();
+            is_credential_var(&name)
+                || (name.starts_with("JOLT_")
+                    && strip_userinfo(&value.to_string_lossy()).1.is_some())
+        })
+        .map(|(name, _)| name)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_is_split_off_urls() {
+        assert_eq!(
+            strip_userinfo("http://ci:s%40cret@cache:8080/jolt"),
+            (
+                "http://cache:8080/jolt".to_string(),
+                Some(("ci".to_string(), Some("s@cret".to_string())))
+            )
+        );
+        assert_eq!(strip_userinfo("http://cache/a@b").1, None);
+        assert_eq!(masked_url("https://u:p@h/x"), format!("https://{MASK}@h/x"));
+        assert_eq!(masked_url("https://h/x"), "https://h/x");
+    }
+
+    #[test]
+    fn registered_secrets_are_redacted_also_when_escaped() {
+        register("pa\"ss-w0rd");
+        assert_eq!(
+            redact("PLAIN \\0guest\\0pa\\\"ss-w0rd"),
+            format!("PLAIN \\0guest\\0{MASK}")
+        );
+        assert_eq!(redact("login pa\"ss-w0rd!"), format!("login {MASK}!"));
+        assert!(matches!(redact("nothing here"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn credential_variables_are_recognised() {
+        assert!(is_credential_var("JOLT_HTTP_PASSWORD"));
+        assert!(is_credential_var("JOLT_AMQP_USERNAME"));
+        assert!(!is_credential_var("JOLT_HTTP_URI"));
+        assert!(!is_credential_var("PASSWORD"));
+    }
+}
