@@ -463,3 +463,242 @@ fn a_request_queue_declared_otherwise_fails_the_build_instead_of_hanging() {
     let run = finish(client);
     run.code(1).contains("Cannot send a request to RabbitMQ");
 }
+
+// No request waits forever, no request kills the fleet, no secret leaks (issue 9).
+
+/// Waits for a spawned jolt at most `limit`; a build still running then is a hang.
+fn finish_within(mut child: std::process::Child, limit: Duration, what: &str) -> util::Run {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let run = finish(child);
+            panic!("{what} hung:\n{}", run.all());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    finish(child)
+}
+
+/// A layered graph: `layers` layers of `width` trivial tasks, each requiring two
+/// tasks of the layer below.
+fn layered(layers: usize, width: usize) -> String {
+    let mut recipe = String::new();
+    for l in 0..layers {
+        for w in 0..width {
+            recipe.push_str(&format!("[task.t{l}_{w}]\nrun = \"echo {l}.{w} > {{artifact}}/f\"\n"));
+            if l > 0 {
+                recipe.push_str(&format!(
+                    "requires = [\"t{}_{w}\", \"t{}_{}\"]\n",
+                    l - 1,
+                    l - 1,
+                    (w + 1) % width
+                ));
+            }
+        }
+    }
+    recipe.push_str("[task.all]\nkind = \"alias\"\nrequires = [");
+    for w in 0..width {
+        recipe.push_str(&format!("\"t{}_{w}\", ", layers - 1));
+    }
+    recipe.push_str("]\n");
+    recipe
+}
+
+#[test]
+fn four_clients_building_one_graph_at_once_all_finish() {
+    let Some(c) = cluster() else { return };
+    let _workers: Vec<WorkerProcess> = (0..6).map(|_| c.worker()).collect();
+    let recipe = layered(6, 10);
+    let clients: Vec<Workspace> = (0..4).map(|_| Workspace::with(&recipe)).collect();
+    for round in 0..3 {
+        let salt = format!("round{round}");
+        let builds: Vec<std::process::Child> = clients
+            .iter()
+            .map(|ws| c.spawn_build_with(ws, &["amqp.jobs=8"], &["-s", &salt, "all"]))
+            .collect();
+        for build in builds {
+            // Regression: a request dropped as a duplicate while its holder was between
+            // its reply and releasing the lock was never answered.
+            finish_within(build, Duration::from_secs(180), &format!("round {round}")).success();
+        }
+    }
+}
+
+#[test]
+fn a_duplicate_request_is_answered_even_when_its_holder_never_replies() {
+    let Some(c) = cluster() else { return };
+    let recipe = "[task.x]\nrun = \"echo x > {artifact}/x\"\n";
+    let ws = Workspace::with(recipe);
+    let identity = ws.jolt(&["inspect", "x"]).lines_with("Identity")[0]
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
+    // Another worker holds the lock of x and is about to release it, its reply
+    // already sent: before this client bound its reply queue.
+    let mut holder =
+        amiquip::Connection::insecure_open("amqp://guest:guest@127.0.0.1:5672/%2F").unwrap();
+    let channel = holder.open_channel(None).unwrap();
+    channel
+        .queue_declare(
+            format!("jolt_lock_{identity}"),
+            amiquip::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let w = c.worker();
+    let client = c.spawn_build(&ws, &["x"]);
+    wait_until("the duplicate", Duration::from_secs(30), || {
+        w.output().contains("dropping this duplicate")
+    });
+    // The holder's artifact reaches the cache, and its lock goes.
+    let uploader = ws.sibling();
+    let uri = format!("http.uri={}/cache", c.server.url);
+    uploader.jolt(&["-c", &uri, "build", "x"]).success();
+    let _ = channel.close();
+    let _ = holder.close();
+    // Regression: the dropped request was never answered, and the client, never
+    // having heard "accepted", never sent it again.
+    finish_within(client, Duration::from_secs(60), "the client").success();
+}
+
+#[test]
+fn a_request_that_kills_its_workers_is_refused_after_two_deliveries() {
+    let Some(c) = cluster() else { return };
+    let marker = c.dir.path().join("runs");
+    let ws = Workspace::with(&format!(
+        "[task.deadly]\nrun = [\"echo run >> {}\", \"sleep 300\"]\n",
+        marker.display()
+    ));
+    let client = c.spawn_build(&ws, &["deadly"]);
+    let runs = || std::fs::read_to_string(&marker).unwrap_or_default().lines().count();
+    for delivery in 1..=2 {
+        let worker = c.worker();
+        wait_until("the task to start", Duration::from_secs(60), || runs() == delivery);
+        worker.signal(libc::SIGKILL);
+    }
+    let third = c.worker();
+    let run = finish_within(client, Duration::from_secs(60), "the client");
+    run.code(1).contains("delivered 3 times");
+    assert_eq!(runs(), 2, "{}", third.output());
+    assert!(third.output().contains("Refusing deadly"), "{}", third.output());
+    wait_until("the queue to drain", Duration::from_secs(10), || {
+        c.broker.queued() == Some(0)
+    });
+}
+
+#[test]
+fn a_forged_reply_with_an_absurd_duration_fails_the_task_instead_of_hanging() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let identity = ws.jolt(&["inspect", "a"]).lines_with("Identity")[0]
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
+    // No worker: the request waits in its queue, and the client for a reply.
+    let client = c.spawn_build(&ws, &["a"]);
+    wait_until("the request", Duration::from_secs(30), || {
+        c.broker.queued() == Some(1)
+    });
+    let forged = format!(
+        "{{\"version\": 1, \"identity\": \"{identity}\", \"kind\": \"success\", \"worker\": \"forger\", \"duration\": 1e300}}"
+    );
+    c.broker.with_channel(|ch| {
+        ch.basic_publish(
+            "jolt_results",
+            amiquip::Publish::new(forged.as_bytes(), identity.as_str()),
+        )
+        .unwrap();
+    });
+    // Regression: the job thread panicked and the build hung for good.
+    finish_within(client, Duration::from_secs(30), "the client")
+        .code(1)
+        .lacks("panicked")
+        .contains("could not be downloaded");
+}
+
+#[test]
+fn a_worker_whose_credentials_are_refused_exits_3() {
+    let Some(c) = cluster() else { return };
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jolt"))
+        .arg("-c")
+        .arg(c.config())
+        .args(["-c", "amqp.password=wrong-pw", "amqp-worker"])
+        .env("JOLT_JOLT_CACHEDIR", c.dir.path().join("wcache"))
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3), "{all}");
+    assert!(all.contains("refused user 'guest'"), "{all}");
+    assert!(!all.contains("wrong-pw"), "{all}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn tasks_on_a_worker_never_see_its_credentials() {
+    let Some(c) = cluster() else { return };
+    let _w = WorkerProcess::start_with_env(
+        &c.config(),
+        &[],
+        &[
+            ("JOLT_HTTP_PASSWORD", "http-s3cret"),
+            ("JOLT_AMQP_PASSWORD", "guest"),
+        ],
+    );
+    let ws = Workspace::with("[task.envdump]\nrun = \"env > {artifact}/env; env\"\n");
+    let run = c.build(&ws, &["envdump"]);
+    run.success();
+    let env = std::fs::read_to_string(run.locations()[0].join("env")).unwrap();
+    assert!(!env.contains("http-s3cret"), "{env}");
+    assert!(!env.contains("JOLT_AMQP_PASSWORD"), "{env}");
+    let log = std::fs::read_to_string(run.locations()[0].join(".build.log")).unwrap();
+    assert!(!log.contains("http-s3cret"), "{log}");
+}
+
+#[test]
+fn debug_output_never_shows_the_broker_password() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let config = c.config().display().to_string();
+    let run = ws.jolt(&["-vv", "-c", &config, "build", "--network", "a"]);
+    run.success();
+    // Regression: amiquip's handshake showed `response: "\0guest\0guest"`.
+    assert!(!run.all().contains("\\0guest"), "{}", run.all());
+}
+
+#[test]
+fn an_archive_clients_reject_is_built_again_by_a_worker() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    let ws = Workspace::with("[task.a]\nrun = \"echo a > {artifact}/a\"\n");
+    let first = c.build(&ws, &["a"]);
+    first.success();
+    let id = first.locations()[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    std::fs::write(
+        c.server.file(&format!("cache/a/{id}.tar")),
+        b"not an archive".repeat(100),
+    )
+    .unwrap();
+    let other = ws.sibling();
+    let run = c.build(&other, &["a"]);
+    run.success().contains("having it built again");
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("a")).unwrap(),
+        "a\n"
+    );
+    assert_eq!(w.output().matches("Request for a ").count(), 2, "{}", w.output());
+}

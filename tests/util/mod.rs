@@ -448,6 +448,15 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts a worker with `config` (a file) and extra `-c` overrides.
     pub fn start(config: &Path, overrides: &[String]) -> WorkerProcess {
+        Self::start_with_env(config, overrides, &[])
+    }
+
+    /// [`WorkerProcess::start`] with extra environment variables.
+    pub fn start_with_env(
+        config: &Path,
+        overrides: &[String],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let cache = tempfile::tempdir().unwrap();
         let log = cache.path().join("worker.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_jolt"));
@@ -462,6 +471,7 @@ impl WorkerProcess {
             }
         }
         let out = std::fs::File::create(&log).unwrap();
+        cmd.envs(env.iter().copied());
         let child = cmd
             .env("JOLT_JOLT_CACHEDIR", cache.path().join("cache"))
             .env("XDG_CONFIG_HOME", cache.path().join("config"))
