@@ -63,13 +63,7 @@ fn encode(s: &str) -> String {
 
 impl Settings {
     pub fn from_config(config: &Config) -> Result<Settings> {
-        let int = |key: &str, default: i64, max: i64| -> Result<i64> {
-            let v = config.get_int(key)?.unwrap_or(default);
-            if v < 0 || v > max {
-                return Err(usage(format!("{key} must be between 0 and {max}")));
-            }
-            Ok(v)
-        };
+        let int = |key: &str, default: i64, max: i64| config.get_int_in(key, default, 0, max);
         let routing_key = config
             .get("amqp.routing_key")
             .or_else(|| std::env::var("RABBITMQ_ROUTING_KEY").ok())
@@ -80,8 +74,6 @@ impl Settings {
         let password = config
             .get("amqp.password")
             .unwrap_or_else(|| "guest".into());
-        // The default too: amiquip logs its handshake at debug level.
-        crate::secrets::register(&password);
         Ok(Settings {
             host: config
                 .get("amqp.host")

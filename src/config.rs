@@ -296,6 +296,17 @@ impl Config {
         }
     }
 
+    /// An integer setting that must lie in `min..=max`, else a usage error naming it.
+    pub fn get_int_in(&self, key: &str, default: i64, min: i64, max: i64) -> Result<i64> {
+        let v = self.get_int(key)?.unwrap_or(default);
+        if !(min..=max).contains(&v) {
+            return Err(usage(format!(
+                "Illegal value {v} for configuration key {key}: expected {min} to {max}"
+            )));
+        }
+        Ok(v)
+    }
+
     /// A size setting such as `10G`.
     pub fn get_size(&self, key: &str) -> Result<Option<u64>> {
         match self.get(key) {

@@ -169,6 +169,16 @@ pub fn parse_timestamp(s: &str) -> Option<u64> {
     let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
     let mut t = time.splitn(3, ':').map(|p| p.parse::<u64>());
     let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    // Manifests come from other machines: out-of-range fields are no timestamp.
+    let valid = (1970..=9999).contains(&y)
+        && (1..=12).contains(&m)
+        && (1..=31).contains(&day)
+        && hh < 24
+        && mm < 60
+        && ss < 61;
+    if !valid {
+        return None;
+    }
     let days = days_from_civil(y, m, day);
     Some(days as u64 * 86400 + hh * 3600 + mm * 60 + ss)
 }
@@ -277,6 +287,14 @@ mod tests {
         }
         assert_eq!(format_timestamp(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_timestamp(951782400), "2000-02-29T00:00:00Z");
+        for bad in [
+            "9223372036854775807-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "2020-13-01T00:00:00Z",
+            "2020-01-01T99:00:00Z",
+        ] {
+            assert_eq!(parse_timestamp(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -856,7 +856,11 @@ impl Graph {
                 .map(|&c| self.nodes[c].weight)
                 .max()
                 .unwrap_or(0);
-            self.nodes[i].weight = self.nodes[i].task.def.weight + heaviest.max(0);
+            self.nodes[i].weight = self.nodes[i]
+                .task
+                .def
+                .weight
+                .saturating_add(heaviest.max(0));
         }
     }
 

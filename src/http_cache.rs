@@ -173,12 +173,9 @@ impl HttpCache {
                 base64(format!("{user}:{}", password.unwrap_or_default()).as_bytes())
             )
         });
-        let secs = |key: &str, default: u64| -> Result<Duration> {
+        let secs = |key: &str, default: i64| -> Result<Duration> {
             Ok(Duration::from_secs(
-                config
-                    .get_int(key)?
-                    .map(|v| v.max(1) as u64)
-                    .unwrap_or(default),
+                config.get_int_in(key, default, 1, 86400)? as u64,
             ))
         };
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -200,10 +197,7 @@ impl HttpCache {
             upload: config.get_bool("jolt.upload", true)?
                 && config.get_bool("http.upload", true)?
                 && !no_upload,
-            retries: config
-                .get_int("http.retries")?
-                .map(|r| r.max(0) as u32)
-                .unwrap_or(3),
+            retries: config.get_int_in("http.retries", 3, 0, 100)? as u32,
             down: AtomicBool::new(false),
             rejected: Default::default(),
         }))

@@ -55,7 +55,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
         .format(|out, record| {
             use std::io::Write;
             let text = format!("[{} {}] {}", record.level(), record.target(), record.args());
-            writeln!(out, "{}", secrets::redact(&text))
+            writeln!(out, "{}", secrets::redact_record(&text))
         })
         .try_init();
     match commands::dispatch(cli) {

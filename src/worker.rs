@@ -2,23 +2,34 @@
 //! builds them.
 //!
 //! For each request: refuse it (with an `error` reply, acked) when it is malformed or
-//! of another version; take the per-identity lock (an exclusive queue
-//! `jolt_lock_<identity>`, which the broker drops with the connection, so a dead
-//! worker never holds it) or, when another worker holds it, drop the duplicate (that
-//! worker's replies reach every client waiting for the identity); reply `accepted`,
-//! and `running` every `amqp.progress` seconds; rebuild the workspace from the
-//! request's recipes and source snapshot in a fresh directory; recompute the identity
-//! (requirements pinned to the request's identities) and refuse a mismatch; let the
-//! executor serve the goal (from the HTTP cache when it is there, else execute and
-//! upload; requirements come from the caches); reply; and only then ack.
+//! of another version; queue a redelivered request again with its delivery count, or
+//! refuse it once it has been delivered [`MAX_DELIVERIES`] times (a request that
+//! crashes workers must not take the fleet down one after another); take the
+//! per-identity lock (an exclusive queue `jolt_lock_<identity>`, which the broker
+//! drops with the connection, so a dead worker never holds it) or, when another
+//! worker holds it, answer the duplicate (`success` when the HTTP cache has the
+//! artifact, else `accepted`); reply `accepted`, and `running` every
+//! `amqp.progress` seconds; rebuild the workspace from the request's recipes and
+//! source snapshot in a fresh directory; recompute the identity (requirements pinned
+//! to the request's identities) and refuse a mismatch; let the executor serve the
+//! goal (from the HTTP cache when it is there, else execute and upload;
+//! requirements come from the caches); release the lock; reply; and only then ack.
+//!
+//! Why no client waits forever: a client binds its reply queue to the identity
+//! before it publishes its request, and a worker releases the lock only after the
+//! artifact is uploaded and before its final reply. So a worker that finds the lock
+//! held knows that the holder's final reply is still to come, after the client's
+//! binding; one that finds it free finds the artifact in the HTTP cache (or builds
+//! it). The `accepted` reply to a duplicate makes its client watch for progress and
+//! send the request again should the holder die without answering.
 //!
 //! The request stays unacked while the task runs, so a worker that dies has it
 //! redelivered. A task longer than RabbitMQ's `consumer_timeout` survives too: the
 //! broker closes the consumer's channel and requeues the request; the worker goes on
 //! (the lock and the progress replies live on other channels), replies when done, and
-//! reconnects; the requeued copy finds the lock held (a duplicate, dropped) or the
-//! artifact in the HTTP cache (an immediate success). Clients that hear nothing for
-//! four progress intervals send their request again, which covers a worker that died
+//! reconnects; the requeued copy finds the lock held (a duplicate) or the artifact
+//! in the HTTP cache (an immediate success). Clients that hear nothing for four
+//! progress intervals send their request again, which covers a worker that died
 //! after its delivery was requeued.
 
 use amiquip::{

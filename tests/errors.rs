@@ -222,6 +222,21 @@ fn numbers_out_of_range_are_usage_errors() {
     ws.jolt(&["-c", "jolt.jobs=-3", "build", "t"])
         .code(2)
         .contains("jolt.jobs = -3");
+    ws.jolt(&[
+        "-c",
+        "http.uri=http://127.0.0.1:9",
+        "-c",
+        "http.timeout=99999999999999",
+        "build",
+        "t",
+    ])
+    .code(2)
+    .contains("http.timeout");
+    let max = i64::MAX;
+    let ws = Workspace::with(&format!(
+        "[task.a]\nweight = {max}\n[task.b]\nrequires = [\"a\"]\nweight = {max}\n"
+    ));
+    ws.jolt(&["build", "b"]).success();
 }
 
 fn mkfifo(path: &std::path::Path) {

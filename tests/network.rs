@@ -486,7 +486,9 @@ fn layered(layers: usize, width: usize) -> String {
     let mut recipe = String::new();
     for l in 0..layers {
         for w in 0..width {
-            recipe.push_str(&format!("[task.t{l}_{w}]\nrun = \"echo {l}.{w} > {{artifact}}/f\"\n"));
+            recipe.push_str(&format!(
+                "[task.t{l}_{w}]\nrun = \"echo {l}.{w} > {{artifact}}/f\"\n"
+            ));
             if l > 0 {
                 recipe.push_str(&format!(
                     "requires = [\"t{}_{w}\", \"t{}_{}\"]\n",
@@ -574,17 +576,28 @@ fn a_request_that_kills_its_workers_is_refused_after_two_deliveries() {
         marker.display()
     ));
     let client = c.spawn_build(&ws, &["deadly"]);
-    let runs = || std::fs::read_to_string(&marker).unwrap_or_default().lines().count();
+    let runs = || {
+        std::fs::read_to_string(&marker)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
     for delivery in 1..=2 {
         let worker = c.worker();
-        wait_until("the task to start", Duration::from_secs(60), || runs() == delivery);
+        wait_until("the task to start", Duration::from_secs(60), || {
+            runs() == delivery
+        });
         worker.signal(libc::SIGKILL);
     }
     let third = c.worker();
     let run = finish_within(client, Duration::from_secs(60), "the client");
     run.code(1).contains("delivered 3 times");
     assert_eq!(runs(), 2, "{}", third.output());
-    assert!(third.output().contains("Refusing deadly"), "{}", third.output());
+    assert!(
+        third.output().contains("Refusing deadly"),
+        "{}",
+        third.output()
+    );
     wait_until("the queue to drain", Duration::from_secs(10), || {
         c.broker.queued() == Some(0)
     });
@@ -700,5 +713,10 @@ fn an_archive_clients_reject_is_built_again_by_a_worker() {
         std::fs::read_to_string(run.locations()[0].join("a")).unwrap(),
         "a\n"
     );
-    assert_eq!(w.output().matches("Request for a ").count(), 2, "{}", w.output());
+    assert_eq!(
+        w.output().matches("Request for a ").count(),
+        2,
+        "{}",
+        w.output()
+    );
 }
