@@ -136,24 +136,8 @@ fn safe_path(path: &Path) -> Option<PathBuf> {
 /// Whether a symlink at `link` (relative to the artifact root) pointing at `target`
 /// stays inside the artifact.
 pub(crate) fn link_stays_inside(link: &Path, target: &Path) -> bool {
-    if target.is_absolute() {
-        return false;
-    }
-    let mut depth: i64 = link.components().count() as i64 - 1;
-    for c in target.components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::ParentDir => {
-                depth -= 1;
-                if depth < 0 {
-                    return false;
-                }
-            }
-            _ => return false,
-        }
-    }
-    true
+    let depth = link.components().count().saturating_sub(1);
+    crate::fsutil::stays_inside(depth, target)
 }
 
 /// Fails when a parent of `rel` inside `dest` exists as anything but a directory

@@ -65,26 +65,6 @@ fn environ_allowed(name: &str) -> bool {
     !(loader || shell || name.starts_with("JOLT_"))
 }
 
-/// Whether a relative path stays inside the directory it is joined to (`..` may
-/// climb, but never above it).
-fn stays_inside(path: &str) -> bool {
-    let mut depth = 0i64;
-    for c in Path::new(path).components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::ParentDir => {
-                depth -= 1;
-                if depth < 0 {
-                    return false;
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => return false,
-        }
-    }
-    true
-}
-
 impl Manifest {
     /// Checks what consumers will take from the manifest: `environ` names are
     /// variable names, neither jolt's own nor the loader's (`LD_PRELOAD`); the
@@ -106,7 +86,10 @@ impl Manifest {
                 anyhow::bail!("environ: {name} holds a NUL byte");
             }
             if name.contains("PATH") {
-                if let Some(bad) = value.split(':').find(|p| !p.is_empty() && !stays_inside(p)) {
+                if let Some(bad) = value
+                    .split(':')
+                    .find(|p| !p.is_empty() && !crate::fsutil::stays_inside(0, Path::new(p)))
+                {
                     anyhow::bail!(
                         "environ: {name} entry '{bad}' is not a path inside the artifact"
                     );
@@ -114,7 +97,7 @@ impl Manifest {
             }
         }
         for (key, value) in &self.paths {
-            if !stays_inside(value) {
+            if !crate::fsutil::stays_inside(0, Path::new(value)) {
                 anyhow::bail!("paths: {key} = '{value}' is not a path inside the artifact");
             }
         }

@@ -49,6 +49,27 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Whether a relative path, followed from `depth` directories below some root,
+/// stays under that root (`..` may climb, but never above it).
+pub fn stays_inside(depth: usize, path: &Path) -> bool {
+    use std::path::Component;
+    let mut depth = depth as i64;
+    for c in path.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
 /// `path` with `.` and `..` resolved lexically (symlinks are not followed).
 pub fn normalize(path: &Path) -> PathBuf {
     use std::path::Component;

@@ -192,6 +192,30 @@ impl Builder<'_> {
         })
     }
 
+    /// Expands what is known when the graph is built: parameters, `{env.VAR}` and,
+    /// `with_root`, `{root}`; any other placeholder is unknown.
+    fn expand_static(
+        &mut self,
+        task: &str,
+        params: &BTreeMap<String, String>,
+        template: &str,
+        with_root: bool,
+    ) -> Result<String> {
+        let root = self.recipes.root.clone();
+        placeholder::expand(task, template, &mut |name| {
+            if let Some(v) = params.get(name) {
+                return Ok(Some(v.clone()));
+            }
+            if with_root && name == "root" {
+                return Ok(Some(root.display().to_string()));
+            }
+            if let Some(var) = name.strip_prefix("env.") {
+                return self.env_placeholder(task, var).map(Some);
+            }
+            Ok(None)
+        })
+    }
+
     /// Resolves a reference to its task and canonical parameters.
     fn resolve(
         &self,
@@ -262,16 +286,7 @@ impl Builder<'_> {
             let top = frames.last_mut().expect("a frame");
             if let Some(req) = top.task.def.requires.get(top.next) {
                 top.next += 1;
-                let (task, params) = (top.task.clone(), &top.params);
-                let expanded = placeholder::expand(&task.name, req, &mut |name| {
-                    if let Some(v) = params.get(name) {
-                        return Ok(Some(v.clone()));
-                    }
-                    if let Some(var) = name.strip_prefix("env.") {
-                        return self.env_placeholder(&task.name, var).map(Some);
-                    }
-                    Ok(None)
-                })?;
+                let expanded = self.expand_static(&top.task.name, &top.params, req, false)?;
                 let (child, child_params) = self.resolve(&expanded, Some(&top.qualified))?;
                 let child_qualified = qualified(&child, &child_params);
                 if let Some(&i) = self.index.get(&child_qualified) {
@@ -386,21 +401,8 @@ impl Builder<'_> {
             return Ok(None);
         };
         let params = self.nodes[i].params.clone();
-        let root = self.recipes.root.display().to_string();
-        let expand = |b: &mut Self, template: &str| -> Result<String> {
-            placeholder::expand(&task.name, template, &mut |name| {
-                if let Some(v) = params.get(name) {
-                    return Ok(Some(v.clone()));
-                }
-                if name == "root" {
-                    return Ok(Some(root.clone()));
-                }
-                if let Some(var) = name.strip_prefix("env.") {
-                    return b.env_placeholder(&task.name, var).map(Some);
-                }
-                Ok(None)
-            })
-        };
+        let expand =
+            |b: &mut Self, template: &str| b.expand_static(&task.name, &params, template, true);
         Ok(Some(match source {
             Source::Git { url, rev, keep_git } => {
                 let url = expand(self, url)?;
@@ -468,16 +470,12 @@ impl Builder<'_> {
                 .map_err(|e| usage(format!("Task '{}': {e}", task.name)))?;
             for raw in names {
                 // Placeholders nested in a name take parameters and {env.VAR}.
-                let params = self.nodes[i].params.clone();
-                let name = placeholder::expand_name(&task.name, raw, &mut |inner| {
-                    if let Some(v) = params.get(inner) {
-                        return Ok(Some(v.clone()));
-                    }
-                    if let Some(var) = inner.strip_prefix("env.") {
-                        return self.env_placeholder(&task.name, var).map(Some);
-                    }
-                    Ok(None)
-                })?;
+                let name = if raw.contains('{') {
+                    let params = self.nodes[i].params.clone();
+                    self.expand_static(&task.name, &params, raw, false)?
+                } else {
+                    raw.to_string()
+                };
                 let name = name.as_str();
                 let known = self.nodes[i].params.contains_key(name)
                     || name == "root"
@@ -532,17 +530,8 @@ impl Builder<'_> {
         }
         lines.push(format!("Definition: {}", task.definition));
         let params = node.params.clone();
-        let expand = |b: &mut Self, template: &str| -> Result<String> {
-            placeholder::expand(&task.name, template, &mut |name| {
-                if let Some(v) = params.get(name) {
-                    return Ok(Some(v.clone()));
-                }
-                if let Some(var) = name.strip_prefix("env.") {
-                    return b.env_placeholder(&task.name, var).map(Some);
-                }
-                Ok(None)
-            })
-        };
+        let expand =
+            |b: &mut Self, template: &str| b.expand_static(&task.name, &params, template, false);
         let root = self.recipes.root.clone();
         let mut patterns = Vec::new();
         for rule in &task.influence {

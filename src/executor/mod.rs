@@ -788,52 +788,44 @@ impl Scheduler<'_> {
                 ));
                 self.succeed(i, Status::Cached, Some(info), infos);
             }
-            Ok(Done::DownloadFailed) => match self.mode {
-                Mode::Local => {
-                    // Build it instead, with what it needs.
-                    self.done -= 1;
-                    self.plan[i] = Plan::Execute;
-                    self.plan_needs(i, self.needs(i))?;
-                }
-                Mode::Network(_)
-                    if self
-                        .services
-                        .http
-                        .is_some_and(|h| h.is_rejected(node.name(), &node.identity)) =>
-                {
-                    // The cache's archive is unusable: a worker builds it again and
-                    // uploads it over the bad one (the request says so).
-                    let url = self
-                        .services
-                        .http
-                        .map(|h| h.url(node.name(), &node.identity))
-                        .unwrap_or_default();
-                    console::warn(&format!(
+            Ok(Done::DownloadFailed) => {
+                let http = self.services.http;
+                let url = http
+                    .map(|h| h.url(node.name(), &node.identity))
+                    .unwrap_or_default();
+                let rejected = http.is_some_and(|h| h.is_rejected(node.name(), &node.identity));
+                match self.mode {
+                    Mode::Local => {
+                        // Build it instead, with what it needs.
+                        self.done -= 1;
+                        self.plan[i] = Plan::Execute;
+                        self.plan_needs(i, self.needs(i))?;
+                    }
+                    Mode::Network(_) if rejected => {
+                        // The cache's archive is unusable: a worker builds it again and
+                        // uploads it over the bad one (the request says so).
+                        console::warn(&format!(
                         "The HTTP cache holds an unusable artifact of {} ({url}): having it built again",
                         node.label()
                     ));
-                    self.done -= 1;
-                    self.plan[i] = Plan::Remote;
-                    self.plan_needs(i, self.needs(i))?;
-                }
-                Mode::Network(_) => {
-                    let url = self
-                        .services
-                        .http
-                        .map(|h| h.url(node.name(), &node.identity))
-                        .unwrap_or_default();
-                    console::error(&format!(
+                        self.done -= 1;
+                        self.plan[i] = Plan::Remote;
+                        self.plan_needs(i, self.needs(i))?;
+                    }
+                    Mode::Network(_) => {
+                        console::error(&format!(
                         "The HTTP cache holds an unusable artifact of {} ({url}): remove it and build again",
                         node.label()
                     ));
-                    self.status[i] = Status::Failed;
-                    if !self.keep_going {
-                        self.stop = true;
+                        self.status[i] = Status::Failed;
+                        if !self.keep_going {
+                            self.stop = true;
+                        }
+                        self.propagate(i, Some((i, false)));
                     }
-                    self.propagate(i, Some((i, false)));
+                    Mode::DownloadOnly | Mode::Worker => self.not_built(i),
                 }
-                Mode::DownloadOnly | Mode::Worker => self.not_built(i),
-            },
+            }
             Err(failure) if failure.interrupted => {
                 self.status[i] = Status::Interrupted;
                 self.propagate(i, Some((i, false)));
