@@ -128,6 +128,13 @@ impl Settings {
         })?;
         stream.set_nodelay(true).map_err(|e| fail(&e))?;
         let stream = mio::net::TcpStream::from_stream(stream).map_err(|e| fail(&e))?;
+        let refused = |e: &amiquip::Error| {
+            crate::error::infra(format!(
+                "RabbitMQ at {} refused user '{}' ({e}): check amqp.username, amqp.password (JOLT_AMQP_PASSWORD) and amqp.vhost",
+                self.address(),
+                self.username
+            ))
+        };
         let options = ConnectionOptions::default()
             .auth(Auth::Plain {
                 username: self.username.clone(),
@@ -139,14 +146,12 @@ impl Settings {
         Connection::insecure_open_stream(stream, options, ConnectionTuning::default()).map_err(
             |e| match e {
                 // Retrying cannot help: say so (exit 3) instead of trying forever.
-                amiquip::Error::InvalidCredentials
-                | amiquip::Error::ServerClosedConnection { code: 530, .. } => {
-                    crate::error::infra(format!(
-                        "RabbitMQ at {} refused user '{}' ({e}): check amqp.username, amqp.password (JOLT_AMQP_PASSWORD) and amqp.vhost",
-                        self.address(),
-                        self.username
-                    ))
-                }
+                amiquip::Error::InvalidCredentials => refused(&e),
+                // 530 also says "vhost is down" or "connection limit": those pass.
+                amiquip::Error::ServerClosedConnection {
+                    code: 530,
+                    ref message,
+                } if message.contains("refused for user") => refused(&e),
                 e => fail(&e),
             },
         )

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use crate::artifact::Manifest;
+use crate::artifact::{Manifest, MANIFEST};
 use crate::fsutil::{self, unique_suffix};
 use crate::recipe::Expires;
 
@@ -66,6 +66,8 @@ pub struct Cache {
     limit: u64,
     /// Where this process records what it uses; `None` when it could not be created.
     refs: Mutex<Option<File>>,
+    /// The name of that file in `.refs`.
+    refs_name: Option<std::ffi::OsString>,
     /// Our own uses, for trimming within this process.
     used: Mutex<HashSet<String>>,
     /// Size of the cache at the last scan plus what was committed since.
@@ -87,7 +89,8 @@ impl Cache {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("Cannot create cache directory {}", dir.display()))?;
         }
-        let refs_path = root.join(".refs").join(unique_suffix());
+        let refs_name = std::ffi::OsString::from(unique_suffix());
+        let refs_path = root.join(".refs").join(&refs_name);
         let refs = File::options()
             .create(true)
             .append(true)
@@ -104,6 +107,7 @@ impl Cache {
         Ok(Cache {
             root: root.to_path_buf(),
             limit,
+            refs_name: refs.is_some().then_some(refs_name),
             refs: Mutex::new(refs),
             used: Mutex::new(HashSet::new()),
             estimate: Mutex::new(None),
@@ -126,19 +130,32 @@ impl Cache {
     /// unless another process holds its lock (and may be replacing it right now).
     pub fn lookup(&self, task: &str, identity: &str) -> Option<Manifest> {
         let dir = self.artifact_dir(task, identity);
-        let error = match Manifest::read(&dir) {
-            Ok(m) if m.identity == identity && m.task == task => return Some(m),
-            Ok(m) => anyhow::anyhow!("its manifest describes {} {}", m.task, m.identity),
-            Err(e) if !dir.exists() => {
-                log::trace!("{}: {e:#}", dir.display());
+        let path = dir.join(MANIFEST);
+        let error = match std::fs::read(&path) {
+            Ok(text) => match serde_json::from_slice::<Manifest>(&text) {
+                Ok(m) if m.identity == identity && m.task == task => return Some(m),
+                Ok(m) => format!("its manifest describes {} {}", m.task, m.identity),
+                Err(e) => format!("its manifest is corrupt: {e}"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.is_dir() => {
+                "it has no manifest".to_string()
+            }
+            Err(e) => {
+                // Absent, or unreadable for now (say, out of file descriptors): no
+                // reason to remove anything.
+                log::trace!("{}: {e}", path.display());
                 return None;
             }
-            Err(e) => e,
         };
+        // Another process may be reading its files right now.
+        if self.recorded_uses(true).contains(identity) {
+            log::debug!("{} is unusable ({error}) but in use", dir.display());
+            return None;
+        }
         if let Ok(Some(_lock)) = self.try_lock(identity) {
             match self.discard(&dir) {
                 Ok(()) => crate::console::warn(&format!(
-                    "Removed the unusable artifact {} ({error:#}); it will be built again",
+                    "Removed the unusable artifact {} ({error}); it will be built again",
                     dir.display()
                 )),
                 Err(e) => log::debug!("{e:#}"),
@@ -285,11 +302,22 @@ impl Cache {
     /// Identities used by live jolt processes (this one included).
     fn in_use(&self) -> HashSet<String> {
         let mut ids = self.used.lock().expect("cache refs").clone();
+        ids.extend(self.recorded_uses(false));
+        ids
+    }
+
+    /// Identities the `.refs` files of live processes record: all of them, or those
+    /// of other processes only.
+    fn recorded_uses(&self, others_only: bool) -> HashSet<String> {
+        let mut ids = HashSet::new();
         let Ok(entries) = std::fs::read_dir(self.root.join(".refs")) else {
             return ids;
         };
         for entry in entries.flatten() {
             let path = entry.path();
+            if others_only && self.refs_name.as_deref() == Some(entry.file_name().as_os_str()) {
+                continue;
+            }
             let Ok(mut file) = File::open(&path) else {
                 continue;
             };

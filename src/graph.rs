@@ -105,6 +105,17 @@ pub struct GraphOptions {
     pub commits: HashMap<String, String>,
 }
 
+/// What a template expanded at graph time may hold besides parameters and
+/// `{env.VAR}`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Static {
+    Plain,
+    /// `{root}` too (the url and rev of built-in kinds).
+    WithRoot,
+    /// A glob: alternations such as `{c,h}` stay.
+    Glob,
+}
+
 struct Builder<'a> {
     recipes: &'a Recipes,
     hashes: &'a FileHashes,
@@ -185,6 +196,12 @@ impl Builder<'_> {
     }
 
     fn env_placeholder(&mut self, task: &str, var: &str) -> Result<String> {
+        if crate::secrets::is_credential_var(var) {
+            // Its value would land in influence lines, manifests and requests.
+            return Err(usage(format!(
+                "Task '{task}' may not use the credential variable {var} ({{env.{var}}})"
+            )));
+        }
         self.env_var(var).ok_or_else(|| {
             usage(format!(
                 "Environment variable '{var}' used as {{env.{var}}} in task '{task}' is not set"
@@ -193,27 +210,31 @@ impl Builder<'_> {
     }
 
     /// Expands what is known when the graph is built: parameters, `{env.VAR}` and,
-    /// `with_root`, `{root}`; any other placeholder is unknown.
+    /// where `what` allows it, `{root}`; any other placeholder is unknown.
     fn expand_static(
         &mut self,
         task: &str,
         params: &BTreeMap<String, String>,
         template: &str,
-        with_root: bool,
+        what: Static,
     ) -> Result<String> {
         let root = self.recipes.root.clone();
-        placeholder::expand(task, template, &mut |name| {
+        let mut resolve = |name: &str| {
             if let Some(v) = params.get(name) {
                 return Ok(Some(v.clone()));
             }
-            if with_root && name == "root" {
+            if what == Static::WithRoot && name == "root" {
                 return Ok(Some(root.display().to_string()));
             }
             if let Some(var) = name.strip_prefix("env.") {
                 return self.env_placeholder(task, var).map(Some);
             }
             Ok(None)
-        })
+        };
+        match what {
+            Static::Glob => placeholder::expand_glob(task, template, &mut resolve),
+            _ => placeholder::expand(task, template, &mut resolve),
+        }
     }
 
     /// Resolves a reference to its task and canonical parameters.
@@ -286,7 +307,8 @@ impl Builder<'_> {
             let top = frames.last_mut().expect("a frame");
             if let Some(req) = top.task.def.requires.get(top.next) {
                 top.next += 1;
-                let expanded = self.expand_static(&top.task.name, &top.params, req, false)?;
+                let expanded =
+                    self.expand_static(&top.task.name, &top.params, req, Static::Plain)?;
                 let (child, child_params) = self.resolve(&expanded, Some(&top.qualified))?;
                 let child_qualified = qualified(&child, &child_params);
                 if let Some(&i) = self.index.get(&child_qualified) {
@@ -401,8 +423,9 @@ impl Builder<'_> {
             return Ok(None);
         };
         let params = self.nodes[i].params.clone();
-        let expand =
-            |b: &mut Self, template: &str| b.expand_static(&task.name, &params, template, true);
+        let expand = |b: &mut Self, template: &str| {
+            b.expand_static(&task.name, &params, template, Static::WithRoot)
+        };
         Ok(Some(match source {
             Source::Git { url, rev, keep_git } => {
                 let url = expand(self, url)?;
@@ -450,8 +473,10 @@ impl Builder<'_> {
         for v in task.def.env.values() {
             templates.push((v, !is_resource));
         }
+        let mut globs: Vec<&str> = Vec::new();
         for rule in &task.publish {
             templates.push((&rule.files, true));
+            globs.push(&rule.files);
             for t in rule.cwd.iter().chain(&rule.dest) {
                 templates.push((t, true));
             }
@@ -469,10 +494,13 @@ impl Builder<'_> {
             let names = placeholder::names(template)
                 .map_err(|e| usage(format!("Task '{}': {e}", task.name)))?;
             for raw in names {
+                if globs.contains(&template) && placeholder::is_alternation(raw) {
+                    continue;
+                }
                 // Placeholders nested in a name take parameters and {env.VAR}.
                 let name = if raw.contains('{') {
                     let params = self.nodes[i].params.clone();
-                    self.expand_static(&task.name, &params, raw, false)?
+                    self.expand_static(&task.name, &params, raw, Static::Plain)?
                 } else {
                     raw.to_string()
                 };
@@ -530,12 +558,10 @@ impl Builder<'_> {
         }
         lines.push(format!("Definition: {}", task.definition));
         let params = node.params.clone();
-        let expand =
-            |b: &mut Self, template: &str| b.expand_static(&task.name, &params, template, false);
         let root = self.recipes.root.clone();
         let mut patterns = Vec::new();
         for rule in &task.influence {
-            let pattern = expand(self, &rule.files)?;
+            let pattern = self.expand_static(&task.name, &params, &rule.files, Static::Glob)?;
             if !self.globs.contains_key(&pattern) {
                 let found = crate::globs::files_with_meta(&root, &pattern)
                     .map_err(|e| usage(format!("Task '{}': {e:#}", task.name)))?;
@@ -565,8 +591,8 @@ impl Builder<'_> {
         let files: Vec<PathBuf> = files.keys().map(|p| p.to_path_buf()).collect();
         let mut vars: BTreeSet<String> = BTreeSet::new();
         for template in &task.def.influence_env {
-            let var = expand(self, template)?;
-            if var.is_empty() || var.contains(['=', '\0']) {
+            let var = self.expand_static(&task.name, &params, template, Static::Plain)?;
+            if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(usage(format!(
                     "Task '{}': influence_env '{template}' is not a variable name",
                     task.name

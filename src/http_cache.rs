@@ -232,6 +232,15 @@ impl HttpCache {
             .insert(self.url(task, identity));
     }
 
+    /// Forgets which archives were found unusable (a long-running worker, between
+    /// requests: another worker may have replaced them).
+    pub fn forget_rejections(&self) {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// Whether the cache's archive of an artifact was found unusable.
     pub fn is_rejected(&self, task: &str, identity: &str) -> bool {
         self.rejected

@@ -115,6 +115,26 @@ pub fn expand(
     Ok(out)
 }
 
+/// Whether a placeholder in a glob is a glob alternation (`*.{c,h}`), written back
+/// as it is: a name with a comma that is not a requirement reference.
+pub fn is_alternation(name: &str) -> bool {
+    name.contains(',') && !name.starts_with("deps.") && !name.starts_with("env.")
+}
+
+/// [`expand`] for a glob pattern: alternations (`{c,h}`) stay for the glob.
+pub fn expand_glob(
+    task: &str,
+    template: &str,
+    resolve: &mut dyn FnMut(&str) -> Result<Option<String>>,
+) -> Result<String> {
+    expand(task, template, &mut |name| {
+        if is_alternation(name) {
+            return Ok(Some(format!("{{{name}}}")));
+        }
+        resolve(name)
+    })
+}
+
 /// A placeholder's name with the placeholders nested in it expanded.
 pub fn expand_name(
     task: &str,
@@ -213,6 +233,17 @@ mod tests {
         let deep = format!("{{x{}{}", "{y".repeat(50), "}".repeat(51));
         assert!(parse(&deep).unwrap_err().contains("nest deeper"));
         assert!(parse("{a{b}").is_err());
+    }
+
+    #[test]
+    fn alternations_in_globs_stay_for_the_glob() {
+        let mut resolve =
+            |n: &str| -> Result<Option<String>> { Ok((n == "dir").then(|| "src".to_string())) };
+        assert_eq!(
+            expand_glob("t", "{dir}/*.{c,h}", &mut resolve).unwrap(),
+            "src/*.{c,h}"
+        );
+        assert!(expand("t", "{dir}/*.{c,h}", &mut resolve).is_err());
     }
 
     #[test]

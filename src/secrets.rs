@@ -13,9 +13,9 @@ use std::sync::RwLock;
 /// What a secret is replaced with.
 pub const MASK: &str = "********";
 
-/// Secrets shorter than this are not redacted: replacing every `a` would garble
-/// output without hiding anything.
-const MIN_SECRET_LEN: usize = 3;
+/// Secrets shorter than this are not redacted: replacing every `dev` or `jolt` would
+/// garble output (paths, queue names) without hiding anything worth hiding.
+const MIN_SECRET_LEN: usize = 6;
 
 static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
 

@@ -319,10 +319,12 @@ impl Worker {
     /// holder die without answering.
     fn duplicate(&self, link: &Link, request: &Request) -> Result<()> {
         let id8 = request.identity.get(..8).unwrap_or(&request.identity);
-        let built = self
-            .http
-            .exists(&request.task, &request.identity)
-            .unwrap_or(false);
+        // A client that asks for a replacement has rejected what the cache holds.
+        let built = !request.replace
+            && self
+                .http
+                .exists(&request.task, &request.identity)
+                .unwrap_or(false);
         console::info(&format!(
             "{} {id8} is being built by another worker: {}",
             request.reference,
@@ -348,7 +350,7 @@ impl Worker {
     /// the consuming channel, ahead of the original's ack.
     fn redelivered(&self, link: &Link, delivery: &Delivery, request: &Request) -> Result<()> {
         let id8 = request.identity.get(..8).unwrap_or(&request.identity);
-        let n = deliveries(delivery) + 1;
+        let n = deliveries(delivery).saturating_add(1);
         if n > MAX_DELIVERIES {
             let message = format!(
                 "the request was delivered {n} times without an answer: it crashed or lost the workers that took it"
@@ -385,6 +387,9 @@ impl Worker {
     }
 
     fn build(&self, request: &Request) -> Outcome {
+        // What this worker found unusable for an earlier request may have been
+        // replaced since: each request looks afresh.
+        self.http.forget_rejections();
         let ws = match self.cache.scratch("ws") {
             Ok(ws) => ws,
             Err(e) => return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),

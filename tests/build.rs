@@ -481,6 +481,19 @@ fn placeholders_in_influence_select_the_files_hashed() {
 }
 
 #[test]
+fn glob_alternations_in_influence_are_globs_not_placeholders() {
+    let ws = Workspace::with("[task.t]\ninfluence = [\"src/*.{c,h}\"]\nrun = \"true\"\n");
+    ws.file("src/a.c", "c")
+        .file("src/a.h", "h")
+        .file("src/a.o", "o");
+    ws.jolt(&["inspect", "-i", "t"])
+        .success()
+        .contains(": src/a.c")
+        .contains(": src/a.h")
+        .lacks("src/a.o");
+}
+
+#[test]
 fn unknown_placeholders_in_influence_exit_2() {
     let ws = Workspace::with("[task.t]\ninfluence = [\"src/{nope}.c\"]\n");
     ws.jolt(&["build", "t"])
@@ -517,6 +530,7 @@ fn a_file_published_from_the_workspace_must_be_an_influence() {
     };
     let ws = Workspace::with(&recipe("\"include/a.h\""));
     ws.file("include/a.h", "a").file("include/b.h", "b");
+    ws.age("include/a.h").age("include/b.h");
     let run = ws.jolt(&["build", "headers"]);
     run.code(1)
         .contains("Missing influence: include/b.h (headers)")
@@ -528,6 +542,30 @@ fn a_file_published_from_the_workspace_must_be_an_influence() {
     let run = ws.jolt(&["build", "headers"]);
     run.success();
     assert!(run.locations()[0].join("inc/include/b.h").is_file());
+}
+
+#[test]
+fn files_a_task_writes_into_the_workspace_are_outputs_not_sources() {
+    let ws = Workspace::with(
+        "[task.inplace]\ninfluence = [\"src/*.c\"]\nrun = \"mkdir -p out && cat src/*.c > out/lib.a\"\npublish = [\"out/*.a\", \"src/*.{c,h}\"]\n",
+    );
+    ws.file("src/a.c", "a").file("src/a.h", "h");
+    ws.age("src/a.c").age("src/a.h");
+    let run = ws.jolt(&["build", "inplace"]);
+    // out/lib.a was written by the task; src/a.h is a source nobody declared.
+    run.code(1)
+        .contains("Missing influence: src/a.h (inplace)")
+        .lacks("Missing influence: out/lib.a")
+        .lacks("Missing influence: src/a.c");
+}
+
+#[test]
+fn a_symlinked_directory_is_an_influence_as_a_link() {
+    let ws = Workspace::with("[task.sdk]\ninfluence = [\"sdk\"]\npublish = [\"sdk\"]\n");
+    ws.file("real/include/x.h", "x");
+    std::os::unix::fs::symlink("real", ws.root().join("sdk")).unwrap();
+    ws.age("real/include/x.h");
+    ws.jolt(&["build", "sdk"]).success();
 }
 
 #[test]
@@ -575,6 +613,11 @@ fn tasks_never_see_the_credentials_of_jolt() {
         assert!(!env.contains(secret), "a task saw {secret}:\n{env}");
     }
     assert!(env.contains("JOLT_ARTIFACT="));
+    // Nor through a placeholder, whose value would land in manifests and requests.
+    let ws = Workspace::with("[task.t]\nrun = \"echo {env.JOLT_HTTP_PASSWORD}\"\n");
+    ws.jolt(&["build", "t"])
+        .code(2)
+        .contains("may not use the credential variable JOLT_HTTP_PASSWORD");
 }
 
 #[test]
@@ -592,4 +635,13 @@ fn an_environ_for_the_loader_or_leaving_the_artifact_fails_the_task() {
         ws.jolt(&["build", "t"]).code(1).contains(message);
         assert!(ws.artifacts("t").is_empty());
     }
+}
+
+#[test]
+fn a_server_one_command_starts_serves_the_next() {
+    // Regression: what a command left running was killed when it ended.
+    let ws = Workspace::with(
+        "[task.t]\nrun = [\"sleep 30 & echo $! > {builddir}/server.pid\", \"kill -0 $(cat {builddir}/server.pid)\"]\n",
+    );
+    ws.jolt(&["build", "t"]).success();
 }

@@ -222,6 +222,7 @@ fn numbers_out_of_range_are_usage_errors() {
     ws.jolt(&["-c", "jolt.jobs=-3", "build", "t"])
         .code(2)
         .contains("jolt.jobs = -3");
+    ws.jolt(&["-c", "jolt.jobs=0", "build", "t"]).success();
     ws.jolt(&[
         "-c",
         "http.uri=http://127.0.0.1:9",

@@ -56,15 +56,16 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
         }
         None => match config.get_int("jolt.jobs")? {
             Some(j) if (1..=executor::MAX_JOBS as i64).contains(&j) => j as usize,
+            // 0: as many as there are CPUs, as when unset.
+            Some(0) | None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             Some(j) => {
                 return Err(usage(format!(
                     "jolt.jobs = {j}: tasks at once must be between 1 and {}",
                     executor::MAX_JOBS
                 )))
             }
-            None => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
         },
     };
     // Network builds have their own switches (as in Jolt): network.download decides

@@ -21,7 +21,7 @@ use crate::fsutil::{self, format_duration};
 use crate::graph::{self, Graph, Node};
 use crate::http_cache::{self, HttpCache};
 use crate::interrupt;
-use crate::messages::{ReplyKind, Request, VERSION};
+use crate::messages::{Reply, ReplyKind, Request, VERSION};
 use crate::network::Incoming;
 use crate::placeholder::{self, DepRef};
 use crate::recipe::Source;
@@ -32,6 +32,11 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a resource's release commands may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How much earlier than the clock a file's modification time may read (file
+/// systems stamp with a coarse clock): a file changed this close to a task's start
+/// counts as written by the task.
+const OUTPUT_SLACK: Duration = Duration::from_millis(50);
 
 /// Lines of a failed task's log kept for its report.
 const LOG_TAIL: usize = 200;
@@ -288,7 +293,10 @@ impl Worker<'_> {
         ))
     }
 
-    /// Has a network worker execute node `i` and waits for its reply.
+    /// Has a network worker execute node `i` and waits for its reply; a goal is then
+    /// downloaded. A goal whose archive this client rejects is asked for again, to be
+    /// built anew and uploaded over the bad one (at most [`REPLACEMENTS`] times: a
+    /// duplicate may have answered from the bad archive).
     fn remote(&self, i: usize) -> Result<Done, Failure> {
         let Mode::Network(net) = self.mode else {
             return Err(Failure::new(
@@ -301,120 +309,77 @@ impl Worker<'_> {
             ));
         };
         let node = &self.graph.nodes[i];
-        let request = self.request(i, net, http)?;
-        let body = serde_json::to_vec(&request).map_err(anyhow::Error::from)?;
+        let mut request = self.request(i, net, http)?;
         let routing_key = node
             .task
             .def
             .routing_key
             .as_deref()
             .unwrap_or(&net.client.settings().routing_key);
-        let subscription = net.client.subscribe(&node.identity)?;
-        net.client.publish(routing_key, &body)?;
+        let mut call = RemoteCall {
+            worker: self,
+            i,
+            net,
+            http,
+            routing_key,
+            body: serde_json::to_vec(&request).map_err(anyhow::Error::from)?,
+            subscription: net.client.subscribe(&node.identity)?,
+            start: Instant::now(),
+        };
+        call.publish()?;
         self.log(
             console::Level::Info,
             format!("Remote execution started ({})", node.label()),
         );
-        let start = Instant::now();
-        let silence = net.client.settings().progress * 4;
-        let still = net.client.settings().timeout;
-        let mut last_news: Option<Instant> = None;
-        let mut last_note = Instant::now();
-        let reply = loop {
-            if interrupt::is_set() {
-                return Err(Failure::interrupted("Remote execution interrupted"));
-            }
-            match subscription.recv_timeout(Duration::from_millis(200)) {
-                Ok(Incoming::Reply(reply)) => match reply.kind {
-                    ReplyKind::Accepted => {
-                        if last_news.is_none() {
-                            self.send(Event::RemoteRunning);
-                        }
-                        last_news = Some(Instant::now());
-                        self.log(
-                            console::Level::Verbose,
-                            format!(
-                                "Remote execution accepted by {} ({})",
-                                reply.worker,
-                                node.label()
-                            ),
-                        );
-                    }
-                    ReplyKind::Running => last_news = Some(Instant::now()),
-                    _ => break reply,
-                },
-                Ok(Incoming::Reconnected) => {
-                    // Replies sent while we were away are lost: ask the cache, then again.
-                    if node.task.cacheable
-                        && http.exists(node.name(), &node.identity).unwrap_or(false)
-                    {
-                        break crate::messages::Reply {
-                            version: VERSION,
-                            identity: node.identity.clone(),
-                            kind: ReplyKind::Success,
-                            worker: String::new(),
-                            duration: start.elapsed().as_secs_f64(),
-                            log: String::new(),
-                            error: String::new(),
-                        };
-                    }
-                    net.client.publish(routing_key, &body)?;
-                    last_news = None;
+        let mut replacements = 0;
+        loop {
+            let reply = call.wait()?;
+            // Any broker user can publish a reply: take its numbers with care.
+            let duration = Duration::try_from_secs_f64(reply.duration)
+                .unwrap_or_default()
+                .min(Duration::from_secs(crate::fsutil::MAX_DURATION_SECS));
+            if reply.kind != ReplyKind::Success {
+                for line in reply.log.lines() {
+                    self.send(Event::Replay(i, line.to_string()));
                 }
-                Err(_) => {
-                    if last_news.is_some_and(|t| t.elapsed() > silence) {
-                        self.log(
-                            console::Level::Warning,
-                            format!(
-                                "No news from the worker running {} for {}: sending the request again",
-                                node.label(),
-                                format_duration(silence)
-                            ),
-                        );
-                        net.client.publish(routing_key, &body)?;
-                        last_news = None;
-                    }
-                    if last_note.elapsed() >= still {
-                        last_note = Instant::now();
-                        self.log(
-                            console::Level::Info,
-                            format!(
-                                "Remote execution still in progress after {} ({})",
-                                format_duration(start.elapsed()),
-                                node.label()
-                            ),
-                        );
-                    }
-                }
+                let what = if reply.error.is_empty() {
+                    "the task failed".to_string()
+                } else {
+                    reply.error.clone()
+                };
+                return Err(Failure {
+                    lines: vec![format!(
+                        "Remote execution failed on {}: {what}",
+                        reply.worker
+                    )],
+                    interrupted: false,
+                    log: Some(reply.log),
+                    remote: true,
+                });
             }
-        };
-        drop(subscription);
-        // Any broker user can publish a reply: take its numbers with care.
-        let duration = Duration::try_from_secs_f64(reply.duration)
-            .unwrap_or_default()
-            .min(Duration::from_secs(crate::fsutil::MAX_DURATION_SECS));
-        if reply.kind != ReplyKind::Success {
-            for line in reply.log.lines() {
-                self.send(Event::Replay(i, line.to_string()));
+            if !(node.task.cacheable && self.is_goal[i]) {
+                return Ok(Done::RemoteExecuted(None, duration));
             }
-            let what = if reply.error.is_empty() {
-                "the task failed".to_string()
-            } else {
-                reply.error.clone()
-            };
-            return Err(Failure {
-                lines: vec![format!(
-                    "Remote execution failed on {}: {what}",
-                    reply.worker
-                )],
-                interrupted: false,
-                log: Some(reply.log),
-                remote: true,
-            });
-        }
-        let info = if node.task.cacheable && self.is_goal[i] {
             match self.download(i)? {
-                Done::Downloaded(info) | Done::Reused(info) => Some(info),
+                Done::Downloaded(info) | Done::Reused(info) => {
+                    return Ok(Done::RemoteExecuted(Some(info), duration))
+                }
+                _ if http.is_rejected(node.name(), &node.identity)
+                    && replacements < REPLACEMENTS =>
+                {
+                    replacements += 1;
+                    self.log(
+                        console::Level::Warning,
+                        format!(
+                            "The HTTP cache holds an unusable artifact of {} ({}): having it built again",
+                            node.label(),
+                            http.url(node.name(), &node.identity)
+                        ),
+                    );
+                    request.replace = true;
+                    call.body = serde_json::to_vec(&request).map_err(anyhow::Error::from)?;
+                    call.publish()?;
+                }
                 _ => {
                     return Err(Failure::new(format!(
                         "The artifact of {} could not be downloaded from {}",
@@ -423,10 +388,7 @@ impl Worker<'_> {
                     )))
                 }
             }
-        } else {
-            None
-        };
-        Ok(Done::RemoteExecuted(info, duration))
+        }
     }
 
     /// The execution request of node `i`, with its source snapshot uploaded.
@@ -483,6 +445,17 @@ impl Worker<'_> {
         template: &str,
         dirs: Option<(&Path, &Path)>,
     ) -> Result<String, Failure> {
+        self.expand_with(i, template, dirs, false)
+    }
+
+    /// [`Worker::expand`]; a `glob` keeps its alternations (`{c,h}`).
+    fn expand_with(
+        &self,
+        i: usize,
+        template: &str,
+        dirs: Option<(&Path, &Path)>,
+        glob: bool,
+    ) -> Result<String, Failure> {
         let node = &self.graph.nodes[i];
         let mut resolve = |name: &str| -> Result<Option<String>> {
             if let Some(v) = node.params.get(name) {
@@ -518,7 +491,12 @@ impl Worker<'_> {
             }
             Ok(None)
         };
-        placeholder::expand(node.name(), template, &mut resolve).map_err(Failure::from)
+        let expanded = if glob {
+            placeholder::expand_glob(node.name(), template, &mut resolve)
+        } else {
+            placeholder::expand(node.name(), template, &mut resolve)
+        };
+        expanded.map_err(Failure::from)
     }
 
     /// The environment of node `i`'s commands.
@@ -587,12 +565,15 @@ impl Worker<'_> {
             None => self.root.to_path_buf(),
         };
         let deadline = task.timeout.and_then(|t| start.checked_add(t));
+        // The commands' process groups live until this execution ends (a command
+        // may start a server the next one uses; an acquire's daemons serve until
+        // the release), then whatever is left of them is killed.
+        let groups = Groups::default();
         let task_shell = TaskShell {
             deadline,
             log: &log,
+            groups: &groups,
         };
-        // Process groups of acquire commands: what they started runs until released.
-        let kept = Mutex::new(Vec::new());
 
         let mut acquired: Vec<usize> = Vec::new();
         let mut result = Ok(());
@@ -609,13 +590,7 @@ impl Worker<'_> {
             ));
             result = rnode.task.acquire.iter().try_for_each(|c| {
                 let cmd = self.expand(r, c, None)?;
-                self.command(
-                    i,
-                    &Shell {
-                        keep_group: Some(&kept),
-                        ..task_shell.at(&cmd, self.root, &renv)
-                    },
-                )
+                self.command(i, &task_shell.at(&cmd, self.root, &renv))
             });
             if let Err(f) = result {
                 result = Err(Failure {
@@ -673,14 +648,12 @@ impl Worker<'_> {
                 }
             }
         }
-        for pgid in kept.into_inner().unwrap_or_default() {
-            end_group(pgid);
-        }
+        drop(groups);
         result?;
 
         for rule in &task.publish {
             let rule = artifact::Rule {
-                files: self.expand(i, &rule.files, dirs)?,
+                files: self.expand_with(i, &rule.files, dirs, true)?,
                 cwd: match &rule.cwd {
                     Some(c) => cwd.join(self.expand(i, c, dirs)?),
                     None => cwd.clone(),
@@ -693,7 +666,8 @@ impl Worker<'_> {
                 flatten: rule.flatten,
             };
             let published = artifact::publish(node.name(), &rule, staging)?;
-            self.check_influence(i, &published, &[builddir, staging])?;
+            let began = std::time::SystemTime::now() - start.elapsed();
+            self.check_influence(i, &published, &[builddir, staging], began)?;
         }
         let meta = |map: &BTreeMap<String, String>| -> Result<BTreeMap<String, String>, Failure> {
             map.iter()
@@ -727,12 +701,14 @@ impl Worker<'_> {
     /// Files published from the workspace (not from the build directory, the
     /// artifact or a requirement's artifact) must be among node `i`'s influence
     /// files: otherwise its identity would not change when they do. As in Jolt, each
-    /// one missing is named, and the task fails.
+    /// one missing is named, and the task fails. Files the task itself wrote (changed
+    /// since it `began`) are its outputs, not sources.
     fn check_influence(
         &self,
         i: usize,
         published: &[PathBuf],
         scratch: &[&Path],
+        began: std::time::SystemTime,
     ) -> Result<(), Failure> {
         let node = &self.graph.nodes[i];
         let root = fsutil::normalize(self.root);
@@ -751,7 +727,9 @@ impl Worker<'_> {
             if elsewhere.iter().any(|e| path.starts_with(e)) {
                 continue;
             }
-            let files = if path.is_dir() {
+            // A symlink is published (and influences) as a link, never followed.
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            let files = if is_dir {
                 crate::globs::files(&path, "**")?
                     .into_iter()
                     .map(|f| rel.join(f))
@@ -759,10 +737,15 @@ impl Worker<'_> {
             } else {
                 vec![rel.to_path_buf()]
             };
+            let output = |f: &Path| {
+                std::fs::symlink_metadata(root.join(f))
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t + OUTPUT_SLACK >= began)
+            };
             missing.extend(
                 files
                     .into_iter()
-                    .filter(|f| node.files.binary_search(f).is_err()),
+                    .filter(|f| node.files.binary_search(f).is_err() && !output(f)),
             );
         }
         if missing.is_empty() {
@@ -873,6 +856,7 @@ impl Worker<'_> {
         })?;
         let pgid = child.id() as i32;
         crate::guardian::watch(pgid);
+        // From here on the child is reaped only by `Groups`, after its group is killed.
         let (done_tx, done_rx) = unbounded::<()>();
         let streams: Vec<(Box<dyn std::io::Read + Send>, bool)> = vec![
             (Box::new(child.stdout.take().expect("piped stdout")), false),
@@ -894,8 +878,8 @@ impl Worker<'_> {
         let mut backoff = Duration::from_micros(200);
         let mut killed: Option<(Instant, bool)> = None; // (when, timed out)
         let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break Some(status),
+            match exited(pgid) {
+                Ok(Some(exit)) => break Some(exit),
                 Ok(None) => {}
                 Err(_) => break None,
             }
@@ -916,11 +900,7 @@ impl Worker<'_> {
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_millis(20));
         };
-        let keep = killed.is_none() && status.is_some_and(|s| s.success());
-        match shell.keep_group {
-            Some(kept) if keep => kept.lock().expect("kept groups").push(pgid),
-            _ => end_group(pgid),
-        }
+        shell.groups.keep(child);
         // Wait for the output to drain; a process that left the group and holds the
         // pipe open must not hold up the build forever.
         let _ = done_rx.recv_timeout(Duration::from_secs(2));
@@ -933,17 +913,116 @@ impl Worker<'_> {
             }
             Some((_, false)) => Err(Failure::interrupted(format!("Command interrupted: {cmd}"))),
             None => match status {
-                Some(s) if s.success() => Ok(()),
+                Some(Exit::Code(0)) => Ok(()),
                 other => {
                     let _ = writeln!(log.lock().expect("log"), "Command failed: {cmd}");
-                    let code = other
-                        .and_then(|s| s.code())
-                        .map(|c| format!("exit status {c}"))
-                        .unwrap_or_else(|| "killed by a signal".into());
-                    log::debug!("{cmd}: {code}");
+                    log::debug!("{cmd}: {other:?}");
                     Err(Failure::new(format!("Command failed: {cmd}")))
                 }
             },
+        }
+    }
+}
+
+/// How many times a network client asks for an archive it rejected to be replaced.
+const REPLACEMENTS: usize = 2;
+
+/// A request of node `i` sent to the workers, and the replies to it.
+struct RemoteCall<'a> {
+    worker: &'a Worker<'a>,
+    i: usize,
+    net: &'a super::Network<'a>,
+    http: &'a HttpCache,
+    routing_key: &'a str,
+    body: Vec<u8>,
+    subscription: crate::network::Subscription<'a>,
+    start: Instant,
+}
+
+impl RemoteCall<'_> {
+    fn publish(&self) -> Result<(), Failure> {
+        Ok(self.net.client.publish(self.routing_key, &self.body)?)
+    }
+
+    /// Waits for the final reply (success, failure or error). A worker that has
+    /// accepted the request and then falls silent for four progress intervals is
+    /// taken for dead: the request goes out again. After a reconnect, replies may
+    /// have been lost: the HTTP cache is asked, then the request goes out again.
+    fn wait(&self) -> Result<Reply, Failure> {
+        let node = &self.worker.graph.nodes[self.i];
+        let silence = self.net.client.settings().progress * 4;
+        let still = self.net.client.settings().timeout;
+        let mut last_news: Option<Instant> = None;
+        let mut last_note = Instant::now();
+        loop {
+            if interrupt::is_set() {
+                return Err(Failure::interrupted("Remote execution interrupted"));
+            }
+            match self.subscription.recv_timeout(Duration::from_millis(200)) {
+                Ok(Incoming::Reply(reply)) => match reply.kind {
+                    ReplyKind::Accepted => {
+                        if last_news.is_none() {
+                            self.worker.send(Event::RemoteRunning);
+                        }
+                        last_news = Some(Instant::now());
+                        self.worker.log(
+                            console::Level::Verbose,
+                            format!(
+                                "Remote execution accepted by {} ({})",
+                                reply.worker,
+                                node.label()
+                            ),
+                        );
+                    }
+                    ReplyKind::Running => last_news = Some(Instant::now()),
+                    _ => return Ok(reply),
+                },
+                Ok(Incoming::Reconnected) => {
+                    let built = node.task.cacheable
+                        && self
+                            .http
+                            .exists(node.name(), &node.identity)
+                            .unwrap_or(false);
+                    if built {
+                        return Ok(Reply {
+                            version: VERSION,
+                            identity: node.identity.clone(),
+                            kind: ReplyKind::Success,
+                            worker: String::new(),
+                            duration: self.start.elapsed().as_secs_f64(),
+                            log: String::new(),
+                            error: String::new(),
+                        });
+                    }
+                    self.publish()?;
+                    last_news = None;
+                }
+                Err(_) => {
+                    if last_news.is_some_and(|t| t.elapsed() > silence) {
+                        self.worker.log(
+                            console::Level::Warning,
+                            format!(
+                                "No news from the worker running {} for {}: sending the request again",
+                                node.label(),
+                                format_duration(silence)
+                            ),
+                        );
+                        self.publish()?;
+                        last_news = None;
+                    }
+                    if last_note.elapsed() >= still {
+                        last_note = Instant::now();
+                        self.worker.log(
+                            console::Level::Info,
+                            format!(
+                                "Remote execution still in progress after {} ({})",
+                                format_duration(self.start.elapsed()),
+                                node.label()
+                            ),
+                        );
+                    }
+                }
+            }
         }
     }
 }
@@ -957,20 +1036,19 @@ struct Shell<'a> {
     log: &'a Log,
     /// Ctrl-C kills it (releases of resources run to their end instead).
     interruptible: bool,
-    /// Where a command that succeeded leaves its process group (processes it started
-    /// keep running) instead of having it killed: a resource's acquire command, whose
-    /// daemons live until the resource is released.
-    keep_group: Option<&'a Mutex<Vec<i32>>>,
+    /// Where its process group goes when it ends.
+    groups: &'a Groups,
 }
 
 /// What every command of one execution shares.
 struct TaskShell<'a> {
     deadline: Option<Instant>,
     log: &'a Log,
+    groups: &'a Groups,
 }
 
 impl TaskShell<'_> {
-    /// A command of this execution, with the defaults (interruptible, group killed).
+    /// A command of this execution, with the defaults (interruptible).
     fn at<'a>(&'a self, cmd: &'a str, cwd: &'a Path, env: &'a [(String, String)]) -> Shell<'a> {
         Shell {
             cmd,
@@ -979,9 +1057,71 @@ impl TaskShell<'_> {
             deadline: self.deadline,
             log: self.log,
             interruptible: true,
-            keep_group: None,
+            groups: self.groups,
         }
     }
+}
+
+/// The commands of one execution that have ended, their leaders not yet reaped: a
+/// zombie keeps its pid, so the number of its process group cannot be taken by
+/// another process before the group is killed. Dropping it (when the execution
+/// ends, also by a panic) kills what is left of every group, reaps the leaders and
+/// tells the guardian.
+#[derive(Default)]
+struct Groups(Mutex<Vec<std::process::Child>>);
+
+impl Groups {
+    fn keep(&self, child: std::process::Child) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(child);
+    }
+}
+
+impl Drop for Groups {
+    fn drop(&mut self) {
+        let children = std::mem::take(self.0.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for mut child in children {
+            let pgid = child.id() as i32;
+            kill_group(pgid, libc::SIGKILL);
+            let _ = child.wait();
+            crate::guardian::release(pgid);
+        }
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// How the child `pid` ended, if it has, without reaping it (see [`Groups`]).
+fn exited(pid: i32) -> std::io::Result<Option<Exit>> {
+    // SAFETY: waitid writes only into `info`, a zeroed siginfo_t we own; WNOWAIT
+    // leaves the child waitable, so `Child::wait` reaps it later.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: for SIGCHLD information (waitid), si_pid and si_status are the fields
+    // the kernel filled in; si_pid is 0 while the child runs.
+    let (child, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if child == 0 {
+        return Ok(None);
+    }
+    Ok(Some(if info.si_code == libc::CLD_EXITED {
+        Exit::Code(status)
+    } else {
+        Exit::Signal(status)
+    }))
 }
 
 /// Sends `signal` to a command's process group.
@@ -989,12 +1129,6 @@ fn kill_group(pgid: i32, signal: i32) {
     // SAFETY: kill has no memory effects; a negative pid names the process group the
     // command was started in (its leader's pid), which only holds its processes.
     unsafe { libc::kill(-pgid, signal) };
-}
-
-/// Kills what is left of a command's process group and tells the guardian it is gone.
-fn end_group(pgid: i32) {
-    kill_group(pgid, libc::SIGKILL);
-    crate::guardian::release(pgid);
 }
 
 /// The longest line of task output passed on as one: longer ones arrive in pieces,
@@ -1008,6 +1142,7 @@ fn forward_lines(stream: impl std::io::Read, log: &Log, emit: &mut dyn FnMut(Str
     let mut line: Vec<u8> = Vec::new();
     loop {
         let (used, ended) = match reader.fill_buf() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok([]) | Err(_) => break,
             Ok(buf) => {
                 let room = MAX_LINE - line.len();

@@ -53,6 +53,17 @@ impl Workspace {
         self
     }
 
+    /// Makes a file look a minute old, as sources are.
+    pub fn age(&self, rel: &str) -> &Workspace {
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(self.root().join(rel))
+            .and_then(|f| f.set_modified(old))
+            .unwrap();
+        self
+    }
+
     pub fn read(&self, rel: &str) -> String {
         std::fs::read_to_string(self.root().join(rel)).unwrap_or_default()
     }
