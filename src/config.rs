@@ -139,7 +139,7 @@ pub fn read_file(path: &Path) -> Result<BTreeMap<String, Section>> {
         usage(format!(
             "Syntax error in configuration {}: {}",
             path.display(),
-            crate::recipe::one_line(&e, &text)
+            crate::util::one_line(&e, &text)
         ))
     })?;
     let mut out = BTreeMap::new();
@@ -176,7 +176,7 @@ pub fn write_file(path: &Path, sections: &BTreeMap<String, Section>) -> Result<(
     }
     let text = toml::to_string(&table)?;
     // Configuration files may hold passwords: only their owner reads them.
-    crate::fsutil::write_atomic_mode(path, text.as_bytes(), 0o600)
+    crate::util::fs::write_atomic_mode(path, text.as_bytes(), 0o600)
         .with_context(|| format!("Cannot write {}", path.display()))
 }
 
@@ -320,14 +320,14 @@ impl Config {
     }
 
     /// Registers every password the configuration holds (`*.password`, and the
-    /// userinfo of URLs) with [`crate::secrets`], so that no output shows them.
+    /// userinfo of URLs) with [`crate::util::secrets`], so that no output shows them.
     pub fn register_secrets(&self) {
         for (key, value) in self.entries() {
             if key.ends_with("password") {
-                crate::secrets::register(&value);
+                crate::util::secrets::register(&value);
             }
-            if let (_, Some((_, Some(password)))) = crate::secrets::strip_userinfo(&value) {
-                crate::secrets::register(&password);
+            if let (_, Some((_, Some(password)))) = crate::util::secrets::strip_userinfo(&value) {
+                crate::util::secrets::register(&password);
             }
         }
     }

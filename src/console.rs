@@ -76,7 +76,7 @@ pub fn log(level: Level, message: &str) {
     if level < s.threshold {
         return;
     }
-    let message = crate::secrets::redact(message);
+    let message = crate::util::secrets::redact(message);
     with_cleared(&mut s, || {
         if level == Level::Error {
             let _ = writeln!(std::io::stderr(), "{} {message}", level.tag());

@@ -4,32 +4,18 @@
 //! [`executor`] → [`cache`]. The command modules wire these together; `main.rs` only
 //! turns [`run`]'s result into an exit code.
 
-pub mod amqp;
-pub mod archive;
-pub mod artifact;
-pub mod cache;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod console;
 pub mod error;
 pub mod executor;
-pub mod fsutil;
-pub mod globs;
 pub mod graph;
-pub mod guardian;
-pub mod hashcache;
-pub mod http_cache;
 pub mod interrupt;
-pub mod messages;
-pub mod network;
-pub mod param;
-pub mod placeholder;
 pub mod recipe;
-pub mod secrets;
-pub mod sources;
-pub mod taskref;
-pub mod worker;
+pub mod remote;
+pub mod store;
+pub mod util;
 
 use clap::Parser;
 use std::ffi::OsString;
@@ -55,7 +41,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
         .format(|out, record| {
             use std::io::Write;
             let text = format!("[{} {}] {}", record.level(), record.target(), record.args());
-            writeln!(out, "{}", secrets::redact_record(&text))
+            writeln!(out, "{}", util::secrets::redact_record(&text))
         })
         .try_init();
     match commands::dispatch(cli) {

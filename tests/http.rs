@@ -428,7 +428,7 @@ fn a_downloaded_manifest_that_reaches_outside_is_rejected() {
         manifest[key] = value;
         std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
         let mut tar = Vec::new();
-        jolt::archive::pack(forged.path(), &mut tar).unwrap();
+        jolt::store::archive::pack(forged.path(), &mut tar).unwrap();
         std::fs::write(server.file(&format!("cache/lib/{id}.tar")), tar).unwrap();
         let b = a.sibling();
         jolt(&b, &["-c", "jolt.upload=false", "build", "other"])

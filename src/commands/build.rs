@@ -4,18 +4,18 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use std::time::Instant;
 
-use super::Workspace;
-use crate::artifact::{BUILD_LOG, MANIFEST};
+use super::workspace::Workspace;
 use crate::cli::{BuildArgs, DownloadArgs};
 use crate::config::Config;
 use crate::console;
 use crate::error::{self, usage};
 use crate::executor::{self, Mode, Network, Services, Status};
-use crate::fsutil::format_duration;
 use crate::graph::{Graph, GraphOptions};
-use crate::http_cache::HttpCache;
-use crate::messages::RecipeText;
-use crate::network::NetworkClient;
+use crate::remote::client::NetworkClient;
+use crate::remote::messages::RecipeText;
+use crate::store::artifact::{BUILD_LOG, MANIFEST};
+use crate::store::http::HttpCache;
+use crate::util::fs::format_duration;
 
 #[derive(Serialize)]
 struct TaskReport<'a> {
@@ -98,7 +98,7 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
             "Network builds exchange artifacts through an HTTP cache: set http.uri",
         ));
     };
-    let settings = crate::amqp::Settings::from_config(config)?;
+    let settings = crate::remote::amqp::Settings::from_config(config)?;
     let client = NetworkClient::connect(settings)?;
     let net = Network {
         client: &client,
@@ -235,7 +235,7 @@ fn copy_artifact(dir: &std::path::Path, dest: &std::path::Path) -> Result<()> {
         if name == MANIFEST || name == BUILD_LOG {
             continue;
         }
-        crate::fsutil::copy_tree(&entry.path(), &dest.join(&name))?;
+        crate::util::fs::copy_tree(&entry.path(), &dest.join(&name))?;
     }
     Ok(())
 }

@@ -3,16 +3,17 @@
 use anyhow::Result;
 use std::collections::HashSet;
 
-use super::{open_cache, Workspace};
+use super::workspace::Workspace;
 use crate::cli::{CleanArgs, ConfigArgs};
 use crate::config::{self, Config};
 use crate::console;
 use crate::error::usage;
 use crate::graph::GraphOptions;
+use crate::store::local::Cache;
 
 pub fn clean(config: &Config, args: CleanArgs) -> Result<i32> {
     if args.tasks.is_empty() {
-        let cache = open_cache(config)?;
+        let cache = Cache::from_config(config)?;
         let removed = cache.clean(args.expired, &|_| true)?;
         cache.clean_scratch();
         console::info(&format!(
@@ -43,9 +44,9 @@ pub fn clean(config: &Config, args: CleanArgs) -> Result<i32> {
 /// URLs.
 fn shown(key: &str, value: &str) -> String {
     if key.ends_with("password") {
-        crate::secrets::MASK.to_string()
+        crate::util::secrets::MASK.to_string()
     } else {
-        crate::secrets::masked_url(value)
+        crate::util::secrets::masked_url(value)
     }
 }
 

@@ -3,20 +3,13 @@
 mod build;
 mod maintain;
 mod query;
+pub mod worker;
+mod workspace;
 
 use anyhow::Result;
-use std::path::PathBuf;
 
-use crate::cache::Cache;
 use crate::cli::{Cli, Cmd};
 use crate::config::Config;
-use crate::error;
-use crate::graph::{Graph, GraphOptions};
-use crate::hashcache::FileHashes;
-use crate::recipe::Recipes;
-
-/// Default `jolt.cachesize`.
-pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
 
 /// Runs the parsed command line; returns the exit code.
 pub fn dispatch(cli: Cli) -> Result<i32> {
@@ -30,7 +23,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         None | Some(Cmd::Build(_)) | Some(Cmd::AmqpWorker)
     ) {
         // Before any thread starts: these commands run tasks.
-        crate::guardian::start();
+        crate::executor::guardian::start();
     }
     let config = Config::load(&cli.config)?;
     config.register_secrets();
@@ -48,7 +41,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             )
         }
         Some(Cmd::Build(args)) => build::run(&config, args),
-        Some(Cmd::AmqpWorker) => crate::worker::run(&config),
+        Some(Cmd::AmqpWorker) => crate::commands::worker::run(&config),
         Some(Cmd::Download(args)) => build::download(&config, args),
         Some(Cmd::Clean(args)) => maintain::clean(&config, args),
         Some(Cmd::Config(args)) => maintain::config(&config, args),
@@ -56,50 +49,4 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Some(Cmd::Inspect(args)) => query::inspect(&config, args),
         Some(Cmd::Display(args)) => query::display(&config, args),
     }
-}
-
-/// A loaded workspace: recipes, local cache and file hashes.
-pub struct Workspace {
-    pub recipes: Recipes,
-    pub cache: Cache,
-    pub hashes: FileHashes,
-}
-
-impl Workspace {
-    /// Finds the workspace around the current directory and opens the local cache.
-    pub fn open(config: &Config) -> Result<Workspace> {
-        let cwd = std::env::current_dir()?;
-        let root = crate::recipe::find_root(&cwd)?;
-        let recipes = Recipes::load(&root)?;
-        let cache = open_cache(config)?;
-        let hashes = FileHashes::load(&cache.root, &root);
-        Ok(Workspace {
-            recipes,
-            cache,
-            hashes,
-        })
-    }
-
-    /// Builds the graph of `goals` and remembers the file hashes it computed.
-    pub fn graph(&self, goals: &[String], opts: &GraphOptions) -> Result<Graph> {
-        let graph = crate::graph::build(&self.recipes, &self.hashes, goals, opts)?;
-        if let Err(e) = self.hashes.save() {
-            crate::console::warn(&format!("{e:#}"));
-        }
-        Ok(graph)
-    }
-}
-
-/// Opens the local cache named by the configuration.
-pub fn open_cache(config: &Config) -> Result<Cache> {
-    let dir: PathBuf = config.cachedir();
-    let limit = config
-        .get_size("jolt.cachesize")?
-        .unwrap_or(DEFAULT_CACHE_SIZE);
-    Cache::open(&dir, limit).map_err(|e| {
-        anyhow::Error::from(error::Coded {
-            code: error::USAGE,
-            message: format!("Cannot use the local cache {}: {e:#}", dir.display()),
-        })
-    })
 }

@@ -3,15 +3,15 @@
 use anyhow::Result;
 use std::collections::BTreeSet;
 
-use super::Workspace;
+use super::workspace::Workspace;
 use crate::cli::{DisplayArgs, DisplayFormat, InspectArgs, ListArgs};
 use crate::config::Config;
 use crate::console;
+use crate::graph::hashes::FileHashes;
 use crate::graph::{Graph, GraphOptions};
-use crate::hashcache::FileHashes;
-use crate::http_cache::HttpCache;
 use crate::recipe::Recipes;
 use crate::recipe::Source;
+use crate::store::http::HttpCache;
 
 pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
     let root = crate::recipe::find_root(&std::env::current_dir()?)?;

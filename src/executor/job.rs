@@ -14,18 +14,18 @@ use anyhow::Result;
 use crossbeam_channel::{unbounded, Sender};
 
 use super::{http_warning, ArtifactInfo, Done, Event, Failure, Mode, Plan};
-use crate::artifact::{self, Manifest, BUILD_LOG};
-use crate::cache::{ArtifactLock, Cache};
 use crate::console;
-use crate::fsutil::{self, format_duration};
 use crate::graph::{self, Graph, Node};
-use crate::http_cache::{self, HttpCache};
 use crate::interrupt;
-use crate::messages::{Reply, ReplyKind, Request, VERSION};
-use crate::network::Incoming;
-use crate::placeholder::{self, DepRef};
+use crate::recipe::placeholder::{self, DepRef};
 use crate::recipe::Source;
-use crate::sources;
+use crate::remote::client::Incoming;
+use crate::remote::messages::{Reply, ReplyKind, Request, VERSION};
+use crate::store::artifact::{self, Manifest, BUILD_LOG};
+use crate::store::http::{self as http_cache, HttpCache};
+use crate::store::local::{ArtifactLock, Cache};
+use crate::store::sources;
+use crate::util::fs::{self as fsutil, format_duration};
 
 /// Grace period between SIGTERM and SIGKILL when a command's process group is killed.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -337,7 +337,7 @@ impl Worker<'_> {
             // Any broker user can publish a reply: take its numbers with care.
             let duration = Duration::try_from_secs_f64(reply.duration)
                 .unwrap_or_default()
-                .min(Duration::from_secs(crate::fsutil::MAX_DURATION_SECS));
+                .min(Duration::from_secs(crate::util::fs::MAX_DURATION_SECS));
             if reply.kind != ReplyKind::Success {
                 for line in reply.log.lines() {
                     self.send(Event::Replay(i, line.to_string()));
@@ -433,7 +433,7 @@ impl Worker<'_> {
             commits,
             env: self.graph.env.clone(),
             snapshot,
-            client: crate::messages::whoami(),
+            client: crate::remote::messages::whoami(),
             replace: http.is_rejected(node.name(), &node.identity),
         })
     }
@@ -730,7 +730,7 @@ impl Worker<'_> {
             // A symlink is published (and influences) as a link, never followed.
             let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
             let files = if is_dir {
-                crate::globs::files(&path, "**")?
+                crate::util::globs::files(&path, "**")?
                     .into_iter()
                     .map(|f| rel.join(f))
                     .collect()
@@ -855,7 +855,7 @@ impl Worker<'_> {
             ))
         })?;
         let pgid = child.id() as i32;
-        crate::guardian::watch(pgid);
+        crate::executor::guardian::watch(pgid);
         // From here on the child is reaped only by `Groups`, after its group is killed.
         let (done_tx, done_rx) = unbounded::<()>();
         let streams: Vec<(Box<dyn std::io::Read + Send>, bool)> = vec![
@@ -935,7 +935,7 @@ struct RemoteCall<'a> {
     http: &'a HttpCache,
     routing_key: &'a str,
     body: Vec<u8>,
-    subscription: crate::network::Subscription<'a>,
+    subscription: crate::remote::client::Subscription<'a>,
     start: Instant,
 }
 
@@ -1083,7 +1083,7 @@ impl Drop for Groups {
             let pgid = child.id() as i32;
             kill_group(pgid, libc::SIGKILL);
             let _ = child.wait();
-            crate::guardian::release(pgid);
+            crate::executor::guardian::release(pgid);
         }
     }
 }
@@ -1183,5 +1183,5 @@ fn text_of(line: &[u8]) -> String {
 /// The credential variables of this process, which commands never inherit.
 fn credential_vars() -> &'static [std::ffi::OsString] {
     static VARS: OnceLock<Vec<std::ffi::OsString>> = OnceLock::new();
-    VARS.get_or_init(crate::secrets::credential_vars)
+    VARS.get_or_init(crate::util::secrets::credential_vars)
 }

@@ -13,6 +13,7 @@
 //! the local cache for local builds, and in the HTTP cache for network builds and on
 //! workers.
 
+pub mod guardian;
 mod job;
 
 use anyhow::Result;
@@ -22,15 +23,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::artifact::Manifest;
-use crate::cache::Cache;
 use crate::console;
-use crate::fsutil::{self, format_duration};
 use crate::graph::Graph;
-use crate::http_cache::{self, HttpCache};
 use crate::interrupt;
-use crate::messages::RecipeText;
-use crate::network::NetworkClient;
+use crate::remote::client::NetworkClient;
+use crate::remote::messages::RecipeText;
+use crate::store::artifact::Manifest;
+use crate::store::http::{self as http_cache, HttpCache};
+use crate::store::local::Cache;
+use crate::util::fs::{self as fsutil, format_duration};
 use job::Worker;
 
 /// What kind of build this is.

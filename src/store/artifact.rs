@@ -88,7 +88,7 @@ impl Manifest {
             if name.contains("PATH") {
                 if let Some(bad) = value
                     .split(':')
-                    .find(|p| !p.is_empty() && !crate::fsutil::stays_inside(0, Path::new(p)))
+                    .find(|p| !p.is_empty() && !crate::util::fs::stays_inside(0, Path::new(p)))
                 {
                     anyhow::bail!(
                         "environ: {name} entry '{bad}' is not a path inside the artifact"
@@ -97,7 +97,7 @@ impl Manifest {
             }
         }
         for (key, value) in &self.paths {
-            if !crate::fsutil::stays_inside(0, Path::new(value)) {
+            if !crate::util::fs::stays_inside(0, Path::new(value)) {
                 anyhow::bail!("paths: {key} = '{value}' is not a path inside the artifact");
             }
         }
@@ -127,7 +127,7 @@ pub fn list_files(dir: &Path) -> Result<(Vec<String>, u64)> {
                 anyhow::bail!(
                     "{} in the artifact is a {}: artifacts hold files, directories and symlinks",
                     path.display(),
-                    crate::fsutil::kind_of(&meta)
+                    crate::util::fs::kind_of(&meta)
                 );
             } else {
                 *size += meta.len();
@@ -164,7 +164,7 @@ fn inside(path: &str) -> Option<PathBuf> {
 /// Copies what a rule matches into the artifact directory; returns the paths it
 /// matched (files or directories, absolute).
 pub fn publish(task: &str, rule: &Rule, artifact: &Path) -> Result<Vec<PathBuf>> {
-    let pattern = crate::globs::Pattern::new(&rule.files)
+    let pattern = crate::util::globs::Pattern::new(&rule.files)
         .map_err(|e| usage(format!("Task '{task}': publish rule: {e:#}")))?;
     let matches = pattern.expand(&rule.cwd, false)?;
     if matches.is_empty() {
@@ -191,12 +191,12 @@ pub fn publish(task: &str, rule: &Rule, artifact: &Path) -> Result<Vec<PathBuf>>
         let src = rule.cwd.join(m);
         match &dest {
             Some((d, false)) if matches.len() == 1 => {
-                crate::fsutil::copy_tree(&src, &artifact.join(d))?;
+                crate::util::fs::copy_tree(&src, &artifact.join(d))?;
             }
             _ if rule.flatten => {
                 let is_dir = std::fs::metadata(&src).map(|m| m.is_dir()).unwrap_or(false);
                 let files = if is_dir {
-                    crate::globs::files(&src, "**")?
+                    crate::util::globs::files(&src, "**")?
                         .into_iter()
                         .map(|f| src.join(f))
                         .collect()
@@ -205,10 +205,10 @@ pub fn publish(task: &str, rule: &Rule, artifact: &Path) -> Result<Vec<PathBuf>>
                 };
                 for file in files {
                     let name = file.file_name().unwrap_or_default().to_owned();
-                    crate::fsutil::copy_tree(&file, &base.join(name))?;
+                    crate::util::fs::copy_tree(&file, &base.join(name))?;
                 }
             }
-            _ => crate::fsutil::copy_tree(&src, &base.join(m))?,
+            _ => crate::util::fs::copy_tree(&src, &base.join(m))?,
         }
     }
     Ok(matches.into_iter().map(|m| rule.cwd.join(m)).collect())

@@ -43,19 +43,19 @@ use std::path::{Component, Path};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::amqp::{task_queue, Settings, RESULTS};
-use crate::cache::Cache;
 use crate::config::Config;
 use crate::console;
 use crate::error::usage;
 use crate::executor::{self, Mode, Services, Status};
-use crate::fsutil::format_duration;
+use crate::graph::hashes::FileHashes;
 use crate::graph::GraphOptions;
-use crate::hashcache::FileHashes;
-use crate::http_cache::HttpCache;
 use crate::interrupt;
-use crate::messages::{whoami, Reply, ReplyKind, Request, VERSION};
 use crate::recipe::Recipes;
+use crate::remote::amqp::{task_queue, Settings, RESULTS};
+use crate::remote::messages::{whoami, Reply, ReplyKind, Request, VERSION};
+use crate::store::http::HttpCache;
+use crate::store::local::Cache;
+use crate::util::fs::format_duration;
 
 struct Worker {
     settings: Settings,
@@ -75,7 +75,7 @@ pub fn run(config: &Config) -> Result<i32> {
         ));
     }
     let worker = Worker {
-        cache: crate::commands::open_cache(config)?,
+        cache: Cache::from_config(config)?,
         http,
         me: whoami(),
         settings,
@@ -376,7 +376,7 @@ impl Worker {
             .with_headers(headers);
         link.channel
             .basic_publish(
-                crate::amqp::REQUESTS,
+                crate::remote::amqp::REQUESTS,
                 Publish::with_properties(
                     &delivery.body,
                     self.settings.routing_key.as_str(),
@@ -402,7 +402,7 @@ impl Worker {
             console::error(&format!("{e:#}"));
             Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}"))
         });
-        let _ = crate::fsutil::remove_dir_all(&ws);
+        let _ = crate::util::fs::remove_dir_all(&ws);
         outcome
     }
 

@@ -14,7 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::usage;
-use crate::param::Param;
+use crate::util::{hex, one_line};
+use param::Param;
+
+pub mod param;
+pub mod placeholder;
+pub mod taskref;
 
 /// The recipe file that marks the workspace root.
 pub const ROOT_FILE: &str = "jolt.toml";
@@ -250,20 +255,6 @@ pub fn find_root(start: &Path) -> Result<PathBuf> {
     )))
 }
 
-/// Formats a TOML error as one line with the line and column it points at.
-pub fn one_line(err: &toml::de::Error, text: &str) -> String {
-    let message = err.message().replace('\n', " ");
-    match err.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-            format!("line {line}, column {column}: {}", message.trim())
-        }
-        None => message.trim().to_string(),
-    }
-}
-
 impl Recipes {
     /// Reads `root/jolt.toml` and everything it includes.
     pub fn load(root: &Path) -> Result<Recipes> {
@@ -291,7 +282,7 @@ impl Recipes {
             let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
             let mut included = Vec::new();
             for pattern in &def.include {
-                let found = crate::globs::files(&root.join(&dir), pattern)
+                let found = crate::util::globs::files(&root.join(&dir), pattern)
                     .with_context(|| format!("In {}", rel.display()))?;
                 included.extend(found.into_iter().map(|p| dir.join(p)));
             }
@@ -347,7 +338,7 @@ fn task_lines(text: &str) -> HashMap<String, usize> {
 impl Task {
     fn new(name: String, def: TaskDef, file: PathBuf, line: Option<usize>) -> Result<Task> {
         let bad = |what: String| usage(format!("Task '{name}' in {}: {what}", file.display()));
-        if !crate::taskref::valid_name(&name) {
+        if !crate::recipe::taskref::valid_name(&name) {
             return Err(bad(
                 "invalid name: use letters, digits and _ - . /".to_string()
             ));
@@ -377,7 +368,7 @@ impl Task {
         let influence = parse_influence(&def.influence).map_err(bad)?;
         let timeout = match &def.timeout {
             None => None,
-            Some(t) => Some(crate::fsutil::parse_duration(t).ok_or_else(|| {
+            Some(t) => Some(crate::util::fs::parse_duration(t).ok_or_else(|| {
                 bad(format!(
                     "invalid timeout '{t}': expected e.g. 90s, 10m, 2h (at most 100 years)"
                 ))
@@ -505,17 +496,6 @@ fn definition_hash(def: &TaskDef) -> String {
     hex(&Sha256::digest(&json))
 }
 
-/// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
-
 fn parse_publish(value: &toml::Value) -> Result<Vec<PublishRule>, String> {
     let items = match value {
         toml::Value::Array(items) => items.clone(),
@@ -606,7 +586,7 @@ fn parse_influence(items: &[toml::Value]) -> Result<Vec<InfluenceRule>, String> 
 fn parse_expires(value: &toml::Value) -> Result<Expires, String> {
     let duration = |v: &toml::Value| -> Result<u64, String> {
         v.as_str()
-            .and_then(crate::fsutil::parse_duration)
+            .and_then(crate::util::fs::parse_duration)
             .map(|d| d.as_secs())
             .ok_or_else(|| {
                 format!("invalid expires duration {v}: expected e.g. \"7d\" (at most 100 years)")

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::artifact::{Manifest, MANIFEST};
+use crate::store::artifact::{Manifest, MANIFEST};
 
 /// Fails when a symlink among `entries` (relative to `base`) leads outside `base`:
 /// such an archive would be rejected by every reader.
@@ -91,7 +91,7 @@ fn write_entries(base: &Path, entries: &[PathBuf], out: impl Write) -> Result<()
             bail!(
                 "Cannot pack {}: a {}",
                 full.display(),
-                crate::fsutil::kind_of(&meta)
+                crate::util::fs::kind_of(&meta)
             );
         } else {
             let file =
@@ -137,7 +137,7 @@ fn safe_path(path: &Path) -> Option<PathBuf> {
 /// stays inside the artifact.
 pub(crate) fn link_stays_inside(link: &Path, target: &Path) -> bool {
     let depth = link.components().count().saturating_sub(1);
-    crate::fsutil::stays_inside(depth, target)
+    crate::util::fs::stays_inside(depth, target)
 }
 
 /// Fails when a parent of `rel` inside `dest` exists as anything but a directory
@@ -295,7 +295,7 @@ pub fn verify(dir: &Path, task: &str, identity: &str) -> Result<Manifest> {
     manifest
         .check_metadata()
         .context("the archive's manifest is unsafe")?;
-    let (files, _) = crate::artifact::list_files(dir)?;
+    let (files, _) = crate::store::artifact::list_files(dir)?;
     if files != manifest.files {
         bail!("the archive's files do not match its manifest");
     }

@@ -16,9 +16,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::artifact::Manifest;
 use crate::config::Config;
 use crate::error::usage;
+use crate::store::artifact::Manifest;
 
 /// An unreachable server: the caller may go on without the cache.
 #[derive(Debug)]
@@ -153,7 +153,7 @@ impl HttpCache {
         };
         // Credentials in the URL become the Authorization header; the URL jolt
         // shows and requests never holds them.
-        let (uri, userinfo) = crate::secrets::strip_userinfo(uri.trim());
+        let (uri, userinfo) = crate::util::secrets::strip_userinfo(uri.trim());
         let uri = uri.trim_end_matches('/').to_string();
         if !(uri.starts_with("http://") || uri.starts_with("https://")) {
             return Err(usage(format!(
@@ -333,7 +333,7 @@ impl HttpCache {
             inner: resp.body_mut().as_reader(),
             count: 0,
         };
-        let unpacked = crate::archive::unpack(&mut body, dest);
+        let unpacked = crate::store::archive::unpack(&mut body, dest);
         // Drain what the tar reader left (end-of-archive padding) to count every byte.
         let _ = std::io::copy(&mut body, &mut std::io::sink());
         if let Some(len) = expected {
@@ -367,7 +367,7 @@ impl HttpCache {
             if !found {
                 return Ok(None);
             }
-            crate::archive::verify(staging, task, identity)
+            crate::store::archive::verify(staging, task, identity)
                 .map(Some)
                 .map_err(|e| {
                     anyhow::Error::new(Rejected(format!("{e:#}")))
@@ -391,7 +391,7 @@ impl HttpCache {
     /// while a thread packs it, so nothing is staged on disk or held in memory.
     pub fn store(&self, task: &str, identity: &str, dir: &Path) -> Result<()> {
         let url = self.url(task, identity);
-        crate::archive::check_links(dir, &crate::archive::entries(dir)?)
+        crate::store::archive::check_links(dir, &crate::store::archive::entries(dir)?)
             .with_context(|| format!("{url}: not uploaded"))?;
         let resp = self.send(&url, &mut || {
             let (reader, writer) = std::io::pipe().map_err(ureq::Error::Io)?;
@@ -399,7 +399,7 @@ impl HttpCache {
             let dir = dir.to_path_buf();
             let packer = std::thread::spawn(move || {
                 let mut out = BufWriter::with_capacity(256 * 1024, writer);
-                let result = crate::archive::pack(&dir, &mut out)
+                let result = crate::store::archive::pack(&dir, &mut out)
                     .and_then(|()| out.flush().map_err(anyhow::Error::from))
                     .map_err(|e| format!("{e:#}"));
                 // Report before the pipe closes, so the reader knows how it ended.

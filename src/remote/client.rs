@@ -20,12 +20,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::amqp::{Settings, RESULTS};
-use crate::cache::Cache;
 use crate::error::infra;
-use crate::http_cache::HttpCache;
-use crate::messages::Reply;
-use crate::recipe::hex;
+use crate::remote::amqp::{Settings, RESULTS};
+use crate::remote::messages::Reply;
+use crate::store::http::HttpCache;
+use crate::store::local::Cache;
+use crate::util::hex;
 
 /// What a waiting job receives.
 #[derive(Debug)]
@@ -218,7 +218,7 @@ impl NetworkClient {
                 }
                 link.channel
                     .basic_publish(
-                        crate::amqp::REQUESTS,
+                        crate::remote::amqp::REQUESTS,
                         Publish::with_properties(
                             body,
                             routing_key,
@@ -283,7 +283,7 @@ impl NetworkClient {
                 inner: std::io::BufWriter::new(file),
                 hasher: Sha256::new(),
             };
-            crate::archive::pack_files(root, files, &mut out)?;
+            crate::store::archive::pack_files(root, files, &mut out)?;
             out.flush()?;
             let digest = hex(&out.hasher.finalize());
             if self.snapshots.lock().expect("snapshots").contains(&digest) {
@@ -297,7 +297,7 @@ impl NetworkClient {
                 .insert(digest.clone());
             Ok(digest)
         })();
-        let _ = crate::fsutil::remove_dir_all(&scratch);
+        let _ = crate::util::fs::remove_dir_all(&scratch);
         result
     }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::recipe::hex;
+use crate::util::hex;
 
 /// Seconds within which a modification time is considered too fresh to trust.
 const RACY_SECS: i64 = 2;
@@ -120,7 +120,7 @@ impl FileHashes {
             anyhow::bail!(
                 "influence file {} is not a regular file (a {})",
                 rel.display(),
-                crate::fsutil::kind_of(meta)
+                crate::util::fs::kind_of(meta)
             );
         }
         let stat = Stat::of(meta);
@@ -177,7 +177,7 @@ impl FileHashes {
         if let Some(dir) = store.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        crate::fsutil::write_atomic(store, text.as_bytes())
+        crate::util::fs::write_atomic(store, text.as_bytes())
             .with_context(|| format!("Cannot write {}", store.display()))
     }
 }

@@ -12,10 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use crate::error::usage;
-use crate::hashcache::FileHashes;
-use crate::placeholder::{self, DepRef};
-use crate::recipe::{hex, Kind, Recipes, Source, Task};
-use crate::taskref::{self, TaskRef};
+use hashes::FileHashes;
+
+pub mod hashes;
+use crate::recipe::placeholder::{self, DepRef};
+use crate::recipe::taskref::{self, TaskRef};
+use crate::recipe::{Kind, Recipes, Source, Task};
+use crate::util::hex;
 
 /// Bumped only when the way identities are computed changes.
 pub const FORMAT: u32 = 1;
@@ -196,7 +199,7 @@ impl Builder<'_> {
     }
 
     fn env_placeholder(&mut self, task: &str, var: &str) -> Result<String> {
-        if crate::secrets::is_credential_var(var) {
+        if crate::util::secrets::is_credential_var(var) {
             // Its value would land in influence lines, manifests and requests.
             return Err(usage(format!(
                 "Task '{task}' may not use the credential variable {var} ({{env.{var}}})"
@@ -433,7 +436,7 @@ impl Builder<'_> {
                 let qualified = &self.nodes[i].qualified;
                 let commit = match self.opts.commits.get(qualified) {
                     Some(c) => c.clone(),
-                    None => crate::sources::resolve_git(&task.name, &url, &rev)?,
+                    None => crate::store::sources::resolve_git(&task.name, &url, &rev)?,
                 };
                 Source::Git {
                     url,
@@ -563,7 +566,7 @@ impl Builder<'_> {
         for rule in &task.influence {
             let pattern = self.expand_static(&task.name, &params, &rule.files, Static::Glob)?;
             if !self.globs.contains_key(&pattern) {
-                let found = crate::globs::files_with_meta(&root, &pattern)
+                let found = crate::util::globs::files_with_meta(&root, &pattern)
                     .map_err(|e| usage(format!("Task '{}': {e:#}", task.name)))?;
                 self.globs.insert(pattern.clone(), found);
             }
@@ -598,7 +601,7 @@ impl Builder<'_> {
                     task.name
                 )));
             }
-            if crate::secrets::is_credential_var(&var) {
+            if crate::util::secrets::is_credential_var(&var) {
                 return Err(usage(format!(
                     "Task '{}': influence_env may not name the credential variable {var}",
                     task.name
@@ -677,7 +680,7 @@ fn fresh_taint() -> String {
     let seed = format!(
         "{:?}{}",
         std::time::SystemTime::now(),
-        crate::fsutil::unique_suffix()
+        crate::util::fs::unique_suffix()
     );
     hex(&Sha256::digest(seed.as_bytes()))[..16].to_string()
 }

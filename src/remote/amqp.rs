@@ -68,7 +68,7 @@ impl Settings {
             .get("amqp.routing_key")
             .or_else(|| std::env::var("RABBITMQ_ROUTING_KEY").ok())
             .unwrap_or_else(|| "default".into());
-        if !crate::taskref::valid_name(&routing_key) {
+        if !crate::recipe::taskref::valid_name(&routing_key) {
             return Err(usage(format!("Invalid amqp.routing_key '{routing_key}'")));
         }
         let password = config

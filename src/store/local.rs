@@ -23,9 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use crate::artifact::{Manifest, MANIFEST};
-use crate::fsutil::{self, unique_suffix};
 use crate::recipe::Expires;
+use crate::store::artifact::{Manifest, MANIFEST};
+use crate::util::fs::{self as fsutil, unique_suffix};
+
+/// Default `jolt.cachesize`.
+pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
 
 /// A committed artifact found by a scan.
 #[derive(Debug)]
@@ -111,6 +114,21 @@ impl Cache {
             refs: Mutex::new(refs),
             used: Mutex::new(HashSet::new()),
             estimate: Mutex::new(None),
+        })
+    }
+
+    /// Opens the local cache the configuration names (`jolt.cachedir`, limited to
+    /// `jolt.cachesize`); a cache that cannot be used is a usage error (exit 2).
+    pub fn from_config(config: &crate::config::Config) -> Result<Cache> {
+        let dir = config.cachedir();
+        let limit = config
+            .get_size("jolt.cachesize")?
+            .unwrap_or(DEFAULT_CACHE_SIZE);
+        Cache::open(&dir, limit).map_err(|e| {
+            crate::error::usage(format!(
+                "Cannot use the local cache {}: {e:#}",
+                dir.display()
+            ))
         })
     }
 

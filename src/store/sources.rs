@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{infra, usage};
-use crate::recipe::hex;
+use crate::util::hex;
 
 /// How long `git ls-remote` may take.
 const LS_REMOTE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -210,11 +210,11 @@ pub fn extract(archive: &Path, name: &str, dest: &Path) -> Result<bool> {
     };
     let lower = name.to_ascii_lowercase();
     if lower.ends_with(".tar.gz") || lower.ends_with(".tgz") {
-        crate::archive::unpack(flate2::read::GzDecoder::new(open()?), dest)?;
+        crate::store::archive::unpack(flate2::read::GzDecoder::new(open()?), dest)?;
     } else if lower.ends_with(".tar.xz") || lower.ends_with(".txz") {
-        crate::archive::unpack(lzma_rust2::XzReader::new(open()?, true), dest)?;
+        crate::store::archive::unpack(lzma_rust2::XzReader::new(open()?, true), dest)?;
     } else if lower.ends_with(".tar") {
-        crate::archive::unpack(open()?, dest)?;
+        crate::store::archive::unpack(open()?, dest)?;
     } else if lower.ends_with(".zip") {
         unzip(archive, dest)?;
     } else {
@@ -237,7 +237,7 @@ fn unzip(archive: &Path, dest: &Path) -> Result<()> {
             continue;
         }
         let target = dest.join(&rel);
-        crate::archive::check_parents(dest, &rel)?;
+        crate::store::archive::check_parents(dest, &rel)?;
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -247,7 +247,7 @@ fn unzip(archive: &Path, dest: &Path) -> Result<()> {
         } else if mode & 0o170000 == 0o120000 {
             let mut link = String::new();
             entry.read_to_string(&mut link)?;
-            if !crate::archive::link_stays_inside(&rel, Path::new(&link)) {
+            if !crate::store::archive::link_stays_inside(&rel, Path::new(&link)) {
                 bail!("zip symlink '{raw}' -> '{link}' points outside the archive's directory");
             }
             std::os::unix::fs::symlink(&link, &target)
@@ -265,7 +265,7 @@ fn unzip(archive: &Path, dest: &Path) -> Result<()> {
             out.set_permissions(std::fs::Permissions::from_mode(perm))?;
         }
     }
-    crate::archive::verify_links(dest, &links)
+    crate::store::archive::verify_links(dest, &links)
 }
 
 #[cfg(test)]

@@ -1,0 +1,41 @@
+//! The workspace a command works in: recipes, local cache and file hashes.
+
+use anyhow::Result;
+
+use crate::config::Config;
+use crate::graph::hashes::FileHashes;
+use crate::graph::{Graph, GraphOptions};
+use crate::recipe::Recipes;
+use crate::store::local::Cache;
+
+/// A loaded workspace: recipes, local cache and file hashes.
+pub struct Workspace {
+    pub recipes: Recipes,
+    pub cache: Cache,
+    pub hashes: FileHashes,
+}
+
+impl Workspace {
+    /// Finds the workspace around the current directory and opens the local cache.
+    pub fn open(config: &Config) -> Result<Workspace> {
+        let cwd = std::env::current_dir()?;
+        let root = crate::recipe::find_root(&cwd)?;
+        let recipes = Recipes::load(&root)?;
+        let cache = Cache::from_config(config)?;
+        let hashes = FileHashes::load(&cache.root, &root);
+        Ok(Workspace {
+            recipes,
+            cache,
+            hashes,
+        })
+    }
+
+    /// Builds the graph of `goals` and remembers the file hashes it computed.
+    pub fn graph(&self, goals: &[String], opts: &GraphOptions) -> Result<Graph> {
+        let graph = crate::graph::build(&self.recipes, &self.hashes, goals, opts)?;
+        if let Err(e) = self.hashes.save() {
+            crate::console::warn(&format!("{e:#}"));
+        }
+        Ok(graph)
+    }
+}
