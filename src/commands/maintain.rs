@@ -9,11 +9,11 @@ use crate::config::{self, Config};
 use crate::console;
 use crate::error::usage;
 use crate::graph::GraphOptions;
-use crate::store::local::Cache;
+use crate::store::local::LocalCache;
 
 pub fn clean(config: &Config, args: CleanArgs) -> Result<i32> {
     if args.tasks.is_empty() {
-        let cache = Cache::from_config(config)?;
+        let cache = LocalCache::from_config(config)?;
         let removed = cache.clean(args.expired, &|_| true)?;
         cache.clean_scratch();
         console::info(&format!(

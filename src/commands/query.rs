@@ -8,9 +8,9 @@ use crate::cli::{DisplayArgs, DisplayFormat, InspectArgs, ListArgs};
 use crate::config::Config;
 use crate::console;
 use crate::graph::hashes::FileHashes;
+use crate::graph::Resolved;
 use crate::graph::{Graph, GraphOptions};
 use crate::recipe::Recipes;
-use crate::recipe::Source;
 use crate::store::http::HttpCache;
 
 pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
@@ -99,10 +99,10 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
     ));
     out.push(format!("  Kind              {}", task.kind.name()));
     match &node.source {
-        Some(Source::Git {
-            url, rev: commit, ..
-        }) => out.push(format!("  Source            {url} at {commit}")),
-        Some(Source::Download { urls, sha256, .. }) => out.push(format!(
+        Some(Resolved::Git { url, commit, .. }) => {
+            out.push(format!("  Source            {url} at {commit}"))
+        }
+        Some(Resolved::Download { urls, sha256, .. }) => out.push(format!(
             "  Source            {} (sha256 {sha256})",
             urls.join(", ")
         )),

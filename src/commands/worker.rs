@@ -54,13 +54,13 @@ use crate::recipe::Recipes;
 use crate::remote::amqp::{task_queue, Settings, RESULTS};
 use crate::remote::messages::{whoami, Reply, ReplyKind, Request, VERSION};
 use crate::store::http::HttpCache;
-use crate::store::local::Cache;
+use crate::store::local::LocalCache;
 use crate::util::fs::format_duration;
 
 struct Worker {
     settings: Settings,
     http: HttpCache,
-    cache: Cache,
+    cache: LocalCache,
     me: String,
 }
 
@@ -75,7 +75,7 @@ pub fn run(config: &Config) -> Result<i32> {
         ));
     }
     let worker = Worker {
-        cache: Cache::from_config(config)?,
+        cache: LocalCache::from_config(config)?,
         http,
         me: whoami(),
         settings,

@@ -6,12 +6,12 @@ use crate::config::Config;
 use crate::graph::hashes::FileHashes;
 use crate::graph::{Graph, GraphOptions};
 use crate::recipe::Recipes;
-use crate::store::local::Cache;
+use crate::store::local::LocalCache;
 
 /// A loaded workspace: recipes, local cache and file hashes.
 pub struct Workspace {
     pub recipes: Recipes,
-    pub cache: Cache,
+    pub cache: LocalCache,
     pub hashes: FileHashes,
 }
 
@@ -21,7 +21,7 @@ impl Workspace {
         let cwd = std::env::current_dir()?;
         let root = crate::recipe::find_root(&cwd)?;
         let recipes = Recipes::load(&root)?;
-        let cache = Cache::from_config(config)?;
+        let cache = LocalCache::from_config(config)?;
         let hashes = FileHashes::load(&cache.root, &root);
         Ok(Workspace {
             recipes,

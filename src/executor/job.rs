@@ -15,15 +15,14 @@ use crossbeam_channel::{unbounded, Sender};
 
 use super::{http_warning, ArtifactInfo, Done, Event, Failure, Mode, Plan};
 use crate::console;
-use crate::graph::{self, Graph, Node};
+use crate::graph::{self, Graph, Node, Resolved};
 use crate::interrupt;
-use crate::recipe::placeholder::{self, DepRef};
-use crate::recipe::Source;
+use crate::recipe::placeholder::{self, DepKey, Placeholder};
 use crate::remote::client::Incoming;
 use crate::remote::messages::{Reply, ReplyKind, Request, VERSION};
 use crate::store::artifact::{self, Manifest, BUILD_LOG};
 use crate::store::http::{self as http_cache, HttpCache};
-use crate::store::local::{ArtifactLock, Cache};
+use crate::store::local::{ArtifactLock, LocalCache};
 use crate::store::sources;
 use crate::util::fs::{self as fsutil, format_duration};
 
@@ -42,9 +41,9 @@ const OUTPUT_SLACK: Duration = Duration::from_millis(50);
 const LOG_TAIL: usize = 200;
 
 /// A pool thread's view of the build.
-pub(super) struct Worker<'a> {
+pub(super) struct Runner<'a> {
     pub graph: &'a Graph,
-    pub cache: &'a Cache,
+    pub cache: &'a LocalCache,
     pub http: Option<&'a HttpCache>,
     pub mode: Mode<'a>,
     pub root: &'a Path,
@@ -65,7 +64,7 @@ fn tail(path: &Path) -> Option<String> {
     Some(lines[start..].join("\n"))
 }
 
-impl Worker<'_> {
+impl Runner<'_> {
     /// Does what `plan` says for node `i`.
     pub fn run(&self, i: usize, plan: Plan) -> Result<Done, Failure> {
         match plan {
@@ -317,7 +316,7 @@ impl Worker<'_> {
             .as_deref()
             .unwrap_or(&net.client.settings().routing_key);
         let mut call = RemoteCall {
-            worker: self,
+            runner: self,
             i,
             net,
             http,
@@ -407,7 +406,7 @@ impl Worker<'_> {
             if j != i {
                 pins.insert(n.qualified.clone(), n.identity.clone());
             }
-            if let Some(Source::Git { rev: commit, .. }) = &n.source {
+            if let Some(Resolved::Git { commit, .. }) = &n.source {
                 commits.insert(n.qualified.clone(), commit.clone());
             }
             if let Some(t) = &n.taint {
@@ -448,7 +447,7 @@ impl Worker<'_> {
         self.expand_with(i, template, dirs, false)
     }
 
-    /// [`Worker::expand`]; a `glob` keeps its alternations (`{c,h}`).
+    /// [`Runner::expand`]; a `glob` keeps its alternations (`{c,h}`).
     fn expand_with(
         &self,
         i: usize,
@@ -458,38 +457,32 @@ impl Worker<'_> {
     ) -> Result<String, Failure> {
         let node = &self.graph.nodes[i];
         let mut resolve = |name: &str| -> Result<Option<String>> {
-            if let Some(v) = node.params.get(name) {
-                return Ok(Some(v.clone()));
-            }
-            match (name, dirs) {
-                ("root", _) => return Ok(Some(self.root.display().to_string())),
-                ("builddir", Some((b, _))) => return Ok(Some(b.display().to_string())),
-                ("artifact", Some((_, a))) => return Ok(Some(a.display().to_string())),
-                _ => {}
-            }
-            if let Some(var) = name.strip_prefix("env.") {
-                return Ok(Some(self.graph.env.get(var).cloned().unwrap_or_default()));
-            }
-            if let Some(rest) = name.strip_prefix("deps.") {
-                let (dep, key) = match placeholder::parse_dep(rest) {
-                    DepRef::Dir(d) => (d, None),
-                    DepRef::String(d, k) => (d, Some((true, k))),
-                    DepRef::Path(d, k) => (d, Some((false, k))),
-                };
-                let d = graph::find_dep(&self.graph.nodes, i, dep)?;
-                let info = self
-                    .info(d)
-                    .map_err(|f| anyhow::anyhow!(f.lines.join("; ")))?;
-                return Ok(match key {
-                    None => Some(info.dir.display().to_string()),
-                    Some((true, k)) => info.strings.get(k).cloned(),
-                    Some((false, k)) => info
-                        .paths
-                        .get(k)
-                        .map(|p| info.dir.join(p).display().to_string()),
-                });
-            }
-            Ok(None)
+            let show = |p: &Path| Some(p.display().to_string());
+            Ok(
+                match Placeholder::parse(name, &|p| node.params.contains_key(p)) {
+                    Placeholder::Param(p) => node.params.get(p).cloned(),
+                    Placeholder::Root => show(self.root),
+                    Placeholder::BuildDir => dirs.and_then(|(b, _)| show(b)),
+                    Placeholder::Artifact => dirs.and_then(|(_, a)| show(a)),
+                    Placeholder::Env(var) => {
+                        Some(self.graph.env.get(var).cloned().unwrap_or_default())
+                    }
+                    Placeholder::Dep(dep, key) => {
+                        let d = graph::find_dep(&self.graph.nodes, i, dep)?;
+                        let info = self
+                            .info(d)
+                            .map_err(|f| anyhow::anyhow!(f.lines.join("; ")))?;
+                        match key {
+                            DepKey::Dir => show(&info.dir),
+                            DepKey::String(k) => info.strings.get(k).cloned(),
+                            DepKey::Path(k) => {
+                                info.paths.get(k).and_then(|p| show(&info.dir.join(p)))
+                            }
+                        }
+                    }
+                    Placeholder::Unknown(_) => None,
+                },
+            )
         };
         let expanded = if glob {
             placeholder::expand_glob(node.name(), template, &mut resolve)
@@ -607,14 +600,14 @@ impl Worker<'_> {
         }
         if result.is_ok() {
             result = match &node.source {
-                Some(Source::Git {
+                Some(Resolved::Git {
                     url,
-                    rev: commit,
+                    commit,
                     keep_git,
                 }) => sources::git_commands(url, commit, *keep_git)
                     .iter()
                     .try_for_each(|cmd| self.command(i, &task_shell.at(cmd, staging, &env))),
-                Some(Source::Download {
+                Some(Resolved::Download {
                     urls,
                     sha256,
                     extract,
@@ -929,7 +922,7 @@ const REPLACEMENTS: usize = 2;
 
 /// A request of node `i` sent to the workers, and the replies to it.
 struct RemoteCall<'a> {
-    worker: &'a Worker<'a>,
+    runner: &'a Runner<'a>,
     i: usize,
     net: &'a super::Network<'a>,
     http: &'a HttpCache,
@@ -949,7 +942,7 @@ impl RemoteCall<'_> {
     /// taken for dead: the request goes out again. After a reconnect, replies may
     /// have been lost: the HTTP cache is asked, then the request goes out again.
     fn wait(&self) -> Result<Reply, Failure> {
-        let node = &self.worker.graph.nodes[self.i];
+        let node = &self.runner.graph.nodes[self.i];
         let silence = self.net.client.settings().progress * 4;
         let still = self.net.client.settings().timeout;
         let mut last_news: Option<Instant> = None;
@@ -962,10 +955,10 @@ impl RemoteCall<'_> {
                 Ok(Incoming::Reply(reply)) => match reply.kind {
                     ReplyKind::Accepted => {
                         if last_news.is_none() {
-                            self.worker.send(Event::RemoteRunning);
+                            self.runner.send(Event::RemoteRunning);
                         }
                         last_news = Some(Instant::now());
-                        self.worker.log(
+                        self.runner.log(
                             console::Level::Verbose,
                             format!(
                                 "Remote execution accepted by {} ({})",
@@ -999,7 +992,7 @@ impl RemoteCall<'_> {
                 }
                 Err(_) => {
                     if last_news.is_some_and(|t| t.elapsed() > silence) {
-                        self.worker.log(
+                        self.runner.log(
                             console::Level::Warning,
                             format!(
                                 "No news from the worker running {} for {}: sending the request again",
@@ -1012,7 +1005,7 @@ impl RemoteCall<'_> {
                     }
                     if last_note.elapsed() >= still {
                         last_note = Instant::now();
-                        self.worker.log(
+                        self.runner.log(
                             console::Level::Info,
                             format!(
                                 "Remote execution still in progress after {} ({})",

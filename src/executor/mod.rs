@@ -30,9 +30,9 @@ use crate::remote::client::NetworkClient;
 use crate::remote::messages::RecipeText;
 use crate::store::artifact::Manifest;
 use crate::store::http::{self as http_cache, HttpCache};
-use crate::store::local::Cache;
+use crate::store::local::LocalCache;
 use crate::util::fs::{self as fsutil, format_duration};
-use job::Worker;
+use job::Runner;
 
 /// What kind of build this is.
 #[derive(Clone, Copy)]
@@ -84,7 +84,7 @@ pub enum Status {
     /// Found in the local cache.
     Cached,
     /// Found in the HTTP cache and not needed here.
-    Remote,
+    InHttpCache,
     /// Fetched from the HTTP cache.
     Downloaded,
     /// Sent to the HTTP cache (network builds, workers).
@@ -104,7 +104,7 @@ impl Status {
             Status::Unneeded => "unneeded",
             Status::Pending => "not run",
             Status::Cached => "cached",
-            Status::Remote => "remote",
+            Status::InHttpCache => "remote",
             Status::Downloaded => "downloaded",
             Status::Uploaded => "uploaded",
             Status::Executed => "executed",
@@ -242,7 +242,7 @@ impl Plan {
 
 /// The services a build uses.
 pub struct Services<'a> {
-    pub cache: &'a Cache,
+    pub cache: &'a LocalCache,
     pub http: Option<&'a HttpCache>,
 }
 
@@ -293,7 +293,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
         let (job_tx, job_rx) = unbounded::<(usize, Plan)>();
         let (ev_tx, ev_rx) = unbounded::<Event>();
         for threads_started in 0..limits[0] + limits[1] {
-            let worker = Worker {
+            let runner = Runner {
                 graph,
                 cache: services.cache,
                 http: services.http,
@@ -310,7 +310,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
                     // A panic is a bug, but it must fail this task, not hang the
                     // scheduler waiting for a Done that never comes.
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        worker.run(i, plan)
+                        runner.run(i, plan)
                     }))
                     .unwrap_or_else(|panic| {
                         let what = panic
@@ -323,7 +323,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
                             graph.nodes[i].label()
                         )))
                     });
-                    worker.send(Event::Done(i, result));
+                    runner.send(Event::Done(i, result));
                 }
             });
             if let Err(e) = spawned {
@@ -563,7 +563,7 @@ impl Scheduler<'_> {
                 match (goal, local, remote) {
                     (true, _, true) => {
                         self.plan[i] = Plan::Available;
-                        self.status[i] = Status::Remote;
+                        self.status[i] = Status::InHttpCache;
                         self.available[i] = true;
                         return Ok(None);
                     }
@@ -589,7 +589,7 @@ impl Scheduler<'_> {
                         Plan::Download
                     } else {
                         self.plan[i] = Plan::Available;
-                        self.status[i] = Status::Remote;
+                        self.status[i] = Status::InHttpCache;
                         self.available[i] = true;
                         return Ok(None);
                     }

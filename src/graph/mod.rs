@@ -15,7 +15,7 @@ use crate::error::usage;
 use hashes::FileHashes;
 
 pub mod hashes;
-use crate::recipe::placeholder::{self, DepRef};
+use crate::recipe::placeholder::{self, DepKey, Placeholder};
 use crate::recipe::taskref::{self, TaskRef};
 use crate::recipe::{Kind, Recipes, Source, Task};
 use crate::util::hex;
@@ -45,9 +45,8 @@ pub struct Node {
     pub influence: Vec<String>,
     /// The influence files, relative to the workspace root.
     pub files: Vec<PathBuf>,
-    /// For the kinds `git` and `download`: the source with placeholders expanded
-    /// and, for git, `rev` resolved to a commit.
-    pub source: Option<Source>,
+    /// For the kinds `git` and `download`: where the artifact comes from.
+    pub source: Option<Resolved>,
     pub identity: String,
     /// Scheduling priority: own weight plus the heaviest chain of consumers.
     pub weight: i64,
@@ -74,6 +73,22 @@ impl Node {
     pub fn is_resource(&self) -> bool {
         self.task.kind == Kind::Resource
     }
+}
+
+/// A built-in kind's source resolved for one node: placeholders expanded and, for
+/// git, the revision (a branch, a tag) resolved to the commit it names now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    Git {
+        url: String,
+        commit: String,
+        keep_git: bool,
+    },
+    Download {
+        urls: Vec<String>,
+        sha256: String,
+        extract: bool,
+    },
 }
 
 /// The graph of a build.
@@ -222,17 +237,15 @@ impl Builder<'_> {
         what: Static,
     ) -> Result<String> {
         let root = self.recipes.root.clone();
-        let mut resolve = |name: &str| {
-            if let Some(v) = params.get(name) {
-                return Ok(Some(v.clone()));
-            }
-            if what == Static::WithRoot && name == "root" {
-                return Ok(Some(root.display().to_string()));
-            }
-            if let Some(var) = name.strip_prefix("env.") {
-                return self.env_placeholder(task, var).map(Some);
-            }
-            Ok(None)
+        let mut resolve = |name: &str| match Placeholder::parse(name, &|p| params.contains_key(p)) {
+            Placeholder::Param(p) => Ok(params.get(p).cloned()),
+            Placeholder::Root if what == Static::WithRoot => Ok(Some(root.display().to_string())),
+            Placeholder::Env(var) => self.env_placeholder(task, var).map(Some),
+            Placeholder::Root
+            | Placeholder::BuildDir
+            | Placeholder::Artifact
+            | Placeholder::Dep(..)
+            | Placeholder::Unknown(_) => Ok(None),
         };
         match what {
             Static::Glob => placeholder::expand_glob(task, template, &mut resolve),
@@ -420,7 +433,7 @@ impl Builder<'_> {
 
     /// Expands a built-in kind's url and rev (parameters, `{root}`, `{env.VAR}`) and
     /// resolves a git revision to its commit.
-    fn source(&mut self, i: usize) -> Result<Option<Source>> {
+    fn source(&mut self, i: usize) -> Result<Option<Resolved>> {
         let task = self.nodes[i].task.clone();
         let Some(source) = &task.source else {
             return Ok(None);
@@ -438,9 +451,9 @@ impl Builder<'_> {
                     Some(c) => c.clone(),
                     None => crate::store::sources::resolve_git(&task.name, &url, &rev)?,
                 };
-                Source::Git {
+                Resolved::Git {
                     url,
-                    rev: commit,
+                    commit,
                     keep_git: *keep_git,
                 }
             }
@@ -448,7 +461,7 @@ impl Builder<'_> {
                 urls,
                 sha256,
                 extract,
-            } => Source::Download {
+            } => Resolved::Download {
                 urls: urls
                     .iter()
                     .map(|u| expand(self, u))
@@ -508,34 +521,32 @@ impl Builder<'_> {
                     raw.to_string()
                 };
                 let name = name.as_str();
-                let known = self.nodes[i].params.contains_key(name)
-                    || name == "root"
-                    || (has_dirs && (name == "builddir" || name == "artifact"));
+                let params = &self.nodes[i].params;
+                let known = match Placeholder::parse(name, &|p| params.contains_key(p)) {
+                    Placeholder::Param(_) | Placeholder::Root => true,
+                    Placeholder::BuildDir | Placeholder::Artifact => has_dirs,
+                    Placeholder::Env(var) => {
+                        self.env_placeholder(&task.name, var)?;
+                        true
+                    }
+                    Placeholder::Dep(dep, key) => {
+                        let found = find_dep(&self.nodes, i, dep).map_err(|e| {
+                            usage(format!(
+                                "{e} in placeholder '{{{name}}}' of task '{}'",
+                                task.name
+                            ))
+                        })?;
+                        let dep_def = &self.nodes[found].task.def;
+                        match key {
+                            DepKey::Dir => true,
+                            DepKey::String(k) => dep_def.strings.contains_key(k),
+                            DepKey::Path(k) => dep_def.paths.contains_key(k),
+                        }
+                    }
+                    Placeholder::Unknown(_) => false,
+                };
                 if known {
                     continue;
-                }
-                if let Some(var) = name.strip_prefix("env.") {
-                    self.env_placeholder(&task.name, var)?;
-                    continue;
-                }
-                if let Some(rest) = name.strip_prefix("deps.") {
-                    let (dep, key) = match placeholder::parse_dep(rest) {
-                        DepRef::Dir(d) => (d, None),
-                        DepRef::String(d, k) => (d, Some(("strings", k))),
-                        DepRef::Path(d, k) => (d, Some(("paths", k))),
-                    };
-                    let found = find_dep(&self.nodes, i, dep).map_err(|e| {
-                        usage(format!(
-                            "{e} in placeholder '{{{name}}}' of task '{}'",
-                            task.name
-                        ))
-                    })?;
-                    let dep_def = &self.nodes[found].task.def;
-                    match key {
-                        Some(("strings", k)) if !dep_def.strings.contains_key(k) => {}
-                        Some(("paths", k)) if !dep_def.paths.contains_key(k) => {}
-                        _ => continue,
-                    }
                 }
                 return Err(usage(format!(
                     "Unknown placeholder '{{{name}}}' in task '{}'",
@@ -559,7 +570,7 @@ impl Builder<'_> {
         if !influencing.is_empty() {
             lines.push(format!("Parameters: {}", influencing.join(",")));
         }
-        lines.push(format!("Definition: {}", task.definition));
+        lines.push(format!("Definition: {}", task.definition_hash));
         let params = node.params.clone();
         let root = self.recipes.root.clone();
         let mut patterns = Vec::new();
@@ -619,7 +630,7 @@ impl Builder<'_> {
             }
         }
         let node = &self.nodes[i];
-        if let Some(Source::Git { rev: commit, .. }) = &node.source {
+        if let Some(Resolved::Git { commit, .. }) = &node.source {
             lines.push(format!("Git: {commit}"));
         }
         if let Some(taint) = &node.taint {
@@ -657,10 +668,10 @@ fn env_templates(task: &Task) -> impl Iterator<Item = &String> {
 fn env_names(template: &str) -> Vec<String> {
     let mut out = Vec::new();
     for name in placeholder::names(template).unwrap_or_default() {
-        if let Some(var) = name.strip_prefix("env.") {
-            out.push(var.to_string());
-        } else if name.contains('{') {
+        if name.contains('{') {
             out.extend(env_names(name));
+        } else if let Placeholder::Env(var) = Placeholder::parse(name, &|_| false) {
+            out.push(var.to_string());
         }
     }
     out

@@ -220,8 +220,9 @@ pub struct Task {
     pub file: PathBuf,
     /// The line of the task's table in that file, when found.
     pub line: Option<usize>,
-    /// SHA-256 of the canonical definition.
-    pub definition: String,
+    /// SHA-256 of the canonical definition (`def` without the keys that cannot
+    /// change the output).
+    pub definition_hash: String,
 }
 
 /// A recipe file as read.
@@ -458,7 +459,7 @@ impl Task {
             _ => None,
         };
         let cacheable = def.kind.has_artifact() && def.cacheable.unwrap_or(true);
-        let definition = definition_hash(&def);
+        let definition_hash = definition_hash(&def);
         Ok(Task {
             name,
             kind: def.kind,
@@ -475,7 +476,7 @@ impl Task {
             expires,
             file,
             line,
-            definition,
+            definition_hash,
         })
     }
 
@@ -624,8 +625,8 @@ mod tests {
         let b =
             task("run = \"echo hi\"\nweight = 5\ndescription = \"x\"\nunstable = true").unwrap();
         let c = task("run = \"echo ho\"").unwrap();
-        assert_eq!(a.definition, b.definition);
-        assert_ne!(a.definition, c.definition);
+        assert_eq!(a.definition_hash, b.definition_hash);
+        assert_ne!(a.definition_hash, c.definition_hash);
     }
 
     #[test]

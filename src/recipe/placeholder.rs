@@ -159,23 +159,66 @@ pub fn names(template: &str) -> Result<Vec<&str>, String> {
         .collect())
 }
 
-/// A parsed `{deps.NAME...}` placeholder.
+/// What a placeholder names. [`Placeholder::parse`] is the one place that reads
+/// placeholder names; every user matches the result.
 #[derive(Debug, PartialEq, Eq)]
-pub enum DepRef<'a> {
-    Dir(&'a str),
-    String(&'a str, &'a str),
-    Path(&'a str, &'a str),
+pub enum Placeholder<'a> {
+    /// `{PARAM}`: a parameter of the task.
+    Param(&'a str),
+    /// `{root}`: the workspace root.
+    Root,
+    /// `{builddir}`: the execution's fresh build directory.
+    BuildDir,
+    /// `{artifact}`: the artifact being staged.
+    Artifact,
+    /// `{env.VAR}`.
+    Env(&'a str),
+    /// `{deps.NAME}` and its metadata; `NAME` may be a reference with parameters.
+    Dep(&'a str, DepKey<'a>),
+    /// Anything else.
+    Unknown(&'a str),
 }
 
-/// Parses the part after `deps.`; task names may themselves contain dots.
-pub fn parse_dep(rest: &str) -> DepRef<'_> {
-    if let Some((name, key)) = rest.rsplit_once(".strings.") {
-        return DepRef::String(name, key);
+/// What a `{deps.NAME...}` placeholder takes from the requirement.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DepKey<'a> {
+    /// `{deps.NAME}`: its artifact directory.
+    Dir,
+    /// `{deps.NAME.strings.KEY}`.
+    String(&'a str),
+    /// `{deps.NAME.paths.KEY}`: the path, absolute.
+    Path(&'a str),
+}
+
+impl<'a> Placeholder<'a> {
+    /// Reads a placeholder's name (with nested placeholders already expanded). A
+    /// parameter of the task wins over `root`, `builddir` and `artifact`.
+    pub fn parse(name: &'a str, is_param: &dyn Fn(&str) -> bool) -> Placeholder<'a> {
+        if is_param(name) {
+            return Placeholder::Param(name);
+        }
+        match name {
+            "root" => return Placeholder::Root,
+            "builddir" => return Placeholder::BuildDir,
+            "artifact" => return Placeholder::Artifact,
+            _ => {}
+        }
+        if let Some(var) = name.strip_prefix("env.") {
+            return Placeholder::Env(var);
+        }
+        if let Some(rest) = name.strip_prefix("deps.") {
+            // Task names may themselves contain dots: the key is what follows the
+            // last `.strings.` or `.paths.`.
+            if let Some((dep, key)) = rest.rsplit_once(".strings.") {
+                return Placeholder::Dep(dep, DepKey::String(key));
+            }
+            if let Some((dep, key)) = rest.rsplit_once(".paths.") {
+                return Placeholder::Dep(dep, DepKey::Path(key));
+            }
+            return Placeholder::Dep(rest, DepKey::Dir);
+        }
+        Placeholder::Unknown(name)
     }
-    if let Some((name, key)) = rest.rsplit_once(".paths.") {
-        return DepRef::Path(name, key);
-    }
-    DepRef::Dir(rest)
 }
 
 #[cfg(test)]
@@ -247,15 +290,34 @@ mod tests {
     }
 
     #[test]
-    fn dep_references_allow_dotted_names() {
-        assert_eq!(parse_dep("tools.gcc"), DepRef::Dir("tools.gcc"));
+    fn names_parse_into_what_they_name() {
+        let none = |_: &str| false;
+        let params = |n: &str| n == "root" || n == "mode";
+        assert_eq!(Placeholder::parse("root", &none), Placeholder::Root);
         assert_eq!(
-            parse_dep("tools.gcc.strings.version"),
-            DepRef::String("tools.gcc", "version")
+            Placeholder::parse("root", &params),
+            Placeholder::Param("root")
         );
         assert_eq!(
-            parse_dep("lib.paths.include"),
-            DepRef::Path("lib", "include")
+            Placeholder::parse("mode", &params),
+            Placeholder::Param("mode")
+        );
+        assert_eq!(Placeholder::parse("env.CC", &none), Placeholder::Env("CC"));
+        assert_eq!(
+            Placeholder::parse("deps.tools.gcc", &none),
+            Placeholder::Dep("tools.gcc", DepKey::Dir)
+        );
+        assert_eq!(
+            Placeholder::parse("deps.tools.gcc.strings.version", &none),
+            Placeholder::Dep("tools.gcc", DepKey::String("version"))
+        );
+        assert_eq!(
+            Placeholder::parse("deps.lib:n=1.paths.include", &none),
+            Placeholder::Dep("lib:n=1", DepKey::Path("include"))
+        );
+        assert_eq!(
+            Placeholder::parse("nope", &none),
+            Placeholder::Unknown("nope")
         );
     }
 }

@@ -24,7 +24,7 @@ use crate::error::infra;
 use crate::remote::amqp::{Settings, RESULTS};
 use crate::remote::messages::Reply;
 use crate::store::http::HttpCache;
-use crate::store::local::Cache;
+use crate::store::local::LocalCache;
 use crate::util::hex;
 
 /// What a waiting job receives.
@@ -259,7 +259,7 @@ impl NetworkClient {
         root: &Path,
         files: &[PathBuf],
         http: &HttpCache,
-        cache: &Cache,
+        cache: &LocalCache,
     ) -> Result<String> {
         struct Hashing<W> {
             inner: W,

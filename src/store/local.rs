@@ -64,7 +64,7 @@ pub struct ArtifactLock {
 }
 
 /// The local cache.
-pub struct Cache {
+pub struct LocalCache {
     pub root: PathBuf,
     limit: u64,
     /// Where this process records what it uses; `None` when it could not be created.
@@ -81,9 +81,9 @@ fn is_identity(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-impl Cache {
+impl LocalCache {
     /// Opens (creating) the cache at `root`, limited to `limit` bytes.
-    pub fn open(root: &Path, limit: u64) -> Result<Cache> {
+    pub fn open(root: &Path, limit: u64) -> Result<LocalCache> {
         // Commands get paths inside the cache while running elsewhere.
         let root = &std::path::absolute(root)
             .with_context(|| format!("Cannot use cache directory {}", root.display()))?;
@@ -107,7 +107,7 @@ impl Cache {
                 ))
             })
             .ok();
-        Ok(Cache {
+        Ok(LocalCache {
             root: root.to_path_buf(),
             limit,
             refs_name: refs.is_some().then_some(refs_name),
@@ -119,12 +119,12 @@ impl Cache {
 
     /// Opens the local cache the configuration names (`jolt.cachedir`, limited to
     /// `jolt.cachesize`); a cache that cannot be used is a usage error (exit 2).
-    pub fn from_config(config: &crate::config::Config) -> Result<Cache> {
+    pub fn from_config(config: &crate::config::Config) -> Result<LocalCache> {
         let dir = config.cachedir();
         let limit = config
             .get_size("jolt.cachesize")?
             .unwrap_or(DEFAULT_CACHE_SIZE);
-        Cache::open(&dir, limit).map_err(|e| {
+        LocalCache::open(&dir, limit).map_err(|e| {
             crate::error::usage(format!(
                 "Cannot use the local cache {}: {e:#}",
                 dir.display()
@@ -137,7 +137,7 @@ impl Cache {
         self.root.join(task).join(identity)
     }
 
-    /// Whether the artifact is committed and usable (see [`Cache::lookup`]).
+    /// Whether the artifact is committed and usable (see [`LocalCache::lookup`]).
     pub fn is_present(&self, task: &str, identity: &str) -> bool {
         self.lookup(task, identity).is_some()
     }
@@ -513,7 +513,7 @@ impl Cache {
 mod tests {
     use super::*;
 
-    fn commit(cache: &Cache, task: &str, id: &str, size: usize, expires: Expires) -> PathBuf {
+    fn commit(cache: &LocalCache, task: &str, id: &str, size: usize, expires: Expires) -> PathBuf {
         let _lock = cache.lock(id).unwrap();
         let staging = cache.stage(task, id).unwrap();
         std::fs::write(staging.join("data"), vec![b'x'; size]).unwrap();
@@ -544,13 +544,13 @@ mod tests {
     #[test]
     fn trimming_evicts_least_recently_used_first() {
         let dir = tempfile::tempdir().unwrap();
-        let writer = Cache::open(dir.path(), 2500).unwrap();
+        let writer = LocalCache::open(dir.path(), 2500).unwrap();
         let a = commit(&writer, "a", &id(1), 1000, Expires::Immediately);
         std::thread::sleep(std::time::Duration::from_millis(20));
         let b = commit(&writer, "b", &id(2), 1000, Expires::Immediately);
         drop(writer);
         // A new process that has not used a or b commits c: a, the oldest, goes.
-        let other = Cache::open(dir.path(), 2500).unwrap();
+        let other = LocalCache::open(dir.path(), 2500).unwrap();
         let c = commit(&other, "c", &id(3), 1000, Expires::Immediately);
         assert!(!a.exists());
         assert!(b.exists() && c.exists());
@@ -559,10 +559,10 @@ mod tests {
     #[test]
     fn artifacts_in_use_or_never_expiring_are_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let user = Cache::open(dir.path(), 0).unwrap();
+        let user = LocalCache::open(dir.path(), 0).unwrap();
         let kept = commit(&user, "used", &id(1), 100, Expires::Immediately);
         let never = commit(&user, "never", &id(2), 100, Expires::Never);
-        let other = Cache::open(dir.path(), 0).unwrap();
+        let other = LocalCache::open(dir.path(), 0).unwrap();
         let gone = commit(&other, "x", &id(3), 100, Expires::Immediately);
         assert!(kept.exists(), "used by a live process");
         assert!(never.exists(), "expires = never");
@@ -576,13 +576,13 @@ mod tests {
     #[test]
     fn stale_staging_directories_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+        let cache = LocalCache::open(dir.path(), 1 << 30).unwrap();
         let staging = cache.stage("t", &id(9)).unwrap();
         cache.scan();
         assert!(!staging.exists());
         let _lock = cache.lock(&id(8)).unwrap();
         let busy = cache.stage("t", &id(8)).unwrap();
-        let other = Cache::open(dir.path(), 1 << 30).unwrap();
+        let other = LocalCache::open(dir.path(), 1 << 30).unwrap();
         // flock is per open file: the other handle cannot take the lock.
         let _ = other.scan();
         assert!(busy.exists());
