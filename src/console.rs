@@ -104,6 +104,11 @@ pub fn verbose(message: &str) {
     log(Level::Verbose, message);
 }
 
+/// A line for `-vv`: what jolt does in detail (retries, evictions, reconnects).
+pub fn debug(message: &str) {
+    log(Level::Debug, message);
+}
+
 /// Writes a line of task output, optionally prefixed with the task's name.
 pub fn output(prefix: Option<&str>, line: &str, stderr: bool) {
     let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());

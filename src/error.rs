@@ -6,21 +6,40 @@
 
 use std::fmt;
 
-/// Everything went well, also when nothing had to run.
-pub const SUCCESS: i32 = 0;
-/// A task failed (or an unclassified runtime error occurred).
-pub const TASK_FAILED: i32 = 1;
-/// Usage, recipe or configuration error: unknown task or parameter, a syntax error, a cycle.
-pub const USAGE: i32 = 2;
-/// Infrastructure error: the broker or the HTTP cache is unreachable where it is required.
-pub const INFRA: i32 = 3;
-/// Interrupted by the user (SIGINT) or terminated (SIGTERM).
-pub const INTERRUPTED: i32 = 130;
+/// jolt's exit codes: stable, documented in the README, which scripts rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Everything went well, also when nothing had to run.
+    Success = 0,
+    /// A task failed (or an unclassified runtime error occurred).
+    TaskFailed = 1,
+    /// Usage, recipe or configuration error: unknown task or parameter, a syntax
+    /// error, a cycle.
+    Usage = 2,
+    /// Infrastructure error: the broker or the HTTP cache is unreachable where it is
+    /// required, or refuses the credentials.
+    Infra = 3,
+    /// Interrupted by the user (SIGINT) or terminated (SIGTERM).
+    Interrupted = 130,
+}
+
+impl Exit {
+    /// The number the process exits with.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(exit: Exit) -> Self {
+        std::process::ExitCode::from(exit.code())
+    }
+}
 
 /// An error that decides the process exit code.
 #[derive(Debug)]
 pub struct Coded {
-    pub code: i32,
+    pub code: Exit,
     pub message: String,
 }
 
@@ -35,7 +54,7 @@ impl std::error::Error for Coded {}
 /// A usage, recipe or configuration error (exit 2).
 pub fn usage(message: impl Into<String>) -> anyhow::Error {
     Coded {
-        code: USAGE,
+        code: Exit::Usage,
         message: message.into(),
     }
     .into()
@@ -44,7 +63,7 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
 /// An infrastructure error (exit 3).
 pub fn infra(message: impl Into<String>) -> anyhow::Error {
     Coded {
-        code: INFRA,
+        code: Exit::Infra,
         message: message.into(),
     }
     .into()
@@ -59,9 +78,9 @@ macro_rules! bail_usage {
 }
 
 /// The exit code an error maps to: the first [`Coded`] in its chain, else 1.
-pub fn exit_code(err: &anyhow::Error) -> i32 {
+pub fn exit_code(err: &anyhow::Error) -> Exit {
     err.chain()
         .find_map(|e| e.downcast_ref::<Coded>())
         .map(|c| c.code)
-        .unwrap_or(TASK_FAILED)
+        .unwrap_or(Exit::TaskFailed)
 }

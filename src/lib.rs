@@ -21,12 +21,16 @@ use clap::Parser;
 use std::ffi::OsString;
 
 /// Runs jolt with these arguments and returns the exit code.
-pub fn run(args: impl IntoIterator<Item = OsString>) -> i32 {
+pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
     let cli = match cli::Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return e.exit_code();
+            // --help and --version are no errors.
+            return match e.exit_code() {
+                0 => error::Exit::Success,
+                _ => error::Exit::Usage,
+            };
         }
     };
     let verbosity = if cli.quiet { -1 } else { cli.verbose as i8 };

@@ -645,3 +645,21 @@ fn a_server_one_command_starts_serves_the_next() {
     );
     ws.jolt(&["build", "t"]).success();
 }
+
+#[test]
+fn an_influence_file_read_through_a_symlink_is_hashed_with_its_target() {
+    let ws = Workspace::with(
+        "[task.t]\ninfluence = [\"cur.txt\"]\nrun = \"cat cur.txt > {artifact}/out\"\n",
+    );
+    ws.file("real.txt", "one");
+    std::os::unix::fs::symlink("real.txt", ws.root().join("cur.txt")).unwrap();
+    ws.jolt(&["build", "t"]).success();
+    // Regression: only the link's text was hashed, and the old output served.
+    ws.file("real.txt", "two");
+    let run = ws.jolt(&["build", "t"]);
+    run.success().contains("Execution started (t ");
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("out")).unwrap(),
+        "two"
+    );
+}

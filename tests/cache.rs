@@ -206,3 +206,25 @@ fn a_fully_cached_build_succeeds_on_a_full_disk() {
         .contains("Cannot record artifact use")
         .lacks("Execution started");
 }
+
+#[test]
+fn a_manifest_replaced_by_a_fifo_or_a_device_heals_instead_of_hanging() {
+    let ws = Workspace::with("[task.a]\nrun = \"echo a > {artifact}/a\"\n");
+    for replace in ["fifo", "/dev/zero"] {
+        let dir = ws.jolt(&["build", "a"]).locations()[0].clone();
+        let manifest = dir.join(".manifest.json");
+        std::fs::remove_file(&manifest).unwrap();
+        if replace == "fifo" {
+            let c = std::ffi::CString::new(manifest.as_os_str().as_encoded_bytes()).unwrap();
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        } else {
+            std::os::unix::fs::symlink(replace, &manifest).unwrap();
+        }
+        ws.jolt(&["inspect", "a"])
+            .success()
+            .contains("Removed the unusable artifact");
+        ws.jolt(&["build", "a"])
+            .success()
+            .contains("Execution started (a ");
+    }
+}

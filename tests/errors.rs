@@ -348,3 +348,47 @@ fn what_a_finished_command_leaves_running_is_stopped() {
     let pid = grandchild(&ws);
     assert_dies(pid, "its command ended");
 }
+
+#[test]
+fn a_directory_thousands_deep_in_an_artifact_is_handled() {
+    // Regression: walking it recursively overflowed the stack (exit 134).
+    let ws = Workspace::with(
+        "[task.d]\nrun = \"cd {artifact} && i=0 && while [ $i -lt 1500 ]; do mkdir d && cd d && i=$((i+1)); done && echo x > f\"\n[task.c]\nrequires = [\"d\"]\nrun = \"cp -r {deps.d}/d {artifact}/copy\"\n",
+    );
+    ws.jolt(&["build", "c"]).success();
+    ws.jolt(&["clean"]).success();
+}
+
+#[test]
+fn a_task_cannot_hang_jolt_through_its_manifest_or_log() {
+    for run in [
+        "mkfifo {artifact}/.manifest.json",
+        "rm {artifact}/.build.log && mkfifo {artifact}/.build.log",
+        "rm {artifact}/.build.log && mkfifo {artifact}/.build.log && false",
+        "ln -s /dev/zero {artifact}/.manifest.json",
+    ] {
+        let ws = Workspace::with(&format!("[task.t]\nrun = \"{run}\"\n"));
+        let started = std::time::Instant::now();
+        let result = ws.jolt(&["build", "t"]);
+        result.code(1);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{run}"
+        );
+        assert!(ws.artifacts("t").is_empty(), "{run}");
+    }
+}
+
+#[test]
+fn parameter_values_and_task_names_that_would_read_ambiguously_are_refused() {
+    // Regression: p = "x,q=y" made c:p=x,q=y... and c:q=z share an identity.
+    let ws = Workspace::with("[task.c]\nparameters.p = \"x,q=y\"\nrun = \"true\"\n");
+    ws.jolt(&["build", "c"])
+        .code(2)
+        .contains("may not contain ','");
+    let id = "a".repeat(64);
+    let ws = Workspace::with(&format!("[task.\"x/{id}\"]\nrun = \"true\"\n"));
+    ws.jolt(&["build", &format!("x/{id}")])
+        .code(2)
+        .contains("invalid name");
+}

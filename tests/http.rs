@@ -476,3 +476,27 @@ fn credentials_in_the_cache_url_authenticate_uploads() {
         .lacks("hunter2");
     assert_eq!(server.objects().len(), 1);
 }
+
+#[test]
+fn a_downloaded_archive_thousands_of_directories_deep_does_not_crash_jolt() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    let dir = jolt(&a, &["build", "lib"]).locations()[0].clone();
+    let id = identity_of(&dir);
+    let forged = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", dir.display()))
+        .arg(forged.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deep: std::path::PathBuf = std::iter::repeat_n("d", 1800).collect();
+    std::fs::create_dir_all(forged.path().join(&deep)).unwrap();
+    let mut tar = Vec::new();
+    jolt::store::archive::pack(forged.path(), &mut tar).unwrap();
+    std::fs::write(server.file(&format!("cache/lib/{id}.tar")), tar).unwrap();
+    // Regression: the client that downloaded it aborted with a stack overflow.
+    let b = a.sibling();
+    jolt(&b, &["-c", "jolt.upload=false", "build", "lib"]).success();
+}

@@ -5,9 +5,11 @@ use serde::Serialize;
 use std::time::Instant;
 
 use super::workspace::Workspace;
+use crate::bail_usage;
 use crate::cli::{BuildArgs, DownloadArgs};
 use crate::config::Config;
 use crate::console;
+use crate::error::Exit;
 use crate::error::{self, usage};
 use crate::executor::{self, Mode, Network, Services, Status};
 use crate::graph::{Graph, GraphOptions};
@@ -35,7 +37,7 @@ struct BuildReport<'a> {
     tasks: Vec<TaskReport<'a>>,
 }
 
-pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
+pub fn run(config: &Config, args: BuildArgs) -> Result<Exit> {
     let started = Instant::now();
     let ws = Workspace::open(config)?;
     let graph = ws.graph(
@@ -46,28 +48,7 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
             ..Default::default()
         },
     )?;
-    let jobs = match args.jobs {
-        Some(j) if (1..=executor::MAX_JOBS).contains(&j) => j,
-        Some(j) => {
-            return Err(usage(format!(
-                "-j {j}: tasks at once must be between 1 and {}",
-                executor::MAX_JOBS
-            )))
-        }
-        None => match config.get_int("jolt.jobs")? {
-            Some(j) if (1..=executor::MAX_JOBS as i64).contains(&j) => j as usize,
-            // 0: as many as there are CPUs, as when unset.
-            Some(0) | None => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
-            Some(j) => {
-                return Err(usage(format!(
-                    "jolt.jobs = {j}: tasks at once must be between 1 and {}",
-                    executor::MAX_JOBS
-                )))
-            }
-        },
-    };
+    let jobs = local_jobs(config, args.jobs)?;
     // Network builds have their own switches (as in Jolt): network.download decides
     // whether the goals come back, network.upload whether local-only artifacts go out.
     let (no_download, no_upload) = if args.network {
@@ -92,13 +73,13 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
         let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
         return finish(&ws, &graph, &report, &args, started);
     }
-
     let Some(http) = &http else {
         return Err(usage(
             "Network builds exchange artifacts through an HTTP cache: set http.uri",
         ));
     };
     let settings = crate::remote::amqp::Settings::from_config(config)?;
+    let remote_jobs = remote_jobs(config)?;
     let client = NetworkClient::connect(settings)?;
     let net = Network {
         client: &client,
@@ -111,16 +92,7 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
                 text: f.text.clone(),
             })
             .collect(),
-        jobs: match config.get_int("amqp.jobs")? {
-            None => 32,
-            Some(j) if (1..=executor::MAX_JOBS as i64).contains(&j) => j as usize,
-            Some(j) => {
-                return Err(usage(format!(
-                    "amqp.jobs = {j}: remote executions at once must be between 1 and {}",
-                    executor::MAX_JOBS
-                )))
-            }
-        },
+        jobs: remote_jobs,
     };
     let opts = executor::Options {
         jobs,
@@ -137,8 +109,37 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<i32> {
     finish(&ws, &graph, &report, &args, started)
 }
 
+/// Tasks run at once here: `-j`, else `jolt.jobs`, else (or with 0) the CPUs.
+fn local_jobs(config: &Config, given: Option<usize>) -> Result<usize> {
+    let max = executor::MAX_JOBS;
+    match given {
+        Some(j) if (1..=max).contains(&j) => return Ok(j),
+        Some(j) => bail_usage!("-j {j}: tasks at once must be between 1 and {max}"),
+        None => {}
+    }
+    match config.get_int("jolt.jobs")? {
+        Some(j) if (1..=max as i64).contains(&j) => Ok(j as usize),
+        Some(0) | None => Ok(std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)),
+        Some(j) => bail_usage!("jolt.jobs = {j}: tasks at once must be between 1 and {max}"),
+    }
+}
+
+/// Remote executions a network client keeps in flight: `amqp.jobs` (32).
+fn remote_jobs(config: &Config) -> Result<usize> {
+    let max = executor::MAX_JOBS;
+    match config.get_int("amqp.jobs")? {
+        None => Ok(32),
+        Some(j) if (1..=max as i64).contains(&j) => Ok(j as usize),
+        Some(j) => {
+            bail_usage!("amqp.jobs = {j}: remote executions at once must be between 1 and {max}")
+        }
+    }
+}
+
 /// `jolt download`: fetch the goals' artifacts from the HTTP cache without building.
-pub fn download(config: &Config, args: DownloadArgs) -> Result<i32> {
+pub fn download(config: &Config, args: DownloadArgs) -> Result<Exit> {
     let started = Instant::now();
     let Some(http) = HttpCache::from_config(config, false, true)? else {
         return Err(usage("jolt download needs an HTTP cache: set http.uri"));
@@ -176,12 +177,12 @@ fn finish(
     report: &executor::Report,
     args: &BuildArgs,
     started: Instant,
-) -> Result<i32> {
-    let mut code = error::SUCCESS;
+) -> Result<Exit> {
+    let mut code = Exit::Success;
     if report.interrupted {
-        code = error::INTERRUPTED;
+        code = Exit::Interrupted;
     } else if report.failed() {
-        code = error::TASK_FAILED;
+        code = Exit::TaskFailed;
     }
     // Every goal that is available gets its Location, also when others failed (-k);
     // copies are made only of a build that succeeded.
@@ -194,7 +195,7 @@ fn finish(
         if node.task.cacheable && available {
             let dir = ws.cache.artifact_dir(node.name(), &node.identity);
             console::info(&format!("Location: {}", dir.display()));
-            if let (Some(dest), error::SUCCESS) = (&args.copy, code) {
+            if let (Some(dest), Exit::Success) = (&args.copy, code) {
                 copy_artifact(&dir, dest)?;
             }
         }
@@ -244,7 +245,7 @@ fn write_report(
     path: &std::path::Path,
     graph: &Graph,
     report: &executor::Report,
-    code: i32,
+    code: Exit,
     started: Instant,
 ) -> Result<()> {
     let tasks = graph
@@ -263,8 +264,8 @@ fn write_report(
         })
         .collect();
     let result = match code {
-        error::SUCCESS => "SUCCESS",
-        error::INTERRUPTED => "INTERRUPTED",
+        Exit::Success => "SUCCESS",
+        Exit::Interrupted => "INTERRUPTED",
         _ => "FAILED",
     };
     let text = serde_json::to_vec_pretty(&BuildReport {

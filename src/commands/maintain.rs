@@ -8,10 +8,11 @@ use crate::cli::{CleanArgs, ConfigArgs};
 use crate::config::{self, Config};
 use crate::console;
 use crate::error::usage;
+use crate::error::Exit;
 use crate::graph::GraphOptions;
 use crate::store::local::LocalCache;
 
-pub fn clean(config: &Config, args: CleanArgs) -> Result<i32> {
+pub fn clean(config: &Config, args: CleanArgs) -> Result<Exit> {
     if args.tasks.is_empty() {
         let cache = LocalCache::from_config(config)?;
         let removed = cache.clean(args.expired, &|_| true)?;
@@ -20,7 +21,7 @@ pub fn clean(config: &Config, args: CleanArgs) -> Result<i32> {
             "Removed {removed} artifacts from {}",
             cache.root.display()
         ));
-        return Ok(0);
+        return Ok(Exit::Success);
     }
     let ws = Workspace::open(config)?;
     let graph = ws.graph(&args.tasks, &GraphOptions::default())?;
@@ -37,7 +38,7 @@ pub fn clean(config: &Config, args: CleanArgs) -> Result<i32> {
         .cache
         .clean(args.expired, &|a| identities.contains(a.identity.as_str()))?;
     console::info(&format!("Removed {removed} artifacts"));
-    Ok(0)
+    Ok(Exit::Success)
 }
 
 /// A configuration value as it may be shown: passwords masked, and the userinfo of
@@ -50,7 +51,7 @@ fn shown(key: &str, value: &str) -> String {
     }
 }
 
-pub fn config(merged: &Config, args: ConfigArgs) -> Result<i32> {
+pub fn config(merged: &Config, args: ConfigArgs) -> Result<Exit> {
     let file = if args.global {
         config::global_file()
     } else {
@@ -71,7 +72,7 @@ pub fn config(merged: &Config, args: ConfigArgs) -> Result<i32> {
         for (key, value) in entries {
             console::print(&format!("{key} = {}", shown(&key, &value)));
         }
-        return Ok(0);
+        return Ok(Exit::Success);
     }
     let Some(key) = args.key else {
         return Err(usage("config needs a KEY (section.key), or -l to list"));
@@ -90,13 +91,13 @@ pub fn config(merged: &Config, args: ConfigArgs) -> Result<i32> {
             return Err(usage(format!("No such key: {key}")));
         }
         config::write_file(&file, &sections)?;
-        return Ok(0);
+        return Ok(Exit::Success);
     }
     match args.value {
         None => match merged.get(&key) {
             Some(v) => {
                 console::print(&format!("{key} = {}", shown(&key, &v)));
-                Ok(0)
+                Ok(Exit::Success)
             }
             None => Err(usage(format!("No such key: {key}"))),
         },
@@ -108,7 +109,7 @@ pub fn config(merged: &Config, args: ConfigArgs) -> Result<i32> {
                 .or_default()
                 .insert(name.to_string(), toml::Value::String(value));
             config::write_file(&file, &sections)?;
-            Ok(0)
+            Ok(Exit::Success)
         }
     }
 }

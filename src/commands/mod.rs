@@ -10,9 +10,10 @@ use anyhow::Result;
 
 use crate::cli::{Cli, Cmd};
 use crate::config::Config;
+use crate::error::Exit;
 
 /// Runs the parsed command line; returns the exit code.
-pub fn dispatch(cli: Cli) -> Result<i32> {
+pub fn dispatch(cli: Cli) -> Result<Exit> {
     if matches!(cli.command, Some(Cmd::AmqpWorker)) {
         crate::interrupt::install_worker();
     } else {

@@ -7,13 +7,15 @@ use super::workspace::Workspace;
 use crate::cli::{DisplayArgs, DisplayFormat, InspectArgs, ListArgs};
 use crate::config::Config;
 use crate::console;
+use crate::error::Exit;
 use crate::graph::hashes::FileHashes;
 use crate::graph::Resolved;
 use crate::graph::{Graph, GraphOptions};
 use crate::recipe::Recipes;
 use crate::store::http::HttpCache;
+use crate::util::secrets::masked_url;
 
-pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
+pub fn list(_config: &Config, args: ListArgs) -> Result<Exit> {
     let root = crate::recipe::find_root(&std::env::current_dir()?)?;
     let recipes = Recipes::load(&root)?;
     match args.task {
@@ -49,10 +51,10 @@ pub fn list(_config: &Config, args: ListArgs) -> Result<i32> {
             }
         }
     }
-    Ok(0)
+    Ok(Exit::Success)
 }
 
-pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
+pub fn inspect(config: &Config, args: InspectArgs) -> Result<Exit> {
     let ws = Workspace::open(config)?;
     let graph = ws.graph(
         std::slice::from_ref(&args.task),
@@ -99,12 +101,16 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
     ));
     out.push(format!("  Kind              {}", task.kind.name()));
     match &node.source {
-        Some(Resolved::Git { url, commit, .. }) => {
-            out.push(format!("  Source            {url} at {commit}"))
-        }
+        Some(Resolved::Git { url, commit, .. }) => out.push(format!(
+            "  Source            {} at {commit}",
+            masked_url(url)
+        )),
         Some(Resolved::Download { urls, sha256, .. }) => out.push(format!(
             "  Source            {} (sha256 {sha256})",
-            urls.join(", ")
+            urls.iter()
+                .map(|u| masked_url(u))
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
         None => {}
     }
@@ -142,10 +148,10 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<i32> {
     for line in out {
         console::print(&line);
     }
-    Ok(0)
+    Ok(Exit::Success)
 }
 
-pub fn display(_config: &Config, args: DisplayArgs) -> Result<i32> {
+pub fn display(_config: &Config, args: DisplayArgs) -> Result<Exit> {
     let root = crate::recipe::find_root(&std::env::current_dir()?)?;
     let recipes = Recipes::load(&root)?;
     let hashes = FileHashes::ephemeral(&root);
@@ -173,7 +179,7 @@ pub fn display(_config: &Config, args: DisplayArgs) -> Result<i32> {
             console::print("}");
         }
     }
-    Ok(0)
+    Ok(Exit::Success)
 }
 
 fn tree(graph: &Graph, i: usize, indent: &str, prune: bool, printed: &mut BTreeSet<usize>) {

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::console;
 use crate::error::usage;
+use crate::error::Exit;
 use crate::executor::{self, Mode, Services, Status};
 use crate::graph::hashes::FileHashes;
 use crate::graph::GraphOptions;
@@ -65,7 +66,7 @@ struct Worker {
 }
 
 /// Runs the worker until SIGTERM (drain) or SIGINT.
-pub fn run(config: &Config) -> Result<i32> {
+pub fn run(config: &Config) -> Result<Exit> {
     let settings = Settings::from_config(config)?;
     let http = HttpCache::from_config(config, false, false)?
         .ok_or_else(|| usage("amqp-worker needs an HTTP cache: set http.uri"))?;
@@ -91,15 +92,15 @@ pub fn run(config: &Config) -> Result<i32> {
         if interrupt::draining() || interrupt::is_set() {
             console::info("Worker stopped");
             return Ok(if interrupt::is_set() {
-                crate::error::INTERRUPTED
+                Exit::Interrupted
             } else {
-                0
+                Exit::Success
             });
         }
         match worker.session(&mut backoff) {
             Ok(()) => continue,
             // Refused credentials do not heal by retrying.
-            Err(e) if crate::error::exit_code(&e) == crate::error::INFRA => return Err(e),
+            Err(e) if crate::error::exit_code(&e) == Exit::Infra => return Err(e),
             Err(e) => {
                 console::warn(&format!(
                     "{e:#}; reconnecting in {}",
@@ -387,9 +388,9 @@ impl Worker {
     }
 
     fn build(&self, request: &Request) -> Outcome {
-        // What this worker found unusable for an earlier request may have been
-        // replaced since: each request looks afresh.
-        self.http.forget_rejections();
+        // What this worker found for an earlier request (an unusable archive, a
+        // server down) may have changed since: each request looks afresh.
+        self.http.forget_failures();
         let ws = match self.cache.scratch("ws") {
             Ok(ws) => ws,
             Err(e) => return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),

@@ -26,7 +26,7 @@ pub fn start() {
     // SAFETY: `fds` is valid for two descriptors; O_CLOEXEC keeps both ends out of
     // the commands jolt runs.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        log::debug!("no guardian: {}", std::io::Error::last_os_error());
+        crate::console::debug(&format!("no guardian: {}", std::io::Error::last_os_error()));
         return;
     }
     let (read, write) = (fds[0], fds[1]);
@@ -34,7 +34,7 @@ pub fn start() {
     // arbitrary code; it never returns from `serve`.
     match unsafe { libc::fork() } {
         -1 => {
-            log::debug!("no guardian: {}", std::io::Error::last_os_error());
+            crate::console::debug(&format!("no guardian: {}", std::io::Error::last_os_error()));
             // SAFETY: both descriptors are ours and used nowhere else.
             unsafe {
                 libc::close(read);
@@ -135,12 +135,18 @@ fn serve(read: RawFd, write: RawFd) -> ! {
 }
 
 /// Closes every descriptor from `first` on.
+///
+/// # Safety
+///
+/// Descriptors from `first` on must not be in use by anything that still runs: call
+/// it in a freshly forked, single-threaded child only.
 unsafe fn close_from(first: i32) {
-    // SAFETY: close_range only closes descriptors; on kernels without it, close them
-    // one by one up to the soft limit.
+    // SAFETY: close_range only closes descriptors, which the caller guarantees unused.
     if unsafe { libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0u32) } == 0 {
         return;
     }
+    // Kernels without close_range: one by one, up to the soft limit.
+    // SAFETY: sysconf only reads a limit.
     let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) };
     let max = if max <= 0 {
         1024
@@ -148,6 +154,7 @@ unsafe fn close_from(first: i32) {
         max.min(1 << 20) as i32
     };
     for fd in first..max {
+        // SAFETY: as above; closing a descriptor that is not open is harmless.
         unsafe { libc::close(fd) };
     }
 }

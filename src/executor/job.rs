@@ -25,6 +25,7 @@ use crate::store::http::{self as http_cache, HttpCache};
 use crate::store::local::{ArtifactLock, LocalCache};
 use crate::store::sources;
 use crate::util::fs::{self as fsutil, format_duration};
+use crate::util::secrets;
 
 /// Grace period between SIGTERM and SIGKILL when a command's process group is killed.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -36,6 +37,9 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(300);
 /// systems stamp with a coarse clock): a file changed this close to a task's start
 /// counts as written by the task.
 const OUTPUT_SLACK: Duration = Duration::from_millis(50);
+
+/// At most how much of a failed task's log is read for its report.
+const TAIL_BYTES: u64 = 1 << 20;
 
 /// Lines of a failed task's log kept for its report.
 const LOG_TAIL: usize = 200;
@@ -57,7 +61,19 @@ type Log = Arc<Mutex<File>>;
 
 /// The last `LOG_TAIL` lines of a file.
 fn tail(path: &Path) -> Option<String> {
-    let text = std::fs::read(path).ok()?;
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    // The task may have replaced its log: read only a regular file, only its end.
+    let mut file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let len = file.metadata().ok().filter(|m| m.is_file())?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))
+        .ok()?;
+    let mut text = Vec::new();
+    file.take(TAIL_BYTES).read_to_end(&mut text).ok()?;
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(LOG_TAIL);
@@ -607,11 +623,9 @@ impl Runner<'_> {
                 }) => sources::git_commands(url, commit, *keep_git)
                     .iter()
                     .try_for_each(|cmd| self.command(i, &task_shell.at(cmd, staging, &env))),
-                Some(Resolved::Download {
-                    urls,
-                    sha256,
-                    extract,
-                }) => self.download_source(i, urls, sha256, *extract, builddir, staging, &log),
+                Some(Resolved::Download { .. }) => {
+                    self.download_source(i, (builddir, staging), &log)
+                }
                 None => task.run.iter().try_for_each(|c| {
                     let cmd = self.expand(i, c, dirs)?;
                     self.command(i, &task_shell.at(&cmd, &cwd, &env))
@@ -759,32 +773,39 @@ impl Runner<'_> {
 
     /// `kind = "download"`: fetches the first mirror that answers, verifies the
     /// SHA-256 while streaming, and extracts or copies the file into the artifact.
-    #[allow(clippy::too_many_arguments)]
     fn download_source(
         &self,
         i: usize,
-        urls: &[String],
-        sha256: &str,
-        extract: bool,
-        builddir: &Path,
-        staging: &Path,
+        (builddir, staging): (&Path, &Path),
         log: &Log,
     ) -> Result<(), Failure> {
         let node = &self.graph.nodes[i];
+        let Some(Resolved::Download {
+            urls,
+            sha256,
+            extract,
+        }) = &node.source
+        else {
+            return Err(Failure::new("internal error: not a download task"));
+        };
+        let (sha256, extract) = (sha256.as_str(), *extract);
         let mut errors = Vec::new();
         for url in urls {
             if interrupt::is_set() {
                 return Err(Failure::interrupted("Download interrupted"));
             }
             let name = sources::file_name(url);
+            let fetch_url = url;
+            // What is shown and logged: the URL without its userinfo.
+            let url = &secrets::masked_url(url);
             let file = builddir.join(&name);
             let _ = writeln!(log.lock().expect("log"), "Downloading {url}");
             self.log(
                 console::Level::Info,
                 format!("Downloading {url} ({})", node.label()),
             );
-            match sources::fetch(url, &file) {
-                Err(e) => errors.push(format!("{e:#}")),
+            match sources::fetch(fetch_url, &file) {
+                Err(e) => errors.push(secrets::redact(&format!("{e:#}")).into_owned()),
                 Ok(actual) if actual != sha256 => errors.push(format!(
                     "{url}: sha256 mismatch: expected {sha256}, got {actual}"
                 )),
@@ -897,7 +918,7 @@ impl Runner<'_> {
         // Wait for the output to drain; a process that left the group and holds the
         // pipe open must not hold up the build forever.
         let _ = done_rx.recv_timeout(Duration::from_secs(2));
-        let cmd = shell.cmd;
+        let cmd = &*secrets::redact(shell.cmd);
         let log = shell.log;
         match killed {
             Some((_, true)) => {
@@ -909,13 +930,17 @@ impl Runner<'_> {
                 Some(Exit::Code(0)) => Ok(()),
                 other => {
                     let _ = writeln!(log.lock().expect("log"), "Command failed: {cmd}");
-                    log::debug!("{cmd}: {other:?}");
+                    crate::console::debug(&format!("{cmd}: {other:?}"));
                     Err(Failure::new(format!("Command failed: {cmd}")))
                 }
             },
         }
     }
 }
+
+/// How many of a worker's progress intervals a client waits without news before it
+/// takes the worker for dead and sends its request again.
+const SILENT_INTERVALS: u32 = 4;
 
 /// How many times a network client asks for an archive it rejected to be replaced.
 const REPLACEMENTS: usize = 2;
@@ -943,7 +968,7 @@ impl RemoteCall<'_> {
     /// have been lost: the HTTP cache is asked, then the request goes out again.
     fn wait(&self) -> Result<Reply, Failure> {
         let node = &self.runner.graph.nodes[self.i];
-        let silence = self.net.client.settings().progress * 4;
+        let silence = self.net.client.settings().progress * SILENT_INTERVALS;
         let still = self.net.client.settings().timeout;
         let mut last_news: Option<Instant> = None;
         let mut last_note = Instant::now();

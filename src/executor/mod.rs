@@ -246,12 +246,12 @@ pub struct Services<'a> {
     pub http: Option<&'a HttpCache>,
 }
 
-/// Runs the graph's goals.
+/// Runs the graph's goals: plans what each node needs, then does it on a pool of
+/// threads while this thread schedules and owns the console.
 pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> Result<Report> {
-    let n = graph.nodes.len();
-    let mut is_goal = vec![false; n];
+    let mut sched = Scheduler::new(graph, services, opts);
     for &g in &graph.goals {
-        is_goal[g] = true;
+        sched.plan(g)?;
     }
     let limits = [
         opts.jobs.max(1),
@@ -260,39 +260,15 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
             _ => TRANSFERS,
         },
     ];
-    let mut sched = Scheduler {
-        graph,
-        services,
-        mode: opts.mode,
-        is_goal,
-        plan: vec![Plan::Unplanned; n],
-        status: vec![Status::Unneeded; n],
-        available: vec![false; n],
-        pending: vec![0; n],
-        dependents: vec![Vec::new(); n],
-        ready: [BinaryHeap::new(), BinaryHeap::new()],
-        durations: vec![None; n],
-        started: vec![None; n],
-        logs: vec![None; n],
-        stop: false,
-        keep_going: opts.keep_going,
-        done: 0,
-        total: 0,
-        remote_running: 0,
-    };
-    for &g in &graph.goals {
-        sched.plan(g)?;
-    }
-
-    let infos: Vec<OnceLock<Arc<ArtifactInfo>>> = (0..n).map(|_| OnceLock::new()).collect();
+    let infos: Vec<OnceLock<Arc<ArtifactInfo>>> =
+        (0..graph.nodes.len()).map(|_| OnceLock::new()).collect();
     let is_goal = sched.is_goal.clone();
-    let prefix_output = opts.jobs > 1 && sched.total > 1;
-    let mut interrupted = false;
     let scratch_dirs: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-    let result: Result<()> = std::thread::scope(|scope| {
+    let prefix_output = opts.jobs > 1 && sched.total > 1;
+    let result: Result<bool> = std::thread::scope(|scope| {
         let (job_tx, job_rx) = unbounded::<(usize, Plan)>();
         let (ev_tx, ev_rx) = unbounded::<Event>();
-        for threads_started in 0..limits[0] + limits[1] {
+        for started in 0..limits[0] + limits[1] {
             let runner = Runner {
                 graph,
                 cache: services.cache,
@@ -304,113 +280,68 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
                 scratch: &scratch_dirs,
                 is_goal: &is_goal,
             };
-            let jobs: Receiver<(usize, Plan)> = job_rx.clone();
-            let spawned = std::thread::Builder::new().spawn_scoped(scope, move || {
-                while let Ok((i, plan)) = jobs.recv() {
-                    // A panic is a bug, but it must fail this task, not hang the
-                    // scheduler waiting for a Done that never comes.
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        runner.run(i, plan)
-                    }))
-                    .unwrap_or_else(|panic| {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown cause".into());
-                        Err(Failure::new(format!(
-                            "internal error while running {}: {what}",
-                            graph.nodes[i].label()
-                        )))
-                    });
-                    runner.send(Event::Done(i, result));
-                }
-            });
+            let jobs = job_rx.clone();
+            let spawned =
+                std::thread::Builder::new().spawn_scoped(scope, move || serve_jobs(&runner, &jobs));
             if let Err(e) = spawned {
                 // Threads that did start serve the build; none is an error.
-                if threads_started == 0 {
+                if started == 0 {
                     return Err(anyhow::anyhow!("Cannot start a thread: {e}"));
                 }
-                log::debug!("thread pool limited to {threads_started} threads: {e}");
+                console::debug(&format!("thread pool limited to {started} threads: {e}"));
                 break;
             }
         }
         drop(ev_tx);
-        let mut running = [0usize; 2];
-        let outcome = loop {
-            if interrupt::is_set() && !sched.stop {
-                sched.stop = true;
-                interrupted = true;
-                console::error("Interrupted by user");
-            }
-            for lane in 0..2 {
-                while !sched.stop && running[lane] < limits[lane] {
-                    let Some((_, std::cmp::Reverse(i))) = sched.ready[lane].pop() else {
-                        break;
-                    };
-                    running[lane] += 1;
-                    let _ = job_tx.send((i, sched.plan[i]));
-                }
-            }
-            if running == [0, 0] {
-                break Ok(());
-            }
-            sched.show_status(running[0]);
-            let event = match ev_rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(e) => e,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break Ok(()),
-            };
-            match event {
-                Event::Started(i) => {
-                    sched.started[i] = Some(Instant::now());
-                    console::info(&format!("Execution started ({})", graph.nodes[i].label()))
-                }
-                Event::Output(i, line, is_err) => {
-                    let prefix = prefix_output.then(|| graph.nodes[i].short.as_str());
-                    console::output(prefix, &line, is_err);
-                }
-                Event::Replay(i, line) => {
-                    console::output(Some(&graph.nodes[i].short), &line, false)
-                }
-                Event::Log(level, message) => console::log(level, &message),
-                Event::RemoteRunning => sched.remote_running += 1,
-                Event::Done(i, result) => {
-                    let lane = sched.plan[i].lane();
-                    running[lane] -= 1;
-                    if sched.plan[i] == Plan::Remote && sched.remote_running > 0 {
-                        sched.remote_running -= 1;
-                    }
-                    if let Err(e) = sched.finish(i, result, &infos) {
-                        sched.stop = true;
-                        // Let the running jobs end before giving up.
-                        let mut left: usize = running.iter().sum();
-                        while left > 0 {
-                            match ev_rx.recv() {
-                                Ok(Event::Done(..)) => left -= 1,
-                                Ok(_) => {}
-                                Err(_) => break,
-                            }
-                        }
-                        break Err(e);
-                    }
-                }
-            }
+        let lanes = Lanes {
+            jobs: job_tx,
+            events: ev_rx,
+            limits,
+            running: [0, 0],
         };
-        drop(job_tx);
-        outcome
+        sched.drive(lanes, &infos, prefix_output)
     });
     console::status(None);
     for dir in scratch_dirs.into_inner().unwrap_or_default() {
         let _ = fsutil::remove_dir_all(&dir);
     }
-    result?;
+    let interrupted = result?;
     Ok(Report {
         status: sched.status,
         duration: sched.durations,
         logs: sched.logs,
         interrupted,
     })
+}
+
+/// A pool thread's life: run the jobs it is handed until the channel closes.
+fn serve_jobs(runner: &Runner, jobs: &Receiver<(usize, Plan)>) {
+    while let Ok((i, plan)) = jobs.recv() {
+        // A panic is a bug, but it must fail this task, not hang the scheduler
+        // waiting for a Done that never comes.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(i, plan)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown cause".into());
+                Err(Failure::new(format!(
+                    "internal error while running {}: {what}",
+                    runner.graph.nodes[i].label()
+                )))
+            });
+        runner.send(Event::Done(i, result));
+    }
+}
+
+/// The scheduler's ends of the pool: jobs out, events in, and how many jobs run in
+/// each lane (executions here; transfers and remote executions) against its limit.
+struct Lanes {
+    jobs: crossbeam_channel::Sender<(usize, Plan)>,
+    events: Receiver<Event>,
+    limits: [usize; 2],
+    running: [usize; 2],
 }
 
 struct Scheduler<'a> {
@@ -433,6 +364,116 @@ struct Scheduler<'a> {
     done: usize,
     total: usize,
     remote_running: usize,
+}
+
+impl<'a> Scheduler<'a> {
+    fn new(graph: &'a Graph, services: &'a Services<'a>, opts: &Options<'a>) -> Scheduler<'a> {
+        let n = graph.nodes.len();
+        let mut is_goal = vec![false; n];
+        for &g in &graph.goals {
+            is_goal[g] = true;
+        }
+        Scheduler {
+            graph,
+            services,
+            mode: opts.mode,
+            is_goal,
+            plan: vec![Plan::Unplanned; n],
+            status: vec![Status::Unneeded; n],
+            available: vec![false; n],
+            pending: vec![0; n],
+            dependents: vec![Vec::new(); n],
+            ready: [BinaryHeap::new(), BinaryHeap::new()],
+            durations: vec![None; n],
+            started: vec![None; n],
+            logs: vec![None; n],
+            stop: false,
+            keep_going: opts.keep_going,
+            done: 0,
+            total: 0,
+            remote_running: 0,
+        }
+    }
+
+    /// Hands ready nodes to the pool and takes its events until nothing runs;
+    /// returns whether the build was interrupted.
+    fn drive(
+        &mut self,
+        mut lanes: Lanes,
+        infos: &[OnceLock<Arc<ArtifactInfo>>],
+        prefix_output: bool,
+    ) -> Result<bool> {
+        let mut interrupted = false;
+        loop {
+            if interrupt::is_set() && !self.stop {
+                self.stop = true;
+                interrupted = true;
+                console::error("Interrupted by user");
+            }
+            for lane in 0..2 {
+                while !self.stop && lanes.running[lane] < lanes.limits[lane] {
+                    let Some((_, std::cmp::Reverse(i))) = self.ready[lane].pop() else {
+                        break;
+                    };
+                    lanes.running[lane] += 1;
+                    let _ = lanes.jobs.send((i, self.plan[i]));
+                }
+            }
+            if lanes.running == [0, 0] {
+                return Ok(interrupted);
+            }
+            self.show_status(lanes.running[0]);
+            let event = match lanes.events.recv_timeout(Duration::from_millis(100)) {
+                Ok(e) => e,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Ok(interrupted),
+            };
+            if let Err(e) = self.on_event(event, &mut lanes, infos, prefix_output) {
+                self.stop = true;
+                // Let the running jobs end before giving up.
+                let mut left: usize = lanes.running.iter().sum();
+                while left > 0 {
+                    match lanes.events.recv() {
+                        Ok(Event::Done(..)) => left -= 1,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+
+    fn on_event(
+        &mut self,
+        event: Event,
+        lanes: &mut Lanes,
+        infos: &[OnceLock<Arc<ArtifactInfo>>],
+        prefix_output: bool,
+    ) -> Result<()> {
+        let graph = self.graph;
+        match event {
+            Event::Started(i) => {
+                self.started[i] = Some(Instant::now());
+                console::info(&format!("Execution started ({})", graph.nodes[i].label()))
+            }
+            Event::Output(i, line, is_err) => {
+                let prefix = prefix_output.then(|| graph.nodes[i].short.as_str());
+                console::output(prefix, &line, is_err);
+            }
+            Event::Replay(i, line) => console::output(Some(&graph.nodes[i].short), &line, false),
+            Event::Log(level, message) => console::log(level, &message),
+            Event::RemoteRunning => self.remote_running += 1,
+            Event::Done(i, result) => {
+                lanes.running[self.plan[i].lane()] -= 1;
+                if self.plan[i] == Plan::Remote && self.remote_running > 0 {
+                    self.remote_running -= 1;
+                }
+                self.finish(i, result, infos)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Warns once that the HTTP cache is unreachable, or about any other HTTP failure.
@@ -789,82 +830,92 @@ impl Scheduler<'_> {
                 ));
                 self.succeed(i, Status::Cached, Some(info), infos);
             }
-            Ok(Done::DownloadFailed) => {
-                let http = self.services.http;
-                let url = http
-                    .map(|h| h.url(node.name(), &node.identity))
-                    .unwrap_or_default();
-                let rejected = http.is_some_and(|h| h.is_rejected(node.name(), &node.identity));
-                match self.mode {
-                    Mode::Local => {
-                        // Build it instead, with what it needs.
-                        self.done -= 1;
-                        self.plan[i] = Plan::Execute;
-                        self.plan_needs(i, self.needs(i))?;
-                    }
-                    Mode::Network(_) if rejected => {
-                        // The cache's archive is unusable: a worker builds it again and
-                        // uploads it over the bad one (the request says so).
-                        console::warn(&format!(
-                        "The HTTP cache holds an unusable artifact of {} ({url}): having it built again",
-                        node.label()
-                    ));
-                        self.done -= 1;
-                        self.plan[i] = Plan::Remote;
-                        self.plan_needs(i, self.needs(i))?;
-                    }
-                    Mode::Network(_) => {
-                        console::error(&format!(
-                        "The HTTP cache holds an unusable artifact of {} ({url}): remove it and build again",
-                        node.label()
-                    ));
-                        self.status[i] = Status::Failed;
-                        if !self.keep_going {
-                            self.stop = true;
-                        }
-                        self.propagate(i, Some((i, false)));
-                    }
-                    Mode::DownloadOnly | Mode::Worker => self.not_built(i),
-                }
-            }
+            Ok(Done::DownloadFailed) => self.download_failed(i)?,
             Err(failure) if failure.interrupted => {
                 self.status[i] = Status::Interrupted;
                 self.propagate(i, Some((i, false)));
             }
-            Err(failure) => {
-                for line in &failure.lines {
-                    console::error(line);
-                }
-                let unstable = node.task.def.unstable;
-                let elapsed = self.started[i].map(|s| s.elapsed()).unwrap_or_default();
-                self.durations[i] = Some(elapsed);
-                console::error(&format!(
-                    "{}xecution failed after {} ({}){}",
-                    if failure.remote { "Remote e" } else { "E" },
-                    format_duration(elapsed),
-                    node.label(),
-                    if unstable { ", unstable" } else { "" }
-                ));
-                let mut log = failure.log.unwrap_or_default();
-                for line in &failure.lines {
-                    if !log.is_empty() {
-                        log.push('\n');
-                    }
-                    log.push_str(line);
-                }
-                self.logs[i] = Some(log);
-                self.status[i] = if unstable {
-                    Status::Unstable
-                } else {
-                    Status::Failed
-                };
-                if !unstable && !self.keep_going {
-                    self.stop = true;
-                }
-                self.propagate(i, Some((i, unstable)));
-            }
+            Err(failure) => self.failed(i, failure),
         }
         Ok(())
+    }
+
+    /// The HTTP cache could not deliver node `i`: build it instead where that is
+    /// allowed, have a worker replace an archive that was rejected, else fail.
+    fn download_failed(&mut self, i: usize) -> Result<()> {
+        let node = &self.graph.nodes[i];
+        let http = self.services.http;
+        let url = http
+            .map(|h| h.url(node.name(), &node.identity))
+            .unwrap_or_default();
+        let rejected = http.is_some_and(|h| h.is_rejected(node.name(), &node.identity));
+        match self.mode {
+            Mode::Local => {
+                // Build it instead, with what it needs.
+                self.done -= 1;
+                self.plan[i] = Plan::Execute;
+                self.plan_needs(i, self.needs(i))?;
+            }
+            Mode::Network(_) if rejected => {
+                // The cache's archive is unusable: a worker builds it again and
+                // uploads it over the bad one (the request says so).
+                console::warn(&format!(
+                    "The HTTP cache holds an unusable artifact of {} ({url}): having it built again",
+                    node.label()
+                ));
+                self.done -= 1;
+                self.plan[i] = Plan::Remote;
+                self.plan_needs(i, self.needs(i))?;
+            }
+            Mode::Network(_) => {
+                console::error(&format!(
+                    "The HTTP cache holds an unusable artifact of {} ({url}): remove it and build again",
+                    node.label()
+                ));
+                self.status[i] = Status::Failed;
+                if !self.keep_going {
+                    self.stop = true;
+                }
+                self.propagate(i, Some((i, false)));
+            }
+            Mode::DownloadOnly | Mode::Worker => self.not_built(i),
+        }
+        Ok(())
+    }
+
+    /// Node `i` failed: its lines, its log's tail for the report, and its consumers.
+    fn failed(&mut self, i: usize, failure: Failure) {
+        let node = &self.graph.nodes[i];
+        for line in &failure.lines {
+            console::error(line);
+        }
+        let unstable = node.task.def.unstable;
+        let elapsed = self.started[i].map(|s| s.elapsed()).unwrap_or_default();
+        self.durations[i] = Some(elapsed);
+        console::error(&format!(
+            "{}xecution failed after {} ({}){}",
+            if failure.remote { "Remote e" } else { "E" },
+            format_duration(elapsed),
+            node.label(),
+            if unstable { ", unstable" } else { "" }
+        ));
+        let mut log = failure.log.unwrap_or_default();
+        for line in &failure.lines {
+            if !log.is_empty() {
+                log.push('\n');
+            }
+            log.push_str(line);
+        }
+        self.logs[i] = Some(log);
+        self.status[i] = if unstable {
+            Status::Unstable
+        } else {
+            Status::Failed
+        };
+        if !unstable && !self.keep_going {
+            self.stop = true;
+        }
+        self.propagate(i, Some((i, unstable)));
     }
 
     fn show_status(&self, running: usize) {

@@ -94,7 +94,9 @@ impl FileHashes {
         }
     }
 
-    /// The SHA-256 of a file relative to the workspace root; symlinks hash their target path.
+    /// The SHA-256 of a file relative to the workspace root. A symlink hashes its
+    /// target path and, when it leads to a file, that file's content: what a task
+    /// reads through the link.
     pub fn hash(&self, rel: &Path) -> Result<String> {
         self.hash_with(rel, None)
     }
@@ -113,8 +115,15 @@ impl FileHashes {
         };
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(&full)?;
-            let digest = Sha256::digest(target.as_os_str().as_encoded_bytes());
-            return Ok(format!("symlink:{}", hex(&digest)));
+            let mut digest = Sha256::new();
+            digest.update(target.as_os_str().as_encoded_bytes());
+            if let Ok(followed) = std::fs::metadata(&full) {
+                if followed.is_file() {
+                    digest.update(b"\0");
+                    digest.update(self.content(rel, &full, &followed)?.as_bytes());
+                }
+            }
+            return Ok(format!("symlink:{}", hex(&digest.finalize())));
         }
         if !meta.is_file() {
             anyhow::bail!(
@@ -123,6 +132,12 @@ impl FileHashes {
                 crate::util::fs::kind_of(meta)
             );
         }
+        self.content(rel, &full, meta)
+    }
+
+    /// The SHA-256 of a regular file's content, from the stat cache when `meta` (the
+    /// file's, or for a symlink its target's) matches the remembered entry.
+    fn content(&self, rel: &Path, full: &Path, meta: &std::fs::Metadata) -> Result<String> {
         let stat = Stat::of(meta);
         let key = rel.to_string_lossy();
         if let Some((known, hash)) = self.entries.lock().expect("hash cache").get(key.as_ref()) {
@@ -131,7 +146,7 @@ impl FileHashes {
             }
         }
         self.reads.fetch_add(1, Ordering::Relaxed);
-        let hash = hash_file(&full)
+        let hash = hash_file(full)
             .with_context(|| format!("Cannot read influence file {}", rel.display()))?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -445,6 +445,7 @@ impl Builder<'_> {
         Ok(Some(match source {
             Source::Git { url, rev, keep_git } => {
                 let url = expand(self, url)?;
+                register_userinfo(&url);
                 let rev = expand(self, rev)?;
                 let qualified = &self.nodes[i].qualified;
                 let commit = match self.opts.commits.get(qualified) {
@@ -464,7 +465,7 @@ impl Builder<'_> {
             } => Resolved::Download {
                 urls: urls
                     .iter()
-                    .map(|u| expand(self, u))
+                    .map(|u| expand(self, u).inspect(|u| register_userinfo(u)))
                     .collect::<Result<_>>()?,
                 sha256: sha256.clone(),
                 extract: *extract,
@@ -662,6 +663,14 @@ fn env_templates(task: &Task) -> impl Iterator<Item = &String> {
                 .chain(r.cwd.iter())
                 .chain(r.dest.iter())
         }))
+}
+
+/// A password in a source URL's userinfo is a secret like a configured one: no
+/// output shows it.
+fn register_userinfo(url: &str) {
+    if let (_, Some((_, Some(password)))) = crate::util::secrets::strip_userinfo(url) {
+        crate::util::secrets::register(&password);
+    }
 }
 
 /// The variables named by `{env.VAR}` placeholders in a template, nested ones included.

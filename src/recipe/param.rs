@@ -205,6 +205,12 @@ impl Param {
                 _ => Ok(()),
             }
         };
+        // A value is written into references (`task:p=v,q=w`) and identity lines
+        // (`Parameters: p=v,q=w`): a comma in it would make two parameter sets read
+        // the same.
+        if value.contains(',') {
+            return Err(illegal(", a value may not contain ','"));
+        }
         match self.ty {
             ParamType::List => {
                 let mut items: Vec<String> = if value.is_empty() {

@@ -12,16 +12,20 @@ pub struct TaskRef {
 }
 
 /// Whether `name` is a legal task name: ASCII letters, digits and `_ - . /`, in
-/// `/`-separated parts that are neither empty, `.`, `..` nor start with a dot (a name
-/// becomes a directory of the cache and a path of the HTTP cache's URLs).
+/// `/`-separated parts that are neither empty, `.`, `..`, start with a dot nor are 64
+/// hex digits (a name becomes a directory of the cache and a path of the HTTP
+/// cache's URLs).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
-        && name
-            .split('/')
-            .all(|part| !part.is_empty() && !part.starts_with('.'))
+        && name.split('/').all(|part| {
+            // A part that looks like an identity would read as an artifact directory
+            // of the cache (`<task>/<identity>/`).
+            let identity_like = part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit());
+            !part.is_empty() && !part.starts_with('.') && !identity_like
+        })
 }
 
 impl TaskRef {
@@ -79,6 +83,7 @@ mod tests {
             assert!(!valid_name(bad), "{bad}");
         }
         assert!(valid_name("tools/gcc-12.2_x"));
+        assert!(!valid_name(&format!("x/{}", "a".repeat(64))));
         assert!(TaskRef::parse("a:p").is_err());
         assert_eq!(format("a", &[("z", "1"), ("b", "2")]), "a:b=2,z=1");
     }

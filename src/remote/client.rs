@@ -27,6 +27,10 @@ use crate::store::http::HttpCache;
 use crate::store::local::LocalCache;
 use crate::util::hex;
 
+/// How many fresh connections a request may take to be published before the
+/// failure is taken as final (say, a request queue declared with other arguments).
+const PUBLISH_ATTEMPTS: u32 = 5;
+
 /// What a waiting job receives.
 #[derive(Debug)]
 pub enum Incoming {
@@ -170,7 +174,7 @@ impl NetworkClient {
                 .map_err(anyhow::Error::from)
         });
         if let Err(e) = bound {
-            log::debug!("bind {identity}: {e:#}");
+            crate::console::debug(&format!("bind {identity}: {e:#}"));
         }
         Ok(Subscription {
             client: self,
@@ -237,13 +241,13 @@ impl NetworkClient {
                     // Start over on a fresh connection; an error that survives that
                     // (say, a request queue declared with other arguments) is final.
                     failures += 1;
-                    if failures >= 5 {
+                    if failures >= PUBLISH_ATTEMPTS {
                         return Err(e.context(format!(
                             "Cannot send a request to RabbitMQ at {}",
                             self.settings.address()
                         )));
                     }
-                    log::debug!("publish failed, reconnecting: {e:#}");
+                    crate::console::debug(&format!("publish failed, reconnecting: {e:#}"));
                     self.shared.link.lock().expect("link").take();
                     self.shared.broken.store(true, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(500));
@@ -283,7 +287,7 @@ impl NetworkClient {
                 inner: std::io::BufWriter::new(file),
                 hasher: Sha256::new(),
             };
-            crate::store::archive::pack_files(root, files, &mut out)?;
+            crate::store::archive::pack_files(root, &with_link_targets(root, files), &mut out)?;
             out.flush()?;
             let digest = hex(&out.hasher.finalize());
             if self.snapshots.lock().expect("snapshots").contains(&digest) {
@@ -300,6 +304,26 @@ impl NetworkClient {
         let _ = crate::util::fs::remove_dir_all(&scratch);
         result
     }
+}
+
+/// `files` and the files their symlinks lead to inside `root`: a symlink's identity
+/// covers its target's content, so the worker needs the target too.
+fn with_link_targets(root: &Path, files: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = files.to_vec();
+    let Ok(canonical_root) = std::fs::canonicalize(root) else {
+        return out;
+    };
+    for file in files {
+        let full = root.join(file);
+        let is_link = std::fs::symlink_metadata(&full).is_ok_and(|m| m.file_type().is_symlink());
+        let target = std::fs::canonicalize(&full).ok().filter(|t| t.is_file());
+        if let (true, Some(target)) = (is_link, target) {
+            if let Ok(rel) = target.strip_prefix(&canonical_root) {
+                out.push(rel.to_path_buf());
+            }
+        }
+    }
+    out
 }
 
 impl Drop for NetworkClient {
@@ -326,7 +350,7 @@ fn serve(
             None => match open(&settings) {
                 Ok(c) => c,
                 Err(e) => {
-                    log::debug!("reconnect: {e:#}");
+                    crate::console::debug(&format!("reconnect: {e:#}"));
                     sleep_unless_stopped(&shared, backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
@@ -397,7 +421,9 @@ fn serve(
                                 let _ = tx.send(Incoming::Reply(reply.clone()));
                             }
                         }
-                        Err(e) => log::warn!("ignoring an unreadable reply: {e}"),
+                        Err(e) => {
+                            crate::console::warn(&format!("ignoring an unreadable reply: {e}"))
+                        }
                     }
                 }
                 Ok(other) => {

@@ -104,19 +104,10 @@ fn write_entries(base: &Path, entries: &[PathBuf], out: impl Write) -> Result<()
 }
 
 fn walk(base: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let full = base.join(rel);
-    for entry in
-        std::fs::read_dir(&full).with_context(|| format!("Cannot read {}", full.display()))?
-    {
-        let entry = entry?;
-        let path = rel.join(entry.file_name());
-        let is_dir = entry.file_type()?.is_dir();
-        out.push(path.clone());
-        if is_dir {
-            walk(base, &path, out)?;
-        }
-    }
-    Ok(())
+    crate::util::fs::walk(base, rel, &mut |path, _| {
+        out.push(path.to_path_buf());
+        Ok(true)
+    })
 }
 
 /// A path from an archive made relative and checked to stay inside; `None` when it
@@ -140,20 +131,17 @@ pub(crate) fn link_stays_inside(link: &Path, target: &Path) -> bool {
     crate::util::fs::stays_inside(depth, target)
 }
 
-/// Fails when a parent of `rel` inside `dest` exists as anything but a directory
-/// (a symlink planted by an earlier entry must not be written through).
-pub(crate) fn check_parents(dest: &Path, rel: &Path) -> Result<()> {
-    let mut check = dest.to_path_buf();
-    for c in rel.parent().into_iter().flat_map(|p| p.components()) {
-        check.push(c);
-        if let Ok(m) = std::fs::symlink_metadata(&check) {
-            if !m.is_dir() {
-                bail!(
-                    "archive entry '{}' goes through a non-directory",
-                    rel.display()
-                );
-            }
-        }
+/// Fails when a parent of `rel` is one of the symlinks unpacked before (`links`):
+/// an entry must never be written through a link. (A file as a parent fails on its
+/// own: no directory can be made there.) Comparing with the few links is cheap
+/// where asking the file system for every parent of every entry of a deep archive
+/// is not.
+pub(crate) fn check_parents(rel: &Path, links: &[PathBuf]) -> Result<()> {
+    if links.iter().any(|l| rel != l && rel.starts_with(l)) {
+        bail!(
+            "archive entry '{}' goes through a non-directory",
+            rel.display()
+        );
     }
     Ok(())
 }
@@ -172,7 +160,7 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
             bail!("archive entry '{}' escapes the artifact", raw.display());
         };
         let target = dest.join(&rel);
-        check_parents(dest, &rel)?;
+        check_parents(&rel, &links)?;
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -224,7 +212,7 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
                         link.display()
                     );
                 };
-                check_parents(dest, &source)?;
+                check_parents(&source, &links)?;
                 let source = dest.join(source);
                 if !std::fs::symlink_metadata(&source)
                     .map(|m| m.is_file())

@@ -13,6 +13,31 @@ pub const MANIFEST: &str = ".manifest.json";
 /// The captured output of the task that produced the artifact.
 pub const BUILD_LOG: &str = ".build.log";
 
+/// The largest manifest jolt reads (a task with a million influence files stays
+/// well below).
+pub const MAX_MANIFEST: u64 = 256 << 20;
+
+/// Reads a regular file of at most `limit` bytes. Anything else (a fifo, a device, a
+/// symlink to either, a file that grows without end) is an error, never a block or
+/// an unbounded read.
+pub fn read_small(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut data = Vec::new();
+    file.take(limit + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > limit {
+        return Err(std::io::Error::other(format!("larger than {limit} bytes")));
+    }
+    Ok(data)
+}
+
 /// The content of `.manifest.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -42,8 +67,8 @@ impl Manifest {
     /// Reads the manifest of an artifact directory.
     pub fn read(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST);
-        let text =
-            std::fs::read(&path).with_context(|| format!("Cannot read {}", path.display()))?;
+        let text = read_small(&path, MAX_MANIFEST)
+            .with_context(|| format!("Cannot read {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("Corrupt {}", path.display()))
     }
 
@@ -108,37 +133,35 @@ impl Manifest {
 /// Lists the files under an artifact directory (without the manifest and the log),
 /// relative and sorted, with their total size.
 pub fn list_files(dir: &Path) -> Result<(Vec<String>, u64)> {
-    fn visit(base: &Path, rel: &Path, out: &mut Vec<String>, size: &mut u64) -> Result<()> {
-        let full = base.join(rel);
-        for entry in
-            std::fs::read_dir(&full).with_context(|| format!("Cannot read {}", full.display()))?
-        {
-            let entry = entry?;
-            let path = rel.join(entry.file_name());
-            if rel.as_os_str().is_empty()
-                && (entry.file_name() == MANIFEST || entry.file_name() == BUILD_LOG)
-            {
-                continue;
-            }
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                visit(base, &path, out, size)?;
-            } else if !(meta.is_file() || meta.file_type().is_symlink()) {
+    let mut files = Vec::new();
+    let mut size = 0;
+    crate::util::fs::walk(dir, Path::new(""), &mut |path, entry| {
+        let meta = entry.metadata()?;
+        if path == Path::new(MANIFEST) || path == Path::new(BUILD_LOG) {
+            // jolt's own: a regular file, or (the manifest, while staging) none yet.
+            if !meta.is_file() {
                 anyhow::bail!(
-                    "{} in the artifact is a {}: artifacts hold files, directories and symlinks",
+                    "{} in the artifact is a {}: it is jolt's, and must be a file",
                     path.display(),
                     crate::util::fs::kind_of(&meta)
                 );
-            } else {
-                *size += meta.len();
-                out.push(path.to_string_lossy().into_owned());
             }
+            return Ok(false);
         }
-        Ok(())
-    }
-    let mut files = Vec::new();
-    let mut size = 0;
-    visit(dir, Path::new(""), &mut files, &mut size)?;
+        if meta.is_dir() {
+            return Ok(true);
+        }
+        if !(meta.is_file() || meta.file_type().is_symlink()) {
+            anyhow::bail!(
+                "{} in the artifact is a {}: artifacts hold files, directories and symlinks",
+                path.display(),
+                crate::util::fs::kind_of(&meta)
+            );
+        }
+        size += meta.len();
+        files.push(path.to_string_lossy().into_owned());
+        Ok(false)
+    })?;
     files.sort();
     Ok((files, size))
 }

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::Config;
@@ -75,6 +76,8 @@ pub struct HttpCache {
 struct PackedBody {
     pipe: std::io::PipeReader,
     done: crossbeam_channel::Receiver<Result<(), String>>,
+    /// Where the packer's error is kept for the caller.
+    failed: Arc<Mutex<Option<String>>>,
 }
 
 impl Read for PackedBody {
@@ -82,6 +85,7 @@ impl Read for PackedBody {
         let n = self.pipe.read(buf)?;
         if n == 0 {
             if let Ok(Err(e)) = self.done.recv() {
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
                 return Err(std::io::Error::other(e));
             }
         }
@@ -157,7 +161,8 @@ impl HttpCache {
         let uri = uri.trim_end_matches('/').to_string();
         if !(uri.starts_with("http://") || uri.starts_with("https://")) {
             return Err(usage(format!(
-                "Invalid http.uri '{uri}': expected http:// or https://"
+                "Invalid http.uri '{}': expected http:// or https://",
+                crate::util::secrets::masked_url(&uri)
             )));
         }
         let (user, password) = match (config.get("http.username"), userinfo) {
@@ -232,13 +237,15 @@ impl HttpCache {
             .insert(self.url(task, identity));
     }
 
-    /// Forgets which archives were found unusable (a long-running worker, between
-    /// requests: another worker may have replaced them).
-    pub fn forget_rejections(&self) {
+    /// Forgets what earlier requests found: which archives were unusable (another
+    /// worker may have replaced them) and that the server was down (it may be back).
+    /// A long-running worker calls it between requests.
+    pub fn forget_failures(&self) {
         self.rejected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        self.down.store(false, Ordering::Relaxed);
     }
 
     /// Whether the cache's archive of an artifact was found unusable.
@@ -264,7 +271,7 @@ impl HttpCache {
             let last = attempt >= self.retries;
             match make() {
                 Ok(resp) if resp.status().is_server_error() && !last => {
-                    log::debug!("{url}: {}, retrying", resp.status());
+                    crate::console::debug(&format!("{url}: {}, retrying", resp.status()));
                 }
                 Ok(resp) => return Ok(resp),
                 Err(e) if last => {
@@ -281,7 +288,7 @@ impl HttpCache {
                     }
                     bail!(message);
                 }
-                Err(e) => log::debug!("{url}: {e}, retrying"),
+                Err(e) => crate::console::debug(&format!("{url}: {e}, retrying")),
             }
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(5));
@@ -393,7 +400,9 @@ impl HttpCache {
         let url = self.url(task, identity);
         crate::store::archive::check_links(dir, &crate::store::archive::entries(dir)?)
             .with_context(|| format!("{url}: not uploaded"))?;
-        let resp = self.send(&url, &mut || {
+        // A packing error is ours, not the server's: it must not mark the cache down.
+        let packing: Arc<Mutex<Option<String>>> = Arc::default();
+        let sent = self.send(&url, &mut || {
             let (reader, writer) = std::io::pipe().map_err(ureq::Error::Io)?;
             let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
             let dir = dir.to_path_buf();
@@ -408,15 +417,23 @@ impl HttpCache {
             let body = PackedBody {
                 pipe: reader,
                 done: done_rx,
+                failed: packing.clone(),
             };
             let result = self
                 .with_auth(self.agent.put(&url))
                 .header("Content-Type", "application/x-tar")
                 .send(ureq::SendBody::from_owned_reader(body));
             let _ = packer.join();
-            result
-        })?;
-        put_outcome(&url, resp.status())?;
+            match packing.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                Some(e) => Err(ureq::Error::Io(std::io::Error::other(e.clone()))),
+                None => result,
+            }
+        });
+        let packed = packing.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(e) = packed {
+            bail!("{url}: cannot pack {}: {e}", dir.display());
+        }
+        put_outcome(&url, sent?.status())?;
         self.rejected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -459,13 +476,16 @@ mod tests {
         writer.write_all(b"half an archive").unwrap();
         tx.send(Err("disk error".to_string())).unwrap();
         drop(writer);
+        let failed: Arc<Mutex<Option<String>>> = Arc::default();
         let mut body = PackedBody {
             pipe: reader,
             done: rx,
+            failed: failed.clone(),
         };
         let mut sink = Vec::new();
         let err = body.read_to_end(&mut sink).unwrap_err();
         assert_eq!(err.to_string(), "disk error");
+        assert_eq!(failed.lock().unwrap().as_deref(), Some("disk error"));
 
         let (reader, writer) = std::io::pipe().unwrap();
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -474,6 +494,7 @@ mod tests {
         let mut body = PackedBody {
             pipe: reader,
             done: rx,
+            failed,
         };
         assert_eq!(body.read_to_end(&mut sink).unwrap(), 0);
     }

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use crate::recipe::Expires;
-use crate::store::artifact::{Manifest, MANIFEST};
+use crate::store::artifact::{Manifest, MANIFEST, MAX_MANIFEST};
 use crate::util::fs::{self as fsutil, unique_suffix};
 
 /// Default `jolt.cachesize`.
@@ -149,7 +149,7 @@ impl LocalCache {
     pub fn lookup(&self, task: &str, identity: &str) -> Option<Manifest> {
         let dir = self.artifact_dir(task, identity);
         let path = dir.join(MANIFEST);
-        let error = match std::fs::read(&path) {
+        let error = match crate::store::artifact::read_small(&path, MAX_MANIFEST) {
             Ok(text) => match serde_json::from_slice::<Manifest>(&text) {
                 Ok(m) if m.identity == identity && m.task == task => return Some(m),
                 Ok(m) => format!("its manifest describes {} {}", m.task, m.identity),
@@ -158,16 +158,26 @@ impl LocalCache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.is_dir() => {
                 "it has no manifest".to_string()
             }
+            // A symlink, a fifo, a device or a huge file where the manifest belongs.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::Other
+                    || e.raw_os_error() == Some(libc::ELOOP) =>
+            {
+                format!("its manifest is unusable: {e}")
+            }
             Err(e) => {
                 // Absent, or unreadable for now (say, out of file descriptors): no
                 // reason to remove anything.
-                log::trace!("{}: {e}", path.display());
+                crate::console::debug(&format!("{}: {e}", path.display()));
                 return None;
             }
         };
         // Another process may be reading its files right now.
         if self.recorded_uses(true).contains(identity) {
-            log::debug!("{} is unusable ({error}) but in use", dir.display());
+            crate::console::debug(&format!(
+                "{} is unusable ({error}) but in use",
+                dir.display()
+            ));
             return None;
         }
         if let Ok(Some(_lock)) = self.try_lock(identity) {
@@ -176,7 +186,7 @@ impl LocalCache {
                     "Removed the unusable artifact {} ({error}); it will be built again",
                     dir.display()
                 )),
-                Err(e) => log::debug!("{e:#}"),
+                Err(e) => crate::console::debug(&format!("{e:#}")),
             }
         }
         None
@@ -458,7 +468,7 @@ impl LocalCache {
                     break;
                 }
                 if artifact.expired(now) && self.remove(artifact, &in_use)? {
-                    log::debug!("evicted {}", artifact.dir.display());
+                    crate::console::debug(&format!("evicted {}", artifact.dir.display()));
                     total -= artifact.size;
                 }
             }
@@ -499,6 +509,8 @@ impl LocalCache {
                 .and_then(|(head, _)| head.rsplit_once('-'))
                 .and_then(|(head, _)| head.rsplit('-').next())
                 .and_then(|p| p.parse::<i32>().ok());
+            // SAFETY: signal 0 sends nothing; kill only reports whether the process
+            // exists.
             let alive = pid
                 .map(|p| unsafe { libc::kill(p, 0) } == 0)
                 .unwrap_or(false);

@@ -237,7 +237,7 @@ fn unzip(archive: &Path, dest: &Path) -> Result<()> {
             continue;
         }
         let target = dest.join(&rel);
-        crate::store::archive::check_parents(dest, &rel)?;
+        crate::store::archive::check_parents(&rel, &links)?;
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }

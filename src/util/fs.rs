@@ -97,9 +97,46 @@ pub fn remove_dir_all(path: &Path) -> Result<()> {
     }
 }
 
+/// Walks the tree under `base/start` without recursion (trees may be thousands of
+/// directories deep), calling `visit(path relative to base, entry)` for each entry
+/// (symlinks are not followed); a directory is entered when `visit` returns true.
+pub fn walk(
+    base: &Path,
+    start: &Path,
+    visit: &mut dyn FnMut(&Path, &std::fs::DirEntry) -> Result<bool>,
+) -> Result<()> {
+    let mut dirs = vec![start.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let full = base.join(&dir);
+        let entries =
+            std::fs::read_dir(&full).with_context(|| format!("Cannot read {}", full.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("Cannot read {}", full.display()))?;
+            let rel = dir.join(entry.file_name());
+            if visit(&rel, &entry)? && entry.file_type()?.is_dir() {
+                dirs.push(rel);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Copies a file or a directory tree, keeping symlinks as symlinks and the
 /// executable bits of files.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    copy_entry(src, dst)?;
+    if std::fs::symlink_metadata(src)?.is_dir() {
+        walk(src, Path::new(""), &mut |rel, _| {
+            copy_entry(&src.join(rel), &dst.join(rel))?;
+            Ok(true)
+        })?;
+    }
+    Ok(())
+}
+
+/// Copies one entry: a symlink as a symlink, a directory as an empty one, a file
+/// with its content and executable bits; anything else is an error.
+fn copy_entry(src: &Path, dst: &Path) -> Result<()> {
     let meta =
         std::fs::symlink_metadata(src).with_context(|| format!("Cannot read {}", src.display()))?;
     if let Some(dir) = dst.parent() {
@@ -112,13 +149,6 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
             .with_context(|| format!("Cannot create symlink {}", dst.display()))?;
     } else if meta.is_dir() {
         std::fs::create_dir_all(dst).with_context(|| format!("Cannot create {}", dst.display()))?;
-        let mut entries: Vec<_> = std::fs::read_dir(src)
-            .with_context(|| format!("Cannot read {}", src.display()))?
-            .collect::<std::io::Result<_>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            copy_tree(&entry.path(), &dst.join(entry.file_name()))?;
-        }
     } else if meta.is_file() {
         std::fs::copy(src, dst)
             .with_context(|| format!("Cannot copy {} to {}", src.display(), dst.display()))?;
@@ -156,17 +186,14 @@ pub fn tree_size(path: &Path) -> u64 {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return 0;
     };
+    let mut total = meta.len();
     if meta.is_dir() {
-        let mut total = meta.len();
-        if let Ok(entries) = std::fs::read_dir(path) {
-            for entry in entries.flatten() {
-                total += tree_size(&entry.path());
-            }
-        }
-        total
-    } else {
-        meta.len()
+        let _ = walk(path, Path::new(""), &mut |_, entry| {
+            total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            Ok(true)
+        });
     }
+    total
 }
 
 /// Seconds since the Unix epoch, as a UTC timestamp `YYYY-MM-DDTHH:MM:SSZ`.

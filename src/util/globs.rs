@@ -195,25 +195,16 @@ impl Pattern {
     }
 }
 
-/// Walks `base/dir` depth-first, calling `visit(relative path, is_dir)`; returning
-/// false from a directory skips its contents.
+/// Walks `base/dir`, calling `visit(relative path, is_dir)`; returning false from a
+/// directory skips its contents. `.git` is never entered.
 fn walk(base: &Path, dir: &Path, visit: &mut dyn FnMut(&Path, bool) -> bool) -> Result<()> {
-    let full = base.join(dir);
-    let entries =
-        std::fs::read_dir(&full).with_context(|| format!("Cannot read {}", full.display()))?;
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name == ".git" {
-            continue;
+    crate::util::fs::walk(base, dir, &mut |rel, entry| {
+        if entry.file_name() == ".git" {
+            return Ok(false);
         }
-        let rel = dir.join(&name);
         let is_dir = entry.file_type()?.is_dir();
-        if visit(&rel, is_dir) && is_dir {
-            walk(base, &rel, visit)?;
-        }
-    }
-    Ok(())
+        Ok(visit(rel, is_dir) && is_dir)
+    })
 }
 
 /// Expands one pattern to files relative to `base`.

@@ -88,13 +88,21 @@ pub fn strip_userinfo(url: &str) -> (String, Option<(String, Option<String>)>) {
     (format!("{scheme}://{host}{path}"), Some((user, password)))
 }
 
-/// A URL as it may be shown: userinfo replaced by the mask.
+/// A URL as it may be shown: userinfo replaced by the mask (also in a URL that
+/// lacks its scheme: `user:pw@host/x`).
 pub fn masked_url(url: &str) -> String {
     match strip_userinfo(url) {
         (clean, Some(_)) => match clean.split_once("://") {
             Some((scheme, rest)) => format!("{scheme}://{MASK}@{rest}"),
             None => clean,
         },
+        (clean, None) if !clean.contains("://") => {
+            let end = clean.find(['/', '?', '#']).unwrap_or(clean.len());
+            match clean[..end].rfind('@') {
+                Some(at) => format!("{MASK}{}", &clean[at..]),
+                None => clean,
+            }
+        }
         (clean, None) => clean,
     }
 }
@@ -156,6 +164,8 @@ mod tests {
         assert_eq!(strip_userinfo("http://cache/a@b").1, None);
         assert_eq!(masked_url("https://u:p@h/x"), format!("https://{MASK}@h/x"));
         assert_eq!(masked_url("https://h/x"), "https://h/x");
+        assert_eq!(masked_url("u:pw@h/x@y"), format!("{MASK}@h/x@y"));
+        assert_eq!(masked_url("h/x"), "h/x");
     }
 
     #[test]
