@@ -10,7 +10,7 @@ use crate::console;
 use crate::error::Exit;
 use crate::graph::hashes::FileHashes;
 use crate::graph::Resolved;
-use crate::graph::{Graph, GraphOptions};
+use crate::graph::{Graph, GraphOptions, Node};
 use crate::recipe::Recipes;
 use crate::store::http::HttpCache;
 use crate::util::secrets::masked_url;
@@ -64,12 +64,28 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<Exit> {
         },
     )?;
     let node = &graph.nodes[graph.requested[0]];
-    let task = &node.task;
     let mut out = vec![node.short.clone()];
-    if let Some(d) = &task.def.description {
+    if let Some(d) = &node.task.def.description {
         out.push(format!("  {d}"));
     }
     out.push(String::new());
+    describe_definition(&graph, node, &mut out);
+    describe_cache(config, &ws, node, &mut out)?;
+    if args.influence {
+        out.push("Influence".into());
+        for line in &node.influence {
+            out.push(format!("  {line}"));
+        }
+    }
+    for line in out {
+        console::print(&line);
+    }
+    Ok(Exit::Success)
+}
+
+/// The parameters, requirements and definition sections of `inspect`.
+fn describe_definition(graph: &Graph, node: &Node, out: &mut Vec<String>) {
+    let task = &node.task;
     out.push("Parameters".into());
     if task.params.is_empty() {
         out.push("  None".into());
@@ -114,41 +130,41 @@ pub fn inspect(config: &Config, args: InspectArgs) -> Result<Exit> {
         )),
         None => {}
     }
+}
+
+/// The cache section of `inspect`: identity, and presence in both caches.
+fn describe_cache(
+    config: &Config,
+    ws: &Workspace,
+    node: &Node,
+    out: &mut Vec<String>,
+) -> Result<()> {
     out.push("Cache".into());
     out.push(format!("  Identity          {}", node.identity));
-    if task.cacheable {
-        let dir = ws.cache.artifact_dir(node.name(), &node.identity);
-        let present = ws.cache.is_present(node.name(), &node.identity);
-        out.push(format!("  Location          {}", dir.display()));
-        out.push(format!(
-            "  Local             {}",
-            if present { "True" } else { "False" }
-        ));
-        if let Some(http) = HttpCache::from_config(config, false, true)? {
-            let remote = match http.exists(node.name(), &node.identity) {
-                Ok(true) => "True".to_string(),
-                Ok(false) => "False".to_string(),
-                Err(e) => format!("unknown ({e:#})"),
-            };
-            out.push(format!("  Remote            {remote}"));
-            out.push(format!(
-                "  URL               {}",
-                http.url(node.name(), &node.identity)
-            ));
-        }
-    } else {
+    if !node.task.cacheable {
         out.push("  Local             not cacheable".into());
+        return Ok(());
     }
-    if args.influence {
-        out.push("Influence".into());
-        for line in &node.influence {
-            out.push(format!("  {line}"));
-        }
+    let dir = ws.cache.artifact_dir(node.name(), &node.identity);
+    let present = ws.cache.is_present(node.name(), &node.identity);
+    out.push(format!("  Location          {}", dir.display()));
+    out.push(format!(
+        "  Local             {}",
+        if present { "True" } else { "False" }
+    ));
+    if let Some(http) = HttpCache::from_config(config, false, true)? {
+        let remote = match http.exists(node.name(), &node.identity) {
+            Ok(true) => "True".to_string(),
+            Ok(false) => "False".to_string(),
+            Err(e) => format!("unknown ({e:#})"),
+        };
+        out.push(format!("  Remote            {remote}"));
+        out.push(format!(
+            "  URL               {}",
+            http.url(node.name(), &node.identity)
+        ));
     }
-    for line in out {
-        console::print(&line);
-    }
-    Ok(Exit::Success)
+    Ok(())
 }
 
 pub fn display(_config: &Config, args: DisplayArgs) -> Result<Exit> {

@@ -260,24 +260,7 @@ impl Worker {
             &self.reply(&request.identity, ReplyKind::Accepted),
         )?;
         let start = Instant::now();
-        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-        let publisher = link.publisher;
-        let outcome = std::thread::scope(|scope| {
-            scope.spawn(|| {
-                // Until the build ends (the sender is dropped), tell the clients it runs.
-                while let Err(RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(self.settings.progress)
-                {
-                    let _ = publish_reply(
-                        publisher,
-                        &self.reply(&request.identity, ReplyKind::Running),
-                    );
-                }
-            });
-            let outcome = self.build(&request);
-            drop(stop);
-            outcome
-        });
+        let outcome = self.build_reporting_progress(link.publisher, &request);
         let mut reply = match outcome {
             Outcome::Interrupted => return Ok(false),
             Outcome::Done(kind, log, error) => {
@@ -310,6 +293,28 @@ impl Worker {
         ));
         publish_reply(link.publisher, &reply)?;
         Ok(true)
+    }
+
+    /// Builds the request while a thread tells its clients, every `amqp.progress`,
+    /// that it still runs.
+    fn build_reporting_progress(&self, publisher: &Mutex<Channel>, request: &Request) -> Outcome {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // Until the build ends (the sender is dropped).
+                while let Err(RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(self.settings.progress)
+                {
+                    let _ = publish_reply(
+                        publisher,
+                        &self.reply(&request.identity, ReplyKind::Running),
+                    );
+                }
+            });
+            let outcome = self.build(request);
+            drop(stop);
+            outcome
+        })
     }
 
     /// A request another worker holds the lock of. Its client bound its reply queue
@@ -387,6 +392,24 @@ impl Worker {
             .context("Cannot queue a redelivered request again")
     }
 
+    /// Rebuilds the client's workspace in `ws`: its recipes, and the source snapshot.
+    fn write_workspace(&self, request: &Request, ws: &Path) -> Result<()> {
+        for recipe in &request.recipes {
+            if !safe_relative(&recipe.path) {
+                bail!("recipe path '{}' leaves the workspace", recipe.path);
+            }
+            let path = ws.join(&recipe.path);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&path, &recipe.text)?;
+        }
+        if let Some(digest) = &request.snapshot {
+            self.http.fetch_source(digest, ws)?;
+        }
+        Ok(())
+    }
+
     fn build(&self, request: &Request) -> Outcome {
         // What this worker found for an earlier request (an unusable archive, a
         // server down) may have changed since: each request looks afresh.
@@ -408,19 +431,7 @@ impl Worker {
     }
 
     fn build_in(&self, request: &Request, ws: &Path) -> Result<Outcome> {
-        for recipe in &request.recipes {
-            if !safe_relative(&recipe.path) {
-                bail!("recipe path '{}' leaves the workspace", recipe.path);
-            }
-            let path = ws.join(&recipe.path);
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&path, &recipe.text)?;
-        }
-        if let Some(digest) = &request.snapshot {
-            self.http.fetch_source(digest, ws)?;
-        }
+        self.write_workspace(request, ws)?;
         let recipes = Recipes::load(ws)?;
         let hashes = FileHashes::ephemeral(ws);
         let opts = GraphOptions {

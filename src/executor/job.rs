@@ -354,23 +354,7 @@ impl Runner<'_> {
                 .unwrap_or_default()
                 .min(Duration::from_secs(crate::util::fs::MAX_DURATION_SECS));
             if reply.kind != ReplyKind::Success {
-                for line in reply.log.lines() {
-                    self.send(Event::Replay(i, line.to_string()));
-                }
-                let what = if reply.error.is_empty() {
-                    "the task failed".to_string()
-                } else {
-                    reply.error.clone()
-                };
-                return Err(Failure {
-                    lines: vec![format!(
-                        "Remote execution failed on {}: {what}",
-                        reply.worker
-                    )],
-                    interrupted: false,
-                    log: Some(reply.log),
-                    remote: true,
-                });
+                return Err(self.remote_failure(i, reply));
             }
             if !(node.task.cacheable && self.is_goal[i]) {
                 return Ok(Done::RemoteExecuted(None, duration));
@@ -403,6 +387,27 @@ impl Runner<'_> {
                     )))
                 }
             }
+        }
+    }
+
+    /// A worker's failure or error reply: its log is shown, and it fails node `i`.
+    fn remote_failure(&self, i: usize, reply: Reply) -> Failure {
+        for line in reply.log.lines() {
+            self.send(Event::Replay(i, line.to_string()));
+        }
+        let what = if reply.error.is_empty() {
+            "the task failed".to_string()
+        } else {
+            reply.error.clone()
+        };
+        Failure {
+            lines: vec![format!(
+                "Remote execution failed on {}: {what}",
+                reply.worker
+            )],
+            interrupted: false,
+            log: Some(reply.log),
+            remote: true,
         }
     }
 
@@ -555,6 +560,8 @@ impl Runner<'_> {
         Ok(env.into_iter().collect())
     }
 
+    /// Runs node `i`'s commands (around them, its resources' acquire and release),
+    /// publishes into `staging` and writes the manifest.
     fn build(
         &self,
         i: usize,
@@ -563,31 +570,66 @@ impl Runner<'_> {
         start: Instant,
     ) -> Result<Manifest, Failure> {
         let node = &self.graph.nodes[i];
-        let task = &node.task;
         let log_file = File::create(staging.join(BUILD_LOG))
             .map_err(|e| Failure::new(format!("Cannot create build log: {e}")))?;
-        let log: Log = Arc::new(Mutex::new(log_file));
-        let dirs = Some((builddir, staging));
-        let env = self.environment(i, builddir, staging)?;
-        let cwd = match &task.def.cwd {
-            Some(c) => self.root.join(self.expand(i, c, dirs)?),
+        let x = Execution {
+            i,
+            builddir,
+            staging,
+            start,
+            log: Arc::new(Mutex::new(log_file)),
+        };
+        let cwd = match &node.task.def.cwd {
+            Some(c) => self.root.join(self.expand(i, c, x.dirs())?),
             None => self.root.to_path_buf(),
         };
-        let deadline = task.timeout.and_then(|t| start.checked_add(t));
-        // The commands' process groups live until this execution ends (a command
-        // may start a server the next one uses; an acquire's daemons serve until
-        // the release), then whatever is left of them is killed.
+        self.run_commands(&x, &cwd)?;
+        self.publish(&x, &cwd)?;
+        self.manifest(&x)
+    }
+
+    /// The commands of an execution. Their process groups live until it ends (a
+    /// command may start a server the next one uses; an acquire's daemons serve until
+    /// the release), then whatever is left of them is killed.
+    fn run_commands(&self, x: &Execution, cwd: &Path) -> Result<(), Failure> {
+        let node = &self.graph.nodes[x.i];
+        let env = self.environment(x.i, x.builddir, x.staging)?;
         let groups = Groups::default();
-        let task_shell = TaskShell {
-            deadline,
-            log: &log,
+        let shell = TaskShell {
+            deadline: node.task.timeout.and_then(|t| x.start.checked_add(t)),
+            log: &x.log,
             groups: &groups,
         };
+        let (acquired, mut result) = self.acquire(x, &shell);
+        if result.is_ok() {
+            result = match &node.source {
+                Some(Resolved::Git {
+                    url,
+                    commit,
+                    keep_git,
+                }) => sources::git_commands(url, commit, *keep_git)
+                    .iter()
+                    .try_for_each(|cmd| self.command(x.i, &shell.at(cmd, x.staging, &env))),
+                Some(Resolved::Download { .. }) => {
+                    self.download_source(x.i, (x.builddir, x.staging), &x.log)
+                }
+                None => node.task.run.iter().try_for_each(|c| {
+                    let cmd = self.expand(x.i, c, x.dirs())?;
+                    self.command(x.i, &shell.at(&cmd, cwd, &env))
+                }),
+            };
+        }
+        let released = self.release(x, &shell, &acquired);
+        drop(groups);
+        result.and(released)
+    }
 
-        let mut acquired: Vec<usize> = Vec::new();
-        let mut result = Ok(());
+    /// Acquires node `x.i`'s resources in order, up to the first that fails; returns
+    /// those acquired, and how it went.
+    fn acquire(&self, x: &Execution, shell: &TaskShell) -> (Vec<usize>, Result<(), Failure>) {
+        let node = &self.graph.nodes[x.i];
+        let mut acquired = Vec::new();
         for &r in &node.resources {
-            let renv = self.environment(r, builddir, staging)?;
             let rnode = &self.graph.nodes[r];
             self.send(Event::Log(
                 console::Level::Info,
@@ -597,92 +639,92 @@ impl Runner<'_> {
                     node.short
                 ),
             ));
-            result = rnode.task.acquire.iter().try_for_each(|c| {
-                let cmd = self.expand(r, c, None)?;
-                self.command(i, &task_shell.at(&cmd, self.root, &renv))
+            let result = self.environment(r, x.builddir, x.staging).and_then(|renv| {
+                rnode.task.acquire.iter().try_for_each(|c| {
+                    let cmd = self.expand(r, c, None)?;
+                    self.command(x.i, &shell.at(&cmd, self.root, &renv))
+                })
             });
             if let Err(f) = result {
-                result = Err(Failure {
+                let failure = Failure {
                     lines: f
                         .lines
                         .into_iter()
                         .chain([format!("Resource acquisition failed ({})", rnode.label())])
                         .collect(),
                     ..f
-                });
-                break;
+                };
+                return (acquired, Err(failure));
             }
             acquired.push(r);
         }
-        if result.is_ok() {
-            result = match &node.source {
-                Some(Resolved::Git {
-                    url,
-                    commit,
-                    keep_git,
-                }) => sources::git_commands(url, commit, *keep_git)
-                    .iter()
-                    .try_for_each(|cmd| self.command(i, &task_shell.at(cmd, staging, &env))),
-                Some(Resolved::Download { .. }) => {
-                    self.download_source(i, (builddir, staging), &log)
-                }
-                None => task.run.iter().try_for_each(|c| {
-                    let cmd = self.expand(i, c, dirs)?;
-                    self.command(i, &task_shell.at(&cmd, &cwd, &env))
-                }),
-            };
-        }
+        (acquired, Ok(()))
+    }
+
+    /// Releases `acquired` in reverse order. Releases run even after Ctrl-C (only
+    /// their own timeout stops them), and a failing one does not skip the others;
+    /// the first failure is returned.
+    fn release(&self, x: &Execution, shell: &TaskShell, acquired: &[usize]) -> Result<(), Failure> {
+        let mut result = Ok(());
         for &r in acquired.iter().rev() {
-            // Releases run even after Ctrl-C (only their own timeout stops them),
-            // and a failing one does not skip the others.
             let rnode = &self.graph.nodes[r];
-            let released = self.environment(r, builddir, staging).and_then(|renv| {
+            let released = self.environment(r, x.builddir, x.staging).and_then(|renv| {
                 rnode.task.release.iter().try_for_each(|c| {
                     let cmd = self.expand(r, c, None)?;
                     self.command(
-                        i,
+                        x.i,
                         &Shell {
                             deadline: Some(Instant::now() + RELEASE_TIMEOUT),
                             interruptible: false,
-                            ..task_shell.at(&cmd, self.root, &renv)
+                            ..shell.at(&cmd, self.root, &renv)
                         },
                     )
                 })
             });
-            if let Err(f) = released {
-                if result.is_ok() {
-                    result = Err(f);
-                }
+            if released.is_err() && result.is_ok() {
+                result = released;
             }
         }
-        drop(groups);
-        result?;
+        result
+    }
 
-        for rule in &task.publish {
+    /// Copies what node `x.i`'s publish rules match into the artifact; sources from
+    /// the workspace must be influences.
+    fn publish(&self, x: &Execution, cwd: &Path) -> Result<(), Failure> {
+        let node = &self.graph.nodes[x.i];
+        let dirs = x.dirs();
+        for rule in &node.task.publish {
             let rule = artifact::Rule {
-                files: self.expand_with(i, &rule.files, dirs, true)?,
+                files: self.expand_with(x.i, &rule.files, dirs, true)?,
                 cwd: match &rule.cwd {
-                    Some(c) => cwd.join(self.expand(i, c, dirs)?),
-                    None => cwd.clone(),
+                    Some(c) => cwd.join(self.expand(x.i, c, dirs)?),
+                    None => cwd.to_path_buf(),
                 },
                 dest: rule
                     .dest
                     .as_ref()
-                    .map(|d| self.expand(i, d, dirs))
+                    .map(|d| self.expand(x.i, d, dirs))
                     .transpose()?,
                 flatten: rule.flatten,
             };
-            let published = artifact::publish(node.name(), &rule, staging)?;
-            let began = std::time::SystemTime::now() - start.elapsed();
-            self.check_influence(i, &published, &[builddir, staging], began)?;
+            let published = artifact::publish(node.name(), &rule, x.staging)?;
+            let began = std::time::SystemTime::now() - x.start.elapsed();
+            self.check_influence(x.i, &published, &[x.builddir, x.staging], began)?;
         }
+        Ok(())
+    }
+
+    /// Writes the manifest of what the execution staged, once it is checked.
+    fn manifest(&self, x: &Execution) -> Result<Manifest, Failure> {
+        let node = &self.graph.nodes[x.i];
+        let task = &node.task;
         let meta = |map: &BTreeMap<String, String>| -> Result<BTreeMap<String, String>, Failure> {
             map.iter()
-                .map(|(k, v)| Ok((k.clone(), self.expand(i, v, None)?)))
+                .map(|(k, v)| Ok((k.clone(), self.expand(x.i, v, None)?)))
                 .collect()
         };
-        let (files, size) = artifact::list_files(staging)?;
-        let _ = log.lock().expect("log").flush();
+        let (files, size) = artifact::list_files(x.staging)?;
+        let _ = x.log.lock().expect("log").flush();
         let manifest = Manifest {
             task: node.name().to_string(),
             identity: node.identity.clone(),
@@ -695,13 +737,13 @@ impl Runner<'_> {
             created: fsutil::format_timestamp(fsutil::now_secs()),
             size,
             expires: task.expires,
-            duration: start.elapsed().as_secs_f64(),
+            duration: x.start.elapsed().as_secs_f64(),
             jolt: env!("CARGO_PKG_VERSION").to_string(),
         };
         manifest
             .check_metadata()
             .map_err(|e| Failure::new(format!("{e:#} ({})", node.short)))?;
-        manifest.write(staging)?;
+        manifest.write(x.staging)?;
         Ok(manifest)
     }
 
@@ -889,31 +931,7 @@ impl Runner<'_> {
         }
         drop(done_tx);
 
-        let mut backoff = Duration::from_micros(200);
-        let mut killed: Option<(Instant, bool)> = None; // (when, timed out)
-        let status = loop {
-            match exited(pgid) {
-                Ok(Some(exit)) => break Some(exit),
-                Ok(None) => {}
-                Err(_) => break None,
-            }
-            let now = Instant::now();
-            match killed {
-                None => {
-                    let timed_out = shell.deadline.is_some_and(|d| now >= d);
-                    if timed_out || (shell.interruptible && interrupt::is_set()) {
-                        kill_group(pgid, libc::SIGTERM);
-                        killed = Some((now, timed_out));
-                    }
-                }
-                Some((when, _)) if now.duration_since(when) > KILL_GRACE => {
-                    kill_group(pgid, libc::SIGKILL);
-                }
-                Some(_) => {}
-            }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_millis(20));
-        };
+        let (status, killed) = wait_for_exit(pgid, shell);
         shell.groups.keep(child);
         // Wait for the output to drain; a process that left the group and holds the
         // pipe open must not hold up the build forever.
@@ -921,11 +939,13 @@ impl Runner<'_> {
         let cmd = &*secrets::redact(shell.cmd);
         let log = shell.log;
         match killed {
-            Some((_, true)) => {
+            Some(Killed::TimedOut) => {
                 let _ = writeln!(log.lock().expect("log"), "Command timeout: {cmd}");
                 Err(Failure::new(format!("Command timeout: {cmd}")))
             }
-            Some((_, false)) => Err(Failure::interrupted(format!("Command interrupted: {cmd}"))),
+            Some(Killed::Interrupted) => {
+                Err(Failure::interrupted(format!("Command interrupted: {cmd}")))
+            }
             None => match status {
                 Some(Exit::Code(0)) => Ok(()),
                 other => {
@@ -935,6 +955,50 @@ impl Runner<'_> {
                 }
             },
         }
+    }
+}
+
+/// Why a command was killed.
+#[derive(Clone, Copy)]
+enum Killed {
+    TimedOut,
+    Interrupted,
+}
+
+/// Waits for the command leading group `pgid` to end, killing the group past the
+/// deadline or on Ctrl-C (SIGTERM, then SIGKILL after [`KILL_GRACE`]). Polls with
+/// a back-off, without reaping the leader (see [`Groups`]).
+fn wait_for_exit(pgid: i32, shell: &Shell) -> (Option<Exit>, Option<Killed>) {
+    let mut backoff = Duration::from_micros(200);
+    let mut killed: Option<(Instant, Killed)> = None;
+    loop {
+        match exited(pgid) {
+            Ok(Some(exit)) => return (Some(exit), killed.map(|(_, why)| why)),
+            Ok(None) => {}
+            Err(_) => return (None, killed.map(|(_, why)| why)),
+        }
+        let now = Instant::now();
+        match killed {
+            None => {
+                let why = if shell.deadline.is_some_and(|d| now >= d) {
+                    Some(Killed::TimedOut)
+                } else if shell.interruptible && interrupt::is_set() {
+                    Some(Killed::Interrupted)
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    kill_group(pgid, libc::SIGTERM);
+                    killed = Some((now, why));
+                }
+            }
+            Some((when, _)) if now.duration_since(when) > KILL_GRACE => {
+                kill_group(pgid, libc::SIGKILL);
+            }
+            Some(_) => {}
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -1056,6 +1120,22 @@ struct Shell<'a> {
     interruptible: bool,
     /// Where its process group goes when it ends.
     groups: &'a Groups,
+}
+
+/// One execution of a node: where it builds, where it stages, since when, its log.
+struct Execution<'a> {
+    i: usize,
+    builddir: &'a Path,
+    staging: &'a Path,
+    start: Instant,
+    log: Log,
+}
+
+impl Execution<'_> {
+    /// The directories `{builddir}` and `{artifact}` stand for.
+    fn dirs(&self) -> Option<(&Path, &Path)> {
+        Some((self.builddir, self.staging))
+    }
 }
 
 /// What every command of one execution shares.

@@ -230,6 +230,15 @@ enum Plan {
     Group,
 }
 
+/// What a mode decides for a node.
+enum Choice {
+    Plan(Plan),
+    /// In the HTTP cache, and not needed here.
+    InHttpCache,
+    /// It must come from a cache, and none holds it.
+    NotBuilt,
+}
+
 impl Plan {
     /// Which ready queue and limit the job uses: 0 local executions, 1 the others.
     fn lane(self) -> usize {
@@ -576,76 +585,24 @@ impl Scheduler<'_> {
         }
         let cache = self.services.cache;
         cache.mark_used([(node.name(), node.identity.as_str())])?;
-        let cacheable = node.task.cacheable;
-        let local = cacheable && cache.is_present(node.name(), &node.identity);
-        let goal = self.is_goal[i];
+        let local = node.task.cacheable && cache.is_present(node.name(), &node.identity);
         let plan = match self.mode {
-            Mode::Local => {
-                if local {
-                    Plan::Available
-                } else if cacheable && self.remote_has(i) {
-                    Plan::Download
-                } else {
-                    Plan::Execute
-                }
+            Mode::Local => self.choose_local(i, local),
+            Mode::DownloadOnly => self.choose_download_only(i, local),
+            Mode::Worker => self.choose_worker(i, local),
+            Mode::Network(_) => self.choose_network(i, local),
+        };
+        let plan = match plan {
+            Choice::Plan(plan) => plan,
+            Choice::InHttpCache => {
+                self.plan[i] = Plan::Available;
+                self.status[i] = Status::InHttpCache;
+                self.available[i] = true;
+                return Ok(None);
             }
-            Mode::DownloadOnly => {
-                if local {
-                    Plan::Available
-                } else if self.remote_has(i) {
-                    Plan::Download
-                } else {
-                    self.not_built(i);
-                    return Ok(None);
-                }
-            }
-            Mode::Worker => {
-                let remote = cacheable && self.remote_has(i);
-                match (goal, local, remote) {
-                    (true, _, true) => {
-                        self.plan[i] = Plan::Available;
-                        self.status[i] = Status::InHttpCache;
-                        self.available[i] = true;
-                        return Ok(None);
-                    }
-                    (true, true, false) => Plan::Upload,
-                    (true, false, false) => Plan::Execute,
-                    (false, true, _) => Plan::Available,
-                    (false, false, true) => Plan::Download,
-                    // A requirement that keeps no artifact runs here, as it does
-                    // for a local build.
-                    (false, false, false) if !cacheable => Plan::Execute,
-                    (false, false, false) => {
-                        self.not_built(i);
-                        return Ok(None);
-                    }
-                }
-            }
-            Mode::Network(_) => {
-                let remote = cacheable && self.remote_has(i);
-                if remote && local {
-                    Plan::Available
-                } else if remote {
-                    if goal && self.services.http.is_some_and(|h| h.download) {
-                        Plan::Download
-                    } else {
-                        self.plan[i] = Plan::Available;
-                        self.status[i] = Status::InHttpCache;
-                        self.available[i] = true;
-                        return Ok(None);
-                    }
-                } else if local && self.services.http.is_some_and(|h| h.upload) {
-                    Plan::Upload
-                } else if node.task.def.fast
-                    && self.needs(i).iter().all(|&d| {
-                        let n = &graph.nodes[d];
-                        n.is_resource() || cache.is_present(n.name(), &n.identity)
-                    })
-                {
-                    Plan::Execute
-                } else {
-                    Plan::Remote
-                }
+            Choice::NotBuilt => {
+                self.not_built(i);
+                return Ok(None);
             }
         };
         self.plan[i] = plan;
@@ -665,6 +622,77 @@ impl Scheduler<'_> {
                 Ok(None)
             }
         }
+    }
+
+    /// A local build: what the local cache has, else what the HTTP cache has, else
+    /// execute.
+    fn choose_local(&mut self, i: usize, local: bool) -> Choice {
+        Choice::Plan(if local {
+            Plan::Available
+        } else if self.graph.nodes[i].task.cacheable && self.remote_has(i) {
+            Plan::Download
+        } else {
+            Plan::Execute
+        })
+    }
+
+    /// `jolt download`: from one of the caches, or not at all.
+    fn choose_download_only(&mut self, i: usize, local: bool) -> Choice {
+        if local {
+            Choice::Plan(Plan::Available)
+        } else if self.remote_has(i) {
+            Choice::Plan(Plan::Download)
+        } else {
+            Choice::NotBuilt
+        }
+    }
+
+    /// A network worker: the goal is served from the HTTP cache, uploaded from the
+    /// local one, or executed; requirements come from the caches (or, keeping no
+    /// artifact, run here as in a local build).
+    fn choose_worker(&mut self, i: usize, local: bool) -> Choice {
+        let cacheable = self.graph.nodes[i].task.cacheable;
+        let remote = cacheable && self.remote_has(i);
+        match (self.is_goal[i], local, remote) {
+            (true, _, true) => Choice::InHttpCache,
+            (true, true, false) => Choice::Plan(Plan::Upload),
+            (true, false, false) => Choice::Plan(Plan::Execute),
+            (false, true, _) => Choice::Plan(Plan::Available),
+            (false, false, true) => Choice::Plan(Plan::Download),
+            (false, false, false) if !cacheable => Choice::Plan(Plan::Execute),
+            (false, false, false) => Choice::NotBuilt,
+        }
+    }
+
+    /// A network client: what the HTTP cache has is not sent (a goal is downloaded),
+    /// what only the local cache has is uploaded, a `fast` task whose needs are all
+    /// here runs here, the rest goes to the workers.
+    fn choose_network(&mut self, i: usize, local: bool) -> Choice {
+        let graph = self.graph;
+        let node = &graph.nodes[i];
+        let http = self.services.http;
+        let remote = node.task.cacheable && self.remote_has(i);
+        let fast_here = || {
+            node.task.def.fast
+                && self.needs(i).iter().all(|&d| {
+                    let n = &graph.nodes[d];
+                    n.is_resource() || self.services.cache.is_present(n.name(), &n.identity)
+                })
+        };
+        Choice::Plan(if remote && local {
+            Plan::Available
+        } else if remote {
+            if !(self.is_goal[i] && http.is_some_and(|h| h.download)) {
+                return Choice::InHttpCache;
+            }
+            Plan::Download
+        } else if local && http.is_some_and(|h| h.upload) {
+            Plan::Upload
+        } else if fast_here() {
+            Plan::Execute
+        } else {
+            Plan::Remote
+        })
     }
 
     /// A task that must come from a cache but no cache holds.

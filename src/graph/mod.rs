@@ -476,42 +476,17 @@ impl Builder<'_> {
     /// Checks every placeholder of a node's commands, paths and publish rules.
     fn validate(&mut self, i: usize) -> Result<()> {
         let task = self.nodes[i].task.clone();
-        let mut templates: Vec<(&str, bool)> = Vec::new();
-        let is_resource = self.nodes[i].is_resource();
-        for c in &task.run {
-            templates.push((c, true));
-        }
-        for c in task.acquire.iter().chain(&task.release) {
-            templates.push((c, false));
-        }
-        if let Some(cwd) = &task.def.cwd {
-            templates.push((cwd, !is_resource));
-        }
-        for v in task.def.env.values() {
-            templates.push((v, !is_resource));
-        }
-        let mut globs: Vec<&str> = Vec::new();
-        for rule in &task.publish {
-            templates.push((&rule.files, true));
-            globs.push(&rule.files);
-            for t in rule.cwd.iter().chain(&rule.dest) {
-                templates.push((t, true));
-            }
-        }
-        for v in task
-            .def
-            .environ
-            .values()
-            .chain(task.def.strings.values())
-            .chain(task.def.paths.values())
+        let templates = templates(&task);
+        for Template {
+            text: template,
+            has_dirs,
+            glob,
+        } in templates
         {
-            templates.push((v, false));
-        }
-        for (template, has_dirs) in templates {
             let names = placeholder::names(template)
                 .map_err(|e| usage(format!("Task '{}': {e}", task.name)))?;
             for raw in names {
-                if globs.contains(&template) && placeholder::is_alternation(raw) {
+                if glob && placeholder::is_alternation(raw) {
                     continue;
                 }
                 // Placeholders nested in a name take parameters and {env.VAR}.
@@ -572,7 +547,36 @@ impl Builder<'_> {
             lines.push(format!("Parameters: {}", influencing.join(",")));
         }
         lines.push(format!("Definition: {}", task.definition_hash));
-        let params = node.params.clone();
+        let files = self.influence_files(i, &mut lines)?;
+        for var in self.influence_vars(i)? {
+            match self.env_var(&var) {
+                Some(v) => lines.push(format!("Environment: {var}={v}")),
+                None => lines.push(format!("Environment: {var} is unset")),
+            }
+        }
+        let node = &self.nodes[i];
+        if let Some(Resolved::Git { commit, .. }) = &node.source {
+            lines.push(format!("Git: {commit}"));
+        }
+        if let Some(taint) = &node.taint {
+            lines.push(format!("Taint: {taint}"));
+        }
+        let mut reqs: Vec<&Node> = node.deps.iter().map(|&d| &self.nodes[d]).collect();
+        reqs.sort_by(|a, b| a.qualified.cmp(&b.qualified));
+        for dep in reqs {
+            lines.push(format!("Requirement: {}: {}", dep.identity, dep.short));
+        }
+        lines.push(format!("Format: {FORMAT}"));
+        Ok((lines, files))
+    }
+}
+
+impl Builder<'_> {
+    /// Node `i`'s influence files (sorted, relative to the root), each with its
+    /// `File:` line. A pattern that matches nothing is an error unless optional.
+    fn influence_files(&mut self, i: usize, lines: &mut Vec<String>) -> Result<Vec<PathBuf>> {
+        let task = self.nodes[i].task.clone();
+        let params = self.nodes[i].params.clone();
         let root = self.recipes.root.clone();
         let mut patterns = Vec::new();
         for rule in &task.influence {
@@ -603,7 +607,14 @@ impl Builder<'_> {
                 .map_err(|e| usage(format!("Task '{}': {e:#}", task.name)))?;
             lines.push(format!("File: {hash}: {}", file.display()));
         }
-        let files: Vec<PathBuf> = files.keys().map(|p| p.to_path_buf()).collect();
+        Ok(files.keys().map(|p| p.to_path_buf()).collect())
+    }
+
+    /// The environment variables node `i` is influenced by: its `influence_env`
+    /// (expanded) and every `{env.VAR}` of its templates, sorted.
+    fn influence_vars(&mut self, i: usize) -> Result<BTreeSet<String>> {
+        let task = self.nodes[i].task.clone();
+        let params = self.nodes[i].params.clone();
         let mut vars: BTreeSet<String> = BTreeSet::new();
         for template in &task.def.influence_env {
             let var = self.expand_static(&task.name, &params, template, Static::Plain)?;
@@ -624,27 +635,53 @@ impl Builder<'_> {
         for template in env_templates(&task) {
             vars.extend(env_names(template));
         }
-        for var in vars {
-            match self.env_var(&var) {
-                Some(v) => lines.push(format!("Environment: {var}={v}")),
-                None => lines.push(format!("Environment: {var} is unset")),
-            }
-        }
-        let node = &self.nodes[i];
-        if let Some(Resolved::Git { commit, .. }) = &node.source {
-            lines.push(format!("Git: {commit}"));
-        }
-        if let Some(taint) = &node.taint {
-            lines.push(format!("Taint: {taint}"));
-        }
-        let mut reqs: Vec<&Node> = node.deps.iter().map(|&d| &self.nodes[d]).collect();
-        reqs.sort_by(|a, b| a.qualified.cmp(&b.qualified));
-        for dep in reqs {
-            lines.push(format!("Requirement: {}: {}", dep.identity, dep.short));
-        }
-        lines.push(format!("Format: {FORMAT}"));
-        Ok((lines, files))
+        Ok(vars)
     }
+}
+
+/// A template of a task and what it may use.
+struct Template<'a> {
+    text: &'a str,
+    /// `{builddir}` and `{artifact}` exist where it is expanded.
+    has_dirs: bool,
+    /// A glob: alternations (`{c,h}`) are the glob's.
+    glob: bool,
+}
+
+/// Every template of a task that is expanded when it runs.
+fn templates(task: &Task) -> Vec<Template<'_>> {
+    fn t(text: &str, has_dirs: bool) -> Template<'_> {
+        Template {
+            text,
+            has_dirs,
+            glob: false,
+        }
+    }
+    let is_resource = task.kind == Kind::Resource;
+    let mut out: Vec<Template> = task.run.iter().map(|c| t(c, true)).collect();
+    out.extend(
+        task.acquire
+            .iter()
+            .chain(&task.release)
+            .map(|c| t(c, false)),
+    );
+    out.extend(task.def.cwd.iter().map(|c| t(c, !is_resource)));
+    out.extend(task.def.env.values().map(|v| t(v, !is_resource)));
+    for rule in &task.publish {
+        out.push(Template {
+            glob: true,
+            ..t(&rule.files, true)
+        });
+        out.extend(rule.cwd.iter().chain(&rule.dest).map(|c| t(c, true)));
+    }
+    let metadata = task
+        .def
+        .environ
+        .values()
+        .chain(task.def.strings.values())
+        .chain(task.def.paths.values());
+    out.extend(metadata.map(|v| t(v, false)));
+    out
 }
 
 /// Templates whose `{env.VAR}` placeholders influence the identity.

@@ -379,85 +379,14 @@ impl Task {
             None => Expires::Immediately,
             Some(v) => parse_expires(v).map_err(bad)?,
         };
-        match def.kind {
-            Kind::Alias => {
-                if run.len() + publish.len() + acquire.len() + release.len() > 0
-                    || def.cwd.is_some()
-                    || !def.influence.is_empty()
-                    || !def.environ.is_empty()
-                {
-                    return Err(bad(
-                        "an alias may only have requires, parameters and a description".into(),
-                    ));
-                }
-            }
-            Kind::Resource => {
-                if !run.is_empty() || !publish.is_empty() {
-                    return Err(bad(
-                        "a resource has acquire and release commands, not run or publish".into(),
-                    ));
-                }
-            }
-            Kind::Git | Kind::Download => {
-                if !run.is_empty()
-                    || !publish.is_empty()
-                    || !acquire.is_empty()
-                    || !release.is_empty()
-                {
-                    return Err(bad(format!(
-                        "a {} task has no run, publish, acquire or release",
-                        def.kind.name()
-                    )));
-                }
-            }
-            Kind::Task => {
-                if def.url.is_some() || def.rev.is_some() || def.sha256.is_some() {
-                    return Err(bad(
-                        "url, rev and sha256 belong to tasks of kind = \"git\" or \"download\""
-                            .into(),
-                    ));
-                }
-                if !acquire.is_empty() || !release.is_empty() {
-                    return Err(bad(
-                        "acquire and release belong to tasks of kind = \"resource\"".into(),
-                    ));
-                }
-            }
-        }
-        let urls = def.url.clone().map(OneOrMany::into_vec).unwrap_or_default();
-        let source = match def.kind {
-            Kind::Git => {
-                let (Some(rev), [url]) = (def.rev.clone(), &urls[..]) else {
-                    return Err(bad(
-                        "a git task needs one url and a rev (branch, tag or commit)".into(),
-                    ));
-                };
-                Some(Source::Git {
-                    url: url.clone(),
-                    rev,
-                    keep_git: def.keep_git.unwrap_or(false),
-                })
-            }
-            Kind::Download => {
-                let sha256 = def.sha256.clone().unwrap_or_default().to_ascii_lowercase();
-                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(bad(
-                        "a download task needs sha256 = \"<64 hex digits>\"".into()
-                    ));
-                }
-                if urls.is_empty() {
-                    return Err(bad(
-                        "a download task needs a url (or a list of mirrors)".into()
-                    ));
-                }
-                Some(Source::Download {
-                    urls,
-                    sha256,
-                    extract: def.extract.unwrap_or(true),
-                })
-            }
-            _ => None,
+        let commands = Commands {
+            run: &run,
+            acquire: &acquire,
+            release: &release,
+            publish: &publish,
         };
+        check_kind(&def, &commands).map_err(bad)?;
+        let source = source(&def).map_err(bad)?;
         let cacheable = def.kind.has_artifact() && def.cacheable.unwrap_or(true);
         let definition_hash = definition_hash(&def);
         Ok(Task {
@@ -483,6 +412,77 @@ impl Task {
     /// Whether this task produces an artifact that consumers see.
     pub fn has_artifact(&self) -> bool {
         self.kind.has_artifact()
+    }
+}
+
+/// What a task runs and publishes, as checked against its kind.
+struct Commands<'a> {
+    run: &'a [String],
+    acquire: &'a [String],
+    release: &'a [String],
+    publish: &'a [PublishRule],
+}
+
+/// Refuses keys that do not belong to the task's kind.
+fn check_kind(def: &TaskDef, c: &Commands) -> Result<(), String> {
+    let runs = !c.run.is_empty() || !c.publish.is_empty();
+    let resource = !c.acquire.is_empty() || !c.release.is_empty();
+    match def.kind {
+        Kind::Alias
+            if runs
+                || resource
+                || def.cwd.is_some()
+                || !def.influence.is_empty()
+                || !def.environ.is_empty() =>
+        {
+            Err("an alias may only have requires, parameters and a description".into())
+        }
+        Kind::Resource if runs => {
+            Err("a resource has acquire and release commands, not run or publish".into())
+        }
+        Kind::Git | Kind::Download if runs || resource => Err(format!(
+            "a {} task has no run, publish, acquire or release",
+            def.kind.name()
+        )),
+        Kind::Task if def.url.is_some() || def.rev.is_some() || def.sha256.is_some() => {
+            Err("url, rev and sha256 belong to tasks of kind = \"git\" or \"download\"".into())
+        }
+        Kind::Task if resource => {
+            Err("acquire and release belong to tasks of kind = \"resource\"".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Where a `git` or `download` task's artifact comes from, as written.
+fn source(def: &TaskDef) -> Result<Option<Source>, String> {
+    let urls = def.url.clone().map(OneOrMany::into_vec).unwrap_or_default();
+    match def.kind {
+        Kind::Git => {
+            let (Some(rev), [url]) = (def.rev.clone(), &urls[..]) else {
+                return Err("a git task needs one url and a rev (branch, tag or commit)".into());
+            };
+            Ok(Some(Source::Git {
+                url: url.clone(),
+                rev,
+                keep_git: def.keep_git.unwrap_or(false),
+            }))
+        }
+        Kind::Download => {
+            let sha256 = def.sha256.clone().unwrap_or_default().to_ascii_lowercase();
+            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err("a download task needs sha256 = \"<64 hex digits>\"".into());
+            }
+            if urls.is_empty() {
+                return Err("a download task needs a url (or a list of mirrors)".into());
+            }
+            Ok(Some(Source::Download {
+                urls,
+                sha256,
+                extract: def.extract.unwrap_or(true),
+            }))
+        }
+        _ => Ok(None),
     }
 }
 

@@ -61,6 +61,18 @@ fn infer_type(v: &toml::Value) -> ParamType {
     }
 }
 
+fn parse_type(value: &toml::Value) -> Result<ParamType, String> {
+    match value.as_str() {
+        Some("string") | Some("str") => Ok(ParamType::String),
+        Some("bool") | Some("boolean") => Ok(ParamType::Bool),
+        Some("int") | Some("integer") => Ok(ParamType::Int),
+        Some("list") => Ok(ParamType::List),
+        _ => Err(format!(
+            "unknown type {value}: expected string, bool, int or list"
+        )),
+    }
+}
+
 fn raw_value(v: &toml::Value) -> Option<String> {
     match v {
         toml::Value::Array(items) => items
@@ -86,72 +98,7 @@ impl Param {
             influence: true,
         };
         let default = match decl {
-            toml::Value::Table(table) => {
-                let mut ty = None;
-                let mut default = None;
-                for (key, value) in table {
-                    match key.as_str() {
-                        "default" => default = Some(value.clone()),
-                        "values" => {
-                            let toml::Value::Array(items) = value else {
-                                return Err(bad("'values' must be a list".into()));
-                            };
-                            if ty.is_none() {
-                                if let Some(first) = items.first() {
-                                    let t = infer_type(first);
-                                    if t != ParamType::String {
-                                        ty = Some(t);
-                                    }
-                                }
-                            }
-                            let values = items
-                                .iter()
-                                .map(scalar_string)
-                                .collect::<Option<Vec<_>>>()
-                                .ok_or_else(|| bad("'values' must hold plain values".into()))?;
-                            param.values = Some(values);
-                        }
-                        "type" => {
-                            ty = Some(match value.as_str() {
-                                Some("string") | Some("str") => ParamType::String,
-                                Some("bool") | Some("boolean") => ParamType::Bool,
-                                Some("int") | Some("integer") => ParamType::Int,
-                                Some("list") => ParamType::List,
-                                _ => {
-                                    return Err(bad(format!(
-                                        "unknown type {value}: expected string, bool, int or list"
-                                    )))
-                                }
-                            })
-                        }
-                        "min" | "max" => {
-                            let n = value
-                                .as_integer()
-                                .ok_or_else(|| bad(format!("Illegal {key}imum value {value}")))?;
-                            if key == "min" {
-                                param.min = Some(n);
-                            } else {
-                                param.max = Some(n);
-                            }
-                        }
-                        "help" => param.help = value.as_str().map(str::to_string),
-                        "influence" => {
-                            param.influence = value
-                                .as_bool()
-                                .ok_or_else(|| bad("'influence' must be true or false".into()))?
-                        }
-                        other => return Err(bad(format!("unknown key '{other}'"))),
-                    }
-                }
-                param.ty = ty.or_else(|| default.as_ref().map(infer_type)).unwrap_or(
-                    if param.min.is_some() || param.max.is_some() {
-                        ParamType::Int
-                    } else {
-                        ParamType::String
-                    },
-                );
-                default
-            }
+            toml::Value::Table(table) => param.read_table(table).map_err(bad)?,
             other => {
                 param.ty = infer_type(other);
                 Some(other.clone())
@@ -187,6 +134,60 @@ impl Param {
             );
         }
         Ok(param)
+    }
+
+    /// Reads a `{ default, values, type, min, max, help, influence }` declaration
+    /// into `self`; returns the default as written.
+    fn read_table(&mut self, table: &toml::Table) -> Result<Option<toml::Value>, String> {
+        let mut ty = None;
+        let mut default = None;
+        for (key, value) in table {
+            match key.as_str() {
+                "default" => default = Some(value.clone()),
+                "values" => {
+                    let toml::Value::Array(items) = value else {
+                        return Err("'values' must be a list".into());
+                    };
+                    if ty.is_none() {
+                        ty = items
+                            .first()
+                            .map(infer_type)
+                            .filter(|t| *t != ParamType::String);
+                    }
+                    let values = items
+                        .iter()
+                        .map(scalar_string)
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or("'values' must hold plain values")?;
+                    self.values = Some(values);
+                }
+                "type" => ty = Some(parse_type(value)?),
+                "min" | "max" => {
+                    let n = value
+                        .as_integer()
+                        .ok_or_else(|| format!("Illegal {key}imum value {value}"))?;
+                    if key == "min" {
+                        self.min = Some(n);
+                    } else {
+                        self.max = Some(n);
+                    }
+                }
+                "help" => self.help = value.as_str().map(str::to_string),
+                "influence" => {
+                    self.influence = value.as_bool().ok_or("'influence' must be true or false")?
+                }
+                other => return Err(format!("unknown key '{other}'")),
+            }
+        }
+        let bounded = self.min.is_some() || self.max.is_some();
+        self.ty = ty
+            .or_else(|| default.as_ref().map(infer_type))
+            .unwrap_or(if bounded {
+                ParamType::Int
+            } else {
+                ParamType::String
+            });
+        Ok(default)
     }
 
     /// The canonical spelling of `value`, or an `Illegal value` error.

@@ -359,36 +359,10 @@ fn serve(
         };
         backoff = Duration::from_millis(250);
         // Bind every identity someone waits for, then let publishers in.
-        let identities: Vec<String> = shared
-            .waiters
-            .lock()
-            .expect("waiters")
-            .keys()
-            .cloned()
-            .collect();
-        let mut ok = true;
-        for identity in &identities {
-            if publisher
-                .queue_bind(&queue, RESULTS, identity.as_str(), FieldTable::new())
-                .is_err()
-            {
-                ok = false;
-                break;
-            }
-        }
-        let consumer = match consumer_channel.basic_consume(
-            queue.as_str(),
-            ConsumerOptions {
-                no_ack: true,
-                exclusive: true,
-                ..Default::default()
-            },
-        ) {
-            Ok(c) if ok => c,
-            _ => {
-                drop(connection);
-                continue;
-            }
+        let Some(consumer) = bind_and_consume(&shared, &publisher, &consumer_channel, &queue)
+        else {
+            drop(connection);
+            continue;
         };
         *shared.link.lock().expect("link") = Some(Link {
             channel: publisher,
@@ -407,36 +381,7 @@ fn serve(
                 }
             }
         }
-        loop {
-            if shared.stop.load(Ordering::Relaxed) || shared.broken.swap(false, Ordering::Relaxed) {
-                break;
-            }
-            // Short, so a finished build does not wait long for this thread to stop.
-            match consumer.receiver().recv_timeout(Duration::from_millis(20)) {
-                Ok(ConsumerMessage::Delivery(delivery)) => {
-                    match serde_json::from_slice::<Reply>(&delivery.body) {
-                        Ok(reply) => {
-                            let waiters = shared.waiters.lock().expect("waiters");
-                            for tx in waiters.get(&reply.identity).into_iter().flatten() {
-                                let _ = tx.send(Incoming::Reply(reply.clone()));
-                            }
-                        }
-                        Err(e) => {
-                            crate::console::warn(&format!("ignoring an unreadable reply: {e}"))
-                        }
-                    }
-                }
-                Ok(other) => {
-                    crate::console::warn(&format!(
-                        "Lost the connection to RabbitMQ at {} ({other:?}); reconnecting",
-                        settings.address()
-                    ));
-                    break;
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        }
+        dispatch_replies(&settings, &shared, &consumer);
         let link = shared.link.lock().expect("link").take();
         if shared.stop.load(Ordering::Relaxed) {
             // Close cleanly: amiquip complains about channels dropped unclosed.
@@ -454,6 +399,71 @@ fn serve(
         drop(consumer_channel);
         drop(connection);
         reconnected = true;
+    }
+}
+
+/// Binds the reply queue to every identity someone waits for, and starts
+/// consuming it; `None` when the broker refused either (the connection is done).
+fn bind_and_consume<'c>(
+    shared: &Shared,
+    publisher: &Channel,
+    consumer_channel: &'c Channel,
+    queue: &str,
+) -> Option<amiquip::Consumer<'c>> {
+    let identities: Vec<String> = shared
+        .waiters
+        .lock()
+        .expect("waiters")
+        .keys()
+        .cloned()
+        .collect();
+    for identity in &identities {
+        publisher
+            .queue_bind(queue, RESULTS, identity.as_str(), FieldTable::new())
+            .ok()?;
+    }
+    consumer_channel
+        .basic_consume(
+            queue,
+            ConsumerOptions {
+                no_ack: true,
+                exclusive: true,
+                ..Default::default()
+            },
+        )
+        .ok()
+}
+
+/// Hands every reply to the jobs waiting for its identity, until the build stops,
+/// a publish breaks the link, or the connection goes.
+fn dispatch_replies(settings: &Settings, shared: &Shared, consumer: &amiquip::Consumer) {
+    loop {
+        if shared.stop.load(Ordering::Relaxed) || shared.broken.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        // Short, so a finished build does not wait long for this thread to stop.
+        match consumer.receiver().recv_timeout(Duration::from_millis(20)) {
+            Ok(ConsumerMessage::Delivery(delivery)) => {
+                match serde_json::from_slice::<Reply>(&delivery.body) {
+                    Ok(reply) => {
+                        let waiters = shared.waiters.lock().expect("waiters");
+                        for tx in waiters.get(&reply.identity).into_iter().flatten() {
+                            let _ = tx.send(Incoming::Reply(reply.clone()));
+                        }
+                    }
+                    Err(e) => crate::console::warn(&format!("ignoring an unreadable reply: {e}")),
+                }
+            }
+            Ok(other) => {
+                crate::console::warn(&format!(
+                    "Lost the connection to RabbitMQ at {} ({other:?}); reconnecting",
+                    settings.address()
+                ));
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
     }
 }
 

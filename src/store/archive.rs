@@ -199,33 +199,12 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
                 links.push(rel.clone());
             }
             tar::EntryType::Link => {
-                // A hard link to an entry unpacked before: copied, inside only.
                 let link = entry
                     .link_name()
                     .context("Unreadable link target")?
                     .map(|l| l.into_owned())
                     .unwrap_or_default();
-                let Some(source) = safe_path(&link) else {
-                    bail!(
-                        "archive hard link '{}' -> '{}' points outside",
-                        raw.display(),
-                        link.display()
-                    );
-                };
-                check_parents(&source, &links)?;
-                let source = dest.join(source);
-                if !std::fs::symlink_metadata(&source)
-                    .map(|m| m.is_file())
-                    .unwrap_or(false)
-                {
-                    bail!(
-                        "archive hard link '{}' -> '{}' has no target",
-                        raw.display(),
-                        link.display()
-                    );
-                }
-                std::fs::copy(&source, &target)
-                    .with_context(|| format!("archive entry '{}' is duplicated", raw.display()))?;
+                copy_hard_link(dest, (&raw, &target), &link, &links)?;
             }
             other => bail!(
                 "archive entry '{}' has a forbidden type ({other:?})",
@@ -234,6 +213,35 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
         }
     }
     verify_links(dest, &links)
+}
+
+/// A hard link (as written in the archive, and where it goes) to `link`, an entry
+/// unpacked before: copied, inside only, never through a symlink.
+fn copy_hard_link(
+    dest: &Path,
+    (raw, target): (&Path, &Path),
+    link: &Path,
+    links: &[PathBuf],
+) -> Result<()> {
+    let Some(source) = safe_path(link) else {
+        bail!(
+            "archive hard link '{}' -> '{}' points outside",
+            raw.display(),
+            link.display()
+        );
+    };
+    check_parents(&source, links)?;
+    let source = dest.join(source);
+    if !std::fs::symlink_metadata(&source).is_ok_and(|m| m.is_file()) {
+        bail!(
+            "archive hard link '{}' -> '{}' has no target",
+            raw.display(),
+            link.display()
+        );
+    }
+    std::fs::copy(&source, target)
+        .with_context(|| format!("archive entry '{}' is duplicated", raw.display()))?;
+    Ok(())
 }
 
 /// Checks, once everything is unpacked, that every symlink resolves inside `dest`:

@@ -51,48 +51,8 @@ pub fn resolve_git(task: &str, url: &str, rev: &str) -> Result<String> {
     {
         return Ok(commit.clone());
     }
-    let mut child = Command::new("git")
-        .args(["ls-remote", "--", url, rev, &format!("{rev}^{{}}")])
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            infra(format!(
-                "Task '{task}': cannot run git to resolve '{rev}' of {url}: {e} (is git installed?)"
-            ))
-        })?;
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if started.elapsed() > LS_REMOTE_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(infra(format!(
-                "Task '{task}': git ls-remote {url} took longer than {}s (revision '{rev}')",
-                LS_REMOTE_TIMEOUT.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut out = String::new();
-    let mut err = String::new();
-    child.stdout.take().map(|mut o| o.read_to_string(&mut out));
-    child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-    if !status.success() {
-        let reason = err
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("git ls-remote failed")
-            .trim()
-            .to_string();
-        return Err(infra(format!(
-            "Task '{task}': cannot reach git repository {url} (revision '{rev}'): {reason}"
-        )));
-    }
+    let out = ls_remote(task, url, rev)?;
+    let url = &crate::util::secrets::masked_url(url);
     let refs: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once('\t')).collect();
     let find = |name: &str| {
         refs.iter()
@@ -114,6 +74,55 @@ pub fn resolve_git(task: &str, url: &str, rev: &str) -> Result<String> {
         .get_or_insert_with(HashMap::new)
         .insert(key, commit.clone());
     Ok(commit)
+}
+
+/// What `git ls-remote URL REV REV^{}` prints; a missing git, an unreachable
+/// repository or one that takes too long is an infrastructure error.
+fn ls_remote(task: &str, url: &str, rev: &str) -> Result<String> {
+    let shown = crate::util::secrets::masked_url(url);
+    let mut child = Command::new("git")
+        .args(["ls-remote", "--", url, rev, &format!("{rev}^{{}}")])
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            infra(format!(
+                "Task '{task}': cannot run git to resolve '{rev}' of {shown}: {e} (is git installed?)"
+            ))
+        })?;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > LS_REMOTE_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(infra(format!(
+                "Task '{task}': git ls-remote {shown} took longer than {}s (revision '{rev}')",
+                LS_REMOTE_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().map(|mut o| o.read_to_string(&mut out));
+    child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    if !status.success() {
+        let reason = err
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("git ls-remote failed")
+            .trim()
+            .to_string();
+        return Err(infra(format!(
+            "Task '{task}': cannot reach git repository {shown} (revision '{rev}'): {reason}"
+        )));
+    }
+    Ok(out)
 }
 
 /// Single-quotes a string for `sh`.
