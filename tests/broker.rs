@@ -1,15 +1,10 @@
 //! Network builds across broker trouble: a restart while a client waits, and a task
 //! that outlives RabbitMQ's consumer_timeout. These change the broker for everyone, so
-//! they run one at a time, in a binary of their own.
+//! each holds it alone (`cluster_exclusive`).
 
-mod util;
-
+use crate::util::{cluster_exclusive, finish, wait_until, Workspace};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
-use util::{cluster, finish, wait_until, Workspace};
-
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn rabbitmqctl(args: &[&str]) {
     let status = Command::new("rabbitmqctl")
@@ -43,8 +38,9 @@ impl Drop for ConsumerTimeout {
 
 #[test]
 fn a_broker_restart_while_the_client_waits_loses_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(c) = cluster() else { return };
+    let Some(c) = cluster_exclusive() else {
+        return;
+    };
     let worker = c.worker();
     let marker = c.dir.path().join("started");
     let ws = Workspace::with(&format!(
@@ -71,8 +67,9 @@ fn a_broker_restart_while_the_client_waits_loses_nothing() {
 
 #[test]
 fn a_task_longer_than_the_consumer_timeout_completes_once() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(c) = cluster() else { return };
+    let Some(c) = cluster_exclusive() else {
+        return;
+    };
     // RabbitMQ 3.10 checks delivery timeouts on a channel tick of about a minute:
     // the task must outlast a tick after the timeout.
     let _timeout = ConsumerTimeout::set(2000);

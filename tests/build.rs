@@ -1,8 +1,6 @@
 //! Local builds: execution, caching, parameters, metadata, scheduling options.
 
-mod util;
-
-use util::Workspace;
+use crate::util::Workspace;
 
 const HELLO: &str = r#"
 [task.hello]
@@ -84,11 +82,7 @@ fn log_lines_name_the_task_with_its_non_default_parameters() {
     let ws = Workspace::with(HELLO);
     let run = ws.jolt(&["build", "hello:recipient=john"]);
     let line = &run.lines_with("Execution started")[0];
-    let id = run.locations()[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let id = run.identity();
     assert_eq!(
         line,
         &format!(

@@ -1,9 +1,7 @@
 //! The local cache shared by processes: locking, trimming, expiry, cleaning, interrupts.
 
-mod util;
-
+use crate::util::{wait_until, Workspace};
 use std::time::Duration;
-use util::{wait_until, Workspace};
 
 #[test]
 fn two_builds_of_one_task_at_once_execute_it_once() {
@@ -128,7 +126,7 @@ fn interrupt_stops_commands_keeps_the_cache_consistent_and_exits_130() {
         String::from_utf8_lossy(&out.stderr)
     );
     let pid: i32 = ws.read("pid").trim().parse().unwrap();
-    assert!(!util::alive(pid), "the command survived");
+    assert!(!crate::util::alive(pid), "the command survived");
     assert_eq!(ws.artifacts("fast").len(), 1, "finished work is kept");
     assert!(ws.artifacts("slow").is_empty());
     assert!(ws.staging_leftovers().is_empty());

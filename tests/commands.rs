@@ -1,8 +1,6 @@
 //! The informational and maintenance commands: config, list, inspect, display.
 
-mod util;
-
-use util::Workspace;
+use crate::util::Workspace;
 
 const RECIPE: &str = r#"
 [task.hello]
@@ -132,11 +130,7 @@ fn inspect_shows_the_task_and_its_influence() {
     let file_line = run.lines_with("File: ")[0].clone();
     assert!(file_line.contains("ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"));
     let built = ws.jolt(&["build", "hello:recipient=bob"]);
-    let id = built.locations()[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let id = built.identity();
     ws.jolt(&["info", "hello:recipient=bob"])
         .success()
         .contains(&id)
@@ -149,8 +143,7 @@ fn identities_do_not_depend_on_the_workspace_path() {
     let b = Workspace::with(RECIPE);
     a.file("src/a.txt", "same");
     b.file("src/a.txt", "same");
-    let id = |ws: &Workspace| ws.jolt(&["inspect", "app"]).lines_with("Identity")[0].clone();
-    assert_eq!(id(&a), id(&b));
+    assert_eq!(a.identity("app"), b.identity("app"));
 }
 
 #[test]

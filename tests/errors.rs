@@ -1,9 +1,7 @@
 //! Bad input: each gets a clear one-line error, its documented exit code, no panic
 //! and no partial artifact.
 
-mod util;
-
-use util::Workspace;
+use crate::util::Workspace;
 
 const RECIPE: &str = r#"
 [task.hello]
@@ -168,7 +166,7 @@ fn a_timeout_kills_the_whole_process_tree() {
     let pid: i32 = ws.read("child.pid").trim().parse().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert!(
-        !util::alive(pid),
+        !crate::util::alive(pid),
         "the background child {pid} survived the timeout"
     );
     assert!(ws.artifacts("slow").is_empty());
@@ -286,7 +284,7 @@ fn a_huge_output_line_takes_bounded_memory() {
         }
         peak
     });
-    util::finish(child).success();
+    crate::util::finish(child).success();
     let peak_kb = peak.join().unwrap();
     assert!(peak_kb < 100_000, "jolt peaked at {peak_kb} kB");
     let artifact = &ws.artifacts("t")[0];
@@ -300,7 +298,7 @@ fn a_huge_output_line_takes_bounded_memory() {
 const STUBBORN: &str = "[task.t]\nrun = \"sh -c \\\"trap '' TERM; echo \\\\$\\\\$ > {root}/grandchild.pid; exec sleep 300\\\" & wait\"\n";
 
 fn grandchild(ws: &Workspace) -> i32 {
-    util::wait_until(
+    crate::util::wait_until(
         "the task's background process",
         std::time::Duration::from_secs(30),
         || ws.read("grandchild.pid").trim().parse::<i32>().is_ok(),
@@ -309,10 +307,10 @@ fn grandchild(ws: &Workspace) -> i32 {
 }
 
 fn assert_dies(pid: i32, after: &str) {
-    util::wait_until(
+    crate::util::wait_until(
         &format!("process {pid} to die after {after}"),
         std::time::Duration::from_secs(10),
-        || !util::alive(pid),
+        || !crate::util::alive(pid),
     );
 }
 

@@ -1,9 +1,7 @@
 //! The shared HTTP artifact cache, against a real nginx (WebDAV PUT) on loopback.
 
-mod util;
-
+use crate::util::{finish, wait_until, Nginx, Workspace};
 use std::time::Duration;
-use util::{finish, wait_until, Nginx, Workspace};
 
 const RECIPE: &str = r#"
 [task.lib]
@@ -30,7 +28,7 @@ fn workspace(server: &Nginx) -> Workspace {
     ws
 }
 
-fn jolt(ws: &Workspace, args: &[&str]) -> util::Run {
+fn jolt(ws: &Workspace, args: &[&str]) -> crate::util::Run {
     let mut all = vec!["-c", "jolt.conf.toml"];
     all.extend_from_slice(args);
     ws.jolt(&all)
@@ -46,11 +44,7 @@ fn an_upload_is_downloaded_into_another_empty_cache() {
         .contains("Upload started (app ")
         .contains("Upload finished after")
         .contains("Upload started (lib ");
-    let id = built.locations()[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let id = built.identity();
     assert!(server.file(&format!("cache/app/{id}.tar")).is_file());
 
     let b = a.sibling();
@@ -163,11 +157,7 @@ fn a_corrupt_or_truncated_object_is_rejected_and_the_task_built() {
     let Some(server) = Nginx::start() else { return };
     let a = workspace(&server);
     let built = jolt(&a, &["build", "lib"]);
-    let id = built.locations()[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let id = built.identity();
     let object = server.file(&format!("cache/lib/{id}.tar"));
     let bytes = std::fs::read(&object).unwrap();
 
@@ -195,18 +185,9 @@ fn an_archive_naming_another_identity_is_rejected() {
     let Some(server) = Nginx::start() else { return };
     let a = workspace(&server);
     let lib = jolt(&a, &["build", "lib"]);
-    let lib_id = lib.locations()[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let lib_id = lib.identity();
     a.file("src/a.c", "int b;\n");
-    let other = a.jolt(&["inspect", "lib"]);
-    let new_id = other.lines_with("Identity")[0]
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_string();
+    let new_id = a.identity("lib");
     assert_ne!(lib_id, new_id);
     std::fs::copy(
         server.file(&format!("cache/lib/{lib_id}.tar")),
@@ -245,11 +226,7 @@ fn raw_tar(name: &str, kind: tar::EntryType, link: &str, data: &[u8]) -> Vec<u8>
 fn a_path_escaping_archive_never_reaches_the_disk() {
     let Some(server) = Nginx::start() else { return };
     let ws = workspace(&server);
-    let id = ws.jolt(&["inspect", "lib"]).lines_with("Identity")[0]
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_string();
+    let id = ws.identity("lib");
     let object = server.file(&format!("cache/lib/{id}.tar"));
     std::fs::create_dir_all(object.parent().unwrap()).unwrap();
     let cases = [
@@ -347,11 +324,7 @@ fn uploads_need_credentials_where_the_server_requires_them() {
     assert_eq!(server.objects().len(), 1);
     // Reading needs no credentials.
     let b = ws.sibling();
-    let forced_id = accepted.locations()[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let forced_id = accepted.identity();
     assert!(server.objects()[0].contains(&forced_id));
     jolt(&b, &["build", "app"])
         .success()
@@ -375,16 +348,11 @@ fn an_artifact_with_a_symlink_leading_out_is_not_uploaded() {
 
 // Caches that heal themselves, and secrets that stay secret (issue 9).
 
-/// The identity in the name of an artifact directory.
-fn identity_of(dir: &std::path::Path) -> String {
-    dir.file_name().unwrap().to_string_lossy().into_owned()
-}
-
 #[test]
 fn a_builder_replaces_an_archive_that_clients_reject() {
     let Some(server) = Nginx::start() else { return };
     let a = workspace(&server);
-    let id = identity_of(&jolt(&a, &["build", "lib"]).locations()[0]);
+    let id = crate::util::identity_of(&jolt(&a, &["build", "lib"]).locations()[0]);
     let object = server.file(&format!("cache/lib/{id}.tar"));
     std::fs::write(&object, b"this is not a tar archive at all".repeat(40)).unwrap();
     // Regression: the builder saw that the object exists and skipped the upload, so
@@ -408,7 +376,7 @@ fn a_downloaded_manifest_that_reaches_outside_is_rejected() {
     let a = workspace(&server);
     let built = jolt(&a, &["build", "lib"]);
     let dir = built.locations()[0].clone();
-    let id = identity_of(&dir);
+    let id = crate::util::identity_of(&dir);
     for (key, value) in [
         ("environ", serde_json::json!({"PATH": "../../.."})),
         ("environ", serde_json::json!({"LD_PRELOAD": "lib/evil.so"})),
@@ -482,7 +450,7 @@ fn a_downloaded_archive_thousands_of_directories_deep_does_not_crash_jolt() {
     let Some(server) = Nginx::start() else { return };
     let a = workspace(&server);
     let dir = jolt(&a, &["build", "lib"]).locations()[0].clone();
-    let id = identity_of(&dir);
+    let id = crate::util::identity_of(&dir);
     let forged = tempfile::tempdir().unwrap();
     let status = std::process::Command::new("cp")
         .arg("-a")

@@ -1,10 +1,8 @@
 //! Network builds with real RabbitMQ (127.0.0.1:5672), a real nginx cache and real
 //! `jolt amqp-worker` processes. Each test has a routing key of its own.
 
-mod util;
-
+use crate::util::{cluster, finish, wait_until, Nginx, WorkerProcess, Workspace};
 use std::time::{Duration, Instant};
-use util::{cluster, finish, wait_until, Nginx, WorkerProcess, Workspace};
 
 const GRAPH: &str = r#"
 [task.src]
@@ -467,7 +465,7 @@ fn a_request_queue_declared_otherwise_fails_the_build_instead_of_hanging() {
 // No request waits forever, no request kills the fleet, no secret leaks (issue 9).
 
 /// Waits for a spawned jolt at most `limit`; a build still running then is a hang.
-fn finish_within(mut child: std::process::Child, limit: Duration, what: &str) -> util::Run {
+fn finish_within(mut child: std::process::Child, limit: Duration, what: &str) -> crate::util::Run {
     let deadline = Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -532,11 +530,7 @@ fn a_duplicate_request_is_answered_even_when_its_holder_never_replies() {
     let Some(c) = cluster() else { return };
     let recipe = "[task.x]\nrun = \"echo x > {artifact}/x\"\n";
     let ws = Workspace::with(recipe);
-    let identity = ws.jolt(&["inspect", "x"]).lines_with("Identity")[0]
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_string();
+    let identity = ws.identity("x");
     // Another worker holds the lock of x and is about to release it, its reply
     // already sent: before this client bound its reply queue.
     let mut holder =
@@ -607,11 +601,7 @@ fn a_request_that_kills_its_workers_is_refused_after_two_deliveries() {
 fn a_forged_reply_with_an_absurd_duration_fails_the_task_instead_of_hanging() {
     let Some(c) = cluster() else { return };
     let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
-    let identity = ws.jolt(&["inspect", "a"]).lines_with("Identity")[0]
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_string();
+    let identity = ws.identity("a");
     // No worker: the request waits in its queue, and the client for a reply.
     let client = c.spawn_build(&ws, &["a"]);
     wait_until("the request", Duration::from_secs(30), || {
@@ -696,11 +686,7 @@ fn an_archive_clients_reject_is_built_again_by_a_worker() {
     let ws = Workspace::with("[task.a]\nrun = \"echo a > {artifact}/a\"\n");
     let first = c.build(&ws, &["a"]);
     first.success();
-    let id = first.locations()[0]
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let id = first.identity();
     std::fs::write(
         c.server.file(&format!("cache/a/{id}.tar")),
         b"not an archive".repeat(100),

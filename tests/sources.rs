@@ -1,12 +1,10 @@
 //! Declared sources and tools: `kind = "git"` against bare repositories served over
 //! file:// and by nginx (dumb HTTP), and `kind = "download"` of archives served by nginx.
 
-mod util;
-
+use crate::util::{Nginx, Workspace};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use util::{Nginx, Workspace};
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")

@@ -1,8 +1,6 @@
 //! A fresh workspace per test, and a small fluent helper to run the real `jolt` binary
 //! in it and assert on its exit code and output.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -53,6 +51,15 @@ impl Workspace {
         self
     }
 
+    /// The identity `jolt inspect` computes for `task` (nothing is built).
+    #[track_caller]
+    pub fn identity(&self, task: &str) -> String {
+        let run = self.jolt(&["inspect", task]);
+        let line = run.lines_with("Identity").first().cloned();
+        line.and_then(|l| l.split_whitespace().last().map(str::to_string))
+            .unwrap_or_else(|| panic!("inspect {task} shows no identity:\n{}", run.all()))
+    }
+
     /// Makes a file look a minute old, as sources are.
     pub fn age(&self, rel: &str) -> &Workspace {
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
@@ -94,10 +101,12 @@ impl Workspace {
     }
 
     /// Runs `jolt ARGS` to completion.
+    #[track_caller]
     pub fn jolt(&self, args: &[&str]) -> Run {
         self.run(self.command(args))
     }
 
+    #[track_caller]
     pub fn run(&self, mut cmd: Command) -> Run {
         let out = cmd.output().expect("run jolt");
         let run = Run {
@@ -150,6 +159,7 @@ impl Run {
         format!("{}{}", self.stdout, self.stderr)
     }
 
+    #[track_caller]
     pub fn code(&self, expected: i32) -> &Run {
         assert_eq!(
             self.code, expected,
@@ -159,10 +169,12 @@ impl Run {
         self
     }
 
+    #[track_caller]
     pub fn success(&self) -> &Run {
         self.code(0)
     }
 
+    #[track_caller]
     pub fn contains(&self, text: &str) -> &Run {
         assert!(
             self.all().contains(text),
@@ -173,6 +185,7 @@ impl Run {
         self
     }
 
+    #[track_caller]
     pub fn lacks(&self, text: &str) -> &Run {
         assert!(
             !self.all().contains(text),
@@ -204,6 +217,12 @@ impl Run {
             .collect()
     }
 
+    /// The identity of the first goal's artifact (the name of its `Location:`).
+    #[track_caller]
+    pub fn identity(&self) -> String {
+        identity_of(&self.locations()[0])
+    }
+
     /// The names of the tasks whose execution started, in order.
     pub fn started(&self) -> Vec<String> {
         self.stdout
@@ -216,6 +235,15 @@ impl Run {
             })
             .collect()
     }
+}
+
+/// The identity in the name of an artifact directory.
+#[track_caller]
+pub fn identity_of(dir: &Path) -> String {
+    dir.file_name()
+        .expect("an artifact directory")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Whether a process is alive (a zombie nobody reaped counts as dead).
@@ -288,11 +316,6 @@ impl Nginx {
             "nginx did not start: {}",
             server.dir.path().join("error.log").display()
         );
-    }
-
-    /// Starts the server again on the same port after [`Nginx::stop`].
-    pub fn restart(&mut self) {
-        assert!(self.spawn(), "nginx did not restart on port {}", self.port);
     }
 
     fn spawn(&mut self) -> bool {
@@ -385,16 +408,40 @@ impl Workspace {
     }
 }
 
+/// Tests share the machine's broker (`Shared`), except those that restart it or
+/// change its settings (`Exclusive`), which run alone.
+static BROKER_USE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// How a test holds the broker, for as long as it lives.
+#[allow(dead_code)] // held for its Drop only
+enum BrokerUse {
+    Shared(std::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(std::sync::RwLockWriteGuard<'static, ()>),
+}
+
 /// The RabbitMQ of the machine (127.0.0.1:5672, guest/guest), with a routing key of
 /// this test's own so tests never take each other's requests. Its request queue is
 /// deleted when dropped.
 pub struct Broker {
     pub routing_key: String,
+    _use: BrokerUse,
 }
 
 impl Broker {
     /// `None` (skip) when no broker answers, unless `CI=true`, where that fails.
     pub fn start() -> Option<Broker> {
+        let shared = BROKER_USE.read().unwrap_or_else(|e| e.into_inner());
+        Self::start_as(BrokerUse::Shared(shared))
+    }
+
+    /// [`Broker::start`] for a test that restarts the broker or changes its
+    /// settings: it waits until no other test uses the broker, and holds it alone.
+    pub fn start_exclusive() -> Option<Broker> {
+        let exclusive = BROKER_USE.write().unwrap_or_else(|e| e.into_inner());
+        Self::start_as(BrokerUse::Exclusive(exclusive))
+    }
+
+    fn start_as(hold: BrokerUse) -> Option<Broker> {
         match amiquip::Connection::insecure_open("amqp://guest:guest@127.0.0.1:5672/%2F") {
             Ok(c) => {
                 let _ = c.close();
@@ -415,6 +462,7 @@ impl Broker {
         let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(Broker {
             routing_key: format!("test-{}-{n}-{nanos}", std::process::id()),
+            _use: hold,
         })
     }
 
@@ -453,7 +501,8 @@ impl Drop for Broker {
 pub struct WorkerProcess {
     pub child: std::process::Child,
     pub log: PathBuf,
-    pub cache: tempfile::TempDir,
+    /// Its cache and config, removed with it.
+    _home: tempfile::TempDir,
 }
 
 impl WorkerProcess {
@@ -492,7 +541,11 @@ impl WorkerProcess {
             .stderr(out)
             .spawn()
             .unwrap();
-        let worker = WorkerProcess { child, log, cache };
+        let worker = WorkerProcess {
+            child,
+            log,
+            _home: cache,
+        };
         worker.wait_for("waiting for requests", std::time::Duration::from_secs(20));
         worker
     }
@@ -502,6 +555,7 @@ impl WorkerProcess {
     }
 
     /// Waits until the worker's output holds `text`.
+    #[track_caller]
     pub fn wait_for(&self, text: &str, timeout: std::time::Duration) {
         let deadline = std::time::Instant::now() + timeout;
         while !self.output().contains(text) {
@@ -534,7 +588,15 @@ pub struct Cluster {
 
 /// RabbitMQ and nginx for a network build test, with a config file naming both.
 pub fn cluster() -> Option<Cluster> {
-    let broker = Broker::start()?;
+    cluster_with(Broker::start()?)
+}
+
+/// [`cluster`] with the broker held alone (see [`Broker::start_exclusive`]).
+pub fn cluster_exclusive() -> Option<Cluster> {
+    cluster_with(Broker::start_exclusive()?)
+}
+
+fn cluster_with(broker: Broker) -> Option<Cluster> {
     let server = Nginx::start()?;
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster {
@@ -600,6 +662,7 @@ pub fn finish(child: std::process::Child) -> Run {
     }
 }
 
+#[track_caller]
 pub fn wait_until(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !done() {

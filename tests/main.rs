@@ -1,0 +1,14 @@
+//! jolt's integration tests, one binary: each module drives the real `jolt` binary
+//! in fresh temporary workspaces (see `util`), against a real RabbitMQ and real nginx
+//! servers where it needs them.
+
+mod util;
+
+mod broker;
+mod build;
+mod cache;
+mod commands;
+mod errors;
+mod http;
+mod network;
+mod sources;
