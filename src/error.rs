@@ -69,14 +69,6 @@ pub fn infra(message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
-/// Returns early with a usage error built like `format!`.
-#[macro_export]
-macro_rules! bail_usage {
-    ($($arg:tt)*) => {
-        return Err($crate::error::usage(format!($($arg)*)))
-    };
-}
-
 /// The exit code an error maps to: the first [`Coded`] in its chain, else 1.
 pub fn exit_code(err: &anyhow::Error) -> Exit {
     err.chain()

@@ -5,7 +5,6 @@ use serde::Serialize;
 use std::time::Instant;
 
 use super::workspace::Workspace;
-use crate::bail_usage;
 use crate::cli::{BuildArgs, DownloadArgs};
 use crate::config::Config;
 use crate::console;
@@ -114,7 +113,11 @@ fn local_jobs(config: &Config, given: Option<usize>) -> Result<usize> {
     let max = executor::MAX_JOBS;
     match given {
         Some(j) if (1..=max).contains(&j) => return Ok(j),
-        Some(j) => bail_usage!("-j {j}: tasks at once must be between 1 and {max}"),
+        Some(j) => {
+            return Err(usage(format!(
+                "-j {j}: tasks at once must be between 1 and {max}"
+            )))
+        }
         None => {}
     }
     match config.get_int("jolt.jobs")? {
@@ -122,7 +125,9 @@ fn local_jobs(config: &Config, given: Option<usize>) -> Result<usize> {
         Some(0) | None => Ok(std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)),
-        Some(j) => bail_usage!("jolt.jobs = {j}: tasks at once must be between 1 and {max}"),
+        Some(j) => Err(usage(format!(
+            "jolt.jobs = {j}: tasks at once must be between 1 and {max}"
+        ))),
     }
 }
 
@@ -132,9 +137,9 @@ fn remote_jobs(config: &Config) -> Result<usize> {
     match config.get_int("amqp.jobs")? {
         None => Ok(32),
         Some(j) if (1..=max as i64).contains(&j) => Ok(j as usize),
-        Some(j) => {
-            bail_usage!("amqp.jobs = {j}: remote executions at once must be between 1 and {max}")
-        }
+        Some(j) => Err(usage(format!(
+            "amqp.jobs = {j}: remote executions at once must be between 1 and {max}"
+        ))),
     }
 }
 
