@@ -706,3 +706,42 @@ fn an_archive_clients_reject_is_built_again_by_a_worker() {
         w.output()
     );
 }
+
+// Requests of a client that went away are not built (issue 14).
+
+#[test]
+fn the_requests_of_a_killed_client_are_not_built() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    let marker = c.dir.path().join("runs");
+    let mut recipe = String::new();
+    for t in 0..8 {
+        recipe.push_str(&format!(
+            "[task.t{t}]\nrun = [\"echo {t} >> {}\", \"sleep 1\"]\n",
+            marker.display()
+        ));
+    }
+    recipe.push_str("[task.all]\nkind = \"alias\"\nrequires = [\"t0\", \"t1\", \"t2\", \"t3\", \"t4\", \"t5\", \"t6\", \"t7\"]\n");
+    let ws = Workspace::with(&recipe);
+    let mut client = c.spawn_build(&ws, &["all"]);
+    wait_until("the first task", Duration::from_secs(30), || {
+        marker.exists()
+    });
+    wait_until("every request queued", Duration::from_secs(30), || {
+        c.broker.queued() == Some(7)
+    });
+    unsafe { libc::kill(client.id() as i32, libc::SIGKILL) };
+    let _ = client.wait();
+    wait_until("the queue to drain", Duration::from_secs(30), || {
+        c.broker.queued() == Some(0)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let runs = std::fs::read_to_string(&marker).unwrap().lines().count();
+    // Regression: a dead client's seven queued requests were all built.
+    assert!(runs <= 2, "{runs} tasks ran:\n{}", w.output());
+    assert!(
+        w.output().contains("is gone; dropping the request"),
+        "{}",
+        w.output()
+    );
+}

@@ -227,6 +227,13 @@ impl Worker {
             }
         };
         let id8 = request.identity.get(..8).unwrap_or(&request.identity);
+        if self.client_gone(link, delivery)? {
+            console::info(&format!(
+                "{} {id8}: its client {} is gone; dropping the request",
+                request.reference, request.client
+            ));
+            return Ok(true);
+        }
         if delivery.redelivered {
             return self.redelivered(link, delivery, &request).map(|()| true);
         }
@@ -317,6 +324,36 @@ impl Worker {
         })
     }
 
+    /// Whether the client that sent a request is gone: its exclusive reply queue
+    /// (`reply_to`), which the broker deletes with the client's connection, no longer
+    /// exists. A passive declaration answers 404 for a queue that does not exist, and
+    /// 405 for one that is another connection's (either closes the channel). A request
+    /// without `reply_to`, or any other answer, counts as a client still there.
+    fn client_gone(&self, link: &mut Link, delivery: &Delivery) -> Result<bool> {
+        let Some(queue) = delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .filter(|q| !q.is_empty())
+        else {
+            return Ok(false);
+        };
+        if link.locks.is_none() {
+            *link.locks = Some(link.connection.open_channel(None)?);
+        }
+        let channel = link.locks.as_ref().expect("lock channel");
+        match channel.queue_declare_passive(queue.as_str()) {
+            Ok(_) => Ok(false),
+            Err(e) => {
+                *link.locks = None;
+                Ok(matches!(
+                    e,
+                    amiquip::Error::ServerClosedChannel { code: 404, .. }
+                ))
+            }
+        }
+    }
+
     /// A request another worker holds the lock of. Its client bound its reply queue
     /// before publishing, so the holder's final reply, sent after the lock is
     /// released, reaches it. Still, the client hears from this worker: `success`
@@ -375,11 +412,14 @@ impl Worker {
         ));
         let mut headers = FieldTable::new();
         headers.insert(DELIVERIES.to_string(), AmqpValue::LongInt(n as i32));
-        let properties = AmqpProperties::default()
+        let mut properties = AmqpProperties::default()
             .with_delivery_mode(2)
             .with_priority(delivery.properties.priority().unwrap_or(0))
             .with_content_type("application/json".into())
             .with_headers(headers);
+        if let Some(reply_to) = delivery.properties.reply_to() {
+            properties = properties.with_reply_to(reply_to.clone());
+        }
         link.channel
             .basic_publish(
                 crate::remote::amqp::REQUESTS,

@@ -209,8 +209,10 @@ impl NetworkClient {
         }
     }
 
-    /// Publishes a request (persistent, with the configured priority), declaring the
-    /// request queue of its routing key first. Waits while the broker is away.
+    /// Publishes a request (persistent, with the configured priority, and `reply_to`
+    /// naming this client's reply queue so that a worker can tell whether the client
+    /// is still there), declaring the request queue of its routing key first. Waits
+    /// while the broker is away.
     pub fn publish(&self, routing_key: &str, body: &[u8]) -> Result<()> {
         let priority = self.settings.priority;
         let mut failures = 0;
@@ -229,6 +231,7 @@ impl NetworkClient {
                             AmqpProperties::default()
                                 .with_delivery_mode(2)
                                 .with_priority(priority)
+                                .with_reply_to(link.queue.clone())
                                 .with_content_type("application/json".into()),
                         ),
                     )
