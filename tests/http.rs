@@ -468,3 +468,95 @@ fn a_downloaded_archive_thousands_of_directories_deep_does_not_crash_jolt() {
     let b = a.sibling();
     jolt(&b, &["-c", "jolt.upload=false", "build", "lib"]).success();
 }
+
+// Faults answered in seconds (issue 14).
+
+use crate::util::{FakeCache, Fault};
+
+/// A workspace of `n` independent tasks with an influence file, using `cache`.
+fn fault_workspace(n: usize, cache: &str) -> Workspace {
+    let mut recipe = String::new();
+    for t in 0..n {
+        recipe.push_str(&format!(
+            "[task.t{t}]\nrun = \"echo {t} > {{artifact}}/f\"\n"
+        ));
+    }
+    recipe.push_str("[task.all]\nkind = \"alias\"\nrequires = [");
+    for t in 0..n {
+        recipe.push_str(&format!("\"t{t}\", "));
+    }
+    recipe.push_str("]\n");
+    let ws = Workspace::with(&recipe);
+    ws.file(
+        "jolt.conf.toml",
+        &format!("[http]\nuri = \"{cache}\"\ntimeout = 2\nconnect_timeout = 2\n"),
+    );
+    ws
+}
+
+#[test]
+fn a_cache_that_hangs_costs_one_timeout_and_one_warning() {
+    let cache = FakeCache::start(Fault::Hang);
+    let ws = fault_workspace(10, &cache.url);
+    let started = std::time::Instant::now();
+    let run = jolt(&ws, &["build", "all"]);
+    run.success();
+    // Regression: each request was tried four times, a timeout each.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(run.count("unreachable"), 1, "{}", run.all());
+    assert_eq!(cache.requests(), 1);
+}
+
+#[test]
+fn a_cache_that_answers_500_is_marked_down_after_the_first_failure() {
+    let cache = FakeCache::start(Fault::Status(500));
+    let ws = fault_workspace(10, &cache.url);
+    let run = jolt(&ws, &["build", "all"]);
+    // Regression: never marked down, a warning (and retries) for every task.
+    run.success();
+    assert_eq!(run.count("[WARNING]"), 1, "{}", run.all());
+    assert!(cache.requests() <= 4, "{} requests", cache.requests());
+}
+
+#[test]
+fn jolt_download_exits_3_when_the_cache_fails_or_refuses() {
+    for code in [500, 403] {
+        let cache = FakeCache::start(Fault::Status(code));
+        let ws = fault_workspace(1, &cache.url);
+        jolt(&ws, &["download", "t0"])
+            .code(3)
+            .contains("The HTTP cache is unreachable")
+            .contains(&code.to_string())
+            .lacks("no cache holds");
+    }
+}
+
+#[test]
+fn ctrl_c_interrupts_a_slow_download_within_a_second() {
+    let cache = FakeCache::start(Fault::Slow);
+    let ws = fault_workspace(1, &cache.url);
+    // HEAD of a slow server still answers 200: the task is "in the cache".
+    let mut cmd = ws.command(&["-c", "jolt.conf.toml", "build", "t0"]);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    wait_until("the download", Duration::from_secs(20), || {
+        cache.requests() >= 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let interrupted = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let run = finish(child);
+    // Regression: Ctrl-C was honoured only when the download had finished.
+    assert!(
+        interrupted.elapsed() < Duration::from_millis(1500),
+        "{:?}\n{}",
+        interrupted.elapsed(),
+        run.all()
+    );
+    assert_eq!(run.code, 130, "{}", run.all());
+}

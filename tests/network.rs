@@ -745,3 +745,25 @@ fn the_requests_of_a_killed_client_are_not_built() {
         w.output()
     );
 }
+
+#[test]
+fn a_network_build_with_the_cache_down_exits_3_and_sends_nothing() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let config = c.config().display().to_string();
+    let run = ws.jolt(&[
+        "-c",
+        &config,
+        "-c",
+        "http.uri=http://127.0.0.1:9/cache",
+        "build",
+        "--network",
+        "a",
+    ]);
+    // Regression: it said it would go on without the cache, sent its requests,
+    // then exited 3.
+    run.code(3)
+        .contains("network builds need it")
+        .lacks("going on without it");
+    assert!(matches!(c.broker.queued(), None | Some(0)));
+}

@@ -182,6 +182,10 @@ impl Runner<'_> {
                 );
                 return Ok(Done::DownloadFailed);
             }
+            Err(e) if http_cache::is_interrupted(&e) => {
+                let _ = fsutil::remove_dir_all(&staging);
+                return Err(Failure::interrupted("Download interrupted"));
+            }
             Err(e) => {
                 let _ = fsutil::remove_dir_all(&staging);
                 self.http_warning(http, "Download", &e);
@@ -250,6 +254,9 @@ impl Runner<'_> {
         }
         match self.upload(i, dir) {
             Ok(()) => Ok(()),
+            Err(e) if http_cache::is_interrupted(&e) => {
+                Err(Failure::interrupted("Upload interrupted"))
+            }
             Err(e) if self.upload_required() => Err(Failure::new(format!("Upload failed: {e:#}"))),
             Err(e) => {
                 self.http_warning(http, "Upload", &e);

@@ -261,6 +261,15 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
     let mut sched = Scheduler::new(graph, services, opts);
     for &g in &graph.goals {
         sched.plan(g)?;
+        if let Some(why) = &sched.unreachable {
+            let what = match opts.mode {
+                Mode::DownloadOnly => "nothing can be downloaded",
+                _ => "network builds need it",
+            };
+            return Err(crate::error::infra(format!(
+                "The HTTP cache is unreachable ({why}): {what}; stopping"
+            )));
+        }
     }
     let limits = [
         opts.jobs.max(1),
@@ -373,6 +382,8 @@ struct Scheduler<'a> {
     done: usize,
     total: usize,
     remote_running: usize,
+    /// Why the HTTP cache, which this build needs, could not be used.
+    unreachable: Option<String>,
 }
 
 impl<'a> Scheduler<'a> {
@@ -401,6 +412,7 @@ impl<'a> Scheduler<'a> {
             done: 0,
             total: 0,
             remote_running: 0,
+            unreachable: None,
         }
     }
 
@@ -487,7 +499,10 @@ impl<'a> Scheduler<'a> {
 
 /// Warns once that the HTTP cache is unreachable, or about any other HTTP failure.
 fn http_warning(http: &HttpCache, what: &str, err: &anyhow::Error) -> Option<String> {
-    if http_cache::is_unreachable(err) {
+    if http_cache::is_interrupted(err) {
+        // Ctrl-C, not the server: nothing to say about the cache.
+        None
+    } else if http_cache::is_unreachable(err) {
         http.mark_down().then(|| {
             format!(
                 "HTTP cache {} is unreachable ({err:#}); going on without it",
@@ -592,6 +607,10 @@ impl Scheduler<'_> {
             Mode::Worker => self.choose_worker(i, local),
             Mode::Network(_) => self.choose_network(i, local),
         };
+        if self.unreachable.is_some() {
+            // The build stops (see `run`): nothing is settled from what it found.
+            return Ok(None);
+        }
         let plan = match plan {
             Choice::Plan(plan) => plan,
             Choice::InHttpCache => {
@@ -725,6 +744,16 @@ impl Scheduler<'_> {
         let node = &self.graph.nodes[i];
         match http.exists(node.name(), &node.identity) {
             Ok(present) => present,
+            // Network builds and `jolt download` cannot go on without the cache: the
+            // build stops with this error (exit 3) instead of a warning.
+            Err(e)
+                if http_cache::is_unreachable(&e)
+                    && matches!(self.mode, Mode::Network(_) | Mode::DownloadOnly) =>
+            {
+                http.mark_down();
+                self.unreachable.get_or_insert(format!("{e:#}"));
+                false
+            }
             Err(e) => {
                 if let Some(w) = http_warning(http, "HEAD", &e) {
                     console::warn(&w);

@@ -55,7 +55,9 @@ pub fn is_rejected(err: &anyhow::Error) -> bool {
     err.chain().any(|e| e.is::<Rejected>())
 }
 
-/// A client of the HTTP cache.
+/// A client of the HTTP cache. Clones share their connections and what they found
+/// (the server down, archives rejected).
+#[derive(Clone)]
 pub struct HttpCache {
     agent: ureq::Agent,
     base: String,
@@ -65,9 +67,57 @@ pub struct HttpCache {
     /// Uploads are enabled.
     pub upload: bool,
     retries: u32,
-    down: AtomicBool,
+    /// The longest a request without a body (HEAD) may take, all told.
+    deadline: Duration,
+    down: Arc<AtomicBool>,
     /// Artifact URLs whose archive failed verification: a builder replaces them.
-    rejected: std::sync::Mutex<std::collections::HashSet<String>>,
+    rejected: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+/// A transfer given up because jolt was interrupted.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Whether an error (anywhere in its chain) is an [`Interrupted`] transfer.
+pub fn is_interrupted(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.is::<Interrupted>())
+}
+
+/// Runs a transfer on a thread of its own and waits for it, but returns
+/// [`Interrupted`] within a tenth of a second of a Ctrl-C: a blocking read cannot be
+/// interrupted, so the thread is left to end with the process (what it was writing
+/// is a staging directory, which nothing commits).
+fn interruptible<T: Send + 'static>(
+    transfer: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("transfer".into())
+        .spawn(move || {
+            let _ = tx.send(transfer());
+        })
+        .map_err(|e| anyhow::anyhow!("Cannot start a transfer: {e}"))?;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(result) => return result,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if crate::interrupt::is_set() {
+                    return Err(Interrupted.into());
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                bail!("the transfer ended without a result")
+            }
+        }
+    }
 }
 
 /// The body of a streamed upload: the read end of the packer's pipe. At the end of
@@ -203,8 +253,9 @@ impl HttpCache {
                 && config.get_bool("http.upload", true)?
                 && !no_upload,
             retries: config.get_int_in("http.retries", 3, 0, 100)? as u32,
-            down: AtomicBool::new(false),
-            rejected: Default::default(),
+            deadline: secs("http.connect_timeout", 10)? + secs("http.timeout", 60)?,
+            down: Arc::default(),
+            rejected: Arc::default(),
         }))
     }
 
@@ -256,7 +307,11 @@ impl HttpCache {
             .contains(&self.url(task, identity))
     }
 
-    /// Sends a request built by `make`, retrying connection errors and 5xx answers.
+    /// Sends a request built by `make`. A refused connection or a 5xx answer is tried
+    /// again (`http.retries`, with back-off); one that still fails, a timeout (a
+    /// server that hangs or stalls is not asked again) or a refusal of the
+    /// credentials is [`Unreachable`]: the caller marks the cache down and goes on
+    /// without it.
     fn send(
         &self,
         url: &str,
@@ -273,14 +328,33 @@ impl HttpCache {
                 Ok(resp) if resp.status().is_server_error() && !last => {
                     crate::console::debug(&format!("{url}: {}, retrying", resp.status()));
                 }
+                Ok(resp) if resp.status().is_server_error() => {
+                    return Err(Unreachable(format!(
+                        "{url}: the server answered {}",
+                        resp.status()
+                    ))
+                    .into())
+                }
+                Ok(resp)
+                    if matches!(resp.status().as_u16(), 401 | 403)
+                        && self.authorization.is_some() =>
+                {
+                    return Err(Unreachable(format!(
+                        "{url}: the server refused the credentials ({})",
+                        resp.status()
+                    ))
+                    .into())
+                }
                 Ok(resp) => return Ok(resp),
+                Err(e @ ureq::Error::Timeout(_)) => {
+                    return Err(Unreachable(format!("{url}: {e}")).into());
+                }
                 Err(e) if last => {
                     let unreachable = matches!(
                         e,
                         ureq::Error::Io(_)
                             | ureq::Error::ConnectionFailed
                             | ureq::Error::HostNotFound
-                            | ureq::Error::Timeout(_)
                     );
                     let message = format!("{url}: {e}");
                     if unreachable {
@@ -306,6 +380,11 @@ impl HttpCache {
     /// `HEAD`: whether the cache holds a usable archive of the artifact (one found
     /// unusable counts as absent).
     pub fn exists(&self, task: &str, identity: &str) -> Result<bool> {
+        let (me, task, identity) = (self.clone(), task.to_string(), identity.to_string());
+        interruptible(move || me.exists_now(&task, &identity))
+    }
+
+    fn exists_now(&self, task: &str, identity: &str) -> Result<bool> {
         if self.is_rejected(task, identity) {
             return Ok(false);
         }
@@ -313,10 +392,20 @@ impl HttpCache {
     }
 
     fn head(&self, url: &str) -> Result<bool> {
-        let resp = self.send(url, &mut || self.with_auth(self.agent.head(url)).call())?;
+        let resp = self.send(url, &mut || {
+            self.with_auth(self.agent.head(url))
+                .config()
+                .timeout_global(Some(self.deadline))
+                .build()
+                .call()
+        })?;
         match resp.status().as_u16() {
             200 => Ok(true),
             404 | 410 => Ok(false),
+            code @ (401 | 403) => Err(Unreachable(format!(
+                "{url}: HEAD answered {code}: reading the cache needs credentials (http.username, JOLT_HTTP_PASSWORD)"
+            ))
+            .into()),
             code => bail!("{url}: HEAD answered {code}"),
         }
     }
@@ -369,6 +458,16 @@ impl HttpCache {
     /// `GET`: unpacks the artifact into the empty directory `staging` and verifies it.
     /// `Ok(None)` when the cache does not hold it.
     pub fn fetch(&self, task: &str, identity: &str, staging: &Path) -> Result<Option<Manifest>> {
+        let me = self.clone();
+        let (task, identity, staging) = (
+            task.to_string(),
+            identity.to_string(),
+            staging.to_path_buf(),
+        );
+        interruptible(move || me.fetch_now(&task, &identity, &staging))
+    }
+
+    fn fetch_now(&self, task: &str, identity: &str, staging: &Path) -> Result<Option<Manifest>> {
         let url = self.url(task, identity);
         let result = self.get_unpacked(&url, staging).and_then(|found| {
             if !found {
@@ -397,6 +496,12 @@ impl HttpCache {
     /// `PUT`: streams the artifact directory as a tar (chunked transfer encoding)
     /// while a thread packs it, so nothing is staged on disk or held in memory.
     pub fn store(&self, task: &str, identity: &str, dir: &Path) -> Result<()> {
+        let me = self.clone();
+        let (task, identity, dir) = (task.to_string(), identity.to_string(), dir.to_path_buf());
+        interruptible(move || me.store_now(&task, &identity, &dir))
+    }
+
+    fn store_now(&self, task: &str, identity: &str, dir: &Path) -> Result<()> {
         let url = self.url(task, identity);
         crate::store::archive::check_links(dir, &crate::store::archive::entries(dir)?)
             .with_context(|| format!("{url}: not uploaded"))?;
@@ -448,6 +553,11 @@ impl HttpCache {
 
     /// Uploads the source snapshot `tar` under its digest unless the cache has it.
     pub fn store_source(&self, digest: &str, tar: &Path) -> Result<()> {
+        let (me, digest, tar) = (self.clone(), digest.to_string(), tar.to_path_buf());
+        interruptible(move || me.store_source_now(&digest, &tar))
+    }
+
+    fn store_source_now(&self, digest: &str, tar: &Path) -> Result<()> {
         let url = self.source_url(digest);
         if self.head(&url)? {
             return Ok(());
@@ -457,6 +567,11 @@ impl HttpCache {
 
     /// Unpacks the source snapshot `digest` into `dest`.
     pub fn fetch_source(&self, digest: &str, dest: &Path) -> Result<()> {
+        let (me, digest, dest) = (self.clone(), digest.to_string(), dest.to_path_buf());
+        interruptible(move || me.fetch_source_now(&digest, &dest))
+    }
+
+    fn fetch_source_now(&self, digest: &str, dest: &Path) -> Result<()> {
         let url = self.source_url(digest);
         if !self.get_unpacked(&url, dest)? {
             bail!("{url}: the source snapshot is not in the HTTP cache");

@@ -673,3 +673,66 @@ pub fn wait_until(what: &str, timeout: std::time::Duration, mut done: impl FnMut
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// How a [`FakeCache`] answers.
+#[derive(Clone, Copy)]
+pub enum Fault {
+    /// Accepts connections and never answers.
+    Hang,
+    /// Answers every request with this status.
+    Status(u16),
+    /// Answers every request 200 with a 100 MB body sent a kilobyte at a time.
+    Slow,
+}
+
+/// An HTTP "cache" on a loopback port that misbehaves as told; `requests` counts the
+/// requests it received.
+pub struct FakeCache {
+    pub url: String,
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FakeCache {
+    pub fn start(fault: Fault) -> FakeCache {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/cache", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let mut stream = stream;
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf);
+                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match fault {
+                        Fault::Hang => std::thread::sleep(std::time::Duration::from_secs(3600)),
+                        Fault::Status(code) => {
+                            let _ = write!(
+                                stream,
+                                "HTTP/1.1 {code} Fault\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            );
+                        }
+                        Fault::Slow => {
+                            let _ = write!(
+                                stream,
+                                "HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n"
+                            );
+                            let chunk = [0u8; 1024];
+                            while stream.write_all(&chunk).is_ok() {
+                                std::thread::sleep(std::time::Duration::from_millis(50));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        FakeCache { url, requests }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
