@@ -40,6 +40,7 @@ pub const KEYS: &[&str] = &[
     "amqp.priority",
     "amqp.max_priority",
     "amqp.heartbeat",
+    "amqp.connect_timeout",
     "amqp.progress",
     "amqp.timeout",
     "amqp.jobs",

@@ -767,3 +767,39 @@ fn a_network_build_with_the_cache_down_exits_3_and_sends_nothing() {
         .lacks("going on without it");
     assert!(matches!(c.broker.queued(), None | Some(0)));
 }
+
+#[test]
+fn a_broker_that_never_answers_exits_3_within_the_connect_timeout() {
+    let Some(server) = Nginx::start() else { return };
+    // Accepts the connection, never speaks AMQP.
+    let silent = crate::util::FakeCache::start(crate::util::Fault::Hang);
+    let port = silent
+        .url
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .trim_end_matches("/cache");
+    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let uri = format!("http.uri={}", server.url);
+    let amqp_port = format!("amqp.port={port}");
+    let started = Instant::now();
+    ws.jolt(&[
+        "-c",
+        &uri,
+        "-c",
+        "amqp.host=127.0.0.1",
+        "-c",
+        &amqp_port,
+        "-c",
+        "amqp.connect_timeout=2",
+        "build",
+        "--network",
+        "a",
+    ])
+    .code(3);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -36,6 +36,8 @@ pub struct Settings {
     pub password: String,
     /// AMQP heartbeat, seconds.
     pub heartbeat: u16,
+    /// How long connecting (TCP and the AMQP handshake) may take.
+    pub connect_timeout: Duration,
     /// The worker's routing key (its pool).
     pub routing_key: String,
     /// Priority of the client's requests.
@@ -85,6 +87,9 @@ impl Settings {
                 .unwrap_or_else(|| "guest".into()),
             password,
             heartbeat: int("amqp.heartbeat", 30, 3600)? as u16,
+            connect_timeout: Duration::from_secs(
+                int("amqp.connect_timeout", 10, 3600)?.max(1) as u64
+            ),
             routing_key,
             priority: int("amqp.priority", 0, 255)? as u8,
             max_priority: int("amqp.max_priority", 10, 255)? as u8,
@@ -114,7 +119,7 @@ impl Settings {
         let mut last: Option<std::io::Error> = None;
         let mut stream = None;
         for addr in &addrs {
-            match std::net::TcpStream::connect_timeout(addr, Duration::from_secs(10)) {
+            match std::net::TcpStream::connect_timeout(addr, self.connect_timeout) {
                 Ok(s) => {
                     stream = Some(s);
                     break;
@@ -142,7 +147,7 @@ impl Settings {
             })
             .virtual_host(self.vhost.clone())
             .heartbeat(self.heartbeat)
-            .connection_timeout(Some(Duration::from_secs(10)));
+            .connection_timeout(Some(self.connect_timeout));
         Connection::insecure_open_stream(stream, options, ConnectionTuning::default()).map_err(
             |e| match e {
                 // Retrying cannot help: say so (exit 3) instead of trying forever.
