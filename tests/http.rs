@@ -560,3 +560,56 @@ fn ctrl_c_interrupts_a_slow_download_within_a_second() {
     );
     assert_eq!(run.code, 130, "{}", run.all());
 }
+
+// https, verified (issue 14).
+
+#[test]
+fn an_https_cache_is_verified_against_http_ca_file() {
+    let Some(server) = Nginx::start_tls("localhost") else {
+        return;
+    };
+    let ca = server.ca.clone().unwrap();
+    let ws = Workspace::with(RECIPE);
+    ws.file("src/a.c", "int a;\n");
+    ws.file(
+        "jolt.conf.toml",
+        &format!(
+            "[http]\nuri = \"{}/cache\"\nca_file = \"{}\"\n",
+            server.url,
+            ca.display()
+        ),
+    );
+    jolt(&ws, &["build", "lib"])
+        .success()
+        .contains("Upload finished");
+    let b = ws.sibling();
+    jolt(&b, &["build", "lib"])
+        .success()
+        .contains("Download finished");
+    // Without the CA, the certificate is refused: a warning for a build, exit 3 for
+    // a download, both naming the server.
+    let c = ws.sibling();
+    let uri = format!("http.uri={}/cache", server.url);
+    c.jolt(&["-c", &uri, "build", "lib"])
+        .success()
+        .contains("unreachable")
+        .contains("localhost");
+    ws.sibling()
+        .jolt(&["-c", &uri, "download", "lib"])
+        .code(3)
+        .contains("localhost");
+}
+
+#[test]
+fn an_https_certificate_for_another_host_is_refused() {
+    let Some(server) = Nginx::start_tls("cache.example") else {
+        return;
+    };
+    let ws = Workspace::with(RECIPE);
+    ws.file("src/a.c", "int a;\n");
+    let uri = format!("http.uri={}/cache", server.url);
+    let ca = format!("http.ca_file={}", server.ca.clone().unwrap().display());
+    ws.jolt(&["-c", &uri, "-c", &ca, "download", "lib"])
+        .code(3)
+        .contains("localhost");
+}

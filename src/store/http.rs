@@ -178,6 +178,25 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
+/// The certificates of a PEM file of CA certificates (`http.ca_file`); a file that
+/// cannot be read or holds none is a configuration error.
+fn ca_file(file: &str) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+    let pem =
+        std::fs::read(file).map_err(|e| usage(format!("Cannot read http.ca_file {file}: {e}")))?;
+    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err(usage(format!(
+            "http.ca_file {file} holds no PEM certificate"
+        )));
+    }
+    Ok(certs)
+}
+
 /// What a `PUT` answer means.
 fn put_outcome(url: &str, status: ureq::http::StatusCode) -> Result<()> {
     match status.as_u16() {
@@ -233,7 +252,13 @@ impl HttpCache {
                 config.get_int_in(key, default, 1, 86400)? as u64,
             ))
         };
+        let roots = match config.get("http.ca_file").filter(|f| !f.is_empty()) {
+            Some(file) => ureq::tls::RootCerts::new_with_certs(&ca_file(&file)?),
+            // Mozilla's roots, built in: the static binary needs no system store.
+            None => ureq::tls::RootCerts::WebPki,
+        };
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
             .http_status_as_error(false)
             .timeout_connect(Some(secs("http.connect_timeout", 10)?))
             .timeout_per_read(Some(secs("http.timeout", 60)?))
@@ -346,7 +371,14 @@ impl HttpCache {
                     .into())
                 }
                 Ok(resp) => return Ok(resp),
-                Err(e @ ureq::Error::Timeout(_)) => {
+                // A hung server, or one whose certificate is refused, is not asked
+                // again.
+                Err(
+                    e @ (ureq::Error::Timeout(_)
+                    | ureq::Error::Tls(_)
+                    | ureq::Error::Rustls(_)
+                    | ureq::Error::Pem(_)),
+                ) => {
                     return Err(Unreachable(format!("{url}: {e}")).into());
                 }
                 Err(e) if last => {

@@ -264,6 +264,67 @@ pub struct Nginx {
     pub dir: tempfile::TempDir,
     auth: Option<String>,
     child: Option<std::process::Child>,
+    /// With https: the CA that signed the server's certificate (PEM).
+    pub ca: Option<PathBuf>,
+}
+
+/// Makes a CA and a server certificate for `host` (and 127.0.0.1) in `dir` with
+/// openssl: `ca.pem`, `server.crt`, `server.key`. Returns the CA's path.
+pub fn make_certificates(dir: &Path, host: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (apt-get install -y openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req", "-x509", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+    ];
+    ca.extend(ec);
+    ca.extend(["-subj", "/CN=jolt test CA"]);
+    openssl(&ca);
+    let mut csr = vec!["req", "-keyout", "server.key", "-out", "server.csr"];
+    csr.extend(ec);
+    let subject = format!("/CN={host}");
+    csr.extend(["-subj", subject.as_str()]);
+    openssl(&csr);
+    std::fs::write(
+        dir.join("san.ext"),
+        format!("subjectAltName=DNS:{host},IP:127.0.0.1\n"),
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    dir.join("ca.pem")
 }
 
 fn nginx_installed() -> bool {
@@ -289,7 +350,17 @@ impl Nginx {
         Self::start_with(Some(user_password.to_string()))
     }
 
+    /// A server speaking https at `https://localhost:PORT`, with a certificate for
+    /// `cert_host` signed by a CA of its own (see [`Nginx::ca`]).
+    pub fn start_tls(cert_host: &str) -> Option<Nginx> {
+        Self::start_inner(None, Some(cert_host))
+    }
+
     fn start_with(auth: Option<String>) -> Option<Nginx> {
+        Self::start_inner(auth, None)
+    }
+
+    fn start_inner(auth: Option<String>, cert_host: Option<&str>) -> Option<Nginx> {
         if !nginx_installed() {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("nginx is required with CI=true: apt-get install -y nginx-light");
@@ -303,7 +374,11 @@ impl Nginx {
             dir: tempfile::tempdir().unwrap(),
             auth,
             child: None,
+            ca: None,
         };
+        if let Some(host) = cert_host {
+            server.ca = Some(make_certificates(&server.dir.path().join("tls"), host));
+        }
         for _ in 0..20 {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             server.port = listener.local_addr().unwrap().port();
@@ -339,7 +414,10 @@ impl Nginx {
             }
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 self.child = Some(child);
-                self.url = format!("http://127.0.0.1:{}", self.port);
+                self.url = match self.ca {
+                    Some(_) => format!("https://localhost:{}", self.port),
+                    None => format!("http://127.0.0.1:{}", self.port),
+                };
                 return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
