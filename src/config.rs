@@ -42,6 +42,8 @@ pub const KEYS: &[&str] = &[
     "amqp.max_priority",
     "amqp.heartbeat",
     "amqp.connect_timeout",
+    "amqp.tls",
+    "amqp.ca_file",
     "amqp.progress",
     "amqp.timeout",
     "amqp.jobs",

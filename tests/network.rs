@@ -803,3 +803,43 @@ fn a_broker_that_never_answers_exits_3_within_the_connect_timeout() {
         started.elapsed()
     );
 }
+
+// TLS to the broker, verified (issue 14).
+
+#[test]
+fn a_network_build_over_tls_to_the_broker() {
+    let Some(c) = cluster() else { return };
+    let Some(front) = crate::util::TlsBroker::start("localhost") else {
+        return;
+    };
+    let tls = [
+        format!("amqp.host=amqps://localhost:{}", front.port),
+        format!("amqp.ca_file={}", front.ca.display()),
+    ];
+    let w = WorkerProcess::start(&c.config(), &tls);
+    let ws = Workspace::with("[task.a]\nrun = \"echo tls > {artifact}/a\"\n");
+    let overrides: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let run = finish(c.spawn_build_with(&ws, &overrides, &["a"]));
+    run.success().contains("Remote execution finished");
+    assert!(w.output().contains("amqps://localhost"), "{}", w.output());
+    // Without the CA, the broker's certificate is refused: exit 3, naming the host.
+    let no_ca = format!("amqp.host=amqps://localhost:{}", front.port);
+    let other = Workspace::with("[task.b]\nrun = \"true\"\n");
+    finish(c.spawn_build_with(&other, &[no_ca.as_str()], &["b"]))
+        .code(3)
+        .contains("localhost");
+}
+
+#[test]
+fn a_broker_certificate_for_another_host_is_refused() {
+    let Some(c) = cluster() else { return };
+    let Some(front) = crate::util::TlsBroker::start("amqp.example") else {
+        return;
+    };
+    let host = format!("amqp.host=amqps://localhost:{}", front.port);
+    let ca = format!("amqp.ca_file={}", front.ca.display());
+    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    finish(c.spawn_build_with(&ws, &[host.as_str(), ca.as_str()], &["a"]))
+        .code(3)
+        .contains("localhost");
+}

@@ -31,6 +31,10 @@ pub fn task_queue(routing_key: &str) -> String {
 pub struct Settings {
     pub host: String,
     pub port: u16,
+    /// TLS to the broker (`amqps://`, `amqp.tls`), checked against `ca_file` or the
+    /// built-in roots.
+    pub tls: bool,
+    pub ca_file: Option<std::path::PathBuf>,
     pub vhost: String,
     pub username: String,
     pub password: String,
@@ -76,11 +80,41 @@ impl Settings {
         let password = config
             .get("amqp.password")
             .unwrap_or_else(|| "guest".into());
+        // amqp.host may be a URL: amqps://host[:port] asks for TLS.
+        let host = config
+            .get("amqp.host")
+            .unwrap_or_else(|| "localhost".into());
+        let (scheme, host) = match host.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme.to_ascii_lowercase()), rest.to_string()),
+            None => (None, host),
+        };
+        let tls = match scheme.as_deref() {
+            Some("amqps") => true,
+            Some("amqp") => false,
+            Some(other) => {
+                return Err(usage(format!(
+                    "Invalid amqp.host: scheme '{other}://', expected amqp:// or amqps://"
+                )))
+            }
+            None => config.get_bool("amqp.tls", false)?,
+        };
+        let (host, port) = match host.trim_end_matches('/').rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse::<u16>().ok()),
+            _ => (host.trim_end_matches('/').to_string(), None),
+        };
+        let default_port = if tls { 5671 } else { 5672 };
+        let port = match port {
+            Some(p) => p,
+            None => int("amqp.port", default_port, 65535)? as u16,
+        };
         Ok(Settings {
-            host: config
-                .get("amqp.host")
-                .unwrap_or_else(|| "localhost".into()),
-            port: int("amqp.port", 5672, 65535)? as u16,
+            host,
+            port,
+            tls,
+            ca_file: config
+                .get("amqp.ca_file")
+                .filter(|f| !f.is_empty())
+                .map(std::path::PathBuf::from),
             vhost: config.get("amqp.vhost").unwrap_or_else(|| "/".into()),
             username: config
                 .get("amqp.username")
@@ -100,7 +134,13 @@ impl Settings {
 
     /// `host:port/vhost`, for messages (never the password).
     pub fn address(&self) -> String {
-        format!("amqp://{}:{}/{}", self.host, self.port, encode(&self.vhost))
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        format!(
+            "{scheme}://{}:{}/{}",
+            self.host,
+            self.port,
+            encode(&self.vhost)
+        )
     }
 
     /// Opens a connection, or fails with the broker's address in the message.
@@ -132,6 +172,27 @@ impl Settings {
             None => fail(&"no address"),
         })?;
         stream.set_nodelay(true).map_err(|e| fail(&e))?;
+        let stream = if self.tls {
+            let wrapped = super::tls::wrap(
+                stream,
+                &self.host,
+                self.ca_file.as_deref(),
+                self.connect_timeout,
+            );
+            match wrapped {
+                Ok(s) => s,
+                // A refused certificate does not heal by retrying.
+                Err(super::tls::Failed::Refused(e)) => {
+                    return Err(crate::error::infra(format!(
+                        "Cannot connect to RabbitMQ at {}: {e:#}",
+                        self.address()
+                    )))
+                }
+                Err(super::tls::Failed::Other(e)) => return Err(fail(&format!("{e:#}"))),
+            }
+        } else {
+            stream
+        };
         let stream = mio::net::TcpStream::from_stream(stream).map_err(|e| fail(&e))?;
         let refused = |e: &amiquip::Error| {
             crate::error::infra(format!(

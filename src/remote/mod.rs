@@ -5,3 +5,4 @@
 pub mod amqp;
 pub mod client;
 pub mod messages;
+pub mod tls;

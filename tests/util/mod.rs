@@ -814,3 +814,68 @@ impl FakeCache {
         self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
+
+/// A TLS front (stunnel) before the machine's RabbitMQ on a loopback port, with a
+/// certificate for `cert_host` signed by a CA of its own; stopped when dropped.
+pub struct TlsBroker {
+    pub port: u16,
+    pub ca: PathBuf,
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl TlsBroker {
+    /// `None` (skip) without stunnel, unless `CI=true`, where that fails.
+    pub fn start(cert_host: &str) -> Option<TlsBroker> {
+        let stunnel = ["stunnel4", "stunnel"].into_iter().find(|s| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {s}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        let Some(stunnel) = stunnel else {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("stunnel4 is required with CI=true: apt-get install -y stunnel4");
+            }
+            eprintln!("skipping: stunnel4 is not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ca = make_certificates(dir.path(), cert_host);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let conf = dir.path().join("stunnel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\n[amqps]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:5672\ncert = {0}/server.crt\nkey = {0}/server.key\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(stunnel)
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let front = TlsBroker {
+            port,
+            ca,
+            _dir: dir,
+            child,
+        };
+        wait_until("stunnel", std::time::Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(front)
+    }
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
