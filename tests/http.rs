@@ -613,3 +613,20 @@ fn an_https_certificate_for_another_host_is_refused() {
         .code(3)
         .contains("localhost");
 }
+
+#[test]
+fn a_cache_frozen_mid_download_is_marked_down_after_one_stall() {
+    let cache = FakeCache::start(Fault::Stall);
+    let ws = fault_workspace(3, &cache.url);
+    let started = std::time::Instant::now();
+    let run = jolt(&ws, &["build", "all"]);
+    // Regression: the stall passed for a corrupt archive; the cache stayed up and the
+    // next download stalled again.
+    run.success().contains("Execution started (t0 ");
+    assert_eq!(run.count("unreachable"), 1, "{}", run.all());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -9,6 +9,7 @@ mod build;
 mod cache;
 mod commands;
 mod errors;
+mod fleet;
 mod http;
 mod network;
 mod sources;

@@ -843,3 +843,24 @@ fn a_broker_certificate_for_another_host_is_refused() {
         .code(3)
         .contains("localhost");
 }
+
+#[test]
+fn a_worker_waits_for_its_cache_to_come_back_and_then_serves() {
+    let Some(c) = cluster() else { return };
+    let relay = crate::util::Relay::start(&format!("127.0.0.1:{}", c.server.port));
+    let through_relay = format!("http.uri=http://127.0.0.1:{}/cache", relay.port);
+    let w = WorkerProcess::start(&c.config(), &[through_relay]);
+    relay.set_up(false);
+    // The worker finds its cache down: this request fails...
+    let ws = Workspace::with("[task.a]\nrun = \"true\"\n[task.b]\nrun = \"true\"\n");
+    c.build(&ws, &["a"]).code(1);
+    // ...and the next one waits until the cache is back, instead of failing too.
+    let client = c.spawn_build(&ws, &["b"]);
+    wait_until("the worker to wait", Duration::from_secs(30), || {
+        w.output().contains("waiting for it")
+    });
+    relay.set_up(true);
+    finish(client).success();
+    // Regression: a worker treated the cache as down for the rest of its life.
+    assert!(w.output().contains("answers again"), "{}", w.output());
+}

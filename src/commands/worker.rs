@@ -227,6 +227,9 @@ impl Worker {
             }
         };
         let id8 = request.identity.get(..8).unwrap_or(&request.identity);
+        if !self.wait_for_cache() {
+            return Ok(false);
+        }
         if self.client_gone(link, delivery)? {
             console::info(&format!(
                 "{} {id8}: its client {} is gone; dropping the request",
@@ -322,6 +325,35 @@ impl Worker {
             drop(stop);
             outcome
         })
+    }
+
+    /// Holds the request while the HTTP cache is down (an earlier request found it
+    /// so): the worker probes it with back-off, and serves the request once it
+    /// answers, rather than failing every request that comes meanwhile. False when
+    /// interrupted or asked to stop (the request stays unacked, for another worker).
+    fn wait_for_cache(&self) -> bool {
+        if !self.http.is_down() {
+            return true;
+        }
+        console::warn(&format!(
+            "HTTP cache {} is down: waiting for it before serving requests",
+            self.http.uri()
+        ));
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let until = Instant::now() + backoff;
+            while Instant::now() < until {
+                if interrupt::is_set() || interrupt::draining() {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if self.http.probe() {
+                console::info(&format!("HTTP cache {} answers again", self.http.uri()));
+                return true;
+            }
+            backoff = (backoff * 2).min(CACHE_PROBE_MAX);
+        }
     }
 
     /// Whether the client that sent a request is gone: its exclusive reply queue
@@ -451,9 +483,9 @@ impl Worker {
     }
 
     fn build(&self, request: &Request) -> Outcome {
-        // What this worker found for an earlier request (an unusable archive, a
-        // server down) may have changed since: each request looks afresh.
-        self.http.forget_failures();
+        // An archive this worker found unusable for an earlier request may have been
+        // replaced since: each request looks afresh.
+        self.http.forget_rejections();
         let ws = match self.cache.scratch("ws") {
             Ok(ws) => ws,
             Err(e) => return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),
@@ -564,6 +596,9 @@ struct Link<'a> {
     /// broker closed it.
     locks: &'a mut Option<Channel>,
 }
+
+/// The longest a worker waits between two probes of an HTTP cache that is down.
+const CACHE_PROBE_MAX: Duration = Duration::from_secs(60);
 
 /// How many times a request may be delivered before it is refused: a request whose
 /// worker died is tried once more; one that dies again is taken for a request that

@@ -144,16 +144,26 @@ impl Read for PackedBody {
 }
 
 /// Counts bytes read through it.
+/// Counts bytes read through it, and keeps the first read error's text: a transfer
+/// that stalled must mark the server down, not pass for a corrupt archive.
 struct Counting<R> {
     inner: R,
     count: u64,
+    failed: Option<String>,
 }
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count += n as u64;
-        Ok(n)
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.count += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                self.failed.get_or_insert_with(|| e.to_string());
+                Err(e)
+            }
+        }
     }
 }
 
@@ -313,15 +323,33 @@ impl HttpCache {
             .insert(self.url(task, identity));
     }
 
-    /// Forgets what earlier requests found: which archives were unusable (another
-    /// worker may have replaced them) and that the server was down (it may be back).
-    /// A long-running worker calls it between requests.
-    pub fn forget_failures(&self) {
+    /// Forgets which archives were found unusable: another worker may have replaced
+    /// them. A long-running worker calls it between requests.
+    pub fn forget_rejections(&self) {
         self.rejected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+
+    /// Asks a server marked down whether it answers again (any answer but a 5xx);
+    /// if so, it is up again.
+    pub fn probe(&self) -> bool {
         self.down.store(false, Ordering::Relaxed);
+        let url = format!("{}/", self.base);
+        let answered = self
+            .send(&url, &mut || {
+                self.with_auth(self.agent.head(&url))
+                    .config()
+                    .timeout_global(Some(self.deadline))
+                    .build()
+                    .call()
+            })
+            .is_ok();
+        if !answered {
+            self.down.store(true, Ordering::Relaxed);
+        }
+        answered
     }
 
     /// Whether the cache's archive of an artifact was found unusable.
@@ -460,10 +488,19 @@ impl HttpCache {
         let mut body = Counting {
             inner: resp.body_mut().as_reader(),
             count: 0,
+            failed: None,
         };
         let unpacked = crate::store::archive::unpack(&mut body, dest);
         // Drain what the tar reader left (end-of-archive padding) to count every byte.
         let _ = std::io::copy(&mut body, &mut std::io::sink());
+        if let Some(e) = body.failed {
+            // The server stalled or the connection broke mid-transfer.
+            return Err(Unreachable(format!(
+                "{url}: the transfer broke after {} bytes: {e}",
+                body.count
+            ))
+            .into());
+        }
         if let Some(len) = expected {
             if body.count != len {
                 bail!("{url}: truncated download ({} of {len} bytes)", body.count);

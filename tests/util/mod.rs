@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+pub mod hosts;
+
 pub struct Workspace {
     pub dir: tempfile::TempDir,
 }
@@ -78,7 +80,24 @@ impl Workspace {
     /// A `jolt` command in the workspace root with an isolated environment.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_jolt"));
-        cmd.args(args).current_dir(self.root());
+        cmd.args(args);
+        self.isolate(&mut cmd);
+        cmd
+    }
+
+    /// Starts `cmd` (jolt, perhaps on a test host) in the workspace, its output
+    /// captured (see [`finish`]).
+    pub fn spawn_command(&self, mut cmd: Command) -> std::process::Child {
+        self.isolate(&mut cmd);
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start jolt")
+    }
+
+    /// Runs `cmd` in the workspace root with its own cache and config.
+    fn isolate(&self, cmd: &mut Command) {
+        cmd.current_dir(self.root());
         for (k, _) in std::env::vars() {
             if k.starts_with("JOLT_") {
                 cmd.env_remove(k);
@@ -88,7 +107,6 @@ impl Workspace {
             .env("XDG_CACHE_HOME", self.dir.path().join("xdgcache"))
             .env("JOLT_JOLT_CACHEDIR", self.cachedir())
             .stdin(Stdio::null());
-        cmd
     }
 
     /// Starts `jolt ARGS` in the background, its output captured (see [`finish`]).
@@ -266,6 +284,8 @@ pub struct Nginx {
     child: Option<std::process::Child>,
     /// With https: the CA that signed the server's certificate (PEM).
     pub ca: Option<PathBuf>,
+    /// The test host it runs on (its namespace and address), if not this machine.
+    on: Option<(String, String)>,
 }
 
 /// Makes a CA and a server certificate for `host` (and 127.0.0.1) in `dir` with
@@ -360,6 +380,20 @@ impl Nginx {
         Self::start_inner(auth, None)
     }
 
+    /// A server on a test host, at `http://ADDRESS:PORT` of the host.
+    pub fn start_on(host: &hosts::Host) -> Option<Nginx> {
+        let mut server = Nginx {
+            url: String::new(),
+            port: 8080,
+            dir: tempfile::tempdir().unwrap(),
+            auth: None,
+            child: None,
+            ca: None,
+            on: Some((host.name.clone(), host.addr.clone())),
+        };
+        server.spawn().then_some(server)
+    }
+
     fn start_inner(auth: Option<String>, cert_host: Option<&str>) -> Option<Nginx> {
         if !nginx_installed() {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -375,6 +409,7 @@ impl Nginx {
             auth,
             child: None,
             ca: None,
+            on: None,
         };
         if let Some(host) = cert_host {
             server.ca = Some(make_certificates(&server.dir.path().join("tls"), host));
@@ -395,7 +430,16 @@ impl Nginx {
 
     fn spawn(&mut self) -> bool {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nginx");
-        let mut cmd = Command::new(script);
+        let mut cmd = match &self.on {
+            Some((netns, _)) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns])
+                    .arg(&script)
+                    .env("NGINX_ADDRESS", "0.0.0.0");
+                cmd
+            }
+            None => Command::new(script),
+        };
         cmd.arg("run")
             .arg(self.dir.path())
             .arg(self.port.to_string());
@@ -412,11 +456,12 @@ impl Nginx {
             if let Ok(Some(_)) = child.try_wait() {
                 return false;
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            let address = self.on.as_ref().map_or("127.0.0.1", |(_, a)| a.as_str());
+            if std::net::TcpStream::connect((address, self.port)).is_ok() {
                 self.child = Some(child);
                 self.url = match self.ca {
                     Some(_) => format!("https://localhost:{}", self.port),
-                    None => format!("http://127.0.0.1:{}", self.port),
+                    None => format!("http://{address}:{}", self.port),
                 };
                 return true;
             }
@@ -595,9 +640,32 @@ impl WorkerProcess {
         overrides: &[String],
         env: &[(&str, &str)],
     ) -> WorkerProcess {
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_jolt")),
+            config,
+            overrides,
+            env,
+        )
+    }
+
+    /// A worker on a test host of its own (see [`hosts`]).
+    pub fn start_on(host: &hosts::Host, config: &Path, overrides: &[String]) -> WorkerProcess {
+        Self::spawn(
+            host.command(env!("CARGO_BIN_EXE_jolt")),
+            config,
+            overrides,
+            &[],
+        )
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        config: &Path,
+        overrides: &[String],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let cache = tempfile::tempdir().unwrap();
         let log = cache.path().join("worker.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_jolt"));
         cmd.arg("-c").arg(config);
         for o in overrides {
             cmd.arg("-c").arg(o);
@@ -761,6 +829,9 @@ pub enum Fault {
     Status(u16),
     /// Answers every request 200 with a 100 MB body sent a kilobyte at a time.
     Slow,
+    /// Answers `HEAD` 200, and `GET` 200 with a kilobyte of a 100 MB body, then
+    /// nothing more (a server frozen mid-transfer).
+    Stall,
 }
 
 /// An HTTP "cache" on a loopback port that misbehaves as told; `requests` counts the
@@ -792,6 +863,17 @@ impl FakeCache {
                                 stream,
                                 "HTTP/1.1 {code} Fault\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                             );
+                        }
+                        Fault::Stall => {
+                            let head = String::from_utf8_lossy(&buf).starts_with("HEAD");
+                            let _ = write!(
+                                stream,
+                                "HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n"
+                            );
+                            if !head {
+                                let _ = stream.write_all(&[0u8; 1024]);
+                                std::thread::sleep(std::time::Duration::from_secs(3600));
+                            }
                         }
                         Fault::Slow => {
                             let _ = write!(
@@ -877,5 +959,45 @@ impl Drop for TlsBroker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A TCP relay on a loopback port to `target`, which can be switched off (it then
+/// closes every connection at once) and on again.
+pub struct Relay {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    pub fn start(target: &str) -> Relay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (on, target) = (up.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !on.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { port, up }
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::Relaxed);
     }
 }
