@@ -49,6 +49,27 @@ pub enum Cmd {
     Display(DisplayArgs),
     /// Fetch artifacts from the HTTP cache without building
     Download(DownloadArgs),
+    /// Maintain the HTTP cache's storage
+    #[command(subcommand)]
+    Cache(CacheCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCmd {
+    /// Trim a directory the HTTP cache serves to a size, least recently used first
+    Trim(TrimArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrimArgs {
+    /// The directory nginx serves the cache from (its root for http.uri)
+    pub dir: PathBuf,
+    /// The size to trim to, e.g. 500G
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: String,
+    /// Keep running and trim every DURATION (e.g. 10m), as a sidecar
+    #[arg(long, value_name = "DURATION")]
+    pub every: Option<String>,
 }
 
 #[derive(Debug, Args, Default)]

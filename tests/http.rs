@@ -630,3 +630,30 @@ fn a_cache_frozen_mid_download_is_marked_down_after_one_stall() {
         started.elapsed()
     );
 }
+
+// The cache trims itself (issue 15).
+
+#[test]
+fn jolt_cache_trim_keeps_the_served_directory_within_its_size() {
+    let Some(server) = Nginx::start() else { return };
+    let ws = workspace(&server);
+    jolt(&ws, &["build", "app", "other"]).success();
+    let root = server.file("cache");
+    let objects = server.objects();
+    assert_eq!(objects.len(), 3, "{objects:?}");
+    let size: u64 = objects
+        .iter()
+        .map(|o| std::fs::metadata(server.file(o)).unwrap().len())
+        .max()
+        .unwrap();
+    let max = format!("{}", size + 1);
+    let run = ws.jolt(&["cache", "trim", root.to_str().unwrap(), "--max-size", &max]);
+    run.success().contains("Removed ").contains("Freed ");
+    assert_eq!(server.objects().len(), 1, "{:?}", server.objects());
+    ws.jolt(&["cache", "trim", "/nonexistent-dir", "--max-size", "1G"])
+        .code(2)
+        .contains("not a directory");
+    ws.jolt(&["cache", "trim", root.to_str().unwrap(), "--max-size", "lots"])
+        .code(2)
+        .contains("--max-size");
+}

@@ -113,3 +113,51 @@ pub fn config(merged: &Config, args: ConfigArgs) -> Result<Exit> {
         }
     }
 }
+
+/// `jolt cache trim DIR --max-size SIZE [--every DURATION]`.
+pub fn trim(args: crate::cli::TrimArgs) -> Result<Exit> {
+    let max = config::parse_size(&args.max_size).ok_or_else(|| {
+        usage(format!(
+            "Illegal --max-size '{}': expected a size such as 500M or 10G",
+            args.max_size
+        ))
+    })?;
+    let every = match &args.every {
+        None => None,
+        Some(e) => Some(
+            crate::util::fs::parse_duration(e)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    usage(format!(
+                        "Illegal --every '{e}': expected a duration such as 10m"
+                    ))
+                })?,
+        ),
+    };
+    if !args.dir.is_dir() {
+        return Err(usage(format!("{} is not a directory", args.dir.display())));
+    }
+    loop {
+        let t = crate::store::trim::trim(&args.dir, max)?;
+        for (path, size) in &t.removed {
+            console::info(&format!("Removed {} ({size} bytes)", path.display()));
+        }
+        console::info(&format!(
+            "Freed {} bytes in {} files; {} holds {} bytes",
+            t.freed,
+            t.removed.len(),
+            args.dir.display(),
+            t.left
+        ));
+        let Some(every) = every else {
+            return Ok(Exit::Success);
+        };
+        let until = std::time::Instant::now() + every;
+        while std::time::Instant::now() < until {
+            if crate::interrupt::is_set() {
+                return Ok(Exit::Interrupted);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}

@@ -44,6 +44,7 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         Some(Cmd::Build(args)) => build::run(&config, args),
         Some(Cmd::AmqpWorker) => crate::commands::worker::run(&config),
         Some(Cmd::Download(args)) => build::download(&config, args),
+        Some(Cmd::Cache(crate::cli::CacheCmd::Trim(args))) => maintain::trim(args),
         Some(Cmd::Clean(args)) => maintain::clean(&config, args),
         Some(Cmd::Config(args)) => maintain::config(&config, args),
         Some(Cmd::List(args)) => query::list(&config, args),

@@ -8,3 +8,4 @@ pub mod artifact;
 pub mod http;
 pub mod local;
 pub mod sources;
+pub mod trim;
