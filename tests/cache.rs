@@ -226,3 +226,28 @@ fn a_manifest_replaced_by_a_fifo_or_a_device_heals_instead_of_hanging() {
             .contains("Execution started (a ");
     }
 }
+
+#[test]
+fn what_dead_processes_left_goes_and_clean_leaves_nothing_behind() {
+    let ws = Workspace::with(
+        "[task.a]\nrun = \"echo a > {artifact}/a\"\n[task.\"x/b\"]\nrun = \"echo b > {artifact}/b\"\n",
+    );
+    ws.jolt(&["build", "a", "x/b"]).success();
+    // A build directory of a process that is gone: its .refs file is not locked.
+    let dead = ws.cachedir().join(".tmp/4242-0-beef~build-a-4242-1-2");
+    std::fs::create_dir_all(dead.join("sub")).unwrap();
+    ws.jolt(&["build", "a"]).success();
+    assert!(!dead.exists(), "a dead process's directory stayed");
+    ws.jolt(&["clean"]).success();
+    let left: Vec<_> = std::fs::read_dir(ws.cachedir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "clean left {left:?}");
+    let locks = std::fs::read_dir(ws.cachedir().join(".locks"))
+        .unwrap()
+        .count();
+    assert_eq!(locks, 0, "clean left lock files");
+}

@@ -653,7 +653,13 @@ fn jolt_cache_trim_keeps_the_served_directory_within_its_size() {
     ws.jolt(&["cache", "trim", "/nonexistent-dir", "--max-size", "1G"])
         .code(2)
         .contains("not a directory");
-    ws.jolt(&["cache", "trim", root.to_str().unwrap(), "--max-size", "lots"])
-        .code(2)
-        .contains("--max-size");
+    ws.jolt(&[
+        "cache",
+        "trim",
+        root.to_str().unwrap(),
+        "--max-size",
+        "lots",
+    ])
+    .code(2)
+    .contains("--max-size");
 }

@@ -864,3 +864,30 @@ fn a_worker_waits_for_its_cache_to_come_back_and_then_serves() {
     // Regression: a worker treated the cache as down for the rest of its life.
     assert!(w.output().contains("answers again"), "{}", w.output());
 }
+
+// Caches that stay within their size on machines that run for months (issue 15).
+
+#[test]
+fn a_long_running_workers_cache_keeps_to_its_size() {
+    let Some(c) = cluster() else { return };
+    let w = WorkerProcess::start(&c.config(), &["jolt.cachesize=300K".to_string()]);
+    let mut recipe = String::new();
+    for t in 0..10 {
+        recipe.push_str(&format!(
+            "[task.t{t}]\nrun = \"head -c 102400 /dev/zero > {{artifact}}/f{t}\"\n"
+        ));
+    }
+    let names: Vec<String> = (0..10).map(|t| format!("t{t}")).collect();
+    let ws = Workspace::with(&recipe);
+    for name in &names {
+        c.build(&ws, &["--no-download", name]).success();
+    }
+    let size: u64 = std::fs::read_dir(w.cache_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| crate::util::dir_size(&e.path()))
+        .sum();
+    // Regression: everything a worker ever used stayed "in use" (1.1 MB here).
+    assert!(size <= 420 * 1024, "the worker's cache holds {size} bytes");
+}

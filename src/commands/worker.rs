@@ -550,7 +550,11 @@ impl Worker {
             keep_going: false,
             mode: Mode::Worker,
         };
-        let report = executor::run(&graph, &services, ws, &opts)?;
+        let report = executor::run(&graph, &services, ws, &opts);
+        // What this request used may be evicted once it is done: a worker's cache
+        // must keep to jolt.cachesize over months, not grow with every artifact.
+        self.cache.forget_uses();
+        let report = report?;
         if report.interrupted {
             return Ok(Outcome::Interrupted);
         }

@@ -107,14 +107,17 @@ impl LocalCache {
                 ))
             })
             .ok();
-        Ok(LocalCache {
+        let cache = LocalCache {
             root: root.to_path_buf(),
             limit,
             refs_name: refs.is_some().then_some(refs_name),
             refs: Mutex::new(refs),
             used: Mutex::new(HashSet::new()),
             estimate: Mutex::new(None),
-        })
+        };
+        // What dead processes left behind goes now, not at the next `jolt clean`.
+        cache.clean_scratch();
+        Ok(cache)
     }
 
     /// Opens the local cache the configuration names (`jolt.cachedir`, limited to
@@ -254,19 +257,41 @@ impl LocalCache {
 
     /// Takes the artifact's lock without waiting; `None` when another process holds it.
     pub fn try_lock(&self, identity: &str) -> Result<Option<ArtifactLock>> {
-        let file = self.lock_file(identity)?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(ArtifactLock { _file: file })),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(e).context("Cannot lock artifact"),
+        loop {
+            let file = self.lock_file(identity)?;
+            match file.try_lock() {
+                Ok(()) if self.still_named(identity, &file) => {
+                    return Ok(Some(ArtifactLock { _file: file }))
+                }
+                Ok(()) => continue,
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).context("Cannot lock artifact")
+                }
+            }
         }
     }
 
     /// Takes the artifact's lock, waiting for another process to release it.
     pub fn lock(&self, identity: &str) -> Result<ArtifactLock> {
-        let file = self.lock_file(identity)?;
-        file.lock().context("Cannot lock artifact")?;
-        Ok(ArtifactLock { _file: file })
+        loop {
+            let file = self.lock_file(identity)?;
+            file.lock().context("Cannot lock artifact")?;
+            if self.still_named(identity, &file) {
+                return Ok(ArtifactLock { _file: file });
+            }
+        }
+    }
+
+    /// Whether the lock file we hold is still the one its path names: `clean`
+    /// removes the lock files of artifacts that are gone, while holding them.
+    fn still_named(&self, identity: &str, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.root.join(".locks").join(format!("{identity}.lock"));
+        match (std::fs::metadata(path), file.metadata()) {
+            (Ok(named), Ok(held)) => named.ino() == held.ino() && named.dev() == held.dev(),
+            _ => false,
+        }
     }
 
     /// Creates an empty staging directory for an artifact (hold its lock).
@@ -292,10 +317,16 @@ impl LocalCache {
                 }
             })
             .collect();
+        // Named after this process's `.refs` file, whose lock tells whether the owner
+        // lives (pids do not: caches are shared across containers).
+        let owner = self.refs_name.as_ref().map_or_else(
+            || format!("nolock-{}", std::process::id()),
+            |n| n.to_string_lossy().into_owned(),
+        );
         let dir = self
             .root
             .join(".tmp")
-            .join(format!("{name}-{}", unique_suffix()));
+            .join(format!("{owner}~{name}-{}", unique_suffix()));
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("Cannot create {}", dir.display()))?;
         Ok(dir)
@@ -494,28 +525,92 @@ impl LocalCache {
                 removed += 1;
             }
         }
+        self.clean_leftovers();
         Ok(removed)
     }
 
-    /// Removes scratch directories of processes that are gone (best effort).
+    /// Removes scratch directories of processes that are gone (best effort): their
+    /// owner's `.refs` file is missing or no longer locked. Directories of owners
+    /// without one (their disk was full) go when a day old.
     pub fn clean_scratch(&self) {
         let Ok(entries) = std::fs::read_dir(self.root.join(".tmp")) else {
             return;
         };
+        let day_old = |entry: &std::fs::DirEntry| {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_secs() > 86400)
+        };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name
-                .rsplit_once('-')
-                .and_then(|(head, _)| head.rsplit_once('-'))
-                .and_then(|(head, _)| head.rsplit('-').next())
-                .and_then(|p| p.parse::<i32>().ok());
-            // SAFETY: signal 0 sends nothing; kill only reports whether the process
-            // exists.
-            let alive = pid
-                .map(|p| unsafe { libc::kill(p, 0) } == 0)
-                .unwrap_or(false);
-            if !alive || name.starts_with("trash-") {
+            let gone = match name.split_once('~') {
+                _ if name.starts_with("trash-") => true,
+                Some((owner, _)) if owner.starts_with("nolock-") => day_old(&entry),
+                Some((owner, _)) => match File::open(self.root.join(".refs").join(owner)) {
+                    Ok(refs) => refs.try_lock_shared().is_ok(),
+                    Err(_) => true,
+                },
+                // Named before owners were recorded: by age.
+                None => day_old(&entry),
+            };
+            if gone {
                 let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    /// Forgets the artifacts this process recorded as in use, so that trimming may
+    /// evict them: a long-running worker calls it after each request.
+    pub fn forget_uses(&self) {
+        self.used.lock().expect("cache refs").clear();
+        if let Some(file) = self.refs.lock().expect("cache refs").as_ref() {
+            let _ = file.set_len(0);
+        }
+    }
+
+    /// Removes what `clean` leaves around artifacts it removed: emptied task
+    /// directories, and the lock files of artifacts that are gone (taken first, so
+    /// nobody holds them; a process that locked one meanwhile sees that its file is
+    /// no longer the one the path names, and takes the new one).
+    fn clean_leftovers(&self) {
+        let present: HashSet<String> = self.scan().into_iter().map(|a| a.identity).collect();
+        if let Ok(entries) = std::fs::read_dir(self.root.join(".locks")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(identity) = name.strip_suffix(".lock") else {
+                    continue;
+                };
+                if present.contains(identity) {
+                    continue;
+                }
+                if let Ok(Some(_lock)) = self.try_lock(identity) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        let Ok(tasks) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for task in tasks.flatten() {
+            let name = task.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            // Deepest first: `remove_dir` only removes what is empty.
+            let mut dirs = vec![task.path()];
+            let _ = crate::util::fs::walk(&task.path(), Path::new(""), &mut |rel, e| {
+                if e.file_type()?.is_dir() {
+                    dirs.push(task.path().join(rel));
+                    return Ok(true);
+                }
+                Ok(false)
+            });
+            dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+            for dir in dirs {
+                let _ = std::fs::remove_dir(dir);
             }
         }
     }

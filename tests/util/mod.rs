@@ -700,6 +700,11 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The worker's local cache.
+    pub fn cache_dir(&self) -> PathBuf {
+        self._home.path().join("cache")
+    }
+
     /// Waits until the worker's output holds `text`.
     #[track_caller]
     pub fn wait_for(&self, text: &str, timeout: std::time::Duration) {
@@ -1000,4 +1005,21 @@ impl Relay {
     pub fn set_up(&self, up: bool) {
         self.up.store(up, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Bytes of the files under `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
 }
