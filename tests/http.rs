@@ -663,3 +663,44 @@ fn jolt_cache_trim_keeps_the_served_directory_within_its_size() {
     .code(2)
     .contains("--max-size");
 }
+
+#[test]
+fn a_trimming_sidecar_outlives_a_failed_pass_and_stops_on_sigterm() {
+    let ws = Workspace::new();
+    let served = ws.root().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let log = ws.root().join("trim.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = ws.command(&[
+        "cache",
+        "trim",
+        served.to_str().unwrap(),
+        "--max-size",
+        "0",
+        "--every",
+        "1s",
+    ]);
+    let mut child = cmd
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let output = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("a first pass", Duration::from_secs(10), || {
+        output().contains("Freed 0 bytes")
+    });
+    // The volume vanishes for a while (an unmounted disk, an operator's rm -rf).
+    std::fs::remove_dir(&served).unwrap();
+    wait_until("a failed pass", Duration::from_secs(10), || {
+        output().contains("Cannot scan")
+    });
+    assert!(child.try_wait().unwrap().is_none(), "{}", output());
+    std::fs::create_dir_all(served.join("t")).unwrap();
+    std::fs::write(served.join("t/x.tar"), b"abc").unwrap();
+    wait_until("a pass after it", Duration::from_secs(10), || {
+        output().contains("Removed t/x.tar")
+    });
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let run = finish(child);
+    assert_eq!(run.code, 130, "{}", output());
+}

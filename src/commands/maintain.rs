@@ -138,17 +138,23 @@ pub fn trim(args: crate::cli::TrimArgs) -> Result<Exit> {
         return Err(usage(format!("{} is not a directory", args.dir.display())));
     }
     loop {
-        let t = crate::store::trim::trim(&args.dir, max)?;
-        for (path, size) in &t.removed {
-            console::info(&format!("Removed {} ({size} bytes)", path.display()));
+        match crate::store::trim::trim(&args.dir, max) {
+            Ok(t) => {
+                for (path, size) in &t.removed {
+                    console::info(&format!("Removed {} ({size} bytes)", path.display()));
+                }
+                console::info(&format!(
+                    "Freed {} bytes in {} files; {} holds {} bytes",
+                    t.freed,
+                    t.removed.len(),
+                    args.dir.display(),
+                    t.left
+                ));
+            }
+            // A sidecar keeps going: the next pass may well succeed.
+            Err(e) if every.is_some() => console::warn(&format!("{e:#}")),
+            Err(e) => return Err(e),
         }
-        console::info(&format!(
-            "Freed {} bytes in {} files; {} holds {} bytes",
-            t.freed,
-            t.removed.len(),
-            args.dir.display(),
-            t.left
-        ));
         let Some(every) = every else {
             return Ok(Exit::Success);
         };

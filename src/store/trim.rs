@@ -9,7 +9,9 @@
 //! writing. Symlinks are never followed nor removed, and nothing outside the
 //! directory is touched. A file is removed only if it is still the one the scan saw
 //! (same inode and modification time): one that nginx renamed into place meanwhile
-//! (a PUT lands in a temporary file outside, then moves in) survives.
+//! (a PUT lands in a temporary file outside, then moves in) survives. Hidden entries
+//! (a leading `.`, which no protocol path has) are never touched: an nginx whose
+//! `client_body_temp_path` lies inside the root keeps its uploads in progress there.
 
 use anyhow::{Context, Result};
 use std::os::unix::fs::MetadataExt;
@@ -44,28 +46,7 @@ pub fn trim(dir: &Path, max_size: u64) -> Result<Trimmed> {
 /// checked and removed (tests race a rename against it).
 fn trim_with(dir: &Path, max_size: u64, about_to_remove: &mut dyn FnMut(&Path)) -> Result<Trimmed> {
     let mut entries = Vec::new();
-    crate::util::fs::walk(dir, Path::new(""), &mut |rel, entry| {
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            return Ok(true);
-        }
-        if kind.is_file() {
-            let meta = entry.metadata()?;
-            let used = meta
-                .accessed()
-                .or_else(|_| meta.modified())
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            entries.push(Entry {
-                path: rel.to_path_buf(),
-                size: meta.len(),
-                used,
-                inode: meta.ino(),
-                modified: meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
-            });
-        }
-        Ok(false)
-    })
-    .with_context(|| format!("Cannot scan {}", dir.display()))?;
+    scan(dir, &mut entries).with_context(|| format!("Cannot scan {}", dir.display()))?;
     entries.sort_by_key(|e| e.used);
     let mut total: u64 = entries.iter().map(|e| e.size).sum();
     let mut trimmed = Trimmed::default();
@@ -97,6 +78,51 @@ fn trim_with(dir: &Path, max_size: u64, about_to_remove: &mut dyn FnMut(&Path)) 
     }
     trimmed.left = total;
     Ok(trimmed)
+}
+
+/// Collects the files under `dir`. Hidden entries (a leading `.`: no task name or
+/// protocol path has one, while nginx's temporary files and directories may) are left
+/// alone, and so is whatever vanishes during the scan: nginx, a client or another
+/// trim may remove files and directories meanwhile.
+fn scan(dir: &Path, entries: &mut Vec<Entry>) -> std::io::Result<()> {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel_dir) = dirs.pop() {
+        let listing = match std::fs::read_dir(dir.join(&rel_dir)) {
+            Ok(listing) => listing,
+            Err(e) if gone(&e) && !rel_dir.as_os_str().is_empty() => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in listing {
+            let entry = entry?;
+            if entry.file_name().as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
+            let rel = rel_dir.join(entry.file_name());
+            // Not following symlinks: DirEntry's type and metadata are lstat's.
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            if meta.is_dir() {
+                dirs.push(rel);
+            } else if meta.is_file() {
+                let used = meta
+                    .accessed()
+                    .or_else(|_| meta.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                entries.push(Entry {
+                    path: rel,
+                    size: meta.len(),
+                    used,
+                    inode: meta.ino(),
+                    modified: meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Removes the directories of `rel` that are empty now, up to (not including) `dir`.
@@ -180,5 +206,19 @@ mod tests {
         assert_eq!(t.removed.len(), 1);
         assert!(outside.path().join("precious").exists());
         assert!(dir.path().join("p.tar").symlink_metadata().is_ok());
+    }
+
+    #[test]
+    fn hidden_entries_such_as_nginx_temporary_files_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        file(dir.path(), "a/1.tar", 100, 10);
+        // An old nginx.conf kept client_body_temp_path inside the root: a PUT being
+        // received lives there until nginx renames it into place.
+        file(dir.path(), ".tmp/0000000001", 100, 1000);
+        file(dir.path(), "a/.partial", 100, 1000);
+        let t = trim(dir.path(), 0).unwrap();
+        assert_eq!(t.removed, vec![(PathBuf::from("a/1.tar"), 100)]);
+        assert!(dir.path().join(".tmp/0000000001").exists());
+        assert!(dir.path().join("a/.partial").exists());
     }
 }
