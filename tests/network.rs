@@ -891,3 +891,48 @@ fn a_long_running_workers_cache_keeps_to_its_size() {
     // Regression: everything a worker ever used stayed "in use" (1.1 MB here).
     assert!(size <= 420 * 1024, "the worker's cache holds {size} bytes");
 }
+
+// The worker image runs tasks as an unprivileged user (issue 15).
+
+#[test]
+fn a_worker_running_as_an_unprivileged_user_builds_and_uploads() {
+    let Some(c) = cluster() else { return };
+    let Some(w) = WorkerProcess::start_unprivileged(&c.config(), 10001) else {
+        return;
+    };
+    let ws =
+        Workspace::with("[task.who]\nrun = \"id -u > {artifact}/uid; touch {builddir}/scratch\"\n");
+    let run = c.build(&ws, &["who"]);
+    run.success().contains("Remote execution finished");
+    let uid = std::fs::read_to_string(run.locations()[0].join("uid")).unwrap();
+    assert_eq!(uid.trim(), "10001");
+    // Everything the worker keeps is its user's, so the cache volume of the image
+    // (owned by that user) is all it needs to write.
+    let mut files = 0;
+    for entry in walkdir(&w.cache_dir()) {
+        let meta = std::fs::symlink_metadata(&entry).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            10001,
+            "{}",
+            entry.display()
+        );
+        files += 1;
+    }
+    assert!(files > 3, "{files}");
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.symlink_metadata().unwrap().is_dir() {
+                todo.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}

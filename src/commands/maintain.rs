@@ -134,7 +134,10 @@ pub fn trim(args: crate::cli::TrimArgs) -> Result<Exit> {
                 })?,
         ),
     };
-    if !args.dir.is_dir() {
+    // A sidecar may start before the first upload created the directory: its
+    // passes warn until it appears.
+    let absent = !args.dir.exists() && every.is_some();
+    if !args.dir.is_dir() && !absent {
         return Err(usage(format!("{} is not a directory", args.dir.display())));
     }
     loop {

@@ -658,13 +658,51 @@ impl WorkerProcess {
         )
     }
 
+    /// A worker running as user and group `uid`, as the worker image runs it
+    /// (`None`, skipping, when this test does not run as root, outside CI).
+    pub fn start_unprivileged(config: &Path, uid: u32) -> Option<WorkerProcess> {
+        use std::os::unix::fs::chown;
+        use std::os::unix::process::CommandExt;
+        if unsafe { libc::geteuid() } != 0 {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("this test needs root (to start a worker as another user) with CI=true");
+            }
+            eprintln!("skipping: needs root");
+            return None;
+        }
+        // The user must read its config and own its home: both live in a directory
+        // of its own, since the test's temporary directories are root's alone.
+        let home = tempfile::tempdir().unwrap();
+        chown(home.path(), Some(uid), Some(uid)).unwrap();
+        let own_config = home.path().join("worker.conf");
+        std::fs::copy(config, &own_config).unwrap();
+        chown(&own_config, Some(uid), Some(uid)).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_jolt"));
+        cmd.uid(uid).gid(uid).env("HOME", home.path());
+        let worker = Self::spawn_in(home, cmd, &own_config, &[], &[]);
+        worker.wait_for("waiting for requests", std::time::Duration::from_secs(20));
+        Some(worker)
+    }
+
     fn spawn(
+        cmd: Command,
+        config: &Path,
+        overrides: &[String],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
+        let worker = Self::spawn_in(tempfile::tempdir().unwrap(), cmd, config, overrides, env);
+        worker.wait_for("waiting for requests", std::time::Duration::from_secs(20));
+        worker
+    }
+
+    /// Starts the worker in `cache`, its home, without waiting for it.
+    fn spawn_in(
+        cache: tempfile::TempDir,
         mut cmd: Command,
         config: &Path,
         overrides: &[String],
         env: &[(&str, &str)],
     ) -> WorkerProcess {
-        let cache = tempfile::tempdir().unwrap();
         let log = cache.path().join("worker.log");
         cmd.arg("-c").arg(config);
         for o in overrides {
@@ -687,13 +725,11 @@ impl WorkerProcess {
             .stderr(out)
             .spawn()
             .unwrap();
-        let worker = WorkerProcess {
+        WorkerProcess {
             child,
             log,
             _home: cache,
-        };
-        worker.wait_for("waiting for requests", std::time::Duration::from_secs(20));
-        worker
+        }
     }
 
     pub fn output(&self) -> String {
