@@ -5,7 +5,8 @@
 #   make test      the whole test suite (unit and integration tests), after
 #                  scripts/test-services made sure RabbitMQ and nginx are there
 #   make cluster   a local build cluster (scripts/cluster start 2)
-#   make lint      rustfmt and clippy, as CI runs them
+#   make lint      rustfmt, clippy and the deployment files (scripts/lint-deploy),
+#                  as CI runs them
 #   make static    statically linked x86_64 Linux binary at target/jolt-static
 #   make bench     the benchmarks of scripts/bench
 
@@ -27,6 +28,7 @@ test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	scripts/lint-deploy
 
 # musl gives a binary that needs no libc at all (DNS included). ring (TLS) compiles
 # C for the target: musl-gcc comes with Debian's musl-tools. Where the musl target

@@ -1,10 +1,9 @@
 //! The shared HTTP artifact cache, against a real nginx (WebDAV PUT) on loopback.
 
 use crate::util::{finish, wait_until, Nginx, Workspace};
-use std::path::Path;
 use std::time::Duration;
 
-const RECIPE: &str = r#"
+pub const RECIPE: &str = r#"
 [task.lib]
 influence = ["src/*.c"]
 run = ["mkdir -p {artifact}/lib", "cat src/*.c > {artifact}/lib/libx.txt"]
@@ -29,7 +28,7 @@ fn workspace(server: &Nginx) -> Workspace {
     ws
 }
 
-fn jolt(ws: &Workspace, args: &[&str]) -> crate::util::Run {
+pub fn jolt(ws: &Workspace, args: &[&str]) -> crate::util::Run {
     let mut all = vec!["-c", "jolt.conf.toml"];
     all.extend_from_slice(args);
     ws.jolt(&all)
@@ -711,103 +710,4 @@ fn a_trimming_sidecar_waits_for_its_directory_survives_a_failed_pass_and_stops_o
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let run = finish(child);
     assert_eq!(run.code, 130, "{}", output());
-}
-
-/// nginx run natively with the cache config users deploy (docker/swarm/nginx.conf,
-/// also in docker/k8s/cache.yaml), its paths moved into a temporary directory:
-/// `/srv/jolt` (the volume) becomes `DIR/srv`.
-struct ShippedCache {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-    url: String,
-}
-
-impl ShippedCache {
-    fn start() -> Option<ShippedCache> {
-        Nginx::start()?; // nginx is installed (or the test skips, outside CI)
-        let dir = tempfile::tempdir().unwrap();
-        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/swarm/nginx.conf");
-        let d = dir.path().display().to_string();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let conf = std::fs::read_to_string(shipped)
-            .unwrap()
-            .replace("/srv/jolt", &format!("{d}/srv"))
-            .replace("/var/run/nginx.pid", &format!("{d}/nginx.pid"))
-            .replace("/var/log/nginx", &d)
-            .replace("listen 80;", &format!("listen 127.0.0.1:{port};"));
-        assert!(conf.contains(&format!("{d}/srv/tmp")), "{conf}");
-        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        std::fs::create_dir(dir.path().join("srv")).unwrap(); // the mount point
-        let child = std::process::Command::new("nginx")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(dir.path().join("error.log"))
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            // One process, so killing it (the guard's drop) leaves no orphaned worker.
-            .args(["-g", "daemon off; master_process off;"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let cache = ShippedCache {
-            child,
-            dir,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        wait_until(
-            "nginx with the shipped config",
-            Duration::from_secs(5),
-            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-        );
-        Some(cache)
-    }
-}
-
-impl Drop for ShippedCache {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[test]
-fn the_shipped_cache_config_serves_builds_and_its_trim_spares_uploads_in_progress() {
-    let Some(cache) = ShippedCache::start() else {
-        return;
-    };
-    let ws = Workspace::with(RECIPE);
-    ws.file("src/a.c", "int a;\n");
-    ws.file(
-        "jolt.conf.toml",
-        &format!("[http]\nuri = \"{}/\"\n", cache.url),
-    );
-    jolt(&ws, &["build", "app", "other"])
-        .success()
-        .contains("Upload finished");
-    let artifacts = cache.dir.path().join("srv/artifacts");
-    assert_eq!(std::fs::read_dir(artifacts.join("lib")).unwrap().count(), 1);
-    // An upload nginx is still receiving sits in the volume's tmp directory.
-    let receiving = cache.dir.path().join("srv/tmp/0000000042");
-    std::fs::write(&receiving, b"half an artifact").unwrap();
-    ws.jolt(&[
-        "cache",
-        "trim",
-        artifacts.to_str().unwrap(),
-        "--max-size",
-        "0",
-    ])
-    .success()
-    .contains("Freed ");
-    assert!(receiving.exists());
-    assert_eq!(std::fs::read_dir(&artifacts).unwrap().count(), 0);
-    // A trimmed cache is a cache that misses: the next build executes and uploads.
-    let again = ws.sibling();
-    jolt(&again, &["build", "app"])
-        .success()
-        .contains("Upload finished");
 }

@@ -8,6 +8,7 @@ mod broker;
 mod build;
 mod cache;
 mod commands;
+mod deploy;
 mod errors;
 mod fleet;
 mod http;
