@@ -401,10 +401,12 @@ pub fn parse_size(s: &str) -> Option<u64> {
         "T" => 1 << 40,
         _ => return None,
     };
-    if number < 0.0 {
+    let bytes = number * factor as f64;
+    // Not silently capped: a size past what 64 bits hold is a typo.
+    if !(0.0..u64::MAX as f64).contains(&bytes) {
         return None;
     }
-    Some((number * factor as f64) as u64)
+    Some(bytes as u64)
 }
 
 #[cfg(test)]
@@ -420,6 +422,8 @@ mod tests {
         assert_eq!(parse_size("123"), Some(123));
         assert_eq!(parse_size("ten"), None);
         assert_eq!(parse_size("5Q"), None);
+        assert_eq!(parse_size("99999999999999999999999T"), None);
+        assert_eq!(parse_size("16777215T"), Some(16777215 << 40));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The shared HTTP artifact cache, against a real nginx (WebDAV PUT) on loopback.
 
-use crate::util::{finish, wait_until, Nginx, Workspace};
+use crate::util::{finish, running_as_root, wait_until, Nginx, Workspace};
 use std::time::Duration;
 
 pub const RECIPE: &str = r#"
@@ -710,4 +710,72 @@ fn a_trimming_sidecar_waits_for_its_directory_survives_a_failed_pass_and_stops_o
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let run = finish(child);
     assert_eq!(run.code, 130, "{}", output());
+}
+
+#[test]
+fn what_a_trim_cannot_read_or_remove_is_named_and_the_rest_is_trimmed() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if !running_as_root("to trim as another user") {
+        return;
+    }
+    let ws = Workspace::new();
+    let top = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let served = top.path().join("served");
+    let nobody = 65534;
+    for (rel, age) in [("a/1.tar", 300), ("b/2.tar", 400), ("c/3.tar", 100)] {
+        let path = served.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"0123456789").unwrap();
+        let when = std::time::SystemTime::now() - Duration::from_secs(age);
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(when)
+                .set_modified(when),
+        )
+        .unwrap();
+    }
+    for owned in ["", "a", "a/1.tar", "c", "c/3.tar"] {
+        chown(served.join(owned), Some(nobody), Some(nobody)).unwrap();
+    }
+    // b stays root's: its file cannot be removed by the trim; d cannot be read.
+    std::fs::create_dir(served.join("d")).unwrap();
+    std::fs::set_permissions(served.join("d"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.env("HOME", top.path())
+        .env("XDG_CONFIG_HOME", top.path().join("config"))
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_jolt"))
+        .args(["cache", "trim"])
+        .arg(&served)
+        .args(["--max-size", "0"]);
+    let run = ws.run(cmd);
+    run.success()
+        .contains(&format!(
+            "Cannot read {}/d: Permission denied",
+            served.display()
+        ))
+        .contains(&format!(
+            "Cannot remove {}/b/2.tar: Permission denied",
+            served.display()
+        ))
+        .contains("Removed a/1.tar (10 bytes)")
+        .contains("Removed c/3.tar (10 bytes)")
+        .contains("holds 10 bytes");
+    assert!(served.join("b/2.tar").exists());
+}
+
+#[test]
+fn a_trim_prints_hostile_file_names_escaped() {
+    use std::os::unix::ffi::OsStrExt;
+    let ws = Workspace::new();
+    let served = ws.root().join("served");
+    let name = std::ffi::OsStr::from_bytes(b"x\n[   INFO] Freed 0 bytes\xff.tar");
+    std::fs::create_dir_all(served.join("t")).unwrap();
+    std::fs::write(served.join("t").join(name), b"abc").unwrap();
+    let run = ws.jolt(&["cache", "trim", served.to_str().unwrap(), "--max-size", "0"]);
+    run.success()
+        .contains("Removed t/x\\n[   INFO] Freed 0 bytes\\xff.tar (3 bytes)");
+    assert_eq!(run.count("Freed"), 2, "{}", run.all());
 }

@@ -11,6 +11,7 @@ use crate::error::usage;
 use crate::error::Exit;
 use crate::graph::GraphOptions;
 use crate::store::local::LocalCache;
+use crate::store::trim::Event;
 
 pub fn clean(config: &Config, args: CleanArgs) -> Result<Exit> {
     if args.tasks.is_empty() {
@@ -141,16 +142,25 @@ pub fn trim(args: crate::cli::TrimArgs) -> Result<Exit> {
         return Err(usage(format!("{} is not a directory", args.dir.display())));
     }
     loop {
-        match crate::store::trim::trim(&args.dir, max) {
+        let shown = |rel: &std::path::Path| crate::util::printable(&args.dir.join(rel));
+        let mut report = |event: Event| match event {
+            Event::Removed(rel, size) => console::info(&format!(
+                "Removed {} ({size} bytes)",
+                crate::util::printable(rel)
+            )),
+            Event::Unreadable(rel, e) => console::warn(&format!("Cannot read {}: {e}", shown(rel))),
+            Event::Unremovable(rel, e) => {
+                console::warn(&format!("Cannot remove {}: {e}", shown(rel)))
+            }
+            Event::Reading(_) | Event::Checking(_) => {}
+        };
+        match crate::store::trim::trim(&args.dir, max, &mut report) {
             Ok(t) => {
-                for (path, size) in &t.removed {
-                    console::info(&format!("Removed {} ({size} bytes)", path.display()));
-                }
                 console::info(&format!(
                     "Freed {} bytes in {} files; {} holds {} bytes",
                     t.freed,
                     t.removed.len(),
-                    args.dir.display(),
+                    crate::util::printable(&args.dir),
                     t.left
                 ));
             }

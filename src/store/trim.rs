@@ -6,25 +6,55 @@
 //! modification time. Under `relatime` (Linux's default) the access time moves only
 //! when it is older than the modification time or a day old, so files read more than
 //! once a day are ordered by day, and files written once and never read by their
-//! writing. Symlinks are never followed nor removed, and nothing outside the
-//! directory is touched. A file is removed only if it is still the one the scan saw
-//! (same inode and modification time): one that nginx renamed into place meanwhile
-//! (a PUT lands in a temporary file outside, then moves in) survives. Hidden entries
-//! (a leading `.`, which no protocol path has) are never touched: an nginx whose
-//! `client_body_temp_path` lies inside the root keeps its uploads in progress there.
+//! writing. Sizes are the files' lengths.
+//!
+//! Others change the directory while it is trimmed: nginx renames uploads in, clients
+//! and other trims remove files, an attacker who may write it swaps a directory for a
+//! symlink. So every operation is relative to a directory handle opened one component
+//! at a time without following symlinks (`openat` with `O_NOFOLLOW`, `unlinkat`): a
+//! symlink anywhere below the directory is neither followed nor removed, and nothing
+//! outside is ever touched, whatever changes meanwhile (and no path grows past
+//! `PATH_MAX`). A file is removed only if it is still the one the scan saw (same inode
+//! and modification time): one that nginx renamed into place meanwhile survives, but
+//! for the instant between that check and the removal. A file that went or changed
+//! meanwhile counts as such, so two trims at once remove no more than one would.
+//! Hidden entries (a leading `.`, which no protocol path has) are never touched: an
+//! nginx whose `client_body_temp_path` lies inside the root keeps its uploads in
+//! progress there. A directory that cannot be read, or a file that cannot be removed,
+//! is reported and left; the rest is trimmed.
 
 use anyhow::{Context, Result};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use rustix::fs::{openat, statat, unlinkat, AtFlags, Dir, FileType, Mode, OFlags, Stat, CWD};
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
 
 /// A file of the cache as the scan saw it.
 struct Entry {
     path: PathBuf,
     size: u64,
-    used: SystemTime,
+    /// Access time, nanoseconds since the epoch.
+    used: i64,
     inode: u64,
+    /// Modification time, nanoseconds since the epoch.
     modified: i64,
+}
+
+/// What a trim reports as it goes; paths are relative to the trimmed directory.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A directory is about to be read.
+    Reading(&'a Path),
+    /// A file is about to be checked and removed.
+    Checking(&'a Path),
+    /// A file was removed; its size.
+    Removed(&'a Path, u64),
+    /// A directory that cannot be read: left as it is.
+    Unreadable(&'a Path, io::Error),
+    /// A file that cannot be removed: left as it is.
+    Unremovable(&'a Path, io::Error),
 }
 
 /// What one trim did.
@@ -33,20 +63,18 @@ pub struct Trimmed {
     /// Removed files, relative to the directory, with their sizes, oldest first.
     pub removed: Vec<(PathBuf, u64)>,
     pub freed: u64,
-    /// What the directory holds afterwards.
+    /// What the directory holds afterwards, as far as this trim knows.
     pub left: u64,
 }
 
-/// Trims `dir` to `max_size` bytes, least recently used first.
-pub fn trim(dir: &Path, max_size: u64) -> Result<Trimmed> {
-    trim_with(dir, max_size, &mut |_| {})
-}
-
-/// [`trim`], calling `about_to_remove` with each file's path just before it is
-/// checked and removed (tests race a rename against it).
-fn trim_with(dir: &Path, max_size: u64, about_to_remove: &mut dyn FnMut(&Path)) -> Result<Trimmed> {
-    let mut entries = Vec::new();
-    scan(dir, &mut entries).with_context(|| format!("Cannot scan {}", dir.display()))?;
+/// Trims `dir` to `max_size` bytes, least recently used first, telling `report` what
+/// it does. Only a `dir` that cannot be read at all is an error.
+pub fn trim(dir: &Path, max_size: u64, report: &mut dyn FnMut(Event)) -> Result<Trimmed> {
+    let root: OwnedFd = openat(CWD, dir, dir_flags() - OFlags::NOFOLLOW, Mode::empty())
+        .map_err(io::Error::from)
+        .with_context(|| format!("Cannot scan {}", dir.display()))?;
+    let mut entries =
+        scan(&root, report).with_context(|| format!("Cannot scan {}", dir.display()))?;
     entries.sort_by_key(|e| e.used);
     let mut total: u64 = entries.iter().map(|e| e.size).sum();
     let mut trimmed = Trimmed::default();
@@ -54,91 +82,181 @@ fn trim_with(dir: &Path, max_size: u64, about_to_remove: &mut dyn FnMut(&Path)) 
         if total <= max_size {
             break;
         }
-        let full = dir.join(&e.path);
-        about_to_remove(&full);
-        // Still the file the scan saw? A PUT may have replaced it since.
-        let same = std::fs::symlink_metadata(&full).is_ok_and(|m| {
-            m.is_file()
-                && m.ino() == e.inode
-                && m.mtime_nsec() + m.mtime() * 1_000_000_000 == e.modified
-        });
-        if !same {
-            continue;
-        }
-        match std::fs::remove_file(&full) {
-            Ok(()) => {
+        report(Event::Checking(&e.path));
+        match remove(root.as_fd(), e) {
+            Ok(Outcome::Removed) => {
                 total -= e.size;
                 trimmed.freed += e.size;
                 trimmed.removed.push((e.path.clone(), e.size));
-                remove_empty_parents(dir, &e.path);
+                report(Event::Removed(&e.path, e.size));
+                remove_empty_parents(root.as_fd(), &e.path);
             }
-            Err(e2) if e2.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e2) => return Err(e2).with_context(|| format!("Cannot remove {}", full.display())),
+            // Another trim or a client removed it: it no longer counts.
+            Ok(Outcome::Gone) => total -= e.size,
+            // A fresh file took its place: it counts as what it is now.
+            Ok(Outcome::Replaced(size)) => total = total - e.size + size,
+            Err(err) => report(Event::Unremovable(&e.path, err)),
         }
     }
     trimmed.left = total;
     Ok(trimmed)
 }
 
-/// Collects the files under `dir`. Hidden entries (a leading `.`: no task name or
-/// protocol path has one, while nginx's temporary files and directories may) are left
-/// alone, and so is whatever vanishes during the scan: nginx, a client or another
-/// trim may remove files and directories meanwhile.
-fn scan(dir: &Path, entries: &mut Vec<Entry>) -> std::io::Result<()> {
-    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-    let mut dirs = vec![PathBuf::new()];
-    while let Some(rel_dir) = dirs.pop() {
-        let listing = match std::fs::read_dir(dir.join(&rel_dir)) {
-            Ok(listing) => listing,
-            Err(e) if gone(&e) && !rel_dir.as_os_str().is_empty() => continue,
-            Err(e) => return Err(e),
+fn dir_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+fn gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+}
+
+/// Opens `rel` below `root` one component at a time, never following a symlink.
+fn open_under(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
+    let mut fd = openat(root, ".", dir_flags(), Mode::empty())?;
+    for component in rel.components() {
+        let Component::Normal(name) = component else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a plain path",
+            ));
         };
-        for entry in listing {
-            let entry = entry?;
-            if entry.file_name().as_encoded_bytes().starts_with(b".") {
+        fd = openat(&fd, name, dir_flags(), Mode::empty())?;
+    }
+    Ok(fd)
+}
+
+/// The fields of a `stat` the trim needs (their C types differ between rustix's
+/// backends, hence the casts).
+#[allow(clippy::unnecessary_cast)]
+fn fields(st: &Stat) -> (u64, u64, i64, i64) {
+    let nanos = |secs: i64, nsec: i64| secs.saturating_mul(1_000_000_000).saturating_add(nsec);
+    (
+        st.st_ino as u64,
+        st.st_size.max(0) as u64,
+        nanos(st.st_atime as i64, st.st_atime_nsec as i64),
+        nanos(st.st_mtime as i64, st.st_mtime_nsec as i64),
+    )
+}
+
+/// Collects the regular files below `root`. Whatever vanishes during the scan is left
+/// out; a subdirectory that cannot be read is reported and left out.
+fn scan(root: &OwnedFd, report: &mut dyn FnMut(Event)) -> io::Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        let top = rel.as_os_str().is_empty();
+        if !top {
+            report(Event::Reading(&rel));
+        }
+        let opened = open_under(root.as_fd(), &rel).and_then(|fd| {
+            let stat_fd = fd.try_clone()?;
+            Ok((Dir::new(fd)?, stat_fd))
+        });
+        let (listing, here) = match opened {
+            Ok(opened) => opened,
+            Err(e) if top => return Err(e),
+            Err(e) if gone(&e) => continue,
+            Err(e) => {
+                report(Event::Unreadable(&rel, e));
                 continue;
             }
-            let rel = rel_dir.join(entry.file_name());
-            // Not following symlinks: DirEntry's type and metadata are lstat's.
-            let meta = match entry.metadata() {
-                Ok(meta) => meta,
-                Err(e) if gone(&e) => continue,
-                Err(e) => return Err(e),
+        };
+        for entry in listing {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if top => return Err(e.into()),
+                Err(e) => {
+                    report(Event::Unreadable(&rel, e.into()));
+                    break;
+                }
             };
-            if meta.is_dir() {
-                dirs.push(rel);
-            } else if meta.is_file() {
-                let used = meta
-                    .accessed()
-                    .or_else(|_| meta.modified())
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
-                entries.push(Entry {
-                    path: rel,
-                    size: meta.len(),
-                    used,
-                    inode: meta.ino(),
-                    modified: meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
-                });
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name.as_bytes().starts_with(b".") {
+                continue; // `.`, `..` and hidden entries
+            }
+            let path = rel.join(name);
+            let st = match statat(&here, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(e) if gone(&e.into()) => continue,
+                Err(e) => {
+                    report(Event::Unreadable(&path, e.into()));
+                    continue;
+                }
+            };
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory => dirs.push(path),
+                FileType::RegularFile => {
+                    let (inode, size, used, modified) = fields(&st);
+                    entries.push(Entry {
+                        path,
+                        size,
+                        used,
+                        inode,
+                        modified,
+                    });
+                }
+                _ => {}
             }
         }
     }
-    Ok(())
+    Ok(entries)
 }
 
-/// Removes the directories of `rel` that are empty now, up to (not including) `dir`.
-fn remove_empty_parents(dir: &Path, rel: &Path) {
-    let mut parent = rel.parent();
-    while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
-        if std::fs::remove_dir(dir.join(p)).is_err() {
+enum Outcome {
+    Removed,
+    Gone,
+    Replaced(u64),
+}
+
+/// Removes `e` if it is still the file the scan saw.
+fn remove(root: BorrowedFd<'_>, e: &Entry) -> io::Result<Outcome> {
+    let parent = e.path.parent().unwrap_or(Path::new(""));
+    let name = e.path.file_name().unwrap_or_default();
+    let dir = match open_under(root, parent) {
+        Ok(dir) => dir,
+        Err(err) if gone(&err) => return Ok(Outcome::Gone),
+        Err(err) => return Err(err),
+    };
+    let st = match statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(err) if gone(&err.into()) => return Ok(Outcome::Gone),
+        Err(err) => return Err(err.into()),
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Ok(Outcome::Gone);
+    }
+    let (inode, size, _, modified) = fields(&st);
+    if inode != e.inode || modified != e.modified {
+        return Ok(Outcome::Replaced(size));
+    }
+    match unlinkat(&dir, name, AtFlags::empty()) {
+        Ok(()) => Ok(Outcome::Removed),
+        Err(err) if gone(&err.into()) => Ok(Outcome::Gone),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Removes the directories of `rel` that are empty now, up to (not including) the
+/// trimmed directory.
+fn remove_empty_parents(root: BorrowedFd<'_>, rel: &Path) {
+    let mut dir = rel.parent();
+    while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+        let parent = d.parent().unwrap_or(Path::new(""));
+        let removed = open_under(root, parent).and_then(|fd| {
+            unlinkat(&fd, d.file_name().unwrap_or_default(), AtFlags::REMOVEDIR)
+                .map_err(io::Error::from)
+        });
+        if removed.is_err() {
             return;
         }
-        parent = p.parent();
+        dir = Some(parent);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::SystemTime;
 
     fn file(dir: &Path, rel: &str, size: usize, age_secs: u64) {
         let path = dir.join(rel);
@@ -156,6 +274,14 @@ mod tests {
             .unwrap();
     }
 
+    fn quiet(dir: &Path, max: u64) -> Trimmed {
+        trim(dir, max, &mut |_| {}).unwrap()
+    }
+
+    fn paths(t: &Trimmed) -> Vec<PathBuf> {
+        t.removed.iter().map(|(p, _)| p.clone()).collect()
+    }
+
     #[test]
     fn the_least_recently_used_go_first_until_the_size_fits() {
         let dir = tempfile::tempdir().unwrap();
@@ -163,16 +289,15 @@ mod tests {
         file(dir.path(), "b/2.tar", 100, 200);
         file(dir.path(), "_sources/3.tar", 100, 100);
         file(dir.path(), "a/4.tar", 100, 0);
-        let t = trim(dir.path(), 250).unwrap();
-        let removed: Vec<_> = t.removed.iter().map(|(p, _)| p.clone()).collect();
+        let t = quiet(dir.path(), 250);
         assert_eq!(
-            removed,
+            paths(&t),
             vec![PathBuf::from("a/1.tar"), PathBuf::from("b/2.tar")]
         );
         assert_eq!((t.freed, t.left), (200, 200));
         assert!(!dir.path().join("b").exists(), "an emptied directory goes");
         assert!(dir.path().join("a/4.tar").exists());
-        assert_eq!(trim(dir.path(), 250).unwrap().removed.len(), 0);
+        assert_eq!(quiet(dir.path(), 250).removed.len(), 0);
     }
 
     #[test]
@@ -181,16 +306,42 @@ mod tests {
         file(dir.path(), "a/1.tar", 100, 300);
         file(dir.path(), "a/2.tar", 100, 200);
         let fresh = dir.path().join("put-tmp");
-        let t = trim_with(dir.path(), 0, &mut |path| {
-            if path.ends_with("1.tar") {
-                // nginx finishing a PUT of the same object: a new file moves in.
-                std::fs::write(&fresh, b"new").unwrap();
-                std::fs::rename(&fresh, path).unwrap();
+        let root = dir.path().to_path_buf();
+        let t = trim(dir.path(), 0, &mut |event| {
+            if let Event::Checking(path) = event {
+                if path.ends_with("1.tar") {
+                    // nginx finishing a PUT of the same object: a new file moves in.
+                    std::fs::write(&fresh, b"new").unwrap();
+                    std::fs::rename(&fresh, root.join(path)).unwrap();
+                }
             }
         })
         .unwrap();
         assert_eq!(t.removed, vec![(PathBuf::from("a/2.tar"), 100)]);
+        assert_eq!(t.left, 3, "the fresh file counts as what it is");
         assert_eq!(std::fs::read(dir.path().join("a/1.tar")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn two_trims_at_once_remove_no_more_than_one_would() {
+        let dir = tempfile::tempdir().unwrap();
+        file(dir.path(), "a/1.tar", 100, 400);
+        file(dir.path(), "a/2.tar", 100, 300);
+        file(dir.path(), "a/3.tar", 100, 200);
+        file(dir.path(), "a/4.tar", 100, 100);
+        let root = dir.path().to_path_buf();
+        let t = trim(dir.path(), 250, &mut |event| {
+            if let Event::Checking(path) = event {
+                if path.ends_with("1.tar") {
+                    // The other trim, a step ahead, removes the second oldest.
+                    std::fs::remove_file(root.join("a/2.tar")).unwrap();
+                }
+            }
+        })
+        .unwrap();
+        assert_eq!(paths(&t), vec![PathBuf::from("a/1.tar")]);
+        assert_eq!(t.left, 200);
+        assert!(dir.path().join("a/3.tar").exists());
     }
 
     #[test]
@@ -202,10 +353,35 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), dir.path().join("out")).unwrap();
         std::os::unix::fs::symlink(outside.path().join("precious"), dir.path().join("p.tar"))
             .unwrap();
-        let t = trim(dir.path(), 0).unwrap();
+        let t = quiet(dir.path(), 0);
         assert_eq!(t.removed.len(), 1);
         assert!(outside.path().join("precious").exists());
         assert!(dir.path().join("p.tar").symlink_metadata().is_ok());
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_during_the_scan_is_not_followed() {
+        let outside = tempfile::tempdir().unwrap();
+        file(outside.path(), "keep/precious.tar", 100, 1000);
+        let dir = tempfile::tempdir().unwrap();
+        file(dir.path(), "victim/keep/v.tar", 100, 10);
+        file(dir.path(), "other/o.tar", 100, 10);
+        let root = dir.path().to_path_buf();
+        let target = outside.path().to_path_buf();
+        let mut unreadable = vec![];
+        let t = trim(dir.path(), 0, &mut |event| match event {
+            Event::Reading(rel) if rel == Path::new("victim") => {
+                std::fs::rename(root.join("victim"), root.join(".gone")).unwrap();
+                std::os::unix::fs::symlink(&target, root.join("victim")).unwrap();
+            }
+            Event::Unreadable(rel, _) => unreadable.push(rel.to_path_buf()),
+            _ => {}
+        })
+        .unwrap();
+        assert!(outside.path().join("keep/precious.tar").exists());
+        assert_eq!(paths(&t), vec![PathBuf::from("other/o.tar")]);
+        assert_eq!(unreadable, vec![PathBuf::from("victim")]);
+        assert!(root.join("victim").symlink_metadata().is_ok());
     }
 
     #[test]
@@ -216,9 +392,31 @@ mod tests {
         // received lives there until nginx renames it into place.
         file(dir.path(), ".tmp/0000000001", 100, 1000);
         file(dir.path(), "a/.partial", 100, 1000);
-        let t = trim(dir.path(), 0).unwrap();
+        let t = quiet(dir.path(), 0);
         assert_eq!(t.removed, vec![(PathBuf::from("a/1.tar"), 100)]);
         assert!(dir.path().join(".tmp/0000000001").exists());
         assert!(dir.path().join("a/.partial").exists());
+    }
+
+    #[test]
+    fn trees_deeper_than_path_max_are_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = "d".repeat(100);
+        let mut fd: OwnedFd = openat(CWD, dir.path(), dir_flags(), Mode::empty()).unwrap();
+        for _ in 0..60 {
+            rustix::fs::mkdirat(&fd, part.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+            fd = openat(&fd, part.as_str(), dir_flags(), Mode::empty()).unwrap();
+        }
+        let f = openat(
+            &fd,
+            "deep.tar",
+            OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        rustix::io::write(&f, b"deep").unwrap();
+        let t = quiet(dir.path(), 0);
+        assert_eq!((t.removed.len(), t.freed), (1, 4));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -29,3 +29,36 @@ pub fn one_line(err: &toml::de::Error, text: &str) -> String {
         None => message.trim().to_string(),
     }
 }
+
+/// A path as one printable line: control characters escaped (`\n`, `\u{1b}`) and
+/// bytes that are not UTF-8 as `\xNN`, so a hostile file name can neither forge a
+/// console line nor hide which file it is.
+pub fn printable(path: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for chunk in path.as_os_str().as_bytes().utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() || c == '\\' {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn printable_paths_escape_controls_and_non_utf8() {
+        let p = std::path::Path::new(std::ffi::OsStr::from_bytes(b"a\n[ INFO] x\xff\\b/\xc3\xa9"));
+        assert_eq!(printable(p), "a\\n[ INFO] x\\xff\\\\b/\u{e9}");
+    }
+}

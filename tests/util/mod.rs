@@ -620,6 +620,20 @@ impl Drop for Broker {
     }
 }
 
+/// Whether this test runs as root, as tests that act as other users need (`why`):
+/// `false` (skip) when not, unless `CI=true`, where that fails.
+pub fn running_as_root(why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("this test needs root ({why}) with CI=true");
+    }
+    eprintln!("skipping: needs root ({why})");
+    false
+}
+
 /// A `jolt amqp-worker` process with its own cache; killed when dropped.
 pub struct WorkerProcess {
     pub child: std::process::Child,
@@ -663,11 +677,7 @@ impl WorkerProcess {
     pub fn start_unprivileged(config: &Path, uid: u32) -> Option<WorkerProcess> {
         use std::os::unix::fs::chown;
         use std::os::unix::process::CommandExt;
-        if unsafe { libc::geteuid() } != 0 {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("this test needs root (to start a worker as another user) with CI=true");
-            }
-            eprintln!("skipping: needs root");
+        if !running_as_root("to start a worker as another user") {
             return None;
         }
         // The user must read its config and own its home: both live in a directory
