@@ -103,11 +103,34 @@ fn the_shipped_cache_config_serves_builds_and_its_trim_spares_uploads_in_progres
     .contains("Freed ");
     assert!(receiving.exists());
     assert_eq!(std::fs::read_dir(&artifacts).unwrap().count(), 0);
+    // Hidden paths, which the trim leaves alone, are refused, encoded or not.
+    for path in ["/.big/x.tar", "/%2ebig/x.tar", "/t/.x.tar"] {
+        assert_eq!(put_status(&cache.url, path), 403, "{path}");
+    }
+    assert_eq!(put_status(&cache.url, "/t/x.tar"), 201);
     // A trimmed cache is a cache that misses: the next build executes and uploads.
     let again = ws.sibling();
     jolt(&again, &["build", "app"])
         .success()
         .contains("Upload finished");
+}
+
+/// The status of a small `PUT` of `path` to the server at `url` (`http://host:port`).
+fn put_status(url: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    write!(
+        stream,
+        "PUT {path} HTTP/1.0\r\nHost: cache\r\nContent-Length: 1\r\n\r\nx"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"))
 }
 
 /// The block scalar `key: |` of a YAML file, as the ConfigMap holds it.

@@ -936,3 +936,40 @@ fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_worker_that_cannot_write_its_cache_exits_2_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    if !crate::util::running_as_root("to start a worker as another user") {
+        return;
+    }
+    // A cache volume left by root, as a stack deployed before the worker image ran
+    // as uid 10001 has: the worker used to take requests and fail every one.
+    let top = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cache = top.path().join("cache");
+    for sub in [".locks", ".refs", ".tmp"] {
+        std::fs::create_dir_all(cache.join(sub)).unwrap();
+    }
+    let conf = top.path().join("worker.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[http]\nuri = \"http://127.0.0.1:9/\"\n[jolt]\ncachedir = \"{}\"\n",
+            cache.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.env("HOME", top.path())
+        .env("XDG_CONFIG_HOME", top.path().join("config"))
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_jolt"))
+        .arg("-c")
+        .arg(&conf)
+        .arg("amqp-worker");
+    let run = Workspace::new().run(cmd);
+    run.code(2)
+        .contains(&format!("Cannot write the local cache {}", cache.display()))
+        .contains("as uid 65534");
+}

@@ -75,8 +75,12 @@ pub fn run(config: &Config) -> Result<Exit> {
             "Artifact upload must be enabled for workers: remove http.upload/jolt.upload = false",
         ));
     }
+    let cache = LocalCache::from_config(config)?;
+    cache
+        .check_writable()
+        .map_err(|e| usage(format!("{e:#}")))?;
     let worker = Worker {
-        cache: LocalCache::from_config(config)?,
+        cache,
         http,
         me: whoami(),
         settings,

@@ -120,6 +120,33 @@ impl LocalCache {
         Ok(cache)
     }
 
+    /// Fails, naming the directory and this process's user, when the cache cannot be
+    /// written: a worker must find that out at start, not fail every request (a
+    /// volume made for another user, a cache left by root).
+    pub fn check_writable(&self) -> Result<()> {
+        for dir in [
+            self.root.clone(),
+            self.root.join(".locks"),
+            self.root.join(".tmp"),
+        ] {
+            let probe = dir.join(format!(".probe-{}", unique_suffix()));
+            let written = File::options()
+                .write(true)
+                .create_new(true)
+                .open(&probe)
+                .and_then(|_| std::fs::remove_file(&probe));
+            if let Err(e) = written {
+                // SAFETY: geteuid has no preconditions.
+                let uid = unsafe { libc::geteuid() };
+                anyhow::bail!(
+                    "Cannot write the local cache {} as uid {uid} ({e}): give it a cache it can write (jolt.cachedir; chown a volume made for another user)",
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Opens the local cache the configuration names (`jolt.cachedir`, limited to
     /// `jolt.cachesize`); a cache that cannot be used is a usage error (exit 2).
     pub fn from_config(config: &crate::config::Config) -> Result<LocalCache> {
