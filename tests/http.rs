@@ -512,6 +512,20 @@ fn a_cache_that_hangs_costs_one_timeout_and_one_warning() {
 }
 
 #[test]
+fn a_far_cache_is_asked_about_many_tasks_at_once() {
+    // Issue 11: the planner asked HEAD for each task one after another, so a cache
+    // 20 ms away cost 300 x 20 ms before anything started.
+    let cache = FakeCache::start(Fault::Missing(100));
+    let ws = fault_workspace(30, &cache.url);
+    let run = jolt(&ws, &["build", "--no-upload", "all"]);
+    run.success().lacks("[WARNING]");
+    assert_eq!(run.count("Execution finished"), 30, "{}", run.all());
+    assert_eq!(cache.requests(), 30, "one HEAD a task");
+    let most = cache.most_at_once.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(most > 1, "the checks went one at a time");
+}
+
+#[test]
 fn a_cache_that_answers_500_is_marked_down_after_the_first_failure() {
     let cache = FakeCache::start(Fault::Status(500));
     let ws = fault_workspace(10, &cache.url);

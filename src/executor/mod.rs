@@ -15,6 +15,7 @@
 
 pub mod guardian;
 mod job;
+mod presence;
 
 use anyhow::Result;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
@@ -259,6 +260,7 @@ pub struct Services<'a> {
 /// threads while this thread schedules and owns the console.
 pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> Result<Report> {
     let mut sched = Scheduler::new(graph, services, opts);
+    sched.learn_remote();
     for &g in &graph.goals {
         sched.plan(g)?;
         if let Some(why) = &sched.unreachable {
@@ -384,6 +386,8 @@ struct Scheduler<'a> {
     remote_running: usize,
     /// Why the HTTP cache, which this build needs, could not be used.
     unreachable: Option<String>,
+    /// What the HTTP cache answered before planning asked (see `presence`).
+    known: presence::Known,
 }
 
 impl<'a> Scheduler<'a> {
@@ -413,6 +417,7 @@ impl<'a> Scheduler<'a> {
             total: 0,
             remote_running: 0,
             unreachable: None,
+            known: presence::Known::new(),
         }
     }
 
@@ -498,6 +503,15 @@ impl<'a> Scheduler<'a> {
 }
 
 /// Warns once that the HTTP cache is unreachable, or about any other HTTP failure.
+/// The HTTP cache, when a build in `mode` may ask it what it holds: it is up, and a
+/// local build or `jolt download` may download.
+fn usable_http<'s>(services: &Services<'s>, mode: Mode) -> Option<&'s HttpCache> {
+    let local = matches!(mode, Mode::Local | Mode::DownloadOnly);
+    services
+        .http
+        .filter(|h| (h.download || !local) && !h.is_down())
+}
+
 fn http_warning(http: &HttpCache, what: &str, err: &anyhow::Error) -> Option<String> {
     if http_cache::is_interrupted(err) {
         // Ctrl-C, not the server: nothing to say about the cache.
@@ -733,16 +747,15 @@ impl Scheduler<'_> {
     /// Whether the HTTP cache holds node `i`'s artifact (and, for local builds,
     /// downloads are enabled).
     fn remote_has(&mut self, i: usize) -> bool {
-        let local = matches!(self.mode, Mode::Local | Mode::DownloadOnly);
-        let Some(http) = self
-            .services
-            .http
-            .filter(|h| (h.download || !local) && !h.is_down())
-        else {
+        let Some(http) = usable_http(self.services, self.mode) else {
             return false;
         };
         let node = &self.graph.nodes[i];
-        match http.exists(node.name(), &node.identity) {
+        let answer = match self.known.remove(&i) {
+            Some(answer) => answer,
+            None => http.exists(node.name(), &node.identity),
+        };
+        match answer {
             Ok(present) => present,
             // Network builds and `jolt download` cannot go on without the cache: the
             // build stops with this error (exit 3) instead of a warning.

@@ -21,6 +21,10 @@ use crate::config::Config;
 use crate::error::usage;
 use crate::store::artifact::Manifest;
 
+/// Connections to the cache kept open for reuse: as many as the existence checks
+/// planning makes at once (`executor::presence`).
+pub const CONNECTIONS_PER_HOST: usize = 16;
+
 /// An unreachable server: the caller may go on without the cache.
 #[derive(Debug)]
 pub struct Unreachable(pub String);
@@ -274,6 +278,7 @@ impl HttpCache {
             .timeout_per_read(Some(secs("http.timeout", 60)?))
             .timeout_per_write(Some(secs("http.timeout", 60)?))
             .max_redirects(5)
+            .max_idle_connections_per_host(CONNECTIONS_PER_HOST)
             .user_agent(format!("jolt/{}", env!("CARGO_PKG_VERSION")))
             .build()
             .into();

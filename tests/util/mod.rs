@@ -883,13 +883,17 @@ pub enum Fault {
     /// Answers `HEAD` 200, and `GET` 200 with a kilobyte of a 100 MB body, then
     /// nothing more (a server frozen mid-transfer).
     Stall,
+    /// Answers every request 404 after this many milliseconds (a far cache that
+    /// holds nothing).
+    Missing(u64),
 }
 
 /// An HTTP "cache" on a loopback port that misbehaves as told; `requests` counts the
-/// requests it received.
+/// requests it received, `most_at_once` the most it was answering at one time.
 pub struct FakeCache {
     pub url: String,
     pub requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub most_at_once: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeCache {
@@ -898,16 +902,27 @@ impl FakeCache {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/cache", listener.local_addr().unwrap());
         let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = requests.clone();
+        let most_at_once = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let at_once = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (count, most) = (requests.clone(), most_at_once.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let count = count.clone();
+                let (count, most, at_once) = (count.clone(), most.clone(), at_once.clone());
                 std::thread::spawn(move || {
+                    use std::sync::atomic::Ordering::SeqCst;
                     let mut stream = stream;
                     let mut buf = [0u8; 4096];
                     let _ = stream.read(&mut buf);
-                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    count.fetch_add(1, SeqCst);
+                    most.fetch_max(at_once.fetch_add(1, SeqCst) + 1, SeqCst);
                     match fault {
+                        Fault::Missing(ms) => {
+                            std::thread::sleep(std::time::Duration::from_millis(ms));
+                            let _ = write!(
+                                stream,
+                                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            );
+                        }
                         Fault::Hang => std::thread::sleep(std::time::Duration::from_secs(3600)),
                         Fault::Status(code) => {
                             let _ = write!(
@@ -937,10 +952,15 @@ impl FakeCache {
                             }
                         }
                     }
+                    at_once.fetch_sub(1, SeqCst);
                 });
             }
         });
-        FakeCache { url, requests }
+        FakeCache {
+            url,
+            requests,
+            most_at_once,
+        }
     }
 
     pub fn requests(&self) -> usize {
