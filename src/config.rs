@@ -31,6 +31,7 @@ pub const KEYS: &[&str] = &[
     "http.connect_timeout",
     "http.timeout",
     "http.retries",
+    "http.transfers",
     "http.ca_file",
     "amqp.host",
     "amqp.port",

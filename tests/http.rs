@@ -526,6 +526,23 @@ fn a_far_cache_is_asked_about_many_tasks_at_once() {
 }
 
 #[test]
+fn transfers_at_once_are_a_setting_of_their_own() {
+    let Some(server) = Nginx::start() else { return };
+    let ws = workspace(&server);
+    jolt(&ws, &["build", "app"]).success();
+    let other = ws.sibling();
+    jolt(
+        &other,
+        &["-c", "http.transfers=1", "build", "-j", "8", "app"],
+    )
+    .success()
+    .contains("Download finished");
+    jolt(&other, &["-c", "http.transfers=0", "build", "app"])
+        .code(2)
+        .contains("http.transfers: expected 1 to 64");
+}
+
+#[test]
 fn a_cache_that_answers_500_is_marked_down_after_the_first_failure() {
     let cache = FakeCache::start(Fault::Status(500));
     let ws = fault_workspace(10, &cache.url);

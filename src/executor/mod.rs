@@ -68,9 +68,6 @@ pub struct Options<'a> {
     pub mode: Mode<'a>,
 }
 
-/// Downloads and uploads at once.
-const TRANSFERS: usize = 4;
-
 /// The most tasks (`-j`, `jolt.jobs`) or remote executions (`amqp.jobs`) at once: each
 /// takes a thread.
 pub const MAX_JOBS: usize = 1024;
@@ -273,11 +270,14 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
             )));
         }
     }
+    let transfers = services
+        .http
+        .map_or(http_cache::DEFAULT_TRANSFERS, |h| h.transfers);
     let limits = [
         opts.jobs.max(1),
         match opts.mode {
-            Mode::Network(net) => net.jobs.max(TRANSFERS),
-            _ => TRANSFERS,
+            Mode::Network(net) => net.jobs.max(transfers),
+            _ => transfers,
         },
     ];
     let infos: Vec<OnceLock<Arc<ArtifactInfo>>> =

@@ -25,6 +25,10 @@ use crate::store::artifact::Manifest;
 /// planning makes at once (`executor::presence`).
 pub const CONNECTIONS_PER_HOST: usize = 16;
 
+/// Downloads and uploads at once by default: a transfer of a small artifact is mostly
+/// waiting for round trips, so more of them in flight hide a far cache's latency.
+pub const DEFAULT_TRANSFERS: usize = 8;
+
 /// An unreachable server: the caller may go on without the cache.
 #[derive(Debug)]
 pub struct Unreachable(pub String);
@@ -70,6 +74,8 @@ pub struct HttpCache {
     pub download: bool,
     /// Uploads are enabled.
     pub upload: bool,
+    /// Downloads and uploads at once (`http.transfers`).
+    pub transfers: usize,
     retries: u32,
     /// The longest a request without a body (HEAD) may take, all told.
     deadline: Duration,
@@ -292,6 +298,8 @@ impl HttpCache {
             upload: config.get_bool("jolt.upload", true)?
                 && config.get_bool("http.upload", true)?
                 && !no_upload,
+            transfers: config.get_int_in("http.transfers", DEFAULT_TRANSFERS as i64, 1, 64)?
+                as usize,
             retries: config.get_int_in("http.retries", 3, 0, 100)? as u32,
             deadline: secs("http.connect_timeout", 10)? + secs("http.timeout", 60)?,
             down: Arc::default(),
