@@ -1,6 +1,8 @@
 //! The client side of network builds: one connection to RabbitMQ, one exclusive reply
-//! queue bound to `jolt_results` by the identity of every task this client waits for,
-//! and a thread that owns the connection: it reads replies and hands them to the
+//! queue bound to `jolt_results` by the identity of every task this client waits for
+//! (bound without waiting for the broker's answer, and left bound until the queue
+//! goes with the connection: a round trip per bind or unbind made a far broker cost
+//! two round trips a task, one after another), and a thread that owns the connection: it reads replies and hands them to the
 //! waiting jobs, and when the broker goes away it reconnects with capped back-off,
 //! re-binds, and tells every waiting job (which then re-checks the HTTP cache and
 //! sends its request again).
@@ -44,6 +46,8 @@ struct Link {
     queue: String,
     /// Routing keys whose request queue this connection has declared.
     declared: HashSet<String>,
+    /// Identities the reply queue is bound to.
+    bound: HashSet<String>,
 }
 
 struct Shared {
@@ -168,10 +172,19 @@ impl NetworkClient {
             .or_default()
             .push(tx.clone());
         // Bind now; after a reconnect the connection thread binds every waiter again.
+        // Without waiting: the broker applies the bind before the request this job
+        // publishes next on the same channel, so no reply can come before it; a bind
+        // it refuses closes the channel, which that publish finds out.
         let bound = self.with_link(|link| {
-            link.channel
-                .queue_bind(&link.queue, RESULTS, identity, FieldTable::new())
-                .map_err(anyhow::Error::from)
+            if link.bound.insert(identity.to_string()) {
+                link.channel.queue_bind_nowait(
+                    &link.queue,
+                    RESULTS,
+                    identity,
+                    FieldTable::new(),
+                )?;
+            }
+            Ok(())
         });
         if let Err(e) = bound {
             crate::console::debug(&format!("bind {identity}: {e:#}"));
@@ -194,18 +207,9 @@ impl NetworkClient {
             None => false,
         };
         if last {
+            // The binding stays (see the module's documentation): replies for an
+            // identity nobody waits for are dropped on arrival.
             waiters.remove(identity);
-            drop(waiters);
-            if let Ok(mut guard) = self.shared.link.lock() {
-                if let Some(link) = guard.as_mut() {
-                    let _ = link.channel.queue_unbind(
-                        &link.queue,
-                        RESULTS,
-                        identity,
-                        FieldTable::new(),
-                    );
-                }
-            }
         }
     }
 
@@ -362,7 +366,8 @@ fn serve(
         };
         backoff = Duration::from_millis(250);
         // Bind every identity someone waits for, then let publishers in.
-        let Some(consumer) = bind_and_consume(&shared, &publisher, &consumer_channel, &queue)
+        let Some((consumer, bound)) =
+            bind_and_consume(&shared, &publisher, &consumer_channel, &queue)
         else {
             drop(connection);
             continue;
@@ -371,6 +376,7 @@ fn serve(
             channel: publisher,
             queue: queue.clone(),
             declared: HashSet::new(),
+            bound,
         });
         shared.connected.notify_all();
         if reconnected {
@@ -412,7 +418,7 @@ fn bind_and_consume<'c>(
     publisher: &Channel,
     consumer_channel: &'c Channel,
     queue: &str,
-) -> Option<amiquip::Consumer<'c>> {
+) -> Option<(amiquip::Consumer<'c>, HashSet<String>)> {
     let identities: Vec<String> = shared
         .waiters
         .lock()
@@ -425,7 +431,7 @@ fn bind_and_consume<'c>(
             .queue_bind(queue, RESULTS, identity.as_str(), FieldTable::new())
             .ok()?;
     }
-    consumer_channel
+    let consumer = consumer_channel
         .basic_consume(
             queue,
             ConsumerOptions {
@@ -434,7 +440,8 @@ fn bind_and_consume<'c>(
                 ..Default::default()
             },
         )
-        .ok()
+        .ok()?;
+    Some((consumer, identities.into_iter().collect()))
 }
 
 /// Hands every reply to the jobs waiting for its identity, until the build stops,
