@@ -26,8 +26,9 @@ use crate::store::artifact::Manifest;
 pub const CONNECTIONS_PER_HOST: usize = 16;
 
 /// Downloads and uploads at once by default: a transfer of a small artifact is mostly
-/// waiting for round trips, so more of them in flight hide a far cache's latency.
-pub const DEFAULT_TRANSFERS: usize = 8;
+/// waiting for round trips, so more of them in flight hide a far cache's latency
+/// (300 downloads 20 ms away: 1.37 s at 8, 0.94 s at 16; each costs well under a MiB).
+pub const DEFAULT_TRANSFERS: usize = 16;
 
 /// An unreachable server: the caller may go on without the cache.
 #[derive(Debug)]
