@@ -3,11 +3,15 @@
 //! once. A worker: SIGTERM asks it to drain (finish the running task, take no more,
 //! exit); SIGINT interrupts like a client.
 
+use std::os::fd::{AsFd, BorrowedFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 static DRAIN: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+/// The read end of the socket pair an interrupt writes a byte to (never read).
+static WAKE: OnceLock<UnixStream> = OnceLock::new();
 
 fn flag(cell: &'static OnceLock<Arc<AtomicBool>>) -> &'static Arc<AtomicBool> {
     cell.get_or_init(|| Arc::new(AtomicBool::new(false)))
@@ -19,17 +23,42 @@ fn register(signal: i32, target: &Arc<AtomicBool>) {
     let _ = signal_hook::flag::register(signal, target.clone());
 }
 
+/// Makes the interrupt signals also wake whoever polls [`wake_fd`].
+fn register_wake(signals: &[i32]) {
+    if WAKE.get().is_some() {
+        return;
+    }
+    let Ok((read, write)) = UnixStream::pair() else {
+        return;
+    };
+    // The write end lives as long as the process: the handlers write to it.
+    let write = write.into_raw_fd();
+    for &signal in signals {
+        let _ = signal_hook::low_level::pipe::register_raw(signal, write);
+    }
+    let _ = WAKE.set(read);
+}
+
 /// Installs the client's handlers.
 pub fn install() {
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    let signals = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+    for signal in signals {
         register(signal, flag(&FLAG));
     }
+    register_wake(&signals);
 }
 
 /// Installs the worker's handlers.
 pub fn install_worker() {
     register(signal_hook::consts::SIGINT, flag(&FLAG));
     register(signal_hook::consts::SIGTERM, flag(&DRAIN));
+    register_wake(&[signal_hook::consts::SIGINT]);
+}
+
+/// A descriptor that becomes readable, and stays so, once an interrupt arrived:
+/// blocking waits poll it beside what they wait for. `None` before [`install`].
+pub fn wake_fd() -> Option<BorrowedFd<'static>> {
+    WAKE.get().map(|s| s.as_fd())
 }
 
 /// Whether an interrupt was received.

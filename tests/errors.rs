@@ -390,3 +390,27 @@ fn parameter_values_and_task_names_that_would_read_ambiguously_are_refused() {
         .code(2)
         .contains("invalid name");
 }
+
+#[test]
+fn a_task_dies_with_a_jolt_killed_between_its_start_and_its_registration() {
+    // A task started with posix_spawn runs before jolt tells the guardian its
+    // process group; the hook holds jolt in that instant.
+    let ws = Workspace::with("[task.t]\nrun = \"echo $$ > {root}/leader.pid; exec sleep 300\"\n");
+    let mut child = ws
+        .command(&["build", "t"])
+        .env("JOLT_TEST_SPAWN_PAUSE_MS", "60000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::util::wait_until(
+        "the task's shell",
+        std::time::Duration::from_secs(30),
+        || ws.read("leader.pid").trim().parse::<i32>().is_ok(),
+    );
+    let pid: i32 = ws.read("leader.pid").trim().parse().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    // Regression: with posix_spawn and no announcement, it ran on under init.
+    assert_dies(pid, "SIGKILL of jolt before it registered the task");
+}

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use crossbeam_channel::{unbounded, Sender};
+use crossbeam_channel::Sender;
 
+use super::{guardian, process};
 use super::{http_warning, ArtifactInfo, Done, Event, Failure, Mode, Plan};
 use crate::console;
 use crate::graph::{self, Graph, Node, Resolved};
@@ -27,8 +28,9 @@ use crate::store::sources;
 use crate::util::fs::{self as fsutil, format_duration};
 use crate::util::secrets;
 
-/// Grace period between SIGTERM and SIGKILL when a command's process group is killed.
-const KILL_GRACE: Duration = Duration::from_secs(5);
+/// The shell that runs commands, by its path: a bare `sh` is looked up in `PATH`
+/// by the child, one failed `exec` per directory before it.
+const SHELL: &str = "/bin/sh";
 
 /// How long a resource's release commands may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -887,7 +889,7 @@ impl Runner<'_> {
     /// killed, unless the caller keeps the group (a resource's acquire command).
     fn command(&self, i: usize, shell: &Shell) -> Result<(), Failure> {
         let node: &Node = &self.graph.nodes[i];
-        let mut command = Command::new("sh");
+        let mut command = Command::new(SHELL);
         command
             .arg("-e")
             .arg("-c")
@@ -901,15 +903,19 @@ impl Runner<'_> {
             command.env_remove(var);
         }
         command.envs(shell.env.iter().map(|(k, v)| (k, v)));
-        // SAFETY: prctl is async-signal-safe; between fork and exec it only asks the
-        // kernel to kill the command if this thread (and so a killed jolt) goes away
-        // before the guardian knows the command's group.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-                Ok(())
-            });
+        if !guardian::active() {
+            // SAFETY: prctl is async-signal-safe; between fork and exec it only asks
+            // the kernel to kill the command if this thread (and so a killed jolt)
+            // goes away. Only without a guardian: a pre_exec hook makes std fork
+            // instead of spawning (see `guardian`).
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                    Ok(())
+                });
+            }
         }
+        let spawning = guardian::spawning();
         let mut child = command.spawn().map_err(|e| {
             Failure::new(format!(
                 "Cannot run command in {} ({}): {e}",
@@ -918,43 +924,43 @@ impl Runner<'_> {
             ))
         })?;
         let pgid = child.id() as i32;
-        crate::executor::guardian::watch(pgid);
+        pause_after_spawn();
+        spawning.started(pgid);
         // From here on the child is reaped only by `Groups`, after its group is killed.
-        let (done_tx, done_rx) = unbounded::<()>();
-        let streams: Vec<(Box<dyn std::io::Read + Send>, bool)> = vec![
-            (Box::new(child.stdout.take().expect("piped stdout")), false),
-            (Box::new(child.stderr.take().expect("piped stderr")), true),
-        ];
-        for (stream, is_err) in streams {
-            let events = self.events.clone();
-            let log = shell.log.clone();
-            let done = done_tx.clone();
-            std::thread::spawn(move || {
-                forward_lines(stream, &log, &mut |line| {
-                    let _ = events.send(Event::Output(i, line, is_err));
-                });
-                drop(done);
+        let mut forward = Forward {
+            i,
+            log: shell.log.clone(),
+            events: self.events.clone(),
+        };
+        let ended = process::supervise(
+            &mut child,
+            shell.deadline,
+            shell.interruptible,
+            &mut forward,
+        );
+        shell.groups.keep(child);
+        // A process the command left running still holds its output: pass on what
+        // it prints until it closes it.
+        for stream in ended.open {
+            stream.forward_detached(Forward {
+                i,
+                log: shell.log.clone(),
+                events: self.events.clone(),
             });
         }
-        drop(done_tx);
-
-        let (status, killed) = wait_for_exit(pgid, shell);
-        shell.groups.keep(child);
-        // Wait for the output to drain; a process that left the group and holds the
-        // pipe open must not hold up the build forever.
-        let _ = done_rx.recv_timeout(Duration::from_secs(2));
+        let (status, killed) = (ended.exit, ended.killed);
         let cmd = &*secrets::redact(shell.cmd);
         let log = shell.log;
         match killed {
-            Some(Killed::TimedOut) => {
+            Some(process::Killed::TimedOut) => {
                 let _ = writeln!(log.lock().expect("log"), "Command timeout: {cmd}");
                 Err(Failure::new(format!("Command timeout: {cmd}")))
             }
-            Some(Killed::Interrupted) => {
+            Some(process::Killed::Interrupted) => {
                 Err(Failure::interrupted(format!("Command interrupted: {cmd}")))
             }
             None => match status {
-                Some(Exit::Code(0)) => Ok(()),
+                Some(process::Exit::Code(0)) => Ok(()),
                 other => {
                     let _ = writeln!(log.lock().expect("log"), "Command failed: {cmd}");
                     crate::console::debug(&format!("{cmd}: {other:?}"));
@@ -962,50 +968,6 @@ impl Runner<'_> {
                 }
             },
         }
-    }
-}
-
-/// Why a command was killed.
-#[derive(Clone, Copy)]
-enum Killed {
-    TimedOut,
-    Interrupted,
-}
-
-/// Waits for the command leading group `pgid` to end, killing the group past the
-/// deadline or on Ctrl-C (SIGTERM, then SIGKILL after [`KILL_GRACE`]). Polls with
-/// a back-off, without reaping the leader (see [`Groups`]).
-fn wait_for_exit(pgid: i32, shell: &Shell) -> (Option<Exit>, Option<Killed>) {
-    let mut backoff = Duration::from_micros(200);
-    let mut killed: Option<(Instant, Killed)> = None;
-    loop {
-        match exited(pgid) {
-            Ok(Some(exit)) => return (Some(exit), killed.map(|(_, why)| why)),
-            Ok(None) => {}
-            Err(_) => return (None, killed.map(|(_, why)| why)),
-        }
-        let now = Instant::now();
-        match killed {
-            None => {
-                let why = if shell.deadline.is_some_and(|d| now >= d) {
-                    Some(Killed::TimedOut)
-                } else if shell.interruptible && interrupt::is_set() {
-                    Some(Killed::Interrupted)
-                } else {
-                    None
-                };
-                if let Some(why) = why {
-                    kill_group(pgid, libc::SIGTERM);
-                    killed = Some((now, why));
-                }
-            }
-            Some((when, _)) if now.duration_since(when) > KILL_GRACE => {
-                kill_group(pgid, libc::SIGKILL);
-            }
-            Some(_) => {}
-        }
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -1186,103 +1148,45 @@ impl Drop for Groups {
         let children = std::mem::take(self.0.get_mut().unwrap_or_else(|e| e.into_inner()));
         for mut child in children {
             let pgid = child.id() as i32;
-            kill_group(pgid, libc::SIGKILL);
+            process::kill_group(pgid, libc::SIGKILL);
             let _ = child.wait();
             crate::executor::guardian::release(pgid);
         }
     }
 }
 
-/// How a command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Exit {
-    Code(i32),
-    Signal(i32),
+/// Where a command's output goes: its bytes into the build log, its lines to the
+/// scheduler.
+struct Forward {
+    i: usize,
+    log: Log,
+    events: Sender<Event>,
 }
 
-/// How the child `pid` ended, if it has, without reaping it (see [`Groups`]).
-fn exited(pid: i32) -> std::io::Result<Option<Exit>> {
-    // SAFETY: waitid writes only into `info`, a zeroed siginfo_t we own; WNOWAIT
-    // leaves the child waitable, so `Child::wait` reaps it later.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::waitid(
-            libc::P_PID,
-            pid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
+impl process::Sink for Forward {
+    fn bytes(&mut self, bytes: &[u8]) {
+        let _ = self.log.lock().expect("log").write_all(bytes);
     }
-    // SAFETY: for SIGCHLD information (waitid), si_pid and si_status are the fields
-    // the kernel filled in; si_pid is 0 while the child runs.
-    let (child, status) = unsafe { (info.si_pid(), info.si_status()) };
-    if child == 0 {
-        return Ok(None);
-    }
-    Ok(Some(if info.si_code == libc::CLD_EXITED {
-        Exit::Code(status)
-    } else {
-        Exit::Signal(status)
-    }))
-}
 
-/// Sends `signal` to a command's process group.
-fn kill_group(pgid: i32, signal: i32) {
-    // SAFETY: kill has no memory effects; a negative pid names the process group the
-    // command was started in (its leader's pid), which only holds its processes.
-    unsafe { libc::kill(-pgid, signal) };
-}
-
-/// The longest line of task output passed on as one: longer ones arrive in pieces,
-/// so memory stays bounded whatever a command prints.
-const MAX_LINE: usize = 64 * 1024;
-
-/// Copies a command's output into the log as it comes, and hands it on line by line
-/// (a line longer than [`MAX_LINE`] in pieces).
-fn forward_lines(stream: impl std::io::Read, log: &Log, emit: &mut dyn FnMut(String)) {
-    let mut reader = BufReader::with_capacity(MAX_LINE, stream);
-    let mut line: Vec<u8> = Vec::new();
-    loop {
-        let (used, ended) = match reader.fill_buf() {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Ok([]) | Err(_) => break,
-            Ok(buf) => {
-                let room = MAX_LINE - line.len();
-                let take = &buf[..buf.len().min(room)];
-                match take.iter().position(|&b| b == b'\n') {
-                    Some(pos) => {
-                        line.extend_from_slice(&take[..=pos]);
-                        (pos + 1, true)
-                    }
-                    None => {
-                        line.extend_from_slice(take);
-                        (take.len(), line.len() >= MAX_LINE)
-                    }
-                }
-            }
-        };
-        let _ = log
-            .lock()
-            .expect("log")
-            .write_all(&line[line.len() - used..]);
-        reader.consume(used);
-        if ended {
-            emit(text_of(&line));
-            line.clear();
-        }
-    }
-    if !line.is_empty() {
-        emit(text_of(&line));
+    fn line(&mut self, line: String, is_err: bool) {
+        let _ = self.events.send(Event::Output(self.i, line, is_err));
     }
 }
 
-fn text_of(line: &[u8]) -> String {
-    String::from_utf8_lossy(line)
-        .trim_end_matches(['\n', '\r'])
-        .to_string()
+/// A hook for tests: `JOLT_TEST_SPAWN_PAUSE_MS` holds each command between its
+/// start and its registration with the guardian, so that a test can kill jolt in
+/// that instant.
+fn pause_after_spawn() {
+    static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        std::env::var("JOLT_TEST_SPAWN_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    });
+    if let Some(pause) = pause {
+        std::thread::sleep(*pause);
+    }
 }
 
 /// The credential variables of this process, which commands never inherit.

@@ -16,6 +16,7 @@
 pub mod guardian;
 mod job;
 mod presence;
+mod process;
 
 use anyhow::Result;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
