@@ -293,7 +293,7 @@ impl Runner<'_> {
             self.cache.scratch(&format!("artifact-{}", node.name()))?
         };
         let result = self.build(i, &builddir, &staging, start);
-        let _ = fsutil::remove_dir_all(&builddir);
+        let _ = fsutil::remove_dir_mostly_empty(&builddir);
         let manifest = match result {
             Ok(manifest) => manifest,
             Err(mut failure) => {

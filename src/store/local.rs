@@ -241,17 +241,28 @@ impl LocalCache {
         &self,
         artifacts: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<()> {
-        let mut text = String::new();
         let now = SystemTime::now();
-        let mut used = self.used.lock().expect("cache refs");
+        let mut ids = Vec::new();
         for (task, identity) in artifacts {
-            if used.insert(identity.to_string()) {
-                text.push_str(identity);
-                text.push('\n');
-            }
             let dir = self.artifact_dir(task, identity);
             if let Ok(f) = File::open(&dir) {
                 let _ = f.set_modified(now);
+            }
+            ids.push(identity);
+        }
+        self.record_uses(ids);
+        Ok(())
+    }
+
+    /// Declares that this process uses these identities (in its `.refs` file), so
+    /// that no process evicts them.
+    fn record_uses<'a>(&self, identities: impl IntoIterator<Item = &'a str>) {
+        let mut text = String::new();
+        let mut used = self.used.lock().expect("cache refs");
+        for identity in identities {
+            if used.insert(identity.to_string()) {
+                text.push_str(identity);
+                text.push('\n');
             }
         }
         drop(used);
@@ -269,7 +280,6 @@ impl LocalCache {
                 }
             }
         }
-        Ok(())
     }
 
     fn lock_file(&self, identity: &str) -> Result<File> {
@@ -362,13 +372,18 @@ impl LocalCache {
     /// Renames a staged artifact into place (hold its lock) and trims the cache.
     pub fn commit(&self, staging: &Path, task: &str, identity: &str, size: u64) -> Result<PathBuf> {
         let dir = self.artifact_dir(task, identity);
-        if dir.exists() {
-            // A stale directory without a readable manifest: replace it.
+        if let Err(e) = std::fs::rename(staging, &dir) {
+            // A stale directory without a readable manifest holds the name (an
+            // empty one is replaced by the rename itself): replace it.
+            if std::fs::symlink_metadata(&dir).is_err() {
+                return Err(e).with_context(|| format!("Cannot commit artifact {}", dir.display()));
+            }
             self.discard(&dir)?;
+            std::fs::rename(staging, &dir)
+                .with_context(|| format!("Cannot commit artifact {}", dir.display()))?;
         }
-        std::fs::rename(staging, &dir)
-            .with_context(|| format!("Cannot commit artifact {}", dir.display()))?;
-        self.mark_used([(task, identity)])?;
+        // Just written, so just used: no need to touch it.
+        self.record_uses([identity]);
         let over = {
             let mut estimate = self.estimate.lock().expect("cache estimate");
             match estimate.as_mut() {

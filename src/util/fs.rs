@@ -97,6 +97,16 @@ pub fn remove_dir_all(path: &Path) -> Result<()> {
     }
 }
 
+/// Removes a directory that is most often empty (a task's build directory): one
+/// `rmdir`, and the whole tree only when that fails.
+pub fn remove_dir_mostly_empty(path: &Path) -> Result<()> {
+    match std::fs::remove_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => remove_dir_all(path),
+    }
+}
+
 /// Walks the tree under `base/start` without recursion (trees may be thousands of
 /// directories deep), calling `visit(path relative to base, entry)` for each entry
 /// (symlinks are not followed); a directory is entered when `visit` returns true.
