@@ -229,6 +229,11 @@ impl LocalCache {
             .join(".tmp")
             .join(format!("trash-{}", unique_suffix()));
         match std::fs::rename(dir, &trash) {
+            // A file or a symlink where the directory belongs goes as well.
+            Ok(()) if !std::fs::symlink_metadata(&trash).is_ok_and(|m| m.is_dir()) => {
+                std::fs::remove_file(&trash)
+                    .with_context(|| format!("Cannot remove {}", trash.display()))
+            }
             Ok(()) => fsutil::remove_dir_all(&trash),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("Cannot remove {}", dir.display())),
@@ -688,6 +693,21 @@ mod tests {
 
     fn id(n: u8) -> String {
         format!("{:064x}", n)
+    }
+
+    #[test]
+    fn a_commit_replaces_a_stale_directory_or_file_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LocalCache::open(dir.path(), u64::MAX).unwrap();
+        let stale = cache.artifact_dir("t", &id(1));
+        std::fs::create_dir_all(stale.join("sub")).unwrap();
+        std::fs::write(stale.join("sub/junk"), "old").unwrap();
+        let dir1 = commit(&cache, "t", &id(1), 10, Expires::Immediately);
+        assert!(dir1.join("data").exists() && !dir1.join("sub").exists());
+        let file = cache.artifact_dir("t", &id(2));
+        std::fs::write(&file, "not a directory").unwrap();
+        let dir2 = commit(&cache, "t", &id(2), 10, Expires::Immediately);
+        assert!(dir2.join("data").exists());
     }
 
     #[test]
