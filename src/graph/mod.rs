@@ -134,6 +134,41 @@ enum Static {
     Glob,
 }
 
+/// An influence pattern listed and its files hashed ahead of time.
+struct Prefetched {
+    pattern: String,
+    found: Vec<(PathBuf, Option<std::fs::Metadata>)>,
+    hashed: Vec<(PathBuf, String)>,
+}
+
+/// Lists and hashes what `patterns` match (what fails is left out).
+fn prefetch_patterns(root: &Path, hashes: &FileHashes, patterns: &[String]) -> Vec<Prefetched> {
+    let mut out = Vec::new();
+    for pattern in patterns {
+        let Ok(found) = crate::util::globs::files_with_meta(root, pattern) else {
+            continue;
+        };
+        let hashed = found
+            .iter()
+            .filter_map(|(f, meta)| {
+                hashes
+                    .hash_with(f, meta.as_ref())
+                    .ok()
+                    .map(|h| (f.clone(), h))
+            })
+            .collect();
+        out.push(Prefetched {
+            pattern: pattern.clone(),
+            found,
+            hashed,
+        });
+    }
+    out
+}
+
+/// At most how many threads list and hash influence files.
+const PREFETCH_THREADS: usize = 8;
+
 struct Builder<'a> {
     recipes: &'a Recipes,
     hashes: &'a FileHashes,
@@ -143,6 +178,11 @@ struct Builder<'a> {
     index: HashMap<String, usize>,
     stack: Vec<String>,
     globs: HashMap<String, Vec<(PathBuf, Option<std::fs::Metadata>)>>,
+    /// Influence files hashed ahead of time, by [`Builder::prefetch`].
+    hashed: HashMap<PathBuf, String>,
+    /// Nodes whose influence and identity are still to be computed, in the order
+    /// they were added (requirements first).
+    pending: Vec<usize>,
     env: BTreeMap<String, String>,
 }
 
@@ -162,6 +202,8 @@ pub fn build(
         index: HashMap::new(),
         stack: Vec::new(),
         globs: HashMap::new(),
+        hashed: HashMap::new(),
+        pending: Vec::new(),
         env: BTreeMap::new(),
     };
     if opts.force {
@@ -173,6 +215,12 @@ pub fn build(
     let mut requested = Vec::new();
     for goal in goals {
         requested.push(b.instantiate(goal, None)?);
+    }
+    // The graph's shape is known: its influence files are listed and hashed on
+    // every core at once, then identities follow, requirements first.
+    b.prefetch();
+    for i in std::mem::take(&mut b.pending) {
+        b.identify(i)?;
     }
     let mut graph = Graph {
         nodes: b.nodes,
@@ -422,13 +470,63 @@ impl Builder<'_> {
         }
         self.validate(i)?;
         self.nodes[i].source = self.source(i)?;
+        self.pending.push(i);
+        self.index.insert(qualified, i);
+        Ok(i)
+    }
+
+    /// Computes node `i`'s influence and identity (its requirements have theirs).
+    fn identify(&mut self, i: usize) -> Result<()> {
         let (lines, files) = self.influence(i)?;
         let node = &mut self.nodes[i];
         node.identity = identity(&lines);
         node.influence = lines;
         node.files = files;
-        self.index.insert(qualified, i);
-        Ok(i)
+        Ok(())
+    }
+
+    /// Lists and hashes the influence files of every pending node on a few threads
+    /// (a large graph's no-op build is mostly one `stat` per influence file). What
+    /// fails here is left to [`Builder::identify`], which reports it for its task.
+    fn prefetch(&mut self) {
+        let mut patterns: Vec<String> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        for i in self.pending.clone() {
+            let task = self.nodes[i].task.clone();
+            let params = self.nodes[i].params.clone();
+            for rule in &task.influence {
+                if let Ok(p) = self.expand_static(&task.name, &params, &rule.files, Static::Glob) {
+                    if !self.globs.contains_key(&p) && seen.insert(p.clone()) {
+                        patterns.push(p);
+                    }
+                }
+            }
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(PREFETCH_THREADS);
+        if patterns.len() < 2 * threads {
+            return;
+        }
+        let root = &self.recipes.root;
+        let hashes = self.hashes;
+        let chunk = patterns.len().div_ceil(threads);
+        let results: Vec<Vec<Prefetched>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = patterns
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || prefetch_patterns(root, hashes, part)))
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        for Prefetched {
+            pattern,
+            found,
+            hashed,
+        } in results.into_iter().flatten()
+        {
+            self.globs.insert(pattern, found);
+            self.hashed.extend(hashed);
+        }
     }
 
     /// Expands a built-in kind's url and rev (parameters, `{root}`, `{env.VAR}`) and
@@ -601,10 +699,13 @@ impl Builder<'_> {
             }
         }
         for (file, meta) in &files {
-            let hash = self
-                .hashes
-                .hash_with(file, *meta)
-                .map_err(|e| usage(format!("Task '{}': {e:#}", task.name)))?;
+            let hash = match self.hashed.get(*file) {
+                Some(h) => h.clone(),
+                None => self
+                    .hashes
+                    .hash_with(file, *meta)
+                    .map_err(|e| usage(format!("Task '{}': {e:#}", task.name)))?,
+            };
             lines.push(format!("File: {hash}: {}", file.display()));
         }
         Ok(files.keys().map(|p| p.to_path_buf()).collect())
@@ -993,6 +1094,70 @@ run = "cat {deps.hello}"
         assert_eq!(g.nodes.len(), 2);
         assert_eq!(g.nodes[0].short, "hello");
         assert_eq!(g.nodes[1].short, "hello:flags=a+b");
+    }
+
+    #[test]
+    fn files_hashed_ahead_give_the_identities_of_files_hashed_one_task_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut recipe = String::new();
+        for t in 0..40 {
+            let src = dir.path().join(format!("src/t{t}"));
+            std::fs::create_dir_all(&src).unwrap();
+            for f in 0..3 {
+                std::fs::write(src.join(format!("f{f}.c")), format!("{t} {f}")).unwrap();
+            }
+            let requires = if t > 0 {
+                format!("\"t{}\"", t - 1)
+            } else {
+                String::new()
+            };
+            recipe.push_str(&format!(
+                "[task.t{t}]\nrequires = [{requires}]\ninfluence = [\"src/t{t}/*.c\"]\nrun = \"true\"\n"
+            ));
+        }
+        std::fs::write(dir.path().join("jolt.toml"), recipe).unwrap();
+        let recipes = Recipes::load(dir.path()).unwrap();
+        let build_of = |goals: &[String]| {
+            let hashes = FileHashes::ephemeral(dir.path());
+            build(&recipes, &hashes, goals, &GraphOptions::default()).unwrap()
+        };
+        let goals: Vec<String> = (0..40).map(|t| format!("t{t}")).collect();
+        let all = build_of(&goals);
+        // One task's graph lists its few patterns one at a time, without threads.
+        let alone = build_of(&goals[..1]);
+        let t0 = all.nodes.iter().find(|n| n.name() == "t0").unwrap();
+        assert_eq!(t0.identity, alone.nodes[0].identity);
+        assert_eq!(t0.influence, alone.nodes[0].influence);
+        assert_eq!(
+            t0.influence
+                .iter()
+                .filter(|l| l.starts_with("File: "))
+                .count(),
+            3
+        );
+        let t39 = all.nodes.iter().find(|n| n.name() == "t39").unwrap();
+        let sequential = {
+            let hashes = FileHashes::ephemeral(dir.path());
+            let mut b = Builder {
+                recipes: &recipes,
+                hashes: &hashes,
+                opts: &GraphOptions::default(),
+                forced: HashSet::new(),
+                nodes: Vec::new(),
+                index: HashMap::new(),
+                stack: Vec::new(),
+                globs: HashMap::new(),
+                hashed: HashMap::new(),
+                pending: Vec::new(),
+                env: BTreeMap::new(),
+            };
+            let i = b.instantiate("t39", None).unwrap();
+            for p in std::mem::take(&mut b.pending) {
+                b.identify(p).unwrap();
+            }
+            b.nodes[i].identity.clone()
+        };
+        assert_eq!(t39.identity, sequential);
     }
 
     #[test]
