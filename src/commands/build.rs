@@ -70,7 +70,11 @@ pub fn run(config: &Config, args: BuildArgs) -> Result<Exit> {
             mode: Mode::Local,
         };
         let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
-        return finish(&ws, &graph, &report, &args, started);
+        let result = finish(&ws, &graph, &report, &args, started);
+        // jolt ends next: freeing a large graph piece by piece would only take time
+        // (none of these has a destructor with effects beyond memory and descriptors).
+        std::mem::forget((report, graph, ws));
+        return result;
     }
     let Some(http) = &http else {
         return Err(usage(

@@ -20,9 +20,19 @@ impl Workspace {
     pub fn open(config: &Config) -> Result<Workspace> {
         let cwd = std::env::current_dir()?;
         let root = crate::recipe::find_root(&cwd)?;
-        let recipes = Recipes::load(&root)?;
+        // The stat cache is read while the recipes are parsed: both take a while in
+        // a large workspace. It lives in the cache directory, by its absolute path.
+        let cachedir = std::path::absolute(config.cachedir()).unwrap_or_else(|_| config.cachedir());
+        let (recipes, hashes) = std::thread::scope(|scope| {
+            let hashes = scope.spawn(|| FileHashes::load(&cachedir, &root));
+            let recipes = Recipes::load(&root);
+            let hashes = hashes
+                .join()
+                .unwrap_or_else(|_| FileHashes::ephemeral(&root));
+            (recipes, hashes)
+        });
+        let recipes = recipes?;
         let cache = LocalCache::from_config(config)?;
-        let hashes = FileHashes::load(&cache.root, &root);
         Ok(Workspace {
             recipes,
             cache,
