@@ -13,6 +13,7 @@
 //! the local cache for local builds, and in the HTTP cache for network builds and on
 //! workers.
 
+mod choose;
 pub mod guardian;
 mod job;
 mod presence;
@@ -230,6 +231,7 @@ enum Plan {
 }
 
 /// What a mode decides for a node.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Choice {
     Plan(Plan),
     /// In the HTTP cache, and not needed here.
@@ -506,6 +508,22 @@ impl<'a> Scheduler<'a> {
 /// Warns once that the HTTP cache is unreachable, or about any other HTTP failure.
 /// The HTTP cache, when a build in `mode` may ask it what it holds: it is up, and a
 /// local build or `jolt download` may download.
+/// The planner's questions about node `i`, answered by the scheduler.
+struct Asking<'s, 'a> {
+    scheduler: &'s mut Scheduler<'a>,
+    i: usize,
+}
+
+impl choose::Ask for Asking<'_, '_> {
+    fn remote(&mut self) -> bool {
+        self.scheduler.remote_has(self.i)
+    }
+
+    fn fast_here(&mut self) -> bool {
+        self.scheduler.fast_here(self.i)
+    }
+}
+
 fn usable_http<'s>(services: &Services<'s>, mode: Mode) -> Option<&'s HttpCache> {
     let local = matches!(mode, Mode::Local | Mode::DownloadOnly);
     services
@@ -616,12 +634,21 @@ impl Scheduler<'_> {
         let cache = self.services.cache;
         cache.mark_used([(node.name(), node.identity.as_str())])?;
         let local = node.task.cacheable && cache.is_present(node.name(), &node.identity);
-        let plan = match self.mode {
-            Mode::Local => self.choose_local(i, local),
-            Mode::DownloadOnly => self.choose_download_only(i, local),
-            Mode::Worker => self.choose_worker(i, local),
-            Mode::Network(_) => self.choose_network(i, local),
+        let http = self.services.http;
+        let facts = choose::Facts {
+            goal: self.is_goal[i],
+            cacheable: node.task.cacheable,
+            local,
+            download: http.is_some_and(|h| h.download),
+            upload: http.is_some_and(|h| h.upload),
         };
+        let kind = match self.mode {
+            Mode::Local => choose::Kind::Local,
+            Mode::DownloadOnly => choose::Kind::DownloadOnly,
+            Mode::Worker => choose::Kind::Worker,
+            Mode::Network(_) => choose::Kind::Network,
+        };
+        let plan = choose::choose(kind, facts, &mut Asking { scheduler: self, i });
         if self.unreachable.is_some() {
             // The build stops (see `run`): nothing is settled from what it found.
             return Ok(None);
@@ -658,75 +685,14 @@ impl Scheduler<'_> {
         }
     }
 
-    /// A local build: what the local cache has, else what the HTTP cache has, else
-    /// execute.
-    fn choose_local(&mut self, i: usize, local: bool) -> Choice {
-        Choice::Plan(if local {
-            Plan::Available
-        } else if self.graph.nodes[i].task.cacheable && self.remote_has(i) {
-            Plan::Download
-        } else {
-            Plan::Execute
-        })
-    }
-
-    /// `jolt download`: from one of the caches, or not at all.
-    fn choose_download_only(&mut self, i: usize, local: bool) -> Choice {
-        if local {
-            Choice::Plan(Plan::Available)
-        } else if self.remote_has(i) {
-            Choice::Plan(Plan::Download)
-        } else {
-            Choice::NotBuilt
-        }
-    }
-
-    /// A network worker: the goal is served from the HTTP cache, uploaded from the
-    /// local one, or executed; requirements come from the caches (or, keeping no
-    /// artifact, run here as in a local build).
-    fn choose_worker(&mut self, i: usize, local: bool) -> Choice {
-        let cacheable = self.graph.nodes[i].task.cacheable;
-        let remote = cacheable && self.remote_has(i);
-        match (self.is_goal[i], local, remote) {
-            (true, _, true) => Choice::InHttpCache,
-            (true, true, false) => Choice::Plan(Plan::Upload),
-            (true, false, false) => Choice::Plan(Plan::Execute),
-            (false, true, _) => Choice::Plan(Plan::Available),
-            (false, false, true) => Choice::Plan(Plan::Download),
-            (false, false, false) if !cacheable => Choice::Plan(Plan::Execute),
-            (false, false, false) => Choice::NotBuilt,
-        }
-    }
-
-    /// A network client: what the HTTP cache has is not sent (a goal is downloaded),
-    /// what only the local cache has is uploaded, a `fast` task whose needs are all
-    /// here runs here, the rest goes to the workers.
-    fn choose_network(&mut self, i: usize, local: bool) -> Choice {
+    /// Whether node `i` is `fast` and every artifact it needs is in the local cache.
+    fn fast_here(&self, i: usize) -> bool {
         let graph = self.graph;
-        let node = &graph.nodes[i];
-        let http = self.services.http;
-        let remote = node.task.cacheable && self.remote_has(i);
-        let fast_here = || {
-            node.task.def.fast
-                && self.needs(i).iter().all(|&d| {
-                    let n = &graph.nodes[d];
-                    n.is_resource() || self.services.cache.is_present(n.name(), &n.identity)
-                })
-        };
-        Choice::Plan(if remote && local {
-            Plan::Available
-        } else if remote {
-            if !(self.is_goal[i] && http.is_some_and(|h| h.download)) {
-                return Choice::InHttpCache;
-            }
-            Plan::Download
-        } else if local && http.is_some_and(|h| h.upload) {
-            Plan::Upload
-        } else if fast_here() {
-            Plan::Execute
-        } else {
-            Plan::Remote
-        })
+        graph.nodes[i].task.def.fast
+            && self.needs(i).iter().all(|&d| {
+                let n = &graph.nodes[d];
+                n.is_resource() || self.services.cache.is_present(n.name(), &n.identity)
+            })
     }
 
     /// A task that must come from a cache but no cache holds.
