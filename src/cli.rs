@@ -74,7 +74,8 @@ pub struct TrimArgs {
 
 #[derive(Debug, Args, Default)]
 pub struct BuildArgs {
-    /// Tasks to build: name or name:param=value,...
+    /// Tasks to build: name or name:param=value,... (default: the task jolt.default
+    /// names, `default` unless configured)
     #[arg(value_name = "TASK")]
     pub tasks: Vec<String>,
     /// Number of tasks to run at once (default: number of CPUs)

@@ -70,7 +70,10 @@ pub fn check_key(key: &str) -> Result<()> {
         .copied()
         .filter(|k| k.starts_with(&format!("{section}.")))
         .collect();
-    Err(usage(if similar.is_empty() {
+    let hint = crate::util::did_you_mean(key, KEYS.iter().copied());
+    Err(usage(if !hint.is_empty() {
+        format!("Unknown configuration key '{key}'{hint}")
+    } else if similar.is_empty() {
         format!("Unknown configuration key '{key}'")
     } else {
         format!(
@@ -86,8 +89,9 @@ fn warn_unknown(path: &Path, sections: &BTreeMap<String, Section>) {
         for key in values.keys() {
             let key = format!("{section}.{key}");
             if !is_known(&key) {
+                let hint = crate::util::did_you_mean(&key, KEYS.iter().copied());
                 crate::console::warn(&format!(
-                    "Unknown configuration key '{key}' in {} is ignored",
+                    "Unknown configuration key '{key}' in {} is ignored{hint}",
                     path.display()
                 ));
             }

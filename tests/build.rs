@@ -219,6 +219,10 @@ fn with_no_command_the_default_task_is_built() {
     ws.jolt(&["-c", "jolt.default=custom"])
         .success()
         .contains("built custom");
+    // Regression (issue 13): `jolt build` with no task built nothing and exited 0.
+    ws.jolt(&["-c", "jolt.default=custom", "build", "-f"])
+        .success()
+        .contains("built custom");
 }
 
 #[test]

@@ -203,4 +203,22 @@ fn unknown_configuration_keys_are_refused_when_set_and_warned_when_read() {
     ws.jolt(&["-c", "typo.toml", "list"])
         .success()
         .contains("Unknown configuration key 'http.url' in typo.toml is ignored");
+    // Issue 13: a typo gets the key it was meant to be.
+    ws.jolt(&["config", "jolt.cachsize", "2G"])
+        .code(2)
+        .contains("Unknown configuration key 'jolt.cachsize' (did you mean 'jolt.cachesize'?)");
+}
+
+#[test]
+fn unknown_tasks_and_parameters_suggest_the_close_ones() {
+    let ws = Workspace::with(
+        "[task.hello]\nparameters.recipient = \"world\"\nrun = \"echo {recipient}\"\n",
+    );
+    ws.jolt(&["build", "helo"])
+        .code(2)
+        .contains("No such task 'helo' (did you mean 'hello'?)");
+    ws.jolt(&["build", "hello:recipent=x"])
+        .code(2)
+        .contains("(did you mean 'recipient'?)");
+    ws.jolt(&["build", "zzz"]).code(2).lacks("did you mean");
 }

@@ -36,8 +36,13 @@ struct BuildReport<'a> {
     tasks: Vec<TaskReport<'a>>,
 }
 
-pub fn run(config: &Config, args: BuildArgs) -> Result<Exit> {
+pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
     let started = Instant::now();
+    if args.tasks.is_empty() {
+        // As plain `jolt`: the task `jolt.default` names.
+        let default = config.get("jolt.default");
+        args.tasks = vec![default.unwrap_or_else(|| "default".into())];
+    }
     let ws = Workspace::open(config)?;
     let graph = ws.graph(
         &args.tasks,

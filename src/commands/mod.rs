@@ -29,18 +29,7 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
     let config = Config::load(&cli.config)?;
     config.register_secrets();
     match cli.command {
-        None => {
-            let default = config
-                .get("jolt.default")
-                .unwrap_or_else(|| "default".into());
-            build::run(
-                &config,
-                crate::cli::BuildArgs {
-                    tasks: vec![default],
-                    ..Default::default()
-                },
-            )
-        }
+        None => build::run(&config, crate::cli::BuildArgs::default()),
         Some(Cmd::Build(args)) => build::run(&config, args),
         Some(Cmd::AmqpWorker) => crate::commands::worker::run(&config),
         Some(Cmd::Download(args)) => build::download(&config, args),

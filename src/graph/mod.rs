@@ -18,7 +18,7 @@ pub mod hashes;
 use crate::recipe::placeholder::{self, DepKey, Placeholder};
 use crate::recipe::taskref::{self, TaskRef};
 use crate::recipe::{Kind, Recipes, Source, Task};
-use crate::util::hex;
+use crate::util::{did_you_mean, hex};
 
 /// Bumped only when the way identities are computed changes.
 pub const FORMAT: u32 = 1;
@@ -308,20 +308,19 @@ impl Builder<'_> {
         consumer: Option<&str>,
     ) -> Result<(Arc<Task>, BTreeMap<String, String>)> {
         let r = TaskRef::parse(reference)?;
-        let task = self
-            .recipes
-            .tasks
-            .get(&r.name)
-            .ok_or_else(|| match consumer {
-                Some(c) => usage(format!("No such task '{}' (required by {c})", r.name)),
-                None => usage(format!("No such task '{}'", r.name)),
-            })?;
+        let task = self.recipes.tasks.get(&r.name).ok_or_else(|| {
+            let hint = did_you_mean(&r.name, self.recipes.tasks.keys().map(String::as_str));
+            match consumer {
+                Some(c) => usage(format!("No such task '{}' (required by {c}){hint}", r.name)),
+                None => usage(format!("No such task '{}'{hint}", r.name)),
+            }
+        })?;
         let mut params = BTreeMap::new();
         for (k, v) in &r.params {
-            let decl = task
-                .params
-                .get(k)
-                .ok_or_else(|| usage(format!("No such parameter '{k}' ({})", task.name)))?;
+            let decl = task.params.get(k).ok_or_else(|| {
+                let hint = did_you_mean(k, task.params.keys().map(String::as_str));
+                usage(format!("No such parameter '{k}' ({}){hint}", task.name))
+            })?;
             params.insert(k.clone(), decl.normalize(&task.name, k, v)?);
         }
         for (k, decl) in &task.params {
@@ -1178,6 +1177,11 @@ run = "cat {deps.hello}"
         let msg = |goal: &str| format!("{}", graph(HELLO, &[goal]).unwrap_err());
         assert_eq!(msg("nope"), "No such task 'nope'");
         assert_eq!(msg("hello:x=1"), "No such parameter 'x' (hello)");
+        assert_eq!(msg("helo"), "No such task 'helo' (did you mean 'hello'?)");
+        assert_eq!(
+            msg("hello:recipent=x"),
+            "No such parameter 'recipent' (hello) (did you mean 'recipient'?)"
+        );
         assert!(msg("hello:loud=maybe").starts_with("Illegal value 'maybe'"));
     }
 

@@ -5,6 +5,48 @@ pub mod fs;
 pub mod globs;
 pub mod secrets;
 
+/// The candidate closest to `word` when it is close enough to be a typo of it
+/// (an edit distance of at most a third of its length, and at least 1), as
+/// ` (did you mean 'X'?)` to append to an error; empty otherwise.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    let limit = (word.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .filter(|c| *c != word)
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, c)| format!(" (did you mean '{c}'?)"))
+        .unwrap_or_default()
+}
+
+/// Edit distance between two strings, by characters: insertions, deletions,
+/// substitutions and swaps of neighbours (the commonest typos) count one each.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    // d[i][j]: distance between the first i characters of a and the first j of b.
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
 /// Lower-case hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -54,6 +96,18 @@ pub fn printable(path: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typos_get_a_suggestion_and_strangers_none() {
+        let tasks = ["hello", "print", "help"];
+        assert_eq!(did_you_mean("helo", tasks), " (did you mean 'hello'?)");
+        assert_eq!(did_you_mean("prnit", tasks), " (did you mean 'print'?)");
+        assert_eq!(did_you_mean("nope", tasks), "");
+        assert_eq!(did_you_mean("hello", tasks), "");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("prnit", "print"), 1);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
     use std::os::unix::ffi::OsStrExt;
 
     #[test]
