@@ -332,10 +332,19 @@ impl Builder<'_> {
                     params.insert(k.clone(), d.clone());
                 }
                 None => {
+                    let accepted = decl
+                        .accepted()
+                        .map(|a| format!(", accepted values are: {a}"))
+                        .unwrap_or_default();
+                    let help = decl
+                        .help
+                        .as_ref()
+                        .map(|h| format!(" ({h})"))
+                        .unwrap_or_default();
                     return Err(usage(format!(
-                        "Required parameter '{k}' has not been set ({})",
+                        "Required parameter '{k}' has not been set ({}){accepted}{help}",
                         task.name
-                    )))
+                    )));
                 }
             }
         }
@@ -1178,6 +1187,21 @@ run = "cat {deps.hello}"
         assert_eq!(msg("nope"), "No such task 'nope'");
         assert_eq!(msg("hello:x=1"), "No such parameter 'x' (hello)");
         assert_eq!(msg("helo"), "No such task 'helo' (did you mean 'hello'?)");
+        let required = |recipe: &str| format!("{}", graph(recipe, &["t"]).unwrap_err());
+        assert_eq!(
+            required(
+                "[task.t]\nparameters.arch = { values = [\"x86\", \"arm\"], help = \"CPU\" }\n"
+            ),
+            "Required parameter 'arch' has not been set (t), accepted values are: x86, arm (CPU)"
+        );
+        assert_eq!(
+            required("[task.t]\nparameters.n = { type = \"int\", min = 1, max = 8 }\n"),
+            "Required parameter 'n' has not been set (t), accepted values are: an integer from 1 to 8"
+        );
+        assert_eq!(
+            required("[task.t]\nparameters.name = {}\n"),
+            "Required parameter 'name' has not been set (t)"
+        );
         assert_eq!(
             msg("hello:recipent=x"),
             "No such parameter 'recipent' (hello) (did you mean 'recipient'?)"

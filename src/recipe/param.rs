@@ -42,6 +42,26 @@ pub struct Param {
     pub influence: bool,
 }
 
+impl Param {
+    /// What the parameter accepts, for messages: its values, `true, false`, or an
+    /// integer's range; `None` for any string or list.
+    pub fn accepted(&self) -> Option<String> {
+        if let Some(values) = &self.values {
+            return Some(values.join(", "));
+        }
+        match self.ty {
+            ParamType::Bool => Some("true, false".into()),
+            ParamType::Int => Some(match (self.min, self.max) {
+                (Some(lo), Some(hi)) => format!("an integer from {lo} to {hi}"),
+                (Some(lo), None) => format!("an integer from {lo}"),
+                (None, Some(hi)) => format!("an integer up to {hi}"),
+                (None, None) => "an integer".into(),
+            }),
+            ParamType::String | ParamType::List => None,
+        }
+    }
+}
+
 fn scalar_string(v: &toml::Value) -> Option<String> {
     match v {
         toml::Value::String(s) => Some(s.clone()),
