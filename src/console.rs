@@ -109,12 +109,23 @@ pub fn debug(message: &str) {
     log(Level::Debug, message);
 }
 
-/// Writes a line of task output, optionally prefixed with the task's name.
+/// Whether task output is hidden (`-q`).
+pub fn quiet() -> bool {
+    STATE.lock().unwrap_or_else(|e| e.into_inner()).threshold > Level::Info
+}
+
+/// Writes a line of task output, optionally prefixed with the task's name; hidden
+/// with `-q`.
 pub fn output(prefix: Option<&str>, line: &str, stderr: bool) {
-    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    if s.threshold > Level::Info {
+    if quiet() {
         return;
     }
+    output_always(prefix, line, stderr);
+}
+
+/// Writes a line of task output even with `-q` (a failed task's log).
+pub fn output_always(prefix: Option<&str>, line: &str, stderr: bool) {
+    let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
     with_cleared(&mut s, || {
         let text = match prefix {
             Some(p) => format!("[{p}] {line}\n"),

@@ -661,3 +661,19 @@ fn an_influence_file_read_through_a_symlink_is_hashed_with_its_target() {
         "two"
     );
 }
+
+#[test]
+fn quiet_still_shows_a_failing_tasks_output_and_verbose_echoes_commands() {
+    let ws = Workspace::with(
+        "[task.bad]\nrun = \"echo noise; echo 'error: bad thing' >&2; exit 3\"\n[task.good]\nrun = \"echo fine\"\n",
+    );
+    // Regression (issue 13): -q showed only "Command failed".
+    ws.jolt(&["-q", "build", "bad"])
+        .code(1)
+        .contains("error: bad thing")
+        .contains("Command failed");
+    ws.jolt(&["-q", "build", "good"]).success().lacks("fine");
+    ws.jolt(&["-v", "build", "-f", "good"])
+        .success()
+        .contains("[VERBOSE] Running: echo fine (good)");
+}

@@ -889,6 +889,10 @@ impl Runner<'_> {
     /// killed, unless the caller keeps the group (a resource's acquire command).
     fn command(&self, i: usize, shell: &Shell) -> Result<(), Failure> {
         let node: &Node = &self.graph.nodes[i];
+        self.log(
+            console::Level::Verbose,
+            format!("Running: {} ({})", secrets::redact(shell.cmd), node.short),
+        );
         let mut command = Command::new(SHELL);
         command
             .arg("-e")

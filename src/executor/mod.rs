@@ -923,6 +923,12 @@ impl Scheduler<'_> {
     /// Node `i` failed: its lines, its log's tail for the report, and its consumers.
     fn failed(&mut self, i: usize, failure: Failure) {
         let node = &self.graph.nodes[i];
+        if console::quiet() && !failure.interrupted {
+            // `-q` hid the task's output as it came: what went wrong is in it.
+            for line in failure.log.iter().flat_map(|l| l.lines()) {
+                console::output_always(Some(&node.short), line, true);
+            }
+        }
         for line in &failure.lines {
             console::error(line);
         }
