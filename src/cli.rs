@@ -90,6 +90,10 @@ pub struct BuildArgs {
     /// Salt every task's identity
     #[arg(short, long)]
     pub salt: Option<String>,
+    /// Say what would happen to each task (cached, download, execute, remote, skip)
+    /// without running anything or writing to any cache
+    #[arg(long)]
+    pub dry_run: bool,
     /// Keep building independent tasks after a failure
     #[arg(short, long)]
     pub keep_going: bool,

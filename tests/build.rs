@@ -677,3 +677,49 @@ fn quiet_still_shows_a_failing_tasks_output_and_verbose_echoes_commands() {
         .success()
         .contains("[VERBOSE] Running: echo fine (good)");
 }
+
+/// Every path under `dir` with its modification time.
+fn tree(dir: &std::path::Path) -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let meta = e.metadata().unwrap();
+            out.push((e.path(), meta.modified().unwrap()));
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_dry_run_says_what_would_happen_and_runs_and_writes_nothing() {
+    let ws = Workspace::with(
+        "[task.a]\nrun = \"touch {root}/ran-a; echo a > {artifact}/a\"\n[task.b]\nrequires = [\"a\"]\nrun = \"touch {root}/ran-b\"\n",
+    );
+    ws.jolt(&["build", "--dry-run", "b"])
+        .success()
+        .contains("execute (a ")
+        .contains("execute (b ")
+        .contains("Dry run: 2 execute; nothing was run");
+    assert!(!ws.root().join("ran-a").exists() && !ws.root().join("ran-b").exists());
+    assert_eq!(
+        tree(&ws.cachedir()),
+        vec![],
+        "a dry run wrote into the cache"
+    );
+    ws.jolt(&["build", "a"]).success();
+    let before = tree(&ws.cachedir());
+    ws.jolt(&["build", "--dry-run", "b"])
+        .success()
+        .contains("cached (a ")
+        .contains("execute (b ");
+    ws.jolt(&["build", "--dry-run", "a"])
+        .success()
+        .contains("cached (a ");
+    assert_eq!(tree(&ws.cachedir()), before, "a dry run changed the cache");
+    assert!(!ws.root().join("ran-b").exists());
+}

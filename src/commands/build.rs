@@ -43,7 +43,12 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
         let default = config.get("jolt.default");
         args.tasks = vec![default.unwrap_or_else(|| "default".into())];
     }
-    let ws = Workspace::open(config)?;
+    // A dry run writes nothing: the cache is opened to read, the stat cache kept.
+    let ws = if args.dry_run {
+        Workspace::open_read_only(config)?
+    } else {
+        Workspace::open(config)?
+    };
     let graph = ws.graph(
         &args.tasks,
         &GraphOptions {
@@ -73,8 +78,12 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
             jobs,
             keep_going: args.keep_going,
             mode: Mode::Local,
+            dry_run: args.dry_run,
         };
         let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
+        if args.dry_run {
+            return Ok(Exit::Success);
+        }
         let result = finish(&ws, &graph, &report, &args, started);
         // jolt ends next: freeing a large graph piece by piece would only take time
         // (none of these has a destructor with effects beyond memory and descriptors).
@@ -106,8 +115,12 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
         jobs,
         keep_going: args.keep_going,
         mode: Mode::Network(&net),
+        dry_run: args.dry_run,
     };
     let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
+    if args.dry_run {
+        return Ok(Exit::Success);
+    }
     if http.is_down() {
         return Err(error::infra(format!(
             "HTTP cache {} is unreachable; network builds need it",
@@ -168,6 +181,7 @@ pub fn download(config: &Config, args: DownloadArgs) -> Result<Exit> {
         jobs: 4,
         keep_going: true,
         mode: Mode::DownloadOnly,
+        dry_run: false,
     };
     let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
     if http.is_down() {

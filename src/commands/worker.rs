@@ -553,6 +553,7 @@ impl Worker {
             jobs: 1,
             keep_going: false,
             mode: Mode::Worker,
+            dry_run: false,
         };
         let report = executor::run(&graph, &services, ws, &opts);
         // What this request used may be evicted once it is done: a worker's cache

@@ -18,6 +18,17 @@ pub struct Workspace {
 impl Workspace {
     /// Finds the workspace around the current directory and opens the local cache.
     pub fn open(config: &Config) -> Result<Workspace> {
+        Workspace::open_with(config, false)
+    }
+
+    /// [`Workspace::open`] for a look that changes nothing: the local cache is
+    /// opened to read (nothing created, recorded or removed) and file hashes are not
+    /// remembered.
+    pub fn open_read_only(config: &Config) -> Result<Workspace> {
+        Workspace::open_with(config, true)
+    }
+
+    fn open_with(config: &Config, read_only: bool) -> Result<Workspace> {
         let cwd = std::env::current_dir()?;
         let root = crate::recipe::find_root(&cwd)?;
         // The stat cache is read while the recipes are parsed: both take a while in
@@ -32,6 +43,13 @@ impl Workspace {
             (recipes, hashes)
         });
         let recipes = recipes?;
+        if read_only {
+            return Ok(Workspace {
+                recipes,
+                cache: LocalCache::read_only(&cachedir),
+                hashes: hashes.forgetful(),
+            });
+        }
         let cache = LocalCache::from_config(config)?;
         Ok(Workspace {
             recipes,

@@ -68,6 +68,8 @@ pub struct Options<'a> {
     /// `-k`: keep starting tasks whose requirements succeeded after a failure.
     pub keep_going: bool,
     pub mode: Mode<'a>,
+    /// `--dry-run`: plan, say what would happen to each task, run nothing.
+    pub dry_run: bool,
 }
 
 /// The most tasks (`-j`, `jolt.jobs`) or remote executions (`amqp.jobs`) at once: each
@@ -272,6 +274,15 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
                 "The HTTP cache is unreachable ({why}): {what}; stopping"
             )));
         }
+    }
+    if opts.dry_run {
+        sched.tell_plan();
+        return Ok(Report {
+            status: sched.status,
+            duration: sched.durations,
+            logs: sched.logs,
+            interrupted: false,
+        });
     }
     let transfers = services
         .http
@@ -683,6 +694,30 @@ impl Scheduler<'_> {
                 Ok(None)
             }
         }
+    }
+
+    /// `--dry-run`: says what would happen to each task of the graph, requirements
+    /// first, and how many of each.
+    fn tell_plan(&self) {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, node) in self.graph.nodes.iter().enumerate() {
+            if node.is_alias() || node.is_resource() {
+                continue;
+            }
+            let what = match (self.plan[i], self.status[i]) {
+                (_, Status::Failed) => "missing",
+                (Plan::Available, _) => "cached",
+                (Plan::Download, _) => "download",
+                (Plan::Upload, _) => "upload",
+                (Plan::Execute, _) => "execute",
+                (Plan::Remote, _) => "remote",
+                (Plan::Unplanned | Plan::Group, _) => "skip",
+            };
+            *counts.entry(what).or_default() += 1;
+            console::info(&format!("{what} ({})", node.label()));
+        }
+        let counts: Vec<String> = counts.iter().map(|(w, n)| format!("{n} {w}")).collect();
+        console::info(&format!("Dry run: {}; nothing was run", counts.join(", ")));
     }
 
     /// Whether node `i` is `fast` and every artifact it needs is in the local cache.

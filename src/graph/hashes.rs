@@ -83,6 +83,12 @@ impl FileHashes {
         }
     }
 
+    /// This hasher, remembering nothing on disk from now on.
+    pub fn forgetful(mut self) -> FileHashes {
+        self.store = None;
+        self
+    }
+
     /// A hasher that remembers nothing on disk.
     pub fn ephemeral(root: &Path) -> FileHashes {
         FileHashes {

@@ -73,6 +73,8 @@ pub struct LocalCache {
     refs_name: Option<std::ffi::OsString>,
     /// Our own uses, for trimming within this process.
     used: Mutex<HashSet<String>>,
+    /// Opened only to look: nothing is created, recorded, touched or removed.
+    read_only: bool,
     /// Size of the cache at the last scan plus what was committed since.
     estimate: Mutex<Option<u64>>,
 }
@@ -114,10 +116,25 @@ impl LocalCache {
             refs: Mutex::new(refs),
             used: Mutex::new(HashSet::new()),
             estimate: Mutex::new(None),
+            read_only: false,
         };
         // What dead processes left behind goes now, not at the next `jolt clean`.
         cache.clean_scratch();
         Ok(cache)
+    }
+
+    /// The cache at `root`, opened only to look at it (`jolt build --dry-run`):
+    /// whatever it holds or lacks, nothing is created, recorded, touched or removed.
+    pub fn read_only(root: &Path) -> LocalCache {
+        LocalCache {
+            root: root.to_path_buf(),
+            limit: u64::MAX,
+            refs: Mutex::new(None),
+            refs_name: None,
+            used: Mutex::new(HashSet::new()),
+            estimate: Mutex::new(None),
+            read_only: true,
+        }
     }
 
     /// Fails, naming the directory and this process's user, when the cache cannot be
@@ -203,7 +220,7 @@ impl LocalCache {
             }
         };
         // Another process may be reading its files right now.
-        if self.recorded_uses(true).contains(identity) {
+        if self.read_only || self.recorded_uses(true).contains(identity) {
             crate::console::debug(&format!(
                 "{} is unusable ({error}) but in use",
                 dir.display()
@@ -246,6 +263,9 @@ impl LocalCache {
         &self,
         artifacts: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
         let now = SystemTime::now();
         let mut ids = Vec::new();
         for (task, identity) in artifacts {
