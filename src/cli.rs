@@ -90,6 +90,10 @@ pub struct BuildArgs {
     /// Salt every task's identity
     #[arg(short, long)]
     pub salt: Option<String>,
+    /// Say why each task that executes does: its influence lines that differ from its
+    /// newest artifact with the same parameters in the local cache
+    #[arg(long)]
+    pub explain: bool,
     /// Say what would happen to each task (cached, download, execute, remote, skip)
     /// without running anything or writing to any cache
     #[arg(long)]

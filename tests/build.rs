@@ -723,3 +723,36 @@ fn a_dry_run_says_what_would_happen_and_runs_and_writes_nothing() {
     assert_eq!(tree(&ws.cachedir()), before, "a dry run changed the cache");
     assert!(!ws.root().join("ran-b").exists());
 }
+
+#[test]
+fn explain_shows_the_influence_lines_that_changed() {
+    let ws = Workspace::with(
+        "[task.c]\nparameters.mode = \"debug\"\ninfluence = [\"src/*.c\"]\nrun = \"echo {mode}\"\n",
+    );
+    ws.file("src/x.c", "one");
+    ws.file("src/y.c", "same");
+    ws.jolt(&["build", "--explain", "c"])
+        .success()
+        .contains("no earlier artifact of this task and parameters");
+    ws.file("src/x.c", "two");
+    let run = ws.jolt(&["build", "--explain", "c"]);
+    run.success().contains("Execution started");
+    let out = run.all();
+    let changed: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("  - ") || l.contains("  + "))
+        .collect();
+    assert_eq!(changed.len(), 2, "{out}");
+    assert!(
+        changed[0].contains("- File: ") && changed[0].ends_with(": src/x.c"),
+        "{out}"
+    );
+    assert!(
+        changed[1].contains("+ File: ") && changed[1].ends_with(": src/x.c"),
+        "{out}"
+    );
+    // Other parameters are another task: nothing to compare with.
+    ws.jolt(&["build", "--explain", "--dry-run", "c:mode=release"])
+        .success()
+        .contains("no earlier artifact");
+}

@@ -79,6 +79,7 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
             keep_going: args.keep_going,
             mode: Mode::Local,
             dry_run: args.dry_run,
+            explain: args.explain,
         };
         let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
         if args.dry_run {
@@ -116,6 +117,7 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
         keep_going: args.keep_going,
         mode: Mode::Network(&net),
         dry_run: args.dry_run,
+        explain: args.explain,
     };
     let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
     if args.dry_run {
@@ -182,6 +184,7 @@ pub fn download(config: &Config, args: DownloadArgs) -> Result<Exit> {
         keep_going: true,
         mode: Mode::DownloadOnly,
         dry_run: false,
+        explain: false,
     };
     let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
     if http.is_down() {

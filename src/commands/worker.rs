@@ -554,6 +554,7 @@ impl Worker {
             keep_going: false,
             mode: Mode::Worker,
             dry_run: false,
+            explain: false,
         };
         let report = executor::run(&graph, &services, ws, &opts);
         // What this request used may be evicted once it is done: a worker's cache

@@ -70,6 +70,8 @@ pub struct Options<'a> {
     pub mode: Mode<'a>,
     /// `--dry-run`: plan, say what would happen to each task, run nothing.
     pub dry_run: bool,
+    /// `--explain`: say why each task that executes does.
+    pub explain: bool,
 }
 
 /// The most tasks (`-j`, `jolt.jobs`) or remote executions (`amqp.jobs`) at once: each
@@ -274,6 +276,9 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
                 "The HTTP cache is unreachable ({why}): {what}; stopping"
             )));
         }
+    }
+    if opts.explain {
+        sched.explain();
     }
     if opts.dry_run {
         sched.tell_plan();
@@ -519,6 +524,33 @@ impl<'a> Scheduler<'a> {
 /// Warns once that the HTTP cache is unreachable, or about any other HTTP failure.
 /// The HTTP cache, when a build in `mode` may ask it what it holds: it is up, and a
 /// local build or `jolt download` may download.
+/// The lines only `old` has (`- LINE`), then those only `new` has (`+ LINE`), each
+/// in its order; a line repeated counts as many times.
+fn explain_diff(old: &[String], new: &[String]) -> Vec<String> {
+    fn count(lines: &[String]) -> std::collections::HashMap<&str, usize> {
+        let mut n = std::collections::HashMap::new();
+        for l in lines {
+            *n.entry(l.as_str()).or_default() += 1;
+        }
+        n
+    }
+    let (mut in_old, mut in_new) = (count(old), count(new));
+    let mut out = Vec::new();
+    for l in old {
+        match in_new.get_mut(l.as_str()) {
+            Some(k) if *k > 0 => *k -= 1,
+            _ => out.push(format!("- {l}")),
+        }
+    }
+    for l in new {
+        match in_old.get_mut(l.as_str()) {
+            Some(k) if *k > 0 => *k -= 1,
+            _ => out.push(format!("+ {l}")),
+        }
+    }
+    out
+}
+
 /// The planner's questions about node `i`, answered by the scheduler.
 struct Asking<'s, 'a> {
     scheduler: &'s mut Scheduler<'a>,
@@ -692,6 +724,34 @@ impl Scheduler<'_> {
                 self.total += 1;
                 self.make_ready(i);
                 Ok(None)
+            }
+        }
+    }
+
+    /// `--explain`: for each task that executes, the influence lines that differ from
+    /// the newest artifact of the same task and parameters in the local cache (`-`
+    /// old, `+` new), or that there is none.
+    fn explain(&self) {
+        for (i, node) in self.graph.nodes.iter().enumerate() {
+            if !matches!(self.plan[i], Plan::Execute | Plan::Remote) {
+                continue;
+            }
+            let cache = self.services.cache;
+            let Some(old) = cache.newest_other(node.name(), &node.params, &node.identity) else {
+                console::info(&format!(
+                    "Explain {}: no earlier artifact of this task and parameters in the local cache",
+                    node.label()
+                ));
+                continue;
+            };
+            console::info(&format!(
+                "Explain {}: differs from {} of {}:",
+                node.label(),
+                &old.identity[..old.identity.len().min(8)],
+                old.created
+            ));
+            for line in explain_diff(&old.influence, &node.influence) {
+                console::info(&format!("  {line}"));
             }
         }
     }

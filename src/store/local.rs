@@ -137,6 +137,27 @@ impl LocalCache {
         }
     }
 
+    /// The newest readable artifact of `task` with these parameters, other than
+    /// `identity` (for `--explain`). Reads only.
+    pub fn newest_other(
+        &self,
+        task: &str,
+        params: &std::collections::BTreeMap<String, String>,
+        identity: &str,
+    ) -> Option<Manifest> {
+        let entries = std::fs::read_dir(self.root.join(task)).ok()?;
+        entries
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                is_identity(&name) && name != identity
+            })
+            .filter_map(|e| Manifest::read(&e.path()).ok())
+            .filter(|m| m.task == task && &m.parameters == params)
+            .max_by(|a, b| a.created.cmp(&b.created))
+    }
+
     /// Fails, naming the directory and this process's user, when the cache cannot be
     /// written: a worker must find that out at start, not fail every request (a
     /// volume made for another user, a cache left by root).
