@@ -25,8 +25,21 @@ pub struct Cli {
     /// Only warnings and errors
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Colour warnings, errors and finished lines: auto (on a terminal, unless
+    /// NO_COLOR is set), always, never
+    #[arg(long, global = true, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
     #[command(subcommand)]
     pub command: Option<Cmd>,
+}
+
+/// When the console uses colour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum ColorChoice {
+    #[default]
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Subcommand)]

@@ -32,20 +32,24 @@ impl Level {
 
 struct State {
     threshold: Level,
+    /// ANSI colour on warnings, errors and finished lines.
+    color: bool,
     status_enabled: bool,
     status: Option<String>,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
     threshold: Level::Info,
+    color: false,
     status_enabled: false,
     status: None,
 });
 
 /// Sets verbosity (-1 quiet, 0 normal, 1 verbose, 2 debug) and enables the status
 /// line when stderr is a terminal.
-pub fn init(verbosity: i8) {
+pub fn init(verbosity: i8, color: bool) {
     let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    s.color = color;
     s.threshold = match verbosity {
         i8::MIN..=-1 => Level::Warning,
         0 => Level::Info,
@@ -77,15 +81,35 @@ pub fn log(level: Level, message: &str) {
         return;
     }
     let message = crate::util::secrets::redact(message);
+    let line = match colour_of(level, &message).filter(|_| s.color) {
+        Some(c) => format!("\x1b[{c}m{} {message}\x1b[0m", level.tag()),
+        None => format!("{} {message}", level.tag()),
+    };
     with_cleared(&mut s, || {
         if level == Level::Error {
-            let _ = writeln!(std::io::stderr(), "{} {message}", level.tag());
+            let _ = writeln!(std::io::stderr(), "{line}");
         } else {
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{} {message}", level.tag());
+            let _ = writeln!(out, "{line}");
             let _ = out.flush();
         }
     });
+}
+
+/// The ANSI colour of a line, if it has one: errors red, warnings yellow, a task
+/// finished green.
+fn colour_of(level: Level, message: &str) -> Option<&'static str> {
+    match level {
+        Level::Error => Some("31"),
+        Level::Warning => Some("33"),
+        Level::Info
+            if message.starts_with("Execution finished")
+                || message.starts_with("Remote execution finished") =>
+        {
+            Some("32")
+        }
+        _ => None,
+    }
 }
 
 pub fn info(message: &str) {

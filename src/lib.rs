@@ -34,7 +34,17 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
         }
     };
     let verbosity = if cli.quiet { -1 } else { cli.verbose as i8 };
-    console::init(verbosity);
+    let color = match cli.color {
+        cli::ColorChoice::Always => true,
+        cli::ColorChoice::Never => false,
+        cli::ColorChoice::Auto => {
+            use std::io::IsTerminal;
+            std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                && std::io::stdout().is_terminal()
+                && std::env::var_os("TERM").is_some_and(|t| t != "dumb")
+        }
+    };
+    console::init(verbosity, color);
     let _ = env_logger::Builder::new()
         .filter_level(match verbosity {
             2.. => log::LevelFilter::Debug,

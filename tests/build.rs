@@ -756,3 +756,22 @@ fn explain_shows_the_influence_lines_that_changed() {
         .success()
         .contains("no earlier artifact");
 }
+
+#[test]
+fn colour_is_used_when_asked_for_and_never_when_piped() {
+    let ws = Workspace::with("[task.good]\nrun = \"true\"\n[task.bad]\nrun = \"exit 3\"\n");
+    ws.jolt(&["build", "--color", "always", "good"])
+        .success()
+        .contains("\x1b[32m[   INFO] Execution finished");
+    ws.jolt(&["build", "--color", "always", "bad"])
+        .code(1)
+        .contains("\x1b[31m[  ERROR] Command failed");
+    // Piped (auto) and never: plain lines; NO_COLOR does not beat `always`.
+    ws.jolt(&["build", "-f", "good"]).success().lacks("\x1b[");
+    ws.jolt(&["build", "--color", "never", "bad"])
+        .code(1)
+        .lacks("\x1b[");
+    let mut cmd = ws.command(&["build", "--color", "always", "-f", "good"]);
+    cmd.env("NO_COLOR", "1");
+    ws.run(cmd).success().contains("\x1b[32m");
+}
