@@ -126,6 +126,11 @@ pub struct BuildArgs {
     /// Write a JSON report of every task to FILE
     #[arg(long, value_name = "FILE")]
     pub result: Option<PathBuf>,
+    /// Write a Chrome trace (Perfetto, chrome://tracing) of the build to FILE: one
+    /// lane per local slot or remote worker, an event per executed, downloaded or
+    /// uploaded task
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

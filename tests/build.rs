@@ -775,3 +775,59 @@ fn colour_is_used_when_asked_for_and_never_when_piped() {
     cmd.env("NO_COLOR", "1");
     ws.run(cmd).success().contains("\x1b[32m");
 }
+
+#[test]
+fn a_trace_and_the_result_say_when_and_where_each_task_ran() {
+    let ws = Workspace::with(
+        "[task.a]\nrun = \"sleep 0.2\"\n[task.b]\nrequires = [\"a\"]\nrun = \"true\"\n[task.bad]\nrun = \"exit 4\"\n",
+    );
+    let (trace, result) = (ws.root().join("t.json"), ws.root().join("r.json"));
+    ws.jolt(&[
+        "build",
+        "-k",
+        "-j",
+        "2",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--result",
+        result.to_str().unwrap(),
+        "b",
+        "bad",
+    ])
+    .code(1);
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let complete: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "X").collect();
+    let names: Vec<&str> = complete
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(complete.len(), 3, "{names:?}");
+    let a = complete.iter().find(|e| e["name"] == "a").unwrap();
+    let b = complete.iter().find(|e| e["name"] == "b").unwrap();
+    assert!(a["dur"].as_u64().unwrap() >= 200_000, "{a}");
+    assert!(b["ts"].as_u64().unwrap() >= a["ts"].as_u64().unwrap() + a["dur"].as_u64().unwrap());
+    // Every lane is named.
+    for e in &complete {
+        assert!(
+            events
+                .iter()
+                .any(|m| m["ph"] == "M" && m["tid"] == e["tid"]),
+            "{e}"
+        );
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+    let task = |n: &str| {
+        report["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert!(task("b")["start"].as_f64().unwrap() >= 0.2);
+    assert!(task("a")["worker"].as_str().unwrap().starts_with("local "));
+    assert_eq!(task("bad")["error"], "Command failed: exit 4");
+}

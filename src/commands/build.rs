@@ -27,6 +27,15 @@ struct TaskReport<'a> {
     status: &'static str,
     goal: bool,
     duration: f64,
+    /// Seconds from the build's start to the task's job, if one ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start: Option<f64>,
+    /// Where it ran: `local N`, `transfer N`, or `worker NAME` for a remote execution.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker: Option<&'a str>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -256,6 +265,9 @@ fn finish(
     if let Some(path) = &args.result {
         write_report(path, graph, report, code, started)?;
     }
+    if let Some(path) = &args.trace {
+        write_trace(path, graph, report)?;
+    }
     Ok(code)
 }
 
@@ -292,6 +304,9 @@ fn write_report(
             status: report.status[i].name(),
             goal: graph.goals.contains(&i),
             duration: report.duration[i].map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            start: span(report, i).map(|s| s.start.as_secs_f64()),
+            worker: span(report, i).map(|s| s.lane.as_str()),
+            error: report.errors.get(i).and_then(|e| e.as_deref()),
         })
         .collect();
     let result = match code {
@@ -304,5 +319,55 @@ fn write_report(
         duration: started.elapsed().as_secs_f64(),
         tasks,
     })?;
+    std::fs::write(path, text).with_context(|| format!("Cannot write {}", path.display()))
+}
+
+fn span(report: &executor::Report, i: usize) -> Option<&executor::Span> {
+    report.spans.get(i).and_then(|s| s.as_ref())
+}
+
+/// Writes the build as a Chrome trace: complete events (`"ph": "X"`, `ts` and `dur`
+/// in microseconds) on one thread per lane, named by metadata events.
+fn write_trace(path: &std::path::Path, graph: &Graph, report: &executor::Report) -> Result<()> {
+    let mut lanes: Vec<&str> = report
+        .spans
+        .iter()
+        .flatten()
+        .map(|s| s.lane.as_str())
+        .collect();
+    lanes.sort_unstable();
+    lanes.dedup();
+    let tid = |lane: &str| lanes.binary_search(&lane).map_or(0, |k| k + 1);
+    let mut events: Vec<serde_json::Value> = lanes
+        .iter()
+        .map(|lane| {
+            serde_json::json!({
+                "name": "thread_name", "ph": "M", "pid": 1, "tid": tid(lane),
+                "args": { "name": lane },
+            })
+        })
+        .collect();
+    for (i, s) in report.spans.iter().enumerate() {
+        let Some(s) = s else { continue };
+        let node = &graph.nodes[i];
+        events.push(serde_json::json!({
+            "name": node.short,
+            "cat": s.kind,
+            "ph": "X",
+            "pid": 1,
+            "tid": tid(&s.lane),
+            "ts": s.start.as_micros() as u64,
+            "dur": s.end.saturating_sub(s.start).as_micros() as u64,
+            "args": {
+                "identity": node.identity,
+                "status": report.status[i].name(),
+                "lane": s.lane,
+            },
+        }));
+    }
+    let text = serde_json::to_vec(&serde_json::json!({
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+    }))?;
     std::fs::write(path, text).with_context(|| format!("Cannot write {}", path.display()))
 }

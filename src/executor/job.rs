@@ -1017,7 +1017,8 @@ impl RemoteCall<'_> {
                 Ok(Incoming::Reply(reply)) => match reply.kind {
                     ReplyKind::Accepted => {
                         if last_news.is_none() {
-                            self.runner.send(Event::RemoteRunning);
+                            self.runner
+                                .send(Event::RemoteRunning(self.i, reply.worker.clone()));
                         }
                         last_news = Some(Instant::now());
                         self.runner.log(

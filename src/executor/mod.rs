@@ -148,6 +148,21 @@ pub struct Report {
     /// The tail of the log of each failed task.
     pub logs: Vec<Option<String>>,
     pub interrupted: bool,
+    /// When and where each job ran.
+    pub spans: Vec<Option<Span>>,
+    /// The error lines of each failed task.
+    pub errors: Vec<Option<String>>,
+}
+
+/// When a job ran, since the build's start, and where.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub start: Duration,
+    pub end: Duration,
+    /// `local N`, `transfer N`, `remote N` or `worker NAME`.
+    pub lane: String,
+    /// `execute`, `remote`, `download` or `upload`.
+    pub kind: &'static str,
 }
 
 impl Report {
@@ -215,8 +230,8 @@ enum Event {
     /// A line of a remote task's log, always shown with the task's name.
     Replay(usize, String),
     Log(console::Level, String),
-    /// A remote execution was accepted by a worker.
-    RemoteRunning,
+    /// A remote execution was accepted by a worker (named).
+    RemoteRunning(usize, String),
     Done(usize, Result<Done, Failure>),
 }
 
@@ -287,6 +302,8 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
             duration: sched.durations,
             logs: sched.logs,
             interrupted: false,
+            spans: Vec::new(),
+            errors: sched.errors,
         });
     }
     let transfers = services
@@ -350,6 +367,8 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
         duration: sched.durations,
         logs: sched.logs,
         interrupted,
+        spans: sched.spans.finished(),
+        errors: sched.errors,
     })
 }
 
@@ -407,6 +426,80 @@ struct Scheduler<'a> {
     unreachable: Option<String>,
     /// What the HTTP cache answered before planning asked (see `presence`).
     known: presence::Known,
+    /// When and where each job ran.
+    spans: Spans,
+    /// The error lines of each failed task.
+    errors: Vec<Option<String>>,
+}
+
+/// When and where each job of a build ran, for `--result` and `--trace`: a lane is
+/// a slot of the pool (`local N`, `transfer N`, `remote N`), or the worker that
+/// accepted a remote execution.
+struct Spans {
+    t0: Instant,
+    began: Vec<Option<Duration>>,
+    ended: Vec<Option<Duration>>,
+    lane: Vec<Option<String>>,
+    kind: Vec<&'static str>,
+    /// Slots of each lane in use, and the slot of each running job.
+    busy: [Vec<bool>; 2],
+    slot: Vec<usize>,
+}
+
+impl Spans {
+    fn new(n: usize) -> Spans {
+        Spans {
+            t0: Instant::now(),
+            began: vec![None; n],
+            ended: vec![None; n],
+            lane: vec![None; n],
+            kind: vec![""; n],
+            busy: [Vec::new(), Vec::new()],
+            slot: vec![0; n],
+        }
+    }
+
+    fn begin(&mut self, i: usize, plan: Plan) {
+        let busy = &mut self.busy[plan.lane()];
+        let slot = busy.iter().position(|b| !b).unwrap_or(busy.len());
+        if slot == busy.len() {
+            busy.push(true);
+        } else {
+            busy[slot] = true;
+        }
+        self.slot[i] = slot;
+        let (kind, lane) = match plan {
+            Plan::Execute => ("execute", "local"),
+            Plan::Remote => ("remote", "remote"),
+            Plan::Download => ("download", "transfer"),
+            _ => ("upload", "transfer"),
+        };
+        self.kind[i] = kind;
+        self.lane[i] = Some(format!("{lane} {slot}"));
+        self.began[i] = Some(self.t0.elapsed());
+    }
+
+    fn end(&mut self, i: usize) {
+        self.ended[i] = Some(self.t0.elapsed());
+        let lane = if self.kind[i] == "execute" { 0 } else { 1 };
+        if let Some(b) = self.busy[lane].get_mut(self.slot[i]) {
+            *b = false;
+        }
+    }
+
+    /// The spans of the jobs that ran.
+    fn finished(self) -> Vec<Option<Span>> {
+        (0..self.began.len())
+            .map(|i| {
+                Some(Span {
+                    start: self.began[i]?,
+                    end: self.ended[i]?,
+                    lane: self.lane[i].clone()?,
+                    kind: self.kind[i],
+                })
+            })
+            .collect()
+    }
 }
 
 impl<'a> Scheduler<'a> {
@@ -437,6 +530,8 @@ impl<'a> Scheduler<'a> {
             remote_running: 0,
             unreachable: None,
             known: presence::Known::new(),
+            spans: Spans::new(n),
+            errors: vec![None; n],
         }
     }
 
@@ -461,6 +556,7 @@ impl<'a> Scheduler<'a> {
                         break;
                     };
                     lanes.running[lane] += 1;
+                    self.spans.begin(i, self.plan[i]);
                     let _ = lanes.jobs.send((i, self.plan[i]));
                 }
             }
@@ -508,9 +604,15 @@ impl<'a> Scheduler<'a> {
             }
             Event::Replay(i, line) => console::output(Some(&graph.nodes[i].short), &line, false),
             Event::Log(level, message) => console::log(level, &message),
-            Event::RemoteRunning => self.remote_running += 1,
+            Event::RemoteRunning(i, worker) => {
+                self.remote_running += 1;
+                if !worker.is_empty() {
+                    self.spans.lane[i] = Some(format!("worker {worker}"));
+                }
+            }
             Event::Done(i, result) => {
                 lanes.running[self.plan[i].lane()] -= 1;
+                self.spans.end(i);
                 if self.plan[i] == Plan::Remote && self.remote_running > 0 {
                     self.remote_running -= 1;
                 }
@@ -521,9 +623,6 @@ impl<'a> Scheduler<'a> {
     }
 }
 
-/// Warns once that the HTTP cache is unreachable, or about any other HTTP failure.
-/// The HTTP cache, when a build in `mode` may ask it what it holds: it is up, and a
-/// local build or `jolt download` may download.
 /// The lines only `old` has (`- LINE`), then those only `new` has (`+ LINE`), each
 /// in its order; a line repeated counts as many times.
 fn explain_diff(old: &[String], new: &[String]) -> Vec<String> {
@@ -567,6 +666,8 @@ impl choose::Ask for Asking<'_, '_> {
     }
 }
 
+/// The HTTP cache, when a build in `mode` may ask it what it holds: it is up, and a
+/// local build or `jolt download` may download.
 fn usable_http<'s>(services: &Services<'s>, mode: Mode) -> Option<&'s HttpCache> {
     let local = matches!(mode, Mode::Local | Mode::DownloadOnly);
     services
@@ -574,6 +675,7 @@ fn usable_http<'s>(services: &Services<'s>, mode: Mode) -> Option<&'s HttpCache>
         .filter(|h| (h.download || !local) && !h.is_down())
 }
 
+/// Warns once that the HTTP cache is unreachable, or about any other HTTP failure.
 fn http_warning(http: &HttpCache, what: &str, err: &anyhow::Error) -> Option<String> {
     if http_cache::is_interrupted(err) {
         // Ctrl-C, not the server: nothing to say about the cache.
@@ -1018,6 +1120,7 @@ impl Scheduler<'_> {
     /// Node `i` failed: its lines, its log's tail for the report, and its consumers.
     fn failed(&mut self, i: usize, failure: Failure) {
         let node = &self.graph.nodes[i];
+        self.errors[i] = Some(failure.lines.join("; "));
         if console::quiet() && !failure.interrupted {
             // `-q` hid the task's output as it came: what went wrong is in it.
             for line in failure.log.iter().flat_map(|l| l.lines()) {
