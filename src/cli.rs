@@ -65,6 +65,15 @@ pub enum Cmd {
     /// Maintain the HTTP cache's storage
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Print the log of the last build (every line, whatever the verbosity)
+    Log(LogArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// List the runs kept instead: log file and command line, oldest first
+    #[arg(short, long)]
+    pub list: bool,
 }
 
 #[derive(Debug, Subcommand)]

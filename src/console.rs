@@ -76,11 +76,12 @@ fn with_cleared(s: &mut State, write: impl FnOnce()) {
 
 /// Writes a log line, with every registered secret masked.
 pub fn log(level: Level, message: &str) {
+    let message = crate::util::secrets::redact(message);
+    crate::runlog::line(&format!("{} {message}", level.tag()));
     let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if level < s.threshold {
         return;
     }
-    let message = crate::util::secrets::redact(message);
     let line = match colour_of(level, &message).filter(|_| s.color) {
         Some(c) => format!("\x1b[{c}m{} {message}\x1b[0m", level.tag()),
         None => format!("{} {message}", level.tag()),
@@ -141,20 +142,30 @@ pub fn quiet() -> bool {
 /// Writes a line of task output, optionally prefixed with the task's name; hidden
 /// with `-q`.
 pub fn output(prefix: Option<&str>, line: &str, stderr: bool) {
+    let text = match prefix {
+        Some(p) => format!("[{p}] {line}"),
+        None => line.to_string(),
+    };
+    crate::runlog::line(&text);
     if quiet() {
         return;
     }
-    output_always(prefix, line, stderr);
+    write_output(&text, stderr);
 }
 
 /// Writes a line of task output even with `-q` (a failed task's log).
 pub fn output_always(prefix: Option<&str>, line: &str, stderr: bool) {
+    let text = match prefix {
+        Some(p) => format!("[{p}] {line}"),
+        None => line.to_string(),
+    };
+    write_output(&text, stderr);
+}
+
+fn write_output(text: &str, stderr: bool) {
+    let text = format!("{text}\n");
     let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
     with_cleared(&mut s, || {
-        let text = match prefix {
-            Some(p) => format!("[{p}] {line}\n"),
-            None => format!("{line}\n"),
-        };
         if stderr {
             let _ = std::io::stderr().write_all(text.as_bytes());
         } else {

@@ -14,6 +14,7 @@ pub mod graph;
 pub mod interrupt;
 pub mod recipe;
 pub mod remote;
+pub mod runlog;
 pub mod store;
 pub mod util;
 

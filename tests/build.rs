@@ -831,3 +831,45 @@ fn a_trace_and_the_result_say_when_and_where_each_task_ran() {
     assert!(task("a")["worker"].as_str().unwrap().starts_with("local "));
     assert_eq!(task("bad")["error"], "Command failed: exit 4");
 }
+
+#[test]
+fn every_build_is_logged_and_a_failed_tasks_output_is_kept() {
+    let ws = Workspace::with(
+        "[task.good]\nrun = \"echo hidden-by-quiet\"\n[task.bad]\nrun = \"echo first-line; echo 'error: bad thing' >&2; exit 3\"\n",
+    );
+    ws.jolt(&["log"])
+        .code(2)
+        .contains("No build has been logged yet");
+    ws.jolt(&["-q", "build", "good"]).success();
+    // The full log, whatever the verbosity.
+    ws.jolt(&["log"])
+        .success()
+        .contains("$ jolt -q build good")
+        .contains("hidden-by-quiet")
+        .contains("Execution finished");
+    let run = ws.jolt(&["build", "bad"]);
+    run.code(1);
+    let kept = run
+        .all()
+        .lines()
+        .find_map(|l| l.split("Task output kept in ").nth(1).map(str::to_string))
+        .expect("the kept output's path");
+    let text = std::fs::read_to_string(kept.trim()).unwrap();
+    assert!(
+        text.contains("first-line") && text.contains("error: bad thing"),
+        "{text}"
+    );
+    assert!(
+        kept.starts_with(ws.state_home().to_str().unwrap()),
+        "{kept}"
+    );
+    let list = ws.jolt(&["log", "-l"]);
+    list.success();
+    assert_eq!(list.stdout.lines().count(), 2, "{}", list.stdout);
+    assert!(list
+        .stdout
+        .lines()
+        .last()
+        .unwrap()
+        .ends_with("$ jolt build bad"));
+}

@@ -26,6 +26,10 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         // Before any thread starts: these commands run tasks.
         crate::executor::guardian::start();
     }
+    if matches!(cli.command, None | Some(Cmd::Build(_))) {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        crate::runlog::start(&args);
+    }
     let config = Config::load(&cli.config)?;
     config.register_secrets();
     match cli.command {
@@ -39,5 +43,6 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         Some(Cmd::List(args)) => query::list(&config, args),
         Some(Cmd::Inspect(args)) => query::inspect(&config, args),
         Some(Cmd::Display(args)) => query::display(&config, args),
+        Some(Cmd::Log(args)) => query::log(args),
     }
 }

@@ -1,6 +1,6 @@
 //! `list`, `inspect` and `display`: read-only views of recipes, graph and cache.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::collections::BTreeSet;
 
 use super::workspace::Workspace;
@@ -216,4 +216,27 @@ fn tree(graph: &Graph, i: usize, indent: &str, prune: bool, printed: &mut BTreeS
         console::print(&format!("{indent}{branch}{name}"));
         tree(graph, d, &format!("{indent}{cont}"), prune, printed);
     }
+}
+
+/// `jolt log`: the last run's log, or (`-l`) the runs kept.
+pub fn log(args: crate::cli::LogArgs) -> Result<Exit> {
+    let runs = crate::runlog::runs();
+    if args.list {
+        for run in &runs {
+            let text = std::fs::read_to_string(run).unwrap_or_default();
+            let command = text.lines().next().unwrap_or("");
+            console::print(&format!("{}  {command}", run.display()));
+        }
+        return Ok(Exit::Success);
+    }
+    let Some(last) = runs.last() else {
+        return Err(crate::error::usage(format!(
+            "No build has been logged yet (logs go to {})",
+            crate::runlog::dir().display()
+        )));
+    };
+    let text =
+        std::fs::read_to_string(last).with_context(|| format!("Cannot read {}", last.display()))?;
+    console::print(text.trim_end_matches('\n'));
+    Ok(Exit::Success)
 }

@@ -298,6 +298,12 @@ impl Runner<'_> {
             Ok(manifest) => manifest,
             Err(mut failure) => {
                 failure.log = tail(&staging.join(BUILD_LOG));
+                if !failure.interrupted {
+                    failure.kept = crate::runlog::keep_task_log(
+                        &super::kept_name(node),
+                        &staging.join(BUILD_LOG),
+                    );
+                }
                 let _ = fsutil::remove_dir_all(&staging);
                 return Err(failure);
             }
@@ -417,6 +423,7 @@ impl Runner<'_> {
             interrupted: false,
             log: Some(reply.log),
             remote: true,
+            kept: None,
         }
     }
 
@@ -819,6 +826,7 @@ impl Runner<'_> {
             interrupted: false,
             log: None,
             remote: false,
+            kept: None,
         })
     }
 
@@ -881,6 +889,7 @@ impl Runner<'_> {
             interrupted: false,
             log: None,
             remote: false,
+            kept: None,
         })
     }
 

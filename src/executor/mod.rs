@@ -185,6 +185,8 @@ struct Failure {
     log: Option<String>,
     /// The failure happened on a network worker.
     remote: bool,
+    /// Where the task's whole output was kept (see `runlog`).
+    kept: Option<PathBuf>,
 }
 
 impl Failure {
@@ -194,6 +196,7 @@ impl Failure {
             interrupted: false,
             log: None,
             remote: false,
+            kept: None,
         }
     }
 
@@ -621,6 +624,15 @@ impl<'a> Scheduler<'a> {
         }
         Ok(())
     }
+}
+
+/// The name a failed task's kept output gets: `NAME-ID8`.
+fn kept_name(node: &crate::graph::Node) -> String {
+    format!(
+        "{}-{}",
+        node.short,
+        &node.identity[..node.identity.len().min(8)]
+    )
 }
 
 /// The lines only `old` has (`- LINE`), then those only `new` has (`+ LINE`), each
@@ -1140,6 +1152,16 @@ impl Scheduler<'_> {
             node.label(),
             if unstable { ", unstable" } else { "" }
         ));
+        let kept = failure.kept.clone().or_else(|| {
+            let text = failure
+                .log
+                .as_deref()
+                .filter(|l| failure.remote && !l.is_empty())?;
+            crate::runlog::keep_task_text(&kept_name(node), text)
+        });
+        if let Some(path) = kept {
+            console::error(&format!("Task output kept in {}", path.display()));
+        }
         let mut log = failure.log.unwrap_or_default();
         for line in &failure.lines {
             if !log.is_empty() {

@@ -41,6 +41,11 @@ impl Workspace {
         self.dir.path().join("cache")
     }
 
+    /// Where jolt writes its run logs.
+    pub fn state_home(&self) -> PathBuf {
+        self.dir.path().join("xdgstate")
+    }
+
     pub fn config_home(&self) -> PathBuf {
         self.dir.path().join("config")
     }
@@ -105,6 +110,7 @@ impl Workspace {
         }
         cmd.env("XDG_CONFIG_HOME", self.config_home())
             .env("XDG_CACHE_HOME", self.dir.path().join("xdgcache"))
+            .env("XDG_STATE_HOME", self.state_home())
             .env("JOLT_JOLT_CACHEDIR", self.cachedir())
             .stdin(Stdio::null());
     }

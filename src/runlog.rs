@@ -1,0 +1,156 @@
+//! Run logs: every build writes its full log (every console line, task output and
+//! `-v`/`-vv` lines included, whatever the verbosity) to a file of its own under the
+//! user's state directory, and keeps a failed task's whole output beside it.
+//!
+//! ```text
+//! $XDG_STATE_HOME/jolt/runs/          (default ~/.local/state/jolt/runs)
+//!   20261201T192301Z-4242.log         one run: its command line, then its lines
+//!   20261201T192301Z-4242/NAME-ID8.log  the output of a task that failed in it
+//! ```
+//!
+//! The newest [`KEPT_RUNS`] runs are kept. `jolt log` prints the last run, `jolt log
+//! -l` lists them. A log that cannot be written is a debug line, never a failure.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// How many runs are kept.
+pub const KEPT_RUNS: usize = 50;
+
+struct Run {
+    file: File,
+    /// Where the outputs of failed tasks go.
+    tasks: PathBuf,
+}
+
+static RUN: Mutex<Option<Run>> = Mutex::new(None);
+
+/// Where run logs live: `$XDG_STATE_HOME/jolt/runs`, else `~/.local/state/jolt/runs`.
+pub fn dir() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/"))
+                .join(".local")
+                .join("state")
+        });
+    base.join("jolt").join("runs")
+}
+
+/// Starts this process's run log, its first line the command line.
+pub fn start(args: &[String]) {
+    let dir = dir();
+    let now = crate::util::fs::now_secs();
+    let stamp: String = crate::util::fs::format_timestamp(now)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let name = format!("{stamp}-{}", std::process::id());
+    let opened = std::fs::create_dir_all(&dir).and_then(|()| {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(dir.join(format!("{name}.log")))
+    });
+    match opened {
+        Ok(mut file) => {
+            let _ = writeln!(file, "$ jolt {}", args.join(" "));
+            *RUN.lock().unwrap_or_else(|e| e.into_inner()) = Some(Run {
+                file,
+                tasks: dir.join(name),
+            });
+            prune();
+        }
+        Err(e) => crate::console::debug(&format!("no run log in {}: {e}", dir.display())),
+    }
+}
+
+/// Appends a line (secrets already masked by the caller).
+pub fn line(text: &str) {
+    let mut run = RUN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = run.as_mut() {
+        let _ = writeln!(r.file, "{text}");
+    }
+}
+
+/// Keeps a failed remote task's output (the tail its worker sent) with this run.
+pub fn keep_task_text(name: &str, text: &str) -> Option<PathBuf> {
+    let tmp = std::env::temp_dir().join(format!(".jolt-log-{}", crate::util::fs::unique_suffix()));
+    std::fs::write(&tmp, text).ok()?;
+    let kept = keep_task_log(name, &tmp);
+    let _ = std::fs::remove_file(&tmp);
+    kept
+}
+
+/// Keeps a failed task's output (`log`, its build log) with this run; returns where.
+pub fn keep_task_log(name: &str, log: &Path) -> Option<PathBuf> {
+    let dir = RUN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()?
+        .tasks
+        .clone();
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let dest = dir.join(format!("{safe}.log"));
+    let copied = std::fs::create_dir_all(&dir).and_then(|()| {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never through a link, never blocking on a fifo put in its place.
+        let mut src = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(log)?;
+        if !src.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        let mut out = File::create(&dest)?;
+        std::io::copy(&mut src, &mut out)
+    });
+    match copied {
+        Ok(_) => Some(dest),
+        Err(e) => {
+            crate::console::debug(&format!("cannot keep {}: {e}", log.display()));
+            None
+        }
+    }
+}
+
+/// The runs kept, oldest first.
+pub fn runs() -> Vec<PathBuf> {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    logs
+}
+
+/// Removes all but the newest [`KEPT_RUNS`] runs.
+fn prune() {
+    let logs = runs();
+    if logs.len() <= KEPT_RUNS {
+        return;
+    }
+    for old in &logs[..logs.len() - KEPT_RUNS] {
+        let _ = std::fs::remove_file(old);
+        let _ = std::fs::remove_dir_all(old.with_extension(""));
+    }
+}
