@@ -873,3 +873,18 @@ fn every_build_is_logged_and_a_failed_tasks_output_is_kept() {
         .unwrap()
         .ends_with("$ jolt build bad"));
 }
+
+#[test]
+fn the_summary_gives_the_cache_hit_rate_and_the_slowest_tasks() {
+    let ws = Workspace::with(
+        "[task.a]\nrun = \"sleep 0.3\"\n[task.b]\nrun = \"true\"\n[task.all]\nkind = \"alias\"\nrequires = [\"a\", \"b\"]\n",
+    );
+    ws.jolt(&["build", "all"])
+        .success()
+        .contains("Cache hits: 0 of 2 (0%); slowest: a ")
+        .contains("s, b ");
+    ws.jolt(&["build", "-f", "b"]).success();
+    ws.jolt(&["build", "all"])
+        .success()
+        .contains("Cache hits: 2 of 2 (100%)\n");
+}

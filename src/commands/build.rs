@@ -254,6 +254,9 @@ fn finish(
             console::error(&format!("- {}{suffix}", graph.nodes[i].label()));
         }
     }
+    if let Some(line) = summary(graph, report) {
+        console::info(&line);
+    }
     console::info(&format!(
         "Total execution time: {} ({} executed, {} downloaded, {} cached, {} failed)",
         format_duration(started.elapsed()),
@@ -370,4 +373,43 @@ fn write_trace(path: &std::path::Path, graph: &Graph, report: &executor::Report)
         "displayTimeUnit": "ms",
     }))?;
     std::fs::write(path, text).with_context(|| format!("Cannot write {}", path.display()))
+}
+
+/// How many tasks the summary names as the slowest.
+const SLOWEST: usize = 3;
+
+/// The cache hit rate of the tasks the build needed, and the slowest executions.
+fn summary(graph: &Graph, report: &executor::Report) -> Option<String> {
+    let hits = report.count(Status::Cached) + report.count(Status::Downloaded);
+    let executed = report.count(Status::Executed);
+    let needed = hits
+        + executed
+        + report.count(Status::Failed)
+        + report.count(Status::Unstable)
+        + report.count(Status::Uploaded);
+    if needed == 0 {
+        return None;
+    }
+    let mut line = format!("Cache hits: {hits} of {needed} ({}%)", hits * 100 / needed);
+    let mut slow: Vec<(usize, std::time::Duration)> = (0..graph.nodes.len())
+        .filter(|&i| report.status[i] == Status::Executed)
+        .filter_map(|i| report.duration[i].map(|d| (i, d)))
+        .collect();
+    slow.sort_by_key(|s| std::cmp::Reverse(s.1));
+    if !slow.is_empty() {
+        let names: Vec<String> = slow
+            .iter()
+            .take(SLOWEST)
+            .map(|(i, d)| {
+                let took = if d.as_secs() < 60 {
+                    format!("{:.1}s", d.as_secs_f64())
+                } else {
+                    format_duration(*d)
+                };
+                format!("{} {took}", graph.nodes[*i].short)
+            })
+            .collect();
+        line.push_str(&format!("; slowest: {}", names.join(", ")));
+    }
+    Some(line)
 }

@@ -447,6 +447,8 @@ struct Spans {
     /// Slots of each lane in use, and the slot of each running job.
     busy: [Vec<bool>; 2],
     slot: Vec<usize>,
+    /// The jobs running now.
+    active: Vec<usize>,
 }
 
 impl Spans {
@@ -459,6 +461,7 @@ impl Spans {
             kind: vec![""; n],
             busy: [Vec::new(), Vec::new()],
             slot: vec![0; n],
+            active: Vec::new(),
         }
     }
 
@@ -480,10 +483,12 @@ impl Spans {
         self.kind[i] = kind;
         self.lane[i] = Some(format!("{lane} {slot}"));
         self.began[i] = Some(self.t0.elapsed());
+        self.active.push(i);
     }
 
     fn end(&mut self, i: usize) {
         self.ended[i] = Some(self.t0.elapsed());
+        self.active.retain(|&a| a != i);
         let lane = if self.kind[i] == "execute" { 0 } else { 1 };
         if let Some(b) = self.busy[lane].get_mut(self.slot[i]) {
             *b = false;
@@ -566,7 +571,7 @@ impl<'a> Scheduler<'a> {
             if lanes.running == [0, 0] {
                 return Ok(interrupted);
             }
-            self.show_status(lanes.running[0]);
+            self.show_status(lanes.running);
             let event = match lanes.events.recv_timeout(Duration::from_millis(100)) {
                 Ok(e) => e,
                 Err(RecvTimeoutError::Timeout) => continue,
@@ -624,6 +629,58 @@ impl<'a> Scheduler<'a> {
         }
         Ok(())
     }
+}
+
+/// What a network build's requests are doing.
+#[derive(Clone, Copy)]
+struct RemoteCounts {
+    /// Accepted by a worker.
+    on_workers: usize,
+    /// Sent, not yet accepted.
+    in_broker: usize,
+    /// Ready, not yet sent (over `amqp.jobs`).
+    waiting: usize,
+}
+
+/// At most how many running tasks the status line names.
+const STATUS_NAMES: usize = 3;
+
+/// The live status line: progress, the tasks running here (the longest running
+/// first) with their time so far, and where a network build's requests are.
+fn status_text(
+    done: usize,
+    total: usize,
+    running: &[(&str, Duration)],
+    remote: Option<RemoteCounts>,
+    stopping: bool,
+) -> String {
+    let mut text = format!("[{done}/{total}] {} running", running.len());
+    let mut longest: Vec<&(&str, Duration)> = running.iter().collect();
+    longest.sort_by_key(|r| std::cmp::Reverse(r.1));
+    if !longest.is_empty() {
+        let named: Vec<String> = longest
+            .iter()
+            .take(STATUS_NAMES)
+            .map(|(name, t)| format!("{name} {}s", t.as_secs()))
+            .collect();
+        text.push_str(&format!(": {}", named.join(", ")));
+        if longest.len() > STATUS_NAMES {
+            text.push_str(&format!(" +{}", longest.len() - STATUS_NAMES));
+        }
+    }
+    if let Some(r) = remote {
+        text.push_str(&format!(
+            "; {} on workers, {} queued in the broker",
+            r.on_workers, r.in_broker
+        ));
+        if r.waiting > 0 {
+            text.push_str(&format!(", {} not sent yet", r.waiting));
+        }
+    }
+    if stopping {
+        text.push_str(", stopping");
+    }
+    text
 }
 
 /// The name a failed task's kept output gets: `NAME-ID8`.
@@ -1181,23 +1238,56 @@ impl Scheduler<'_> {
         self.propagate(i, Some((i, unstable)));
     }
 
-    fn show_status(&self, running: usize) {
-        let remote = match self.mode {
-            Mode::Network(_) => {
-                let in_flight = self.ready[1].len();
-                format!(
-                    ", {} remote running, {} queued",
-                    self.remote_running, in_flight
+    fn show_status(&self, running: [usize; 2]) {
+        let now = self.spans.t0.elapsed();
+        let local: Vec<(&str, Duration)> = self
+            .spans
+            .active
+            .iter()
+            .filter(|&&i| self.plan[i] == Plan::Execute)
+            .map(|&i| {
+                let began = self.spans.began[i].unwrap_or(now);
+                (
+                    self.graph.nodes[i].short.as_str(),
+                    now.saturating_sub(began),
                 )
-            }
-            _ => String::new(),
+            })
+            .collect();
+        let remote = match self.mode {
+            // Sent requests are queued in the broker until a worker accepts them.
+            Mode::Network(_) => Some(RemoteCounts {
+                on_workers: self.remote_running,
+                in_broker: running[1].saturating_sub(self.remote_running),
+                waiting: self.ready[1].len(),
+            }),
+            _ => None,
         };
-        console::status(Some(format!(
-            "[{}/{}] {} running{remote}{}",
-            self.done,
-            self.total,
-            running,
-            if self.stop { ", stopping" } else { "" }
+        console::status(Some(status_text(
+            self.done, self.total, &local, remote, self.stop,
         )));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_names_the_longest_running_tasks_and_where_requests_are() {
+        let s = Duration::from_secs;
+        let running = [("a", s(1)), ("b", s(7)), ("c", s(3)), ("d", s(0))];
+        assert_eq!(
+            status_text(4, 30, &running, None, false),
+            "[4/30] 4 running: b 7s, c 3s, a 1s +1"
+        );
+        let remote = RemoteCounts {
+            on_workers: 2,
+            in_broker: 24,
+            waiting: 0,
+        };
+        assert_eq!(
+            status_text(4, 30, &[], Some(remote), true),
+            "[4/30] 0 running; 2 on workers, 24 queued in the broker, stopping"
+        );
     }
 }
