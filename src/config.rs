@@ -53,6 +53,90 @@ pub const KEYS: &[&str] = &[
     "network.config",
 ];
 
+/// What a key's value must be.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Text,
+    Bool,
+    /// An integer within bounds.
+    Int(i64, i64),
+    Size,
+}
+
+/// Each key's kind and default as `jolt config -l` shows it (`None`: unset).
+const SPECS: &[(&str, Kind, Option<&str>)] = &[
+    ("jolt.cachedir", Kind::Text, None),
+    ("jolt.cachesize", Kind::Size, Some("10G")),
+    (
+        "jolt.jobs",
+        Kind::Int(0, 1024),
+        Some("0 (the number of CPUs)"),
+    ),
+    ("jolt.default", Kind::Text, Some("default")),
+    ("jolt.upload", Kind::Bool, Some("true")),
+    ("jolt.download", Kind::Bool, Some("true")),
+    ("http.uri", Kind::Text, None),
+    ("http.upload", Kind::Bool, Some("true")),
+    ("http.download", Kind::Bool, Some("true")),
+    ("http.username", Kind::Text, None),
+    ("http.password", Kind::Text, None),
+    ("http.connect_timeout", Kind::Int(0, 86400), Some("10")),
+    ("http.timeout", Kind::Int(0, 86400), Some("60")),
+    ("http.retries", Kind::Int(0, 100), Some("3")),
+    ("http.transfers", Kind::Int(1, 64), Some("16")),
+    ("http.ca_file", Kind::Text, None),
+    ("amqp.host", Kind::Text, Some("localhost")),
+    (
+        "amqp.port",
+        Kind::Int(0, 65535),
+        Some("5672 (5671 with TLS)"),
+    ),
+    ("amqp.vhost", Kind::Text, Some("/")),
+    ("amqp.username", Kind::Text, Some("guest")),
+    ("amqp.password", Kind::Text, Some("guest")),
+    ("amqp.routing_key", Kind::Text, Some("default")),
+    ("amqp.priority", Kind::Int(0, 255), Some("0")),
+    ("amqp.max_priority", Kind::Int(0, 255), Some("10")),
+    ("amqp.heartbeat", Kind::Int(0, 3600), Some("30")),
+    ("amqp.connect_timeout", Kind::Int(0, 3600), Some("10")),
+    ("amqp.tls", Kind::Bool, Some("false")),
+    ("amqp.ca_file", Kind::Text, None),
+    ("amqp.progress", Kind::Int(0, 3600), Some("5")),
+    ("amqp.timeout", Kind::Int(0, 86400), Some("300")),
+    ("amqp.jobs", Kind::Int(1, 1024), Some("32")),
+    ("network.upload", Kind::Bool, Some("true")),
+    ("network.download", Kind::Bool, Some("true")),
+    ("network.config", Kind::Text, None),
+];
+
+/// Refuses a value its key cannot take (`jolt config KEY VALUE`).
+pub fn check_value(key: &str, value: &str) -> Result<()> {
+    let Some((_, kind, _)) = SPECS.iter().find(|(k, _, _)| *k == key) else {
+        return Ok(());
+    };
+    let ok = match *kind {
+        Kind::Text => true,
+        Kind::Bool => parse_bool(value).is_some(),
+        Kind::Int(lo, hi) => value
+            .trim()
+            .parse::<i64>()
+            .is_ok_and(|v| (lo..=hi).contains(&v)),
+        Kind::Size => parse_size(value).is_some(),
+    };
+    if ok {
+        return Ok(());
+    }
+    let expected = match *kind {
+        Kind::Bool => "a boolean (true, false)".to_string(),
+        Kind::Int(lo, hi) => format!("an integer from {lo} to {hi}"),
+        Kind::Size => "a size such as 500M or 10G".to_string(),
+        Kind::Text => String::new(),
+    };
+    Err(usage(format!(
+        "Illegal value '{value}' for configuration key {key}: expected {expected}"
+    )))
+}
+
 /// Whether jolt knows the configuration key `section.key`.
 pub fn is_known(key: &str) -> bool {
     KEYS.contains(&key) || key.starts_with("params.")
@@ -105,6 +189,8 @@ type Section = BTreeMap<String, toml::Value>;
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     values: BTreeMap<String, Section>,
+    /// Where each `section.key` set got its value: a file, the environment, `-c`.
+    origins: BTreeMap<String, String>,
 }
 
 /// Where `jolt config KEY VALUE` writes.
@@ -196,7 +282,7 @@ impl Config {
         let merge_file = |config: &mut Config, path: &Path| -> Result<()> {
             let sections = read_file(path)?;
             warn_unknown(path, &sections);
-            config.merge(sections);
+            config.merge(sections, &path.display().to_string());
             Ok(())
         };
         merge_file(&mut config, &global_file())?;
@@ -218,14 +304,52 @@ impl Config {
         config.merge_env(std::env::vars());
         for (key, value) in assignments {
             config.set(&key, toml::Value::String(value));
+            config.origins.insert(key, "-c".into());
         }
         Ok(config)
     }
 
-    fn merge(&mut self, layer: BTreeMap<String, Section>) {
+    fn merge(&mut self, layer: BTreeMap<String, Section>, origin: &str) {
         for (name, section) in layer {
+            for key in section.keys() {
+                self.origins
+                    .insert(format!("{name}.{key}"), origin.to_string());
+            }
             self.values.entry(name).or_default().extend(section);
         }
+    }
+
+    /// Every known key with its effective value (or `None`, unset) and where the
+    /// value comes from: `default`, a file, `environment (VAR)` or `-c`; then any
+    /// `params.*` set.
+    pub fn effective(&self) -> Vec<(String, Option<String>, String)> {
+        let mut out = Vec::new();
+        for (key, _, default) in SPECS {
+            let entry = match self.value(key) {
+                Some(v) => (
+                    value_to_string(v),
+                    self.origins.get(*key).cloned().unwrap_or_default(),
+                ),
+                None if *key == "jolt.cachedir" => {
+                    (self.cachedir().display().to_string(), "default".into())
+                }
+                None => match default {
+                    Some(d) => (d.to_string(), "default".into()),
+                    None => {
+                        out.push((key.to_string(), None, "default".into()));
+                        continue;
+                    }
+                },
+            };
+            out.push((key.to_string(), Some(entry.0), entry.1));
+        }
+        for (key, value) in self.entries() {
+            if key.starts_with("params.") {
+                let origin = self.origins.get(&key).cloned().unwrap_or_default();
+                out.push((key, Some(value), origin));
+            }
+        }
+        out
     }
 
     fn merge_env(&mut self, vars: impl Iterator<Item = (String, String)>) {
@@ -253,6 +377,7 @@ impl Config {
                 continue;
             }
             self.set(&key, toml::Value::String(value));
+            self.origins.insert(key, format!("environment ({name})"));
         }
     }
 
@@ -417,6 +542,19 @@ pub fn parse_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_key_has_a_kind_and_every_kind_checks_its_values() {
+        let specced: Vec<&str> = SPECS.iter().map(|(k, _, _)| *k).collect();
+        assert_eq!(specced, KEYS);
+        assert!(check_value("jolt.cachesize", "2G").is_ok());
+        assert!(check_value("jolt.cachesize", "banana").is_err());
+        assert!(check_value("amqp.tls", "yes").is_ok());
+        assert!(check_value("amqp.tls", "maybe").is_err());
+        assert!(check_value("http.transfers", "64").is_ok());
+        assert!(check_value("http.transfers", "65").is_err());
+        assert!(check_value("amqp.host", "anything").is_ok());
+    }
 
     #[test]
     fn sizes_parse_with_binary_units() {

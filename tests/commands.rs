@@ -222,3 +222,31 @@ fn unknown_tasks_and_parameters_suggest_the_close_ones() {
         .contains("(did you mean 'recipient'?)");
     ws.jolt(&["build", "zzz"]).code(2).lacks("did you mean");
 }
+
+#[test]
+fn config_list_shows_every_effective_value_and_its_origin() {
+    let ws = workspace();
+    // Regression (issue 13): a fresh `jolt config -l` printed nothing.
+    ws.jolt(&["config", "-l"])
+        .success()
+        .contains("jolt.cachesize = 10G  # default")
+        .contains("http.uri = (not set)  # default")
+        .contains("amqp.jobs = 32  # default");
+    ws.jolt(&["config", "jolt.cachesize", "2G"]).success();
+    let mut cmd = ws.command(&["-c", "amqp.jobs=64", "config", "-l"]);
+    cmd.env("JOLT_HTTP_TIMEOUT", "5");
+    ws.run(cmd)
+        .success()
+        .contains("jolt.cachesize = 2G  # ")
+        .contains("config.toml")
+        .contains("http.timeout = 5  # environment (JOLT_HTTP_TIMEOUT)")
+        .contains("amqp.jobs = 64  # -c");
+    // A bad value is refused, and nothing is written.
+    ws.jolt(&["config", "jolt.cachesize", "banana"])
+        .code(2)
+        .contains("Illegal value 'banana' for configuration key jolt.cachesize");
+    ws.jolt(&["config", "amqp.tls", "maybe"]).code(2);
+    ws.jolt(&["config", "jolt.cachesize"])
+        .success()
+        .contains("2G");
+}

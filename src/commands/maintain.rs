@@ -59,19 +59,22 @@ pub fn config(merged: &Config, args: ConfigArgs) -> Result<Exit> {
         config::user_file()
     };
     if args.list {
-        let entries = if args.global {
+        if args.global {
             let mut c = Config::default();
             for (section, values) in config::read_file(&file)? {
                 for (k, v) in values {
                     c.set(&format!("{section}.{k}"), v);
                 }
             }
-            c.entries()
-        } else {
-            merged.entries()
-        };
-        for (key, value) in entries {
-            console::print(&format!("{key} = {}", shown(&key, &value)));
+            for (key, value) in c.entries() {
+                console::print(&format!("{key} = {}", shown(&key, &value)));
+            }
+            return Ok(Exit::Success);
+        }
+        // Every key's effective value, and where it comes from.
+        for (key, value, origin) in merged.effective() {
+            let value = value.map_or_else(|| "(not set)".to_string(), |v| shown(&key, &v));
+            console::print(&format!("{key} = {value}  # {origin}"));
         }
         return Ok(Exit::Success);
     }
@@ -104,6 +107,7 @@ pub fn config(merged: &Config, args: ConfigArgs) -> Result<Exit> {
         },
         Some(value) => {
             config::check_key(&key)?;
+            config::check_value(&key, &value)?;
             let mut sections = config::read_file(&file)?;
             sections
                 .entry(section.to_string())
