@@ -62,6 +62,21 @@ fn a_failing_remote_task_exits_1_and_shows_its_log() {
 }
 
 #[test]
+fn a_remote_tasks_output_is_replayed_on_success() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with(
+        "[task.dep]\nrun = \"echo from-the-requirement\"\n[task.say]\nrequires = [\"dep\"]\nrun = [\"echo hello-from-a-worker\", \"echo to-stderr >&2\"]\n",
+    );
+    // Regression (issue 13): only a failing remote task's output was shown.
+    c.build(&ws, &["say"])
+        .success()
+        .contains("[say] hello-from-a-worker")
+        .contains("[say] to-stderr")
+        .contains("[dep] from-the-requirement");
+}
+
+#[test]
 fn a_killed_worker_loses_no_task() {
     let Some(c) = cluster() else { return };
     let first = c.worker();

@@ -571,8 +571,20 @@ impl Worker {
             )
         });
         Ok(match failed {
+            // The goal's output goes back with the reply, replayed by the client.
             None if !report.failed() => {
-                Outcome::Done(ReplyKind::Success, String::new(), String::new())
+                let output = match report.status[goal] {
+                    Status::Executed => {
+                        let dir = self.cache.artifact_dir(node.name(), &node.identity);
+                        crate::store::artifact::output_tail(
+                            &dir.join(crate::store::artifact::BUILD_LOG),
+                            crate::store::artifact::REPLAYED_OUTPUT,
+                        )
+                        .unwrap_or_default()
+                    }
+                    _ => String::new(),
+                };
+                Outcome::Done(ReplyKind::Success, output, String::new())
             }
             None => Outcome::Done(
                 ReplyKind::Failed,

@@ -371,6 +371,11 @@ impl Runner<'_> {
             if reply.kind != ReplyKind::Success {
                 return Err(self.remote_failure(i, reply));
             }
+            // The task's output, as a local task's would show (the worker sends at
+            // most its last MiB, saying what it cut).
+            for line in reply.log.lines() {
+                self.send(Event::Replay(i, line.to_string()));
+            }
             if !(node.task.cacheable && self.is_goal[i]) {
                 return Ok(Done::RemoteExecuted(None, duration));
             }

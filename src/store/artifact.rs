@@ -38,6 +38,37 @@ pub fn read_small(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     Ok(data)
 }
 
+/// The most of a task's output a worker sends back with a reply.
+pub const REPLAYED_OUTPUT: u64 = 1 << 20;
+
+/// The end of a build log for a reply: at most `limit` bytes, from a line's start,
+/// after a line saying how much was cut. `None` when it cannot be read as a regular
+/// file (never through a link, never blocking on a fifo).
+pub fn output_tail(path: &Path, limit: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let len = file.metadata().ok().filter(|m| m.is_file())?.len();
+    let start = len.saturating_sub(limit);
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut data = Vec::new();
+    file.take(limit).read_to_end(&mut data).ok()?;
+    if start == 0 {
+        return Some(String::from_utf8_lossy(&data).into_owned());
+    }
+    // Cut at the first whole line.
+    let from = data.iter().position(|&b| b == b'\n').map_or(0, |p| p + 1);
+    let cut = start + from as u64;
+    Some(format!(
+        "[... the first {cut} bytes of the output are not shown ...]\n{}",
+        String::from_utf8_lossy(&data[from..])
+    ))
+}
+
 /// The content of `.manifest.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -240,6 +271,19 @@ pub fn publish(task: &str, rule: &Rule, artifact: &Path) -> Result<Vec<PathBuf>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_output_is_cut_at_a_line_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        std::fs::write(&log, "one\ntwo\nthree\n").unwrap();
+        assert_eq!(output_tail(&log, 100).unwrap(), "one\ntwo\nthree\n");
+        assert_eq!(
+            output_tail(&log, 9).unwrap(),
+            "[... the first 8 bytes of the output are not shown ...]\nthree\n"
+        );
+        assert!(output_tail(&dir.path().join("none"), 9).is_none());
+    }
 
     fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
