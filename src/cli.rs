@@ -67,6 +67,16 @@ pub enum Cmd {
     Cache(CacheCmd),
     /// Print the log of the last build (every line, whatever the verbosity)
     Log(LogArgs),
+    /// For each pool, the requests waiting in the broker and the workers consuming
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Pools (routing keys) to show (default: amqp.routing_key and every routing key
+    /// of the workspace's tasks)
+    #[arg(value_name = "POOL")]
+    pub pools: Vec<String>,
 }
 
 #[derive(Debug, Args)]

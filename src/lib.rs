@@ -46,11 +46,20 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
         }
     };
     console::init(verbosity, color);
-    let _ = env_logger::Builder::new()
-        .filter_level(match verbosity {
-            2.. => log::LevelFilter::Debug,
-            _ => log::LevelFilter::Warn,
-        })
+    let mut logger = env_logger::Builder::new();
+    logger.filter_level(match verbosity {
+        2.. => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Warn,
+    });
+    if matches!(cli.command, Some(cli::Cmd::Status(_))) && verbosity < 2 {
+        // `jolt status` asks for queues that may not exist: the broker closes the
+        // channel, which amiquip reports as a warning.
+        logger.filter_module(
+            "amiquip::io_loop::connection_state",
+            log::LevelFilter::Error,
+        );
+    }
+    let _ = logger
         .parse_env("RUST_LOG")
         // Every record is redacted: amiquip logs its handshake, password included.
         .format(|out, record| {

@@ -77,6 +77,45 @@ fn a_remote_tasks_output_is_replayed_on_success() {
 }
 
 #[test]
+fn status_counts_a_pools_requests_and_workers_and_a_pool_nobody_serves_is_warned_about() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with("[task.t]\nrun = \"echo ok\"\n");
+    let config = c.config().display().to_string();
+    let pool = c.broker.routing_key.clone();
+    // No worker: the client says so within 10 s instead of waiting in silence.
+    let client = c.spawn_build(&ws, &["t"]);
+    let started = std::time::Instant::now();
+    let status = ws.jolt(&["-c", &config, "status"]);
+    status.success();
+    wait_until("the request in the broker", Duration::from_secs(10), || {
+        ws.jolt(&["-c", &config, "status"]).all().contains(&format!(
+            "pool {pool} (queue jolt_tasks_{pool}): 1 requests waiting, 0 workers consuming"
+        ))
+    });
+    // The warning is in the client's run log as soon as it is printed.
+    let warning = format!("No worker takes requests of pool '{pool}'");
+    let logged = || {
+        std::fs::read_dir(ws.state_home().join("jolt/runs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains(&warning)))
+    };
+    wait_until("the idle pool warning", Duration::from_secs(10), logged);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let _w = c.worker();
+    crate::util::finish(client).success().contains(&warning);
+    wait_until("the worker to consume", Duration::from_secs(10), || {
+        ws.jolt(&["-c", &config, "status", &pool])
+            .all()
+            .contains("0 requests waiting, 1 workers consuming")
+    });
+    ws.jolt(&["-c", &config, "status", "no-such-pool-here"])
+        .success()
+        .contains("no queue yet");
+}
+
+#[test]
 fn a_killed_worker_loses_no_task() {
     let Some(c) = cluster() else { return };
     let first = c.worker();

@@ -44,5 +44,6 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         Some(Cmd::Inspect(args)) => query::inspect(&config, args),
         Some(Cmd::Display(args)) => query::display(&config, args),
         Some(Cmd::Log(args)) => query::log(args),
+        Some(Cmd::Status(args)) => query::status(&config, args),
     }
 }

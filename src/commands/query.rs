@@ -240,3 +240,43 @@ pub fn log(args: crate::cli::LogArgs) -> Result<Exit> {
     console::print(text.trim_end_matches('\n'));
     Ok(Exit::Success)
 }
+
+/// `jolt status`: for each pool, the requests waiting and the workers consuming, as
+/// the broker counts them (a passive declare: nothing is created).
+pub fn status(config: &Config, args: crate::cli::StatusArgs) -> Result<Exit> {
+    let settings = crate::remote::amqp::Settings::from_config(config)?;
+    let mut pools: BTreeSet<String> = args.pools.into_iter().collect();
+    if pools.is_empty() {
+        pools.insert(settings.routing_key.clone());
+        // In a workspace, the pools its tasks name too.
+        let root = std::env::current_dir()
+            .ok()
+            .and_then(|cwd| crate::recipe::find_root(&cwd).ok());
+        if let Some(recipes) = root.and_then(|r| Recipes::load(&r).ok()) {
+            pools.extend(
+                recipes
+                    .tasks
+                    .values()
+                    .filter_map(|t| t.def.routing_key.clone()),
+            );
+        }
+    }
+    let mut connection = settings
+        .connect()
+        .map_err(|e| crate::error::infra(format!("{e:#}")))?;
+    for pool in &pools {
+        let queue = crate::remote::amqp::task_queue(pool);
+        let line = match settings.pool(&mut connection, pool)? {
+            Some(c) => format!(
+                "pool {pool} (queue {queue}): {} requests waiting, {} workers consuming",
+                c.waiting, c.consumers
+            ),
+            None => format!(
+                "pool {pool} (queue {queue}): no queue yet (no request sent, no worker started)"
+            ),
+        };
+        console::print(&line);
+    }
+    let _ = connection.close();
+    Ok(Exit::Success)
+}

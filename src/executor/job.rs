@@ -1068,6 +1068,19 @@ impl RemoteCall<'_> {
                     last_news = None;
                 }
                 Err(_) => {
+                    if last_news.is_none() {
+                        if let Some(waiting) = self.net.client.idle_pool(self.routing_key, still) {
+                            self.runner.log(
+                                console::Level::Warning,
+                                format!(
+                                    "No worker takes requests of pool '{}' (queue {}, {waiting} waiting): start workers with amqp.routing_key = {}",
+                                    self.routing_key,
+                                    crate::remote::amqp::task_queue(self.routing_key),
+                                    self.routing_key
+                                ),
+                            );
+                        }
+                    }
                     if last_news.is_some_and(|t| t.elapsed() > silence) {
                         self.runner.log(
                             console::Level::Warning,

@@ -223,8 +223,9 @@ impl Settings {
         )
     }
 
-    /// Declares the exchanges, and the request queue of `routing_key` bound to it.
-    pub fn declare(&self, channel: &Channel, routing_key: &str) -> Result<()> {
+    /// Declares the exchanges, and the request queue of `routing_key` bound to it;
+    /// returns the queue's requests waiting and consumers, as the broker counts them.
+    pub fn declare(&self, channel: &Channel, routing_key: &str) -> Result<PoolCounts> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -245,6 +246,37 @@ impl Settings {
             },
         )?;
         queue.bind(&requests, routing_key, FieldTable::new())?;
-        Ok(())
+        Ok(PoolCounts {
+            waiting: queue.declared_message_count().unwrap_or(0),
+            consumers: queue.declared_consumer_count().unwrap_or(0),
+        })
     }
+
+    /// What the broker says of the pool `routing_key` without changing anything (a
+    /// passive declare on a channel of its own: a missing queue closes it); `None`
+    /// when the pool's queue does not exist.
+    pub fn pool(
+        &self,
+        connection: &mut amiquip::Connection,
+        routing_key: &str,
+    ) -> Result<Option<PoolCounts>> {
+        let channel = connection.open_channel(None)?;
+        match channel.queue_declare_passive(task_queue(routing_key)) {
+            Ok(queue) => Ok(Some(PoolCounts {
+                waiting: queue.declared_message_count().unwrap_or(0),
+                consumers: queue.declared_consumer_count().unwrap_or(0),
+            })),
+            Err(amiquip::Error::ServerClosedChannel { code: 404, .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A pool's request queue as the broker counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCounts {
+    /// Requests waiting for a worker.
+    pub waiting: u32,
+    /// Workers consuming it.
+    pub consumers: u32,
 }

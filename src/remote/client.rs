@@ -67,7 +67,12 @@ pub struct NetworkClient {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     snapshots: Mutex<HashSet<String>>,
+    /// When each pool's consumers are next counted (see [`NetworkClient::idle_pool`]).
+    pool_checks: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long after its first request a pool's consumers are first counted.
+pub const POOL_CHECK_AFTER: Duration = Duration::from_secs(5);
 
 /// Replies for one identity; unsubscribes when dropped.
 pub struct Subscription<'a> {
@@ -135,6 +140,7 @@ impl NetworkClient {
             shared,
             thread: Some(thread),
             snapshots: Mutex::new(HashSet::new()),
+            pool_checks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -159,6 +165,29 @@ impl NetworkClient {
                 .expect("link")
                 .0;
         }
+    }
+
+    /// Whether the pool `routing_key`, which has requests no worker accepted yet, has
+    /// no worker at all: counted [`POOL_CHECK_AFTER`] after the first call for it and
+    /// then every `every`, once for all its requests (by re-declaring its queue, as
+    /// publishing does). `Some(requests waiting)` when none consumes it.
+    pub fn idle_pool(&self, routing_key: &str, every: Duration) -> Option<u32> {
+        let now = std::time::Instant::now();
+        {
+            let mut checks = self.pool_checks.lock().expect("pool checks");
+            let next = checks
+                .entry(routing_key.to_string())
+                .or_insert(now + POOL_CHECK_AFTER);
+            if now < *next {
+                return None;
+            }
+            *next = now + every;
+        }
+        let counts = self
+            .with_link(|link| self.settings.declare(&link.channel, routing_key))
+            .map_err(|e| crate::console::debug(&format!("counting pool {routing_key}: {e:#}")))
+            .ok()?;
+        (counts.consumers == 0).then_some(counts.waiting)
     }
 
     /// Starts receiving the replies for `identity`.
