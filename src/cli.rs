@@ -69,6 +69,22 @@ pub enum Cmd {
     Log(LogArgs),
     /// For each pool, the requests waiting in the broker and the workers consuming
     Status(StatusArgs),
+    /// Print a completion script for a shell: commands, flags and the workspace's
+    /// task names (bash: `source <(jolt completions bash)`)
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: CompletionShell,
+}
+
+/// The shells `jolt completions` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +204,9 @@ pub struct ListArgs {
     /// All requirements, transitively
     #[arg(short, long)]
     pub all: bool,
+    /// Task names only, one a line (for shell completion)
+    #[arg(long, hide = true)]
+    pub names: bool,
 }
 
 #[derive(Debug, Args)]

@@ -250,3 +250,47 @@ fn config_list_shows_every_effective_value_and_its_origin() {
         .success()
         .contains("2G");
 }
+
+#[test]
+fn completions_complete_commands_flags_and_the_workspaces_tasks() {
+    let ws = Workspace::with("[task.hello]\nrun = \"true\"\n[task.help-me]\nrun = \"true\"\n[task.other]\nrun = \"true\"\n");
+    let bash = ws.jolt(&["completions", "bash"]);
+    bash.success();
+    ws.file("jolt.bash", &bash.stdout);
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_jolt"))
+        .parent()
+        .unwrap();
+    let complete = |words: &str| {
+        let script = format!(
+            "source jolt.bash; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             _jolt_tasks jolt \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\""
+        );
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .current_dir(ws.root())
+            .env(
+                "PATH",
+                format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+            )
+            .env("XDG_CONFIG_HOME", ws.config_home())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tasks = complete("jolt build he");
+    assert!(
+        tasks.contains("hello") && tasks.contains("help-me") && !tasks.contains("other"),
+        "{tasks}"
+    );
+    assert!(complete("jolt bu").lines().any(|l| l == "build"));
+    assert!(complete("jolt build --dry").contains("--dry-run"));
+    ws.jolt(&["completions", "zsh"])
+        .success()
+        .contains("bashcompinit");
+    ws.jolt(&["completions", "fish"])
+        .success()
+        .contains("complete -c jolt")
+        .contains("jolt list --names");
+}

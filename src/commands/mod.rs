@@ -45,5 +45,6 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         Some(Cmd::Display(args)) => query::display(&config, args),
         Some(Cmd::Log(args)) => query::log(args),
         Some(Cmd::Status(args)) => query::status(&config, args),
+        Some(Cmd::Completions(args)) => query::completions(args),
     }
 }

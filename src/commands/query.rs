@@ -19,6 +19,11 @@ pub fn list(_config: &Config, args: ListArgs) -> Result<Exit> {
     let root = crate::recipe::find_root(&std::env::current_dir()?)?;
     let recipes = Recipes::load(&root)?;
     match args.task {
+        None if args.names => {
+            for name in recipes.tasks.keys() {
+                console::print(name);
+            }
+        }
         None => {
             let width = recipes.tasks.keys().map(|k| k.len()).max().unwrap_or(0);
             for (name, task) in &recipes.tasks {
@@ -278,5 +283,60 @@ pub fn status(config: &Config, args: crate::cli::StatusArgs) -> Result<Exit> {
         console::print(&line);
     }
     let _ = connection.close();
+    Ok(Exit::Success)
+}
+
+/// The commands whose arguments are task names.
+const TASK_COMMANDS: &str = "build inspect info display download clean list";
+
+/// `jolt completions SHELL`: clap's script for commands and flags, and a few lines
+/// of our own that complete task names from `jolt list --names` in the workspace the
+/// shell is in.
+pub fn completions(args: crate::cli::CompletionsArgs) -> Result<Exit> {
+    use crate::cli::CompletionShell;
+    use clap::CommandFactory;
+    let mut command = crate::cli::Cli::command();
+    let mut script = Vec::new();
+    let shell = match args.shell {
+        CompletionShell::Bash | CompletionShell::Zsh => clap_complete::Shell::Bash,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut command, "jolt", &mut script);
+    let mut script = String::from_utf8_lossy(&script).into_owned();
+    match args.shell {
+        CompletionShell::Bash | CompletionShell::Zsh => {
+            if args.shell == CompletionShell::Zsh {
+                // zsh runs the bash script through its bash compatibility.
+                script.insert_str(0, "autoload -U +X bashcompinit && bashcompinit\n");
+            }
+            script.push_str(&format!(
+                r#"
+_jolt_tasks() {{
+    _jolt "$@"
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" sub="" w i
+    [[ "$cur" == -* ]] && return
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        w="${{COMP_WORDS[i]}}"
+        case "$w" in
+            -c|--config) ((i++)) ;;
+            -*) ;;
+            *) sub="$w"; break ;;
+        esac
+    done
+    case " {TASK_COMMANDS} " in
+        *" $sub "*) COMPREPLY+=($(compgen -W "$(jolt list --names 2>/dev/null)" -- "$cur")) ;;
+    esac
+}}
+complete -F _jolt_tasks -o bashdefault -o default jolt
+"#
+            ));
+        }
+        CompletionShell::Fish => {
+            script.push_str(&format!(
+                "complete -c jolt -n '__fish_seen_subcommand_from {TASK_COMMANDS}' -f -a '(jolt list --names 2>/dev/null)'\n"
+            ));
+        }
+    }
+    print!("{script}");
     Ok(Exit::Success)
 }
