@@ -39,6 +39,19 @@ fn register_wake(signals: &[i32]) {
     let _ = WAKE.set(read);
 }
 
+/// Ignores SIGTTIN and SIGTTOU, in jolt and (the disposition is inherited through
+/// `exec`) in the commands it runs. Commands run in process groups of their own, in
+/// the background of jolt's terminal: a command that reads the terminal (a password
+/// prompt) or changes its settings was stopped by the kernel, and the build hung
+/// without a word. Now such a read fails (`EIO`) and the command fails or goes on.
+pub fn ignore_terminal_stops() {
+    // SAFETY: setting the disposition of two signals to SIG_IGN has no other effect.
+    unsafe {
+        libc::signal(libc::SIGTTIN, libc::SIG_IGN);
+        libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+    }
+}
+
 /// Installs the client's handlers.
 pub fn install() {
     let signals = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];

@@ -414,3 +414,51 @@ fn a_task_dies_with_a_jolt_killed_between_its_start_and_its_registration() {
     // Regression: with posix_spawn and no announcement, it ran on under init.
     assert_dies(pid, "SIGKILL of jolt before it registered the task");
 }
+
+#[test]
+fn a_task_reading_the_terminal_fails_instead_of_hanging() {
+    // Regression: on a terminal, a command (in a background process group) that read
+    // /dev/tty was stopped by SIGTTIN, and the build hung without a word.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the test needs script (util-linux)"
+        );
+        return;
+    }
+    let ws = Workspace::with(
+        "[task.prompt]\ncacheable = false\nrun = \"read x < /dev/tty; echo read-done\"\n[task.stty]\ncacheable = false\nrun = \"stty -echo < /dev/tty; stty echo < /dev/tty; echo stty-done\"\n",
+    );
+    let jolt = env!("CARGO_BIN_EXE_jolt");
+    for (task, code) in [("prompt", 1), ("stty", 0)] {
+        let line = format!("{jolt} build {task}; echo exit=$?");
+        let cmd = {
+            let mut c = std::process::Command::new("script");
+            c.args(["-qec", &line, "/dev/null"]);
+            c
+        };
+        let mut cmd = cmd;
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let child = ws.spawn_command(cmd);
+        let pid = child.id() as i32;
+        // A hang ends in 30 s (the pty closes, jolt gets SIGHUP) and fails the test.
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let killer = std::thread::spawn(move || {
+            if finished
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .is_err()
+            {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+        let run = crate::util::finish(child);
+        let _ = done.send(());
+        killer.join().unwrap();
+        run.contains(&format!("exit={code}"));
+    }
+}

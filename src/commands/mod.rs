@@ -23,6 +23,7 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         cli.command,
         None | Some(Cmd::Build(_)) | Some(Cmd::AmqpWorker)
     ) {
+        crate::interrupt::ignore_terminal_stops();
         // Before any thread starts: these commands run tasks.
         crate::executor::guardian::start();
     }
