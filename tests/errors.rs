@@ -462,3 +462,21 @@ fn a_task_reading_the_terminal_fails_instead_of_hanging() {
         run.contains(&format!("exit={code}"));
     }
 }
+
+#[test]
+fn a_process_left_running_does_not_write_into_a_committed_artifact() {
+    // Regression: output of a daemon a task left behind (setsid escapes its group)
+    // was appended to the task's .build.log after the artifact was committed.
+    let ws = Workspace::with(
+        "[task.d]\nrun = \"setsid sh -c 'echo $$ > {root}/daemon.pid; sleep 3; echo late-line' & echo launched\"\n[task.slow]\nrun = \"sleep 5\"\n[task.both]\nkind = \"alias\"\nrequires = [\"d\", \"slow\"]\n",
+    );
+    ws.jolt(&["build", "-j", "2", "both"]).success();
+    if let Ok(pid) = ws.read("daemon.pid").trim().parse::<i32>() {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let log = std::fs::read_to_string(ws.artifacts("d")[0].join(".build.log")).unwrap();
+    assert!(
+        log.contains("launched") && !log.contains("late-line"),
+        "{log}"
+    );
+}

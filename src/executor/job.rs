@@ -59,7 +59,32 @@ pub(super) struct Runner<'a> {
     pub is_goal: &'a [bool],
 }
 
-type Log = Arc<Mutex<File>>;
+/// A task's build log while its execution runs. It is closed when the execution's
+/// commands are done, before the artifact is published and committed: a process a
+/// command left running (say, one that escaped its group with `setsid`) must not
+/// write into a committed artifact.
+#[derive(Clone)]
+struct Log(Arc<Mutex<Option<File>>>);
+
+impl Log {
+    fn new(file: File) -> Log {
+        Log(Arc::new(Mutex::new(Some(file))))
+    }
+
+    fn write_all(&self, bytes: &[u8]) {
+        if let Some(f) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let _ = f.write_all(bytes);
+        }
+    }
+
+    fn line(&self, text: &str) {
+        self.write_all(format!("{text}\n").as_bytes());
+    }
+
+    fn close(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
 
 /// The last `LOG_TAIL` lines of a file.
 fn tail(path: &Path) -> Option<String> {
@@ -598,13 +623,15 @@ impl Runner<'_> {
             builddir,
             staging,
             start,
-            log: Arc::new(Mutex::new(log_file)),
+            log: Log::new(log_file),
         };
         let cwd = match &node.task.def.cwd {
             Some(c) => self.root.join(self.expand(i, c, x.dirs())?),
             None => self.root.to_path_buf(),
         };
-        self.run_commands(&x, &cwd)?;
+        let ran = self.run_commands(&x, &cwd);
+        x.log.close();
+        ran?;
         self.publish(&x, &cwd)?;
         self.manifest(&x)
     }
@@ -745,7 +772,6 @@ impl Runner<'_> {
                 .collect()
         };
         let (files, size) = artifact::list_files(x.staging)?;
-        let _ = x.log.lock().expect("log").flush();
         let manifest = Manifest {
             task: node.name().to_string(),
             identity: node.identity.clone(),
@@ -863,7 +889,7 @@ impl Runner<'_> {
             // What is shown and logged: the URL without its userinfo.
             let url = &secrets::masked_url(url);
             let file = builddir.join(&name);
-            let _ = writeln!(log.lock().expect("log"), "Downloading {url}");
+            log.line(&format!("Downloading {url}"));
             self.log(
                 console::Level::Info,
                 format!("Downloading {url} ({})", node.label()),
@@ -887,7 +913,7 @@ impl Runner<'_> {
             }
         }
         for e in &errors {
-            let _ = writeln!(log.lock().expect("log"), "{e}");
+            log.line(&e.to_string());
         }
         Err(Failure {
             lines: errors,
@@ -971,7 +997,7 @@ impl Runner<'_> {
         let log = shell.log;
         match killed {
             Some(process::Killed::TimedOut) => {
-                let _ = writeln!(log.lock().expect("log"), "Command timeout: {cmd}");
+                log.line(&format!("Command timeout: {cmd}"));
                 Err(Failure::new(format!("Command timeout: {cmd}")))
             }
             Some(process::Killed::Interrupted) => {
@@ -980,7 +1006,7 @@ impl Runner<'_> {
             None => match status {
                 Some(process::Exit::Code(0)) => Ok(()),
                 other => {
-                    let _ = writeln!(log.lock().expect("log"), "Command failed: {cmd}");
+                    log.line(&format!("Command failed: {cmd}"));
                     crate::console::debug(&format!("{cmd}: {other:?}"));
                     Err(Failure::new(format!("Command failed: {cmd}")))
                 }
@@ -1197,7 +1223,7 @@ struct Forward {
 
 impl process::Sink for Forward {
     fn bytes(&mut self, bytes: &[u8]) {
-        let _ = self.log.lock().expect("log").write_all(bytes);
+        self.log.write_all(bytes);
     }
 
     fn line(&mut self, line: String, is_err: bool) {
