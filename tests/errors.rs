@@ -480,3 +480,29 @@ fn a_process_left_running_does_not_write_into_a_committed_artifact() {
         "{log}"
     );
 }
+
+#[test]
+fn ctrl_c_while_output_drains_stops_at_once_and_runs_no_further_command() {
+    // Regression: Ctrl-C during the 2 s a command's leftover output drains went
+    // unnoticed until its end, and the task's next command was started.
+    let ws = Workspace::with(
+        "[task.c]\ncacheable = false\nrun = [\"touch {root}/first; sleep 100 & echo x\", \"touch {root}/second; sleep 50\"]\n",
+    );
+    let mut child = ws.spawn(&["build", "c"]);
+    crate::util::wait_until(
+        "the first command",
+        std::time::Duration::from_secs(30),
+        || ws.root().join("first").exists(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let sent = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        sent.elapsed() < std::time::Duration::from_millis(1500),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(!ws.root().join("second").exists(), "the next command ran");
+}

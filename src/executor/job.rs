@@ -929,6 +929,12 @@ impl Runner<'_> {
     /// killed, unless the caller keeps the group (a resource's acquire command).
     fn command(&self, i: usize, shell: &Shell) -> Result<(), Failure> {
         let node: &Node = &self.graph.nodes[i];
+        if shell.interruptible && interrupt::is_set() {
+            return Err(Failure::interrupted(format!(
+                "Command interrupted: {}",
+                secrets::redact(shell.cmd)
+            )));
+        }
         self.log(
             console::Level::Verbose,
             format!("Running: {} ({})", secrets::redact(shell.cmd), node.short),

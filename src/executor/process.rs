@@ -226,10 +226,11 @@ pub fn supervise(
                 }
                 None => timeout = Some(timeout.map_or(FALLBACK_POLL, |t| t.min(FALLBACK_POLL))),
             }
-            if let (Some(fd), None) = (wake, killed) {
-                fds.push(pollfd(fd.as_raw_fd()));
-                roles.push(Role::Interrupt);
-            }
+        }
+        // Also while output drains after the end: Ctrl-C must not wait for it.
+        if let (Some(fd), None) = (wake, killed) {
+            fds.push(pollfd(fd.as_raw_fd()));
+            roles.push(Role::Interrupt);
         }
         let ms = timeout.map_or(-1, |t| {
             // Rounded up, so that a deadline is not polled for again and again.
@@ -246,6 +247,7 @@ pub fn supervise(
             }
         }
         let mut check_exit = exit.is_none() && exit_fd.is_none();
+        let mut give_up = false;
         for (fd, role) in fds.iter().zip(&roles) {
             if fd.revents == 0 {
                 continue;
@@ -256,8 +258,13 @@ pub fn supervise(
                 Role::Interrupt => {
                     kill_group(pid, libc::SIGTERM);
                     killed = Some((Instant::now(), Killed::Interrupted));
+                    // Ended already: what is left of its output can go.
+                    give_up = exit.is_some();
                 }
             }
+        }
+        if give_up {
+            break;
         }
         if check_exit {
             match exited(pid) {
