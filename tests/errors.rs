@@ -506,3 +506,46 @@ fn ctrl_c_while_output_drains_stops_at_once_and_runs_no_further_command() {
     );
     assert!(!ws.root().join("second").exists(), "the next command ran");
 }
+
+#[test]
+fn jolt_as_pid_1_reaps_what_its_tasks_leave_behind() {
+    // Regression: in a container jolt is PID 1 (the worker image has no init), and
+    // every process a task left behind became a zombie for the container's life.
+    let mut recipe = String::new();
+    for i in 0..20 {
+        recipe.push_str(&format!(
+            "[task.z{i}]\nrun = \"(sleep 0.1 &) ; echo z{i}\"\n"
+        ));
+    }
+    let reqs: Vec<String> = (0..20).map(|i| format!("\"z{i}\"")).collect();
+    recipe.push_str(&format!(
+        "[task.last]\nrequires = [{}]\nrun = \"sleep 2.5; grep -lE '^[0-9]+ [(][^)]*[)] Z' /proc/[0-9]*/stat 2>/dev/null | wc -l > {{root}}/zombies\"\n",
+        reqs.join(", ")
+    ));
+    let ws = Workspace::with(&recipe);
+    let can = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "unshare --pid needs root, which CI has"
+        );
+        return;
+    }
+    let jolt = env!("CARGO_BIN_EXE_jolt");
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        jolt,
+        "build",
+        "-j",
+        "8",
+        "last",
+    ]);
+    crate::util::finish(ws.spawn_command(cmd)).success();
+    assert_eq!(ws.read("zombies").trim(), "0");
+}

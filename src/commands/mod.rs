@@ -26,6 +26,7 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         crate::interrupt::ignore_terminal_stops();
         // Before any thread starts: these commands run tasks.
         crate::executor::guardian::start();
+        crate::executor::process::reap_orphans_if_init();
     }
     if matches!(cli.command, None | Some(Cmd::Build(_))) {
         let args: Vec<String> = std::env::args().skip(1).collect();

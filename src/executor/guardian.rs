@@ -236,23 +236,26 @@ fn kill_orphans(jolt: i32, session: i32, since: u64) {
     }
 }
 
-/// What the guardian reads of `/proc/PID/stat`.
+/// What jolt reads of `/proc/PID/stat`.
 #[derive(Debug, PartialEq, Eq)]
-struct ProcStat {
-    ppid: i32,
-    pgrp: i32,
+pub(super) struct ProcStat {
+    /// `Z` for a zombie.
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
     session: i32,
     /// Clock ticks since boot.
     start: u64,
 }
 
 impl ProcStat {
-    fn parse(stat: &str) -> Option<ProcStat> {
+    pub fn parse(stat: &str) -> Option<ProcStat> {
         // The name (field 2) is in parentheses and may hold anything: fields are
         // counted from the last ')'. Field 3 (state) is then index 0.
         let rest = &stat[stat.rfind(')')? + 1..];
         let fields: Vec<&str> = rest.split_whitespace().collect();
         Some(ProcStat {
+            state: fields.first()?.chars().next()?,
             ppid: fields.get(1)?.parse().ok()?,
             pgrp: fields.get(2)?.parse().ok()?,
             session: fields.get(3)?.parse().ok()?,
@@ -296,6 +299,7 @@ mod tests {
         assert_eq!(
             ProcStat::parse(stat),
             Some(ProcStat {
+                state: 'S',
                 ppid: 1,
                 pgrp: 4242,
                 session: 17,

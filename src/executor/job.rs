@@ -966,13 +966,18 @@ impl Runner<'_> {
             }
         }
         let spawning = guardian::spawning();
-        let mut child = command.spawn().map_err(|e| {
-            Failure::new(format!(
-                "Cannot run command in {} ({}): {e}",
-                shell.cwd.display(),
-                node.short
-            ))
-        })?;
+        let mut child = {
+            let mut leaders = process::leaders();
+            let child = command.spawn().map_err(|e| {
+                Failure::new(format!(
+                    "Cannot run command in {} ({}): {e}",
+                    shell.cwd.display(),
+                    node.short
+                ))
+            })?;
+            leaders.insert(child.id() as i32);
+            child
+        };
         let pgid = child.id() as i32;
         pause_after_spawn();
         spawning.started(pgid);
@@ -1214,6 +1219,7 @@ impl Drop for Groups {
             let pgid = child.id() as i32;
             process::kill_group(pgid, libc::SIGKILL);
             let _ = child.wait();
+            process::leaders().remove(&pgid);
             crate::executor::guardian::release(pgid);
         }
     }

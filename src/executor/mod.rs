@@ -17,7 +17,7 @@ mod choose;
 pub mod guardian;
 mod job;
 mod presence;
-mod process;
+pub mod process;
 
 use anyhow::Result;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};

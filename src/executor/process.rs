@@ -30,6 +30,60 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// How often the end of a command is checked where no descriptor can tell it.
 const FALLBACK_POLL: Duration = Duration::from_millis(10);
 
+/// The leaders of the commands that run or wait to be reaped (see `job::Groups`).
+/// Commands are spawned and recorded under its lock, so that [`reap_orphans`]
+/// never takes one of them for an orphan.
+static LEADERS: std::sync::Mutex<std::collections::BTreeSet<i32>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// The recorded leaders, locked: spawn and record under this guard.
+pub fn leaders() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<i32>> {
+    LEADERS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reaps the zombies that are this process's children only because it is their
+/// reaper (jolt as PID 1 in a container: what commands leave behind is handed to
+/// it): zombie children outside jolt's own process group (where the processes jolt
+/// waits for itself, git say, run) that lead no recorded command.
+pub fn reap_orphans() {
+    let leaders = leaders();
+    // SAFETY: getpgrp only reads this process's group.
+    let own = unsafe { libc::getpgrp() };
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let Some(stat) = super::guardian::ProcStat::parse(&stat) else {
+                continue;
+            };
+            if stat.state == 'Z' && stat.pgrp != own && !leaders.contains(&pid) {
+                // SAFETY: reaps a dead child of ours that nothing else waits for.
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            }
+        }
+    }
+}
+
+/// Starts a thread that reaps orphans each second, when this process is PID 1.
+pub fn reap_orphans_if_init() {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != 1 {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("jolt-reaper".into())
+        .spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(1));
+            reap_orphans();
+        });
+}
+
 /// How a command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
