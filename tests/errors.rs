@@ -549,3 +549,51 @@ fn jolt_as_pid_1_reaps_what_its_tasks_leave_behind() {
     crate::util::finish(ws.spawn_command(cmd)).success();
     assert_eq!(ws.read("zombies").trim(), "0");
 }
+
+#[test]
+fn read_only_directories_a_task_leaves_are_removed_all_the_same() {
+    // Regression: as a user other than root (the worker image's), a task that left a
+    // read-only directory leaked its build or staging directory, and `jolt clean`
+    // failed on its artifact with "Permission denied".
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the test runs jolt as nobody: CI is root"
+        );
+        return;
+    }
+    let ro = "mkdir -p {d}/ro/sub && touch {d}/ro/sub/f && chmod 555 {d}/ro/sub {d}/ro";
+    let ws = Workspace::with(&format!(
+        "[task.ro]\nrun = \"{}; echo ok > {{artifact}}/o\"\n[task.roart]\nrun = \"{}\"\n[task.rofail]\nrun = \"{}; false\"\n",
+        ro.replace("{d}", "{builddir}"),
+        ro.replace("{d}", "{artifact}"),
+        ro.replace("{d}", "{artifact}"),
+    ));
+    let base = ws.root().parent().unwrap().to_path_buf();
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&base)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_jolt"))
+            .args(args)
+            .env("HOME", &base);
+        crate::util::finish(ws.spawn_command(cmd))
+    };
+    as_nobody(&["build", "ro"]).success();
+    as_nobody(&["build", "roart"]).success();
+    as_nobody(&["build", "rofail"]).code(1);
+    let leftovers: Vec<String> = std::fs::read_dir(ws.cachedir().join(".tmp"))
+        .unwrap()
+        .chain(std::fs::read_dir(ws.cachedir().join("rofail")).unwrap())
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    as_nobody(&["clean"]).success();
+    assert!(ws.artifacts("roart").is_empty());
+}

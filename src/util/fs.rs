@@ -88,12 +88,44 @@ pub fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// Removes a directory tree; a missing one is fine.
+/// Removes a directory tree; a missing one is fine. Directories made read-only
+/// inside it (a task may: Go's module cache does) are made writable first.
 pub fn remove_dir_all(path: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(path) {
+    let removed = match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            make_dirs_writable(path);
+            std::fs::remove_dir_all(path)
+        }
+        other => other,
+    };
+    match removed {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("Cannot remove {}", path.display())),
+    }
+}
+
+/// Gives the owner full access to every directory under `root` (links are not
+/// followed); what cannot be changed is left as it is.
+fn make_dirs_writable(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+            continue;
+        };
+        if !meta.is_dir() {
+            continue;
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o700 != 0o700 {
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode | 0o700));
+        }
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(entry.path());
+            }
+        }
     }
 }
 
