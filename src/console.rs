@@ -146,7 +146,7 @@ pub fn output(prefix: Option<&str>, line: &str, stderr: bool) {
         Some(p) => format!("[{p}] {line}"),
         None => line.to_string(),
     };
-    crate::runlog::line(&text);
+    crate::runlog::output(&text);
     if quiet() {
         return;
     }

@@ -68,11 +68,13 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
             writeln!(out, "{}", util::secrets::redact_record(&text))
         })
         .try_init();
-    match commands::dispatch(cli) {
+    let code = match commands::dispatch(cli) {
         Ok(code) => code,
         Err(err) => {
             console::error(&format!("{err:#}"));
             error::exit_code(&err)
         }
-    }
+    };
+    runlog::flush();
+    code
 }

@@ -16,11 +16,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// The longest task output stays in the run log's buffer.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// How many runs are kept.
 pub const KEPT_RUNS: usize = 50;
 
 struct Run {
-    file: File,
+    /// Buffered: a task may print millions of lines. Flushed at jolt's own lines, at
+    /// least every [`FLUSH_EVERY`], and at the end ([`flush`]).
+    file: std::io::BufWriter<File>,
+    flushed: std::time::Instant,
     /// Where the outputs of failed tasks go.
     tasks: PathBuf,
 }
@@ -63,7 +69,8 @@ pub fn start(args: &[String]) {
         Ok(mut file) => {
             let _ = writeln!(file, "$ jolt {}", args.join(" "));
             *RUN.lock().unwrap_or_else(|e| e.into_inner()) = Some(Run {
-                file,
+                file: std::io::BufWriter::with_capacity(1 << 16, file),
+                flushed: std::time::Instant::now(),
                 tasks: dir.join(name),
             });
             prune();
@@ -72,11 +79,31 @@ pub fn start(args: &[String]) {
     }
 }
 
-/// Appends a line (secrets already masked by the caller).
+/// Appends a line of jolt's own (secrets already masked by the caller).
 pub fn line(text: &str) {
+    append(text, true);
+}
+
+/// Appends a line of task output.
+pub fn output(text: &str) {
+    append(text, false);
+}
+
+fn append(text: &str, flush: bool) {
     let mut run = RUN.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(r) = run.as_mut() {
         let _ = writeln!(r.file, "{text}");
+        if flush || r.flushed.elapsed() >= FLUSH_EVERY {
+            let _ = r.file.flush();
+            r.flushed = std::time::Instant::now();
+        }
+    }
+}
+
+/// Writes out what the run log holds (at the end of a command).
+pub fn flush() {
+    if let Some(r) = RUN.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        let _ = r.file.flush();
     }
 }
 
@@ -91,6 +118,7 @@ pub fn keep_task_text(name: &str, text: &str) -> Option<PathBuf> {
 
 /// Keeps a failed task's output (`log`, its build log) with this run; returns where.
 pub fn keep_task_log(name: &str, log: &Path) -> Option<PathBuf> {
+    flush();
     let dir = RUN
         .lock()
         .unwrap_or_else(|e| e.into_inner())

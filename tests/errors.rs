@@ -597,3 +597,34 @@ fn read_only_directories_a_task_leaves_are_removed_all_the_same() {
     as_nobody(&["clean"]).success();
     assert!(ws.artifacts("roart").is_empty());
 }
+
+/// Waits for `child`, sampling its peak resident memory (kB) meanwhile.
+fn with_peak(child: std::process::Child) -> (crate::util::Run, u64) {
+    let pid = child.id();
+    let peak = std::thread::spawn(move || {
+        let mut peak = 0u64;
+        while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            peak = peak.max(hwm);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        peak
+    });
+    let run = crate::util::finish(child);
+    (run, peak.join().unwrap())
+}
+
+#[test]
+fn many_output_lines_take_bounded_memory() {
+    // Regression: lines were queued for the console without bound: 109 MB of
+    // output peaked at 1.27 GB (found by an attack review).
+    let ws = Workspace::with("[task.t]\ncacheable = false\nrun = \"seq 1 1500000\"\n");
+    let (run, peak_kb) = with_peak(ws.spawn(&["build", "t"]));
+    run.success().contains("[   INFO] Execution finished");
+    assert!(run.stdout.contains("\n1499999\n"), "lines were lost");
+    assert!(peak_kb < 60_000, "jolt peaked at {peak_kb} kB");
+}

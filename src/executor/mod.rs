@@ -74,6 +74,9 @@ pub struct Options<'a> {
     pub explain: bool,
 }
 
+/// The most events (mostly output lines) queued for the scheduler.
+const EVENTS_QUEUED: usize = 4096;
+
 /// The most tasks (`-j`, `jolt.jobs`) or remote executions (`amqp.jobs`) at once: each
 /// takes a thread.
 pub const MAX_JOBS: usize = 1024;
@@ -326,7 +329,9 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
     let prefix_output = opts.jobs > 1 && sched.total > 1;
     let result: Result<bool> = std::thread::scope(|scope| {
         let (job_tx, job_rx) = unbounded::<(usize, Plan)>();
-        let (ev_tx, ev_rx) = unbounded::<Event>();
+        // Bounded: a command that prints faster than the console writes waits for
+        // it (its pipe fills), instead of queueing its output in memory.
+        let (ev_tx, ev_rx) = crossbeam_channel::bounded::<Event>(EVENTS_QUEUED);
         for started in 0..limits[0] + limits[1] {
             let runner = Runner {
                 graph,
