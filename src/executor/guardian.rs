@@ -82,7 +82,8 @@ pub struct Spawning {
 
 /// Announces that a command is about to start.
 pub fn spawning() -> Spawning {
-    send("?\n");
+    // When, by jolt's clock: a guardian that reads it late must not take it for later.
+    send(&format!("?{}\n", boot_ticks()));
     Spawning { done: false }
 }
 
@@ -109,8 +110,9 @@ pub fn release(pgid: i32) {
 
 /// The guardian's life: read registrations until jolt is gone, then kill what is left.
 fn serve(read: RawFd, write: RawFd) -> ! {
-    // SAFETY: getppid and getsid only read this process's ids.
-    let (jolt, session) = unsafe { (libc::getppid(), libc::getsid(0)) };
+    // SAFETY: getppid, getsid and getpgrp only read this process's ids (jolt's
+    // session and group, before setsid below).
+    let (jolt, session, group) = unsafe { (libc::getppid(), libc::getsid(0), libc::getpgrp()) };
     // SAFETY: plain system calls on descriptors and signals of this (child) process.
     unsafe {
         libc::close(write);
@@ -152,25 +154,20 @@ fn serve(read: RawFd, write: RawFd) -> ! {
         match std::io::BufRead::read_line(&mut reader, &mut line) {
             Ok(0) | Err(_) => break,
             Ok(_) => {
-                let (sign, pgid) = line.trim().split_at(1.min(line.trim().len()));
-                match sign {
-                    "?" => in_flight.push(boot_ticks()),
-                    "!" => {
+                let (sign, rest) = line.trim().split_at(1.min(line.trim().len()));
+                match (sign, rest.parse::<i32>()) {
+                    ("?", _) => in_flight.push(rest.parse().unwrap_or_else(|_| boot_ticks())),
+                    ("!", _) => {
                         in_flight.pop();
                     }
+                    ("+", Ok(pgid)) if pgid > 1 => {
+                        in_flight.pop();
+                        groups.insert(pgid);
+                    }
+                    ("-", Ok(pgid)) => {
+                        groups.remove(&pgid);
+                    }
                     _ => {}
-                }
-                let Ok(pgid) = pgid.parse::<i32>() else {
-                    continue;
-                };
-                if pgid <= 1 {
-                    continue;
-                }
-                if sign == "+" {
-                    in_flight.pop();
-                    groups.insert(pgid);
-                } else {
-                    groups.remove(&pgid);
                 }
             }
         }
@@ -180,7 +177,7 @@ fn serve(read: RawFd, write: RawFd) -> ! {
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
     }
     if let Some(&since) = in_flight.first() {
-        kill_orphans(jolt, session, since);
+        kill_orphans(jolt, session, group, since);
     }
     // SAFETY: ends this process without running the parent's atexit handlers.
     unsafe { libc::_exit(0) }
@@ -197,9 +194,11 @@ fn boot_ticks() -> u64 {
 }
 
 /// Kills the commands jolt started and had not registered when it died: once this
-/// process has been handed to jolt's reaper, the process groups whose leaders are
-/// in jolt's `session`, children of the same reaper, and started since `since`.
-fn kill_orphans(jolt: i32, session: i32, since: u64) {
+/// process has been handed to jolt's reaper, the process groups of the processes in
+/// jolt's `session` (outside jolt's own `group`) that are children of the same
+/// reaper and started since `since`: a command's leader, or what it started in the
+/// background when the leader is gone already.
+fn kill_orphans(jolt: i32, session: i32, group: i32, since: u64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     // SAFETY: getppid only reads this process's parent.
     while unsafe { libc::getppid() } == jolt && std::time::Instant::now() < deadline {
@@ -211,7 +210,7 @@ fn kill_orphans(jolt: i32, session: i32, since: u64) {
         return;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry
+        let Some(_pid) = entry
             .file_name()
             .to_str()
             .and_then(|n| n.parse::<i32>().ok())
@@ -225,13 +224,14 @@ fn kill_orphans(jolt: i32, session: i32, since: u64) {
             continue;
         };
         // One tick of slack: the announcement and the start may share a tick.
-        if stat.pgrp == pid
+        if stat.pgrp != group
+            && stat.pgrp > 1
             && stat.session == session
             && stat.ppid == reaper
             && stat.start + 1 >= since
         {
             // SAFETY: signals the process group of a command jolt started.
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            unsafe { libc::kill(-stat.pgrp, libc::SIGKILL) };
         }
     }
 }
