@@ -170,16 +170,24 @@ impl Stream {
     }
 }
 
-/// Splits a byte stream into lines, a line longer than [`MAX_LINE`] into pieces.
+/// Splits a byte stream into lines, a line longer than [`MAX_LINE`] into pieces
+/// (cut between characters, not inside one).
 #[derive(Default)]
 pub struct Lines {
     line: Vec<u8>,
+    /// The last piece was cut for its length: a newline right after it ends that
+    /// line, not another (empty) one.
+    cut: bool,
 }
 
 impl Lines {
     /// Takes the next bytes; `emit` gets every line they complete, without its end.
     pub fn feed(&mut self, mut data: &[u8], emit: &mut dyn FnMut(String)) {
         while !data.is_empty() {
+            if std::mem::take(&mut self.cut) && self.line.is_empty() && data[0] == b'\n' {
+                data = &data[1..];
+                continue;
+            }
             let room = MAX_LINE - self.line.len();
             let take = &data[..data.len().min(room)];
             let (used, ended) = match take.iter().position(|&b| b == b'\n') {
@@ -188,10 +196,23 @@ impl Lines {
             };
             self.line.extend_from_slice(&take[..used]);
             data = &data[used..];
-            if ended {
+            if !ended {
+                continue;
+            }
+            if self.line.last() == Some(&b'\n') {
                 emit(text_of(&self.line));
                 self.line.clear();
+                continue;
             }
+            // Cut for its length: keep a character split at the end for the next piece.
+            let keep = match std::str::from_utf8(&self.line) {
+                Err(e) if e.error_len().is_none() && e.valid_up_to() > 0 => e.valid_up_to(),
+                _ => self.line.len(),
+            };
+            let rest = self.line.split_off(keep);
+            emit(text_of(&self.line));
+            self.line = rest;
+            self.cut = true;
         }
     }
 
@@ -487,6 +508,18 @@ mod tests {
         let out = lines_of(&[&long[..10], &long[10..], b"\n"]);
         let sizes: Vec<usize> = out.iter().map(String::len).collect();
         assert_eq!(sizes, [MAX_LINE, MAX_LINE, 5]);
+        // A line of exactly the limit is one line, not one and an empty one.
+        let exact = [vec![b'y'; MAX_LINE], b"\nnext\n".to_vec()].concat();
+        let out = lines_of(&[&exact]);
+        assert_eq!(
+            out.iter().map(String::len).collect::<Vec<_>>(),
+            [MAX_LINE, 4]
+        );
+        // A character is never cut in two.
+        let euros = "€".repeat(MAX_LINE / 3 + 10);
+        let out = lines_of(&[euros.as_bytes(), b"\n"]);
+        assert_eq!(out.concat(), euros);
+        assert!(out.iter().all(|l| !l.contains('\u{fffd}')));
     }
 
     #[test]
