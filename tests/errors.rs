@@ -628,3 +628,22 @@ fn many_output_lines_take_bounded_memory() {
     assert!(run.stdout.contains("\n1499999\n"), "lines were lost");
     assert!(peak_kb < 60_000, "jolt peaked at {peak_kb} kB");
 }
+
+#[test]
+fn ctrl_c_while_influence_files_are_hashed_stops_at_once() {
+    // Regression: Ctrl-C waited for the hashing to end (a 40 GB file: 65 s).
+    let ws = Workspace::with("[task.t]\ninfluence = [\"big.bin\"]\nrun = \"true\"\n");
+    let big = std::fs::File::create(ws.root().join("big.bin")).unwrap();
+    big.set_len(16 << 30).unwrap(); // sparse: 16 GiB of zeros to read
+    let mut child = ws.spawn(&["build", "t"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let sent = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        sent.elapsed() < std::time::Duration::from_millis(1500),
+        "{:?}",
+        sent.elapsed()
+    );
+}

@@ -58,14 +58,22 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
     } else {
         Workspace::open(config)?
     };
-    let graph = ws.graph(
+    let graph = match ws.graph(
         &args.tasks,
         &GraphOptions {
             salt: args.salt.clone(),
             force: args.force,
             ..Default::default()
         },
-    )?;
+    ) {
+        Ok(graph) => graph,
+        // Ctrl-C while influence files were hashed.
+        Err(_) if crate::interrupt::is_set() => {
+            console::error("Interrupted by user");
+            return Ok(Exit::Interrupted);
+        }
+        Err(e) => return Err(e),
+    };
     let jobs = local_jobs(config, args.jobs)?;
     // Network builds have their own switches (as in Jolt): network.download decides
     // whether the goals come back, network.upload whether local-only artifacts go out.

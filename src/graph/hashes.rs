@@ -216,6 +216,13 @@ pub fn hash_file(path: &Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        if crate::interrupt::is_set() {
+            // A large file takes a while: Ctrl-C must not wait for it.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "interrupted",
+            ));
+        }
         let n = file.read(&mut buf)?;
         if n == 0 {
             break;
