@@ -9,7 +9,8 @@
 //! ```
 //!
 //! The newest [`KEPT_RUNS`] runs are kept. `jolt log` prints the last run, `jolt log
-//! -l` lists them. A log that cannot be written is a debug line, never a failure.
+//! -l` lists them. A log that cannot be written is never a failure (the caller says
+//! why at debug level: this module sits below the console, which writes to it).
 
 use std::fs::File;
 use std::io::Write;
@@ -48,8 +49,9 @@ pub fn dir() -> PathBuf {
     base.join("jolt").join("runs")
 }
 
-/// Starts this process's run log, its first line the command line.
-pub fn start(args: &[String]) {
+/// Starts this process's run log, its first line the command line; why it could not
+/// be, otherwise (the console says so, at debug level: this module sits below it).
+pub fn start(args: &[String]) -> Result<(), String> {
     let dir = dir();
     let now = crate::util::fs::now_secs();
     let stamp: String = crate::util::fs::format_timestamp(now)
@@ -74,8 +76,9 @@ pub fn start(args: &[String]) {
                 tasks: dir.join(name),
             });
             prune();
+            Ok(())
         }
-        Err(e) => crate::console::debug(&format!("no run log in {}: {e}", dir.display())),
+        Err(e) => Err(format!("no run log in {}: {e}", dir.display())),
     }
 }
 
@@ -149,13 +152,8 @@ pub fn keep_task_log(name: &str, log: &Path) -> Option<PathBuf> {
         let mut out = File::create(&dest)?;
         std::io::copy(&mut src, &mut out)
     });
-    match copied {
-        Ok(_) => Some(dest),
-        Err(e) => {
-            crate::console::debug(&format!("cannot keep {}: {e}", log.display()));
-            None
-        }
-    }
+    // A log that cannot be kept is no reason to fail anything.
+    copied.ok().map(|_| dest)
 }
 
 /// The runs kept, oldest first.

@@ -30,7 +30,9 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
     }
     if matches!(cli.command, None | Some(Cmd::Build(_))) {
         let args: Vec<String> = std::env::args().skip(1).collect();
-        crate::runlog::start(&args);
+        if let Err(why) = crate::runlog::start(&args) {
+            crate::console::debug(&why);
+        }
     }
     let config = Config::load(&cli.config)?;
     config.register_secrets();
