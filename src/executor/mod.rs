@@ -853,20 +853,7 @@ impl Scheduler<'_> {
         let cache = self.services.cache;
         cache.mark_used([(node.name(), node.identity.as_str())])?;
         let local = node.task.cacheable && cache.is_present(node.name(), &node.identity);
-        let http = self.services.http;
-        let facts = choose::Facts {
-            goal: self.is_goal[i],
-            cacheable: node.task.cacheable,
-            local,
-            download: http.is_some_and(|h| h.download),
-            upload: http.is_some_and(|h| h.upload),
-        };
-        let kind = match self.mode {
-            Mode::Local => choose::Kind::Local,
-            Mode::DownloadOnly => choose::Kind::DownloadOnly,
-            Mode::Worker => choose::Kind::Worker,
-            Mode::Network(_) => choose::Kind::Network,
-        };
+        let (kind, facts) = (self.kind(), self.facts(i, local));
         let plan = choose::choose(kind, facts, &mut Asking { scheduler: self, i });
         if self.unreachable.is_some() {
             // The build stops (see `run`): nothing is settled from what it found.
@@ -954,6 +941,28 @@ impl Scheduler<'_> {
         }
         let counts: Vec<String> = counts.iter().map(|(w, n)| format!("{n} {w}")).collect();
         console::info(&format!("Dry run: {}; nothing was run", counts.join(", ")));
+    }
+
+    /// The kind of build, as [`choose`] knows it.
+    fn kind(&self) -> choose::Kind {
+        match self.mode {
+            Mode::Local => choose::Kind::Local,
+            Mode::DownloadOnly => choose::Kind::DownloadOnly,
+            Mode::Worker => choose::Kind::Worker,
+            Mode::Network(_) => choose::Kind::Network,
+        }
+    }
+
+    /// What is known of node `i` without asking anyone (`local`: in the local cache).
+    fn facts(&self, i: usize, local: bool) -> choose::Facts {
+        let http = self.services.http;
+        choose::Facts {
+            goal: self.is_goal[i],
+            cacheable: self.graph.nodes[i].task.cacheable,
+            local,
+            download: http.is_some_and(|h| h.download),
+            upload: http.is_some_and(|h| h.upload),
+        }
     }
 
     /// Whether node `i` is `fast` and every artifact it needs is in the local cache.

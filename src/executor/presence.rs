@@ -13,7 +13,7 @@
 //! learning: the planner meets that failure in its order and handles it as it would
 //! have (a warning and a cache marked down, or the end of a network build).
 
-use super::{usable_http, Mode, Scheduler};
+use super::{choose, usable_http, Choice, Plan, Scheduler};
 use anyhow::Result;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -86,25 +86,47 @@ impl Scheduler<'_> {
         }
     }
 
-    /// Whether planning asks the HTTP cache about node `i` (see the `choose_*`
-    /// functions): local builds and `jolt download` about a cacheable node the local
-    /// cache lacks, workers and network clients about every cacheable node.
+    /// Whether planning will ask the HTTP cache about node `i`: what [`choose`]
+    /// asks, for the question comes first (one rule for both, so that nothing is
+    /// checked that planning would not ask, nor the reverse).
     fn asks_remote(&self, i: usize, local: bool) -> bool {
-        self.graph.nodes[i].task.cacheable
-            && (!local || matches!(self.mode, Mode::Worker | Mode::Network(_)))
+        let mut probe = Answers {
+            remote: false,
+            asked: false,
+        };
+        choose::choose(self.kind(), self.facts(i, local), &mut probe);
+        probe.asked
     }
 
-    /// Whether planning goes on to node `i`'s needs: when it executes the node, which
-    /// it does when no cache holds it (and the mode builds at all).
+    /// Whether planning goes on to node `i`'s needs: when [`choose`] has it execute,
+    /// here or on a worker, given what the caches hold.
     fn goes_below(&self, i: usize, local: bool, remote: bool) -> bool {
-        if local || remote {
-            return false;
-        }
-        match self.mode {
-            Mode::DownloadOnly => false,
-            Mode::Worker => self.is_goal[i] || !self.graph.nodes[i].task.cacheable,
-            Mode::Local | Mode::Network(_) => true,
-        }
+        let mut known = Answers {
+            remote,
+            asked: false,
+        };
+        matches!(
+            choose::choose(self.kind(), self.facts(i, local), &mut known),
+            Choice::Plan(Plan::Execute | Plan::Remote)
+        )
+    }
+}
+
+/// Answers to [`choose`]'s questions given beforehand, noting whether the HTTP cache
+/// was asked about.
+struct Answers {
+    remote: bool,
+    asked: bool,
+}
+
+impl choose::Ask for Answers {
+    fn remote(&mut self) -> bool {
+        self.asked = true;
+        self.remote
+    }
+
+    fn fast_here(&mut self) -> bool {
+        false
     }
 }
 
