@@ -332,7 +332,9 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
         // Bounded: a command that prints faster than the console writes waits for
         // it (its pipe fills), instead of queueing its output in memory.
         let (ev_tx, ev_rx) = crossbeam_channel::bounded::<Event>(EVENTS_QUEUED);
-        for started in 0..limits[0] + limits[1] {
+        // No more threads than jobs planned (none for a no-op build); a download that
+        // turns into an execution later may wait for a free one.
+        for started in 0..(limits[0] + limits[1]).min(sched.total) {
             let runner = Runner {
                 graph,
                 cache: services.cache,

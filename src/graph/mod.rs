@@ -138,7 +138,8 @@ enum Static {
 struct Prefetched {
     pattern: String,
     found: Vec<(PathBuf, Option<std::fs::Metadata>)>,
-    hashed: Vec<(PathBuf, String)>,
+    /// The hash of each file of `found`, in its order (`None`: left to `identify`).
+    hashed: Vec<Option<String>>,
 }
 
 /// Lists and hashes what `patterns` match (what fails is left out).
@@ -150,12 +151,7 @@ fn prefetch_patterns(root: &Path, hashes: &FileHashes, patterns: &[String]) -> V
         };
         let hashed = found
             .iter()
-            .filter_map(|(f, meta)| {
-                hashes
-                    .hash_with(f, meta.as_ref())
-                    .ok()
-                    .map(|h| (f.clone(), h))
-            })
+            .map(|(f, meta)| hashes.hash_with(f, meta.as_ref()).ok())
             .collect();
         out.push(Prefetched {
             pattern: pattern.clone(),
@@ -178,8 +174,9 @@ struct Builder<'a> {
     index: HashMap<String, usize>,
     stack: Vec<String>,
     globs: HashMap<String, Vec<(PathBuf, Option<std::fs::Metadata>)>>,
-    /// Influence files hashed ahead of time, by [`Builder::prefetch`].
-    hashed: HashMap<PathBuf, String>,
+    /// The hashes of each pattern's files (aligned with `globs`), computed ahead of
+    /// time by [`Builder::prefetch`].
+    hashed: HashMap<String, Vec<Option<String>>>,
     /// Nodes whose influence and identity are still to be computed, in the order
     /// they were added (requirements first).
     pending: Vec<usize>,
@@ -532,8 +529,8 @@ impl Builder<'_> {
             hashed,
         } in results.into_iter().flatten()
         {
+            self.hashed.insert(pattern.clone(), hashed);
             self.globs.insert(pattern, found);
-            self.hashed.extend(hashed);
         }
     }
 
@@ -700,15 +697,18 @@ impl Builder<'_> {
             }
             patterns.push(pattern);
         }
-        let mut files: BTreeMap<&Path, Option<&std::fs::Metadata>> = BTreeMap::new();
+        type Entry<'e> = (Option<&'e std::fs::Metadata>, Option<&'e String>);
+        let mut files: BTreeMap<&Path, Entry> = BTreeMap::new();
         for pattern in &patterns {
-            for (path, meta) in &self.globs[pattern] {
-                files.entry(path.as_path()).or_insert(meta.as_ref());
+            let hashed = self.hashed.get(pattern);
+            for (k, (path, meta)) in self.globs[pattern].iter().enumerate() {
+                let hash = hashed.and_then(|h| h.get(k)).and_then(Option::as_ref);
+                files.entry(path.as_path()).or_insert((meta.as_ref(), hash));
             }
         }
-        for (file, meta) in &files {
-            let hash = match self.hashed.get(*file) {
-                Some(h) => h.clone(),
+        for (file, (meta, hash)) in &files {
+            let hash = match hash {
+                Some(h) => (*h).clone(),
                 None => self
                     .hashes
                     .hash_with(file, *meta)
