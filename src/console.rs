@@ -77,7 +77,10 @@ fn with_cleared(s: &mut State, write: impl FnOnce()) {
 /// Writes a log line, with every registered secret masked.
 pub fn log(level: Level, message: &str) {
     let message = crate::util::secrets::redact(message);
-    crate::runlog::line(&format!("{} {message}", level.tag()));
+    crate::runlog::line(
+        &format!("{} {message}", level.tag()),
+        level >= Level::Warning,
+    );
     let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if level < s.threshold {
         return;
@@ -184,6 +187,14 @@ pub fn print(text: &str) {
         let _ = writeln!(out, "{text}");
         let _ = out.flush();
     });
+}
+
+/// Whether the live status line is drawn (stderr is a terminal).
+pub fn status_enabled() -> bool {
+    STATE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .status_enabled
 }
 
 /// Shows (or, with `None`, removes) the live status line.

@@ -24,8 +24,8 @@ const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 pub const KEPT_RUNS: usize = 50;
 
 struct Run {
-    /// Buffered: a task may print millions of lines. Flushed at jolt's own lines, at
-    /// least every [`FLUSH_EVERY`], and at the end ([`flush`]).
+    /// Buffered: a task may print millions of lines. Flushed at warnings and errors,
+    /// at least every [`FLUSH_EVERY`], and at the end ([`flush`]).
     file: std::io::BufWriter<File>,
     flushed: std::time::Instant,
     /// Where the outputs of failed tasks go.
@@ -82,9 +82,10 @@ pub fn start(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// Appends a line of jolt's own (secrets already masked by the caller).
-pub fn line(text: &str) {
-    append(text, true);
+/// Appends a line of jolt's own (secrets already masked by the caller); an `urgent`
+/// one (a warning, an error) is written out at once.
+pub fn line(text: &str, urgent: bool) {
+    append(text, urgent);
 }
 
 /// Appends a line of task output.

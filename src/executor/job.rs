@@ -966,18 +966,13 @@ impl Runner<'_> {
             }
         }
         let spawning = guardian::spawning();
-        let mut child = {
-            let mut leaders = process::leaders();
-            let child = command.spawn().map_err(|e| {
-                Failure::new(format!(
-                    "Cannot run command in {} ({}): {e}",
-                    shell.cwd.display(),
-                    node.short
-                ))
-            })?;
-            leaders.insert(child.id() as i32);
-            child
-        };
+        let mut child = process::spawn_recorded(|| command.spawn()).map_err(|e| {
+            Failure::new(format!(
+                "Cannot run command in {} ({}): {e}",
+                shell.cwd.display(),
+                node.short
+            ))
+        })?;
         let pgid = child.id() as i32;
         pause_after_spawn();
         spawning.started(pgid);

@@ -1255,6 +1255,9 @@ impl Scheduler<'_> {
     }
 
     fn show_status(&self, running: [usize; 2]) {
+        if !console::status_enabled() {
+            return;
+        }
         let now = self.spans.t0.elapsed();
         let local: Vec<(&str, Duration)> = self
             .spans

@@ -36,9 +36,28 @@ const FALLBACK_POLL: Duration = Duration::from_millis(10);
 static LEADERS: std::sync::Mutex<std::collections::BTreeSet<i32>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
-/// The recorded leaders, locked: spawn and record under this guard.
+/// Whether [`reap_orphans`] runs in this process (it is PID 1).
+static REAPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The recorded leaders, locked.
 pub fn leaders() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<i32>> {
     LEADERS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starts a command with `spawn` and records its leader. Where orphans are reaped,
+/// both happen under the leaders' lock, so that the reaper never takes a command
+/// that ended at once for an orphan; elsewhere commands start without it (spawns
+/// from several threads would wait for each other).
+pub fn spawn_recorded<E>(spawn: impl FnOnce() -> Result<Child, E>) -> Result<Child, E> {
+    if REAPING.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut leaders = leaders();
+        let child = spawn()?;
+        leaders.insert(child.id() as i32);
+        return Ok(child);
+    }
+    let child = spawn()?;
+    leaders().insert(child.id() as i32);
+    Ok(child)
 }
 
 /// Reaps the zombies that are this process's children only because it is their
@@ -76,6 +95,7 @@ pub fn reap_orphans_if_init() {
     if unsafe { libc::getpid() } != 1 {
         return;
     }
+    REAPING.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = std::thread::Builder::new()
         .name("jolt-reaper".into())
         .spawn(|| loop {
