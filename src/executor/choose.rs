@@ -39,10 +39,12 @@ pub(super) trait Ask {
 /// Decides what happens to one node.
 pub(super) fn choose(kind: Kind, f: Facts, ask: &mut dyn Ask) -> Choice {
     match kind {
-        // What the local cache has, else what the HTTP cache has, else execute.
+        // What the local cache has, else what the HTTP cache has, else execute. The
+        // HTTP cache is not asked first: the download's GET asks (a 404 is a miss,
+        // and the node executes then, with what it needs).
         Kind::Local => Choice::Plan(if f.local {
             Plan::Available
-        } else if f.cacheable && ask.remote() {
+        } else if f.cacheable && f.download {
             Plan::Download
         } else {
             Plan::Execute
@@ -144,17 +146,24 @@ mod tests {
     }
 
     #[test]
-    fn local_builds_use_the_local_cache_then_the_http_cache_then_execute() {
+    fn local_builds_use_the_local_cache_then_try_the_http_cache_then_execute() {
+        // Nothing is asked: a download that finds nothing turns into an execution.
         let rows: &[Row] = &[
             (true, true, true, None, None, A),
             (false, true, true, None, None, A),
-            (true, true, false, Some(true), None, D),
-            (false, true, false, Some(true), None, D),
-            (true, true, false, Some(false), None, X),
-            // Not cacheable: never asked about, always executed.
+            (true, true, false, None, None, D),
+            (false, true, false, None, None, D),
+            // Not cacheable: always executed.
             (true, false, false, None, None, X),
         ];
         check(Kind::Local, rows, true, true);
+        // Without downloads (or with the cache down): executed.
+        check(
+            Kind::Local,
+            &[(true, true, false, None, None, X)],
+            false,
+            true,
+        );
     }
 
     #[test]

@@ -187,26 +187,47 @@ impl Runner<'_> {
         let Some(http) = self.http else {
             return Ok(Done::DownloadFailed);
         };
+        if http.is_down() {
+            return Ok(Done::DownloadFailed);
+        }
         let _lock = self.lock(i)?;
         if self.cache.is_present(node.name(), &node.identity) {
             return Ok(Done::Reused(self.info(i)?));
         }
-        self.log(
-            console::Level::Info,
-            format!("Download started ({})", node.label()),
-        );
         let start = Instant::now();
         let staging = self.cache.stage(node.name(), &node.identity)?;
         let url = http.url(node.name(), &node.identity);
-        let fetched = http.fetch(node.name(), &node.identity, &staging);
+        // Said once the server has it: a local build asks with the GET itself.
+        let (events, label) = (self.events.clone(), node.label());
+        let fetched = http.fetch_then(
+            node.name(),
+            &node.identity,
+            &staging,
+            Box::new(move || {
+                let _ = events.send(Event::Answered(i));
+                let _ = events.send(Event::Log(
+                    console::Level::Info,
+                    format!("Download started ({label})"),
+                ));
+            }),
+        );
         let manifest = match fetched {
             Ok(Some(manifest)) => manifest,
             Ok(None) => {
                 let _ = fsutil::remove_dir_all(&staging);
-                self.log(
-                    console::Level::Warning,
-                    format!("{url} is no longer in the HTTP cache"),
-                );
+                // A miss, in a local build (which does not ask first); gone since it
+                // was seen, elsewhere.
+                let (level, text) = match self.mode {
+                    Mode::Local => (
+                        console::Level::Debug,
+                        format!("{url}: not in the HTTP cache"),
+                    ),
+                    _ => (
+                        console::Level::Warning,
+                        format!("{url} is no longer in the HTTP cache"),
+                    ),
+                };
+                self.log(level, text);
                 return Ok(Done::DownloadFailed);
             }
             Err(e) if http_cache::is_interrupted(&e) => {

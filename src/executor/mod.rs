@@ -238,6 +238,8 @@ enum Event {
     Log(console::Level, String),
     /// A remote execution was accepted by a worker (named).
     RemoteRunning(usize, String),
+    /// The HTTP cache answered a download's request (it has the artifact).
+    Answered(usize),
     Done(usize, Result<Done, Failure>),
 }
 
@@ -436,6 +438,9 @@ struct Scheduler<'a> {
     unreachable: Option<String>,
     /// What the HTTP cache answered before planning asked (see `presence`).
     known: presence::Known,
+    /// The build's first download, while the cache has not answered it: `None`
+    /// before it, `Some(None)` after.
+    probe: Option<Option<usize>>,
     /// When and where each job ran.
     spans: Spans,
     /// The error lines of each failed task.
@@ -545,6 +550,7 @@ impl<'a> Scheduler<'a> {
             remote_running: 0,
             unreachable: None,
             known: presence::Known::new(),
+            probe: None,
             spans: Spans::new(n),
             errors: vec![None; n],
         }
@@ -567,9 +573,17 @@ impl<'a> Scheduler<'a> {
             }
             for lane in 0..2 {
                 while !self.stop && lanes.running[lane] < lanes.limits[lane] {
+                    if lane == 1 && self.probe.is_some_and(|p| p.is_some()) {
+                        // The build's first download goes alone until the cache
+                        // answers: a failing cache costs one request, not one each.
+                        break;
+                    }
                     let Some((_, std::cmp::Reverse(i))) = self.ready[lane].pop() else {
                         break;
                     };
+                    if self.probe.is_none() && self.plan[i] == Plan::Download {
+                        self.probe = Some(Some(i));
+                    }
                     lanes.running[lane] += 1;
                     self.spans.begin(i, self.plan[i]);
                     let _ = lanes.jobs.send((i, self.plan[i]));
@@ -619,6 +633,11 @@ impl<'a> Scheduler<'a> {
             }
             Event::Replay(i, line) => console::output(Some(&graph.nodes[i].short), &line, false),
             Event::Log(level, message) => console::log(level, &message),
+            Event::Answered(i) => {
+                if self.probe == Some(Some(i)) {
+                    self.probe = Some(None);
+                }
+            }
             Event::RemoteRunning(i, worker) => {
                 self.remote_running += 1;
                 if !worker.is_empty() {
@@ -626,6 +645,9 @@ impl<'a> Scheduler<'a> {
                 }
             }
             Event::Done(i, result) => {
+                if self.probe == Some(Some(i)) {
+                    self.probe = Some(None);
+                }
                 lanes.running[self.plan[i].lane()] -= 1;
                 self.spans.end(i);
                 if self.plan[i] == Plan::Remote && self.remote_running > 0 {
@@ -962,7 +984,7 @@ impl Scheduler<'_> {
             goal: self.is_goal[i],
             cacheable: self.graph.nodes[i].task.cacheable,
             local,
-            download: http.is_some_and(|h| h.download),
+            download: http.is_some_and(|h| h.download && !h.is_down()),
             upload: http.is_some_and(|h| h.upload),
         }
     }

@@ -488,9 +488,14 @@ impl HttpCache {
     /// `Ok(false)` when the cache does not hold it. An archive that arrived whole
     /// but is unusable is a [`Rejected`] error.
     fn get_unpacked(&self, url: &str, dest: &Path) -> Result<bool> {
+        self.get_unpacked_then(url, dest, &mut || {})
+    }
+
+    /// [`HttpCache::get_unpacked`], calling `found` once the server answered 200.
+    fn get_unpacked_then(&self, url: &str, dest: &Path, found: &mut dyn FnMut()) -> Result<bool> {
         let mut resp = self.send(url, &mut || self.with_auth(self.agent.get(url)).call())?;
         match resp.status().as_u16() {
-            200 => {}
+            200 => found(),
             404 | 410 => return Ok(false),
             code => bail!("{url}: GET answered {code}"),
         }
@@ -541,28 +546,48 @@ impl HttpCache {
     /// `GET`: unpacks the artifact into the empty directory `staging` and verifies it.
     /// `Ok(None)` when the cache does not hold it.
     pub fn fetch(&self, task: &str, identity: &str, staging: &Path) -> Result<Option<Manifest>> {
+        self.fetch_then(task, identity, staging, Box::new(|| {}))
+    }
+
+    /// [`HttpCache::fetch`], calling `found` once the server has the artifact (a
+    /// `GET` that answers 404 is a miss: no `HEAD` is needed before it).
+    pub fn fetch_then(
+        &self,
+        task: &str,
+        identity: &str,
+        staging: &Path,
+        mut found: Box<dyn FnMut() + Send>,
+    ) -> Result<Option<Manifest>> {
         let me = self.clone();
         let (task, identity, staging) = (
             task.to_string(),
             identity.to_string(),
             staging.to_path_buf(),
         );
-        interruptible(move || me.fetch_now(&task, &identity, &staging))
+        interruptible(move || me.fetch_now(&task, &identity, &staging, &mut *found))
     }
 
-    fn fetch_now(&self, task: &str, identity: &str, staging: &Path) -> Result<Option<Manifest>> {
+    fn fetch_now(
+        &self,
+        task: &str,
+        identity: &str,
+        staging: &Path,
+        found: &mut dyn FnMut(),
+    ) -> Result<Option<Manifest>> {
         let url = self.url(task, identity);
-        let result = self.get_unpacked(&url, staging).and_then(|found| {
-            if !found {
-                return Ok(None);
-            }
-            crate::store::archive::verify(staging, task, identity)
-                .map(Some)
-                .map_err(|e| {
-                    anyhow::Error::new(Rejected(format!("{e:#}")))
-                        .context(format!("{url}: rejected"))
-                })
-        });
+        let result = self
+            .get_unpacked_then(&url, staging, found)
+            .and_then(|found| {
+                if !found {
+                    return Ok(None);
+                }
+                crate::store::archive::verify(staging, task, identity)
+                    .map(Some)
+                    .map_err(|e| {
+                        anyhow::Error::new(Rejected(format!("{e:#}")))
+                            .context(format!("{url}: rejected"))
+                    })
+            });
         match &result {
             Err(e) if is_rejected(e) => self.reject(task, identity),
             Ok(Some(_)) => {
