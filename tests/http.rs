@@ -814,3 +814,27 @@ fn a_trim_prints_hostile_file_names_escaped() {
         .contains("Removed t/x\\n[   INFO] Freed 0 bytes\\xff.tar (3 bytes)");
     assert_eq!(run.count("Freed"), 2, "{}", run.all());
 }
+
+#[test]
+fn a_dry_run_asks_the_cache_what_it_holds_and_downloads_nothing() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    let b = a.sibling();
+    // Nothing anywhere: everything executes.
+    jolt(&b, &["build", "--dry-run", "app"])
+        .success()
+        .contains("execute (app ")
+        .contains("execute (lib ");
+    jolt(&a, &["build", "app"]).success();
+    // In the HTTP cache: the goal is downloaded (its requirement is not needed).
+    jolt(&b, &["build", "--dry-run", "app"])
+        .success()
+        .contains("download (app ")
+        .contains("skip (lib ")
+        .lacks("Download started");
+    assert_eq!(
+        std::fs::read_dir(b.cachedir()).unwrap().count(),
+        0,
+        "a dry run wrote into the cache"
+    );
+}

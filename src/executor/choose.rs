@@ -26,6 +26,9 @@ pub(super) struct Facts {
     pub download: bool,
     /// An HTTP cache is configured with uploads enabled.
     pub upload: bool,
+    /// Ask the HTTP cache before planning a download (a dry run, which downloads
+    /// nothing to find out).
+    pub ask_first: bool,
 }
 
 /// The questions whose answers cost something.
@@ -44,7 +47,7 @@ pub(super) fn choose(kind: Kind, f: Facts, ask: &mut dyn Ask) -> Choice {
         // and the node executes then, with what it needs).
         Kind::Local => Choice::Plan(if f.local {
             Plan::Available
-        } else if f.cacheable && f.download {
+        } else if f.cacheable && f.download && (!f.ask_first || ask.remote()) {
             Plan::Download
         } else {
             Plan::Execute
@@ -139,6 +142,7 @@ mod tests {
                 local,
                 download,
                 upload,
+                ask_first: false,
             };
             let got = choose(kind, facts, &mut Answers { remote, fast });
             assert_eq!(got, want, "{kind:?} row {n}: {facts:?} remote {remote:?}");
@@ -164,6 +168,21 @@ mod tests {
             false,
             true,
         );
+        // A dry run asks first.
+        for (remote, want) in [(true, D), (false, X)] {
+            let facts = Facts {
+                goal: true,
+                cacheable: true,
+                download: true,
+                ask_first: true,
+                ..Facts::default()
+            };
+            let mut answers = Answers {
+                remote: Some(remote),
+                fast: None,
+            };
+            assert_eq!(choose(Kind::Local, facts, &mut answers), want);
+        }
     }
 
     #[test]

@@ -438,6 +438,8 @@ struct Scheduler<'a> {
     unreachable: Option<String>,
     /// What the HTTP cache answered before planning asked (see `presence`).
     known: presence::Known,
+    /// `--dry-run`: the HTTP cache is asked before a download is planned.
+    dry_run: bool,
     /// The build's first download, while the cache has not answered it: `None`
     /// before it, `Some(None)` after.
     probe: Option<Option<usize>>,
@@ -550,6 +552,7 @@ impl<'a> Scheduler<'a> {
             remote_running: 0,
             unreachable: None,
             known: presence::Known::new(),
+            dry_run: opts.dry_run,
             probe: None,
             spans: Spans::new(n),
             errors: vec![None; n],
@@ -986,6 +989,7 @@ impl Scheduler<'_> {
             local,
             download: http.is_some_and(|h| h.download && !h.is_down()),
             upload: http.is_some_and(|h| h.upload),
+            ask_first: self.dry_run,
         }
     }
 
