@@ -269,23 +269,8 @@ fn a_huge_output_line_takes_bounded_memory() {
     let ws = Workspace::with(
         "[task.t]\nrun = \"head -c 200000000 /dev/zero | tr '\\\\000' x; echo; echo done\"\n",
     );
-    let child = ws.spawn(&["-q", "build", "t"]);
-    let pid = child.id();
-    let peak = std::thread::spawn(move || {
-        let mut peak = 0u64;
-        while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            let hwm = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or(0);
-            peak = peak.max(hwm);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        peak
-    });
-    crate::util::finish(child).success();
-    let peak_kb = peak.join().unwrap();
+    let (run, peak_kb) = with_peak(ws.spawn(&["-q", "build", "t"]));
+    run.success();
     assert!(peak_kb < 100_000, "jolt peaked at {peak_kb} kB");
     let artifact = &ws.artifacts("t")[0];
     let log = std::fs::metadata(artifact.join(".build.log")).unwrap();

@@ -190,19 +190,7 @@ pub fn build(
     goals: &[String],
     opts: &GraphOptions,
 ) -> Result<Graph> {
-    let mut b = Builder {
-        recipes,
-        hashes,
-        opts,
-        forced: HashSet::new(),
-        nodes: Vec::new(),
-        index: HashMap::new(),
-        stack: Vec::new(),
-        globs: HashMap::new(),
-        hashed: HashMap::new(),
-        pending: Vec::new(),
-        env: BTreeMap::new(),
-    };
+    let mut b = Builder::new(recipes, hashes, opts);
     if opts.force {
         for goal in goals {
             let (task, params) = b.resolve(goal, None)?;
@@ -242,6 +230,24 @@ fn qualified(task: &Task, params: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     taskref::format(&task.name, &pairs)
+}
+
+impl<'a> Builder<'a> {
+    fn new(recipes: &'a Recipes, hashes: &'a FileHashes, opts: &'a GraphOptions) -> Builder<'a> {
+        Builder {
+            recipes,
+            hashes,
+            opts,
+            forced: HashSet::new(),
+            nodes: Vec::new(),
+            index: HashMap::new(),
+            stack: Vec::new(),
+            globs: HashMap::new(),
+            hashed: HashMap::new(),
+            pending: Vec::new(),
+            env: BTreeMap::new(),
+        }
+    }
 }
 
 impl Builder<'_> {
@@ -1146,19 +1152,8 @@ run = "cat {deps.hello}"
         let t39 = all.nodes.iter().find(|n| n.name() == "t39").unwrap();
         let sequential = {
             let hashes = FileHashes::ephemeral(dir.path());
-            let mut b = Builder {
-                recipes: &recipes,
-                hashes: &hashes,
-                opts: &GraphOptions::default(),
-                forced: HashSet::new(),
-                nodes: Vec::new(),
-                index: HashMap::new(),
-                stack: Vec::new(),
-                globs: HashMap::new(),
-                hashed: HashMap::new(),
-                pending: Vec::new(),
-                env: BTreeMap::new(),
-            };
+            let opts = GraphOptions::default();
+            let mut b = Builder::new(&recipes, &hashes, &opts);
             let i = b.instantiate("t39", None).unwrap();
             for p in std::mem::take(&mut b.pending) {
                 b.identify(p).unwrap();
