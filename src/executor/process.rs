@@ -417,46 +417,38 @@ fn exit_notifier(pid: i32) -> Option<OwnedFd> {
     spawned.ok().map(|_| OwnedFd::from(reader))
 }
 
-/// Blocks until the child `pid` has ended, without reaping it.
-fn wait_exited(pid: i32) -> std::io::Result<()> {
-    loop {
-        // SAFETY: waitid writes only into `info`, a zeroed siginfo_t we own; WNOWAIT
-        // leaves the child waitable.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// How the child `pid` ended, if it has, without reaping it.
-fn exited(pid: i32) -> std::io::Result<Option<Exit>> {
-    // SAFETY: waitid writes only into `info`, a zeroed siginfo_t we own; WNOWAIT
-    // leaves the child waitable, so `Child::wait` reaps it later.
+/// `waitid` on the child `pid` with `WEXITED | WNOWAIT | extra`: what it says, the
+/// child left waitable (so that `Child::wait` reaps it later).
+fn peek_exit(pid: i32, extra: i32) -> std::io::Result<libc::siginfo_t> {
+    // SAFETY: waitid writes only into `info`, a zeroed siginfo_t we own.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     let r = unsafe {
         libc::waitid(
             libc::P_PID,
             pid as libc::id_t,
             &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            libc::WEXITED | libc::WNOWAIT | extra,
         )
     };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+/// Blocks until the child `pid` has ended, without reaping it.
+fn wait_exited(pid: i32) -> std::io::Result<()> {
+    loop {
+        match peek_exit(pid, 0) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
+/// How the child `pid` ended, if it has, without reaping it.
+fn exited(pid: i32) -> std::io::Result<Option<Exit>> {
+    let info = peek_exit(pid, libc::WNOHANG)?;
     // SAFETY: for SIGCHLD information (waitid), si_pid and si_status are the fields
     // the kernel filled in; si_pid is 0 while the child runs.
     let (child, status) = unsafe { (info.si_pid(), info.si_status()) };
