@@ -113,15 +113,18 @@ pub fn flush() {
 
 /// Keeps a failed remote task's output (the tail its worker sent) with this run.
 pub fn keep_task_text(name: &str, text: &str) -> Option<PathBuf> {
-    let tmp = std::env::temp_dir().join(format!(".jolt-log-{}", crate::util::fs::unique_suffix()));
-    std::fs::write(&tmp, text).ok()?;
-    let kept = keep_task_log(name, &tmp);
-    let _ = std::fs::remove_file(&tmp);
-    kept
+    keep(name, &mut |out| out.write_all(text.as_bytes()))
 }
 
-/// Keeps a failed task's output (`log`, its build log) with this run; returns where.
+/// Keeps a failed task's output (`log`, its build log: a regular file, read never
+/// through a link) with this run; returns where.
 pub fn keep_task_log(name: &str, log: &Path) -> Option<PathBuf> {
+    let mut src = crate::util::fs::open_regular(log).ok()?;
+    keep(name, &mut |out| std::io::copy(&mut src, out).map(|_| ()))
+}
+
+/// Writes `NAME.log` beside this run's log with `write`; returns where.
+fn keep(name: &str, write: &mut dyn FnMut(&mut File) -> std::io::Result<()>) -> Option<PathBuf> {
     flush();
     let dir = RUN
         .lock()
@@ -140,21 +143,11 @@ pub fn keep_task_log(name: &str, log: &Path) -> Option<PathBuf> {
         })
         .collect();
     let dest = dir.join(format!("{safe}.log"));
-    let copied = std::fs::create_dir_all(&dir).and_then(|()| {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Never through a link, never blocking on a fifo put in its place.
-        let mut src = File::options()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-            .open(log)?;
-        if !src.metadata()?.is_file() {
-            return Err(std::io::Error::other("not a regular file"));
-        }
-        let mut out = File::create(&dest)?;
-        std::io::copy(&mut src, &mut out)
-    });
+    let kept = std::fs::create_dir_all(&dir)
+        .and_then(|()| File::create(&dest))
+        .and_then(|mut out| write(&mut out));
     // A log that cannot be kept is no reason to fail anything.
-    copied.ok().map(|_| dest)
+    kept.ok().map(|()| dest)
 }
 
 /// The runs kept, oldest first.

@@ -88,19 +88,8 @@ impl Log {
 
 /// The last `LOG_TAIL` lines of a file.
 fn tail(path: &Path) -> Option<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
     // The task may have replaced its log: read only a regular file, only its end.
-    let mut file = File::options()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(path)
-        .ok()?;
-    let len = file.metadata().ok().filter(|m| m.is_file())?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))
-        .ok()?;
-    let mut text = Vec::new();
-    file.take(TAIL_BYTES).read_to_end(&mut text).ok()?;
+    let (_, text) = artifact::read_end(path, TAIL_BYTES).ok()?;
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(LOG_TAIL);

@@ -22,14 +22,7 @@ pub const MAX_MANIFEST: u64 = 256 << 20;
 /// an unbounded read.
 pub fn read_small(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::File::options()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
+    let file = crate::util::fs::open_regular(path)?;
     let mut data = Vec::new();
     file.take(limit + 1).read_to_end(&mut data)?;
     if data.len() as u64 > limit {
@@ -41,22 +34,23 @@ pub fn read_small(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
 /// The most of a task's output a worker sends back with a reply.
 pub const REPLAYED_OUTPUT: u64 = 1 << 20;
 
+/// The last `limit` bytes of a regular file (see [`crate::util::fs::open_regular`]),
+/// and where in the file they start.
+pub fn read_end(path: &Path, limit: u64) -> std::io::Result<(u64, Vec<u8>)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = crate::util::fs::open_regular(path)?;
+    let start = file.metadata()?.len().saturating_sub(limit);
+    file.seek(SeekFrom::Start(start))?;
+    let mut data = Vec::new();
+    file.take(limit).read_to_end(&mut data)?;
+    Ok((start, data))
+}
+
 /// The end of a build log for a reply: at most `limit` bytes, from a line's start,
 /// after a line saying how much was cut. `None` when it cannot be read as a regular
 /// file (never through a link, never blocking on a fifo).
 pub fn output_tail(path: &Path, limit: u64) -> Option<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::File::options()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(path)
-        .ok()?;
-    let len = file.metadata().ok().filter(|m| m.is_file())?.len();
-    let start = len.saturating_sub(limit);
-    file.seek(SeekFrom::Start(start)).ok()?;
-    let mut data = Vec::new();
-    file.take(limit).read_to_end(&mut data).ok()?;
+    let (start, data) = read_end(path, limit).ok()?;
     if start == 0 {
         return Some(String::from_utf8_lossy(&data).into_owned());
     }

@@ -88,6 +88,20 @@ pub fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// Opens a file to read that must be a regular one: never through a symlink, never
+/// blocking on a fifo or a device put in its place (a task may have put it there).
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
 /// Removes a directory tree; a missing one is fine. Directories made read-only
 /// inside it (a task may: Go's module cache does) are made writable first.
 pub fn remove_dir_all(path: &Path) -> Result<()> {
