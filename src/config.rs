@@ -14,45 +14,6 @@ use crate::error::usage;
 /// Sections whose keys may be set from the environment.
 const SECTIONS: &[&str] = &["jolt", "http", "amqp", "network"];
 
-/// Every key jolt reads. Others are refused where they are set on the command line
-/// and warned about where a file or the environment holds them; `params.*` is free.
-pub const KEYS: &[&str] = &[
-    "jolt.cachedir",
-    "jolt.cachesize",
-    "jolt.jobs",
-    "jolt.default",
-    "jolt.upload",
-    "jolt.download",
-    "http.uri",
-    "http.upload",
-    "http.download",
-    "http.username",
-    "http.password",
-    "http.connect_timeout",
-    "http.timeout",
-    "http.retries",
-    "http.transfers",
-    "http.ca_file",
-    "amqp.host",
-    "amqp.port",
-    "amqp.vhost",
-    "amqp.username",
-    "amqp.password",
-    "amqp.routing_key",
-    "amqp.priority",
-    "amqp.max_priority",
-    "amqp.heartbeat",
-    "amqp.connect_timeout",
-    "amqp.tls",
-    "amqp.ca_file",
-    "amqp.progress",
-    "amqp.timeout",
-    "amqp.jobs",
-    "network.upload",
-    "network.download",
-    "network.config",
-];
-
 /// What a key's value must be.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -63,7 +24,9 @@ enum Kind {
     Size,
 }
 
-/// Each key's kind and default as `jolt config -l` shows it (`None`: unset).
+/// Every key jolt reads, with its kind and its default as `jolt config -l` shows it
+/// (`None`: unset). Other keys are refused where they are set on the command line
+/// and warned about where a file or the environment holds them; `params.*` is free.
 const SPECS: &[(&str, Kind, Option<&str>)] = &[
     ("jolt.cachedir", Kind::Text, None),
     ("jolt.cachesize", Kind::Size, Some("10G")),
@@ -109,6 +72,11 @@ const SPECS: &[(&str, Kind, Option<&str>)] = &[
     ("network.config", Kind::Text, None),
 ];
 
+/// Every key jolt reads.
+pub fn keys() -> impl Iterator<Item = &'static str> {
+    SPECS.iter().map(|(key, _, _)| *key)
+}
+
 /// Refuses a value its key cannot take (`jolt config KEY VALUE`).
 pub fn check_value(key: &str, value: &str) -> Result<()> {
     let Some((_, kind, _)) = SPECS.iter().find(|(k, _, _)| *k == key) else {
@@ -139,7 +107,7 @@ pub fn check_value(key: &str, value: &str) -> Result<()> {
 
 /// Whether jolt knows the configuration key `section.key`.
 pub fn is_known(key: &str) -> bool {
-    KEYS.contains(&key) || key.starts_with("params.")
+    keys().any(|k| k == key) || key.starts_with("params.")
 }
 
 /// Refuses a key jolt does not know (a typo would otherwise do nothing).
@@ -149,12 +117,10 @@ pub fn check_key(key: &str) -> Result<()> {
         return Ok(());
     }
     let (section, _) = split_key(key)?;
-    let similar: Vec<&str> = KEYS
-        .iter()
-        .copied()
+    let similar: Vec<&str> = keys()
         .filter(|k| k.starts_with(&format!("{section}.")))
         .collect();
-    let hint = crate::util::did_you_mean(key, KEYS.iter().copied());
+    let hint = crate::util::did_you_mean(key, keys());
     Err(usage(if !hint.is_empty() {
         format!("Unknown configuration key '{key}'{hint}")
     } else if similar.is_empty() {
@@ -173,7 +139,7 @@ fn warn_unknown(path: &Path, sections: &BTreeMap<String, Section>) {
         for key in values.keys() {
             let key = format!("{section}.{key}");
             if !is_known(&key) {
-                let hint = crate::util::did_you_mean(&key, KEYS.iter().copied());
+                let hint = crate::util::did_you_mean(&key, keys());
                 crate::console::warn(&format!(
                     "Unknown configuration key '{key}' in {} is ignored{hint}",
                     path.display()
@@ -545,8 +511,13 @@ mod tests {
 
     #[test]
     fn every_key_has_a_kind_and_every_kind_checks_its_values() {
-        let specced: Vec<&str> = SPECS.iter().map(|(k, _, _)| *k).collect();
-        assert_eq!(specced, KEYS);
+        // One table holds the keys with their kinds: each once, in a known section.
+        let all: Vec<&str> = keys().collect();
+        let unique: std::collections::BTreeSet<&str> = all.iter().copied().collect();
+        assert_eq!(unique.len(), all.len());
+        assert!(all
+            .iter()
+            .all(|k| SECTIONS.contains(&k.split_once('.').unwrap().0)));
         assert!(check_value("jolt.cachesize", "2G").is_ok());
         assert!(check_value("jolt.cachesize", "banana").is_err());
         assert!(check_value("amqp.tls", "yes").is_ok());
