@@ -228,9 +228,13 @@ pub fn log(args: crate::cli::LogArgs) -> Result<Exit> {
     let runs = crate::runlog::runs();
     if args.list {
         for run in &runs {
-            let text = std::fs::read_to_string(run).unwrap_or_default();
-            let command = text.lines().next().unwrap_or("");
-            console::print(&format!("{}  {command}", run.display()));
+            // Its first line only: a run's log may hold a task's millions of lines.
+            let mut command = String::new();
+            if let Ok(file) = std::fs::File::open(run) {
+                let _ =
+                    std::io::BufRead::read_line(&mut std::io::BufReader::new(file), &mut command);
+            }
+            console::print(&format!("{}  {}", run.display(), command.trim_end()));
         }
         return Ok(Exit::Success);
     }
