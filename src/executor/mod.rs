@@ -458,9 +458,9 @@ struct Spans {
     ended: Vec<Option<Duration>>,
     lane: Vec<Option<String>>,
     kind: Vec<&'static str>,
-    /// Slots of each lane in use, and the slot of each running job.
+    /// Slots of each lane in use, and the lane and slot of each running job.
     busy: [Vec<bool>; 2],
-    slot: Vec<usize>,
+    slot: Vec<(usize, usize)>,
     /// The jobs running now.
     active: Vec<usize>,
 }
@@ -474,20 +474,21 @@ impl Spans {
             lane: vec![None; n],
             kind: vec![""; n],
             busy: [Vec::new(), Vec::new()],
-            slot: vec![0; n],
+            slot: vec![(0, 0); n],
             active: Vec::new(),
         }
     }
 
     fn begin(&mut self, i: usize, plan: Plan) {
-        let busy = &mut self.busy[plan.lane()];
+        let lane_index = plan.lane();
+        let busy = &mut self.busy[lane_index];
         let slot = busy.iter().position(|b| !b).unwrap_or(busy.len());
         if slot == busy.len() {
             busy.push(true);
         } else {
             busy[slot] = true;
         }
-        self.slot[i] = slot;
+        self.slot[i] = (lane_index, slot);
         let (kind, lane) = match plan {
             Plan::Execute => ("execute", "local"),
             Plan::Remote => ("remote", "remote"),
@@ -503,8 +504,8 @@ impl Spans {
     fn end(&mut self, i: usize) {
         self.ended[i] = Some(self.t0.elapsed());
         self.active.retain(|&a| a != i);
-        let lane = if self.kind[i] == "execute" { 0 } else { 1 };
-        if let Some(b) = self.busy[lane].get_mut(self.slot[i]) {
+        let (lane, slot) = self.slot[i];
+        if let Some(b) = self.busy[lane].get_mut(slot) {
             *b = false;
         }
     }
