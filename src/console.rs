@@ -145,10 +145,7 @@ pub fn quiet() -> bool {
 /// Writes a line of task output, optionally prefixed with the task's name; hidden
 /// with `-q`.
 pub fn output(prefix: Option<&str>, line: &str, stderr: bool) {
-    let text = match prefix {
-        Some(p) => format!("[{p}] {line}"),
-        None => line.to_string(),
-    };
+    let text = prefixed(prefix, line);
     crate::runlog::output(&text);
     if quiet() {
         return;
@@ -158,11 +155,15 @@ pub fn output(prefix: Option<&str>, line: &str, stderr: bool) {
 
 /// Writes a line of task output even with `-q` (a failed task's log).
 pub fn output_always(prefix: Option<&str>, line: &str, stderr: bool) {
-    let text = match prefix {
+    write_output(&prefixed(prefix, line), stderr);
+}
+
+/// A line of task output as shown: `[NAME] LINE`, or the line alone.
+fn prefixed(prefix: Option<&str>, line: &str) -> String {
+    match prefix {
         Some(p) => format!("[{p}] {line}"),
         None => line.to_string(),
-    };
-    write_output(&text, stderr);
+    }
 }
 
 fn write_output(text: &str, stderr: bool) {
