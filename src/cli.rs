@@ -1,7 +1,10 @@
 //! The command line, as clap sees it. Nothing here knows how commands work: `lib.rs`
 //! turns these structs into calls of the command modules.
 
-use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use clap::{
+    Arg, ArgAction, Args, Command, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum,
+};
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
@@ -12,15 +15,10 @@ use std::path::PathBuf;
 )]
 pub struct Cli {
     /// A config file, or a `section.key=value` override (repeatable)
-    #[arg(
-        short = 'c',
-        long = "config",
-        global = true,
-        value_name = "FILE|KEY=VALUE"
-    )]
+    #[arg(short = 'c', long = "config", value_name = "FILE|KEY=VALUE")]
     pub config: Vec<String>,
     /// More output (-vv for debug output)
-    #[arg(short, long, action = ArgAction::Count, global = true)]
+    #[arg(short, long, action = ArgAction::Count)]
     pub verbose: u8,
     /// Only warnings and errors
     #[arg(short, long, global = true)]
@@ -31,6 +29,59 @@ pub struct Cli {
     pub color: ColorChoice,
     #[command(subcommand)]
     pub command: Option<Cmd>,
+}
+
+/// The ids under which a subcommand holds its own `-c` and `-v`.
+const SUB_CONFIG: &str = "sub_config";
+const SUB_VERBOSE: &str = "sub_verbose";
+
+impl Cli {
+    /// The command line as clap sees it: `-c` and `-v` are accepted before and after
+    /// the subcommand, and their occurrences add up in order.
+    ///
+    /// They are not clap `global` arguments: clap keeps a global argument's values
+    /// from the last level that has any, so `jolt -c a.toml build -c k=v` lost
+    /// `a.toml` (and `-v build -v` counted 1). Each subcommand gets arguments of its
+    /// own instead, read after the top level's.
+    pub fn command_line() -> Command {
+        fn with_own(command: Command) -> Command {
+            command
+                .arg(
+                    Arg::new(SUB_CONFIG)
+                        .short('c')
+                        .long("config")
+                        .value_name("FILE|KEY=VALUE")
+                        .action(ArgAction::Append)
+                        .help("A config file, or a `section.key=value` override (repeatable)"),
+                )
+                .arg(
+                    Arg::new(SUB_VERBOSE)
+                        .short('v')
+                        .long("verbose")
+                        .action(ArgAction::Count)
+                        .help("More output (-vv for debug output)"),
+                )
+                .mut_subcommands(with_own)
+        }
+        Self::command().mut_subcommands(with_own)
+    }
+
+    /// Parses arguments (the program's name first), as [`Cli::command_line`] says.
+    pub fn parse_args(
+        args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
+    ) -> Result<Cli, clap::Error> {
+        let matches = Self::command_line().try_get_matches_from(args)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        let mut level = matches.subcommand();
+        while let Some((_, sub)) = level {
+            if let Some(values) = sub.get_many::<String>(SUB_CONFIG) {
+                cli.config.extend(values.cloned());
+            }
+            cli.verbose = cli.verbose.saturating_add(sub.get_count(SUB_VERBOSE));
+            level = sub.subcommand();
+        }
+        Ok(cli)
+    }
 }
 
 /// When the console uses colour.
@@ -246,4 +297,30 @@ pub struct DownloadArgs {
     /// Copy the artifacts into this directory
     #[arg(long, value_name = "DIR")]
     pub copy: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_and_verbose_add_up_across_the_subcommand() {
+        let cli = Cli::parse_args([
+            "jolt", "-c", "a.toml", "-v", "build", "-c", "k=v", "-v", "t", "--config", "b",
+        ])
+        .unwrap();
+        assert_eq!(cli.config, ["a.toml", "k=v", "b"]);
+        assert_eq!(cli.verbose, 2);
+        let cli =
+            Cli::parse_args(["jolt", "cache", "trim", "-c", "x", "d", "--max-size", "1G"]).unwrap();
+        assert_eq!(cli.config, ["x"]);
+        let cli = Cli::parse_args(["jolt", "-c", "only", "amqp-worker"]).unwrap();
+        assert_eq!(cli.config, ["only"]);
+        assert!(matches!(cli.command, Some(Cmd::AmqpWorker)));
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command_line().debug_assert();
+    }
 }

@@ -18,12 +18,11 @@ pub mod runlog;
 pub mod store;
 pub mod util;
 
-use clap::Parser;
 use std::ffi::OsString;
 
 /// Runs jolt with these arguments and returns the exit code.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
-    let cli = match cli::Cli::try_parse_from(args) {
+    let cli = match cli::Cli::parse_args(args) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();

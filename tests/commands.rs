@@ -241,6 +241,11 @@ fn config_list_shows_every_effective_value_and_its_origin() {
         .contains("config.toml")
         .contains("http.timeout = 5  # environment (JOLT_HTTP_TIMEOUT)")
         .contains("amqp.jobs = 64  # -c");
+    // `-c` before and after the command add up (the later one lost the earlier).
+    ws.jolt(&["-c", "amqp.jobs=65", "config", "-l", "-c", "http.timeout=7"])
+        .success()
+        .contains("amqp.jobs = 65  # -c")
+        .contains("http.timeout = 7  # -c");
     // A bad value is refused, and nothing is written.
     ws.jolt(&["config", "jolt.cachesize", "banana"])
         .code(2)

@@ -298,8 +298,7 @@ const TASK_COMMANDS: &str = "build inspect info display download clean list";
 /// shell is in.
 pub fn completions(args: crate::cli::CompletionsArgs) -> Result<Exit> {
     use crate::cli::CompletionShell;
-    use clap::CommandFactory;
-    let mut command = crate::cli::Cli::command();
+    let mut command = crate::cli::Cli::command_line();
     let mut script = Vec::new();
     let shell = match args.shell {
         CompletionShell::Bash | CompletionShell::Zsh => clap_complete::Shell::Bash,
