@@ -46,7 +46,7 @@ const SPECS: &[(&str, Kind, Option<&str>)] = &[
     ("http.connect_timeout", Kind::Int(0, 86400), Some("10")),
     ("http.timeout", Kind::Int(0, 86400), Some("60")),
     ("http.retries", Kind::Int(0, 100), Some("3")),
-    ("http.transfers", Kind::Int(1, 64), Some("16")),
+    ("http.transfers", Kind::Int(1, 256), Some("64")),
     ("http.ca_file", Kind::Text, None),
     ("amqp.host", Kind::Text, Some("localhost")),
     (
@@ -522,8 +522,8 @@ mod tests {
         assert!(check_value("jolt.cachesize", "banana").is_err());
         assert!(check_value("amqp.tls", "yes").is_ok());
         assert!(check_value("amqp.tls", "maybe").is_err());
-        assert!(check_value("http.transfers", "64").is_ok());
-        assert!(check_value("http.transfers", "65").is_err());
+        assert!(check_value("http.transfers", "256").is_ok());
+        assert!(check_value("http.transfers", "257").is_err());
         assert!(check_value("amqp.host", "anything").is_ok());
     }
 

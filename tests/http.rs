@@ -543,7 +543,7 @@ fn transfers_at_once_are_a_setting_of_their_own() {
     .contains("Download finished");
     jolt(&other, &["-c", "http.transfers=0", "build", "app"])
         .code(2)
-        .contains("http.transfers: expected 1 to 64");
+        .contains("http.transfers: expected 1 to 256");
 }
 
 #[test]
