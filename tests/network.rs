@@ -1027,3 +1027,44 @@ fn a_worker_that_cannot_write_its_cache_exits_2_at_start() {
         .contains(&format!("Cannot write the local cache {}", cache.display()))
         .contains("as uid 65534");
 }
+
+// Requests whose size does not grow with the workspace (issue 12).
+
+#[test]
+fn recipes_travel_by_digest_uploaded_once_and_parsed_once_per_worker() {
+    let Some(c) = cluster() else { return };
+    let _w = WorkerProcess::start(&c.config(), &[]);
+    let mut recipe =
+        String::from("[task.all]\nkind = \"alias\"\nrequires = [\"a\", \"b\", \"c\"]\n");
+    for t in ["a", "b", "c"] {
+        recipe.push_str(&format!(
+            "[task.{t}]\nrun = \"echo {t} > {{artifact}}/out\"\n"
+        ));
+    }
+    // A workspace whose recipes are large: requests must not carry them.
+    recipe.push_str(&format!("# {}\n", "x".repeat(200_000)));
+    let ws = Workspace::with(&recipe);
+    let recipes = |method: &str| {
+        std::fs::read_to_string(c.server.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!("\"{method} /")) && l.contains("/_recipes/"))
+            .count()
+    };
+    c.build(&ws, &["all"]).success();
+    assert_eq!(recipes("PUT"), 1, "the client stores its recipes once");
+    assert_eq!(
+        recipes("GET"),
+        1,
+        "the worker fetches them once for 3 tasks"
+    );
+    // Another build of the same workspace: the recipes are stored and parsed already.
+    c.build(&ws, &["-s", "again", "all"]).success();
+    assert_eq!(recipes("PUT"), 1);
+    assert_eq!(recipes("GET"), 1);
+    // Changed recipes are another bundle.
+    ws.file("jolt.toml", &recipe.replace("echo a", "echo A"));
+    c.build(&ws, &["all"]).success();
+    assert_eq!(recipes("PUT"), 2);
+    assert_eq!(recipes("GET"), 2);
+}

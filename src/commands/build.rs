@@ -13,7 +13,7 @@ use crate::error::{self, usage};
 use crate::executor::{self, Mode, Network, Services, Status};
 use crate::graph::{Graph, GraphOptions};
 use crate::remote::client::NetworkClient;
-use crate::remote::messages::RecipeText;
+use crate::remote::messages::{RecipeBundle, RecipeText};
 use crate::store::artifact::{BUILD_LOG, MANIFEST};
 use crate::store::http::HttpCache;
 use crate::util::fs::format_duration;
@@ -118,15 +118,16 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
     let client = NetworkClient::connect(settings)?;
     let net = Network {
         client: &client,
-        recipes: ws
-            .recipes
-            .files
-            .iter()
-            .map(|f| RecipeText {
-                path: f.path.to_string_lossy().into_owned(),
-                text: f.text.clone(),
-            })
-            .collect(),
+        recipes: RecipeBundle::new(
+            &ws.recipes
+                .files
+                .iter()
+                .map(|f| RecipeText {
+                    path: f.path.to_string_lossy().into_owned(),
+                    text: f.text.clone(),
+                })
+                .collect::<Vec<_>>(),
+        ),
         jobs: remote_jobs,
     };
     let opts = executor::Options {

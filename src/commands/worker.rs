@@ -9,7 +9,8 @@
 //! drops with the connection, so a dead worker never holds it) or, when another
 //! worker holds it, answer the duplicate (`success` when the HTTP cache has the
 //! artifact, else `accepted`); reply `accepted`, and `running` every
-//! `amqp.progress` seconds; rebuild the workspace from the request's recipes and
+//! `amqp.progress` seconds; rebuild the workspace from the request's recipes (a
+//! bundle fetched from the HTTP cache by digest and parsed once, then kept) and
 //! source snapshot in a fresh directory; recompute the identity (requirements pinned
 //! to the request's identities) and refuse a mismatch; let the executor serve the
 //! goal (from the HTTP cache when it is there, else execute and upload;
@@ -40,7 +41,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::RecvTimeoutError;
 use std::collections::HashMap;
 use std::path::{Component, Path};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -53,7 +54,9 @@ use crate::graph::GraphOptions;
 use crate::interrupt;
 use crate::recipe::Recipes;
 use crate::remote::amqp::{task_queue, Settings, RESULTS};
-use crate::remote::messages::{whoami, Reply, ReplyKind, Request, VERSION};
+use crate::remote::messages::{
+    whoami, RecipeBundle, RecipeText, Reply, ReplyKind, Request, MAX_RECIPE_BUNDLE, VERSION,
+};
 use crate::store::http::HttpCache;
 use crate::store::local::LocalCache;
 use crate::util::fs::format_duration;
@@ -63,7 +66,20 @@ struct Worker {
     http: HttpCache,
     cache: LocalCache,
     me: String,
+    /// Recipe bundles parsed, newest first.
+    parsed: Mutex<Vec<Arc<Parsed>>>,
 }
+
+/// A recipe bundle as a worker keeps it: its files, and their tasks as parsed.
+struct Parsed {
+    digest: String,
+    texts: Arc<Vec<RecipeText>>,
+    recipes: Recipes,
+}
+
+/// Recipe bundles a worker keeps parsed: the workspaces (and versions of them) it
+/// serves at once.
+const PARSED_KEPT: usize = 8;
 
 /// Runs the worker until SIGTERM (drain) or SIGINT.
 pub fn run(config: &Config) -> Result<Exit> {
@@ -84,6 +100,7 @@ pub fn run(config: &Config) -> Result<Exit> {
         http,
         me: whoami(),
         settings,
+        parsed: Mutex::default(),
     };
     console::info(&format!(
         "Worker {} serves routing key '{}' from {}",
@@ -468,22 +485,66 @@ impl Worker {
             .context("Cannot queue a redelivered request again")
     }
 
-    /// Rebuilds the client's workspace in `ws`: its recipes, and the source snapshot.
-    fn write_workspace(&self, request: &Request, ws: &Path) -> Result<()> {
-        for recipe in &request.recipes {
-            if !safe_relative(&recipe.path) {
-                bail!("recipe path '{}' leaves the workspace", recipe.path);
+    /// Rebuilds the client's workspace in `ws`: its recipe files, parsed, and the
+    /// source snapshot.
+    fn write_workspace(&self, request: &Request, ws: &Path) -> Result<Recipes> {
+        let recipes = self.recipes(&request.recipes, ws)?;
+        if let Some(digest) = &request.snapshot {
+            self.http.fetch_source(digest, ws)?;
+        }
+        Ok(recipes)
+    }
+
+    /// The recipe bundle `digest`, written into `ws` and parsed. A bundle is fetched
+    /// from the HTTP cache and parsed once; the newest [`PARSED_KEPT`] stay in memory,
+    /// so the next requests from one workspace cost neither a download nor a parse.
+    fn recipes(&self, digest: &str, ws: &Path) -> Result<Recipes> {
+        let known = {
+            let parsed = self.parsed.lock().expect("parsed");
+            parsed.iter().find(|p| p.digest == digest).cloned()
+        };
+        let texts = match &known {
+            Some(p) => p.texts.clone(),
+            None => {
+                let bytes = self.http.fetch_recipes(digest, MAX_RECIPE_BUNDLE)?;
+                let texts = RecipeBundle::files(digest, &bytes)?;
+                if let Some(bad) = texts.iter().find(|t| !safe_relative(&t.path)) {
+                    bail!("recipe path '{}' leaves the workspace", bad.path);
+                }
+                Arc::new(texts)
             }
+        };
+        for recipe in texts.iter() {
             let path = ws.join(&recipe.path);
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
             std::fs::write(&path, &recipe.text)?;
         }
-        if let Some(digest) = &request.snapshot {
-            self.http.fetch_source(digest, ws)?;
+        if let Some(p) = known {
+            return Ok(Recipes {
+                root: ws.to_path_buf(),
+                files: p.recipes.files.clone(),
+                tasks: p.recipes.tasks.clone(),
+            });
         }
-        Ok(())
+        let recipes = Recipes::load(ws)?;
+        let mut parsed = self.parsed.lock().expect("parsed");
+        parsed.retain(|p| p.digest != digest);
+        parsed.insert(
+            0,
+            Arc::new(Parsed {
+                digest: digest.to_string(),
+                texts,
+                recipes: Recipes {
+                    root: ws.to_path_buf(),
+                    files: recipes.files.clone(),
+                    tasks: recipes.tasks.clone(),
+                },
+            }),
+        );
+        parsed.truncate(PARSED_KEPT);
+        Ok(recipes)
     }
 
     fn build(&self, request: &Request) -> Outcome {
@@ -499,6 +560,11 @@ impl Worker {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build_in(request, &ws)))
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the worker panicked")));
         let outcome = built.unwrap_or_else(|e| {
+            if crate::store::http::is_unreachable(&e) {
+                // Fetching the recipes or the snapshot found the cache down: hold the
+                // next requests until it answers (`wait_for_cache`).
+                self.http.mark_down();
+            }
             console::error(&format!("{e:#}"));
             Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}"))
         });
@@ -507,8 +573,7 @@ impl Worker {
     }
 
     fn build_in(&self, request: &Request, ws: &Path) -> Result<Outcome> {
-        self.write_workspace(request, ws)?;
-        let recipes = Recipes::load(ws)?;
+        let recipes = self.write_workspace(request, ws)?;
         let hashes = FileHashes::ephemeral(ws);
         let opts = GraphOptions {
             taints: request

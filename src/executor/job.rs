@@ -490,6 +490,7 @@ impl Runner<'_> {
                 taints.insert(n.qualified.clone(), t.clone());
             }
         }
+        net.client.store_recipes(&net.recipes, http)?;
         let snapshot = if node.files.is_empty() {
             None
         } else {
@@ -503,7 +504,7 @@ impl Runner<'_> {
             identity: node.identity.clone(),
             task: node.name().to_string(),
             reference: node.qualified.clone(),
-            recipes: net.recipes.clone(),
+            recipes: net.recipes.digest.clone(),
             taints,
             pins,
             commits,

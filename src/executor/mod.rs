@@ -30,7 +30,7 @@ use crate::console;
 use crate::graph::Graph;
 use crate::interrupt;
 use crate::remote::client::NetworkClient;
-use crate::remote::messages::RecipeText;
+use crate::remote::messages::RecipeBundle;
 use crate::store::artifact::Manifest;
 use crate::store::http::{self as http_cache, HttpCache};
 use crate::store::local::LocalCache;
@@ -55,8 +55,8 @@ pub enum Mode<'a> {
 /// What a network build needs besides the caches.
 pub struct Network<'a> {
     pub client: &'a NetworkClient,
-    /// The workspace's recipe files, sent with every request.
-    pub recipes: Vec<RecipeText>,
+    /// The workspace's recipe files, which every request names by digest.
+    pub recipes: RecipeBundle,
     /// Remote executions in flight at once.
     pub jobs: usize,
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::error::infra;
 use crate::remote::amqp::{Settings, RESULTS};
-use crate::remote::messages::Reply;
+use crate::remote::messages::{RecipeBundle, Reply};
 use crate::store::http::HttpCache;
 use crate::store::local::LocalCache;
 use crate::util::hex;
@@ -67,6 +67,9 @@ pub struct NetworkClient {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     snapshots: Mutex<HashSet<String>>,
+    /// Whether the build's recipe bundle is in the HTTP cache; held while it is
+    /// stored, so that the requests that need it wait for one upload.
+    recipes_stored: Mutex<bool>,
     /// When each pool's consumers are next counted (see [`NetworkClient::idle_pool`]).
     pool_checks: Mutex<HashMap<String, std::time::Instant>>,
 }
@@ -140,6 +143,7 @@ impl NetworkClient {
             shared,
             thread: Some(thread),
             snapshots: Mutex::new(HashSet::new()),
+            recipes_stored: Mutex::new(false),
             pool_checks: Mutex::new(HashMap::new()),
         })
     }
@@ -290,6 +294,18 @@ impl NetworkClient {
                 }
             }
         }
+    }
+
+    /// Stores the recipe bundle in the HTTP cache unless this client did already (or
+    /// the cache holds it): once per build, before its first request.
+    pub fn store_recipes(&self, bundle: &RecipeBundle, http: &HttpCache) -> Result<()> {
+        let mut stored = self.recipes_stored.lock().expect("recipes_stored");
+        if !*stored {
+            http.store_recipes(&bundle.digest, &bundle.bytes)
+                .with_context(|| "Cannot upload the recipes")?;
+            *stored = true;
+        }
+        Ok(())
     }
 
     /// Packs `files` (relative to `root`) into a source snapshot, uploads it to the

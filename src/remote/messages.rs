@@ -2,19 +2,59 @@
 //! `jolt_exchange`) and replies (worker → clients, through `jolt_results`, routed by
 //! task identity). Both are JSON objects with a `version`; a worker answers a request
 //! it cannot read or whose version it does not speak with an `error` reply.
+//!
+//! A request names the workspace's recipe files by the digest of their bundle
+//! ([`RecipeBundle`]), which the client uploads to the HTTP cache once, so that its
+//! size does not grow with the workspace.
 
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
-/// The message format version this jolt speaks.
-pub const VERSION: u32 = 1;
+/// The message format version this jolt speaks. Version 1 carried every recipe file
+/// in every request; version 2 carries the digest of their bundle.
+pub const VERSION: u32 = 2;
 
-/// A recipe file carried by a request.
+/// A recipe file, in a bundle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecipeText {
     /// Relative to the workspace root.
     pub path: String,
     pub text: String,
+}
+
+/// The recipe files of a workspace as one blob: a JSON array of [`RecipeText`] in the
+/// order they were read, named by the SHA-256 of its bytes and stored at
+/// `{http.uri}/_recipes/{digest}.json`.
+#[derive(Debug, Clone)]
+pub struct RecipeBundle {
+    pub digest: String,
+    pub bytes: Vec<u8>,
+}
+
+/// The largest recipe bundle a worker accepts.
+pub const MAX_RECIPE_BUNDLE: u64 = 64 << 20;
+
+impl RecipeBundle {
+    pub fn new(files: &[RecipeText]) -> RecipeBundle {
+        let bytes = serde_json::to_vec(files).expect("strings serialise");
+        RecipeBundle {
+            digest: crate::util::hex(&Sha256::digest(&bytes)),
+            bytes,
+        }
+    }
+
+    /// The files of a bundle fetched for `digest`, which its bytes must match.
+    pub fn files(digest: &str, bytes: &[u8]) -> Result<Vec<RecipeText>> {
+        if crate::util::hex(&Sha256::digest(bytes)) != digest {
+            bail!("the recipe bundle {digest} does not match its digest");
+        }
+        match serde_json::from_slice(bytes) {
+            Ok(files) => Ok(files),
+            Err(e) => bail!("the recipe bundle {digest} is malformed: {e}"),
+        }
+    }
 }
 
 /// What a worker needs to build one task anywhere.
@@ -27,8 +67,8 @@ pub struct Request {
     pub task: String,
     /// The qualified reference (name and every parameter) to build.
     pub reference: String,
-    /// Every recipe file of the workspace.
-    pub recipes: Vec<RecipeText>,
+    /// The digest of the workspace's [`RecipeBundle`].
+    pub recipes: String,
     /// Taints (salt, `-f`) by qualified reference.
     #[serde(default)]
     pub taints: BTreeMap<String, String>,
@@ -131,6 +171,9 @@ impl Request {
         if identity.is_none() {
             return Err(bad("identity is not 64 hex digits".into()));
         }
+        if !is_hex(&request.recipes, 64) {
+            return Err(bad("recipes is not a sha256".into()));
+        }
         for (reference, pin) in &request.pins {
             if !is_hex(pin, 64) {
                 return Err(bad(format!("identity of {reference} is not 64 hex digits")));
@@ -181,9 +224,20 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.identity.as_deref(), Some(id.as_str()));
         assert!(e.message.contains("incompatible"));
-        let e = Request::parse(format!("{{\"version\": 1, \"identity\": \"{id}\"}}").as_bytes())
+        let e = Request::parse(format!("{{\"version\": 2, \"identity\": \"{id}\"}}").as_bytes())
             .unwrap_err();
         assert!(e.message.contains("malformed"));
+        // Version 1 carried the recipe files themselves.
+        let e = Request::parse(
+            format!("{{\"version\": 1, \"identity\": \"{id}\", \"recipes\": []}}").as_bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            e.message
+                .contains("incompatible request version 1; this worker speaks version 2"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -191,12 +245,16 @@ mod tests {
         let id = "c".repeat(64);
         let body = |extra: &str| {
             format!(
-                "{{\"version\": 1, \"identity\": \"{id}\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": []{extra}}}"
+                "{{\"version\": 2, \"identity\": \"{id}\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": \"{id}\"{extra}}}"
             )
         };
         assert!(Request::parse(body("").as_bytes()).is_ok());
-        let short = "{\"version\": 1, \"identity\": \"\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": []}";
+        let short = format!("{{\"version\": 2, \"identity\": \"\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": \"{id}\"}}");
         assert!(Request::parse(short.as_bytes()).is_err());
+        let texts = format!("{{\"version\": 2, \"identity\": \"{id}\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": [{{\"path\": \"jolt.toml\", \"text\": \"\"}}]}}");
+        assert!(Request::parse(texts.as_bytes()).is_err());
+        let path = format!("{{\"version\": 2, \"identity\": \"{id}\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": \"../x\"}}");
+        assert!(Request::parse(path.as_bytes()).is_err());
         assert!(Request::parse(body(", \"pins\": {\"a\": \"../../x\"}").as_bytes()).is_err());
         assert!(
             Request::parse(body(", \"commits\": {\"a\": \"main; rm -rf /\"}").as_bytes()).is_err()
@@ -211,10 +269,11 @@ mod tests {
             identity: "b".repeat(64),
             task: "t".into(),
             reference: "t:p=1".into(),
-            recipes: vec![RecipeText {
+            recipes: RecipeBundle::new(&[RecipeText {
                 path: "jolt.toml".into(),
                 text: "[task.t]".into(),
-            }],
+            }])
+            .digest,
             taints: BTreeMap::new(),
             pins: BTreeMap::new(),
             commits: BTreeMap::new(),
@@ -225,5 +284,21 @@ mod tests {
         };
         let back = Request::parse(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(back.reference, "t:p=1");
+    }
+
+    #[test]
+    fn a_recipe_bundle_is_named_by_its_content_and_checked_against_it() {
+        let files = [RecipeText {
+            path: "jolt.toml".into(),
+            text: "[task.t]\nrun = \"true\"\n".into(),
+        }];
+        let bundle = RecipeBundle::new(&files);
+        assert_eq!(bundle.digest, RecipeBundle::new(&files).digest);
+        let back = RecipeBundle::files(&bundle.digest, &bundle.bytes).unwrap();
+        assert_eq!(back[0].text, files[0].text);
+        let mut forged = bundle.bytes.clone();
+        forged[3] ^= 1;
+        let e = RecipeBundle::files(&bundle.digest, &forged).unwrap_err();
+        assert!(e.to_string().contains("does not match its digest"), "{e}");
     }
 }

@@ -685,6 +685,50 @@ impl HttpCache {
         self.put(&url, tar)
     }
 
+    /// The URL of a recipe bundle (`remote::messages::RecipeBundle`).
+    pub fn recipes_url(&self, digest: &str) -> String {
+        format!("{}/_recipes/{digest}.json", self.base)
+    }
+
+    /// Uploads a recipe bundle under its digest unless the cache has it.
+    pub fn store_recipes(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        let (me, url, bytes) = (self.clone(), self.recipes_url(digest), bytes.to_vec());
+        interruptible(move || {
+            if me.head(&url)? {
+                return Ok(());
+            }
+            let resp = me.send(&url, &mut || {
+                me.with_auth(me.agent.put(&url))
+                    .header("Content-Type", "application/json")
+                    .send(&bytes[..])
+            })?;
+            put_outcome(&url, resp.status())
+        })
+    }
+
+    /// The bytes of the recipe bundle `digest`, at most `limit` of them.
+    pub fn fetch_recipes(&self, digest: &str, limit: u64) -> Result<Vec<u8>> {
+        let (me, url) = (self.clone(), self.recipes_url(digest));
+        interruptible(move || {
+            let mut resp = me.send(&url, &mut || me.with_auth(me.agent.get(&url)).call())?;
+            match resp.status().as_u16() {
+                200 => {}
+                404 | 410 => bail!("{url}: the recipes are not in the HTTP cache"),
+                code => bail!("{url}: GET answered {code}"),
+            }
+            let mut bytes = Vec::new();
+            resp.body_mut()
+                .as_reader()
+                .take(limit + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| Unreachable(format!("{url}: the transfer broke: {e}")))?;
+            if bytes.len() as u64 > limit {
+                bail!("{url}: the recipes exceed {limit} bytes");
+            }
+            Ok(bytes)
+        })
+    }
+
     /// Unpacks the source snapshot `digest` into `dest`.
     pub fn fetch_source(&self, digest: &str, dest: &Path) -> Result<()> {
         let (me, digest, dest) = (self.clone(), digest.to_string(), dest.to_path_buf());
