@@ -66,7 +66,7 @@ const SPECS: &[(&str, Kind, Option<&str>)] = &[
     ("amqp.ca_file", Kind::Text, None),
     ("amqp.progress", Kind::Int(0, 3600), Some("5")),
     ("amqp.timeout", Kind::Int(0, 86400), Some("300")),
-    ("amqp.jobs", Kind::Int(1, 1024), Some("32")),
+    ("amqp.jobs", Kind::Int(1, 1024), Some("1024")),
     ("network.upload", Kind::Bool, Some("true")),
     ("network.download", Kind::Bool, Some("true")),
     ("network.config", Kind::Text, None),

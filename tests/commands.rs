@@ -231,7 +231,7 @@ fn config_list_shows_every_effective_value_and_its_origin() {
         .success()
         .contains("jolt.cachesize = 10G  # default")
         .contains("http.uri = (not set)  # default")
-        .contains("amqp.jobs = 32  # default");
+        .contains("amqp.jobs = 1024  # default");
     ws.jolt(&["config", "jolt.cachesize", "2G"]).success();
     let mut cmd = ws.command(&["-c", "amqp.jobs=64", "config", "-l"]);
     cmd.env("JOLT_HTTP_TIMEOUT", "5");

@@ -1068,3 +1068,25 @@ fn recipes_travel_by_digest_uploaded_once_and_parsed_once_per_worker() {
     assert_eq!(recipes("PUT"), 2);
     assert_eq!(recipes("GET"), 2);
 }
+
+#[test]
+fn a_client_queues_every_ready_task_in_the_broker() {
+    let Some(c) = cluster() else { return };
+    let mut recipe = String::from("[task.all]\nkind = \"alias\"\nrequires = [");
+    let names: Vec<String> = (0..150).map(|t| format!("\"t{t}\"")).collect();
+    recipe.push_str(&names.join(", "));
+    recipe.push_str("]\n");
+    for t in 0..150 {
+        recipe.push_str(&format!("[task.t{t}]\nrun = \"true\"\n"));
+    }
+    let ws = Workspace::with(&recipe);
+    // No worker: what the client sends waits in the queue.
+    let mut client = c.spawn_build(&ws, &["all"]);
+    // Regression (issue 12): at most 32 (then 64) requests were in flight, so a fleet
+    // larger than that had idle workers while tasks were ready.
+    wait_until("every ready task queued", Duration::from_secs(30), || {
+        c.broker.queued() == Some(150)
+    });
+    let _ = client.kill();
+    let _ = client.wait();
+}

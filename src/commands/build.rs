@@ -177,7 +177,9 @@ fn local_jobs(config: &Config, given: Option<usize>) -> Result<usize> {
 fn remote_jobs(config: &Config) -> Result<usize> {
     let max = executor::MAX_JOBS;
     match config.get_int("amqp.jobs")? {
-        None => Ok(32),
+        // Every ready task queued in the broker, as far as a thread each allows: the
+        // queue is the buffer, and the fleet takes from it as fast as it can.
+        None => Ok(max),
         Some(j) if (1..=max as i64).contains(&j) => Ok(j as usize),
         Some(j) => Err(usage(format!(
             "amqp.jobs = {j}: remote executions at once must be between 1 and {max}"

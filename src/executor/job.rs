@@ -57,6 +57,51 @@ pub(super) struct Runner<'a> {
     pub events: Sender<Event>,
     pub scratch: &'a Mutex<Vec<PathBuf>>,
     pub is_goal: &'a [bool],
+    /// Downloads at once (`http.transfers`), whichever lane's job makes them: a
+    /// remote execution downloads its goal on its own thread.
+    pub transfers: &'a Slots,
+}
+
+/// A counting semaphore.
+pub(super) struct Slots {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// A slot of [`Slots`], given back when dropped.
+pub(super) struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    pub fn new(n: usize) -> Slots {
+        Slots {
+            free: Mutex::new(n.max(1)),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Takes a slot, waiting for one; `None` once the build is interrupted.
+    fn take(&self) -> Option<Slot<'_>> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            if interrupt::is_set() {
+                return None;
+            }
+            free = self
+                .freed
+                .wait_timeout(free, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *free -= 1;
+        Some(Slot(self))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// A task's build log while its execution runs. It is closed when the execution's
@@ -179,6 +224,9 @@ impl Runner<'_> {
         if http.is_down() {
             return Ok(Done::DownloadFailed);
         }
+        let Some(_slot) = self.transfers.take() else {
+            return Err(Failure::interrupted("Download interrupted"));
+        };
         let _lock = self.lock(i)?;
         if self.cache.is_present(node.name(), &node.identity) {
             return Ok(Done::Reused(self.info(i)?));

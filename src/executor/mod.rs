@@ -268,14 +268,23 @@ enum Choice {
 }
 
 impl Plan {
-    /// Which ready queue and limit the job uses: 0 local executions, 1 the others.
+    /// Which ready queue and limit the job uses: [`LOCAL`] executions, [`TRANSFER`]
+    /// (downloads and uploads) or [`REMOTE`] executions.
     fn lane(self) -> usize {
         match self {
-            Plan::Execute => 0,
-            _ => 1,
+            Plan::Execute => LOCAL,
+            Plan::Remote => REMOTE,
+            _ => TRANSFER,
         }
     }
 }
+
+/// The lanes of the pool: each has its ready queue and its limit (`-j`,
+/// `http.transfers`, `amqp.jobs`).
+const LOCAL: usize = 0;
+const TRANSFER: usize = 1;
+const REMOTE: usize = 2;
+const LANES: usize = 3;
 
 /// The services a build uses.
 pub struct Services<'a> {
@@ -319,15 +328,17 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
         .map_or(http_cache::DEFAULT_TRANSFERS, |h| h.transfers);
     let limits = [
         opts.jobs.max(1),
+        transfers,
         match opts.mode {
-            Mode::Network(net) => net.jobs.max(transfers),
-            _ => transfers,
+            Mode::Network(net) => net.jobs,
+            _ => 0,
         },
     ];
     let infos: Vec<OnceLock<Arc<ArtifactInfo>>> =
         (0..graph.nodes.len()).map(|_| OnceLock::new()).collect();
     let is_goal = sched.is_goal.clone();
     let scratch_dirs: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let transfer_slots = job::Slots::new(transfers);
     let prefix_output = opts.jobs > 1 && sched.total > 1;
     let result: Result<bool> = std::thread::scope(|scope| {
         let (job_tx, job_rx) = unbounded::<(usize, Plan)>();
@@ -336,7 +347,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
         let (ev_tx, ev_rx) = crossbeam_channel::bounded::<Event>(EVENTS_QUEUED);
         // No more threads than jobs planned (none for a no-op build); a download that
         // turns into an execution later may wait for a free one.
-        for started in 0..(limits[0] + limits[1]).min(sched.total) {
+        for started in 0..limits.iter().sum::<usize>().min(sched.total) {
             let runner = Runner {
                 graph,
                 cache: services.cache,
@@ -347,6 +358,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
                 events: ev_tx.clone(),
                 scratch: &scratch_dirs,
                 is_goal: &is_goal,
+                transfers: &transfer_slots,
             };
             let jobs = job_rx.clone();
             let spawned =
@@ -365,7 +377,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
             jobs: job_tx,
             events: ev_rx,
             limits,
-            running: [0, 0],
+            running: [0; LANES],
         };
         sched.drive(lanes, &infos, prefix_output)
     });
@@ -406,12 +418,12 @@ fn serve_jobs(runner: &Runner, jobs: &Receiver<(usize, Plan)>) {
 }
 
 /// The scheduler's ends of the pool: jobs out, events in, and how many jobs run in
-/// each lane (executions here; transfers and remote executions) against its limit.
+/// each lane (executions here, transfers, remote executions) against its limit.
 struct Lanes {
     jobs: crossbeam_channel::Sender<(usize, Plan)>,
     events: Receiver<Event>,
-    limits: [usize; 2],
-    running: [usize; 2],
+    limits: [usize; LANES],
+    running: [usize; LANES],
 }
 
 struct Scheduler<'a> {
@@ -425,7 +437,7 @@ struct Scheduler<'a> {
     available: Vec<bool>,
     pending: Vec<usize>,
     dependents: Vec<Vec<usize>>,
-    ready: [BinaryHeap<(i64, std::cmp::Reverse<usize>)>; 2],
+    ready: [BinaryHeap<(i64, std::cmp::Reverse<usize>)>; LANES],
     durations: Vec<Option<Duration>>,
     started: Vec<Option<Instant>>,
     logs: Vec<Option<String>>,
@@ -459,7 +471,7 @@ struct Spans {
     lane: Vec<Option<String>>,
     kind: Vec<&'static str>,
     /// Slots of each lane in use, and the lane and slot of each running job.
-    busy: [Vec<bool>; 2],
+    busy: [Vec<bool>; LANES],
     slot: Vec<(usize, usize)>,
     /// The jobs running now.
     active: Vec<usize>,
@@ -473,7 +485,7 @@ impl Spans {
             ended: vec![None; n],
             lane: vec![None; n],
             kind: vec![""; n],
-            busy: [Vec::new(), Vec::new()],
+            busy: Default::default(),
             slot: vec![(0, 0); n],
             active: Vec::new(),
         }
@@ -542,7 +554,7 @@ impl<'a> Scheduler<'a> {
             available: vec![false; n],
             pending: vec![0; n],
             dependents: vec![Vec::new(); n],
-            ready: [BinaryHeap::new(), BinaryHeap::new()],
+            ready: Default::default(),
             durations: vec![None; n],
             started: vec![None; n],
             logs: vec![None; n],
@@ -575,9 +587,9 @@ impl<'a> Scheduler<'a> {
                 interrupted = true;
                 console::error("Interrupted by user");
             }
-            for lane in 0..2 {
+            for lane in 0..LANES {
                 while !self.stop && lanes.running[lane] < lanes.limits[lane] {
-                    if lane == 1 && self.probe.is_some_and(|p| p.is_some()) {
+                    if lane == TRANSFER && self.probe.is_some_and(|p| p.is_some()) {
                         // The build's first download goes alone until the cache
                         // answers: a failing cache costs one request, not one each.
                         break;
@@ -593,7 +605,7 @@ impl<'a> Scheduler<'a> {
                     let _ = lanes.jobs.send((i, self.plan[i]));
                 }
             }
-            if lanes.running == [0, 0] {
+            if lanes.running == [0; LANES] {
                 return Ok(interrupted);
             }
             self.show_status(lanes.running);
@@ -1281,7 +1293,7 @@ impl Scheduler<'_> {
         self.propagate(i, Some((i, unstable)));
     }
 
-    fn show_status(&self, running: [usize; 2]) {
+    fn show_status(&self, running: [usize; LANES]) {
         if !console::status_enabled() {
             return;
         }
@@ -1303,8 +1315,8 @@ impl Scheduler<'_> {
             // Sent requests are queued in the broker until a worker accepts them.
             Mode::Network(_) => Some(RemoteCounts {
                 on_workers: self.remote_running,
-                in_broker: running[1].saturating_sub(self.remote_running),
-                waiting: self.ready[1].len(),
+                in_broker: running[REMOTE].saturating_sub(self.remote_running),
+                waiting: self.ready[REMOTE].len(),
             }),
             _ => None,
         };
