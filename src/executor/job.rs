@@ -19,8 +19,7 @@ use crate::console;
 use crate::graph::{self, Graph, Node, Resolved};
 use crate::interrupt;
 use crate::recipe::placeholder::{self, DepKey, Placeholder};
-use crate::remote::client::Incoming;
-use crate::remote::messages::{Reply, ReplyKind, Request, VERSION};
+
 use crate::store::artifact::{self, Manifest, BUILD_LOG};
 use crate::store::http::{self as http_cache, HttpCache};
 use crate::store::local::{ArtifactLock, LocalCache};
@@ -60,6 +59,8 @@ pub(super) struct Runner<'a> {
     /// Downloads at once (`http.transfers`), whichever lane's job makes them: a
     /// remote execution downloads its goal on its own thread.
     pub transfers: &'a Slots,
+    /// Where a network build's requests wait for their replies (`remote`).
+    pub parked: Option<super::remote::Parked<'a>>,
 }
 
 /// A counting semaphore.
@@ -147,12 +148,14 @@ impl Runner<'_> {
         match plan {
             Plan::Download => self.download(i),
             Plan::Upload => self.upload_job(i),
-            Plan::Remote => self.remote(i),
+            Plan::Remote => Err(Failure::new(
+                "internal error: a remote execution is not run, it is sent",
+            )),
             _ => self.execute(i),
         }
     }
 
-    pub fn send(&self, event: Event) {
+    pub(super) fn send(&self, event: Event) {
         let _ = self.events.send(event);
     }
 
@@ -170,7 +173,7 @@ impl Runner<'_> {
             .clone())
     }
 
-    fn log(&self, level: console::Level, message: String) {
+    pub(super) fn log(&self, level: console::Level, message: String) {
         self.send(Event::Log(level, message));
     }
 
@@ -216,7 +219,7 @@ impl Runner<'_> {
     }
 
     /// Fetches node `i`'s artifact from the HTTP cache into the local cache.
-    fn download(&self, i: usize) -> Result<Done, Failure> {
+    pub(super) fn download(&self, i: usize) -> Result<Done, Failure> {
         let node = &self.graph.nodes[i];
         let Some(http) = self.http else {
             return Ok(Done::DownloadFailed);
@@ -404,163 +407,6 @@ impl Runner<'_> {
             Arc::new(ArtifactInfo::from_manifest(dir, manifest)),
             duration,
         ))
-    }
-
-    /// Has a network worker execute node `i` and waits for its reply; a goal is then
-    /// downloaded. A goal whose archive this client rejects is asked for again, to be
-    /// built anew and uploaded over the bad one (at most [`REPLACEMENTS`] times: a
-    /// duplicate may have answered from the bad archive).
-    fn remote(&self, i: usize) -> Result<Done, Failure> {
-        let Mode::Network(net) = self.mode else {
-            return Err(Failure::new(
-                "internal error: remote execution outside a network build",
-            ));
-        };
-        let Some(http) = self.http else {
-            return Err(Failure::new(
-                "Network builds need an HTTP cache: set http.uri",
-            ));
-        };
-        let node = &self.graph.nodes[i];
-        let mut request = self.request(i, net, http)?;
-        let routing_key = node
-            .task
-            .def
-            .routing_key
-            .as_deref()
-            .unwrap_or(&net.client.settings().routing_key);
-        let mut call = RemoteCall {
-            runner: self,
-            i,
-            net,
-            http,
-            routing_key,
-            body: serde_json::to_vec(&request).map_err(anyhow::Error::from)?,
-            subscription: net.client.subscribe(&node.identity)?,
-            start: Instant::now(),
-        };
-        call.publish()?;
-        self.log(
-            console::Level::Info,
-            format!("Remote execution started ({})", node.label()),
-        );
-        let mut replacements = 0;
-        loop {
-            let reply = call.wait()?;
-            // Any broker user can publish a reply: take its numbers with care.
-            let duration = Duration::try_from_secs_f64(reply.duration)
-                .unwrap_or_default()
-                .min(Duration::from_secs(crate::util::fs::MAX_DURATION_SECS));
-            if reply.kind != ReplyKind::Success {
-                return Err(self.remote_failure(i, reply));
-            }
-            // The task's output, as a local task's would show (the worker sends at
-            // most its last MiB, saying what it cut).
-            for line in reply.log.lines() {
-                self.send(Event::Replay(i, line.to_string()));
-            }
-            if !(node.task.cacheable && self.is_goal[i]) {
-                return Ok(Done::RemoteExecuted(None, duration));
-            }
-            match self.download(i)? {
-                Done::Downloaded(info) | Done::Reused(info) => {
-                    return Ok(Done::RemoteExecuted(Some(info), duration))
-                }
-                _ if http.is_rejected(node.name(), &node.identity)
-                    && replacements < REPLACEMENTS =>
-                {
-                    replacements += 1;
-                    self.log(
-                        console::Level::Warning,
-                        format!(
-                            "The HTTP cache holds an unusable artifact of {} ({}): having it built again",
-                            node.label(),
-                            http.url(node.name(), &node.identity)
-                        ),
-                    );
-                    request.replace = true;
-                    call.body = serde_json::to_vec(&request).map_err(anyhow::Error::from)?;
-                    call.publish()?;
-                }
-                _ => {
-                    return Err(Failure::new(format!(
-                        "The artifact of {} could not be downloaded from {}",
-                        node.label(),
-                        http.url(node.name(), &node.identity)
-                    )))
-                }
-            }
-        }
-    }
-
-    /// A worker's failure or error reply: its log is shown, and it fails node `i`.
-    fn remote_failure(&self, i: usize, reply: Reply) -> Failure {
-        for line in reply.log.lines() {
-            self.send(Event::Replay(i, line.to_string()));
-        }
-        let what = if reply.error.is_empty() {
-            "the task failed".to_string()
-        } else {
-            reply.error.clone()
-        };
-        Failure {
-            lines: vec![format!(
-                "Remote execution failed on {}: {what}",
-                reply.worker
-            )],
-            interrupted: false,
-            log: Some(reply.log),
-            remote: true,
-            kept: None,
-        }
-    }
-
-    /// The execution request of node `i`, with its source snapshot uploaded.
-    fn request(
-        &self,
-        i: usize,
-        net: &super::Network,
-        http: &HttpCache,
-    ) -> Result<Request, Failure> {
-        let node = &self.graph.nodes[i];
-        let mut pins = BTreeMap::new();
-        let mut taints = BTreeMap::new();
-        let mut commits = BTreeMap::new();
-        for j in self.graph.closure(&[i]) {
-            let n = &self.graph.nodes[j];
-            if j != i {
-                pins.insert(n.qualified.clone(), n.identity.clone());
-            }
-            if let Some(Resolved::Git { commit, .. }) = &n.source {
-                commits.insert(n.qualified.clone(), commit.clone());
-            }
-            if let Some(t) = &n.taint {
-                taints.insert(n.qualified.clone(), t.clone());
-            }
-        }
-        net.client.store_recipes(&net.recipes, http)?;
-        let snapshot = if node.files.is_empty() {
-            None
-        } else {
-            Some(
-                net.client
-                    .snapshot(self.root, &node.files, http, self.cache)?,
-            )
-        };
-        Ok(Request {
-            version: VERSION,
-            identity: node.identity.clone(),
-            task: node.name().to_string(),
-            reference: node.qualified.clone(),
-            recipes: net.recipes.digest.clone(),
-            taints,
-            pins,
-            commits,
-            env: self.graph.env.clone(),
-            snapshot,
-            client: crate::remote::messages::whoami(),
-            replace: http.is_rejected(node.name(), &node.identity),
-        })
     }
 
     /// Expands a template in the context of node `i`.
@@ -1076,127 +922,6 @@ impl Runner<'_> {
                     Err(Failure::new(format!("Command failed: {cmd}")))
                 }
             },
-        }
-    }
-}
-
-/// How many of a worker's progress intervals a client waits without news before it
-/// takes the worker for dead and sends its request again.
-const SILENT_INTERVALS: u32 = 4;
-
-/// How many times a network client asks for an archive it rejected to be replaced.
-const REPLACEMENTS: usize = 2;
-
-/// A request of node `i` sent to the workers, and the replies to it.
-struct RemoteCall<'a> {
-    runner: &'a Runner<'a>,
-    i: usize,
-    net: &'a super::Network<'a>,
-    http: &'a HttpCache,
-    routing_key: &'a str,
-    body: Vec<u8>,
-    subscription: crate::remote::client::Subscription<'a>,
-    start: Instant,
-}
-
-impl RemoteCall<'_> {
-    fn publish(&self) -> Result<(), Failure> {
-        Ok(self.net.client.publish(self.routing_key, &self.body)?)
-    }
-
-    /// Waits for the final reply (success, failure or error). A worker that has
-    /// accepted the request and then falls silent for four progress intervals is
-    /// taken for dead: the request goes out again. After a reconnect, replies may
-    /// have been lost: the HTTP cache is asked, then the request goes out again.
-    fn wait(&self) -> Result<Reply, Failure> {
-        let node = &self.runner.graph.nodes[self.i];
-        let silence = self.net.client.settings().progress * SILENT_INTERVALS;
-        let still = self.net.client.settings().timeout;
-        let mut last_news: Option<Instant> = None;
-        let mut last_note = Instant::now();
-        loop {
-            if interrupt::is_set() {
-                return Err(Failure::interrupted("Remote execution interrupted"));
-            }
-            match self.subscription.recv_timeout(Duration::from_millis(200)) {
-                Ok(Incoming::Reply(reply)) => match reply.kind {
-                    ReplyKind::Accepted => {
-                        if last_news.is_none() {
-                            self.runner
-                                .send(Event::RemoteRunning(self.i, reply.worker.clone()));
-                        }
-                        last_news = Some(Instant::now());
-                        self.runner.log(
-                            console::Level::Verbose,
-                            format!(
-                                "Remote execution accepted by {} ({})",
-                                reply.worker,
-                                node.label()
-                            ),
-                        );
-                    }
-                    ReplyKind::Running => last_news = Some(Instant::now()),
-                    _ => return Ok(reply),
-                },
-                Ok(Incoming::Reconnected) => {
-                    let built = node.task.cacheable
-                        && self
-                            .http
-                            .exists(node.name(), &node.identity)
-                            .unwrap_or(false);
-                    if built {
-                        return Ok(Reply {
-                            version: VERSION,
-                            identity: node.identity.clone(),
-                            kind: ReplyKind::Success,
-                            worker: String::new(),
-                            duration: self.start.elapsed().as_secs_f64(),
-                            log: String::new(),
-                            error: String::new(),
-                        });
-                    }
-                    self.publish()?;
-                    last_news = None;
-                }
-                Err(_) => {
-                    if last_news.is_none() {
-                        if let Some(waiting) = self.net.client.idle_pool(self.routing_key, still) {
-                            self.runner.log(
-                                console::Level::Warning,
-                                format!(
-                                    "No worker takes requests of pool '{}' (queue {}, {waiting} waiting): start workers with amqp.routing_key = {}",
-                                    self.routing_key,
-                                    crate::remote::amqp::task_queue(self.routing_key),
-                                    self.routing_key
-                                ),
-                            );
-                        }
-                    }
-                    if last_news.is_some_and(|t| t.elapsed() > silence) {
-                        self.runner.log(
-                            console::Level::Warning,
-                            format!(
-                                "No news from the worker running {} for {}: sending the request again",
-                                node.label(),
-                                format_duration(silence)
-                            ),
-                        );
-                        self.publish()?;
-                        last_news = None;
-                    }
-                    if last_note.elapsed() >= still {
-                        last_note = Instant::now();
-                        self.runner.log(
-                            console::Level::Info,
-                            format!(
-                                "Remote execution still in progress after {} ({})",
-                                format_duration(self.start.elapsed()),
-                                node.label()
-                            ),
-                        );
-                    }
-                }
-            }
         }
     }
 }

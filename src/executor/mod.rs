@@ -18,6 +18,7 @@ pub mod guardian;
 mod job;
 mod presence;
 pub mod process;
+mod remote;
 
 use anyhow::Result;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
@@ -36,6 +37,7 @@ use crate::store::http::{self as http_cache, HttpCache};
 use crate::store::local::LocalCache;
 use crate::util::fs::{self as fsutil, format_duration};
 use job::Runner;
+use remote::Job;
 
 /// What kind of build this is.
 #[derive(Clone, Copy)]
@@ -341,13 +343,28 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
     let transfer_slots = job::Slots::new(transfers);
     let prefix_output = opts.jobs > 1 && sched.total > 1;
     let result: Result<bool> = std::thread::scope(|scope| {
-        let (job_tx, job_rx) = unbounded::<(usize, Plan)>();
+        let (job_tx, job_rx) = unbounded::<Job>();
         // Bounded: a command that prints faster than the console writes waits for
         // it (its pipe fills), instead of queueing its output in memory.
         let (ev_tx, ev_rx) = crossbeam_channel::bounded::<Event>(EVENTS_QUEUED);
+        let (quit_tx, quit_rx) = crossbeam_channel::bounded::<()>(0);
+        // A network build's requests wait for their replies on one thread, not a
+        // thread each: a pool thread only prepares, sends and finishes them.
+        let parked = match opts.mode {
+            Mode::Network(net) => {
+                let (parked, waiter) = remote::channels(job_tx.clone(), ev_tx.clone(), quit_rx);
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, move || waiter.run(graph, net))
+                    .map_err(|e| anyhow::anyhow!("Cannot start a thread: {e}"))?;
+                Some(parked)
+            }
+            _ => None,
+        };
         // No more threads than jobs planned (none for a no-op build); a download that
-        // turns into an execution later may wait for a free one.
-        for started in 0..limits.iter().sum::<usize>().min(sched.total) {
+        // turns into an execution later may wait for a free one. Remote executions
+        // hold a thread only while they are prepared, sent or finished.
+        let threads = limits[LOCAL] + limits[TRANSFER] + limits[REMOTE].min(limits[TRANSFER]);
+        for started in 0..threads.min(sched.total) {
             let runner = Runner {
                 graph,
                 cache: services.cache,
@@ -359,6 +376,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
                 scratch: &scratch_dirs,
                 is_goal: &is_goal,
                 transfers: &transfer_slots,
+                parked: parked.clone(),
             };
             let jobs = job_rx.clone();
             let spawned =
@@ -373,8 +391,10 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
             }
         }
         drop(ev_tx);
+        drop(parked);
         let lanes = Lanes {
             jobs: job_tx,
+            _quit: quit_tx,
             events: ev_rx,
             limits,
             running: [0; LANES],
@@ -396,31 +416,45 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
     })
 }
 
-/// A pool thread's life: run the jobs it is handed until the channel closes.
-fn serve_jobs(runner: &Runner, jobs: &Receiver<(usize, Plan)>) {
-    while let Ok((i, plan)) = jobs.recv() {
+/// A pool thread's life: run the jobs it is handed until the channel closes. A
+/// remote execution's job ends when its request is parked with the waiter; its
+/// `Done` comes from the job that finishes it.
+fn serve_jobs<'n>(runner: &Runner<'n>, jobs: &Receiver<Job<'n>>) {
+    while let Ok(job) = jobs.recv() {
+        let i = match &job {
+            Job::Run(i, _) => *i,
+            Job::Finish(call, _) | Job::Recheck(call) | Job::Resend(call) => call.i,
+        };
         // A panic is a bug, but it must fail this task, not hang the scheduler
         // waiting for a Done that never comes.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(i, plan)))
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown cause".into());
-                Err(Failure::new(format!(
-                    "internal error while running {}: {what}",
-                    runner.graph.nodes[i].label()
-                )))
-            });
-        runner.send(Event::Done(i, result));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
+            Job::Run(i, Plan::Remote) => runner.remote(i).transpose(),
+            Job::Run(i, plan) => Some(runner.run(i, plan)),
+            other => runner.resume(other).map(|(_, result)| result),
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown cause".into());
+            Some(Err(Failure::new(format!(
+                "internal error while running {}: {what}",
+                runner.graph.nodes[i].label()
+            ))))
+        });
+        if let Some(result) = result {
+            runner.send(Event::Done(i, result));
+        }
     }
 }
 
 /// The scheduler's ends of the pool: jobs out, events in, and how many jobs run in
 /// each lane (executions here, transfers, remote executions) against its limit.
-struct Lanes {
-    jobs: crossbeam_channel::Sender<(usize, Plan)>,
+struct Lanes<'n> {
+    jobs: crossbeam_channel::Sender<Job<'n>>,
+    /// Dropped with the lanes: the waiter of remote calls ends.
+    _quit: crossbeam_channel::Sender<()>,
     events: Receiver<Event>,
     limits: [usize; LANES],
     running: [usize; LANES],
@@ -576,7 +610,7 @@ impl<'a> Scheduler<'a> {
     /// returns whether the build was interrupted.
     fn drive(
         &mut self,
-        mut lanes: Lanes,
+        mut lanes: Lanes<'_>,
         infos: &[OnceLock<Arc<ArtifactInfo>>],
         prefix_output: bool,
     ) -> Result<bool> {
@@ -602,7 +636,7 @@ impl<'a> Scheduler<'a> {
                     }
                     lanes.running[lane] += 1;
                     self.spans.begin(i, self.plan[i]);
-                    let _ = lanes.jobs.send((i, self.plan[i]));
+                    let _ = lanes.jobs.send(Job::Run(i, self.plan[i]));
                 }
             }
             if lanes.running == [0; LANES] {
@@ -633,7 +667,7 @@ impl<'a> Scheduler<'a> {
     fn on_event(
         &mut self,
         event: Event,
-        lanes: &mut Lanes,
+        lanes: &mut Lanes<'_>,
         infos: &[OnceLock<Arc<ArtifactInfo>>],
         prefix_output: bool,
     ) -> Result<()> {

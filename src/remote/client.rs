@@ -12,7 +12,7 @@ use amiquip::{
     QueueDeclareOptions,
 };
 use anyhow::{Context, Result};
-use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{RecvTimeoutError, Sender};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -77,18 +77,12 @@ pub struct NetworkClient {
 /// How long after its first request a pool's consumers are first counted.
 pub const POOL_CHECK_AFTER: Duration = Duration::from_secs(5);
 
-/// Replies for one identity; unsubscribes when dropped.
+/// Replies for one identity, into a channel that may take those of others too;
+/// unsubscribes when dropped.
 pub struct Subscription<'a> {
     client: &'a NetworkClient,
     identity: String,
     tx: Sender<Incoming>,
-    rx: Receiver<Incoming>,
-}
-
-impl Subscription<'_> {
-    pub fn recv_timeout(&self, timeout: Duration) -> Result<Incoming, RecvTimeoutError> {
-        self.rx.recv_timeout(timeout)
-    }
 }
 
 impl Drop for Subscription<'_> {
@@ -194,9 +188,14 @@ impl NetworkClient {
         (counts.consumers == 0).then_some(counts.waiting)
     }
 
-    /// Starts receiving the replies for `identity`.
-    pub fn subscribe(&self, identity: &str) -> Result<Subscription<'_>> {
-        let (tx, rx) = unbounded();
+    /// Starts sending the replies for `identity` into `tx` (and, after a reconnect,
+    /// one [`Incoming::Reconnected`] however many identities `tx` takes).
+    pub fn subscribe_into(
+        &self,
+        identity: &str,
+        tx: &Sender<Incoming>,
+    ) -> Result<Subscription<'_>> {
+        let tx = tx.clone();
         self.shared
             .waiters
             .lock()
@@ -226,7 +225,6 @@ impl NetworkClient {
             client: self,
             identity: identity.to_string(),
             tx,
-            rx,
         })
     }
 
@@ -429,9 +427,13 @@ fn serve(
                 "Reconnected to RabbitMQ at {}",
                 settings.address()
             ));
+            let mut told: Vec<Sender<Incoming>> = Vec::new();
             for list in shared.waiters.lock().expect("waiters").values() {
                 for tx in list {
-                    let _ = tx.send(Incoming::Reconnected);
+                    if !told.iter().any(|t| t.same_channel(tx)) {
+                        let _ = tx.send(Incoming::Reconnected);
+                        told.push(tx.clone());
+                    }
                 }
             }
         }

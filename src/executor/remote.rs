@@ -1,0 +1,442 @@
+//! A network build's requests in flight, without a thread each.
+//!
+//! A pool thread prepares a node's request (its source snapshot stored, the recipes
+//! stored once per build), subscribes to its replies and publishes it, then parks
+//! the [`Call`] with the waiter and goes back to the pool. The waiter, one thread
+//! for every call of the build, takes the replies and keeps the clocks: a worker's
+//! `accepted` and `running` replies are news, a final reply hands the call back to
+//! the pool ([`Job::Finish`]: the log replayed, a goal downloaded, an unusable
+//! archive asked to be replaced), and so do a reconnection ([`Job::Recheck`]: the
+//! HTTP cache asked, the request sent again) and a worker's silence
+//! ([`Job::Resend`]). The waiter itself never waits for the network, so a thousand
+//! requests in flight cost a thousand small records, not a thousand threads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+
+use super::job::Runner;
+use super::{Done, Event, Failure, Mode, Network, Plan};
+use crate::console;
+use crate::graph::{Graph, Resolved};
+use crate::interrupt;
+use crate::remote::client::{Incoming, Subscription};
+use crate::remote::messages::{Reply, ReplyKind, Request, VERSION};
+use crate::store::http::HttpCache;
+use crate::util::fs::format_duration;
+
+/// How many of a worker's progress intervals a client waits without news before it
+/// takes the worker for dead and sends its request again.
+const SILENT_INTERVALS: u32 = 4;
+
+/// How many times a network client asks for an archive it rejected to be replaced.
+const REPLACEMENTS: usize = 2;
+
+/// How often the waiter looks at its clocks.
+const TICK: Duration = Duration::from_millis(200);
+
+/// What a pool thread is handed.
+pub(super) enum Job<'n> {
+    /// A node to execute, download, upload or send, as planned.
+    Run(usize, Plan),
+    /// A call's final reply came.
+    Finish(Box<Call<'n>>, Reply),
+    /// The broker connection was lost and is back: the reply may be lost.
+    Recheck(Box<Call<'n>>),
+    /// The worker that accepted the call fell silent: send it again.
+    Resend(Box<Call<'n>>),
+}
+
+/// A request of node `i` sent to the workers, and what is known of it.
+pub(super) struct Call<'n> {
+    pub i: usize,
+    routing_key: String,
+    request: Request,
+    body: Vec<u8>,
+    /// Held for its replies; dropping it unsubscribes.
+    _subscription: Subscription<'n>,
+    start: Instant,
+    /// When a worker last said it has the request; `None` before it accepted.
+    last_news: Option<Instant>,
+    /// When the client last said the call is still in progress.
+    last_note: Instant,
+    replacements: usize,
+}
+
+impl<'n> Runner<'n> {
+    /// Has a network worker execute node `i`: publishes its request and parks the
+    /// call with the waiter. `Ok(None)`: the waiter has it, its `Done` comes later.
+    pub(super) fn remote(&self, i: usize) -> Result<Option<Done>, Failure> {
+        let (Mode::Network(net), Some(http), Some(parked)) = (self.mode, self.http, &self.parked)
+        else {
+            return Err(Failure::new(
+                "internal error: remote execution outside a network build",
+            ));
+        };
+        let node = &self.graph.nodes[i];
+        let request = self.request(i, net, http)?;
+        let routing_key = node
+            .task
+            .def
+            .routing_key
+            .clone()
+            .unwrap_or_else(|| net.client.settings().routing_key.clone());
+        let call = Call {
+            i,
+            routing_key,
+            body: serde_json::to_vec(&request).map_err(anyhow::Error::from)?,
+            request,
+            _subscription: net.client.subscribe_into(&node.identity, &parked.replies)?,
+            start: Instant::now(),
+            last_news: None,
+            last_note: Instant::now(),
+            replacements: 0,
+        };
+        net.client.publish(&call.routing_key, &call.body)?;
+        self.log(
+            console::Level::Info,
+            format!("Remote execution started ({})", node.label()),
+        );
+        let _ = parked.calls.send(Box::new(call));
+        Ok(None)
+    }
+
+    /// Goes on with a parked call, on a pool thread; `None` when it is parked again.
+    pub(super) fn resume(&self, job: Job<'n>) -> Option<(usize, Result<Done, Failure>)> {
+        let (call, reply) = match job {
+            Job::Run(..) => return None,
+            Job::Finish(call, reply) => (call, Some(reply)),
+            Job::Recheck(call) => {
+                // Replies may have been lost with the connection: the HTTP cache says
+                // whether the artifact was built meanwhile.
+                let node = &self.graph.nodes[call.i];
+                let built = node.task.cacheable
+                    && self
+                        .http
+                        .is_some_and(|h| h.exists(node.name(), &node.identity).unwrap_or(false));
+                let reply = built.then(|| Reply {
+                    version: VERSION,
+                    identity: node.identity.clone(),
+                    kind: ReplyKind::Success,
+                    worker: String::new(),
+                    duration: call.start.elapsed().as_secs_f64(),
+                    log: String::new(),
+                    error: String::new(),
+                });
+                (call, reply)
+            }
+            Job::Resend(call) => (call, None),
+        };
+        let i = call.i;
+        match reply {
+            Some(reply) => self.finish(call, reply).map(|r| (i, r)),
+            None => self.send_again(call).err().map(|f| (i, Err(f))),
+        }
+    }
+
+    /// Publishes a call's request again and parks it.
+    fn send_again(&self, mut call: Box<Call<'n>>) -> Result<(), Failure> {
+        let (Mode::Network(net), Some(parked)) = (self.mode, &self.parked) else {
+            return Err(Failure::new("internal error: no network build"));
+        };
+        net.client.publish(&call.routing_key, &call.body)?;
+        call.last_news = None;
+        let _ = parked.calls.send(call);
+        Ok(())
+    }
+
+    /// A call's final reply: a failure fails the node; a success replays the task's
+    /// output and downloads a goal. A goal whose archive this client rejects is asked
+    /// for again, to be built anew and uploaded over the bad one (at most
+    /// [`REPLACEMENTS`] times: a duplicate may have answered from the bad archive).
+    /// `None` when the call is parked again.
+    fn finish(&self, mut call: Box<Call<'n>>, reply: Reply) -> Option<Result<Done, Failure>> {
+        let i = call.i;
+        let node = &self.graph.nodes[i];
+        // Any broker user can publish a reply: take its numbers with care.
+        let duration = Duration::try_from_secs_f64(reply.duration)
+            .unwrap_or_default()
+            .min(Duration::from_secs(crate::util::fs::MAX_DURATION_SECS));
+        if reply.kind != ReplyKind::Success {
+            return Some(Err(self.remote_failure(i, reply)));
+        }
+        // The task's output, as a local task's would show (the worker sends at most
+        // its last MiB, saying what it cut).
+        for line in reply.log.lines() {
+            self.send(Event::Replay(i, line.to_string()));
+        }
+        if !(node.task.cacheable && self.is_goal[i]) {
+            return Some(Ok(Done::RemoteExecuted(None, duration)));
+        }
+        let Some(http) = self.http else {
+            return Some(Err(Failure::new(
+                "Network builds need an HTTP cache: set http.uri",
+            )));
+        };
+        match self.download(i) {
+            Err(f) => Some(Err(f)),
+            Ok(Done::Downloaded(info) | Done::Reused(info)) => {
+                Some(Ok(Done::RemoteExecuted(Some(info), duration)))
+            }
+            Ok(_)
+                if http.is_rejected(node.name(), &node.identity)
+                    && call.replacements < REPLACEMENTS =>
+            {
+                call.replacements += 1;
+                self.log(
+                    console::Level::Warning,
+                    format!(
+                        "The HTTP cache holds an unusable artifact of {} ({}): having it built again",
+                        node.label(),
+                        http.url(node.name(), &node.identity)
+                    ),
+                );
+                call.request.replace = true;
+                match serde_json::to_vec(&call.request) {
+                    Ok(body) => call.body = body,
+                    Err(e) => return Some(Err(anyhow::Error::from(e).into())),
+                }
+                self.send_again(call).err().map(Err)
+            }
+            Ok(_) => Some(Err(Failure::new(format!(
+                "The artifact of {} could not be downloaded from {}",
+                node.label(),
+                http.url(node.name(), &node.identity)
+            )))),
+        }
+    }
+
+    /// A worker's failure or error reply: its log is shown, and it fails node `i`.
+    fn remote_failure(&self, i: usize, reply: Reply) -> Failure {
+        for line in reply.log.lines() {
+            self.send(Event::Replay(i, line.to_string()));
+        }
+        let what = if reply.error.is_empty() {
+            "the task failed".to_string()
+        } else {
+            reply.error.clone()
+        };
+        Failure {
+            lines: vec![format!(
+                "Remote execution failed on {}: {what}",
+                reply.worker
+            )],
+            interrupted: false,
+            log: Some(reply.log),
+            remote: true,
+            kept: None,
+        }
+    }
+
+    /// The execution request of node `i`, with its source snapshot uploaded.
+    fn request(&self, i: usize, net: &Network, http: &HttpCache) -> Result<Request, Failure> {
+        let node = &self.graph.nodes[i];
+        let mut pins = BTreeMap::new();
+        let mut taints = BTreeMap::new();
+        let mut commits = BTreeMap::new();
+        for j in self.graph.closure(&[i]) {
+            let n = &self.graph.nodes[j];
+            if j != i {
+                pins.insert(n.qualified.clone(), n.identity.clone());
+            }
+            if let Some(Resolved::Git { commit, .. }) = &n.source {
+                commits.insert(n.qualified.clone(), commit.clone());
+            }
+            if let Some(t) = &n.taint {
+                taints.insert(n.qualified.clone(), t.clone());
+            }
+        }
+        net.client.store_recipes(&net.recipes, http)?;
+        let snapshot = if node.files.is_empty() {
+            None
+        } else {
+            Some(
+                net.client
+                    .snapshot(self.root, &node.files, http, self.cache)?,
+            )
+        };
+        Ok(Request {
+            version: VERSION,
+            identity: node.identity.clone(),
+            task: node.name().to_string(),
+            reference: node.qualified.clone(),
+            recipes: net.recipes.digest.clone(),
+            taints,
+            pins,
+            commits,
+            env: self.graph.env.clone(),
+            snapshot,
+            client: crate::remote::messages::whoami(),
+            replace: http.is_rejected(node.name(), &node.identity),
+        })
+    }
+}
+
+/// The pool's ends of the waiter: where calls are parked, and the channel every
+/// call's replies come in on.
+#[derive(Clone)]
+pub(super) struct Parked<'n> {
+    pub calls: Sender<Box<Call<'n>>>,
+    pub replies: Sender<Incoming>,
+}
+
+/// The waiter's ends.
+pub(super) struct Waiter<'n> {
+    pub calls: Receiver<Box<Call<'n>>>,
+    pub replies: Receiver<Incoming>,
+    /// Closed by the scheduler once nothing runs: the waiter ends.
+    pub quit: Receiver<()>,
+    pub jobs: Sender<Job<'n>>,
+    pub events: Sender<Event>,
+}
+
+/// The channels between the pool and the waiter.
+pub(super) fn channels<'n>(
+    jobs: Sender<Job<'n>>,
+    events: Sender<Event>,
+    quit: Receiver<()>,
+) -> (Parked<'n>, Waiter<'n>) {
+    let (calls_tx, calls_rx) = crossbeam_channel::unbounded();
+    let (replies_tx, replies_rx) = crossbeam_channel::unbounded();
+    (
+        Parked {
+            calls: calls_tx,
+            replies: replies_tx,
+        },
+        Waiter {
+            calls: calls_rx,
+            replies: replies_rx,
+            quit,
+            jobs,
+            events,
+        },
+    )
+}
+
+impl<'n> Waiter<'n> {
+    /// Waits for the replies of every parked call until the scheduler closes `quit`.
+    pub fn run(self, graph: &Graph, net: &Network<'n>) {
+        let settings = net.client.settings();
+        let silence = settings.progress * SILENT_INTERVALS;
+        let still = settings.timeout;
+        // By identity; a node's identity is its own.
+        let mut calls: HashMap<String, Box<Call<'n>>> = HashMap::new();
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            select! {
+                recv(self.calls) -> call => {
+                    if let Ok(call) = call {
+                        calls.insert(graph.nodes[call.i].identity.clone(), call);
+                    }
+                }
+                recv(self.replies) -> incoming => match incoming {
+                    Ok(Incoming::Reply(reply)) => self.on_reply(graph, &mut calls, reply),
+                    Ok(Incoming::Reconnected) => {
+                        for (_, call) in calls.drain() {
+                            let _ = self.jobs.send(Job::Recheck(call));
+                        }
+                    }
+                    Err(_) => {}
+                },
+                recv(self.quit) -> _ => return,
+                default(wait) => {}
+            }
+            if interrupt::is_set() {
+                for (_, call) in calls.drain() {
+                    let failure = Failure::interrupted("Remote execution interrupted");
+                    let _ = self.events.send(Event::Done(call.i, Err(failure)));
+                }
+            }
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + TICK;
+                self.tick(graph, net, &mut calls, silence, still);
+            }
+        }
+    }
+
+    fn on_reply(&self, graph: &Graph, calls: &mut HashMap<String, Box<Call<'n>>>, reply: Reply) {
+        let Some(call) = calls.get_mut(&reply.identity) else {
+            return;
+        };
+        let label = graph.nodes[call.i].label();
+        match reply.kind {
+            ReplyKind::Accepted => {
+                if call.last_news.is_none() {
+                    let _ = self
+                        .events
+                        .send(Event::RemoteRunning(call.i, reply.worker.clone()));
+                }
+                call.last_news = Some(Instant::now());
+                let _ = self.events.send(Event::Log(
+                    console::Level::Verbose,
+                    format!("Remote execution accepted by {} ({label})", reply.worker),
+                ));
+            }
+            ReplyKind::Running => call.last_news = Some(Instant::now()),
+            _ => {
+                if let Some(call) = calls.remove(&reply.identity) {
+                    let _ = self.jobs.send(Job::Finish(call, reply));
+                }
+            }
+        }
+    }
+
+    /// A pool no worker takes from is warned about; a call whose worker fell silent
+    /// is sent again; a long call is said to be still in progress.
+    fn tick(
+        &self,
+        graph: &Graph,
+        net: &Network<'n>,
+        calls: &mut HashMap<String, Box<Call<'n>>>,
+        silence: Duration,
+        still: Duration,
+    ) {
+        let unaccepted: std::collections::BTreeSet<&str> = calls
+            .values()
+            .filter(|c| c.last_news.is_none())
+            .map(|c| c.routing_key.as_str())
+            .collect();
+        for pool in unaccepted {
+            if let Some(waiting) = net.client.idle_pool(pool, still) {
+                let _ = self.events.send(Event::Log(
+                    console::Level::Warning,
+                    format!(
+                        "No worker takes requests of pool '{pool}' (queue {}, {waiting} waiting): start workers with amqp.routing_key = {pool}",
+                        crate::remote::amqp::task_queue(pool),
+                    ),
+                ));
+            }
+        }
+        let mut silent = Vec::new();
+        for (identity, call) in calls.iter_mut() {
+            let label = graph.nodes[call.i].label();
+            if call.last_news.is_some_and(|t| t.elapsed() > silence) {
+                let _ = self.events.send(Event::Log(
+                    console::Level::Warning,
+                    format!(
+                        "No news from the worker running {label} for {}: sending the request again",
+                        format_duration(silence)
+                    ),
+                ));
+                silent.push(identity.clone());
+            }
+            if call.last_note.elapsed() >= still {
+                call.last_note = Instant::now();
+                let _ = self.events.send(Event::Log(
+                    console::Level::Info,
+                    format!(
+                        "Remote execution still in progress after {} ({label})",
+                        format_duration(call.start.elapsed())
+                    ),
+                ));
+            }
+        }
+        for identity in silent {
+            if let Some(call) = calls.remove(&identity) {
+                let _ = self.jobs.send(Job::Resend(call));
+            }
+        }
+    }
+}
