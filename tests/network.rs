@@ -1073,10 +1073,10 @@ fn recipes_travel_by_digest_uploaded_once_and_parsed_once_per_worker() {
 fn a_client_queues_every_ready_task_in_the_broker() {
     let Some(c) = cluster() else { return };
     let mut recipe = String::from("[task.all]\nkind = \"alias\"\nrequires = [");
-    let names: Vec<String> = (0..150).map(|t| format!("\"t{t}\"")).collect();
+    let names: Vec<String> = (0..400).map(|t| format!("\"t{t}\"")).collect();
     recipe.push_str(&names.join(", "));
     recipe.push_str("]\n");
-    for t in 0..150 {
+    for t in 0..400 {
         recipe.push_str(&format!("[task.t{t}]\nrun = \"true\"\n"));
     }
     let ws = Workspace::with(&recipe);
@@ -1085,8 +1085,19 @@ fn a_client_queues_every_ready_task_in_the_broker() {
     // Regression (issue 12): at most 32 (then 64) requests were in flight, so a fleet
     // larger than that had idle workers while tasks were ready.
     wait_until("every ready task queued", Duration::from_secs(30), || {
-        c.broker.queued() == Some(150)
+        c.broker.queued() == Some(400)
     });
+    // ...without a thread each: they wait for their replies on one.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", client.id())).unwrap();
+    let threads: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap();
+    assert!(
+        threads < 200,
+        "{threads} threads for 400 requests in flight"
+    );
     let _ = client.kill();
     let _ = client.wait();
 }
