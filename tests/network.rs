@@ -1038,7 +1038,7 @@ fn recipes_travel_by_digest_uploaded_once_and_parsed_once_per_worker() {
         String::from("[task.all]\nkind = \"alias\"\nrequires = [\"a\", \"b\", \"c\"]\n");
     for t in ["a", "b", "c"] {
         recipe.push_str(&format!(
-            "[task.{t}]\nrun = \"echo {t} > {{artifact}}/out\"\n"
+            "[task.{t}]\nrun = \"echo digest-{t} > {{artifact}}/out\"\n"
         ));
     }
     // A workspace whose recipes are large: requests must not carry them.
@@ -1063,7 +1063,10 @@ fn recipes_travel_by_digest_uploaded_once_and_parsed_once_per_worker() {
     assert_eq!(recipes("PUT"), 1);
     assert_eq!(recipes("GET"), 1);
     // Changed recipes are another bundle.
-    ws.file("jolt.toml", &recipe.replace("echo a", "echo A"));
+    ws.file(
+        "jolt.toml",
+        &recipe.replace("echo digest-a", "echo digest-A"),
+    );
     c.build(&ws, &["all"]).success();
     assert_eq!(recipes("PUT"), 2);
     assert_eq!(recipes("GET"), 2);
@@ -1100,4 +1103,86 @@ fn a_client_queues_every_ready_task_in_the_broker() {
     );
     let _ = client.kill();
     let _ = client.wait();
+}
+
+// Each test's task is its own: replies go to every client bound to an identity,
+// whichever test's it is.
+
+/// Lines of the cluster's nginx access log for `method` and a path containing `part`.
+fn access(c: &crate::util::Cluster, method: &str, part: &str) -> usize {
+    std::fs::read_to_string(c.server.dir.path().join("access.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&format!("\"{method} /")) && l.contains(part))
+        .count()
+}
+
+#[test]
+fn a_task_built_on_a_worker_costs_two_checks_an_upload_and_a_download() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with("[task.t]\nrun = \"echo two-checks > {artifact}/out\"\n");
+    let identity = ws.identity("t");
+    c.build(&ws, &["t"]).success();
+    // The client asks once, the worker once before it builds; the upload goes
+    // without another check (issue 12: a HEAD before the PUT made three).
+    assert_eq!(access(&c, "HEAD", &identity), 2);
+    assert_eq!(access(&c, "PUT", &identity), 1);
+    assert_eq!(access(&c, "GET", &identity), 1);
+}
+
+#[test]
+fn a_request_for_an_artifact_in_the_http_cache_is_answered_without_a_build() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    let ws = Workspace::with("[task.t]\nrun = \"echo no-build > {artifact}/out\"\n");
+    let identity = ws.identity("t");
+    c.build(&ws, &["t"]).success();
+    let recipes_fetched = access(&c, "GET", "/_recipes/");
+    // A second client's request for it, sent before the first one's upload: the
+    // worker answers from the cache (its recipes, a digest nobody stored, are not
+    // even fetched).
+    let reply = c.broker.with_channel(|ch| {
+        use amiquip::{ConsumerMessage, ConsumerOptions, FieldTable, Publish, QueueDeclareOptions};
+        let q = ch
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        q.bind(
+            &ch.exchange_declare_passive("jolt_results").unwrap(),
+            identity.as_str(),
+            FieldTable::new(),
+        )
+        .unwrap();
+        let consumer = q
+            .consume(ConsumerOptions {
+                no_ack: true,
+                ..Default::default()
+            })
+            .unwrap();
+        let body = format!(
+            "{{\"version\": 2, \"identity\": \"{identity}\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": \"{}\"}}",
+            "0".repeat(64)
+        );
+        ch.exchange_declare_passive("jolt_exchange")
+            .unwrap()
+            .publish(Publish::new(body.as_bytes(), c.broker.routing_key.as_str()))
+            .unwrap();
+        match consumer.receiver().recv_timeout(Duration::from_secs(20)) {
+            Ok(ConsumerMessage::Delivery(d)) => String::from_utf8_lossy(&d.body).into_owned(),
+            other => panic!("no reply: {other:?}\n{}", w.output()),
+        }
+    });
+    assert!(reply.contains("\"kind\":\"success\""), "{reply}");
+    assert!(
+        w.output().contains("is in the HTTP cache already"),
+        "{}",
+        w.output()
+    );
+    assert_eq!(access(&c, "GET", "/_recipes/"), recipes_fetched);
 }

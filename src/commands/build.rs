@@ -97,6 +97,7 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
             mode: Mode::Local,
             dry_run: args.dry_run,
             explain: args.explain,
+            goals_absent: false,
         };
         let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
         if args.dry_run {
@@ -136,6 +137,7 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
         mode: Mode::Network(&net),
         dry_run: args.dry_run,
         explain: args.explain,
+        goals_absent: false,
     };
     let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
     if args.dry_run {
@@ -205,6 +207,7 @@ pub fn download(config: &Config, args: DownloadArgs) -> Result<Exit> {
         mode: Mode::DownloadOnly,
         dry_run: false,
         explain: false,
+        goals_absent: false,
     };
     let report = executor::run(&graph, &services, &ws.recipes.root, &opts)?;
     if http.is_down() {

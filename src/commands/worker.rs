@@ -4,8 +4,9 @@
 //! For each request: refuse it (with an `error` reply, acked) when it is malformed or
 //! of another version; queue a redelivered request again with its delivery count, or
 //! refuse it once it has been delivered [`MAX_DELIVERIES`] times (a request that
-//! crashes workers must not take the fleet down one after another); take the
-//! per-identity lock (an exclusive queue `jolt_lock_<identity>`, which the broker
+//! crashes workers must not take the fleet down one after another); answer
+//! `success` at once when the HTTP cache holds the artifact (no lock, no build); take
+//! the per-identity lock (an exclusive queue `jolt_lock_<identity>`, which the broker
 //! drops with the connection, so a dead worker never holds it) or, when another
 //! worker holds it, answer the duplicate (`success` when the HTTP cache has the
 //! artifact, else `accepted`); reply `accepted`, and `running` every
@@ -13,7 +14,7 @@
 //! bundle fetched from the HTTP cache by digest and parsed once, then kept) and
 //! source snapshot in a fresh directory; recompute the identity (requirements pinned
 //! to the request's identities) and refuse a mismatch; let the executor serve the
-//! goal (from the HTTP cache when it is there, else execute and upload;
+//! goal (executed and uploaded, without asking the HTTP cache again;
 //! requirements come from the caches); release the lock; reply; and only then ack.
 //!
 //! Why no client waits forever: a client binds its reply queue to the identity
@@ -261,6 +262,9 @@ impl Worker {
         if delivery.redelivered {
             return self.redelivered(link, delivery, &request).map(|()| true);
         }
+        if !request.replace && self.in_http_cache(link, &request)? {
+            return Ok(true);
+        }
         if link.locks.is_none() {
             *link.locks = Some(link.connection.open_channel(None)?);
         }
@@ -322,6 +326,37 @@ impl Worker {
             request.reference,
             format_duration(start.elapsed())
         ));
+        publish_reply(link.publisher, &reply)?;
+        Ok(true)
+    }
+
+    /// Answers a request whose artifact the HTTP cache holds already: `success`,
+    /// without a lock or a build. Asked before the lock, so the build that follows a
+    /// miss does not ask again (`executor::Options::goals_absent`); a holder that
+    /// finishes between this check and the lock makes a second execution, rare and
+    /// harmless (same identity, same artifact). A cache that fails the check fails
+    /// the request with an `error` reply and holds the next ones (`wait_for_cache`).
+    fn in_http_cache(&self, link: &Link, request: &Request) -> Result<bool> {
+        let id8 = request.identity.get(..8).unwrap_or(&request.identity);
+        let reply = match self.http.exists(&request.task, &request.identity) {
+            Ok(false) => return Ok(false),
+            Ok(true) => {
+                console::info(&format!(
+                    "{} {id8} is in the HTTP cache already",
+                    request.reference
+                ));
+                self.reply(&request.identity, ReplyKind::Success)
+            }
+            Err(e) => {
+                if crate::store::http::is_unreachable(&e) {
+                    self.http.mark_down();
+                }
+                console::error(&format!("{e:#}"));
+                let mut reply = self.reply(&request.identity, ReplyKind::Error);
+                reply.error = format!("{e:#}");
+                reply
+            }
+        };
         publish_reply(link.publisher, &reply)?;
         Ok(true)
     }
@@ -620,6 +655,7 @@ impl Worker {
             mode: Mode::Worker,
             dry_run: false,
             explain: false,
+            goals_absent: !request.replace,
         };
         let report = executor::run(&graph, &services, ws, &opts);
         // What this request used may be evicted once it is done: a worker's cache

@@ -306,7 +306,9 @@ impl Runner<'_> {
             return Ok(());
         };
         let node = &self.graph.nodes[i];
-        if http.exists(node.name(), &node.identity)? {
+        // A worker uploads only what it found missing from the HTTP cache, under the
+        // identity's lock: it does not ask again.
+        if !matches!(self.mode, Mode::Worker) && http.exists(node.name(), &node.identity)? {
             return Ok(());
         }
         self.log(

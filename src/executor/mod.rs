@@ -74,6 +74,9 @@ pub struct Options<'a> {
     pub dry_run: bool,
     /// `--explain`: say why each task that executes does.
     pub explain: bool,
+    /// The HTTP cache lacked the goals a moment ago (a worker asked before it took
+    /// the identity lock): planning does not ask again.
+    pub goals_absent: bool,
 }
 
 /// The most events (mostly output lines) queued for the scheduler.
@@ -598,7 +601,11 @@ impl<'a> Scheduler<'a> {
             total: 0,
             remote_running: 0,
             unreachable: None,
-            known: presence::Known::new(),
+            known: if opts.goals_absent {
+                graph.goals.iter().map(|&g| (g, Ok(false))).collect()
+            } else {
+                presence::Known::new()
+            },
             dry_run: opts.dry_run,
             probe: None,
             spans: Spans::new(n),

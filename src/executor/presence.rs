@@ -51,7 +51,15 @@ impl Scheduler<'_> {
                 }
                 let local = node.task.cacheable && cache.is_present(node.name(), &node.identity);
                 if self.asks_remote(i, local) {
-                    ask.push(i);
+                    match self.known.get(&i) {
+                        // Answered before (see `Options::goals_absent`).
+                        Some(Ok(present)) => {
+                            if self.goes_below(i, local, *present) {
+                                next.extend(self.needs(i));
+                            }
+                        }
+                        _ => ask.push(i),
+                    }
                 } else if self.goes_below(i, local, false) {
                     next.extend(self.needs(i));
                 }
