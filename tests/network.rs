@@ -1083,15 +1083,23 @@ fn a_client_queues_every_ready_task_in_the_broker() {
         recipe.push_str(&format!("[task.t{t}]\nrun = \"true\"\n"));
     }
     let ws = Workspace::with(&recipe);
-    // No worker: what the client sends waits in the queue.
-    let mut client = c.spawn_build(&ws, &["all"]);
+    // No worker: what the client sends waits in the queue. Killed however the test
+    // ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let client = Killed(c.spawn_build(&ws, &["all"]));
     // Regression (issue 12): at most 32 (then 64) requests were in flight, so a fleet
     // larger than that had idle workers while tasks were ready.
     wait_until("every ready task queued", Duration::from_secs(30), || {
         c.broker.queued() == Some(400)
     });
     // ...without a thread each: they wait for their replies on one.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", client.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", client.0.id())).unwrap();
     let threads: usize = status
         .lines()
         .find_map(|l| l.strip_prefix("Threads:"))
@@ -1101,8 +1109,6 @@ fn a_client_queues_every_ready_task_in_the_broker() {
         threads < 200,
         "{threads} threads for 400 requests in flight"
     );
-    let _ = client.kill();
-    let _ = client.wait();
 }
 
 // Each test's task is its own: replies go to every client bound to an identity,

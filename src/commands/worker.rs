@@ -17,6 +17,11 @@
 //! goal (executed and uploaded, without asking the HTTP cache again;
 //! requirements come from the caches); release the lock; reply; and only then ack.
 //!
+//! A request nobody waits for any more (its client is gone, and no other client
+//! waits for the identity) is dropped after the lock: the `accepted` reply is
+//! published `mandatory`, and the broker returns it when no reply queue is bound to
+//! the identity ([`Acceptor`]).
+//!
 //! Why no client waits forever: a client binds its reply queue to the identity
 //! before it publishes its request, and a worker releases the lock only after the
 //! artifact is uploaded and before its final reply. So a worker that finds the lock
@@ -182,6 +187,7 @@ impl Worker {
             .declare(&channel, &self.settings.routing_key)?;
         channel.qos(0, 1, false)?;
         let publisher = Mutex::new(connection.open_channel(None)?);
+        let acceptor = Acceptor::open(&mut connection)?;
         let queue = channel.queue_declare_passive(task_queue(&self.settings.routing_key))?;
         let consumer = queue.consume(ConsumerOptions::default())?;
         // Locks are declared on a channel of their own, kept between requests.
@@ -196,6 +202,7 @@ impl Worker {
                 let _ = consumer.cancel();
                 drop(consumer);
                 let _ = publisher.into_inner().map(|p| p.close());
+                let _ = acceptor.channel.close();
                 if let Some(l) = lock_channel.take() {
                     let _ = l.close();
                 }
@@ -209,6 +216,7 @@ impl Worker {
                         connection: &mut connection,
                         channel: &channel,
                         publisher: &publisher,
+                        acceptor: &acceptor,
                         locks: &mut lock_channel,
                     };
                     if !self.handle(&mut link, &delivery)? {
@@ -252,13 +260,6 @@ impl Worker {
         if !self.wait_for_cache() {
             return Ok(false);
         }
-        if self.client_gone(link, delivery)? {
-            console::info(&format!(
-                "{} {id8}: its client {} is gone; dropping the request",
-                request.reference, request.client
-            ));
-            return Ok(true);
-        }
         if delivery.redelivered {
             return self.redelivered(link, delivery, &request).map(|()| true);
         }
@@ -290,10 +291,25 @@ impl Worker {
                 n => format!(" (delivery {n} of at most {MAX_DELIVERIES})"),
             }
         ));
-        publish_reply(
-            link.publisher,
-            &self.reply(&request.identity, ReplyKind::Accepted),
-        )?;
+        if !link
+            .acceptor
+            .accept(&self.reply(&request.identity, ReplyKind::Accepted))?
+        {
+            console::info(&format!(
+                "{} {id8}: nobody waits for it, its client {} is gone; dropping the request",
+                request.reference, request.client
+            ));
+            let released = link.locks.as_ref().is_some_and(|channel| {
+                channel
+                    .queue_delete(lock.as_str(), QueueDeleteOptions::default())
+                    .is_ok()
+            });
+            if !released {
+                *link.locks = None;
+                bail!("Cannot release the lock of {} {id8}", request.reference);
+            }
+            return Ok(true);
+        }
         let start = Instant::now();
         let outcome = self.build_reporting_progress(link.publisher, &request);
         let mut reply = match outcome {
@@ -409,36 +425,6 @@ impl Worker {
                 return true;
             }
             backoff = (backoff * 2).min(CACHE_PROBE_MAX);
-        }
-    }
-
-    /// Whether the client that sent a request is gone: its exclusive reply queue
-    /// (`reply_to`), which the broker deletes with the client's connection, no longer
-    /// exists. A passive declaration answers 404 for a queue that does not exist, and
-    /// 405 for one that is another connection's (either closes the channel). A request
-    /// without `reply_to`, or any other answer, counts as a client still there.
-    fn client_gone(&self, link: &mut Link, delivery: &Delivery) -> Result<bool> {
-        let Some(queue) = delivery
-            .properties
-            .reply_to()
-            .as_ref()
-            .filter(|q| !q.is_empty())
-        else {
-            return Ok(false);
-        };
-        if link.locks.is_none() {
-            *link.locks = Some(link.connection.open_channel(None)?);
-        }
-        let channel = link.locks.as_ref().expect("lock channel");
-        match channel.queue_declare_passive(queue.as_str()) {
-            Ok(_) => Ok(false),
-            Err(e) => {
-                *link.locks = None;
-                Ok(matches!(
-                    e,
-                    amiquip::Error::ServerClosedChannel { code: 404, .. }
-                ))
-            }
         }
     }
 
@@ -715,9 +701,85 @@ struct Link<'a> {
     /// original's ack.
     channel: &'a Channel,
     publisher: &'a Mutex<Channel>,
+    acceptor: &'a Acceptor,
     /// The channel locks are declared on, kept between requests; `None` after the
     /// broker closed it.
     locks: &'a mut Option<Channel>,
+}
+
+/// The channel `accepted` replies go out on: published `mandatory`, with publisher
+/// confirms, so that the broker says whether anyone waits for the identity.
+///
+/// A client binds its exclusive reply queue to every identity it waits for, and the
+/// broker drops the queue, bindings and all, with the client's connection. An
+/// `accepted` reply nobody is bound to is returned (`basic.return`, which the broker
+/// sends before the message's confirm): its client is gone and no other client
+/// waits, so the request is not built. This costs the broker nothing beyond the
+/// reply it publishes anyway, where asking for the requester's queue by name cost a
+/// declaration and a closed channel per request.
+struct Acceptor {
+    channel: Channel,
+    confirms: crossbeam_channel::Receiver<amiquip::Confirm>,
+    returns: crossbeam_channel::Receiver<amiquip::Return>,
+    /// The delivery tag of the last publish (the broker numbers them from 1).
+    tag: std::cell::Cell<u64>,
+}
+
+/// How long a worker waits for the broker to confirm an `accepted` reply.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Acceptor {
+    fn open(connection: &mut Connection) -> Result<Acceptor> {
+        let channel = connection.open_channel(None)?;
+        let confirms = channel.listen_for_publisher_confirms()?;
+        let returns = channel.listen_for_returns()?;
+        channel.enable_publisher_confirms()?;
+        Ok(Acceptor {
+            channel,
+            confirms,
+            returns,
+            tag: std::cell::Cell::new(0),
+        })
+    }
+
+    /// Publishes an `accepted` reply; whether any client is bound to its identity.
+    fn accept(&self, reply: &Reply) -> Result<bool> {
+        let body = serde_json::to_vec(reply)?;
+        self.channel
+            .basic_publish(
+                RESULTS,
+                Publish {
+                    body: &body,
+                    routing_key: reply.identity.clone(),
+                    mandatory: true,
+                    immediate: false,
+                    properties: AmqpProperties::default()
+                        .with_content_type("application/json".into()),
+                },
+            )
+            .context("Cannot publish a reply")?;
+        let tag = self.tag.get() + 1;
+        self.tag.set(tag);
+        let deadline = Instant::now() + CONFIRM_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.confirms.recv_timeout(left) {
+                Ok(amiquip::Confirm::Ack(p) | amiquip::Confirm::Nack(p))
+                    if p.delivery_tag >= tag =>
+                {
+                    break
+                }
+                Ok(_) => {}
+                Err(_) => bail!("The broker did not confirm a reply within {CONFIRM_TIMEOUT:?}"),
+            }
+        }
+        // A return comes before its confirm.
+        let returned = self
+            .returns
+            .try_iter()
+            .any(|r| r.routing_key == reply.identity);
+        Ok(!returned)
+    }
 }
 
 /// The longest a worker waits between two probes of an HTTP cache that is down.
