@@ -1,6 +1,6 @@
-//! Network builds across broker trouble: a restart while a client waits, and a task
-//! that outlives RabbitMQ's consumer_timeout. These change the broker for everyone, so
-//! each holds it alone (`cluster_exclusive`).
+//! Network builds across broker trouble: a restart while a client waits, a task that
+//! outlives RabbitMQ's consumer_timeout, a worker's connection closed mid-task. Those
+//! that change the broker for everyone hold it alone (`cluster_exclusive`).
 
 use crate::util::{cluster_exclusive, finish, wait_until, Workspace};
 use std::process::Command;
@@ -92,5 +92,77 @@ fn a_task_longer_than_the_consumer_timeout_completes_once() {
         "executed more than once:\n{}\n{}",
         w1.output(),
         w2.output()
+    );
+}
+
+/// The local ports of process `pid`'s TCP connections to the broker (port 5672).
+fn broker_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_string)
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && inodes.iter().any(|i| i == f[9]) && f[2].ends_with(":1628") {
+                if let Some(port) = f[1].rsplit(':').next() {
+                    ports.push(u16::from_str_radix(port, 16).unwrap());
+                }
+            }
+        }
+    }
+    ports
+}
+
+#[test]
+fn a_worker_that_loses_its_connection_mid_task_still_answers() {
+    let Some(c) = crate::util::cluster() else {
+        return;
+    };
+    let w = c.worker();
+    let marker = c.dir.path().join("runs");
+    let ws = Workspace::with(&format!(
+        "[task.cut]\nrun = [\"echo run >> {}\", \"sleep 3\", \"echo ok > {{artifact}}/f\"]\n",
+        marker.display()
+    ));
+    let client = c.spawn_build(&ws, &["cut"]);
+    wait_until("the task to start", Duration::from_secs(30), || {
+        marker.exists()
+    });
+    // Close the worker's connection, and only its (`rabbitmqctl close_connection`).
+    let ports = broker_ports(w.child.id());
+    assert!(!ports.is_empty(), "the worker has no broker connection");
+    let out = Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "peer_port"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        if let (Some(pid), Some(port)) = (f.next(), f.next()) {
+            if ports.iter().any(|p| p.to_string() == port) {
+                rabbitmqctl(&["close_connection", pid, "test: a connection lost mid-task"]);
+            }
+        }
+    }
+    let run = finish(client);
+    run.success();
+    // Regression (issue 12): the worker's reply was lost with its connection; the
+    // client heard nothing until its silence watchdog sent the request again.
+    w.wait_for("sent after reconnecting", Duration::from_secs(30));
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "run\n",
+        "executed more than once:\n{}",
+        w.output()
     );
 }

@@ -74,6 +74,9 @@ struct Worker {
     me: String,
     /// Recipe bundles parsed, newest first.
     parsed: Mutex<Vec<Arc<Parsed>>>,
+    /// Final replies that could not be sent (the connection went): sent first on the
+    /// next connection.
+    unsent: Mutex<Vec<Reply>>,
 }
 
 /// A recipe bundle as a worker keeps it: its files, and their tasks as parsed.
@@ -107,6 +110,7 @@ pub fn run(config: &Config) -> Result<Exit> {
         me: whoami(),
         settings,
         parsed: Mutex::default(),
+        unsent: Mutex::default(),
     };
     console::info(&format!(
         "Worker {} serves routing key '{}' from {}",
@@ -187,6 +191,22 @@ impl Worker {
             .declare(&channel, &self.settings.routing_key)?;
         channel.qos(0, 1, false)?;
         let publisher = Mutex::new(connection.open_channel(None)?);
+        // Final replies a lost connection kept from their clients.
+        let unsent = std::mem::take(&mut *self.unsent.lock().expect("unsent"));
+        for (n, reply) in unsent.iter().enumerate() {
+            if let Err(e) = publish_reply(&publisher, reply) {
+                self.unsent
+                    .lock()
+                    .expect("unsent")
+                    .extend(unsent[n..].iter().cloned());
+                return Err(e);
+            }
+            console::info(&format!(
+                "Reply {:?} for {} sent after reconnecting",
+                reply.kind,
+                reply.identity.get(..8).unwrap_or(&reply.identity)
+            ));
+        }
         let acceptor = Acceptor::open(&mut connection)?;
         let queue = channel.queue_declare_passive(task_queue(&self.settings.routing_key))?;
         let consumer = queue.consume(ConsumerOptions::default())?;
@@ -325,8 +345,10 @@ impl Worker {
         // Release the lock before the final reply. A duplicate that finds the lock
         // held is then sure that this reply is still to come, and its client, bound
         // before it published, will get it; one that finds the lock free finds the
-        // artifact in the HTTP cache. A lock that cannot be released is dropped with
-        // the connection: the request, unacked, comes back and is answered then.
+        // artifact in the HTTP cache. A lock that cannot be released went with the
+        // connection: the reply is sent once the worker has reconnected (its clients
+        // still wait for it), and the request, unacked, comes back and is answered
+        // from the HTTP cache.
         let released = link.locks.as_ref().is_some_and(|channel| {
             channel
                 .queue_delete(lock.as_str(), QueueDeleteOptions::default())
@@ -334,7 +356,11 @@ impl Worker {
         });
         if !released {
             *link.locks = None;
-            bail!("Cannot release the lock of {} {id8}", request.reference);
+            self.unsent.lock().expect("unsent").push(reply);
+            bail!(
+                "Lost the lock of {} {id8} with the connection; its reply goes out after reconnecting",
+                request.reference
+            );
         }
         console::info(&format!(
             "Reply {:?} for {} {id8} after {}",
@@ -342,7 +368,10 @@ impl Worker {
             request.reference,
             format_duration(start.elapsed())
         ));
-        publish_reply(link.publisher, &reply)?;
+        if let Err(e) = publish_reply(link.publisher, &reply) {
+            self.unsent.lock().expect("unsent").push(reply);
+            return Err(e);
+        }
         Ok(true)
     }
 
