@@ -1192,3 +1192,26 @@ fn a_request_for_an_artifact_in_the_http_cache_is_answered_without_a_build() {
     );
     assert_eq!(access(&c, "GET", "/_recipes/"), recipes_fetched);
 }
+
+#[test]
+fn a_worker_fetches_a_requirement_it_lacks_with_one_get() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with(
+        "[task.req]\nrun = \"echo one-get > {artifact}/r\"\n[task.top]\nrequires = [\"req\"]\nrun = \"cat {deps.req}/r > {artifact}/t\"\n",
+    );
+    let req = ws.identity("req");
+    {
+        let _w = c.worker();
+        c.build(&ws, &["top"]).success();
+    }
+    // A fresh worker lacks `req`: it asks the HTTP cache for it with its GET alone
+    // (issue 12: a HEAD went before each).
+    let _fresh = c.worker();
+    let (heads, gets) = (access(&c, "HEAD", &req), access(&c, "GET", &req));
+    c.build(&ws, &["-f", "top"]).success();
+    assert_eq!(access(&c, "GET", &req), gets + 1);
+    assert!(
+        access(&c, "HEAD", &req) <= heads + 1,
+        "the worker asked with HEAD before its GET"
+    );
+}

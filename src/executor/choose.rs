@@ -64,19 +64,23 @@ pub(super) fn choose(kind: Kind, f: Facts, ask: &mut dyn Ask) -> Choice {
         }
         // A worker: the goal is served from the HTTP cache, uploaded from the local
         // one, or executed; requirements come from the caches (or, keeping no
-        // artifact, run here as in a local build).
+        // artifact, run here as in a local build). A requirement's download asks
+        // with its GET: a 404 fails it as not built.
+        Kind::Worker if !f.goal => Choice::Plan(if f.local {
+            Plan::Available
+        } else if !f.cacheable {
+            Plan::Execute
+        } else if !f.ask_first || ask.remote() {
+            Plan::Download
+        } else {
+            return Choice::NotBuilt;
+        }),
         Kind::Worker => {
-            if !f.goal && f.local {
-                return Choice::Plan(Plan::Available);
-            }
             let remote = f.cacheable && ask.remote();
-            match (f.goal, f.local, remote) {
-                (true, _, true) => Choice::InHttpCache,
-                (true, true, false) => Choice::Plan(Plan::Upload),
-                (true, false, false) => Choice::Plan(Plan::Execute),
-                (false, _, true) => Choice::Plan(Plan::Download),
-                (false, _, false) if !f.cacheable => Choice::Plan(Plan::Execute),
-                (false, _, false) => Choice::NotBuilt,
+            match (f.local, remote) {
+                (_, true) => Choice::InHttpCache,
+                (true, false) => Choice::Plan(Plan::Upload),
+                (false, false) => Choice::Plan(Plan::Execute),
             }
         }
         // A network client: what the HTTP cache has is not sent (a goal is
@@ -204,10 +208,10 @@ mod tests {
             (true, true, true, Some(false), None, U),
             (true, true, false, Some(false), None, X),
             (true, false, false, None, None, X),
-            // Requirements: the local cache without asking, else the HTTP cache.
+            // Requirements: the local cache, else a download, without asking: the
+            // GET asks (a 404 fails the requirement as not built).
             (false, true, true, None, None, A),
-            (false, true, false, Some(true), None, D),
-            (false, true, false, Some(false), None, N),
+            (false, true, false, None, None, D),
             (false, false, false, None, None, X),
         ];
         check(Kind::Worker, rows, true, true);
