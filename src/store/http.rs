@@ -116,12 +116,9 @@ fn interruptible<T: Send + 'static>(
     transfer: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    std::thread::Builder::new()
-        .name("transfer".into())
-        .spawn(move || {
-            let _ = tx.send(transfer());
-        })
-        .map_err(|e| anyhow::anyhow!("Cannot start a transfer: {e}"))?;
+    on_transfer_thread(Box::new(move || {
+        let _ = tx.send(transfer());
+    }))?;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(result) => return result,
@@ -135,6 +132,69 @@ fn interruptible<T: Send + 'static>(
             }
         }
     }
+}
+
+type TransferJob = Box<dyn FnOnce() + Send>;
+
+/// The threads transfers run on, kept between transfers: a thread started and ended
+/// per request (the mmap, mprotect and munmap of its stack) was about a tenth of a
+/// network client's CPU. A transfer takes an idle thread, reserving it, or starts
+/// one, so it never waits behind another; a thread idle for [`TRANSFER_THREAD_IDLE`]
+/// ends.
+struct TransferThreads {
+    jobs: crossbeam_channel::Sender<TransferJob>,
+    queue: crossbeam_channel::Receiver<TransferJob>,
+    /// Threads waiting for a job and not reserved.
+    idle: std::sync::atomic::AtomicUsize,
+}
+
+const TRANSFER_THREAD_IDLE: Duration = Duration::from_secs(30);
+
+fn on_transfer_thread(job: TransferJob) -> Result<()> {
+    static THREADS: std::sync::OnceLock<TransferThreads> = std::sync::OnceLock::new();
+    let threads = THREADS.get_or_init(|| {
+        let (jobs, queue) = crossbeam_channel::unbounded();
+        TransferThreads {
+            jobs,
+            queue,
+            idle: std::sync::atomic::AtomicUsize::new(0),
+        }
+    });
+    let reserved = threads
+        .idle
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok();
+    if reserved {
+        let _ = threads.jobs.send(job);
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name("transfer".into())
+        .spawn(move || {
+            job();
+            loop {
+                threads.idle.fetch_add(1, Ordering::AcqRel);
+                match threads.queue.recv_timeout(TRANSFER_THREAD_IDLE) {
+                    Ok(job) => job(),
+                    Err(_) => {
+                        // Leave unless a transfer reserved this thread meanwhile
+                        // (its job is then on its way).
+                        let left = threads
+                            .idle
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                            .is_ok();
+                        if left {
+                            return;
+                        }
+                        if let Ok(job) = threads.queue.recv() {
+                            job();
+                        }
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("Cannot start a transfer: {e}"))
 }
 
 /// The body of a streamed upload: the read end of the packer's pipe. At the end of
@@ -747,6 +807,47 @@ impl HttpCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transfers_reuse_their_threads_and_never_wait_for_one() {
+        // One after another: one thread serves them all (it was a thread each).
+        let ids: Vec<std::thread::ThreadId> = (0..50)
+            .map(|_| interruptible(|| Ok(std::thread::current().id())).unwrap())
+            .collect();
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert!(
+            distinct.len() <= 2,
+            "{} threads for 50 transfers",
+            distinct.len()
+        );
+        // At once: each gets a thread, none waits for another to end (each waits
+        // here until all eight run).
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waiting: Vec<_> = (0..8)
+            .map(|_| {
+                let started = started.clone();
+                std::thread::spawn(move || {
+                    interruptible(move || {
+                        started.fetch_add(1, Ordering::SeqCst);
+                        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                        while started.load(Ordering::SeqCst) < 8 {
+                            if std::time::Instant::now() > deadline {
+                                return Ok(false);
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Ok(true)
+                    })
+                })
+            })
+            .collect();
+        for w in waiting {
+            assert!(
+                w.join().unwrap().unwrap(),
+                "a transfer waited for another's thread"
+            );
+        }
+    }
 
     #[test]
     fn a_failed_packer_fails_the_upload_body_instead_of_ending_it() {
