@@ -166,9 +166,7 @@ fn local_jobs(config: &Config, given: Option<usize>) -> Result<usize> {
     }
     match config.get_int("jolt.jobs")? {
         Some(j) if (1..=max as i64).contains(&j) => Ok(j as usize),
-        Some(0) | None => Ok(std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)),
+        Some(0) | None => Ok(crate::util::cpus()),
         Some(j) => Err(usage(format!(
             "jolt.jobs = {j}: tasks at once must be between 1 and {max}"
         ))),

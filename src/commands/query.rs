@@ -26,7 +26,7 @@ pub fn list(_config: &Config, args: ListArgs) -> Result<Exit> {
         }
         None => {
             let width = recipes.tasks.keys().map(|k| k.len()).max().unwrap_or(0);
-            for (name, task) in &recipes.tasks {
+            for (name, task) in recipes.tasks.iter() {
                 match &task.def.description {
                     Some(d) => console::print(&format!("{name:<width$}  {d}")),
                     None => console::print(name),

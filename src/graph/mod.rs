@@ -513,9 +513,7 @@ impl Builder<'_> {
                 }
             }
         }
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(PREFETCH_THREADS);
+        let threads = crate::util::cpus().min(PREFETCH_THREADS);
         if patterns.len() < 2 * threads {
             return;
         }

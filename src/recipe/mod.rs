@@ -237,8 +237,9 @@ pub struct SourceFile {
 #[derive(Debug)]
 pub struct Recipes {
     pub root: PathBuf,
-    pub files: Vec<SourceFile>,
-    pub tasks: BTreeMap<String, Arc<Task>>,
+    /// Shared, like `tasks`: a worker serves many requests from one parse.
+    pub files: Arc<Vec<SourceFile>>,
+    pub tasks: Arc<BTreeMap<String, Arc<Task>>>,
 }
 
 /// The nearest directory from `start` upwards that holds `jolt.toml`.
@@ -259,14 +260,11 @@ pub fn find_root(start: &Path) -> Result<PathBuf> {
 impl Recipes {
     /// Reads `root/jolt.toml` and everything it includes.
     pub fn load(root: &Path) -> Result<Recipes> {
-        let mut recipes = Recipes {
-            root: root.to_path_buf(),
-            files: Vec::new(),
-            tasks: BTreeMap::new(),
-        };
+        let mut files: Vec<SourceFile> = Vec::new();
+        let mut tasks: BTreeMap<String, Arc<Task>> = BTreeMap::new();
         let mut queue = vec![PathBuf::from(ROOT_FILE)];
         while let Some(rel) = queue.pop() {
-            if recipes.files.iter().any(|f| f.path == rel) {
+            if files.iter().any(|f| f.path == rel) {
                 continue;
             }
             let full = root.join(&rel);
@@ -292,7 +290,7 @@ impl Recipes {
             queue.extend(included);
             let lines = task_lines(&text);
             for (name, task_def) in def.task {
-                if let Some(existing) = recipes.tasks.get(&name) {
+                if let Some(existing) = tasks.get(&name) {
                     return Err(usage(format!(
                         "Task '{name}' is defined twice: in {} and in {}",
                         existing.file.display(),
@@ -301,11 +299,15 @@ impl Recipes {
                 }
                 let line = lines.get(&name).copied();
                 let task = Task::new(name.clone(), task_def, rel.clone(), line)?;
-                recipes.tasks.insert(name, Arc::new(task));
+                tasks.insert(name, Arc::new(task));
             }
-            recipes.files.push(SourceFile { path: rel, text });
+            files.push(SourceFile { path: rel, text });
         }
-        Ok(recipes)
+        Ok(Recipes {
+            root: root.to_path_buf(),
+            files: Arc::new(files),
+            tasks: Arc::new(tasks),
+        })
     }
 
     /// The task called `name`, or a `No such task` error.

@@ -93,6 +93,13 @@ pub fn printable(path: &std::path::Path) -> String {
     out
 }
 
+/// The CPUs this process may use, asked once: the answer reads cgroup files, which
+/// a worker would otherwise do for every request.
+pub fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
