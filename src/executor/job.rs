@@ -60,7 +60,7 @@ pub(super) struct Runner<'a> {
     /// remote execution downloads its goal on its own thread.
     pub transfers: &'a Slots,
     /// Where a network build's requests wait for their replies (`remote`).
-    pub parked: Option<super::remote::Parked<'a>>,
+    pub parked: Option<super::Parked<'a>>,
 }
 
 /// A counting semaphore.

@@ -452,6 +452,14 @@ fn serve_jobs<'n>(runner: &Runner<'n>, jobs: &Receiver<Job<'n>>) {
     }
 }
 
+/// The pool's ends of the waiter of remote calls (`remote`): where a call is parked,
+/// and the channel every call's replies come in on.
+#[derive(Clone)]
+struct Parked<'n> {
+    calls: crossbeam_channel::Sender<Box<remote::Call<'n>>>,
+    replies: crossbeam_channel::Sender<crate::remote::client::Incoming>,
+}
+
 /// The scheduler's ends of the pool: jobs out, events in, and how many jobs run in
 /// each lane (executions here, transfers, remote executions) against its limit.
 struct Lanes<'n> {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use super::job::Runner;
-use super::{Done, Event, Failure, Mode, Network, Plan};
+use super::{Done, Event, Failure, Mode, Network, Parked, Plan};
 use crate::console;
 use crate::graph::{Graph, Resolved};
 use crate::interrupt;
@@ -271,14 +271,6 @@ impl<'n> Runner<'n> {
             replace: http.is_rejected(node.name(), &node.identity),
         })
     }
-}
-
-/// The pool's ends of the waiter: where calls are parked, and the channel every
-/// call's replies come in on.
-#[derive(Clone)]
-pub(super) struct Parked<'n> {
-    pub calls: Sender<Box<Call<'n>>>,
-    pub replies: Sender<Incoming>,
 }
 
 /// The waiter's ends.
