@@ -146,7 +146,7 @@ fn a_network_build_with_a_cache_host_that_drops_packets_exits_3() {
     }
     let Some(c) = cluster() else { return };
     let (host, server) = far_cache();
-    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let ws = Workspace::with("[task.a]\nrun = \"true # fleet-1\"\n");
     let config = c.config().display().to_string();
     let uri = format!("http.uri={}/cache", server.url);
     host.link_down();
@@ -179,7 +179,7 @@ fn a_broker_host_that_drops_packets_is_exit_3_within_the_connect_timeout() {
     let Some(server) = Nginx::start() else { return };
     let host = Host::new();
     host.link_down();
-    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let ws = Workspace::with("[task.a]\nrun = \"true # fleet-2\"\n");
     let uri = format!("http.uri={}", server.url);
     let broker = format!("amqp.host={}", host.addr);
     let started = Instant::now();

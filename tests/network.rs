@@ -243,7 +243,7 @@ fn an_interrupted_client_leaves_the_workers_healthy() {
 #[test]
 fn an_unreachable_broker_exits_3_naming_it() {
     let Some(server) = Nginx::start() else { return };
-    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let ws = Workspace::with("[task.a]\nrun = \"true # network-1\"\n");
     let uri = format!("http.uri={}", server.url);
     let run = ws.jolt(&[
         "-c",
@@ -510,7 +510,7 @@ fn a_non_cacheable_requirement_runs_on_the_worker_with_its_consumer() {
 fn a_request_queue_declared_otherwise_fails_the_build_instead_of_hanging() {
     let Some(c) = cluster() else { return };
     let _w = c.worker(); // declares the queue with the default x-max-priority
-    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let ws = Workspace::with("[task.a]\nrun = \"true # network-2\"\n");
     let client = c.spawn_build_with(&ws, &["amqp.max_priority=3"], &["a"]);
     let run = finish(client);
     run.code(1).contains("Cannot send a request to RabbitMQ");
@@ -654,7 +654,7 @@ fn a_request_that_kills_its_workers_is_refused_after_two_deliveries() {
 #[test]
 fn a_forged_reply_with_an_absurd_duration_fails_the_task_instead_of_hanging() {
     let Some(c) = cluster() else { return };
-    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let ws = Workspace::with("[task.a]\nrun = \"true # network-3\"\n");
     let identity = ws.identity("a");
     // No worker: the request waits in its queue, and the client for a reply.
     let client = c.spawn_build(&ws, &["a"]);
@@ -725,7 +725,7 @@ fn tasks_on_a_worker_never_see_its_credentials() {
 fn debug_output_never_shows_the_broker_password() {
     let Some(c) = cluster() else { return };
     let _w = c.worker();
-    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let ws = Workspace::with("[task.a]\nrun = \"true # network-4\"\n");
     let config = c.config().display().to_string();
     let run = ws.jolt(&["-vv", "-c", &config, "build", "--network", "a"]);
     run.success();
@@ -803,7 +803,7 @@ fn the_requests_of_a_killed_client_are_not_built() {
 #[test]
 fn a_network_build_with_the_cache_down_exits_3_and_sends_nothing() {
     let Some(c) = cluster() else { return };
-    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let ws = Workspace::with("[task.a]\nrun = \"true # network-5\"\n");
     let config = c.config().display().to_string();
     let run = ws.jolt(&[
         "-c",
@@ -833,7 +833,7 @@ fn a_broker_that_never_answers_exits_3_within_the_connect_timeout() {
         .unwrap()
         .1
         .trim_end_matches("/cache");
-    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let ws = Workspace::with("[task.a]\nrun = \"true # network-6\"\n");
     let uri = format!("http.uri={}", server.url);
     let amqp_port = format!("amqp.port={port}");
     let started = Instant::now();
@@ -892,7 +892,7 @@ fn a_broker_certificate_for_another_host_is_refused() {
     };
     let host = format!("amqp.host=amqps://localhost:{}", front.port);
     let ca = format!("amqp.ca_file={}", front.ca.display());
-    let ws = Workspace::with("[task.a]\nrun = \"true\"\n");
+    let ws = Workspace::with("[task.a]\nrun = \"true # network-7\"\n");
     finish(c.spawn_build_with(&ws, &[host.as_str(), ca.as_str()], &["a"]))
         .code(3)
         .contains("localhost");
@@ -906,7 +906,9 @@ fn a_worker_waits_for_its_cache_to_come_back_and_then_serves() {
     let w = WorkerProcess::start(&c.config(), &[through_relay]);
     relay.set_up(false);
     // The worker finds its cache down: this request fails...
-    let ws = Workspace::with("[task.a]\nrun = \"true\"\n[task.b]\nrun = \"true\"\n");
+    let ws = Workspace::with(
+        "[task.a]\nrun = \"true # network-8\"\n[task.b]\nrun = \"true # network-8\"\n",
+    );
     c.build(&ws, &["a"]).code(1);
     // ...and the next one waits until the cache is back, instead of failing too.
     let client = c.spawn_build(&ws, &["b"]);
