@@ -691,14 +691,18 @@ impl HttpCache {
             let (reader, writer) = std::io::pipe().map_err(ureq::Error::Io)?;
             let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
             let dir = dir.to_path_buf();
-            let packer = std::thread::spawn(move || {
+            // Dropped when the packer has ended, its end of the pipe closed.
+            let (ended_tx, ended) = crossbeam_channel::bounded::<()>(0);
+            on_transfer_thread(Box::new(move || {
+                let _ended = ended_tx;
                 let mut out = BufWriter::with_capacity(256 * 1024, writer);
                 let result = crate::store::archive::pack(&dir, &mut out)
                     .and_then(|()| out.flush().map_err(anyhow::Error::from))
                     .map_err(|e| format!("{e:#}"));
                 // Report before the pipe closes, so the reader knows how it ended.
                 let _ = done_tx.send(result);
-            });
+            }))
+            .map_err(|e| ureq::Error::Io(std::io::Error::other(format!("{e:#}"))))?;
             let body = PackedBody {
                 pipe: reader,
                 done: done_rx,
@@ -708,7 +712,7 @@ impl HttpCache {
                 .with_auth(self.agent.put(&url))
                 .header("Content-Type", "application/x-tar")
                 .send(ureq::SendBody::from_owned_reader(body));
-            let _ = packer.join();
+            let _ = ended.recv();
             match packing.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                 Some(e) => Err(ureq::Error::Io(std::io::Error::other(e.clone()))),
                 None => result,
