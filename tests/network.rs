@@ -1217,3 +1217,20 @@ fn a_worker_fetches_a_requirement_it_lacks_with_one_get() {
         "the worker asked with HEAD before its GET"
     );
 }
+
+#[test]
+fn a_worker_interrupted_while_it_asks_the_cache_leaves_the_request_for_another() {
+    let Some(c) = cluster() else { return };
+    // The worker's cache hangs: its check before the lock never ends.
+    let hung = crate::util::FakeCache::start(crate::util::Fault::Hang);
+    let w = WorkerProcess::start(&c.config(), &[format!("http.uri={}", hung.url)]);
+    let ws = Workspace::with("[task.a]\nrun = \"echo left > {artifact}/a\"\n");
+    let client = c.spawn_build(&ws, &["a"]);
+    wait_until("the worker to ask", Duration::from_secs(30), || {
+        hung.requests.load(std::sync::atomic::Ordering::SeqCst) > 0
+    });
+    w.signal(libc::SIGINT);
+    // Regression: the interrupted check became an error reply, and the client failed.
+    let _other = c.worker();
+    finish(client).success();
+}

@@ -283,8 +283,13 @@ impl Worker {
         if delivery.redelivered {
             return self.redelivered(link, delivery, &request).map(|()| true);
         }
-        if !request.replace && self.in_http_cache(link, &request)? {
-            return Ok(true);
+        if !request.replace {
+            match self.in_http_cache(link, &request)? {
+                Some(true) => return Ok(true),
+                Some(false) => {}
+                // Interrupted: leave the request unacked for another worker.
+                None => return Ok(false),
+            }
         }
         if link.locks.is_none() {
             *link.locks = Some(link.connection.open_channel(None)?);
@@ -381,10 +386,12 @@ impl Worker {
     /// finishes between this check and the lock makes a second execution, rare and
     /// harmless (same identity, same artifact). A cache that fails the check fails
     /// the request with an `error` reply and holds the next ones (`wait_for_cache`).
-    fn in_http_cache(&self, link: &Link, request: &Request) -> Result<bool> {
+    /// `Some(true)`: answered; `Some(false)`: not in the cache; `None`: interrupted.
+    fn in_http_cache(&self, link: &Link, request: &Request) -> Result<Option<bool>> {
         let id8 = request.identity.get(..8).unwrap_or(&request.identity);
         let reply = match self.http.exists(&request.task, &request.identity) {
-            Ok(false) => return Ok(false),
+            Ok(false) => return Ok(Some(false)),
+            Err(e) if crate::store::http::is_interrupted(&e) => return Ok(None),
             Ok(true) => {
                 console::info(&format!(
                     "{} {id8} is in the HTTP cache already",
@@ -403,7 +410,7 @@ impl Worker {
             }
         };
         publish_reply(link.publisher, &reply)?;
-        Ok(true)
+        Ok(Some(true))
     }
 
     /// Builds the request while a thread tells its clients, every `amqp.progress`,
