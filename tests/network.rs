@@ -1060,9 +1060,10 @@ fn recipes_travel_by_digest_uploaded_once_and_parsed_once_per_worker() {
         1,
         "the worker fetches them once for 3 tasks"
     );
-    // Another build of the same workspace: the recipes are stored and parsed already.
+    // Another build of the same workspace: the worker has them parsed already (the
+    // client stores them again: a PUT per build).
     c.build(&ws, &["-s", "again", "all"]).success();
-    assert_eq!(recipes("PUT"), 1);
+    assert_eq!(recipes("PUT"), 2);
     assert_eq!(recipes("GET"), 1);
     // Changed recipes are another bundle.
     ws.file(
@@ -1070,8 +1071,17 @@ fn recipes_travel_by_digest_uploaded_once_and_parsed_once_per_worker() {
         &recipe.replace("echo digest-a", "echo digest-A"),
     );
     c.build(&ws, &["all"]).success();
-    assert_eq!(recipes("PUT"), 2);
+    assert_eq!(recipes("PUT"), 3);
     assert_eq!(recipes("GET"), 2);
+    // A bundle gone bad on the server is replaced by the next build (a fresh worker
+    // refused it for good before: the client saw it there and never stored it again).
+    let bundles = c.server.file("cache/_recipes");
+    for entry in std::fs::read_dir(&bundles).unwrap().flatten() {
+        std::fs::write(entry.path(), b"garbage").unwrap();
+    }
+    drop(_w);
+    let _fresh = c.worker();
+    c.build(&ws, &["-s", "healed", "all"]).success();
 }
 
 #[test]

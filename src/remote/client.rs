@@ -294,8 +294,8 @@ impl NetworkClient {
         }
     }
 
-    /// Stores the recipe bundle in the HTTP cache unless this client did already (or
-    /// the cache holds it): once per build, before its first request.
+    /// Stores the recipe bundle in the HTTP cache unless this client did already: once
+    /// per build, before its first request.
     pub fn store_recipes(&self, bundle: &RecipeBundle, http: &HttpCache) -> Result<()> {
         let mut stored = self.recipes_stored.lock().expect("recipes_stored");
         if !*stored {

@@ -754,13 +754,12 @@ impl HttpCache {
         format!("{}/_recipes/{digest}.json", self.base)
     }
 
-    /// Uploads a recipe bundle under its digest unless the cache has it.
+    /// Uploads a recipe bundle under its digest, whether or not the cache has it: a
+    /// bundle is small, and a copy that went bad on the server (which workers refuse,
+    /// as it does not match its digest) is replaced by the next build.
     pub fn store_recipes(&self, digest: &str, bytes: &[u8]) -> Result<()> {
         let (me, url, bytes) = (self.clone(), self.recipes_url(digest), bytes.to_vec());
         interruptible(move || {
-            if me.head(&url)? {
-                return Ok(());
-            }
             let resp = me.send(&url, &mut || {
                 me.with_auth(me.agent.put(&url))
                     .header("Content-Type", "application/json")
