@@ -1244,3 +1244,32 @@ fn a_worker_interrupted_while_it_asks_the_cache_leaves_the_request_for_another()
     let _other = c.worker();
     finish(client).success();
 }
+
+#[test]
+fn a_failure_stops_a_network_build_without_waiting_for_what_waits_in_the_broker() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    // 30 tasks of a pool no worker serves wait in the broker; `bad` fails.
+    let idle = format!("{}-idle", c.broker.routing_key);
+    let mut recipe = String::from(
+        "[task.bad]\nrun = \"exit 1 # withdraw\"\n[task.all]\nkind = \"alias\"\nrequires = [\"bad\"",
+    );
+    for t in 0..30 {
+        recipe.push_str(&format!(", \"t{t}\""));
+    }
+    recipe.push_str("]\n");
+    for t in 0..30 {
+        recipe.push_str(&format!(
+            "[task.t{t}]\nrouting_key = \"{idle}\"\nrun = \"echo {t} withdrawn\"\n"
+        ));
+    }
+    let ws = Workspace::with(&recipe);
+    let client = c.spawn_build(&ws, &["all"]);
+    // Regression (issue 12): with every ready task queued, the client waited for
+    // them all after the failure (here: for ever).
+    let run = finish_within(client, Duration::from_secs(60), "the client");
+    c.broker.with_channel(|ch| {
+        let _ = ch.queue_delete(format!("jolt_tasks_{idle}"), Default::default());
+    });
+    run.code(1).contains("Withdrawing 30 requests");
+}

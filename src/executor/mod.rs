@@ -233,6 +233,8 @@ enum Done {
     Reused(Arc<ArtifactInfo>),
     /// The HTTP cache could not deliver a usable artifact: build it instead.
     DownloadFailed,
+    /// A request no worker had taken, withdrawn when the build stopped: not run.
+    Withdrawn,
 }
 
 enum Event {
@@ -351,11 +353,13 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
         // it (its pipe fills), instead of queueing its output in memory.
         let (ev_tx, ev_rx) = crossbeam_channel::bounded::<Event>(EVENTS_QUEUED);
         let (quit_tx, quit_rx) = crossbeam_channel::bounded::<()>(0);
+        let withdraw = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // A network build's requests wait for their replies on one thread, not a
         // thread each: a pool thread only prepares, sends and finishes them.
         let parked = match opts.mode {
             Mode::Network(net) => {
-                let (parked, waiter) = remote::channels(job_tx.clone(), ev_tx.clone(), quit_rx);
+                let (parked, waiter) =
+                    remote::channels(job_tx.clone(), ev_tx.clone(), quit_rx, withdraw.clone());
                 std::thread::Builder::new()
                     .spawn_scoped(scope, move || waiter.run(graph, net))
                     .map_err(|e| anyhow::anyhow!("Cannot start a thread: {e}"))?;
@@ -398,6 +402,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
         let lanes = Lanes {
             jobs: job_tx,
             _quit: quit_tx,
+            withdraw,
             events: ev_rx,
             limits,
             running: [0; LANES],
@@ -466,6 +471,8 @@ struct Lanes<'n> {
     jobs: crossbeam_channel::Sender<Job<'n>>,
     /// Dropped with the lanes: the waiter of remote calls ends.
     _quit: crossbeam_channel::Sender<()>,
+    /// Set when the build stops: the waiter withdraws the requests no worker took.
+    withdraw: Arc<std::sync::atomic::AtomicBool>,
     events: Receiver<Event>,
     limits: [usize; LANES],
     running: [usize; LANES],
@@ -656,6 +663,11 @@ impl<'a> Scheduler<'a> {
             }
             if lanes.running == [0; LANES] {
                 return Ok(interrupted);
+            }
+            if self.stop {
+                lanes
+                    .withdraw
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
             self.show_status(lanes.running);
             let event = match lanes.events.recv_timeout(Duration::from_millis(100)) {
@@ -1238,6 +1250,7 @@ impl Scheduler<'_> {
                 self.succeed(i, Status::Cached, Some(info), infos);
             }
             Ok(Done::DownloadFailed) => self.download_failed(i)?,
+            Ok(Done::Withdrawn) => self.status[i] = Status::Pending,
             Err(failure) if failure.interrupted => {
                 self.status[i] = Status::Interrupted;
                 self.propagate(i, Some((i, false)));

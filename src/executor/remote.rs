@@ -12,6 +12,8 @@
 //! requests in flight cost a thousand small records, not a thousand threads.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
@@ -281,6 +283,8 @@ pub(super) struct Waiter<'n> {
     pub quit: Receiver<()>,
     pub jobs: Sender<Job<'n>>,
     pub events: Sender<Event>,
+    /// Set when the build stops: requests no worker took are withdrawn.
+    pub withdraw: Arc<AtomicBool>,
 }
 
 /// The channels between the pool and the waiter.
@@ -288,6 +292,7 @@ pub(super) fn channels<'n>(
     jobs: Sender<Job<'n>>,
     events: Sender<Event>,
     quit: Receiver<()>,
+    withdraw: Arc<AtomicBool>,
 ) -> (Parked<'n>, Waiter<'n>) {
     let (calls_tx, calls_rx) = crossbeam_channel::unbounded();
     let (replies_tx, replies_rx) = crossbeam_channel::unbounded();
@@ -302,6 +307,7 @@ pub(super) fn channels<'n>(
             quit,
             jobs,
             events,
+            withdraw,
         },
     )
 }
@@ -340,10 +346,39 @@ impl<'n> Waiter<'n> {
                     let failure = Failure::interrupted("Remote execution interrupted");
                     let _ = self.events.send(Event::Done(call.i, Err(failure)));
                 }
+            } else if self.withdraw.load(Ordering::Relaxed) {
+                self.withdraw_unaccepted(&mut calls);
             }
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + TICK;
                 self.tick(graph, net, &mut calls, silence, still);
+            }
+        }
+    }
+
+    /// The build stopped (a task failed, without `-k`): the requests no worker has
+    /// taken are not waited for. They stay in the broker until the client ends;
+    /// then workers drop them, as nobody waits for them (`commands::worker`). Those
+    /// running are waited for.
+    fn withdraw_unaccepted(&self, calls: &mut HashMap<String, Box<Call<'n>>>) {
+        let queued: Vec<String> = calls
+            .iter()
+            .filter(|(_, c)| c.last_news.is_none())
+            .map(|(identity, _)| identity.clone())
+            .collect();
+        if queued.is_empty() {
+            return;
+        }
+        let _ = self.events.send(Event::Log(
+            console::Level::Info,
+            format!(
+                "Withdrawing {} requests no worker has taken: the build stops",
+                queued.len()
+            ),
+        ));
+        for identity in queued {
+            if let Some(call) = calls.remove(&identity) {
+                let _ = self.events.send(Event::Done(call.i, Ok(Done::Withdrawn)));
             }
         }
     }
