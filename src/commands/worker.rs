@@ -61,7 +61,7 @@ use crate::interrupt;
 use crate::recipe::Recipes;
 use crate::remote::amqp::{task_queue, Settings, RESULTS};
 use crate::remote::messages::{
-    whoami, RecipeBundle, RecipeText, Reply, ReplyKind, Request, MAX_RECIPE_BUNDLE, VERSION,
+    whoami, RecipeBundle, Reply, ReplyKind, Request, MAX_RECIPE_BUNDLE, VERSION,
 };
 use crate::store::http::HttpCache;
 use crate::store::local::LocalCache;
@@ -82,13 +82,40 @@ struct Worker {
 /// A recipe bundle as a worker keeps it: its files, and their tasks as parsed.
 struct Parsed {
     digest: String,
-    texts: Arc<Vec<RecipeText>>,
+    /// The recipe text it holds (its parsed tasks take about as much again).
+    bytes: usize,
     recipes: Recipes,
 }
 
 /// Recipe bundles a worker keeps parsed: the workspaces (and versions of them) it
 /// serves at once.
 const PARSED_KEPT: usize = 8;
+
+/// At most how much recipe text the kept bundles hold in all (the newest is kept
+/// whatever its size, up to the 64 MiB a bundle may have).
+const PARSED_BYTES: usize = 32 << 20;
+
+/// How many of the parsed bundles (their sizes, newest first) a worker keeps: at
+/// most [`PARSED_KEPT`] and [`PARSED_BYTES`] in all, and always the newest.
+fn kept(sizes: impl Iterator<Item = usize>) -> usize {
+    let mut total = 0;
+    let n = sizes
+        .take(PARSED_KEPT)
+        .take_while(|&bytes| {
+            total += bytes;
+            total <= PARSED_BYTES
+        })
+        .count();
+    n.max(1)
+}
+
+/// Writes `text` to `path`, making its directory.
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    Ok(std::fs::write(path, text)?)
+}
 
 /// Runs the worker until SIGTERM (drain) or SIGINT.
 pub fn run(config: &Config) -> Result<Exit> {
@@ -553,37 +580,31 @@ impl Worker {
     }
 
     /// The recipe bundle `digest`, written into `ws` and parsed. A bundle is fetched
-    /// from the HTTP cache and parsed once; the newest [`PARSED_KEPT`] stay in memory,
-    /// so the next requests from one workspace cost neither a download nor a parse.
+    /// from the HTTP cache and parsed once; the newest [`PARSED_KEPT`] stay in memory
+    /// (at most [`PARSED_BYTES`] of recipe text, the newest always), so the next
+    /// requests from one workspace cost neither a download nor a parse.
     fn recipes(&self, digest: &str, ws: &Path) -> Result<Recipes> {
         let known = {
             let parsed = self.parsed.lock().expect("parsed");
             parsed.iter().find(|p| p.digest == digest).cloned()
         };
-        let texts = match &known {
-            Some(p) => p.texts.clone(),
-            None => {
-                let bytes = self.http.fetch_recipes(digest, MAX_RECIPE_BUNDLE)?;
-                let texts = RecipeBundle::files(digest, &bytes)?;
-                if let Some(bad) = texts.iter().find(|t| !safe_relative(&t.path)) {
-                    bail!("recipe path '{}' leaves the workspace", bad.path);
-                }
-                Arc::new(texts)
-            }
-        };
-        for recipe in texts.iter() {
-            let path = ws.join(&recipe.path);
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&path, &recipe.text)?;
-        }
         if let Some(p) = known {
+            for file in p.recipes.files.iter() {
+                write_file(&ws.join(&file.path), &file.text)?;
+            }
             return Ok(Recipes {
                 root: ws.to_path_buf(),
                 files: p.recipes.files.clone(),
                 tasks: p.recipes.tasks.clone(),
             });
+        }
+        let bytes = self.http.fetch_recipes(digest, MAX_RECIPE_BUNDLE)?;
+        let texts = RecipeBundle::files(digest, &bytes)?;
+        if let Some(bad) = texts.iter().find(|t| !safe_relative(&t.path)) {
+            bail!("recipe path '{}' leaves the workspace", bad.path);
+        }
+        for recipe in &texts {
+            write_file(&ws.join(&recipe.path), &recipe.text)?;
         }
         let recipes = Recipes::load(ws)?;
         let mut parsed = self.parsed.lock().expect("parsed");
@@ -592,7 +613,7 @@ impl Worker {
             0,
             Arc::new(Parsed {
                 digest: digest.to_string(),
-                texts,
+                bytes: recipes.files.iter().map(|f| f.text.len()).sum(),
                 recipes: Recipes {
                     root: ws.to_path_buf(),
                     files: recipes.files.clone(),
@@ -600,7 +621,8 @@ impl Worker {
                 },
             }),
         );
-        parsed.truncate(PARSED_KEPT);
+        let keep = kept(parsed.iter().map(|p| p.bytes));
+        parsed.truncate(keep);
         Ok(recipes)
     }
 
@@ -850,4 +872,19 @@ fn deliveries(delivery: &Delivery) -> u32 {
 enum Outcome {
     Done(ReplyKind, String, String),
     Interrupted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_bundles_are_bounded_by_count_and_by_size() {
+        assert_eq!(kept([1000; 20].into_iter()), PARSED_KEPT);
+        // Four bundles of 10 MiB: three fit in 32 MiB.
+        assert_eq!(kept([10 << 20; 4].into_iter()), 3);
+        // The newest is kept, however large.
+        assert_eq!(kept([60 << 20, 1].into_iter()), 1);
+        assert_eq!(kept(std::iter::empty()), 1);
+    }
 }
