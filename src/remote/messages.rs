@@ -174,6 +174,15 @@ impl Request {
         if !is_hex(&request.recipes, 64) {
             return Err(bad("recipes is not a sha256".into()));
         }
+        // The task names the artifact's URL, asked before anything is built: it must
+        // be a task name, the reference's.
+        let named = request.reference.split(':').next() == Some(request.task.as_str());
+        if !crate::recipe::taskref::valid_name(&request.task) || !named {
+            return Err(bad(format!(
+                "task '{}' is not the task of '{}'",
+                request.task, request.reference
+            )));
+        }
         for (reference, pin) in &request.pins {
             if !is_hex(pin, 64) {
                 return Err(bad(format!("identity of {reference} is not 64 hex digits")));
@@ -193,8 +202,9 @@ impl Request {
     }
 }
 
+/// Lowercase hex digits, as jolt writes digests (and as they appear in URLs).
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// `host:pid`, naming this process in messages.
@@ -255,6 +265,14 @@ mod tests {
         assert!(Request::parse(texts.as_bytes()).is_err());
         let path = format!("{{\"version\": 2, \"identity\": \"{id}\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": \"../x\"}}");
         assert!(Request::parse(path.as_bytes()).is_err());
+        // The task must be the reference's, and a task name.
+        let other = body("").replace("\"task\": \"t\"", "\"task\": \"../jolt/t\"");
+        assert!(Request::parse(other.as_bytes()).is_err());
+        let other = body("").replace("\"task\": \"t\"", "\"task\": \"u\"");
+        assert!(Request::parse(other.as_bytes()).is_err());
+        // Digests are lowercase, as in URLs.
+        let upper = body("").replace(&id, &id.to_uppercase());
+        assert!(Request::parse(upper.as_bytes()).is_err());
         assert!(Request::parse(body(", \"pins\": {\"a\": \"../../x\"}").as_bytes()).is_err());
         assert!(
             Request::parse(body(", \"commits\": {\"a\": \"main; rm -rf /\"}").as_bytes()).is_err()
