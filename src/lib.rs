@@ -33,7 +33,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
             };
         }
     };
-    let verbosity = if cli.quiet { -1 } else { cli.verbose as i8 };
+    let verbosity = if cli.quiet {
+        -1
+    } else {
+        cli.verbose.min(3) as i8
+    };
     let color = match cli.color {
         cli::ColorChoice::Always => true,
         cli::ColorChoice::Never => false,

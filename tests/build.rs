@@ -676,6 +676,13 @@ fn quiet_still_shows_a_failing_tasks_output_and_verbose_echoes_commands() {
     ws.jolt(&["-v", "build", "-f", "good"])
         .success()
         .contains("[VERBOSE] Running: echo fine (good)");
+    // Many -v are as many as two (128 of them wrapped round to silence).
+    let many = vec!["-v"; 130];
+    let mut args: Vec<&str> = many.clone();
+    args.extend(["build", "-f", "good"]);
+    ws.jolt(&args)
+        .success()
+        .contains("[VERBOSE] Running: echo fine");
 }
 
 /// Every path under `dir` with its modification time.
