@@ -1110,7 +1110,8 @@ fn a_client_queues_every_ready_task_in_the_broker() {
     wait_until("every ready task queued", Duration::from_secs(30), || {
         c.broker.queued() == Some(400)
     });
-    // ...without a thread each: they wait for their replies on one.
+    // ...without a thread each: they wait for their replies on one (the pool and
+    // the kept transfer threads make about 200 here; a thread each made over 400).
     let status = std::fs::read_to_string(format!("/proc/{}/status", client.0.id())).unwrap();
     let threads: usize = status
         .lines()
@@ -1118,7 +1119,7 @@ fn a_client_queues_every_ready_task_in_the_broker() {
         .and_then(|n| n.trim().parse().ok())
         .unwrap();
     assert!(
-        threads < 200,
+        threads < 300,
         "{threads} threads for 400 requests in flight"
     );
 }
