@@ -497,7 +497,9 @@ struct Scheduler<'a> {
     keep_going: bool,
     done: usize,
     total: usize,
+    /// Remote executions a worker has accepted and not yet answered, and which.
     remote_running: usize,
+    on_worker: Vec<bool>,
     /// Why the HTTP cache, which this build needs, could not be used.
     unreachable: Option<String>,
     /// What the HTTP cache answered before planning asked (see `presence`).
@@ -615,6 +617,7 @@ impl<'a> Scheduler<'a> {
             done: 0,
             total: 0,
             remote_running: 0,
+            on_worker: vec![false; n],
             unreachable: None,
             known: if opts.goals_absent {
                 graph.goals.iter().map(|&g| (g, Ok(false))).collect()
@@ -716,7 +719,10 @@ impl<'a> Scheduler<'a> {
                 }
             }
             Event::RemoteRunning(i, worker) => {
-                self.remote_running += 1;
+                // Once per node, though a request sent again is accepted again.
+                if !std::mem::replace(&mut self.on_worker[i], true) {
+                    self.remote_running += 1;
+                }
                 if !worker.is_empty() {
                     self.spans.lane[i] = Some(format!("worker {worker}"));
                 }
@@ -727,7 +733,9 @@ impl<'a> Scheduler<'a> {
                 }
                 lanes.running[self.plan[i].lane()] -= 1;
                 self.spans.end(i);
-                if self.plan[i] == Plan::Remote && self.remote_running > 0 {
+                // A request withdrawn or failed before a worker took it was never
+                // counted.
+                if std::mem::replace(&mut self.on_worker[i], false) {
                     self.remote_running -= 1;
                 }
                 self.finish(i, result, infos)?;
