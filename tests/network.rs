@@ -1274,3 +1274,23 @@ fn a_failure_stops_a_network_build_without_waiting_for_what_waits_in_the_broker(
     });
     run.code(1).contains("Withdrawing 30 requests");
 }
+
+#[test]
+fn a_reply_that_comes_before_its_request_is_parked_is_not_lost() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with("[task.a]\nrun = \"echo early > {artifact}/a\"\n");
+    // The client holds each request between its publication and its parking with
+    // the waiter: the worker answers in between.
+    let config = c.config().display().to_string();
+    let client = ws
+        .command(&["-c", &config, "build", "--network", "a"])
+        .env("JOLT_TEST_PARK_PAUSE_MS", "1500")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Regression: the reply went to a waiter that did not know the call yet, and
+    // the client waited for ever.
+    finish_within(client, Duration::from_secs(30), "the client").success();
+}

@@ -38,6 +38,24 @@ const REPLACEMENTS: usize = 2;
 /// How often the waiter looks at its clocks.
 const TICK: Duration = Duration::from_millis(200);
 
+/// How long a reply that came before its call was parked is kept for it.
+const EARLY_KEPT: Duration = Duration::from_secs(60);
+
+/// A hook for tests: `JOLT_TEST_PARK_PAUSE_MS` holds each request between its
+/// publication and its parking with the waiter, so that its reply comes first.
+fn pause_before_parking() {
+    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        std::env::var("JOLT_TEST_PARK_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    });
+    if let Some(pause) = pause {
+        std::thread::sleep(*pause);
+    }
+}
+
 /// What a pool thread is handed.
 pub(super) enum Job<'n> {
     /// A node to execute, download, upload or send, as planned.
@@ -100,6 +118,7 @@ impl<'n> Runner<'n> {
             console::Level::Info,
             format!("Remote execution started ({})", node.label()),
         );
+        pause_before_parking();
         let _ = parked.calls.send(Box::new(call));
         Ok(None)
     }
@@ -144,6 +163,7 @@ impl<'n> Runner<'n> {
         };
         net.client.publish(&call.routing_key, &call.body)?;
         call.last_news = None;
+        pause_before_parking();
         let _ = parked.calls.send(call);
         Ok(())
     }
@@ -320,17 +340,33 @@ impl<'n> Waiter<'n> {
         let still = settings.timeout;
         // By identity; a node's identity is its own.
         let mut calls: HashMap<String, Box<Call<'n>>> = HashMap::new();
+        // Replies that came before their call was parked (a request is published,
+        // then parked; the worker may answer in between), with when they came.
+        let mut early: HashMap<String, (Instant, Vec<Reply>)> = HashMap::new();
         let mut next_tick = Instant::now() + TICK;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             select! {
                 recv(self.calls) -> call => {
                     if let Ok(call) = call {
-                        calls.insert(graph.nodes[call.i].identity.clone(), call);
+                        let identity = graph.nodes[call.i].identity.clone();
+                        calls.insert(identity.clone(), call);
+                        for reply in early.remove(&identity).map(|e| e.1).unwrap_or_default() {
+                            self.on_reply(graph, &mut calls, reply);
+                        }
                     }
                 }
                 recv(self.replies) -> incoming => match incoming {
-                    Ok(Incoming::Reply(reply)) => self.on_reply(graph, &mut calls, reply),
+                    Ok(Incoming::Reply(reply)) => {
+                        if !calls.contains_key(&reply.identity) {
+                            let e = early
+                                .entry(reply.identity.clone())
+                                .or_insert_with(|| (Instant::now(), Vec::new()));
+                            e.1.push(reply);
+                        } else {
+                            self.on_reply(graph, &mut calls, reply);
+                        }
+                    }
                     Ok(Incoming::Reconnected) => {
                         for (_, call) in calls.drain() {
                             let _ = self.jobs.send(Job::Recheck(call));
@@ -351,6 +387,8 @@ impl<'n> Waiter<'n> {
             }
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + TICK;
+                // Replies for calls that never came back (ended meanwhile).
+                early.retain(|_, (came, _)| came.elapsed() < EARLY_KEPT);
                 self.tick(graph, net, &mut calls, silence, still);
             }
         }
