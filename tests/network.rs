@@ -1,7 +1,7 @@
 //! Network builds with real RabbitMQ (127.0.0.1:5672), a real nginx cache and real
 //! `jolt amqp-worker` processes. Each test has a routing key of its own.
 
-use crate::util::{cluster, finish, wait_until, Nginx, WorkerProcess, Workspace};
+use crate::util::{cluster, finish, finish_within, wait_until, Nginx, WorkerProcess, Workspace};
 use std::time::{Duration, Instant};
 
 const GRAPH: &str = r#"
@@ -517,20 +517,6 @@ fn a_request_queue_declared_otherwise_fails_the_build_instead_of_hanging() {
 }
 
 // No request waits forever, no request kills the fleet, no secret leaks (issue 9).
-
-/// Waits for a spawned jolt at most `limit`; a build still running then is a hang.
-fn finish_within(mut child: std::process::Child, limit: Duration, what: &str) -> crate::util::Run {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let run = finish(child);
-            panic!("{what} hung:\n{}", run.all());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    finish(child)
-}
 
 /// A layered graph: `layers` layers of `width` trivial tasks, each requiring two
 /// tasks of the layer below.

@@ -77,6 +77,8 @@ pub(super) struct Call<'n> {
     /// Held for its replies; dropping it unsubscribes.
     _subscription: Subscription<'n>,
     start: Instant,
+    /// When its request was last published.
+    published: Instant,
     /// When a worker last said it has the request; `None` before it accepted.
     last_news: Option<Instant>,
     /// When the client last said the call is still in progress.
@@ -109,6 +111,7 @@ impl<'n> Runner<'n> {
             request,
             _subscription: net.client.subscribe_into(&node.identity, &parked.replies)?,
             start: Instant::now(),
+            published: Instant::now(),
             last_news: None,
             last_note: Instant::now(),
             replacements: 0,
@@ -161,6 +164,7 @@ impl<'n> Runner<'n> {
         let (Mode::Network(net), Some(parked)) = (self.mode, &self.parked) else {
             return Err(Failure::new("internal error: no network build"));
         };
+        call.published = Instant::now();
         net.client.publish(&call.routing_key, &call.body)?;
         call.last_news = None;
         pause_before_parking();
@@ -343,12 +347,19 @@ impl<'n> Waiter<'n> {
         // Replies that came before their call was parked (a request is published,
         // then parked; the worker may answer in between), with when they came.
         let mut early: HashMap<String, (Instant, Vec<Reply>)> = HashMap::new();
+        // When the waiter last heard of a reconnection: a call published before it
+        // and parked after it missed the news (its replies may be lost).
+        let mut reconnected: Option<Instant> = None;
         let mut next_tick = Instant::now() + TICK;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             select! {
                 recv(self.calls) -> call => {
                     if let Ok(call) = call {
+                        if reconnected.is_some_and(|r| r > call.published) {
+                            let _ = self.jobs.send(Job::Recheck(call));
+                            continue;
+                        }
                         let identity = graph.nodes[call.i].identity.clone();
                         calls.insert(identity.clone(), call);
                         for reply in early.remove(&identity).map(|e| e.1).unwrap_or_default() {
@@ -368,6 +379,7 @@ impl<'n> Waiter<'n> {
                         }
                     }
                     Ok(Incoming::Reconnected) => {
+                        reconnected = Some(Instant::now());
                         for (_, call) in calls.drain() {
                             let _ = self.jobs.send(Job::Recheck(call));
                         }

@@ -856,6 +856,24 @@ impl Cluster {
 }
 
 /// Waits for a spawned jolt and collects its output.
+/// Waits for a spawned jolt at most `limit`; a build still running then is a hang.
+pub fn finish_within(
+    mut child: std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> Run {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let run = finish(child);
+            panic!("{what} hung:\n{}", run.all());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    finish(child)
+}
+
 pub fn finish(child: std::process::Child) -> Run {
     let out = child.wait_with_output().unwrap();
     Run {
