@@ -422,8 +422,11 @@ impl<'n> Waiter<'n> {
         let _ = self.events.send(Event::Log(
             console::Level::Info,
             format!(
-                "Withdrawing {} requests no worker has taken: the build stops",
-                queued.len()
+                "Withdrawing {} no worker has taken: the build stops",
+                match queued.len() {
+                    1 => "1 request".to_string(),
+                    n => format!("{n} requests"),
+                }
             ),
         ));
         for identity in queued {
