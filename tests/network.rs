@@ -259,12 +259,14 @@ fn an_unreachable_broker_exits_3_naming_it() {
     run.code(3).contains("127.0.0.1:1");
 }
 
-#[test]
-fn malformed_and_incompatible_requests_are_answered_and_acked() {
-    let Some(c) = cluster() else { return };
-    let w = c.worker();
-    let identity = "e".repeat(64);
-    let replies = c.broker.with_channel(|ch| {
+/// Publishes `requests` (raw bodies) to the cluster's pool and returns the first
+/// reply for `identity` within 20 s, read from a queue of the test's own.
+fn publish_for_reply(
+    c: &crate::util::Cluster,
+    identity: &str,
+    requests: &[&[u8]],
+) -> Option<String> {
+    c.broker.with_channel(|ch| {
         use amiquip::{ConsumerMessage, ConsumerOptions, FieldTable, Publish, QueueDeclareOptions};
         let q = ch
             .queue_declare(
@@ -277,7 +279,7 @@ fn malformed_and_incompatible_requests_are_answered_and_acked() {
             .unwrap();
         q.bind(
             &ch.exchange_declare_passive("jolt_results").unwrap(),
-            identity.as_str(),
+            identity,
             FieldTable::new(),
         )
         .unwrap();
@@ -287,22 +289,29 @@ fn malformed_and_incompatible_requests_are_answered_and_acked() {
                 ..Default::default()
             })
             .unwrap();
-        let requests = ch.exchange_declare_passive("jolt_exchange").unwrap();
-        requests
-            .publish(Publish::new(b"{not json", c.broker.routing_key.as_str()))
-            .unwrap();
-        let body = format!("{{\"version\": 99, \"identity\": \"{identity}\"}}");
-        requests
-            .publish(Publish::new(body.as_bytes(), c.broker.routing_key.as_str()))
-            .unwrap();
-        let mut got = Vec::new();
-        if let Ok(ConsumerMessage::Delivery(d)) =
-            consumer.receiver().recv_timeout(Duration::from_secs(20))
-        {
-            got.push(String::from_utf8_lossy(&d.body).into_owned());
+        let exchange = ch.exchange_declare_passive("jolt_exchange").unwrap();
+        for body in requests {
+            exchange
+                .publish(Publish::new(body, c.broker.routing_key.as_str()))
+                .unwrap();
         }
-        got
-    });
+        match consumer.receiver().recv_timeout(Duration::from_secs(20)) {
+            Ok(ConsumerMessage::Delivery(d)) => Some(String::from_utf8_lossy(&d.body).into_owned()),
+            _ => None,
+        }
+    })
+}
+
+#[test]
+fn malformed_and_incompatible_requests_are_answered_and_acked() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    let identity = "e".repeat(64);
+    let version_99 = format!("{{\"version\": 99, \"identity\": \"{identity}\"}}");
+    let replies: Vec<String> =
+        publish_for_reply(&c, &identity, &[b"{not json", version_99.as_bytes()])
+            .into_iter()
+            .collect();
     assert_eq!(replies.len(), 1);
     assert!(
         replies[0].contains("\"kind\":\"error\"") && replies[0].contains("incompatible"),
@@ -1147,42 +1156,12 @@ fn a_request_for_an_artifact_in_the_http_cache_is_answered_without_a_build() {
     // A second client's request for it, sent before the first one's upload: the
     // worker answers from the cache (its recipes, a digest nobody stored, are not
     // even fetched).
-    let reply = c.broker.with_channel(|ch| {
-        use amiquip::{ConsumerMessage, ConsumerOptions, FieldTable, Publish, QueueDeclareOptions};
-        let q = ch
-            .queue_declare(
-                "",
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        q.bind(
-            &ch.exchange_declare_passive("jolt_results").unwrap(),
-            identity.as_str(),
-            FieldTable::new(),
-        )
-        .unwrap();
-        let consumer = q
-            .consume(ConsumerOptions {
-                no_ack: true,
-                ..Default::default()
-            })
-            .unwrap();
-        let body = format!(
-            "{{\"version\": 2, \"identity\": \"{identity}\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": \"{}\"}}",
-            "0".repeat(64)
-        );
-        ch.exchange_declare_passive("jolt_exchange")
-            .unwrap()
-            .publish(Publish::new(body.as_bytes(), c.broker.routing_key.as_str()))
-            .unwrap();
-        match consumer.receiver().recv_timeout(Duration::from_secs(20)) {
-            Ok(ConsumerMessage::Delivery(d)) => String::from_utf8_lossy(&d.body).into_owned(),
-            other => panic!("no reply: {other:?}\n{}", w.output()),
-        }
-    });
+    let body = format!(
+        "{{\"version\": 2, \"identity\": \"{identity}\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": \"{}\"}}",
+        "0".repeat(64)
+    );
+    let reply = publish_for_reply(&c, &identity, &[body.as_bytes()])
+        .unwrap_or_else(|| panic!("no reply:\n{}", w.output()));
     assert!(reply.contains("\"kind\":\"success\""), "{reply}");
     assert!(
         w.output().contains("is in the HTTP cache already"),
