@@ -1029,15 +1029,7 @@ impl process::Sink for Forward {
 /// that instant.
 fn pause_after_spawn() {
     static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
-    let pause = PAUSE.get_or_init(|| {
-        std::env::var("JOLT_TEST_SPAWN_PAUSE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-    });
-    if let Some(pause) = pause {
-        std::thread::sleep(*pause);
-    }
+    super::test_pause(&PAUSE, "JOLT_TEST_SPAWN_PAUSE_MS");
 }
 
 /// The credential variables of this process, which commands never inherit.
