@@ -351,13 +351,7 @@ impl Worker {
                 "{} {id8}: nobody waits for it, its client {} is gone; dropping the request",
                 request.reference, request.client
             ));
-            let released = link.locks.as_ref().is_some_and(|channel| {
-                channel
-                    .queue_delete(lock.as_str(), QueueDeleteOptions::default())
-                    .is_ok()
-            });
-            if !released {
-                *link.locks = None;
+            if !link.release(&lock) {
                 bail!("Cannot release the lock of {} {id8}", request.reference);
             }
             return Ok(true);
@@ -381,13 +375,7 @@ impl Worker {
         // connection: the reply is sent once the worker has reconnected (its clients
         // still wait for it), and the request, unacked, comes back and is answered
         // from the HTTP cache.
-        let released = link.locks.as_ref().is_some_and(|channel| {
-            channel
-                .queue_delete(lock.as_str(), QueueDeleteOptions::default())
-                .is_ok()
-        });
-        if !released {
-            *link.locks = None;
+        if !link.release(&lock) {
             self.unsent.lock().expect("unsent").push(reply);
             bail!(
                 "Lost the lock of {} {id8} with the connection; its reply goes out after reconnecting",
@@ -592,11 +580,7 @@ impl Worker {
             for file in p.recipes.files.iter() {
                 write_file(&ws.join(&file.path), &file.text)?;
             }
-            return Ok(Recipes {
-                root: ws.to_path_buf(),
-                files: p.recipes.files.clone(),
-                tasks: p.recipes.tasks.clone(),
-            });
+            return Ok(p.recipes.rooted(ws));
         }
         let bytes = self.http.fetch_recipes(digest, MAX_RECIPE_BUNDLE)?;
         let texts = RecipeBundle::files(digest, &bytes)?;
@@ -614,11 +598,7 @@ impl Worker {
             Arc::new(Parsed {
                 digest: digest.to_string(),
                 bytes: recipes.files.iter().map(|f| f.text.len()).sum(),
-                recipes: Recipes {
-                    root: ws.to_path_buf(),
-                    files: recipes.files.clone(),
-                    tasks: recipes.tasks.clone(),
-                },
+                recipes: recipes.rooted(ws),
             }),
         );
         let keep = kept(parsed.iter().map(|p| p.bytes));
@@ -763,6 +743,22 @@ struct Link<'a> {
     /// The channel locks are declared on, kept between requests; `None` after the
     /// broker closed it.
     locks: &'a mut Option<Channel>,
+}
+
+impl Link<'_> {
+    /// Deletes the lock queue `lock`; false when the broker refused (the channel is
+    /// then opened anew for the next lock) or the connection went.
+    fn release(&mut self, lock: &str) -> bool {
+        let released = self.locks.as_ref().is_some_and(|channel| {
+            channel
+                .queue_delete(lock, QueueDeleteOptions::default())
+                .is_ok()
+        });
+        if !released {
+            *self.locks = None;
+        }
+        released
+    }
 }
 
 /// The channel `accepted` replies go out on: published `mandatory`, with publisher

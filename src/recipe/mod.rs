@@ -310,6 +310,15 @@ impl Recipes {
         })
     }
 
+    /// The same recipes, for a workspace at `root` (they share files and tasks).
+    pub fn rooted(&self, root: &Path) -> Recipes {
+        Recipes {
+            root: root.to_path_buf(),
+            files: self.files.clone(),
+            tasks: self.tasks.clone(),
+        }
+    }
+
     /// The task called `name`, or a `No such task` error.
     pub fn task(&self, name: &str) -> Result<&Arc<Task>> {
         self.tasks.get(name).ok_or_else(|| {
