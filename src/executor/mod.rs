@@ -445,14 +445,14 @@ fn serve_jobs<'n>(runner: &Runner<'n>, jobs: &Receiver<Job<'n>>) {
     while let Ok(job) = jobs.recv() {
         let i = match &job {
             Job::Run(i, _) => *i,
-            Job::Finish(call, _) | Job::Recheck(call) | Job::Resend(call) => call.i,
+            Job::Resume(call, _) => call.i,
         };
         // A panic is a bug, but it must fail this task, not hang the scheduler
         // waiting for a Done that never comes.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
             Job::Run(i, Plan::Remote) => runner.remote(i).transpose(),
             Job::Run(i, plan) => Some(runner.run(i, plan)),
-            other => runner.resume(other).map(|(_, result)| result),
+            Job::Resume(call, next) => runner.resume(call, next),
         }))
         .unwrap_or_else(|panic| {
             let what = panic

@@ -5,10 +5,10 @@
 //! the [`Call`] with the waiter and goes back to the pool. The waiter, one thread
 //! for every call of the build, takes the replies and keeps the clocks: a worker's
 //! `accepted` and `running` replies are news, a final reply hands the call back to
-//! the pool ([`Job::Finish`]: the log replayed, a goal downloaded, an unusable
-//! archive asked to be replaced), and so do a reconnection ([`Job::Recheck`]: the
+//! the pool ([`Next::Finish`]: the log replayed, a goal downloaded, an unusable
+//! archive asked to be replaced), and so do a reconnection ([`Next::Recheck`]: the
 //! HTTP cache asked, the request sent again) and a worker's silence
-//! ([`Job::Resend`]). The waiter itself never waits for the network, so a thousand
+//! ([`Next::Resend`]). The waiter itself never waits for the network, so a thousand
 //! requests in flight cost a thousand small records, not a thousand threads.
 
 use std::collections::{BTreeMap, HashMap};
@@ -52,12 +52,18 @@ fn pause_before_parking() {
 pub(super) enum Job<'n> {
     /// A node to execute, download, upload or send, as planned.
     Run(usize, Plan),
-    /// A call's final reply came.
-    Finish(Box<Call<'n>>, Reply),
+    /// A parked call to go on with.
+    Resume(Box<Call<'n>>, Next),
+}
+
+/// Why a call comes back from the waiter.
+pub(super) enum Next {
+    /// Its final reply came.
+    Finish(Reply),
     /// The broker connection was lost and is back: the reply may be lost.
-    Recheck(Box<Call<'n>>),
+    Recheck,
     /// The worker that accepted the call fell silent: send it again.
-    Resend(Box<Call<'n>>),
+    Resend,
 }
 
 /// A request of node `i` sent to the workers, and what is known of it.
@@ -119,11 +125,10 @@ impl<'n> Runner<'n> {
     }
 
     /// Goes on with a parked call, on a pool thread; `None` when it is parked again.
-    pub(super) fn resume(&self, job: Job<'n>) -> Option<(usize, Result<Done, Failure>)> {
-        let (call, reply) = match job {
-            Job::Run(..) => return None,
-            Job::Finish(call, reply) => (call, Some(reply)),
-            Job::Recheck(call) => {
+    pub(super) fn resume(&self, call: Box<Call<'n>>, next: Next) -> Option<Result<Done, Failure>> {
+        let reply = match next {
+            Next::Finish(reply) => Some(reply),
+            Next::Recheck => {
                 // Replies may have been lost with the connection: the HTTP cache says
                 // whether the artifact was built meanwhile.
                 let node = &self.graph.nodes[call.i];
@@ -131,7 +136,7 @@ impl<'n> Runner<'n> {
                     && self
                         .http
                         .is_some_and(|h| h.exists(node.name(), &node.identity).unwrap_or(false));
-                let reply = built.then(|| Reply {
+                built.then(|| Reply {
                     version: VERSION,
                     identity: node.identity.clone(),
                     kind: ReplyKind::Success,
@@ -139,15 +144,13 @@ impl<'n> Runner<'n> {
                     duration: call.start.elapsed().as_secs_f64(),
                     log: String::new(),
                     error: String::new(),
-                });
-                (call, reply)
+                })
             }
-            Job::Resend(call) => (call, None),
+            Next::Resend => None,
         };
-        let i = call.i;
         match reply {
-            Some(reply) => self.finish(call, reply).map(|r| (i, r)),
-            None => self.send_again(call).err().map(|f| (i, Err(f))),
+            Some(reply) => self.finish(call, reply),
+            None => self.send_again(call).err().map(Err),
         }
     }
 
@@ -349,7 +352,7 @@ impl<'n> Waiter<'n> {
                 recv(self.calls) -> call => {
                     if let Ok(call) = call {
                         if reconnected.is_some_and(|r| r > call.published) {
-                            let _ = self.jobs.send(Job::Recheck(call));
+                            let _ = self.jobs.send(Job::Resume(call, Next::Recheck));
                             continue;
                         }
                         let identity = graph.nodes[call.i].identity.clone();
@@ -373,7 +376,7 @@ impl<'n> Waiter<'n> {
                     Ok(Incoming::Reconnected) => {
                         reconnected = Some(Instant::now());
                         for (_, call) in calls.drain() {
-                            let _ = self.jobs.send(Job::Recheck(call));
+                            let _ = self.jobs.send(Job::Resume(call, Next::Recheck));
                         }
                     }
                     Err(_) => {}
@@ -449,7 +452,7 @@ impl<'n> Waiter<'n> {
             ReplyKind::Running => call.last_news = Some(Instant::now()),
             _ => {
                 if let Some(call) = calls.remove(&reply.identity) {
-                    let _ = self.jobs.send(Job::Finish(call, reply));
+                    let _ = self.jobs.send(Job::Resume(call, Next::Finish(reply)));
                 }
             }
         }
@@ -507,7 +510,7 @@ impl<'n> Waiter<'n> {
         }
         for identity in silent {
             if let Some(call) = calls.remove(&identity) {
-                let _ = self.jobs.send(Job::Resend(call));
+                let _ = self.jobs.send(Job::Resume(call, Next::Resend));
             }
         }
     }
