@@ -1260,3 +1260,43 @@ fn a_reply_that_comes_before_its_request_is_parked_is_not_lost() {
     // the client waited for ever.
     finish_within(client, Duration::from_secs(30), "the client").success();
 }
+
+#[test]
+fn tasks_on_one_lock_shard_run_side_by_side_and_each_runs_once() {
+    let Some(c) = cluster() else { return };
+    // Every identity on one lock shard: each lock after the first is taken by
+    // asking the shard's holder whether it builds the same identity.
+    let _workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::start_with_env(&c.config(), &[], &[("JOLT_TEST_LOCK_SHARDS", "1")]))
+        .collect();
+    let log = c.dir.path().join("runs");
+    let task = |name: &str| {
+        format!(
+            "[task.{name}]\nrun = [\"echo {name}-start >> {0}\", \"sleep 2\", \"echo {name}-end >> {0}\"]\n",
+            log.display()
+        )
+    };
+    let recipe = format!("{}{}", task("shard_x"), task("shard_y"));
+    let (one, two) = (Workspace::with(&recipe), Workspace::with(&recipe));
+    let first = c.spawn_build(&one, &["shard_x", "shard_y"]);
+    let second = c.spawn_build(&two, &["shard_x", "shard_y"]);
+    finish_within(first, Duration::from_secs(60), "the first client").success();
+    finish_within(second, Duration::from_secs(60), "the second client").success();
+    let runs = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = runs.lines().collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    // Each once, although both clients asked for both.
+    assert_eq!(
+        sorted,
+        [
+            "shard_x-end",
+            "shard_x-start",
+            "shard_y-end",
+            "shard_y-start"
+        ],
+        "{runs}"
+    );
+    // Side by side: the second task did not wait for the first one's lock.
+    assert!(lines[..2].iter().all(|l| l.ends_with("-start")), "{runs}");
+}

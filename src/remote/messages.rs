@@ -203,7 +203,7 @@ impl Request {
 }
 
 /// Lowercase hex digits, as jolt writes digests (and as they appear in URLs).
-fn is_hex(s: &str, len: usize) -> bool {
+pub(crate) fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 

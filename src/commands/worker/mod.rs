@@ -5,9 +5,9 @@
 //! of another version; queue a redelivered request again with its delivery count, or
 //! refuse it once it has been delivered [`MAX_DELIVERIES`] times (a request that
 //! crashes workers must not take the fleet down one after another); answer
-//! `success` at once when the HTTP cache holds the artifact (no lock, no build); take
-//! the per-identity lock (an exclusive queue `jolt_lock_<identity>`, which the broker
-//! drops with the connection, so a dead worker never holds it) or, when another
+//! `success` at once when the HTTP cache holds the artifact (no lock, no build); lock
+//! the identity (an exclusive consumer of its shard queue, see [`lock`], which the
+//! broker drops with the connection, so a dead worker never holds it) or, when another
 //! worker holds it, answer the duplicate (`success` when the HTTP cache has the
 //! artifact, else `accepted`); reply `accepted`, and `running` every
 //! `amqp.progress` seconds; rebuild the workspace from the request's recipes (a
@@ -41,7 +41,7 @@
 
 use amiquip::{
     AmqpProperties, AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery,
-    FieldTable, Publish, QueueDeclareOptions, QueueDeleteOptions,
+    FieldTable, Publish,
 };
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::RecvTimeoutError;
@@ -66,6 +66,9 @@ use crate::remote::messages::{
 use crate::store::http::HttpCache;
 use crate::store::local::LocalCache;
 use crate::util::fs::format_duration;
+
+mod lock;
+use lock::Probe;
 
 struct Worker {
     settings: Settings,
@@ -237,8 +240,7 @@ impl Worker {
         let acceptor = Acceptor::open(&mut connection)?;
         let queue = channel.queue_declare_passive(task_queue(&self.settings.routing_key))?;
         let consumer = queue.consume(ConsumerOptions::default())?;
-        // Locks are declared on a channel of their own, kept between requests.
-        let mut lock_channel: Option<Channel> = None;
+        let mut locks = lock::Locks::new();
         console::info(&format!(
             "Connected to {}; waiting for requests on {}",
             self.settings.address(),
@@ -250,9 +252,7 @@ impl Worker {
                 drop(consumer);
                 let _ = publisher.into_inner().map(|p| p.close());
                 let _ = acceptor.channel.close();
-                if let Some(l) = lock_channel.take() {
-                    let _ = l.close();
-                }
+                drop(locks);
                 let _ = channel.close();
                 let _ = connection.close();
                 return Ok(());
@@ -264,7 +264,7 @@ impl Worker {
                         channel: &channel,
                         publisher: &publisher,
                         acceptor: &acceptor,
-                        locks: &mut lock_channel,
+                        locks: &mut locks,
                     };
                     if !self.handle(&mut link, &delivery)? {
                         // Interrupted: leave the request unacked for another worker.
@@ -318,22 +318,10 @@ impl Worker {
                 None => return Ok(false),
             }
         }
-        if link.locks.is_none() {
-            *link.locks = Some(link.connection.open_channel(None)?);
-        }
-        let lock = format!("jolt_lock_{}", request.identity);
-        let locked = link.locks.as_ref().expect("lock channel").queue_declare(
-            lock.as_str(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-        );
-        if locked.is_err() {
-            // The broker closed the channel with the error: open another next time.
-            *link.locks = None;
-            return self.duplicate(link, &request).map(|()| true);
-        }
+        let lock = match self.lock(link, &request)? {
+            Some(lock) => lock,
+            None => return self.duplicate(link, &request).map(|()| true),
+        };
         console::info(&format!(
             "Request for {} {id8} from {}{}",
             request.reference,
@@ -351,7 +339,7 @@ impl Worker {
                 "{} {id8}: nobody waits for it, its client {} is gone; dropping the request",
                 request.reference, request.client
             ));
-            if !link.release(&lock) {
+            if !link.locks.release(lock) {
                 bail!("Cannot release the lock of {} {id8}", request.reference);
             }
             return Ok(true);
@@ -375,7 +363,7 @@ impl Worker {
         // connection: the reply is sent once the worker has reconnected (its clients
         // still wait for it), and the request, unacked, comes back and is answered
         // from the HTTP cache.
-        if !link.release(&lock) {
+        if !link.locks.release(lock) {
             self.unsent.lock().expect("unsent").push(reply);
             bail!(
                 "Lost the lock of {} {id8} with the connection; its reply goes out after reconnecting",
@@ -393,6 +381,26 @@ impl Worker {
             return Err(e);
         }
         Ok(true)
+    }
+
+    /// Locks the request's identity (see [`lock`]); `None` when another worker holds
+    /// it.
+    fn lock(&self, link: &mut Link, request: &Request) -> Result<Option<lock::Lock>> {
+        for _ in 0..LOCK_TRIES {
+            match link
+                .locks
+                .take(link.connection, link.acceptor, &request.identity)?
+            {
+                lock::Taken::Held(lock) => return Ok(Some(lock)),
+                lock::Taken::Duplicate => return Ok(None),
+                lock::Taken::Again => {}
+            }
+        }
+        bail!(
+            "Cannot lock {} {}: its shard's holder never answers",
+            request.reference,
+            request.identity.get(..8).unwrap_or(&request.identity)
+        )
     }
 
     /// Answers a request whose artifact the HTTP cache holds already: `success`,
@@ -740,25 +748,7 @@ struct Link<'a> {
     channel: &'a Channel,
     publisher: &'a Mutex<Channel>,
     acceptor: &'a Acceptor,
-    /// The channel locks are declared on, kept between requests; `None` after the
-    /// broker closed it.
-    locks: &'a mut Option<Channel>,
-}
-
-impl Link<'_> {
-    /// Deletes the lock queue `lock`; false when the broker refused (the channel is
-    /// then opened anew for the next lock) or the connection went.
-    fn release(&mut self, lock: &str) -> bool {
-        let released = self.locks.as_ref().is_some_and(|channel| {
-            channel
-                .queue_delete(lock, QueueDeleteOptions::default())
-                .is_ok()
-        });
-        if !released {
-            *self.locks = None;
-        }
-        released
-    }
+    locks: &'a mut lock::Locks,
 }
 
 /// The channel `accepted` replies go out on: published `mandatory`, with publisher
@@ -799,12 +789,19 @@ impl Acceptor {
     /// Publishes an `accepted` reply; whether any client is bound to its identity.
     fn accept(&self, reply: &Reply) -> Result<bool> {
         let body = serde_json::to_vec(reply)?;
+        self.routed(RESULTS, &reply.identity, &body)
+    }
+}
+
+impl lock::Probe for Acceptor {
+    /// Publishes `body` `mandatory`; whether the broker routed it to a queue.
+    fn routed(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<bool> {
         self.channel
             .basic_publish(
-                RESULTS,
+                exchange,
                 Publish {
-                    body: &body,
-                    routing_key: reply.identity.clone(),
+                    body,
+                    routing_key: routing_key.to_string(),
                     mandatory: true,
                     immediate: false,
                     properties: AmqpProperties::default()
@@ -824,17 +821,21 @@ impl Acceptor {
                     break
                 }
                 Ok(_) => {}
-                Err(_) => bail!("The broker did not confirm a reply within {CONFIRM_TIMEOUT:?}"),
+                Err(_) => bail!("The broker did not confirm a message within {CONFIRM_TIMEOUT:?}"),
             }
         }
         // A return comes before its confirm.
         let returned = self
             .returns
             .try_iter()
-            .any(|r| r.routing_key == reply.identity);
+            .any(|r| r.routing_key == routing_key);
         Ok(!returned)
     }
 }
+
+/// How many times a worker tries to lock an identity whose shard's holder does not
+/// answer (each try waits up to 10 s) before it gives the request back.
+const LOCK_TRIES: usize = 12;
 
 /// The longest a worker waits between two probes of an HTTP cache that is down.
 const CACHE_PROBE_MAX: Duration = Duration::from_secs(60);
