@@ -1300,3 +1300,26 @@ fn tasks_on_one_lock_shard_run_side_by_side_and_each_runs_once() {
     // Side by side: the second task did not wait for the first one's lock.
     assert!(lines[..2].iter().all(|l| l.ends_with("-start")), "{runs}");
 }
+
+#[test]
+fn a_worker_keeps_its_broker_connection_over_many_tasks() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    let mut recipe: String = (0..40)
+        .map(|i| format!("[task.keep{i}]\nrun = \"echo keep{i} > {{artifact}}/out\"\n"))
+        .collect();
+    recipe.push_str("[task.all]\nkind = \"alias\"\nrequires = [");
+    recipe.push_str(
+        &(0..40)
+            .map(|i| format!("\"keep{i}\", "))
+            .collect::<String>(),
+    );
+    recipe.push_str("]\n");
+    let ws = Workspace::with(&recipe);
+    c.build(&ws, &["all"]).success();
+    // Regression: a lock's consumer dropped before amiquip's I/O thread had handed
+    // it its cancellation was an internal error that closed the connection.
+    let output = w.output();
+    assert_eq!(output.matches("Connected to").count(), 1, "{output}");
+    assert!(!output.contains("internal error"), "{output}");
+}

@@ -8,12 +8,12 @@
 //! reply queue by identity. Requests are persistent, so a broker restart loses none.
 
 use amiquip::{
-    AmqpValue, Auth, Channel, Connection, ConnectionOptions, ConnectionTuning,
-    ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions,
+    AmqpValue, Auth, Channel, Connection, ConnectionOptions, ConnectionTuning, ConsumerMessage,
+    Delivery, ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions,
 };
 use anyhow::Result;
 use std::net::ToSocketAddrs;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::usage;
@@ -280,3 +280,30 @@ pub struct PoolCounts {
     /// Workers consuming it.
     pub consumers: u32,
 }
+
+/// Cancels `consumer`, handing the deliveries that come meanwhile to `delivery`;
+/// false when the connection went.
+///
+/// It waits for the consumer's end to reach its receiver: amiquip's I/O thread
+/// hands it over after the broker's `cancel-ok`, and takes a receiver dropped
+/// before then for an internal error that closes the whole connection.
+pub fn cancel_consumer(consumer: amiquip::Consumer, mut delivery: impl FnMut(Delivery)) -> bool {
+    let receiver = consumer.receiver().clone();
+    let cancelled = consumer.cancel().is_ok();
+    drop(consumer);
+    if !cancelled {
+        return false;
+    }
+    let deadline = Instant::now() + CANCEL_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match receiver.recv_timeout(left) {
+            Ok(ConsumerMessage::Delivery(d)) => delivery(d),
+            Ok(ConsumerMessage::ClientCancelled) => return true,
+            Ok(_) | Err(_) => return false,
+        }
+    }
+}
+
+/// How long cancelling a consumer may take.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);

@@ -440,9 +440,9 @@ fn serve(
         dispatch_replies(&settings, &shared, &consumer);
         let link = shared.link.lock().expect("link").take();
         if shared.stop.load(Ordering::Relaxed) {
-            // Close cleanly: amiquip complains about channels dropped unclosed.
-            let _ = consumer.cancel();
-            drop(consumer);
+            // Close cleanly: amiquip complains about channels dropped unclosed, and
+            // about consumers dropped before their cancellation reached them.
+            crate::remote::amqp::cancel_consumer(consumer, |_| {});
             if let Some(link) = link {
                 let _ = link.channel.close();
             }

@@ -38,6 +38,7 @@ use std::collections::HashSet;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::remote::amqp::cancel_consumer;
 use crate::remote::messages::is_hex;
 
 /// How many shard queues identities hash onto. A task collides with another one
@@ -291,7 +292,7 @@ impl Locks {
                     }
                 }
             };
-            if !cancel(consumer, |_| {}) {
+            if !cancel_consumer(consumer, |_| {}) {
                 anyhow::bail!("Lost the connection while asking for a lock");
             }
             answer
@@ -422,38 +423,12 @@ fn holder(commands: Receiver<ToHolder>, answers: Sender<FromHolder>) {
         if lost {
             drop(consumer);
         } else {
-            let cancelled = cancel(consumer, |ask| answer(&channel, &ask, &identity, confirmed));
+            let cancelled =
+                cancel_consumer(consumer, |ask| answer(&channel, &ask, &identity, confirmed));
             let _ = answers.send(FromHolder::Released(cancelled.then_some(channel)));
         }
     }
 }
-
-/// Cancels `consumer`, handing the deliveries that come meanwhile to `delivery`;
-/// false when the connection went.
-///
-/// It waits for the consumer's end to reach its receiver: amiquip's I/O thread
-/// hands it over after the broker's `cancel-ok`, and takes a receiver dropped
-/// before then for an internal error that closes the whole connection.
-fn cancel(consumer: amiquip::Consumer, mut delivery: impl FnMut(Delivery)) -> bool {
-    let receiver = consumer.receiver().clone();
-    let cancelled = consumer.cancel().is_ok();
-    drop(consumer);
-    if !cancelled {
-        return false;
-    }
-    let deadline = Instant::now() + CANCEL_WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match receiver.recv_timeout(left) {
-            Ok(ConsumerMessage::Delivery(d)) => delivery(d),
-            Ok(ConsumerMessage::ClientCancelled) => return true,
-            Ok(_) | Err(_) => return false,
-        }
-    }
-}
-
-/// How long cancelling a consumer may take.
-const CANCEL_WAIT: Duration = Duration::from_secs(30);
 
 /// Answers a question about `asked` (the body of `ask`): `held` when it is the
 /// identity this worker holds.

@@ -248,8 +248,9 @@ impl Worker {
         ));
         loop {
             if interrupt::draining() || interrupt::is_set() {
-                let _ = consumer.cancel();
-                drop(consumer);
+                // A request delivered meanwhile stays unacked, and goes back to the
+                // queue with the connection.
+                crate::remote::amqp::cancel_consumer(consumer, |_| {});
                 let _ = publisher.into_inner().map(|p| p.close());
                 let _ = acceptor.channel.close();
                 drop(locks);
