@@ -1323,3 +1323,36 @@ fn a_worker_keeps_its_broker_connection_over_many_tasks() {
     assert_eq!(output.matches("Connected to").count(), 1, "{output}");
     assert!(!output.contains("internal error"), "{output}");
 }
+
+#[test]
+fn a_duplicate_that_comes_while_the_holder_uploads_is_not_built_again() {
+    let Some(c) = cluster() else { return };
+    // Each worker waits half a second before it takes a lock.
+    let pause = [("JOLT_TEST_LOCK_PAUSE_MS", "500")];
+    let workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::start_with_env(&c.config(), &[], &pause))
+        .collect();
+    let log = c.dir.path().join("runs");
+    let recipe = format!(
+        "[task.late_duplicate]\nrun = \"echo run >> {}\"\n[task.keepalive]\nrun = \"sleep 3\"\n",
+        log.display()
+    );
+    let (one, two) = (Workspace::with(&recipe), Workspace::with(&recipe));
+    let first = c.spawn_build(&one, &["late_duplicate"]);
+    // The second request reaches another worker while the first is built and
+    // uploaded, and takes the lock after the first worker let go of it; its
+    // client still waits (for keepalive), so it is not dropped as unwanted.
+    std::thread::sleep(Duration::from_millis(250));
+    let second = c.spawn_build(&two, &["late_duplicate", "keepalive"]);
+    finish_within(first, Duration::from_secs(60), "the first client").success();
+    finish_within(second, Duration::from_secs(60), "the second client").success();
+    // Regression: the cache was asked before the lock, so a worker that asked
+    // before the holder's upload and locked after its release built the task again.
+    let outputs = || workers.iter().map(|w| w.output()).collect::<String>();
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "run\n",
+        "{}",
+        outputs()
+    );
+}

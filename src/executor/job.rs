@@ -1029,7 +1029,7 @@ impl process::Sink for Forward {
 /// that instant.
 fn pause_after_spawn() {
     static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
-    super::test_pause(&PAUSE, "JOLT_TEST_SPAWN_PAUSE_MS");
+    crate::util::test_pause(&PAUSE, "JOLT_TEST_SPAWN_PAUSE_MS");
 }
 
 /// The credential variables of this process, which commands never inherit.

@@ -286,20 +286,6 @@ impl Plan {
     }
 }
 
-/// A hook for tests: sleeps for the milliseconds the environment variable `var`
-/// gives (read once, into `once`), or not at all.
-fn test_pause(once: &OnceLock<Option<Duration>>, var: &str) {
-    let pause = once.get_or_init(|| {
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-    });
-    if let Some(pause) = pause {
-        std::thread::sleep(*pause);
-    }
-}
-
 /// The lanes of the pool: each has its ready queue and its limit (`-j`,
 /// `http.transfers`, `amqp.jobs`).
 const LOCAL: usize = 0;

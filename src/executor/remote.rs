@@ -45,7 +45,7 @@ const EARLY_KEPT: Duration = Duration::from_secs(60);
 /// publication and its parking with the waiter, so that its reply comes first.
 fn pause_before_parking() {
     static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
-    super::test_pause(&PAUSE, "JOLT_TEST_PARK_PAUSE_MS");
+    crate::util::test_pause(&PAUSE, "JOLT_TEST_PARK_PAUSE_MS");
 }
 
 /// What a pool thread is handed.

@@ -5,6 +5,20 @@ pub mod fs;
 pub mod globs;
 pub mod secrets;
 
+/// A hook for tests: sleeps for the milliseconds the environment variable `var`
+/// gives (read once, into `once`), or not at all.
+pub fn test_pause(once: &std::sync::OnceLock<Option<std::time::Duration>>, var: &str) {
+    let pause = once.get_or_init(|| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(pause) = pause {
+        std::thread::sleep(*pause);
+    }
+}
+
 /// The candidate closest to `word` when it is close enough to be a typo of it
 /// (an edit distance of at most a third of its length, and at least 1), as
 /// ` (did you mean 'X'?)` to append to an error; empty otherwise.

@@ -287,7 +287,13 @@ impl Locks {
                         // question comes: then nobody will answer it.
                         let shard = channel.queue_declare_passive(shard_queue(shard))?;
                         if shard.declared_consumer_count() == Some(0) {
-                            break None;
+                            // Its answer may have come meanwhile.
+                            let came = consumer.receiver().try_iter().find_map(|m| match m {
+                                ConsumerMessage::Delivery(d) if d.body == b"held" => Some(true),
+                                ConsumerMessage::Delivery(d) if d.body == b"free" => Some(false),
+                                _ => None,
+                            });
+                            break came;
                         }
                     }
                 }
@@ -417,14 +423,20 @@ fn holder(commands: Receiver<ToHolder>, answers: Sender<FromHolder>) {
                 },
             }
         };
-        // Questions that come until the broker has cancelled the consumer are
-        // answered as before: one about this identity is a duplicate, whose client
-        // gets the final reply that follows the release.
+        // Questions read while the broker cancels the consumer are answered after it
+        // has: only `held`, true of this identity still (a duplicate, whose client
+        // gets the final reply that follows the release). A late `free` could land
+        // in an own lock declared anew while another worker holds the shard for
+        // that identity; unanswered, the asker sees the shard without this holder
+        // and tries again.
         if lost {
             drop(consumer);
         } else {
-            let cancelled =
-                cancel_consumer(consumer, |ask| answer(&channel, &ask, &identity, confirmed));
+            let cancelled = cancel_consumer(consumer, |ask| {
+                if confirmed && ask.body == identity.as_bytes() {
+                    answer(&channel, &ask, &identity, true);
+                }
+            });
             let _ = answers.send(FromHolder::Released(cancelled.then_some(channel)));
         }
     }

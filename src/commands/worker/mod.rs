@@ -4,12 +4,13 @@
 //! For each request: refuse it (with an `error` reply, acked) when it is malformed or
 //! of another version; queue a redelivered request again with its delivery count, or
 //! refuse it once it has been delivered [`MAX_DELIVERIES`] times (a request that
-//! crashes workers must not take the fleet down one after another); answer
-//! `success` at once when the HTTP cache holds the artifact (no lock, no build); lock
-//! the identity (an exclusive consumer of its shard queue, see [`lock`], which the
-//! broker drops with the connection, so a dead worker never holds it) or, when another
+//! crashes workers must not take the fleet down one after another); lock the
+//! identity (an exclusive consumer of its shard queue, see [`lock`], which the broker
+//! drops with the connection, so a dead worker never holds it) or, when another
 //! worker holds it, answer the duplicate (`success` when the HTTP cache has the
-//! artifact, else `accepted`); reply `accepted`, and `running` every
+//! artifact, else `accepted`); answer `success` when the HTTP cache holds the
+//! artifact (asked with the lock held: a holder uploads before it lets go, so a
+//! request locked after it is not built again); reply `accepted`, and `running` every
 //! `amqp.progress` seconds; rebuild the workspace from the request's recipes (a
 //! bundle fetched from the HTTP cache by digest and parsed once, then kept) and
 //! source snapshot in a fresh directory; recompute the identity (requirements pinned
@@ -26,8 +27,7 @@
 //! before it publishes its request, and a worker releases the lock only after the
 //! artifact is uploaded and before its final reply. So a worker that finds the lock
 //! held knows that the holder's final reply is still to come, after the client's
-//! binding; one that finds it free finds the artifact in the HTTP cache (or builds
-//! it). The `accepted` reply to a duplicate makes its client watch for progress and
+//! binding; one that takes it finds the artifact in the HTTP cache (or builds it). The `accepted` reply to a duplicate makes its client watch for progress and
 //! send the request again should the holder die without answering.
 //!
 //! The request stays unacked while the task runs, so a worker that dies has it
@@ -311,18 +311,27 @@ impl Worker {
         if delivery.redelivered {
             return self.redelivered(link, delivery, &request).map(|()| true);
         }
-        if !request.replace {
-            match self.in_http_cache(link, &request)? {
-                Some(true) => return Ok(true),
-                Some(false) => {}
-                // Interrupted: leave the request unacked for another worker.
-                None => return Ok(false),
-            }
-        }
         let lock = match self.lock(link, &request)? {
             Some(lock) => lock,
             None => return self.duplicate(link, &request).map(|()| true),
         };
+        let cached = match request.replace {
+            false => self.in_http_cache(&request),
+            true => Cached::Absent,
+        };
+        match cached {
+            Cached::Absent => {}
+            Cached::Answer(reply) => {
+                if !link.locks.release(lock) {
+                    bail!("Cannot release the lock of {} {id8}", request.reference);
+                }
+                publish_reply(link.publisher, &reply)?;
+                return Ok(true);
+            }
+            // Leave the request unacked for another worker; the lock goes with the
+            // connection, which the session closes.
+            Cached::Interrupted => return Ok(false),
+        }
         console::info(&format!(
             "Request for {} {id8} from {}{}",
             request.reference,
@@ -387,6 +396,8 @@ impl Worker {
     /// Locks the request's identity (see [`lock`]); `None` when another worker holds
     /// it.
     fn lock(&self, link: &mut Link, request: &Request) -> Result<Option<lock::Lock>> {
+        static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+        crate::util::test_pause(&PAUSE, "JOLT_TEST_LOCK_PAUSE_MS");
         for _ in 0..LOCK_TRIES {
             match link
                 .locks
@@ -404,24 +415,23 @@ impl Worker {
         )
     }
 
-    /// Answers a request whose artifact the HTTP cache holds already: `success`,
-    /// without a lock or a build. Asked before the lock, so the build that follows a
-    /// miss does not ask again (`executor::Options::goals_absent`); a holder that
-    /// finishes between this check and the lock makes a second execution, rare and
-    /// harmless (same identity, same artifact). A cache that fails the check fails
-    /// the request with an `error` reply and holds the next ones (`wait_for_cache`).
-    /// `Some(true)`: answered; `Some(false)`: not in the cache; `None`: interrupted.
-    fn in_http_cache(&self, link: &Link, request: &Request) -> Result<Option<bool>> {
+    /// Whether the HTTP cache holds the request's artifact already, asked with the
+    /// lock held: a holder uploads before it lets go, so whoever locks after it
+    /// finds the artifact here and answers `success` without building it again.
+    /// Asked once, so the build that follows a miss does not ask again
+    /// (`executor::Options::goals_absent`). A cache that fails the check fails the
+    /// request with an `error` reply and holds the next ones (`wait_for_cache`).
+    fn in_http_cache(&self, request: &Request) -> Cached {
         let id8 = request.identity.get(..8).unwrap_or(&request.identity);
-        let reply = match self.http.exists(&request.task, &request.identity) {
-            Ok(false) => return Ok(Some(false)),
-            Err(e) if crate::store::http::is_interrupted(&e) => return Ok(None),
+        match self.http.exists(&request.task, &request.identity) {
+            Ok(false) => Cached::Absent,
+            Err(e) if crate::store::http::is_interrupted(&e) => Cached::Interrupted,
             Ok(true) => {
                 console::info(&format!(
                     "{} {id8} is in the HTTP cache already",
                     request.reference
                 ));
-                self.reply(&request.identity, ReplyKind::Success)
+                Cached::Answer(self.reply(&request.identity, ReplyKind::Success))
             }
             Err(e) => {
                 if crate::store::http::is_unreachable(&e) {
@@ -430,11 +440,9 @@ impl Worker {
                 console::error(&format!("{e:#}"));
                 let mut reply = self.reply(&request.identity, ReplyKind::Error);
                 reply.error = format!("{e:#}");
-                reply
+                Cached::Answer(reply)
             }
-        };
-        publish_reply(link.publisher, &reply)?;
-        Ok(Some(true))
+        }
     }
 
     /// Builds the request while a thread tells its clients, every `amqp.progress`,
@@ -865,6 +873,14 @@ fn deliveries(delivery: &Delivery) -> u32 {
         _ => 1,
     };
     n.clamp(1, u32::MAX as i64) as u32
+}
+
+/// What the HTTP cache says of a request's artifact.
+enum Cached {
+    Absent,
+    /// Present (`success`), or the cache failed (`error`).
+    Answer(Reply),
+    Interrupted,
 }
 
 enum Outcome {
