@@ -1356,3 +1356,33 @@ fn a_duplicate_that_comes_while_the_holder_uploads_is_not_built_again() {
         outputs()
     );
 }
+
+#[test]
+fn a_task_whose_lock_something_else_holds_fails_instead_of_waiting_for_ever() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with("[task.squatted]\nrun = \"true # squatted\"\n");
+    let identity = ws.identity("squatted");
+    // Not a worker's lock: a plain queue by that name, which never goes away.
+    c.broker.with_channel(|ch| {
+        ch.queue_declare(
+            format!("jolt_lock_{identity}"),
+            amiquip::QueueDeclareOptions::default(),
+        )
+        .unwrap();
+    });
+    let _w = c.worker();
+    let client = c.spawn_build_with(&ws, &["amqp.heartbeat=3"], &["squatted"]);
+    // Regression: every worker took the request for a duplicate, and the client sent
+    // it again every four silent progress intervals, for ever.
+    finish_within(client, Duration::from_secs(90), "the client")
+        .code(1)
+        .contains("No worker runs squatted")
+        .contains(&format!("jolt_lock_{identity}"));
+    c.broker.with_channel(|ch| {
+        ch.queue_delete(
+            format!("jolt_lock_{identity}"),
+            amiquip::QueueDeleteOptions::default(),
+        )
+        .unwrap();
+    });
+}

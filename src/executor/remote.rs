@@ -35,6 +35,10 @@ const SILENT_INTERVALS: u32 = 4;
 /// How many times a network client asks for an archive it rejected to be replaced.
 const REPLACEMENTS: usize = 2;
 
+/// How many times a call is sent again, with no worker saying it runs the task,
+/// before it fails (see `Runner::hopeless`).
+const HOPELESS_RESENDS: u32 = 8;
+
 /// How often the waiter looks at its clocks.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -82,6 +86,10 @@ pub(super) struct Call<'n> {
     /// When the client last said the call is still in progress.
     last_note: Instant,
     replacements: usize,
+    /// Requests sent again since a worker last said it runs the task.
+    resends: u32,
+    /// When a worker last said it runs the task (or the call started).
+    last_running: Instant,
 }
 
 impl<'n> Runner<'n> {
@@ -113,6 +121,8 @@ impl<'n> Runner<'n> {
             last_news: None,
             last_note: Instant::now(),
             replacements: 0,
+            resends: 0,
+            last_running: Instant::now(),
         };
         net.client.publish(&call.routing_key, &call.body)?;
         self.log(
@@ -146,12 +156,41 @@ impl<'n> Runner<'n> {
                     error: String::new(),
                 })
             }
-            Next::Resend => None,
+            Next::Resend => {
+                if let Some(failure) = self.hopeless(&call) {
+                    return Some(Err(failure));
+                }
+                None
+            }
         };
         match reply {
             Some(reply) => self.finish(call, reply),
             None => self.send_again(call).err().map(Err),
         }
+    }
+
+    /// A call sent again [`HOPELESS_RESENDS`] times with no worker saying it runs the
+    /// task, for at least four heartbeats (a stopped holder's connection is closed
+    /// by then): every worker took it for a duplicate of a build nobody runs, say
+    /// because a queue holding its lock was declared by something else. Failing it
+    /// beats sending it for ever.
+    fn hopeless(&self, call: &Call<'n>) -> Option<Failure> {
+        let Mode::Network(net) = self.mode else {
+            return None;
+        };
+        let heartbeats = Duration::from_secs(u64::from(net.client.settings().heartbeat) * 4);
+        let silent = call.last_running.elapsed();
+        if call.resends < HOPELESS_RESENDS || silent < heartbeats {
+            return None;
+        }
+        let node = &self.graph.nodes[call.i];
+        Some(Failure::new(format!(
+            "No worker runs {}: its request was sent {} times over {}, and the workers took it for a duplicate of a build that never reports progress (is a queue jolt_lock_{} held by something other than a jolt worker?)",
+            node.label(),
+            call.resends + 1,
+            format_duration(silent),
+            node.identity
+        )))
     }
 
     /// Publishes a call's request again and parks it.
@@ -160,6 +199,7 @@ impl<'n> Runner<'n> {
             return Err(Failure::new("internal error: no network build"));
         };
         call.published = Instant::now();
+        call.resends += 1;
         net.client.publish(&call.routing_key, &call.body)?;
         call.last_news = None;
         pause_before_parking();
@@ -449,7 +489,11 @@ impl<'n> Waiter<'n> {
                     format!("Remote execution accepted by {} ({label})", reply.worker),
                 ));
             }
-            ReplyKind::Running => call.last_news = Some(Instant::now()),
+            ReplyKind::Running => {
+                call.last_news = Some(Instant::now());
+                call.last_running = Instant::now();
+                call.resends = 0;
+            }
             _ => {
                 if let Some(call) = calls.remove(&reply.identity) {
                     let _ = self.jobs.send(Job::Resume(call, Next::Finish(reply)));
