@@ -166,3 +166,76 @@ fn a_worker_that_loses_its_connection_mid_task_still_answers() {
         w.output()
     );
 }
+
+/// A broker user for one test, deleted when dropped.
+struct User(String);
+
+impl Drop for User {
+    fn drop(&mut self) {
+        rabbitmqctl(&["delete_user", &self.0]);
+    }
+}
+
+#[test]
+fn a_lock_the_broker_refuses_is_an_error_and_not_a_duplicate() {
+    let Some(c) = crate::util::cluster() else {
+        return;
+    };
+    let user = User(format!("jolt_test_{}", std::process::id()));
+    rabbitmqctl(&["add_user", &user.0, "secret"]);
+    // Everything a worker declares but its own lock queues.
+    rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        "/",
+        &user.0,
+        "^(jolt_tasks_.*|jolt_shard_.*|jolt_exchange|jolt_results|amq\\.gen.*)$",
+        ".*",
+        ".*",
+    ]);
+    let ws = Workspace::with("[task.refused_lock]\nrun = \"true # refused lock\"\n");
+    let identity = ws.identity("refused_lock");
+    // Another holder of the task's lock shard, so the worker needs its own lock.
+    let shard = u32::from_str_radix(&identity[..4], 16).unwrap() % 1024;
+    let mut holder =
+        amiquip::Connection::insecure_open("amqp://guest:guest@127.0.0.1:5672/%2F").unwrap();
+    let channel = holder.open_channel(None).unwrap();
+    let mut arguments = amiquip::FieldTable::new();
+    arguments.insert(
+        "x-expires".into(),
+        amiquip::AmqpValue::LongInt(30 * 60 * 1000),
+    );
+    let queue = channel
+        .queue_declare(
+            format!("jolt_shard_{shard:03x}"),
+            amiquip::QueueDeclareOptions {
+                arguments,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let _consumer = queue
+        .consume(amiquip::ConsumerOptions {
+            exclusive: true,
+            no_ack: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let w = crate::util::WorkerProcess::start(
+        &c.config(),
+        &[
+            format!("amqp.username={}", user.0),
+            "amqp.password=secret".to_string(),
+        ],
+    );
+    let client = c.spawn_build(&ws, &["refused_lock"]);
+    // Regression: any refusal was taken for a lock held by another worker, and the
+    // request was dropped as a duplicate.
+    let run = crate::util::finish_within(client, Duration::from_secs(120), "the client");
+    run.code(1).contains("delivered 3 times");
+    let output = w.output();
+    assert!(output.contains("Cannot declare a lock queue"), "{output}");
+    assert!(!output.contains("dropping this duplicate"), "{output}");
+    drop(w);
+    let _ = holder.close();
+}

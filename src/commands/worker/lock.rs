@@ -251,10 +251,17 @@ impl Locks {
                 ..Default::default()
             },
         );
-        if declared.is_err() {
+        match declared {
+            Ok(_) => {}
             // Held by another worker; the broker closed the channel with the error.
-            self.channel = None;
-            return Ok(Taken::Duplicate);
+            Err(amiquip::Error::ServerClosedChannel { code: 405, .. }) => {
+                self.channel = None;
+                return Ok(Taken::Duplicate);
+            }
+            Err(e) => {
+                self.channel = None;
+                return Err(e).context("Cannot declare a lock queue");
+            }
         }
         let answer = {
             let consumer = channel.basic_consume(
