@@ -194,8 +194,29 @@ fn a_lock_the_broker_refuses_is_an_error_and_not_a_duplicate() {
         ".*",
     ]);
     let ws = Workspace::with("[task.refused_lock]\nrun = \"true # refused lock\"\n");
-    let identity = ws.identity("refused_lock");
     // Another holder of the task's lock shard, so the worker needs its own lock.
+    with_shard_held(&ws.identity("refused_lock"), |_consumer| {
+        let w = crate::util::WorkerProcess::start(
+            &c.config(),
+            &[
+                format!("amqp.username={}", user.0),
+                "amqp.password=secret".to_string(),
+            ],
+        );
+        let client = c.spawn_build(&ws, &["refused_lock"]);
+        // Regression: any refusal was taken for a lock held by another worker, and
+        // the request was dropped as a duplicate.
+        let run = crate::util::finish_within(client, Duration::from_secs(120), "the client");
+        run.code(1).contains("delivered 3 times");
+        let output = w.output();
+        assert!(output.contains("Cannot declare a lock queue"), "{output}");
+        assert!(!output.contains("dropping this duplicate"), "{output}");
+    });
+}
+
+/// Runs `f` while a consumer of this test (which never answers questions) holds the
+/// lock shard queue of `identity`, declared as workers declare it.
+fn with_shard_held(identity: &str, f: impl FnOnce(&amiquip::Consumer)) {
     let shard = u32::from_str_radix(&identity[..4], 16).unwrap() % 1024;
     let mut holder =
         amiquip::Connection::insecure_open("amqp://guest:guest@127.0.0.1:5672/%2F").unwrap();
@@ -214,28 +235,47 @@ fn a_lock_the_broker_refuses_is_an_error_and_not_a_duplicate() {
             },
         )
         .unwrap();
-    let _consumer = queue
+    let consumer = queue
         .consume(amiquip::ConsumerOptions {
             exclusive: true,
             no_ack: true,
             ..Default::default()
         })
         .unwrap();
-    let w = crate::util::WorkerProcess::start(
-        &c.config(),
-        &[
-            format!("amqp.username={}", user.0),
-            "amqp.password=secret".to_string(),
-        ],
-    );
-    let client = c.spawn_build(&ws, &["refused_lock"]);
-    // Regression: any refusal was taken for a lock held by another worker, and the
-    // request was dropped as a duplicate.
-    let run = crate::util::finish_within(client, Duration::from_secs(120), "the client");
-    run.code(1).contains("delivered 3 times");
-    let output = w.output();
-    assert!(output.contains("Cannot declare a lock queue"), "{output}");
-    assert!(!output.contains("dropping this duplicate"), "{output}");
-    drop(w);
+    f(&consumer);
+    drop(consumer);
     let _ = holder.close();
+}
+
+#[test]
+fn a_shard_queue_deleted_while_a_worker_asks_its_holder_costs_no_delivery() {
+    let Some(c) = crate::util::cluster() else {
+        return;
+    };
+    let ws = Workspace::with("[task.shard_gone]\nrun = \"true # shard gone\"\n");
+    let identity = ws.identity("shard_gone");
+    let w = c.worker();
+    with_shard_held(&identity, |consumer| {
+        let client = c.spawn_build(&ws, &["shard_gone"]);
+        // The worker's question comes to the holder, which does not answer; then
+        // someone deletes the shard queue.
+        match consumer.receiver().recv_timeout(Duration::from_secs(30)) {
+            Ok(amiquip::ConsumerMessage::Delivery(d)) => assert_eq!(d.body, identity.as_bytes()),
+            other => panic!("no question came: {other:?}"),
+        }
+        let shard = u32::from_str_radix(&identity[..4], 16).unwrap() % 1024;
+        c.broker.with_channel(|ch| {
+            ch.queue_delete(
+                format!("jolt_shard_{shard:03x}"),
+                amiquip::QueueDeleteOptions::default(),
+            )
+            .unwrap();
+        });
+        crate::util::finish_within(client, Duration::from_secs(60), "the client").success();
+    });
+    // Regression: the worker failed its session on the 404, reconnected, and the
+    // request came back as its second (of two) deliveries.
+    let output = w.output();
+    assert!(!output.contains("(redelivered)"), "{output}");
+    assert!(!output.contains("reconnecting"), "{output}");
 }

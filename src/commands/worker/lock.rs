@@ -111,6 +111,28 @@ pub(super) enum Taken {
     Again,
 }
 
+/// What an asker heard from a shard's holder.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Heard {
+    Held,
+    Free,
+    /// No answer: the holder went, or does not answer.
+    Nothing,
+    /// The shard queue was deleted while the question waited in it.
+    ShardGone,
+}
+
+impl Heard {
+    /// The answer a delivery carries, if it is one.
+    fn of(delivery: &Delivery) -> Option<Heard> {
+        match delivery.body.as_slice() {
+            b"held" => Some(Heard::Held),
+            b"free" => Some(Heard::Free),
+            _ => None,
+        }
+    }
+}
+
 /// Whether a `mandatory` publish reached a queue (the broker did not return it).
 pub(super) trait Probe {
     fn routed(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<bool>;
@@ -263,7 +285,7 @@ impl Locks {
                 return Err(e).context("Cannot declare a lock queue");
             }
         }
-        let answer = {
+        let heard = {
             let consumer = channel.basic_consume(
                 queue.as_str(),
                 ConsumerOptions {
@@ -280,49 +302,62 @@ impl Locks {
                 ),
             )?;
             let deadline = Instant::now() + ASK_WAIT;
-            let answer = loop {
+            let heard = loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match consumer.receiver().recv_timeout(left.min(HOLDER_CHECK)) {
-                    Ok(ConsumerMessage::Delivery(d)) if d.body == b"held" => break Some(true),
-                    Ok(ConsumerMessage::Delivery(d)) if d.body == b"free" => break Some(false),
-                    // Another worker's probe.
-                    Ok(ConsumerMessage::Delivery(_)) => {}
+                    // Anything else is another worker's probe.
+                    Ok(ConsumerMessage::Delivery(d)) => {
+                        if let Some(heard) = Heard::of(&d) {
+                            break heard;
+                        }
+                    }
                     Ok(other) => anyhow::bail!("The broker ended a lock's consumer ({other:?})"),
-                    Err(_) if left.is_zero() => break None,
+                    Err(_) if left.is_zero() => break Heard::Nothing,
                     Err(_) => {
                         // The holder of a short task often lets go before the
                         // question comes: then nobody will answer it.
-                        let shard = channel.queue_declare_passive(shard_queue(shard))?;
-                        if shard.declared_consumer_count() == Some(0) {
-                            // Its answer may have come meanwhile.
-                            let came = consumer.receiver().try_iter().find_map(|m| match m {
-                                ConsumerMessage::Delivery(d) if d.body == b"held" => Some(true),
-                                ConsumerMessage::Delivery(d) if d.body == b"free" => Some(false),
-                                _ => None,
-                            });
-                            break came;
+                        match channel.queue_declare_passive(shard_queue(shard)) {
+                            Ok(q) if q.declared_consumer_count() == Some(0) => {
+                                // Its answer may have come meanwhile.
+                                let came = consumer.receiver().try_iter().find_map(|m| match m {
+                                    ConsumerMessage::Delivery(d) => Heard::of(&d),
+                                    _ => None,
+                                });
+                                break came.unwrap_or(Heard::Nothing);
+                            }
+                            Ok(_) => {}
+                            // Deleted (by someone else): the channel went with the error.
+                            Err(amiquip::Error::ServerClosedChannel { code: 404, .. }) => {
+                                break Heard::ShardGone
+                            }
+                            Err(e) => return Err(e.into()),
                         }
                     }
                 }
             };
-            if !cancel_consumer(consumer, |_| {}) {
+            if heard != Heard::ShardGone && !cancel_consumer(consumer, |_| {}) {
                 anyhow::bail!("Lost the connection while asking for a lock");
             }
-            answer
+            heard
         };
-        match answer {
-            Some(false) => Ok(Taken::Held(Lock::Own(queue))),
-            held_or_silent => {
-                // A lock that cannot be deleted stays with the connection: fail it.
-                channel
-                    .queue_delete(queue.as_str(), QueueDeleteOptions::default())
-                    .context("Cannot delete a lock queue")?;
-                Ok(match held_or_silent {
-                    Some(_) => Taken::Duplicate,
-                    None => Taken::Again,
-                })
-            }
+        if heard == Heard::Free {
+            return Ok(Taken::Held(Lock::Own(queue)));
         }
+        if heard == Heard::ShardGone {
+            // Let go of the own lock on a channel of its own, and start again.
+            self.declared.remove(&shard);
+            self.channel = Some(connection.open_channel(None)?);
+        }
+        // A lock that cannot be deleted stays with the connection: fail it.
+        self.channel
+            .as_ref()
+            .expect("lock channel")
+            .queue_delete(queue.as_str(), QueueDeleteOptions::default())
+            .context("Cannot delete a lock queue")?;
+        Ok(match heard {
+            Heard::Held => Taken::Duplicate,
+            _ => Taken::Again,
+        })
     }
 
     /// Lets go of a lock; false when the connection went (and the lock with it).
