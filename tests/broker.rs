@@ -214,10 +214,15 @@ fn a_lock_the_broker_refuses_is_an_error_and_not_a_duplicate() {
     });
 }
 
+/// The lock shard queue of `identity`, as workers name it.
+fn shard_queue_of(identity: &str) -> String {
+    let shard = u32::from_str_radix(&identity[..4], 16).unwrap() % 1024;
+    format!("jolt_shard_{shard:03x}")
+}
+
 /// Runs `f` while a consumer of this test (which never answers questions) holds the
 /// lock shard queue of `identity`, declared as workers declare it.
 fn with_shard_held(identity: &str, f: impl FnOnce(&amiquip::Consumer)) {
-    let shard = u32::from_str_radix(&identity[..4], 16).unwrap() % 1024;
     let mut holder =
         amiquip::Connection::insecure_open("amqp://guest:guest@127.0.0.1:5672/%2F").unwrap();
     let channel = holder.open_channel(None).unwrap();
@@ -228,7 +233,7 @@ fn with_shard_held(identity: &str, f: impl FnOnce(&amiquip::Consumer)) {
     );
     let queue = channel
         .queue_declare(
-            format!("jolt_shard_{shard:03x}"),
+            shard_queue_of(identity),
             amiquip::QueueDeclareOptions {
                 arguments,
                 ..Default::default()
@@ -263,10 +268,9 @@ fn a_shard_queue_deleted_while_a_worker_asks_its_holder_costs_no_delivery() {
             Ok(amiquip::ConsumerMessage::Delivery(d)) => assert_eq!(d.body, identity.as_bytes()),
             other => panic!("no question came: {other:?}"),
         }
-        let shard = u32::from_str_radix(&identity[..4], 16).unwrap() % 1024;
         c.broker.with_channel(|ch| {
             ch.queue_delete(
-                format!("jolt_shard_{shard:03x}"),
+                shard_queue_of(&identity),
                 amiquip::QueueDeleteOptions::default(),
             )
             .unwrap();

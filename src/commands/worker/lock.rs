@@ -44,7 +44,7 @@ use crate::remote::messages::is_hex;
 /// How many shard queues identities hash onto. A task collides with another one
 /// running in its shard with a probability of about (tasks running) / SHARDS, which
 /// costs three messages; the idle shard queues cost the broker about 28 KiB each.
-pub(super) const SHARDS: u32 = 1024;
+const SHARDS: u32 = 1024;
 
 /// How long a worker waits for a shard holder's answer before it tries again.
 const ASK_WAIT: Duration = Duration::from_secs(10);
@@ -53,20 +53,17 @@ const ASK_WAIT: Duration = Duration::from_secs(10);
 /// holder.
 const HOLDER_CHECK: Duration = Duration::from_millis(20);
 
-/// A question nobody read within this many milliseconds is dropped by the broker.
-const ASK_TTL_MS: &str = "10000";
-
 /// A shard queue unused for this long (no consumer, no declaration) is deleted by
 /// the broker, so an idle broker keeps none.
 const SHARD_EXPIRES_MS: i32 = 30 * 60 * 1000;
 
 /// The shard queue of shard `n`.
-pub(super) fn shard_queue(n: u32) -> String {
+fn shard_queue(n: u32) -> String {
     format!("jolt_shard_{n:03x}")
 }
 
 /// The own lock of `identity`.
-pub(super) fn own_queue(identity: &str) -> String {
+fn own_queue(identity: &str) -> String {
     format!("jolt_lock_{identity}")
 }
 
@@ -190,6 +187,15 @@ impl Locks {
         }
     }
 
+    /// The channel for declarations, own locks and questions, opened anew after the
+    /// broker closed it.
+    fn channel(&mut self, connection: &mut Connection) -> Result<&Channel> {
+        if self.channel.is_none() {
+            self.channel = Some(connection.open_channel(None)?);
+        }
+        Ok(self.channel.as_ref().expect("lock channel"))
+    }
+
     fn ask_holder(&self, command: ToHolder) -> Result<FromHolder> {
         let gone = || anyhow::anyhow!("The lock holder thread is gone");
         self.to_holder
@@ -208,13 +214,10 @@ impl Locks {
         identity: &str,
     ) -> Result<Taken> {
         let shard = shard_of(identity);
-        if self.channel.is_none() {
-            self.channel = Some(connection.open_channel(None)?);
-        }
         if !self.declared.contains(&shard) {
             let mut arguments = FieldTable::new();
             arguments.insert("x-expires".into(), AmqpValue::LongInt(SHARD_EXPIRES_MS));
-            let declared = self.channel.as_ref().expect("lock channel").queue_declare(
+            let declared = self.channel(connection)?.queue_declare(
                 shard_queue(shard),
                 QueueDeclareOptions {
                     arguments,
@@ -261,10 +264,7 @@ impl Locks {
     /// The shard is taken: lock `identity` by its own queue, then ask the shard's
     /// holder whether it is the identity it holds.
     fn own(&mut self, connection: &mut Connection, identity: &str, shard: u32) -> Result<Taken> {
-        if self.channel.is_none() {
-            self.channel = Some(connection.open_channel(None)?);
-        }
-        let channel = self.channel.as_ref().expect("lock channel");
+        let channel = self.channel(connection)?;
         let queue = own_queue(identity);
         let declared = channel.queue_declare(
             queue.as_str(),
@@ -298,7 +298,8 @@ impl Locks {
                 Publish::with_properties(
                     identity.as_bytes(),
                     shard_queue(shard),
-                    AmqpProperties::default().with_expiration(ASK_TTL_MS.into()),
+                    // Nobody waits for an answer longer: the broker drops it.
+                    AmqpProperties::default().with_expiration(ASK_WAIT.as_millis().to_string()),
                 ),
             )?;
             let deadline = Instant::now() + ASK_WAIT;
@@ -344,14 +345,13 @@ impl Locks {
             return Ok(Taken::Held(Lock::Own(queue)));
         }
         if heard == Heard::ShardGone {
-            // Let go of the own lock on a channel of its own, and start again.
+            // The 404 closed the channel: let go of the own lock on a new one, and
+            // start again.
             self.declared.remove(&shard);
-            self.channel = Some(connection.open_channel(None)?);
+            self.channel = None;
         }
         // A lock that cannot be deleted stays with the connection: fail it.
-        self.channel
-            .as_ref()
-            .expect("lock channel")
+        self.channel(connection)?
             .queue_delete(queue.as_str(), QueueDeleteOptions::default())
             .context("Cannot delete a lock queue")?;
         Ok(match heard {

@@ -315,9 +315,11 @@ impl Worker {
             Some(lock) => lock,
             None => return self.duplicate(link, &request).map(|()| true),
         };
-        let cached = match request.replace {
-            false => self.in_http_cache(&request),
-            true => Cached::Absent,
+        // A client that asks for a replacement has rejected what the cache holds.
+        let cached = if request.replace {
+            Cached::Absent
+        } else {
+            self.in_http_cache(&request)
         };
         match cached {
             Cached::Absent => {}
