@@ -214,6 +214,42 @@ fn a_lock_the_broker_refuses_is_an_error_and_not_a_duplicate() {
     });
 }
 
+#[test]
+fn a_worker_declares_no_lock_shard_queue_that_exists() {
+    let Some(c) = crate::util::cluster() else {
+        return;
+    };
+    let user = User(format!("jolt_test_shards_{}", std::process::id()));
+    rabbitmqctl(&["add_user", &user.0, "secret"]);
+    // Everything a worker declares but the lock shard queues.
+    rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        "/",
+        &user.0,
+        "^(jolt_tasks_.*|jolt_lock_.*|jolt_exchange|jolt_results|amq\\.gen.*)$",
+        ".*",
+        ".*",
+    ]);
+    let ws = Workspace::with("[task.shard_exists]\nrun = \"true # shard exists\"\n");
+    // The shard queue exists (declared by another worker, here this test), so the
+    // worker consumes it without declaring it: a declaration costs the broker about
+    // as much as the lock. Regression: every worker declared every shard it used,
+    // once per connection, and this user's worker failed the task.
+    with_shard_held(&ws.identity("shard_exists"), |_consumer| {});
+    let w = crate::util::WorkerProcess::start(
+        &c.config(),
+        &[
+            format!("amqp.username={}", user.0),
+            "amqp.password=secret".to_string(),
+        ],
+    );
+    let client = c.spawn_build(&ws, &["shard_exists"]);
+    crate::util::finish_within(client, Duration::from_secs(60), "the client").code(0);
+    let output = w.output();
+    assert!(!output.contains("Cannot declare"), "{output}");
+}
+
 /// The lock shard queue of `identity`, as workers name it.
 fn shard_queue_of(identity: &str) -> String {
     let shard = u32::from_str_radix(&identity[..4], 16).unwrap() % 1024;
