@@ -51,7 +51,11 @@ pub fn entries(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Writes the artifact directory `dir` as a tar stream.
 pub fn pack(dir: &Path, out: impl Write) -> Result<()> {
-    let mut entries = entries(dir)?;
+    pack_entries(dir, entries(dir)?, out)
+}
+
+/// [`pack`] with the directory's `entries` listed already.
+pub fn pack_entries(dir: &Path, mut entries: Vec<PathBuf>, out: impl Write) -> Result<()> {
     if let Some(pos) = entries.iter().position(|p| p == Path::new(MANIFEST)) {
         let manifest = entries.remove(pos);
         entries.push(manifest);

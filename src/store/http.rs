@@ -3,8 +3,9 @@
 //! (nginx with `dav_methods PUT; create_full_put_path on; client_max_body_size 0;`).
 //!
 //! Transfers stream: an upload is packed by a thread into a pipe that a chunked `PUT`
-//! reads (a packing error fails the request, so no truncated archive is stored;
-//! source snapshots, already files, are sent with a `Content-Length`); a download is
+//! reads (a packing error fails the request, so no truncated archive is stored);
+//! an archive of at most [`PACKED_IN_MEMORY`] (most artifacts) and a source snapshot,
+//! already a file, are sent in one piece with a `Content-Length`; a download is
 //! unpacked into a staging directory as it arrives and verified before the caller
 //! commits it. Connection errors and 5xx
 //! answers are retried with back-off; a cache that stays unreachable is marked down
@@ -195,6 +196,32 @@ fn on_transfer_thread(job: TransferJob) -> Result<()> {
         })
         .map(|_| ())
         .map_err(|e| anyhow::anyhow!("Cannot start a transfer: {e}"))
+}
+
+/// Artifacts whose archive is at most this large are packed in memory and sent
+/// with a `Content-Length`; larger ones stream.
+const PACKED_IN_MEMORY: usize = 1 << 20;
+
+/// A writer into memory that fails once more than `limit` bytes were written.
+struct Bounded {
+    bytes: Vec<u8>,
+    limit: usize,
+    full: bool,
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.limit {
+            self.full = true;
+            return Err(std::io::Error::other("larger than the in-memory limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The body of a streamed upload: the read end of the packer's pipe. At the end of
@@ -683,8 +710,36 @@ impl HttpCache {
 
     fn store_now(&self, task: &str, identity: &str, dir: &Path) -> Result<()> {
         let url = self.url(task, identity);
-        crate::store::archive::check_links(dir, &crate::store::archive::entries(dir)?)
+        let entries = crate::store::archive::entries(dir)?;
+        crate::store::archive::check_links(dir, &entries)
             .with_context(|| format!("{url}: not uploaded"))?;
+        // A small artifact (most are) goes in one piece, packed here: no packer
+        // thread, no pipe, no chunked encoding.
+        let mut small = Bounded {
+            bytes: Vec::new(),
+            limit: PACKED_IN_MEMORY,
+            full: false,
+        };
+        match crate::store::archive::pack_entries(dir, entries, &mut small) {
+            Ok(()) => {
+                let sent = self.send(&url, &mut || {
+                    self.with_auth(self.agent.put(&url))
+                        .header("Content-Type", "application/x-tar")
+                        .send(&small.bytes[..])
+                })?;
+                put_outcome(&url, sent.status())?;
+                self.rejected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&url);
+                return Ok(());
+            }
+            Err(e) if !small.full => {
+                bail!("{url}: cannot pack {}: {e:#}", dir.display())
+            }
+            // Larger: streamed.
+            Err(_) => {}
+        }
         // A packing error is ours, not the server's: it must not mark the cache down.
         let packing: Arc<Mutex<Option<String>>> = Arc::default();
         let sent = self.send(&url, &mut || {
@@ -880,6 +935,104 @@ mod tests {
             failed,
         };
         assert_eq!(body.read_to_end(&mut sink).unwrap(), 0);
+    }
+
+    /// Serves `requests` PUTs on a loopback port, answering 201; returns the port and
+    /// the framing header of each request (`content-length` or `transfer-encoding`)
+    /// with the body's length.
+    fn put_server(requests: usize) -> (u16, std::thread::JoinHandle<Vec<(String, usize)>>) {
+        use std::io::BufRead;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while seen.len() < requests {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                while seen.len() < requests {
+                    let mut framing = String::new();
+                    let mut length = None;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap() == 0 {
+                            break;
+                        }
+                        let lower = line.trim_end().to_ascii_lowercase();
+                        if lower.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            framing = "content-length".into();
+                            length = Some(v.trim().parse::<usize>().unwrap());
+                        } else if lower.starts_with("transfer-encoding:") {
+                            framing = "transfer-encoding".into();
+                        }
+                    }
+                    if framing.is_empty() {
+                        break; // the connection ended
+                    }
+                    let body = match length {
+                        Some(n) => {
+                            let mut body = vec![0; n];
+                            reader.read_exact(&mut body).unwrap();
+                            n
+                        }
+                        None => {
+                            // Chunked: size lines, chunks, and a last empty chunk.
+                            let mut total = 0;
+                            loop {
+                                line.clear();
+                                reader.read_line(&mut line).unwrap();
+                                let size = usize::from_str_radix(line.trim(), 16).unwrap();
+                                let mut chunk = vec![0; size + 2];
+                                reader.read_exact(&mut chunk).unwrap();
+                                total += size;
+                                if size == 0 {
+                                    break;
+                                }
+                            }
+                            total
+                        }
+                    };
+                    seen.push((framing, body));
+                    stream
+                        .write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n")
+                        .unwrap();
+                }
+            }
+            seen
+        });
+        (port, server)
+    }
+
+    #[test]
+    fn a_small_artifact_goes_up_in_one_piece_and_a_large_one_streams() {
+        let (port, server) = put_server(2);
+        let mut config = crate::config::Config::default();
+        config.set(
+            "http.uri",
+            toml::Value::String(format!("http://127.0.0.1:{port}/cache")),
+        );
+        let http = HttpCache::from_config(&config, false, false)
+            .unwrap()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small");
+        std::fs::create_dir(&small).unwrap();
+        std::fs::write(small.join("out"), "small\n").unwrap();
+        http.store("t", &"a".repeat(64), &small).unwrap();
+        let large = dir.path().join("large");
+        std::fs::create_dir(&large).unwrap();
+        std::fs::write(large.join("out"), vec![7u8; PACKED_IN_MEMORY + 1]).unwrap();
+        http.store("t", &"b".repeat(64), &large).unwrap();
+        let seen = server.join().unwrap();
+        // Regression: every upload was chunked, packed by a second thread into a pipe.
+        assert_eq!(seen[0].0, "content-length", "{seen:?}");
+        assert!(seen[0].1 < 10_000, "{seen:?}");
+        assert_eq!(seen[1].0, "transfer-encoding", "{seen:?}");
+        assert!(seen[1].1 > PACKED_IN_MEMORY, "{seen:?}");
     }
 
     #[test]
