@@ -44,7 +44,7 @@ use amiquip::{
     FieldTable, Publish,
 };
 use anyhow::{bail, Context, Result};
-use crossbeam_channel::RecvTimeoutError;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
 use std::path::{Component, Path};
 use std::sync::{Arc, Mutex};
@@ -246,42 +246,77 @@ impl Worker {
             self.settings.address(),
             task_queue(&self.settings.routing_key)
         ));
-        loop {
-            if interrupt::draining() || interrupt::is_set() {
-                // A request delivered meanwhile stays unacked, and goes back to the
-                // queue with the connection.
-                crate::remote::amqp::cancel_consumer(consumer, |_| {});
-                let _ = publisher.into_inner().map(|p| p.close());
-                let _ = acceptor.channel.close();
-                drop(locks);
-                let _ = channel.close();
-                let _ = connection.close();
-                return Ok(());
-            }
-            match consumer.receiver().recv_timeout(Duration::from_millis(250)) {
-                Ok(ConsumerMessage::Delivery(delivery)) => {
-                    let mut link = Link {
-                        connection: &mut connection,
-                        channel: &channel,
-                        publisher: &publisher,
-                        acceptor: &acceptor,
-                        locks: &mut locks,
-                    };
-                    if !self.handle(&mut link, &delivery)? {
-                        // Interrupted: leave the request unacked for another worker.
-                        drop(consumer);
-                        let _ = connection.close();
-                        return Ok(());
+        // Ok(true): asked to stop; Ok(false): interrupted mid-task, the request left
+        // unacked for another worker.
+        let stopped = std::thread::scope(|scope| {
+            let (running, builds) = crossbeam_channel::bounded::<Option<String>>(1);
+            scope.spawn(|| self.report_progress(&publisher, builds));
+            loop {
+                if interrupt::draining() || interrupt::is_set() {
+                    // A request delivered meanwhile stays unacked, and goes back to
+                    // the queue with the connection.
+                    crate::remote::amqp::cancel_consumer(consumer, |_| {});
+                    return Ok(true);
+                }
+                match consumer.receiver().recv_timeout(Duration::from_millis(250)) {
+                    Ok(ConsumerMessage::Delivery(delivery)) => {
+                        let mut link = Link {
+                            connection: &mut connection,
+                            channel: &channel,
+                            publisher: &publisher,
+                            acceptor: &acceptor,
+                            locks: &mut locks,
+                            running: &running,
+                        };
+                        if !self.handle(&mut link, &delivery)? {
+                            drop(consumer);
+                            return Ok(false);
+                        }
+                        if let Err(e) = consumer.ack(delivery) {
+                            bail!(
+                                "Cannot acknowledge the request (the broker took it back, e.g. after its consumer_timeout): {e}"
+                            );
+                        }
                     }
-                    if let Err(e) = consumer.ack(delivery) {
-                        bail!(
-                            "Cannot acknowledge the request (the broker took it back, e.g. after its consumer_timeout): {e}"
-                        );
+                    Ok(other) => bail!("The broker ended the consumer ({other:?})"),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        bail!("Lost the connection to the broker")
                     }
                 }
-                Ok(other) => bail!("The broker ended the consumer ({other:?})"),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => bail!("Lost the connection to the broker"),
+            }
+        })?;
+        if stopped {
+            let _ = publisher.into_inner().map(|p| p.close());
+            let _ = acceptor.channel.close();
+            drop(locks);
+            let _ = channel.close();
+        }
+        let _ = connection.close();
+        Ok(())
+    }
+
+    /// The session's progress thread: while a build runs (from the identity sent on
+    /// `builds` until the `None` that follows), tells its clients every
+    /// `amqp.progress` that it still runs. One thread for the session, where one per
+    /// request cost a thread start and end per task.
+    fn report_progress(&self, publisher: &Mutex<Channel>, builds: Receiver<Option<String>>) {
+        let mut building: Option<String> = None;
+        loop {
+            let next = match &building {
+                None => builds.recv().map_err(|_| ()),
+                Some(identity) => match builds.recv_timeout(self.settings.progress) {
+                    Ok(next) => Ok(next),
+                    Err(RecvTimeoutError::Timeout) => {
+                        let _ = publish_reply(publisher, &self.reply(identity, ReplyKind::Running));
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => Err(()),
+                },
+            };
+            match next {
+                Ok(next) => building = next,
+                Err(()) => return,
             }
         }
     }
@@ -357,7 +392,7 @@ impl Worker {
             return Ok(true);
         }
         let start = Instant::now();
-        let outcome = self.build_reporting_progress(link.publisher, &request);
+        let outcome = self.build_reporting_progress(link.running, &request);
         let mut reply = match outcome {
             Outcome::Interrupted => return Ok(false),
             Outcome::Done(kind, log, error) => {
@@ -447,26 +482,17 @@ impl Worker {
         }
     }
 
-    /// Builds the request while a thread tells its clients, every `amqp.progress`,
-    /// that it still runs.
-    fn build_reporting_progress(&self, publisher: &Mutex<Channel>, request: &Request) -> Outcome {
-        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                // Until the build ends (the sender is dropped).
-                while let Err(RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(self.settings.progress)
-                {
-                    let _ = publish_reply(
-                        publisher,
-                        &self.reply(&request.identity, ReplyKind::Running),
-                    );
-                }
-            });
-            let outcome = self.build(request);
-            drop(stop);
-            outcome
-        })
+    /// Builds the request while the session's progress thread tells its clients,
+    /// every `amqp.progress`, that it still runs.
+    fn build_reporting_progress(
+        &self,
+        running: &Sender<Option<String>>,
+        request: &Request,
+    ) -> Outcome {
+        let _ = running.send(Some(request.identity.clone()));
+        let outcome = self.build(request);
+        let _ = running.send(None);
+        outcome
     }
 
     /// Holds the request while the HTTP cache is down (an earlier request found it
@@ -760,6 +786,9 @@ struct Link<'a> {
     publisher: &'a Mutex<Channel>,
     acceptor: &'a Acceptor,
     locks: &'a mut lock::Locks,
+    /// The session's progress thread: the identity of a build that begins, `None`
+    /// when it ends.
+    running: &'a Sender<Option<String>>,
 }
 
 /// The channel `accepted` replies go out on: published `mandatory`, with publisher
