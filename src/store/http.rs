@@ -198,6 +198,61 @@ fn on_transfer_thread(job: TransferJob) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("Cannot start a transfer: {e}"))
 }
 
+/// How long [`CacheResolver`] keeps what a host name resolved to.
+const RESOLVED_FOR: Duration = Duration::from_secs(10);
+
+/// Resolves the cache's host for the HTTP agent. ureq resolves before it looks for a
+/// pooled connection, and its resolver starts a thread for each lookup with a
+/// deadline (every `HEAD`): a thread per request, for an address that never
+/// changes. Here an IP address is taken as it is, and a host name's addresses are
+/// kept for [`RESOLVED_FOR`].
+#[derive(Debug, Default)]
+struct CacheResolver {
+    system: ureq::unversioned::resolver::DefaultResolver,
+    /// Host and port -> addresses, and when they were looked up.
+    known: Mutex<std::collections::HashMap<String, (ResolvedAddrs, std::time::Instant)>>,
+    /// Lookups handed to the system resolver.
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+type ResolvedAddrs = ureq::unversioned::resolver::ResolvedSocketAddrs;
+
+impl ureq::unversioned::resolver::Resolver for CacheResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ResolvedAddrs, ureq::Error> {
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            });
+        let host = uri.host().unwrap_or_default();
+        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse() {
+            let mut addrs = self.empty();
+            addrs.push(std::net::SocketAddr::new(ip, port));
+            return Ok(addrs);
+        }
+        let key = format!("{host}:{port}");
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((addrs, at)) = known.get(&key) {
+            if at.elapsed() < RESOLVED_FOR {
+                return Ok(addrs.clone());
+            }
+        }
+        drop(known);
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let addrs = self.system.resolve(uri, config, timeout)?;
+        known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.insert(key, (addrs.clone(), std::time::Instant::now()));
+        Ok(addrs)
+    }
+}
+
 /// Artifacts whose archive is at most this large are packed in memory and sent
 /// with a `Content-Length`; larger ones stream.
 const PACKED_IN_MEMORY: usize = 1 << 20;
@@ -375,7 +430,7 @@ impl HttpCache {
             config.get_int_in("http.transfers", DEFAULT_TRANSFERS as i64, 1, MAX_TRANSFERS)?
                 as usize;
         let idle = transfers.max(CONNECTIONS_PER_HOST);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let agent_config = ureq::Agent::config_builder()
             .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
             .http_status_as_error(false)
             .timeout_connect(Some(secs("http.connect_timeout", 10)?))
@@ -387,8 +442,12 @@ impl HttpCache {
             .max_idle_connections(idle)
             .max_idle_connections_per_host(idle)
             .user_agent(format!("jolt/{}", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+            .build();
+        let agent = ureq::Agent::with_parts(
+            agent_config,
+            ureq::unversioned::transport::DefaultConnector::new(),
+            CacheResolver::default(),
+        );
         Ok(Some(HttpCache {
             agent,
             base: uri,
@@ -1033,6 +1092,36 @@ mod tests {
         assert!(seen[0].1 < 10_000, "{seen:?}");
         assert_eq!(seen[1].0, "transfer-encoding", "{seen:?}");
         assert!(seen[1].1 > PACKED_IN_MEMORY, "{seen:?}");
+    }
+
+    #[test]
+    fn the_resolver_takes_addresses_as_they_are_and_keeps_host_names_a_while() {
+        use ureq::unversioned::resolver::Resolver;
+        let resolver = CacheResolver::default();
+        let config = ureq::config::Config::default();
+        // A deadline: ureq's own resolver starts a thread for each such lookup.
+        let timeout = ureq::unversioned::transport::NextTimeout {
+            after: ureq::unversioned::transport::time::Duration::from_secs(10),
+            ..Default::default()
+        };
+        let resolve = |uri: &str| {
+            let uri: ureq::http::Uri = uri.parse().unwrap();
+            resolver.resolve(&uri, &config, timeout).unwrap().to_vec()
+        };
+        assert_eq!(
+            resolve("http://127.0.0.1:8080/cache/t/x.tar"),
+            vec!["127.0.0.1:8080".parse::<std::net::SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            resolve("https://[::1]/cache"),
+            vec!["[::1]:443".parse::<std::net::SocketAddr>().unwrap()]
+        );
+        assert_eq!(resolver.lookups.load(Ordering::Relaxed), 0);
+        let first = resolve("http://localhost:8080/a");
+        assert!(first.iter().all(|a| a.port() == 8080), "{first:?}");
+        assert_eq!(resolve("http://localhost:8080/b"), first);
+        // Regression: one lookup, and one thread, per request.
+        assert_eq!(resolver.lookups.load(Ordering::Relaxed), 1);
     }
 
     #[test]
