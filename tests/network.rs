@@ -1386,3 +1386,27 @@ fn a_task_whose_lock_something_else_holds_fails_instead_of_waiting_for_ever() {
         .unwrap();
     });
 }
+
+#[test]
+fn a_worker_builds_in_the_workspace_a_build_left_as_it_was_and_only_there() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    // One after another on the one worker, each requiring the one before.
+    let ws = Workspace::with(
+        "[task.kept_ws_a]\nrun = \"echo {root} > {artifact}/root\"\n\
+         [task.kept_ws_b]\nrequires = [\"kept_ws_a\"]\n\
+         run = \"echo {root} > {artifact}/root; touch {root}/litter\"\n\
+         [task.kept_ws_c]\nrequires = [\"kept_ws_b\"]\n\
+         run = [\"echo {root} > {artifact}/root\", \"test ! -e {root}/litter\"]\n",
+    );
+    c.build(&ws, &["kept_ws_a", "kept_ws_b", "kept_ws_c"])
+        .success();
+    let root = |task: &str| {
+        let dir = ws.artifacts(task).pop().expect(task);
+        std::fs::read_to_string(dir.join("root")).unwrap()
+    };
+    // Regression: each request's workspace was made, written and deleted anew.
+    assert_eq!(root("kept_ws_a"), root("kept_ws_b"));
+    // One that a build changed is not kept.
+    assert_ne!(root("kept_ws_b"), root("kept_ws_c"));
+}

@@ -13,7 +13,9 @@
 //! request locked after it is not built again); reply `accepted`, and `running` every
 //! `amqp.progress` seconds; rebuild the workspace from the request's recipes (a
 //! bundle fetched from the HTTP cache by digest and parsed once, then kept) and
-//! source snapshot in a fresh directory; recompute the identity (requirements pinned
+//! source snapshot in a fresh directory (or, for a request without a snapshot, in
+//! the workspace of the last one of its bundle, if that build left it as written);
+//! recompute the identity (requirements pinned
 //! to the request's identities) and refuse a mismatch; let the executor serve the
 //! goal (executed and uploaded, without asking the HTTP cache again;
 //! requirements come from the caches); release the lock; reply; and only then ack.
@@ -80,6 +82,59 @@ struct Worker {
     /// Final replies that could not be sent (the connection went): sent first on the
     /// next connection.
     unsent: Mutex<Vec<Reply>>,
+    /// The workspace of the last request without a source snapshot, kept for the
+    /// next one of the same recipe bundle.
+    kept: Mutex<Option<KeptWorkspace>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(k) = self.kept.get_mut().ok().and_then(|k| k.take()) {
+            let _ = crate::util::fs::remove_dir_all(&k.dir);
+        }
+    }
+}
+
+/// A workspace kept between requests: a recipe bundle's files as written, and
+/// nothing else. A request of the same bundle without a source snapshot is built in
+/// it as it is, where a fresh directory cost a `mkdir`, the recipe files written, and
+/// all of it deleted again: on ext4 deleting and allocating inodes at this rate is
+/// much of a trivial task's cost. A workspace that a build changed is not kept.
+struct KeptWorkspace {
+    dir: std::path::PathBuf,
+    /// The digest of its recipe bundle.
+    recipes: String,
+    listing: Vec<Listed>,
+}
+
+/// What a workspace holds, to tell whether a build changed it: each entry's path,
+/// inode, kind, size and change time (which, unlike the modification time, no
+/// command can set back).
+type Listed = (std::path::PathBuf, u64, bool, u64, (i64, i64));
+
+/// Lists `dir` recursively, in a stable order.
+fn listing(dir: &Path) -> Result<Vec<Listed>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let meta = entry.path().symlink_metadata()?;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+            out.push((
+                entry.path(),
+                meta.ino(),
+                meta.is_dir(),
+                meta.len(),
+                (meta.ctime(), meta.ctime_nsec()),
+            ));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// A recipe bundle as a worker keeps it: its files, and their tasks as parsed.
@@ -141,6 +196,7 @@ pub fn run(config: &Config) -> Result<Exit> {
         settings,
         parsed: Mutex::default(),
         unsent: Mutex::default(),
+        kept: Mutex::default(),
     };
     console::info(&format!(
         "Worker {} serves routing key '{}' from {}",
@@ -604,8 +660,8 @@ impl Worker {
 
     /// Rebuilds the client's workspace in `ws`: its recipe files, parsed, and the
     /// source snapshot.
-    fn write_workspace(&self, request: &Request, ws: &Path) -> Result<Recipes> {
-        let recipes = self.recipes(&request.recipes, ws)?;
+    fn write_workspace(&self, request: &Request, ws: &Path, fresh: bool) -> Result<Recipes> {
+        let recipes = self.recipes(&request.recipes, ws, fresh)?;
         if let Some(digest) = &request.snapshot {
             self.http.fetch_source(digest, ws)?;
         }
@@ -616,14 +672,16 @@ impl Worker {
     /// from the HTTP cache and parsed once; the newest [`PARSED_KEPT`] stay in memory
     /// (at most [`PARSED_BYTES`] of recipe text, the newest always), so the next
     /// requests from one workspace cost neither a download nor a parse.
-    fn recipes(&self, digest: &str, ws: &Path) -> Result<Recipes> {
+    fn recipes(&self, digest: &str, ws: &Path, write: bool) -> Result<Recipes> {
         let known = {
             let parsed = self.parsed.lock().expect("parsed");
             parsed.iter().find(|p| p.digest == digest).cloned()
         };
         if let Some(p) = known {
-            for file in p.recipes.files.iter() {
-                write_file(&ws.join(&file.path), &file.text)?;
+            if write {
+                for file in p.recipes.files.iter() {
+                    write_file(&ws.join(&file.path), &file.text)?;
+                }
             }
             return Ok(p.recipes.rooted(ws));
         }
@@ -655,14 +713,32 @@ impl Worker {
         // An archive this worker found unusable for an earlier request may have been
         // replaced since: each request looks afresh.
         self.http.forget_rejections();
-        let ws = match self.cache.scratch("ws") {
-            Ok(ws) => ws,
-            Err(e) => return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),
+        let reusable = request.snapshot.is_none();
+        // The kept workspace, if this request can be built in it as it is.
+        let (ws, mut listed) = match self.kept.lock().expect("kept").take() {
+            Some(k) if reusable && k.recipes == request.recipes => (k.dir, Some(k.listing)),
+            other => {
+                if let Some(k) = other {
+                    let _ = crate::util::fs::remove_dir_all(&k.dir);
+                }
+                match self.cache.scratch("ws") {
+                    Ok(ws) => (ws, None),
+                    Err(e) => {
+                        return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}"))
+                    }
+                }
+            }
         };
+        let fresh = listed.is_none();
         // A panic is a bug; it must end in an error reply, not in a dead worker.
-        let built =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build_in(request, &ws)))
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the worker panicked")));
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let recipes = self.write_workspace(request, &ws, fresh)?;
+            if fresh && reusable {
+                listed = listing(&ws).ok();
+            }
+            self.build_in(request, &ws, recipes)
+        }))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the worker panicked")));
         let outcome = built.unwrap_or_else(|e| {
             if crate::store::http::is_unreachable(&e) {
                 // Fetching the recipes or the snapshot found the cache down: hold the
@@ -672,12 +748,23 @@ impl Worker {
             console::error(&format!("{e:#}"));
             Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}"))
         });
-        let _ = crate::util::fs::remove_dir_all(&ws);
+        // Kept for the next request of its bundle if the build left it as written.
+        match listed {
+            Some(before) if reusable && listing(&ws).is_ok_and(|now| now == before) => {
+                *self.kept.lock().expect("kept") = Some(KeptWorkspace {
+                    dir: ws,
+                    recipes: request.recipes.clone(),
+                    listing: before,
+                });
+            }
+            _ => {
+                let _ = crate::util::fs::remove_dir_all(&ws);
+            }
+        }
         outcome
     }
 
-    fn build_in(&self, request: &Request, ws: &Path) -> Result<Outcome> {
-        let recipes = self.write_workspace(request, ws)?;
+    fn build_in(&self, request: &Request, ws: &Path, recipes: Recipes) -> Result<Outcome> {
         let hashes = FileHashes::ephemeral(ws);
         let opts = GraphOptions {
             taints: request
