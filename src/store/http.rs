@@ -224,20 +224,22 @@ impl ureq::unversioned::resolver::Resolver for CacheResolver {
         config: &ureq::config::Config,
         timeout: ureq::unversioned::transport::NextTimeout,
     ) -> Result<ResolvedAddrs, ureq::Error> {
-        let port = uri
-            .port_u16()
-            .unwrap_or(if uri.scheme_str() == Some("https") {
-                443
-            } else {
-                80
-            });
-        let host = uri.host().unwrap_or_default();
-        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse() {
+        // "host:port", the port from the scheme where the URI has none, as ureq's
+        // own resolver has it (for a proxy, socks5 is 1080).
+        let Some(key) = uri
+            .scheme()
+            .zip(uri.authority())
+            .and_then(|(scheme, authority)| {
+                ureq::unversioned::resolver::DefaultResolver::host_and_port(scheme, authority)
+            })
+        else {
+            return self.system.resolve(uri, config, timeout);
+        };
+        if let Ok(addr) = key.parse::<std::net::SocketAddr>() {
             let mut addrs = self.empty();
-            addrs.push(std::net::SocketAddr::new(ip, port));
+            addrs.push(addr);
             return Ok(addrs);
         }
-        let key = format!("{host}:{port}");
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((addrs, at)) = known.get(&key) {
             if at.elapsed() < RESOLVED_FOR {
@@ -1115,6 +1117,11 @@ mod tests {
         assert_eq!(
             resolve("https://[::1]/cache"),
             vec!["[::1]:443".parse::<std::net::SocketAddr>().unwrap()]
+        );
+        // A proxy's port, where its URI has none, is its scheme's.
+        assert_eq!(
+            resolve("socks5://10.1.2.3"),
+            vec!["10.1.2.3:1080".parse::<std::net::SocketAddr>().unwrap()]
         );
         assert_eq!(resolver.lookups.load(Ordering::Relaxed), 0);
         let first = resolve("http://localhost:8080/a");
