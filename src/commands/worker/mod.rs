@@ -14,7 +14,7 @@
 //! `amqp.progress` seconds; rebuild the workspace from the request's recipes (a
 //! bundle fetched from the HTTP cache by digest and parsed once, then kept) and
 //! source snapshot in a fresh directory (or, for a request without a snapshot, in
-//! the workspace of the last one of its bundle, if that build left it as written);
+//! the workspace of the last one of its bundle, if it is still as written);
 //! recompute the identity (requirements pinned
 //! to the request's identities) and refuse a mismatch; let the executor serve the
 //! goal (executed and uploaded, without asking the HTTP cache again;
@@ -99,7 +99,8 @@ impl Drop for Worker {
 /// nothing else. A request of the same bundle without a source snapshot is built in
 /// it as it is, where a fresh directory cost a `mkdir`, the recipe files written, and
 /// all of it deleted again: on ext4 deleting and allocating inodes at this rate is
-/// much of a trivial task's cost. A workspace that a build changed is not kept.
+/// much of a trivial task's cost. One that is not as written when the next request
+/// comes (`Worker::intact`) is removed and a fresh one made.
 struct KeptWorkspace {
     dir: std::path::PathBuf,
     /// The digest of its recipe bundle.
@@ -304,9 +305,14 @@ impl Worker {
         ));
         // Ok(true): asked to stop; Ok(false): interrupted mid-task, the request left
         // unacked for another worker.
+        let building = Mutex::new(None);
         let stopped = std::thread::scope(|scope| {
             let (running, builds) = crossbeam_channel::bounded::<Option<String>>(1);
-            scope.spawn(|| self.report_progress(&publisher, builds));
+            let progress = Progress {
+                running,
+                building: &building,
+            };
+            scope.spawn(|| self.report_progress(&publisher, builds, &building));
             loop {
                 if interrupt::draining() || interrupt::is_set() {
                     // A request delivered meanwhile stays unacked, and goes back to
@@ -322,7 +328,7 @@ impl Worker {
                             publisher: &publisher,
                             acceptor: &acceptor,
                             locks: &mut locks,
-                            running: &running,
+                            progress: &progress,
                         };
                         if !self.handle(&mut link, &delivery)? {
                             drop(consumer);
@@ -355,23 +361,34 @@ impl Worker {
     /// The session's progress thread: while a build runs (from the identity sent on
     /// `builds` until the `None` that follows), tells its clients every
     /// `amqp.progress` that it still runs. One thread for the session, where one per
-    /// request cost a thread start and end per task.
-    fn report_progress(&self, publisher: &Mutex<Channel>, builds: Receiver<Option<String>>) {
-        let mut building: Option<String> = None;
+    /// request cost a thread start and end per task. It publishes holding `building`,
+    /// which the build's end clears before its final reply: no `running` comes after
+    /// it.
+    fn report_progress(
+        &self,
+        publisher: &Mutex<Channel>,
+        builds: Receiver<Option<String>>,
+        building: &Mutex<Option<String>>,
+    ) {
+        let mut timing: Option<String> = None;
         loop {
-            let next = match &building {
+            let next = match &timing {
                 None => builds.recv().map_err(|_| ()),
                 Some(identity) => match builds.recv_timeout(self.settings.progress) {
                     Ok(next) => Ok(next),
                     Err(RecvTimeoutError::Timeout) => {
-                        let _ = publish_reply(publisher, &self.reply(identity, ReplyKind::Running));
+                        let current = building.lock().expect("building");
+                        if current.as_ref() == Some(identity) {
+                            let reply = self.reply(identity, ReplyKind::Running);
+                            let _ = publish_reply(publisher, &reply);
+                        }
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => Err(()),
                 },
             };
             match next {
-                Ok(next) => building = next,
+                Ok(next) => timing = next,
                 Err(()) => return,
             }
         }
@@ -448,7 +465,7 @@ impl Worker {
             return Ok(true);
         }
         let start = Instant::now();
-        let outcome = self.build_reporting_progress(link.running, &request);
+        let outcome = self.build_reporting_progress(link.progress, &request);
         let mut reply = match outcome {
             Outcome::Interrupted => return Ok(false),
             Outcome::Done(kind, log, error) => {
@@ -540,14 +557,13 @@ impl Worker {
 
     /// Builds the request while the session's progress thread tells its clients,
     /// every `amqp.progress`, that it still runs.
-    fn build_reporting_progress(
-        &self,
-        running: &Sender<Option<String>>,
-        request: &Request,
-    ) -> Outcome {
-        let _ = running.send(Some(request.identity.clone()));
+    fn build_reporting_progress(&self, progress: &Progress, request: &Request) -> Outcome {
+        *progress.building.lock().expect("building") = Some(request.identity.clone());
+        let _ = progress.running.send(Some(request.identity.clone()));
         let outcome = self.build(request);
-        let _ = running.send(None);
+        // Waits for a `running` being published: the final reply comes after it.
+        *progress.building.lock().expect("building") = None;
+        let _ = progress.running.send(None);
         outcome
     }
 
@@ -716,7 +732,9 @@ impl Worker {
         let reusable = request.snapshot.is_none();
         // The kept workspace, if this request can be built in it as it is.
         let (ws, mut listed) = match self.kept.lock().expect("kept").take() {
-            Some(k) if reusable && k.recipes == request.recipes => (k.dir, Some(k.listing)),
+            Some(k) if reusable && k.recipes == request.recipes && self.intact(&k) => {
+                (k.dir, Some(k.listing))
+            }
             other => {
                 if let Some(k) = other {
                     let _ = crate::util::fs::remove_dir_all(&k.dir);
@@ -748,13 +766,13 @@ impl Worker {
             console::error(&format!("{e:#}"));
             Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}"))
         });
-        // Kept for the next request of its bundle if the build left it as written.
+        // Kept for the next request of its bundle, which checks it is as written.
         match listed {
-            Some(before) if reusable && listing(&ws).is_ok_and(|now| now == before) => {
+            Some(listing) if reusable => {
                 *self.kept.lock().expect("kept") = Some(KeptWorkspace {
                     dir: ws,
                     recipes: request.recipes.clone(),
-                    listing: before,
+                    listing,
                 });
             }
             _ => {
@@ -762,6 +780,23 @@ impl Worker {
             }
         }
         outcome
+    }
+
+    /// Whether the kept workspace `k` is as it was written: the same entries (path,
+    /// inode, kind, size, change time), and each recipe file's text that of its
+    /// bundle, read back (a change time is as coarse as the kernel's tick).
+    fn intact(&self, k: &KeptWorkspace) -> bool {
+        let bundle = {
+            let parsed = self.parsed.lock().expect("parsed");
+            parsed.iter().find(|p| p.digest == k.recipes).cloned()
+        };
+        let Some(bundle) = bundle else {
+            return false;
+        };
+        listing(&k.dir).is_ok_and(|now| now == k.listing)
+            && bundle.recipes.files.iter().all(|file| {
+                std::fs::read(k.dir.join(&file.path)).is_ok_and(|text| text == file.text.as_bytes())
+            })
     }
 
     fn build_in(&self, request: &Request, ws: &Path, recipes: Recipes) -> Result<Outcome> {
@@ -873,9 +908,15 @@ struct Link<'a> {
     publisher: &'a Mutex<Channel>,
     acceptor: &'a Acceptor,
     locks: &'a mut lock::Locks,
-    /// The session's progress thread: the identity of a build that begins, `None`
-    /// when it ends.
-    running: &'a Sender<Option<String>>,
+    progress: &'a Progress<'a>,
+}
+
+/// The worker session's side of its progress thread.
+struct Progress<'a> {
+    /// The identity of a build that begins, `None` when it ends: the thread's timer.
+    running: Sender<Option<String>>,
+    /// The build under way, held while a `running` reply is published.
+    building: &'a Mutex<Option<String>>,
 }
 
 /// The channel `accepted` replies go out on: published `mandatory`, with publisher
