@@ -159,8 +159,27 @@ pub fn runs() -> Vec<PathBuf> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
         .collect();
-    logs.sort();
+    sort_runs(&mut logs);
     logs
+}
+
+/// Orders run logs, named `<UTC second>-<pid>.log`, oldest first: by second, then by
+/// pid as a number (as text, pid 999 came after pid 1000 of the same second).
+fn sort_runs(logs: &mut [PathBuf]) {
+    logs.sort_by_cached_key(|p| {
+        let stem = p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match stem.rsplit_once('-') {
+            Some((stamp, pid)) => (
+                stamp.to_string(),
+                pid.parse::<u64>().unwrap_or(u64::MAX),
+                stem.clone(),
+            ),
+            None => (stem.clone(), u64::MAX, stem),
+        }
+    });
 }
 
 /// Removes all but the newest [`KEPT_RUNS`] runs.
@@ -172,5 +191,35 @@ fn prune() {
     for old in &logs[..logs.len() - KEPT_RUNS] {
         let _ = std::fs::remove_file(old);
         let _ = std::fs::remove_dir_all(old.with_extension(""));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_one_second_are_ordered_by_pid_as_a_number() {
+        let mut logs: Vec<PathBuf> = [
+            "20261202T045531Z-5.log",
+            "20261202T045530Z-1000.log",
+            "20261202T045530Z-999.log",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        sort_runs(&mut logs);
+        // Regression: sorted as text, pid 1000 came before pid 999 of its second.
+        assert_eq!(
+            logs,
+            [
+                "20261202T045530Z-999.log",
+                "20261202T045530Z-1000.log",
+                "20261202T045531Z-5.log"
+            ]
+            .iter()
+            .map(PathBuf::from)
+            .collect::<Vec<_>>()
+        );
     }
 }
