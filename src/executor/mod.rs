@@ -82,6 +82,12 @@ pub struct Options<'a> {
 /// The most events (mostly output lines) queued for the scheduler.
 const EVENTS_QUEUED: usize = 4096;
 
+/// Events queued for the scheduler per pool thread, up to [`EVENTS_QUEUED`]. The
+/// queue's slots are allocated and initialized when it is made: 4,096 of them, about
+/// half a MiB, cost a worker more than a trivial task's own bookkeeping on every
+/// request (each runs the executor for one job).
+const EVENTS_PER_THREAD: usize = 256;
+
 /// The most tasks (`-j`, `jolt.jobs`) or remote executions (`amqp.jobs`) at once: each
 /// takes a thread.
 pub const MAX_JOBS: usize = 1024;
@@ -347,11 +353,18 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
     let scratch_dirs: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
     let transfer_slots = job::Slots::new(transfers);
     let prefix_output = opts.jobs > 1 && sched.total > 1;
+    // No more threads than jobs planned (none for a no-op build); a download that
+    // turns into an execution later may wait for a free one. Remote executions hold
+    // a thread only while they are prepared, sent or finished.
+    let threads =
+        (limits[LOCAL] + limits[TRANSFER] + limits[REMOTE].min(limits[TRANSFER])).min(sched.total);
     let result: Result<bool> = std::thread::scope(|scope| {
         let (job_tx, job_rx) = unbounded::<Job>();
         // Bounded: a command that prints faster than the console writes waits for
         // it (its pipe fills), instead of queueing its output in memory.
-        let (ev_tx, ev_rx) = crossbeam_channel::bounded::<Event>(EVENTS_QUEUED);
+        let (ev_tx, ev_rx) = crossbeam_channel::bounded::<Event>(
+            (EVENTS_PER_THREAD * threads.max(1)).min(EVENTS_QUEUED),
+        );
         let (quit_tx, quit_rx) = crossbeam_channel::bounded::<()>(0);
         let withdraw = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // A network build's requests wait for their replies on one thread, not a
@@ -367,11 +380,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
             }
             _ => None,
         };
-        // No more threads than jobs planned (none for a no-op build); a download that
-        // turns into an execution later may wait for a free one. Remote executions
-        // hold a thread only while they are prepared, sent or finished.
-        let threads = limits[LOCAL] + limits[TRANSFER] + limits[REMOTE].min(limits[TRANSFER]);
-        for started in 0..threads.min(sched.total) {
+        for started in 0..threads {
             let runner = Runner {
                 graph,
                 cache: services.cache,
