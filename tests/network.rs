@@ -1410,3 +1410,21 @@ fn a_worker_builds_in_the_workspace_a_build_left_as_it_was_and_only_there() {
     // One that a build changed is not kept.
     assert_ne!(root("kept_ws_b"), root("kept_ws_c"));
 }
+
+#[test]
+fn the_cache_log_tells_a_workers_requests_from_its_clients() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with("[task.agent_told]\nrun = \"echo told > {artifact}/out\"\n");
+    c.build(&ws, &["agent_told"]).success();
+    let log = std::fs::read_to_string(c.server.dir.path().join("access.log")).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("/agent_told/")).collect();
+    // The worker's upload says it comes from a worker; the client's download does not.
+    let put = lines.iter().find(|l| l.contains("\"PUT ")).expect("a PUT");
+    assert!(put.contains("(worker)\""), "{log}");
+    let get = lines.iter().find(|l| l.contains("\"GET ")).expect("a GET");
+    assert!(
+        get.contains("\"jolt/") && !get.contains("(worker)"),
+        "{log}"
+    );
+}

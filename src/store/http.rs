@@ -392,6 +392,23 @@ impl HttpCache {
         no_download: bool,
         no_upload: bool,
     ) -> Result<Option<HttpCache>> {
+        let agent = format!("jolt/{}", env!("CARGO_PKG_VERSION"));
+        Self::with_agent(config, no_download, no_upload, agent)
+    }
+
+    /// A worker's cache: its requests say so in their `User-Agent` (`jolt/<version>
+    /// (worker)`), so that the cache's log tells a fleet's requests from its clients'.
+    pub fn for_worker(config: &Config) -> Result<Option<HttpCache>> {
+        let agent = format!("jolt/{} (worker)", env!("CARGO_PKG_VERSION"));
+        Self::with_agent(config, false, false, agent)
+    }
+
+    fn with_agent(
+        config: &Config,
+        no_download: bool,
+        no_upload: bool,
+        user_agent: String,
+    ) -> Result<Option<HttpCache>> {
         let Some(uri) = config.get("http.uri").filter(|u| !u.trim().is_empty()) else {
             return Ok(None);
         };
@@ -443,7 +460,7 @@ impl HttpCache {
             // the transfers past the tenth each reconnected (a round trip more).
             .max_idle_connections(idle)
             .max_idle_connections_per_host(idle)
-            .user_agent(format!("jolt/{}", env!("CARGO_PKG_VERSION")))
+            .user_agent(user_agent)
             .build();
         let agent = ureq::Agent::with_parts(
             agent_config,

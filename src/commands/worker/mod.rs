@@ -179,7 +179,7 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 /// Runs the worker until SIGTERM (drain) or SIGINT.
 pub fn run(config: &Config) -> Result<Exit> {
     let settings = Settings::from_config(config)?;
-    let http = HttpCache::from_config(config, false, false)?
+    let http = HttpCache::for_worker(config)?
         .ok_or_else(|| usage("amqp-worker needs an HTTP cache: set http.uri"))?;
     if !http.upload {
         return Err(usage(
