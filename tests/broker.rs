@@ -167,8 +167,26 @@ fn a_worker_that_loses_its_connection_mid_task_still_answers() {
     );
 }
 
-/// A broker user for one test, deleted when dropped.
+/// A broker user for one test (password `secret`), deleted when dropped.
 struct User(String);
+
+impl User {
+    /// A user `name` that may read and write everything and configure (declare,
+    /// delete) only what `configure` matches.
+    fn configuring(name: String, configure: &str) -> User {
+        rabbitmqctl(&["add_user", &name, "secret"]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &name, configure, ".*", ".*"]);
+        User(name)
+    }
+
+    /// The worker settings that log in as this user.
+    fn settings(&self) -> [String; 2] {
+        [
+            format!("amqp.username={}", self.0),
+            "amqp.password=secret".to_string(),
+        ]
+    }
+}
 
 impl Drop for User {
     fn drop(&mut self) {
@@ -181,28 +199,15 @@ fn a_lock_the_broker_refuses_is_an_error_and_not_a_duplicate() {
     let Some(c) = crate::util::cluster() else {
         return;
     };
-    let user = User(format!("jolt_test_{}", std::process::id()));
-    rabbitmqctl(&["add_user", &user.0, "secret"]);
     // Everything a worker declares but its own lock queues.
-    rabbitmqctl(&[
-        "set_permissions",
-        "-p",
-        "/",
-        &user.0,
+    let user = User::configuring(
+        format!("jolt_test_{}", std::process::id()),
         "^(jolt_tasks_.*|jolt_shard_.*|jolt_exchange|jolt_results|amq\\.gen.*)$",
-        ".*",
-        ".*",
-    ]);
+    );
     let ws = Workspace::with("[task.refused_lock]\nrun = \"true # refused lock\"\n");
     // Another holder of the task's lock shard, so the worker needs its own lock.
     with_shard_held(&ws.identity("refused_lock"), |_consumer| {
-        let w = crate::util::WorkerProcess::start(
-            &c.config(),
-            &[
-                format!("amqp.username={}", user.0),
-                "amqp.password=secret".to_string(),
-            ],
-        );
+        let w = crate::util::WorkerProcess::start(&c.config(), &user.settings());
         let client = c.spawn_build(&ws, &["refused_lock"]);
         // Regression: any refusal was taken for a lock held by another worker, and
         // the request was dropped as a duplicate.
@@ -219,31 +224,18 @@ fn a_worker_declares_no_lock_shard_queue_that_exists() {
     let Some(c) = crate::util::cluster() else {
         return;
     };
-    let user = User(format!("jolt_test_shards_{}", std::process::id()));
-    rabbitmqctl(&["add_user", &user.0, "secret"]);
     // Everything a worker declares but the lock shard queues.
-    rabbitmqctl(&[
-        "set_permissions",
-        "-p",
-        "/",
-        &user.0,
+    let user = User::configuring(
+        format!("jolt_test_shards_{}", std::process::id()),
         "^(jolt_tasks_.*|jolt_lock_.*|jolt_exchange|jolt_results|amq\\.gen.*)$",
-        ".*",
-        ".*",
-    ]);
+    );
     let ws = Workspace::with("[task.shard_exists]\nrun = \"true # shard exists\"\n");
     // The shard queue exists (declared by another worker, here this test), so the
     // worker consumes it without declaring it: a declaration costs the broker about
     // as much as the lock. Regression: every worker declared every shard it used,
     // once per connection, and this user's worker failed the task.
     with_shard_held(&ws.identity("shard_exists"), |_consumer| {});
-    let w = crate::util::WorkerProcess::start(
-        &c.config(),
-        &[
-            format!("amqp.username={}", user.0),
-            "amqp.password=secret".to_string(),
-        ],
-    );
+    let w = crate::util::WorkerProcess::start(&c.config(), &user.settings());
     let client = c.spawn_build(&ws, &["shard_exists"]);
     crate::util::finish_within(client, Duration::from_secs(60), "the client").code(0);
     let output = w.output();
