@@ -100,11 +100,45 @@ fn write_entries(base: &Path, entries: &[PathBuf], out: impl Write) -> Result<()
         } else {
             let file =
                 File::open(&full).with_context(|| format!("Cannot read {}", full.display()))?;
-            builder.append_data(&mut header, rel, file)?;
+            let exactly = Exactly {
+                file,
+                left: meta.len(),
+            };
+            builder
+                .append_data(&mut header, rel, exactly)
+                .with_context(|| format!("Cannot pack {}", full.display()))?;
         }
     }
     builder.into_inner()?.flush()?;
     Ok(())
+}
+
+/// A file's content as its tar header announces it: exactly the size it had when the
+/// header was written. tar copies a reader to its end, so a file that grew or shrank
+/// meanwhile (a process still writing it) made an archive whose entries no longer
+/// line up, which a server took and every reader refused; it is an error instead.
+struct Exactly {
+    file: File,
+    left: u64,
+}
+
+impl std::io::Read for Exactly {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            let mut more = [0u8; 1];
+            return match self.file.read(&mut more)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::other("it grew while it was packed")),
+            };
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.file.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::other("it shrank while it was packed"));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 fn walk(base: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -305,6 +339,26 @@ pub fn verify(dir: &Path, task: &str, identity: &str) -> Result<Manifest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_is_packed_at_the_size_its_header_gives_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let read = |left: u64| {
+            let mut out = Vec::new();
+            let file = File::open(&path).unwrap();
+            Exactly { file, left }
+                .read_to_end(&mut out)
+                .map(|_| out)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(read(10).unwrap(), b"0123456789");
+        // Regression: tar copied the file to its end whatever its header said, and an
+        // archive of a file written meanwhile was uploaded broken.
+        assert_eq!(read(5).unwrap_err(), "it grew while it was packed");
+        assert_eq!(read(20).unwrap_err(), "it shrank while it was packed");
+    }
 
     fn header(path: &str, kind: tar::EntryType, size: u64) -> tar::Header {
         let mut h = tar::Header::new_gnu();
