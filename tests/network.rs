@@ -1391,24 +1391,45 @@ fn a_task_whose_lock_something_else_holds_fails_instead_of_waiting_for_ever() {
 fn a_worker_builds_in_the_workspace_a_build_left_as_it_was_and_only_there() {
     let Some(c) = cluster() else { return };
     let _w = c.worker();
-    // One after another on the one worker, each requiring the one before.
+    // One after another on the one worker, each requiring the one before; each
+    // records when its workspace's recipe file was written (the workspace's path
+    // is new for each request).
     let ws = Workspace::with(
-        "[task.kept_ws_a]\nrun = \"echo {root} > {artifact}/root\"\n\
+        "[task.kept_ws_a]\nrun = \"stat -c %z {root}/jolt.toml > {artifact}/written\"\n\
          [task.kept_ws_b]\nrequires = [\"kept_ws_a\"]\n\
-         run = \"echo {root} > {artifact}/root; touch {root}/litter\"\n\
+         run = \"stat -c %z {root}/jolt.toml > {artifact}/written; touch {root}/litter\"\n\
          [task.kept_ws_c]\nrequires = [\"kept_ws_b\"]\n\
-         run = [\"echo {root} > {artifact}/root\", \"test ! -e {root}/litter\"]\n",
+         run = [\"stat -c %z {root}/jolt.toml > {artifact}/written\", \"test ! -e {root}/litter\", \"chmod 555 {root}\"]\n\
+         [task.kept_ws_d]\nrequires = [\"kept_ws_c\"]\n\
+         run = [\"stat -c %z {root}/jolt.toml > {artifact}/written\", \"test $(stat -c %a {root}) != 555\"]\n",
     );
-    c.build(&ws, &["kept_ws_a", "kept_ws_b", "kept_ws_c"])
+    c.build(&ws, &["kept_ws_a", "kept_ws_b", "kept_ws_c", "kept_ws_d"])
         .success();
-    let root = |task: &str| {
+    let written = |task: &str| {
         let dir = ws.artifacts(task).pop().expect(task);
-        std::fs::read_to_string(dir.join("root")).unwrap()
+        std::fs::read_to_string(dir.join("written")).unwrap()
     };
     // Regression: each request's workspace was made, written and deleted anew.
-    assert_eq!(root("kept_ws_a"), root("kept_ws_b"));
-    // One that a build changed is not kept.
-    assert_ne!(root("kept_ws_b"), root("kept_ws_c"));
+    assert_eq!(written("kept_ws_a"), written("kept_ws_b"));
+    // One that a build changed is not used again: not for what it holds (c found no
+    // litter), nor for the directory's own mode (d found it as made).
+    assert_ne!(written("kept_ws_b"), written("kept_ws_c"));
+    assert_ne!(written("kept_ws_c"), written("kept_ws_d"));
+}
+
+#[test]
+fn a_process_an_earlier_build_left_running_does_not_write_into_a_later_ones_workspace() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with(
+        "[task.left_running]\n\
+         run = \"setsid -f sh -c 'sleep 1; echo injected > {root}/config.h' </dev/null >/dev/null 2>&1\"\n\
+         [task.later_build]\nrequires = [\"left_running\"]\n\
+         run = [\"sleep 2\", \"test ! -e {root}/config.h\"]\n",
+    );
+    // Regression: the later build ran in the kept workspace by its old path, which
+    // the process left running wrote into.
+    c.build(&ws, &["later_build"]).success();
 }
 
 #[test]

@@ -390,6 +390,14 @@ impl LocalCache {
 
     /// A fresh scratch directory under the cache's `.tmp`.
     pub fn scratch(&self, prefix: &str) -> Result<PathBuf> {
+        let dir = self.scratch_name(prefix);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("Cannot create {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// A new scratch path, as [`LocalCache::scratch`] names them, not created.
+    pub fn scratch_name(&self, prefix: &str) -> PathBuf {
         let name: String = prefix
             .chars()
             .map(|c| {
@@ -406,13 +414,9 @@ impl LocalCache {
             || format!("nolock-{}", std::process::id()),
             |n| n.to_string_lossy().into_owned(),
         );
-        let dir = self
-            .root
+        self.root
             .join(".tmp")
-            .join(format!("{owner}~{name}-{}", unique_suffix()));
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("Cannot create {}", dir.display()))?;
-        Ok(dir)
+            .join(format!("{owner}~{name}-{}", unique_suffix()))
     }
 
     /// Renames a staged artifact into place (hold its lock) and trims the cache.

@@ -108,30 +108,29 @@ struct KeptWorkspace {
     listing: Vec<Listed>,
 }
 
-/// What a workspace holds, to tell whether a build changed it: each entry's path,
-/// inode, kind, size and change time (which, unlike the modification time, no
-/// command can set back).
-type Listed = (std::path::PathBuf, u64, bool, u64, (i64, i64));
+/// What a workspace holds, to tell whether something changed it: the workspace
+/// directory itself (path "") and each entry within, by path, inode, mode, size and
+/// change time (which, unlike the modification time, no command can set back).
+type Listed = (std::path::PathBuf, u64, u32, u64, (i64, i64));
 
-/// Lists `dir` recursively, in a stable order.
+/// Lists `dir`, itself first, then what it holds, in a stable order.
 fn listing(dir: &Path) -> Result<Vec<Listed>> {
     use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
+    let listed = |rel: std::path::PathBuf, meta: &std::fs::Metadata| {
+        let ctime = (meta.ctime(), meta.ctime_nsec());
+        (rel, meta.ino(), meta.mode(), meta.len(), ctime)
+    };
+    let mut out = vec![listed(std::path::PathBuf::new(), &dir.symlink_metadata()?)];
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {
         for entry in std::fs::read_dir(&d)? {
-            let entry = entry?;
-            let meta = entry.path().symlink_metadata()?;
+            let path = entry?.path();
+            let meta = path.symlink_metadata()?;
             if meta.is_dir() {
-                pending.push(entry.path());
+                pending.push(path.clone());
             }
-            out.push((
-                entry.path(),
-                meta.ino(),
-                meta.is_dir(),
-                meta.len(),
-                (meta.ctime(), meta.ctime_nsec()),
-            ));
+            let rel = path.strip_prefix(dir).unwrap_or(&path).to_path_buf();
+            out.push(listed(rel, &meta));
         }
     }
     out.sort();
@@ -730,22 +729,9 @@ impl Worker {
         // replaced since: each request looks afresh.
         self.http.forget_rejections();
         let reusable = request.snapshot.is_none();
-        // The kept workspace, if this request can be built in it as it is.
-        let (ws, mut listed) = match self.kept.lock().expect("kept").take() {
-            Some(k) if reusable && k.recipes == request.recipes && self.intact(&k) => {
-                (k.dir, Some(k.listing))
-            }
-            other => {
-                if let Some(k) = other {
-                    let _ = crate::util::fs::remove_dir_all(&k.dir);
-                }
-                match self.cache.scratch("ws") {
-                    Ok(ws) => (ws, None),
-                    Err(e) => {
-                        return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}"))
-                    }
-                }
-            }
+        let (ws, mut listed) = match self.workspace(request) {
+            Ok(ws) => ws,
+            Err(e) => return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),
         };
         let fresh = listed.is_none();
         // A panic is a bug; it must end in an error reply, not in a dead worker.
@@ -780,6 +766,29 @@ impl Worker {
             }
         }
         outcome
+    }
+
+    /// The workspace to build `request` in, with its listing when it is the kept one
+    /// (moved under a new name): a request without a source snapshot uses the kept
+    /// workspace of its recipe bundle if it is as written; anything else gets a
+    /// fresh one.
+    fn workspace(&self, request: &Request) -> Result<(std::path::PathBuf, Option<Vec<Listed>>)> {
+        let kept = self.kept.lock().expect("kept").take();
+        if let Some(k) = kept {
+            let fits = request.snapshot.is_none() && k.recipes == request.recipes;
+            // A new name for each request: a process an earlier build left running
+            // (one that left its process group) and that writes by the old path,
+            // `{root}`, does not reach this one.
+            let renamed = self.cache.scratch_name("ws");
+            if fits && self.intact(&k) && std::fs::rename(&k.dir, &renamed).is_ok() {
+                if let Ok(listed) = listing(&renamed) {
+                    return Ok((renamed, Some(listed)));
+                }
+                let _ = crate::util::fs::remove_dir_all(&renamed);
+            }
+            let _ = crate::util::fs::remove_dir_all(&k.dir);
+        }
+        Ok((self.cache.scratch("ws")?, None))
     }
 
     /// Whether the kept workspace `k` is as it was written: the same entries (path,
