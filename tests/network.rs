@@ -1449,3 +1449,16 @@ fn the_cache_log_tells_a_workers_requests_from_its_clients() {
         "{log}"
     );
 }
+
+#[test]
+fn a_failed_remote_task_is_reported_with_the_time_it_ran() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with("[task.slow_failure]\nrun = \"sleep 1.2; exit 3\"\n");
+    let run = c.build(&ws, &["slow_failure", "--result", "r.json"]);
+    run.code(1).contains("Remote execution failed after 01s");
+    let report: serde_json::Value = serde_json::from_str(&ws.read("r.json")).unwrap();
+    // Regression: the client had not seen it start, and reported 0.
+    let duration = report["tasks"][0]["duration"].as_f64().unwrap();
+    assert!((1.2..60.0).contains(&duration), "{report}");
+}

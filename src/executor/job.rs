@@ -765,6 +765,7 @@ impl Runner<'_> {
             log: None,
             remote: false,
             kept: None,
+            took: None,
         })
     }
 
@@ -828,6 +829,7 @@ impl Runner<'_> {
             log: None,
             remote: false,
             kept: None,
+            took: None,
         })
     }
 

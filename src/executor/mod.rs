@@ -201,6 +201,9 @@ struct Failure {
     remote: bool,
     /// Where the task's whole output was kept (see `runlog`).
     kept: Option<PathBuf>,
+    /// How long the task ran, where the scheduler did not see it start (a worker's
+    /// figure for a network build).
+    took: Option<Duration>,
 }
 
 impl Failure {
@@ -211,6 +214,7 @@ impl Failure {
             log: None,
             remote: false,
             kept: None,
+            took: None,
         }
     }
 
@@ -1334,7 +1338,10 @@ impl Scheduler<'_> {
             console::error(line);
         }
         let unstable = node.task.def.unstable;
-        let elapsed = self.started[i].map(|s| s.elapsed()).unwrap_or_default();
+        let elapsed = failure
+            .took
+            .or_else(|| self.started[i].map(|s| s.elapsed()))
+            .unwrap_or_default();
         self.durations[i] = Some(elapsed);
         console::error(&format!(
             "{}xecution failed after {} ({}){}",

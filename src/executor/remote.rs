@@ -220,7 +220,7 @@ impl<'n> Runner<'n> {
             .unwrap_or_default()
             .min(Duration::from_secs(crate::util::fs::MAX_DURATION_SECS));
         if reply.kind != ReplyKind::Success {
-            return Some(Err(self.remote_failure(i, reply)));
+            return Some(Err(self.remote_failure(i, reply, duration)));
         }
         // The task's output, as a local task's would show (the worker sends at most
         // its last MiB, saying what it cut).
@@ -269,7 +269,7 @@ impl<'n> Runner<'n> {
     }
 
     /// A worker's failure or error reply: its log is shown, and it fails node `i`.
-    fn remote_failure(&self, i: usize, reply: Reply) -> Failure {
+    fn remote_failure(&self, i: usize, reply: Reply, took: Duration) -> Failure {
         for line in reply.log.lines() {
             self.send(Event::Replay(i, line.to_string()));
         }
@@ -287,6 +287,7 @@ impl<'n> Runner<'n> {
             log: Some(reply.log),
             remote: true,
             kept: None,
+            took: Some(took),
         }
     }
 
