@@ -1462,3 +1462,23 @@ fn a_failed_remote_task_is_reported_with_the_time_it_ran() {
     let duration = report["tasks"][0]["duration"].as_f64().unwrap();
     assert!((1.2..60.0).contains(&duration), "{report}");
 }
+
+#[test]
+fn a_cache_that_goes_away_while_a_worker_builds_stops_the_network_build_with_exit_3() {
+    let Some(mut c) = cluster() else { return };
+    let _w = c.worker();
+    let started = c.dir.path().join("started");
+    let ws = Workspace::with(&format!(
+        "[task.cache_gone]\nrun = [\"touch {}\", \"sleep 2\", \"echo x > {{artifact}}/out\"]\n",
+        started.display()
+    ));
+    let client = c.spawn_build(&ws, &["cache_gone"]);
+    wait_until("the task to start", Duration::from_secs(30), || {
+        started.exists()
+    });
+    c.server.stop();
+    // Regression: the worker's upload failed, and the client failed the task with
+    // exit 1, where a network build that cannot reach its cache is exit 3.
+    let run = crate::util::finish_within(client, Duration::from_secs(120), "the client");
+    run.code(3).contains("The HTTP cache is unreachable");
+}

@@ -766,6 +766,7 @@ impl Runner<'_> {
             remote: false,
             kept: None,
             took: None,
+            unreachable: None,
         })
     }
 
@@ -830,6 +831,7 @@ impl Runner<'_> {
             remote: false,
             kept: None,
             took: None,
+            unreachable: None,
         })
     }
 

@@ -204,6 +204,9 @@ struct Failure {
     /// How long the task ran, where the scheduler did not see it start (a worker's
     /// figure for a network build).
     took: Option<Duration>,
+    /// The HTTP cache was found unreachable (why): a network build, which needs it,
+    /// stops (exit 3) instead of failing the task.
+    unreachable: Option<String>,
 }
 
 impl Failure {
@@ -215,6 +218,7 @@ impl Failure {
             remote: false,
             kept: None,
             took: None,
+            unreachable: None,
         }
     }
 
@@ -1275,6 +1279,13 @@ impl Scheduler<'_> {
             Err(failure) if failure.interrupted => {
                 self.status[i] = Status::Interrupted;
                 self.propagate(i, Some((i, false)));
+            }
+            Err(mut failure) if failure.unreachable.is_some() => {
+                let why = failure.unreachable.take().unwrap_or_default();
+                self.failed(i, failure);
+                return Err(crate::error::infra(format!(
+                    "The HTTP cache is unreachable ({why}): network builds need it; stopping"
+                )));
             }
             Err(failure) => self.failed(i, failure),
         }

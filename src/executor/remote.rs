@@ -220,7 +220,13 @@ impl<'n> Runner<'n> {
             .unwrap_or_default()
             .min(Duration::from_secs(crate::util::fs::MAX_DURATION_SECS));
         if reply.kind != ReplyKind::Success {
-            return Some(Err(self.remote_failure(i, reply, duration)));
+            let mut failure = self.remote_failure(i, reply, duration);
+            // A worker whose cache went away (an upload that failed, say) fails its
+            // task; if this client cannot reach the cache either, the build stops.
+            if let Some(http) = self.http.filter(|h| !h.probe()) {
+                failure.unreachable = Some(http.uri().to_string());
+            }
+            return Some(Err(failure));
         }
         // The task's output, as a local task's would show (the worker sends at most
         // its last MiB, saying what it cut).
@@ -288,6 +294,7 @@ impl<'n> Runner<'n> {
             remote: true,
             kept: None,
             took: Some(took),
+            unreachable: None,
         }
     }
 
