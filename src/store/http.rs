@@ -798,29 +798,32 @@ impl HttpCache {
             limit: PACKED_IN_MEMORY,
             full: false,
         };
-        match crate::store::archive::pack_entries(dir, entries, &mut small) {
-            Ok(()) => {
-                let sent = self.send(&url, &mut || {
-                    self.with_auth(self.agent.put(&url))
-                        .header("Content-Type", "application/x-tar")
-                        .send(&small.bytes[..])
-                })?;
-                put_outcome(&url, sent.status())?;
-                self.rejected
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&url);
-                return Ok(());
-            }
+        let sent = match crate::store::archive::pack_entries(dir, entries, &mut small) {
+            Ok(()) => self.send(&url, &mut || {
+                self.with_auth(self.agent.put(&url))
+                    .header("Content-Type", "application/x-tar")
+                    .send(&small.bytes[..])
+            })?,
             Err(e) if !small.full => {
                 bail!("{url}: cannot pack {}: {e:#}", dir.display())
             }
             // Larger: streamed.
-            Err(_) => {}
-        }
+            Err(_) => self.put_streamed(&url, dir)?,
+        };
+        put_outcome(&url, sent.status())?;
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&url);
+        Ok(())
+    }
+
+    /// `PUT` of the artifact directory `dir`, packed by a thread into a pipe that the
+    /// request reads (chunked).
+    fn put_streamed(&self, url: &str, dir: &Path) -> Result<ureq::http::Response<ureq::Body>> {
         // A packing error is ours, not the server's: it must not mark the cache down.
         let packing: Arc<Mutex<Option<String>>> = Arc::default();
-        let sent = self.send(&url, &mut || {
+        let sent = self.send(url, &mut || {
             let (reader, writer) = std::io::pipe().map_err(ureq::Error::Io)?;
             let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
             let dir = dir.to_path_buf();
@@ -842,7 +845,7 @@ impl HttpCache {
                 failed: packing.clone(),
             };
             let result = self
-                .with_auth(self.agent.put(&url))
+                .with_auth(self.agent.put(url))
                 .header("Content-Type", "application/x-tar")
                 .send(ureq::SendBody::from_owned_reader(body));
             let _ = ended.recv();
@@ -855,12 +858,7 @@ impl HttpCache {
         if let Some(e) = packed {
             bail!("{url}: cannot pack {}: {e}", dir.display());
         }
-        put_outcome(&url, sent?.status())?;
-        self.rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&url);
-        Ok(())
+        sent
     }
 
     /// The URL of a source snapshot.
