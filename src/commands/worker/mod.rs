@@ -306,7 +306,7 @@ impl Worker {
         // unacked for another worker.
         let building = Mutex::new(None);
         let stopped = std::thread::scope(|scope| {
-            let (running, builds) = crossbeam_channel::bounded::<Option<String>>(1);
+            let (running, builds) = crossbeam_channel::bounded::<bool>(1);
             let progress = Progress {
                 running,
                 building: &building,
@@ -357,38 +357,34 @@ impl Worker {
         Ok(())
     }
 
-    /// The session's progress thread: while a build runs (from the identity sent on
-    /// `builds` until the `None` that follows), tells its clients every
-    /// `amqp.progress` that it still runs. One thread for the session, where one per
-    /// request cost a thread start and end per task. It publishes holding `building`,
-    /// which the build's end clears before its final reply: no `running` comes after
-    /// it.
+    /// The session's progress thread: while a build runs (from the `true` sent on
+    /// `builds` until the `false` that follows), tells the clients of the build in
+    /// `building` every `amqp.progress` that it still runs. One thread for the
+    /// session, where one per request cost a thread start and end per task. It
+    /// publishes holding `building`, which the build's end clears before its final
+    /// reply: no `running` comes after it.
     fn report_progress(
         &self,
         publisher: &Mutex<Channel>,
-        builds: Receiver<Option<String>>,
+        builds: Receiver<bool>,
         building: &Mutex<Option<String>>,
     ) {
-        let mut timing: Option<String> = None;
+        let mut timing = false;
         loop {
-            let next = match &timing {
-                None => builds.recv().map_err(|_| ()),
-                Some(identity) => match builds.recv_timeout(self.settings.progress) {
-                    Ok(next) => Ok(next),
-                    Err(RecvTimeoutError::Timeout) => {
-                        let current = building.lock().expect("building");
-                        if current.as_ref() == Some(identity) {
-                            let reply = self.reply(identity, ReplyKind::Running);
-                            let _ = publish_reply(publisher, &reply);
-                        }
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => Err(()),
-                },
+            let next = if timing {
+                builds.recv_timeout(self.settings.progress)
+            } else {
+                builds.recv().map_err(|_| RecvTimeoutError::Disconnected)
             };
             match next {
-                Ok(next) => timing = next,
-                Err(()) => return,
+                Ok(began) => timing = began,
+                Err(RecvTimeoutError::Timeout) => {
+                    let current = building.lock().expect("building");
+                    if let Some(identity) = current.as_ref() {
+                        let _ = publish_reply(publisher, &self.reply(identity, ReplyKind::Running));
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
     }
@@ -558,11 +554,11 @@ impl Worker {
     /// every `amqp.progress`, that it still runs.
     fn build_reporting_progress(&self, progress: &Progress, request: &Request) -> Outcome {
         *progress.building.lock().expect("building") = Some(request.identity.clone());
-        let _ = progress.running.send(Some(request.identity.clone()));
+        let _ = progress.running.send(true);
         let outcome = self.build(request);
         // Waits for a `running` being published: the final reply comes after it.
         *progress.building.lock().expect("building") = None;
-        let _ = progress.running.send(None);
+        let _ = progress.running.send(false);
         outcome
     }
 
@@ -683,16 +679,18 @@ impl Worker {
         Ok(recipes)
     }
 
+    /// The recipe bundle `digest`, if this worker keeps it parsed.
+    fn parsed(&self, digest: &str) -> Option<Arc<Parsed>> {
+        let parsed = self.parsed.lock().expect("parsed");
+        parsed.iter().find(|p| p.digest == digest).cloned()
+    }
+
     /// The recipe bundle `digest`, written into `ws` and parsed. A bundle is fetched
     /// from the HTTP cache and parsed once; the newest [`PARSED_KEPT`] stay in memory
     /// (at most [`PARSED_BYTES`] of recipe text, the newest always), so the next
     /// requests from one workspace cost neither a download nor a parse.
     fn recipes(&self, digest: &str, ws: &Path, write: bool) -> Result<Recipes> {
-        let known = {
-            let parsed = self.parsed.lock().expect("parsed");
-            parsed.iter().find(|p| p.digest == digest).cloned()
-        };
-        if let Some(p) = known {
+        if let Some(p) = self.parsed(digest) {
             if write {
                 for file in p.recipes.files.iter() {
                     write_file(&ws.join(&file.path), &file.text)?;
@@ -795,11 +793,7 @@ impl Worker {
     /// inode, kind, size, change time), and each recipe file's text that of its
     /// bundle, read back (a change time is as coarse as the kernel's tick).
     fn intact(&self, k: &KeptWorkspace) -> bool {
-        let bundle = {
-            let parsed = self.parsed.lock().expect("parsed");
-            parsed.iter().find(|p| p.digest == k.recipes).cloned()
-        };
-        let Some(bundle) = bundle else {
+        let Some(bundle) = self.parsed(&k.recipes) else {
             return false;
         };
         listing(&k.dir).is_ok_and(|now| now == k.listing)
@@ -922,8 +916,8 @@ struct Link<'a> {
 
 /// The worker session's side of its progress thread.
 struct Progress<'a> {
-    /// The identity of a build that begins, `None` when it ends: the thread's timer.
-    running: Sender<Option<String>>,
+    /// `true` when a build begins, `false` when it ends: the thread's timer.
+    running: Sender<bool>,
     /// The build under way, held while a `running` reply is published.
     building: &'a Mutex<Option<String>>,
 }
