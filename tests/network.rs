@@ -1479,6 +1479,6 @@ fn a_cache_that_goes_away_while_a_worker_builds_stops_the_network_build_with_exi
     c.server.stop();
     // Regression: the worker's upload failed, and the client failed the task with
     // exit 1, where a network build that cannot reach its cache is exit 3.
-    let run = crate::util::finish_within(client, Duration::from_secs(120), "the client");
+    let run = finish_within(client, Duration::from_secs(120), "the client");
     run.code(3).contains("The HTTP cache is unreachable");
 }
