@@ -313,6 +313,18 @@ pub struct Services<'a> {
     pub http: Option<&'a HttpCache>,
 }
 
+/// The error that stops a build which needs the HTTP cache (`jolt download`, network
+/// builds) when the cache is unreachable (`why`): exit 3.
+fn cache_unreachable(why: &str, mode: Mode) -> anyhow::Error {
+    let what = match mode {
+        Mode::DownloadOnly => "nothing can be downloaded",
+        _ => "network builds need it",
+    };
+    crate::error::infra(format!(
+        "The HTTP cache is unreachable ({why}): {what}; stopping"
+    ))
+}
+
 /// Runs the graph's goals: plans what each node needs, then does it on a pool of
 /// threads while this thread schedules and owns the console.
 pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> Result<Report> {
@@ -321,13 +333,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
     for &g in &graph.goals {
         sched.plan(g)?;
         if let Some(why) = &sched.unreachable {
-            let what = match opts.mode {
-                Mode::DownloadOnly => "nothing can be downloaded",
-                _ => "network builds need it",
-            };
-            return Err(crate::error::infra(format!(
-                "The HTTP cache is unreachable ({why}): {what}; stopping"
-            )));
+            return Err(cache_unreachable(why, opts.mode));
         }
     }
     if opts.explain {
@@ -1283,9 +1289,7 @@ impl Scheduler<'_> {
             Err(mut failure) if failure.unreachable.is_some() => {
                 let why = failure.unreachable.take().unwrap_or_default();
                 self.failed(i, failure);
-                return Err(crate::error::infra(format!(
-                    "The HTTP cache is unreachable ({why}): network builds need it; stopping"
-                )));
+                return Err(cache_unreachable(&why, self.mode));
             }
             Err(failure) => self.failed(i, failure),
         }
