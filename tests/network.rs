@@ -795,6 +795,54 @@ fn the_requests_of_a_killed_client_are_not_built() {
     );
 }
 
+// A worker asks whether anyone waits for a request (an `accepted` the broker may
+// return) once per requester in half a second, not for every request (issue 12):
+// the `accepted` a client gets for a short task is what the broker spent the most
+// on per task after the lock. A build that runs longer is announced anyway.
+
+#[test]
+fn a_worker_tells_a_client_accepted_once_for_many_short_tasks_and_for_each_long_one() {
+    let Some(c) = cluster() else { return };
+    // A client heard from is taken to be there for a minute: how fast one request
+    // follows another does not matter.
+    let _w = WorkerProcess::start_with_env(
+        &c.config(),
+        &[],
+        &[("JOLT_TEST_REQUESTER_KEPT_MS", "60000")],
+    );
+    let mut recipe = String::new();
+    for t in 0..20 {
+        recipe.push_str(&format!("[task.short{t}]\nrun = \"true # short {t}\"\n"));
+    }
+    recipe.push_str("[task.shorts]\nkind = \"alias\"\nrequires = [");
+    for t in 0..20 {
+        recipe.push_str(&format!("\"short{t}\", "));
+    }
+    recipe.push_str("]\n");
+    // Taken after `first`, whose `accepted` said the client is there: the worker
+    // does not ask again, and announces the build once it has run a while (a
+    // quarter of a second; its first `running` would come after `amqp.progress`,
+    // here 1 s).
+    recipe.push_str(
+        "[task.first]\nrun = \"true # first\"\n[task.long]\nrequires = [\"first\"]\nrun = [\"sleep 0.6\", \"echo long > {artifact}/l\"]\n",
+    );
+    let ws = Workspace::with(&recipe);
+    let shorts = c.build(&ws, &["-v", "shorts"]);
+    shorts.success();
+    let accepted = shorts.count("Remote execution accepted by");
+    // Regression: every request was answered `accepted` (20 here).
+    assert_eq!(accepted, 1, "{}", shorts.all());
+    let long = c.build(&ws, &["-v", "long"]);
+    long.success();
+    assert!(
+        long.lines_with("Remote execution accepted by")
+            .iter()
+            .any(|l| l.contains("(long ")),
+        "{}",
+        long.all()
+    );
+}
+
 #[test]
 fn a_network_build_with_the_cache_down_exits_3_and_sends_nothing() {
     let Some(c) = cluster() else { return };

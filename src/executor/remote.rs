@@ -452,7 +452,8 @@ impl<'n> Waiter<'n> {
     /// The build stopped (a task failed, without `-k`): the requests no worker has
     /// taken are not waited for. They stay in the broker until the client ends;
     /// then workers drop them, as nobody waits for them (`commands::worker`). Those
-    /// running are waited for.
+    /// a worker said it runs (`accepted`, which a worker may send only once a build
+    /// has run a quarter of a second) are waited for.
     fn withdraw_unaccepted(&self, calls: &mut HashMap<String, Box<Call<'n>>>) {
         let queued: Vec<String> = calls
             .iter()

@@ -10,8 +10,9 @@
 //! worker holds it, answer the duplicate (`success` when the HTTP cache has the
 //! artifact, else `accepted`); answer `success` when the HTTP cache holds the
 //! artifact (asked with the lock held: a holder uploads before it lets go, so a
-//! request locked after it is not built again); reply `accepted`, and `running` every
-//! `amqp.progress` seconds; rebuild the workspace from the request's recipes (a
+//! request locked after it is not built again); make sure someone still waits for it;
+//! say `accepted` once it has run a quarter of a second (unless that asking did),
+//! and `running` every `amqp.progress` seconds; rebuild the workspace from the request's recipes (a
 //! bundle fetched from the HTTP cache by digest and parsed once, then kept) and
 //! source snapshot in a fresh directory (or, for a request without a snapshot, in
 //! the workspace of the last one of its bundle, if it is still as written);
@@ -21,9 +22,11 @@
 //! requirements come from the caches); release the lock; reply; and only then ack.
 //!
 //! A request nobody waits for any more (its client is gone, and no other client
-//! waits for the identity) is dropped after the lock: the `accepted` reply is
-//! published `mandatory`, and the broker returns it when no reply queue is bound to
-//! the identity ([`Acceptor`]).
+//! waits for the identity) is dropped after the lock: an `accepted` reply is
+//! published `mandatory` to the requester's reply queue, and to the identity's
+//! bindings when that is gone; the broker returns it when it reaches no queue
+//! ([`Acceptor`]). A requester reached within half a second is not asked about
+//! again ([`Worker::waited_for`]).
 //!
 //! Why no client waits forever: a client binds its reply queue to the identity
 //! before it publishes its request, and a worker releases the lock only after the
@@ -85,6 +88,10 @@ struct Worker {
     /// The workspace of the last request without a source snapshot, kept for the
     /// next one of the same recipe bundle.
     kept: Mutex<Option<KeptWorkspace>>,
+    /// Requesters' reply queues (`reply_to`) the broker routed an `accepted` to, and
+    /// when: a request from one of them within [`REQUESTER_KEPT`] is built without
+    /// asking again (see [`Worker::waited_for`]).
+    requesters: Mutex<HashMap<String, Instant>>,
 }
 
 impl Drop for Worker {
@@ -197,6 +204,7 @@ pub fn run(config: &Config) -> Result<Exit> {
         parsed: Mutex::default(),
         unsent: Mutex::default(),
         kept: Mutex::default(),
+        requesters: Mutex::default(),
     };
     console::info(&format!(
         "Worker {} serves routing key '{}' from {}",
@@ -359,7 +367,9 @@ impl Worker {
 
     /// The session's progress thread: while a build runs (from the `true` sent on
     /// `builds` until the `false` that follows), tells the clients of the build in
-    /// `building` every `amqp.progress` that it still runs. One thread for the
+    /// `building` `accepted` after [`ACCEPTED_AFTER`] (unless they were told when
+    /// the request was taken), then every `amqp.progress` that it still runs
+    /// (`running`). One thread for the
     /// session, where one per request cost a thread start and end per task. It
     /// publishes holding `building`, which the build's end clears before its final
     /// reply: no `running` comes after it.
@@ -367,22 +377,29 @@ impl Worker {
         &self,
         publisher: &Mutex<Channel>,
         builds: Receiver<bool>,
-        building: &Mutex<Option<String>>,
+        building: &Mutex<Option<Building>>,
     ) {
-        let mut timing = false;
+        // How long until the next reply, while a build runs.
+        let mut wait: Option<Duration> = None;
         loop {
-            let next = if timing {
-                builds.recv_timeout(self.settings.progress)
-            } else {
-                builds.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            let next = match wait {
+                Some(wait) => builds.recv_timeout(wait),
+                None => builds.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match next {
-                Ok(began) => timing = began,
+                Ok(began) => wait = began.then_some(ACCEPTED_AFTER.min(self.settings.progress)),
                 Err(RecvTimeoutError::Timeout) => {
-                    let current = building.lock().expect("building");
-                    if let Some(identity) = current.as_ref() {
-                        let _ = publish_reply(publisher, &self.reply(identity, ReplyKind::Running));
+                    let mut current = building.lock().expect("building");
+                    if let Some(build) = current.as_mut() {
+                        let kind = if build.announced {
+                            ReplyKind::Running
+                        } else {
+                            build.announced = true;
+                            ReplyKind::Accepted
+                        };
+                        let _ = publish_reply(publisher, &self.reply(&build.identity, kind));
                     }
+                    wait = Some(self.settings.progress);
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -446,10 +463,7 @@ impl Worker {
                 n => format!(" (delivery {n} of at most {MAX_DELIVERIES})"),
             }
         ));
-        if !link
-            .acceptor
-            .accept(&self.reply(&request.identity, ReplyKind::Accepted))?
-        {
+        let Some(announced) = self.waited_for(link, delivery, &request)? else {
             console::info(&format!(
                 "{} {id8}: nobody waits for it, its client {} is gone; dropping the request",
                 request.reference, request.client
@@ -458,9 +472,9 @@ impl Worker {
                 bail!("Cannot release the lock of {} {id8}", request.reference);
             }
             return Ok(true);
-        }
+        };
         let start = Instant::now();
-        let outcome = self.build_reporting_progress(link.progress, &request);
+        let outcome = self.build_reporting_progress(link.progress, &request, announced);
         let mut reply = match outcome {
             Outcome::Interrupted => return Ok(false),
             Outcome::Done(kind, log, error) => {
@@ -550,10 +564,70 @@ impl Worker {
         }
     }
 
-    /// Builds the request while the session's progress thread tells its clients,
-    /// every `amqp.progress`, that it still runs.
-    fn build_reporting_progress(&self, progress: &Progress, request: &Request) -> Outcome {
-        *progress.building.lock().expect("building") = Some(request.identity.clone());
+    /// Whether anyone still waits for the request, asked before it is built:
+    /// `Some(announced)` when someone does, `announced` when that asking told its
+    /// clients `accepted`; `None` when nobody does (its client is gone, and no other
+    /// client waits for the identity), and the request is dropped.
+    ///
+    /// Asked by publishing `accepted` `mandatory` (the broker returns it when it
+    /// reaches no queue, [`Acceptor`]): first to the requester's own reply queue
+    /// (`reply_to`), then, if that is gone, to every client bound to the identity. A
+    /// requester the broker reached within [`REQUESTER_KEPT`] is not asked about
+    /// again: most requests then cost the broker no `accepted`, which a client needs
+    /// only for a task that runs long enough to show (the progress thread sends it
+    /// after [`ACCEPTED_AFTER`]). A client that goes away may so have the requests a
+    /// worker takes within [`REQUESTER_KEPT`] of its last `accepted` built.
+    fn waited_for(
+        &self,
+        link: &Link,
+        delivery: &Delivery,
+        request: &Request,
+    ) -> Result<Option<bool>> {
+        let accepted = self.reply(&request.identity, ReplyKind::Accepted);
+        // Only a server-named queue: a forged `reply_to` must not have this worker
+        // publish into some other queue.
+        let requester = delivery
+            .properties
+            .reply_to()
+            .as_deref()
+            .filter(|q| q.starts_with("amq.gen-"));
+        if let Some(queue) = requester {
+            let mut requesters = self.requesters.lock().expect("requesters");
+            if requesters
+                .get(queue)
+                .is_some_and(|t| t.elapsed() < requester_kept())
+            {
+                return Ok(Some(false));
+            }
+            requesters.retain(|_, t| t.elapsed() < requester_kept());
+            drop(requesters);
+            if link.acceptor.accept_to("", queue, &accepted)? {
+                self.requesters
+                    .lock()
+                    .expect("requesters")
+                    .insert(queue.to_string(), Instant::now());
+                return Ok(Some(true));
+            }
+        }
+        Ok(link
+            .acceptor
+            .accept_to(RESULTS, &request.identity, &accepted)?
+            .then_some(true))
+    }
+
+    /// Builds the request while the session's progress thread tells its clients
+    /// that it runs: `accepted` after [`ACCEPTED_AFTER`] unless `announced`, and
+    /// `running` every `amqp.progress`.
+    fn build_reporting_progress(
+        &self,
+        progress: &Progress,
+        request: &Request,
+        announced: bool,
+    ) -> Outcome {
+        *progress.building.lock().expect("building") = Some(Building {
+            identity: request.identity.clone(),
+            announced,
+        });
         let _ = progress.running.send(true);
         let outcome = self.build(request);
         // Waits for a `running` being published: the final reply comes after it.
@@ -919,7 +993,14 @@ struct Progress<'a> {
     /// `true` when a build begins, `false` when it ends: the thread's timer.
     running: Sender<bool>,
     /// The build under way, held while a `running` reply is published.
-    building: &'a Mutex<Option<String>>,
+    building: &'a Mutex<Option<Building>>,
+}
+
+/// A build the progress thread reports on.
+struct Building {
+    identity: String,
+    /// Whether its clients were told `accepted`.
+    announced: bool,
 }
 
 /// The channel `accepted` replies go out on: published `mandatory`, with publisher
@@ -940,6 +1021,27 @@ struct Acceptor {
     tag: std::cell::Cell<u64>,
 }
 
+/// How long a requester the broker routed an `accepted` to is taken to be there
+/// still (see [`Worker::waited_for`]).
+const REQUESTER_KEPT: Duration = Duration::from_millis(500);
+
+/// [`REQUESTER_KEPT`], or what `JOLT_TEST_REQUESTER_KEPT_MS` says (tests that must
+/// not depend on how fast one request follows another).
+fn requester_kept() -> Duration {
+    static KEPT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *KEPT.get_or_init(|| {
+        std::env::var("JOLT_TEST_REQUESTER_KEPT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(REQUESTER_KEPT)
+    })
+}
+
+/// How long a build runs before its clients are told `accepted` (when the request
+/// did not tell them already): a shorter build's final reply is all they hear.
+const ACCEPTED_AFTER: Duration = Duration::from_millis(250);
+
 /// How long a worker waits for the broker to confirm an `accepted` reply.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -957,10 +1059,12 @@ impl Acceptor {
         })
     }
 
-    /// Publishes an `accepted` reply; whether any client is bound to its identity.
-    fn accept(&self, reply: &Reply) -> Result<bool> {
+    /// Publishes an `accepted` reply to `exchange` with `routing_key`: the
+    /// requester's queue by the default exchange, or the clients bound to the
+    /// identity by `jolt_results`. Whether it reached a queue.
+    fn accept_to(&self, exchange: &str, routing_key: &str, reply: &Reply) -> Result<bool> {
         let body = serde_json::to_vec(reply)?;
-        self.routed(RESULTS, &reply.identity, &body)
+        self.routed(exchange, routing_key, &body)
     }
 }
 
