@@ -65,6 +65,93 @@ fn an_upload_is_downloaded_into_another_empty_cache() {
     assert!(b.staging_leftovers().is_empty());
 }
 
+/// A SOCKS5 proxy on loopback (no authentication, `CONNECT` only) that counts the
+/// connections it carries.
+fn socks5_proxy() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let carried = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = carried.clone();
+    let serve = move |mut client: TcpStream| -> std::io::Result<()> {
+        let mut b = [0u8; 258];
+        client.read_exact(&mut b[..2])?;
+        let methods = b[1] as usize;
+        client.read_exact(&mut b[..methods])?;
+        client.write_all(&[5, 0])?;
+        client.read_exact(&mut b[..4])?;
+        let target = match b[3] {
+            1 => {
+                let mut a = [0u8; 6];
+                client.read_exact(&mut a)?;
+                let port = u16::from_be_bytes([a[4], a[5]]);
+                format!("{}.{}.{}.{}:{port}", a[0], a[1], a[2], a[3])
+            }
+            3 => {
+                let mut n = [0u8; 1];
+                client.read_exact(&mut n)?;
+                let mut h = vec![0u8; n[0] as usize + 2];
+                client.read_exact(&mut h)?;
+                let port = u16::from_be_bytes([h[h.len() - 2], h[h.len() - 1]]);
+                format!("{}:{port}", String::from_utf8_lossy(&h[..h.len() - 2]))
+            }
+            _ => return Ok(()),
+        };
+        let mut server = TcpStream::connect(target)?;
+        client.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])?;
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (mut up_from, mut up_to) = (client.try_clone()?, server.try_clone()?);
+        let up = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut up_from, &mut up_to);
+            let _ = up_to.shutdown(Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut server, &mut client);
+        let _ = client.shutdown(Shutdown::Write);
+        let _ = up.join();
+        Ok(())
+    };
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(client));
+        }
+    });
+    (port, carried)
+}
+
+// Regression: ureq was built without its SOCKS support, so `ALL_PROXY=socks5://...`
+// was ignored (a warning at -vv) and the cache reached directly.
+#[test]
+fn the_cache_is_reached_through_a_socks5_proxy_from_the_environment() {
+    let Some(server) = Nginx::start() else { return };
+    let ws = workspace(&server);
+    let (port, carried) = socks5_proxy();
+    let mut cmd = ws.command(&["-c", "jolt.conf.toml", "build", "lib"]);
+    for var in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("ALL_PROXY", format!("socks5://127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let built = finish(cmd.spawn().unwrap());
+    built.success().contains("Upload finished after");
+    let id = built.identity();
+    assert!(server.file(&format!("cache/lib/{id}.tar")).is_file());
+    assert!(
+        carried.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the proxy carried nothing:\n{}",
+        built.all()
+    );
+}
+
 #[test]
 fn two_workspaces_share_artifacts_through_the_cache() {
     let Some(server) = Nginx::start() else { return };
