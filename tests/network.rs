@@ -843,6 +843,97 @@ fn a_worker_tells_a_client_accepted_once_for_many_short_tasks_and_for_each_long_
     );
 }
 
+// A client that binds to a build after its `accepted` went out hears `running`,
+// and counts the task as running on that worker (found by an attacking helper: a
+// second client showed it queued in the broker until it was done).
+
+#[test]
+fn a_client_that_comes_after_a_builds_accepted_counts_it_running_on_its_worker() {
+    let Some(c) = cluster() else { return };
+    let w = c.worker();
+    let recipe = "[task.slow]\nrun = [\"sleep 3\", \"echo s > {artifact}/s\"]\n";
+    let a = Workspace::with(recipe);
+    let b = a.sibling();
+    let first = c.spawn_build(&a, &["-v", "slow"]);
+    wait_until("the build to run a while", Duration::from_secs(30), || {
+        w.output().contains("Request for slow")
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let second = c.build(&b, &["-v", "slow"]);
+    second.success();
+    // Regression: `running` was not news of a worker running it.
+    assert!(
+        second
+            .lines_with("Remote execution accepted by")
+            .iter()
+            .any(|l| l.contains("(slow ")),
+        "{}",
+        second.all()
+    );
+    finish(first).success();
+}
+
+// A request's `reply_to` is only a name: a worker publishes nothing to it (found
+// by an attacking helper: a forged one had the worker send `accepted` into another
+// application's queue, and build a request nobody waited for).
+
+#[test]
+fn a_forged_reply_to_has_nothing_published_to_it_and_nothing_built() {
+    let Some(c) = cluster() else { return };
+    let marker = c.dir.path().join("forged");
+    let ws = Workspace::with(&format!(
+        "[task.f]\nrun = [\"touch {}\", \"echo f > {{artifact}}/f\"]\n",
+        marker.display()
+    ));
+    // A real request, left in the broker by a client that is gone.
+    let mut client = c.spawn_build(&ws, &["f"]);
+    wait_until("the request queued", Duration::from_secs(30), || {
+        c.broker.queued() == Some(1)
+    });
+    unsafe { libc::kill(client.id() as i32, libc::SIGKILL) };
+    let _ = client.wait();
+    c.broker.with_channel(|ch| {
+        use amiquip::{AmqpProperties, ConsumerOptions, Publish, QueueDeclareOptions};
+        let foreign = ch
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let heard = foreign
+            .consume(ConsumerOptions {
+                no_ack: true,
+                ..Default::default()
+            })
+            .unwrap();
+        let pool = ch
+            .queue_declare_passive(format!("jolt_tasks_{}", c.broker.routing_key))
+            .unwrap();
+        let got = pool.get(false).unwrap().expect("the request");
+        ch.basic_publish(
+            "jolt_exchange",
+            Publish::with_properties(
+                &got.delivery.body,
+                c.broker.routing_key.as_str(),
+                AmqpProperties::default()
+                    .with_delivery_mode(2)
+                    .with_reply_to(foreign.name().to_string()),
+            ),
+        )
+        .unwrap();
+        got.ack(ch).unwrap();
+        let w = c.worker();
+        wait_until("the request dropped", Duration::from_secs(30), || {
+            w.output().contains("is gone; dropping the request")
+        });
+        assert!(heard.receiver().try_recv().is_err(), "{}", w.output());
+    });
+    assert!(!marker.exists());
+}
+
 #[test]
 fn a_network_build_with_the_cache_down_exits_3_and_sends_nothing() {
     let Some(c) = cluster() else { return };

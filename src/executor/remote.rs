@@ -466,7 +466,7 @@ impl<'n> Waiter<'n> {
         let _ = self.events.send(Event::Log(
             console::Level::Info,
             format!(
-                "Withdrawing {} no worker has taken: the build stops",
+                "Withdrawing {} no worker said it runs: the build stops",
                 match queued.len() {
                     1 => "1 request".to_string(),
                     n => format!("{n} requests"),
@@ -486,22 +486,26 @@ impl<'n> Waiter<'n> {
         };
         let label = graph.nodes[call.i].label();
         match reply.kind {
-            ReplyKind::Accepted => {
+            ReplyKind::Accepted | ReplyKind::Running => {
+                // The first news of a call, `accepted` or (for a client that was
+                // not yet bound when a build said `accepted`, which a worker sends
+                // once a build has run a while) `running`: a worker runs it.
                 if call.last_news.is_none() {
                     let _ = self
                         .events
                         .send(Event::RemoteRunning(call.i, reply.worker.clone()));
                 }
+                if call.last_news.is_none() || reply.kind == ReplyKind::Accepted {
+                    let _ = self.events.send(Event::Log(
+                        console::Level::Verbose,
+                        format!("Remote execution accepted by {} ({label})", reply.worker),
+                    ));
+                }
                 call.last_news = Some(Instant::now());
-                let _ = self.events.send(Event::Log(
-                    console::Level::Verbose,
-                    format!("Remote execution accepted by {} ({label})", reply.worker),
-                ));
-            }
-            ReplyKind::Running => {
-                call.last_news = Some(Instant::now());
-                call.last_running = Instant::now();
-                call.resends = 0;
+                if reply.kind == ReplyKind::Running {
+                    call.last_running = Instant::now();
+                    call.resends = 0;
+                }
             }
             _ => {
                 if let Some(call) = calls.remove(&reply.identity) {

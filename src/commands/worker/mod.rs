@@ -22,11 +22,11 @@
 //! requirements come from the caches); release the lock; reply; and only then ack.
 //!
 //! A request nobody waits for any more (its client is gone, and no other client
-//! waits for the identity) is dropped after the lock: an `accepted` reply is
-//! published `mandatory` to the requester's reply queue, and to the identity's
-//! bindings when that is gone; the broker returns it when it reaches no queue
-//! ([`Acceptor`]). A requester reached within half a second is not asked about
-//! again ([`Worker::waited_for`]).
+//! waits for the identity) is dropped after the lock: the `accepted` reply is
+//! published `mandatory`, and the broker returns it when no reply queue is bound to
+//! the identity ([`Acceptor`]). A request whose requester (`reply_to`) was asked
+//! about within a quarter of a second is not asked about again
+//! ([`Worker::waited_for`]).
 //!
 //! Why no client waits forever: a client binds its reply queue to the identity
 //! before it publishes its request, and a worker releases the lock only after the
@@ -88,9 +88,9 @@ struct Worker {
     /// The workspace of the last request without a source snapshot, kept for the
     /// next one of the same recipe bundle.
     kept: Mutex<Option<KeptWorkspace>>,
-    /// Requesters' reply queues (`reply_to`) the broker routed an `accepted` to, and
-    /// when: a request from one of them within [`REQUESTER_KEPT`] is built without
-    /// asking again (see [`Worker::waited_for`]).
+    /// The `reply_to` of requests whose `accepted` reached a client, and when: a
+    /// request with one of them within [`REQUESTER_KEPT`] is built without asking
+    /// again (see [`Worker::waited_for`]).
     requesters: Mutex<HashMap<String, Instant>>,
 }
 
@@ -565,32 +565,26 @@ impl Worker {
     }
 
     /// Whether anyone still waits for the request, asked before it is built:
-    /// `Some(announced)` when someone does, `announced` when that asking told its
+    /// `Some(announced)` when someone does, `announced` when the asking told the
     /// clients `accepted`; `None` when nobody does (its client is gone, and no other
     /// client waits for the identity), and the request is dropped.
     ///
-    /// Asked by publishing `accepted` `mandatory` (the broker returns it when it
-    /// reaches no queue, [`Acceptor`]): first to the requester's own reply queue
-    /// (`reply_to`), then, if that is gone, to every client bound to the identity. A
-    /// requester the broker reached within [`REQUESTER_KEPT`] is not asked about
-    /// again: most requests then cost the broker no `accepted`, which a client needs
-    /// only for a task that runs long enough to show (the progress thread sends it
-    /// after [`ACCEPTED_AFTER`]). A client that goes away may so have the requests a
-    /// worker takes within [`REQUESTER_KEPT`] of its last `accepted` built.
+    /// Asked by publishing `accepted` `mandatory` to the clients bound to the
+    /// identity (the broker returns it when no queue is bound, [`Acceptor`]), and
+    /// not asked again within [`REQUESTER_KEPT`] for a request with the same
+    /// `reply_to` (the requester's reply queue): most requests then cost the broker
+    /// no `accepted`, which clients need only for a task that runs long enough to
+    /// show (the progress thread sends it after [`ACCEPTED_AFTER`]). A client that
+    /// goes away may so have the requests a worker takes within [`REQUESTER_KEPT`]
+    /// of its last answer built. Nothing is ever published to `reply_to`, which a
+    /// forged request may set to any queue.
     fn waited_for(
         &self,
         link: &Link,
         delivery: &Delivery,
         request: &Request,
     ) -> Result<Option<bool>> {
-        let accepted = self.reply(&request.identity, ReplyKind::Accepted);
-        // Only a server-named queue: a forged `reply_to` must not have this worker
-        // publish into some other queue.
-        let requester = delivery
-            .properties
-            .reply_to()
-            .as_deref()
-            .filter(|q| q.starts_with("amq.gen-"));
+        let requester = delivery.properties.reply_to().as_deref();
         if let Some(queue) = requester {
             let mut requesters = self.requesters.lock().expect("requesters");
             if requesters
@@ -600,19 +594,18 @@ impl Worker {
                 return Ok(Some(false));
             }
             requesters.retain(|_, t| t.elapsed() < requester_kept());
-            drop(requesters);
-            if link.acceptor.accept_to("", queue, &accepted)? {
-                self.requesters
-                    .lock()
-                    .expect("requesters")
-                    .insert(queue.to_string(), Instant::now());
-                return Ok(Some(true));
-            }
         }
-        Ok(link
-            .acceptor
-            .accept_to(RESULTS, &request.identity, &accepted)?
-            .then_some(true))
+        let accepted = self.reply(&request.identity, ReplyKind::Accepted);
+        if !link.acceptor.accept(&accepted)? {
+            return Ok(None);
+        }
+        if let Some(queue) = requester {
+            self.requesters
+                .lock()
+                .expect("requesters")
+                .insert(queue.to_string(), Instant::now());
+        }
+        Ok(Some(true))
     }
 
     /// Builds the request while the session's progress thread tells its clients
@@ -1021,9 +1014,9 @@ struct Acceptor {
     tag: std::cell::Cell<u64>,
 }
 
-/// How long a requester the broker routed an `accepted` to is taken to be there
-/// still (see [`Worker::waited_for`]).
-const REQUESTER_KEPT: Duration = Duration::from_millis(500);
+/// How long a requester whose request's `accepted` reached a client is taken to be
+/// there still (see [`Worker::waited_for`]).
+const REQUESTER_KEPT: Duration = Duration::from_millis(250);
 
 /// [`REQUESTER_KEPT`], or what `JOLT_TEST_REQUESTER_KEPT_MS` says (tests that must
 /// not depend on how fast one request follows another).
@@ -1059,12 +1052,10 @@ impl Acceptor {
         })
     }
 
-    /// Publishes an `accepted` reply to `exchange` with `routing_key`: the
-    /// requester's queue by the default exchange, or the clients bound to the
-    /// identity by `jolt_results`. Whether it reached a queue.
-    fn accept_to(&self, exchange: &str, routing_key: &str, reply: &Reply) -> Result<bool> {
+    /// Publishes an `accepted` reply; whether any client is bound to its identity.
+    fn accept(&self, reply: &Reply) -> Result<bool> {
         let body = serde_json::to_vec(reply)?;
-        self.routed(exchange, routing_key, &body)
+        self.routed(RESULTS, &reply.identity, &body)
     }
 }
 
