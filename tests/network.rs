@@ -259,6 +259,27 @@ fn an_unreachable_broker_exits_3_naming_it() {
     run.code(3).contains("127.0.0.1:1");
 }
 
+/// An exclusive, server-named queue of the test's own.
+fn private_queue(ch: &amiquip::Channel) -> amiquip::Queue<'_> {
+    ch.queue_declare(
+        "",
+        amiquip::QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// A consumer of everything `q` receives, without acks.
+fn consume_all<'a>(q: &amiquip::Queue<'a>) -> amiquip::Consumer<'a> {
+    q.consume(amiquip::ConsumerOptions {
+        no_ack: true,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 /// Publishes `requests` (raw bodies) to the cluster's pool and returns the first
 /// reply for `identity` within 20 s, read from a queue of the test's own.
 fn publish_for_reply(
@@ -267,28 +288,15 @@ fn publish_for_reply(
     requests: &[&[u8]],
 ) -> Option<String> {
     c.broker.with_channel(|ch| {
-        use amiquip::{ConsumerMessage, ConsumerOptions, FieldTable, Publish, QueueDeclareOptions};
-        let q = ch
-            .queue_declare(
-                "",
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        use amiquip::{ConsumerMessage, FieldTable, Publish};
+        let q = private_queue(ch);
         q.bind(
             &ch.exchange_declare_passive("jolt_results").unwrap(),
             identity,
             FieldTable::new(),
         )
         .unwrap();
-        let consumer = q
-            .consume(ConsumerOptions {
-                no_ack: true,
-                ..Default::default()
-            })
-            .unwrap();
+        let consumer = consume_all(&q);
         let exchange = ch.exchange_declare_passive("jolt_exchange").unwrap();
         for body in requests {
             exchange
@@ -834,13 +842,14 @@ fn a_worker_tells_a_client_accepted_once_for_many_short_tasks_and_for_each_long_
     assert_eq!(accepted, 1, "{}", shorts.all());
     let long = c.build(&ws, &["-v", "long"]);
     long.success();
-    assert!(
-        long.lines_with("Remote execution accepted by")
-            .iter()
-            .any(|l| l.contains("(long ")),
-        "{}",
-        long.all()
-    );
+    assert!(heard_accepted(&long, "long"), "{}", long.all());
+}
+
+/// Whether a client's `-v` output says that a worker took `task`.
+fn heard_accepted(run: &crate::util::Run, task: &str) -> bool {
+    run.lines_with("Remote execution accepted by")
+        .iter()
+        .any(|l| l.contains(&format!("({task} ")))
 }
 
 // A client that binds to a build after its `accepted` went out hears `running`,
@@ -862,14 +871,7 @@ fn a_client_that_comes_after_a_builds_accepted_counts_it_running_on_its_worker()
     let second = c.build(&b, &["-v", "slow"]);
     second.success();
     // Regression: `running` was not news of a worker running it.
-    assert!(
-        second
-            .lines_with("Remote execution accepted by")
-            .iter()
-            .any(|l| l.contains("(slow ")),
-        "{}",
-        second.all()
-    );
+    assert!(heard_accepted(&second, "slow"), "{}", second.all());
     finish(first).success();
 }
 
@@ -893,22 +895,9 @@ fn a_forged_reply_to_has_nothing_published_to_it_and_nothing_built() {
     unsafe { libc::kill(client.id() as i32, libc::SIGKILL) };
     let _ = client.wait();
     c.broker.with_channel(|ch| {
-        use amiquip::{AmqpProperties, ConsumerOptions, Publish, QueueDeclareOptions};
-        let foreign = ch
-            .queue_declare(
-                "",
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        let heard = foreign
-            .consume(ConsumerOptions {
-                no_ack: true,
-                ..Default::default()
-            })
-            .unwrap();
+        use amiquip::{AmqpProperties, Publish};
+        let foreign = private_queue(ch);
+        let heard = consume_all(&foreign);
         let pool = ch
             .queue_declare_passive(format!("jolt_tasks_{}", c.broker.routing_key))
             .unwrap();
