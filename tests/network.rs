@@ -804,20 +804,14 @@ fn the_requests_of_a_killed_client_are_not_built() {
 }
 
 // A worker asks whether anyone waits for a request (an `accepted` the broker may
-// return) once per requester in half a second, not for every request (issue 12):
-// the `accepted` a client gets for a short task is what the broker spent the most
-// on per task after the lock. A build that runs longer is announced anyway.
+// return) once per requester in a quarter of a second, not for every request
+// (issue 12): the `accepted` a client gets for a short task is what the broker
+// spent the most on per task after the lock. A build that runs longer is announced
+// anyway.
 
 #[test]
 fn a_worker_tells_a_client_accepted_once_for_many_short_tasks_and_for_each_long_one() {
     let Some(c) = cluster() else { return };
-    // A client heard from is taken to be there for a minute: how fast one request
-    // follows another does not matter.
-    let _w = WorkerProcess::start_with_env(
-        &c.config(),
-        &[],
-        &[("JOLT_TEST_REQUESTER_KEPT_MS", "60000")],
-    );
     let mut recipe = String::new();
     for t in 0..20 {
         recipe.push_str(&format!("[task.short{t}]\nrun = \"true # short {t}\"\n"));
@@ -832,17 +826,71 @@ fn a_worker_tells_a_client_accepted_once_for_many_short_tasks_and_for_each_long_
     // quarter of a second; its first `running` would come after `amqp.progress`,
     // here 1 s).
     recipe.push_str(
-        "[task.first]\nrun = \"true # first\"\n[task.long]\nrequires = [\"first\"]\nrun = [\"sleep 0.6\", \"echo long > {artifact}/l\"]\n",
+        "[task.first]\nrun = \"true # first\"\n[task.long]\nrequires = [\"first\"]\nrun = [\"sleep 0.8\", \"echo long > {artifact}/l\"]\n",
     );
     let ws = Workspace::with(&recipe);
-    let shorts = c.build(&ws, &["-v", "shorts"]);
+    // A client heard from is taken to be there for a minute, and no build is
+    // announced later: neither how fast one request follows another nor how long
+    // a short build takes matters.
+    let shorts = {
+        let _w = WorkerProcess::start_with_env(
+            &c.config(),
+            &["amqp.progress=600".to_string()],
+            &[
+                ("JOLT_TEST_REQUESTER_KEPT_MS", "60000"),
+                ("JOLT_TEST_ACCEPTED_AFTER_MS", "600000"),
+            ],
+        );
+        c.build(&ws, &["-v", "shorts"])
+    };
     shorts.success();
     let accepted = shorts.count("Remote execution accepted by");
     // Regression: every request was answered `accepted` (20 here).
     assert_eq!(accepted, 1, "{}", shorts.all());
+    let _w = WorkerProcess::start_with_env(
+        &c.config(),
+        &[],
+        &[("JOLT_TEST_REQUESTER_KEPT_MS", "60000")],
+    );
     let long = c.build(&ws, &["-v", "long"]);
     long.success();
     assert!(heard_accepted(&long, "long"), "{}", long.all());
+}
+
+// A build whose request asked whether anyone waits (its `accepted` went out then)
+// says `running` next after `amqp.progress`, not a quarter of a second after.
+
+#[test]
+fn a_build_announced_when_taken_sends_no_running_before_amqp_progress() {
+    let Some(c) = cluster() else { return };
+    let _w = WorkerProcess::start(&c.config(), &["amqp.progress=30".to_string()]);
+    let ws = Workspace::with("[task.t]\nrun = [\"sleep 0.8\", \"echo t > {artifact}/t\"]\n");
+    let identity = ws.identity("t");
+    let kinds: Vec<String> = c.broker.with_channel(|ch| {
+        let q = private_queue(ch);
+        q.bind(
+            &ch.exchange_declare_passive("jolt_results").unwrap(),
+            identity.as_str(),
+            amiquip::FieldTable::new(),
+        )
+        .unwrap();
+        let heard = consume_all(&q);
+        c.build(&ws, &["t"]).success();
+        std::thread::sleep(Duration::from_millis(300));
+        heard
+            .receiver()
+            .try_iter()
+            .filter_map(|m| match m {
+                amiquip::ConsumerMessage::Delivery(d) => {
+                    let reply: serde_json::Value = serde_json::from_slice(&d.body).ok()?;
+                    Some(reply["kind"].as_str()?.to_string())
+                }
+                _ => None,
+            })
+            .collect()
+    });
+    // Regression: `accepted`, then `running` 250 ms later, then `success`.
+    assert_eq!(kinds, ["accepted", "success"]);
 }
 
 /// Whether a client's `-v` output says that a worker took `task`.
@@ -860,7 +908,8 @@ fn heard_accepted(run: &crate::util::Run, task: &str) -> bool {
 fn a_client_that_comes_after_a_builds_accepted_counts_it_running_on_its_worker() {
     let Some(c) = cluster() else { return };
     let w = c.worker();
-    let recipe = "[task.slow]\nrun = [\"sleep 3\", \"echo s > {artifact}/s\"]\n";
+    // Long enough for the second client to start and bind while it runs.
+    let recipe = "[task.slow]\nrun = [\"sleep 6\", \"echo s > {artifact}/s\"]\n";
     let a = Workspace::with(recipe);
     let b = a.sibling();
     let first = c.spawn_build(&a, &["-v", "slow"]);

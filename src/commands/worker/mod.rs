@@ -387,7 +387,20 @@ impl Worker {
                 None => builds.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match next {
-                Ok(began) => wait = began.then_some(ACCEPTED_AFTER.min(self.settings.progress)),
+                Ok(true) => {
+                    // A build its clients were told of says `running` next.
+                    let announced = building
+                        .lock()
+                        .expect("building")
+                        .as_ref()
+                        .is_some_and(|b| b.announced);
+                    wait = Some(if announced {
+                        self.settings.progress
+                    } else {
+                        accepted_after().min(self.settings.progress)
+                    });
+                }
+                Ok(false) => wait = None,
                 Err(RecvTimeoutError::Timeout) => {
                     let mut current = building.lock().expect("building");
                     if let Some(build) = current.as_mut() {
@@ -576,8 +589,10 @@ impl Worker {
     /// no `accepted`, which clients need only for a task that runs long enough to
     /// show (the progress thread sends it after [`ACCEPTED_AFTER`]). A client that
     /// goes away may so have the requests a worker takes within [`REQUESTER_KEPT`]
-    /// of its last answer built. Nothing is ever published to `reply_to`, which a
-    /// forged request may set to any queue.
+    /// of an answer to one of its requests built; as the answer says that some
+    /// client waits for the identity, not which, another client waiting for some
+    /// of the same tasks keeps renewing it. Nothing is ever published to
+    /// `reply_to`, which a forged request may set to any queue.
     fn waited_for(
         &self,
         link: &Link,
@@ -1022,18 +1037,27 @@ const REQUESTER_KEPT: Duration = Duration::from_millis(250);
 /// not depend on how fast one request follows another).
 fn requester_kept() -> Duration {
     static KEPT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *KEPT.get_or_init(|| {
-        std::env::var("JOLT_TEST_REQUESTER_KEPT_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-            .unwrap_or(REQUESTER_KEPT)
-    })
+    *KEPT.get_or_init(|| test_duration("JOLT_TEST_REQUESTER_KEPT_MS").unwrap_or(REQUESTER_KEPT))
 }
 
 /// How long a build runs before its clients are told `accepted` (when the request
 /// did not tell them already): a shorter build's final reply is all they hear.
 const ACCEPTED_AFTER: Duration = Duration::from_millis(250);
+
+/// [`ACCEPTED_AFTER`], or what `JOLT_TEST_ACCEPTED_AFTER_MS` says (tests that must
+/// not depend on how long a short build takes).
+fn accepted_after() -> Duration {
+    static AFTER: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *AFTER.get_or_init(|| test_duration("JOLT_TEST_ACCEPTED_AFTER_MS").unwrap_or(ACCEPTED_AFTER))
+}
+
+/// A duration in milliseconds from the environment variable `var` (a test hook).
+fn test_duration(var: &str) -> Option<Duration> {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
 
 /// How long a worker waits for the broker to confirm an `accepted` reply.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
