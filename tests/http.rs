@@ -152,6 +152,34 @@ fn the_cache_is_reached_through_a_socks5_proxy_from_the_environment() {
     );
 }
 
+// Regression: a proxy that refused the connection was reported as the cache being
+// unreachable, with nothing to say that a proxy was in the way.
+#[test]
+fn a_proxy_that_fails_is_named_beside_the_cache() {
+    let Some(server) = Nginx::start() else { return };
+    let ws = workspace(&server);
+    let mut cmd = ws.command(&["-c", "jolt.conf.toml", "build", "lib"]);
+    for var in [
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("HTTP_PROXY", "http://someone:secret@127.0.0.1:1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let built = finish(cmd.spawn().unwrap());
+    built
+        .success()
+        .contains("is unreachable")
+        .contains("(through the proxy http://127.0.0.1:1)")
+        .lacks("secret");
+}
+
 #[test]
 fn two_workspaces_share_artifacts_through_the_cache() {
     let Some(server) = Nginx::start() else { return };

@@ -598,7 +598,7 @@ impl HttpCache {
                     | ureq::Error::Rustls(_)
                     | ureq::Error::Pem(_)),
                 ) => {
-                    return Err(Unreachable(format!("{url}: {e}")).into());
+                    return Err(Unreachable(format!("{url}{}: {e}", self.through(url))).into());
                 }
                 Err(e) if last => {
                     let unreachable = matches!(
@@ -607,7 +607,7 @@ impl HttpCache {
                             | ureq::Error::ConnectionFailed
                             | ureq::Error::HostNotFound
                     );
-                    let message = format!("{url}: {e}");
+                    let message = format!("{url}{}: {e}", self.through(url));
                     if unreachable {
                         return Err(Unreachable(message).into());
                     }
@@ -619,6 +619,28 @@ impl HttpCache {
             delay = (delay * 2).min(Duration::from_secs(5));
             attempt += 1;
         }
+    }
+
+    /// " (through the proxy SCHEME://HOST:PORT)" when the agent reaches `url` by a
+    /// proxy (from `ALL_PROXY`, `HTTPS_PROXY` or `HTTP_PROXY`), for the errors of a
+    /// request that did not get through: the proxy may be what failed. Without the
+    /// proxy's credentials.
+    fn through(&self, url: &str) -> String {
+        let Some(proxy) = self.agent.config().proxy() else {
+            return String::new();
+        };
+        if url
+            .parse::<ureq::http::Uri>()
+            .is_ok_and(|uri| proxy.is_no_proxy(&uri))
+        {
+            return String::new();
+        }
+        format!(
+            " (through the proxy {}://{}:{})",
+            proxy.uri().scheme_str().unwrap_or("http"),
+            proxy.host(),
+            proxy.port()
+        )
     }
 
     fn with_auth<B>(&self, mut req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
