@@ -120,6 +120,19 @@ fn socks5_proxy() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     (port, carried)
 }
 
+/// `jolt -c jolt.conf.toml build TASK` with `var=value` as the environment's only
+/// proxy setting.
+fn build_through(ws: &Workspace, task: &str, (var, value): (&str, &str)) -> crate::util::Run {
+    let mut cmd = ws.command(&["-c", "jolt.conf.toml", "build", task]);
+    for name in ["ALL_PROXY", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"] {
+        cmd.env_remove(name).env_remove(name.to_lowercase());
+    }
+    cmd.env(var, value)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    finish(cmd.spawn().unwrap())
+}
+
 // Regression: ureq was built without its SOCKS support, so `ALL_PROXY=socks5://...`
 // was ignored (a warning at -vv) and the cache reached directly.
 #[test]
@@ -127,21 +140,8 @@ fn the_cache_is_reached_through_a_socks5_proxy_from_the_environment() {
     let Some(server) = Nginx::start() else { return };
     let ws = workspace(&server);
     let (port, carried) = socks5_proxy();
-    let mut cmd = ws.command(&["-c", "jolt.conf.toml", "build", "lib"]);
-    for var in [
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("ALL_PROXY", format!("socks5://127.0.0.1:{port}"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let built = finish(cmd.spawn().unwrap());
+    let proxy = format!("socks5://127.0.0.1:{port}");
+    let built = build_through(&ws, "lib", ("ALL_PROXY", &proxy));
     built.success().contains("Upload finished after");
     let id = built.identity();
     assert!(server.file(&format!("cache/lib/{id}.tar")).is_file());
@@ -158,22 +158,8 @@ fn the_cache_is_reached_through_a_socks5_proxy_from_the_environment() {
 fn a_proxy_that_fails_is_named_beside_the_cache() {
     let Some(server) = Nginx::start() else { return };
     let ws = workspace(&server);
-    let mut cmd = ws.command(&["-c", "jolt.conf.toml", "build", "lib"]);
-    for var in [
-        "ALL_PROXY",
-        "all_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("HTTP_PROXY", "http://someone:secret@127.0.0.1:1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let built = finish(cmd.spawn().unwrap());
-    built
+    let proxy = ("HTTP_PROXY", "http://someone:secret@127.0.0.1:1");
+    build_through(&ws, "lib", proxy)
         .success()
         .contains("is unreachable")
         .contains("(through the proxy http://127.0.0.1:1)")
