@@ -1418,6 +1418,59 @@ fn a_failure_stops_a_network_build_without_waiting_for_what_waits_in_the_broker(
     run.code(1).contains("Withdrawing ");
 }
 
+// Withdrawn requests are not built while the client waits for the tasks that run
+// (found by an attacking helper: their bindings stayed, so a worker that took one
+// before the client ended found someone waiting and built it).
+
+#[test]
+fn withdrawn_requests_are_not_built_while_the_client_waits_for_running_ones() {
+    let Some(c) = cluster() else { return };
+    let workers = (c.worker(), c.worker());
+    let later = format!("{}-later", c.broker.routing_key);
+    let marker = c.dir.path().join("withdrawn");
+    let mut recipe = String::from(
+        "[task.bad]\nrun = [\"sleep 0.5\", \"exit 1\"]\n[task.slow]\nrun = [\"sleep 5\", \"echo s > {artifact}/s\"]\n[task.all]\nkind = \"alias\"\nrequires = [\"bad\", \"slow\"",
+    );
+    for t in 0..5 {
+        recipe.push_str(&format!(", \"t{t}\""));
+    }
+    recipe.push_str("]\n");
+    for t in 0..5 {
+        recipe.push_str(&format!(
+            "[task.t{t}]\nrouting_key = \"{later}\"\nrun = [\"echo {t} >> {}\", \"echo {t} > {{artifact}}/t\"]\n",
+            marker.display()
+        ));
+    }
+    let ws = Workspace::with(&recipe);
+    let client = c.spawn_build(&ws, &["all"]);
+    let waiting_later = || {
+        c.broker.with_channel(|ch| {
+            ch.queue_declare_passive(format!("jolt_tasks_{later}"))
+                .ok()
+                .and_then(|q| q.declared_message_count())
+        })
+    };
+    wait_until("the later pool's requests", Duration::from_secs(30), || {
+        waiting_later() == Some(5)
+    });
+    wait_until("bad to fail", Duration::from_secs(30), || {
+        workers.0.output().contains("Reply Failed for bad")
+            || workers.1.output().contains("Reply Failed for bad")
+    });
+    // The client withdraws the five, and waits for slow a few seconds more.
+    std::thread::sleep(Duration::from_secs(1));
+    let w = WorkerProcess::start(&c.config(), &[format!("amqp.routing_key={later}")]);
+    wait_until("the later pool to drain", Duration::from_secs(30), || {
+        waiting_later() == Some(0)
+    });
+    let run = finish_within(client, Duration::from_secs(60), "the client");
+    c.broker.with_channel(|ch| {
+        let _ = ch.queue_delete(format!("jolt_tasks_{later}"), Default::default());
+    });
+    run.code(1).contains("Withdrawing 5 requests");
+    assert!(!marker.exists(), "{}", w.output());
+}
+
 #[test]
 fn a_reply_that_comes_before_its_request_is_parked_is_not_lost() {
     let Some(c) = cluster() else { return };

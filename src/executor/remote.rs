@@ -438,7 +438,7 @@ impl<'n> Waiter<'n> {
                     let _ = self.events.send(Event::Done(call.i, Err(failure)));
                 }
             } else if self.withdraw.load(Ordering::Relaxed) {
-                self.withdraw_unaccepted(&mut calls);
+                self.withdraw_unaccepted(net, &mut calls);
             }
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + TICK;
@@ -450,11 +450,12 @@ impl<'n> Waiter<'n> {
     }
 
     /// The build stopped (a task failed, without `-k`): the requests no worker has
-    /// taken are not waited for. They stay in the broker until the client ends;
-    /// then workers drop them, as nobody waits for them (`commands::worker`). Those
+    /// taken are not waited for. They stay in the broker, unbound from this client's
+    /// reply queue, so workers drop them as nobody waits for them
+    /// (`commands::worker`). Those
     /// a worker said it runs (`accepted`, which a worker may send only once a build
     /// has run a quarter of a second) are waited for.
-    fn withdraw_unaccepted(&self, calls: &mut HashMap<String, Box<Call<'n>>>) {
+    fn withdraw_unaccepted(&self, net: &Network<'n>, calls: &mut HashMap<String, Box<Call<'n>>>) {
         let queued: Vec<String> = calls
             .iter()
             .filter(|(_, c)| c.last_news.is_none())
@@ -473,11 +474,14 @@ impl<'n> Waiter<'n> {
                 }
             ),
         ));
-        for identity in queued {
-            if let Some(call) = calls.remove(&identity) {
+        for identity in &queued {
+            if let Some(call) = calls.remove(identity) {
                 let _ = self.events.send(Event::Done(call.i, Ok(Done::Withdrawn)));
             }
         }
+        // A worker that takes one of them before this client ends then finds nobody
+        // waiting for it, and drops it.
+        net.client.withdraw(queued);
     }
 
     fn on_reply(&self, graph: &Graph, calls: &mut HashMap<String, Box<Call<'n>>>, reply: Reply) {

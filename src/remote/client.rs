@@ -2,7 +2,9 @@
 //! queue bound to `jolt_results` by the identity of every task this client waits for
 //! (bound without waiting for the broker's answer, and left bound until the queue
 //! goes with the connection: a round trip per bind or unbind made a far broker cost
-//! two round trips a task, one after another), and a thread that owns the connection: it reads replies and hands them to the
+//! two round trips a task, one after another; only the identities of withdrawn
+//! requests are unbound, see [`NetworkClient::withdraw`]), and a thread that owns
+//! the connection: it reads replies and hands them to the
 //! waiting jobs, and when the broker goes away it reconnects with capped back-off,
 //! re-binds, and tells every waiting job (which then re-checks the HTTP cache and
 //! sends its request again).
@@ -59,6 +61,9 @@ struct Shared {
     /// A publish failed: the broker may have closed the publishing channel only, so
     /// the connection thread must start over.
     broken: AtomicBool,
+    /// Identities whose requests were withdrawn: the connection thread unbinds them
+    /// (see [`NetworkClient::withdraw`]).
+    withdrawn: Mutex<Vec<String>>,
 }
 
 /// A connection to the broker for one build.
@@ -126,6 +131,7 @@ impl NetworkClient {
             waiters: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            withdrawn: Mutex::new(Vec::new()),
         });
         let thread = {
             let shared = shared.clone();
@@ -242,6 +248,19 @@ impl NetworkClient {
             // identity nobody waits for are dropped on arrival.
             waiters.remove(identity);
         }
+    }
+
+    /// The requests for `identities` are withdrawn (the build stops): their bindings
+    /// go, so that a worker that takes one before this client ends finds nobody
+    /// waiting for it and drops it, instead of building it while the client waits
+    /// for the tasks that run. Unbound by the connection thread, a few round trips at
+    /// a time between replies (`queue.unbind` has no `nowait`).
+    pub fn withdraw(&self, identities: impl IntoIterator<Item = String>) {
+        self.shared
+            .withdrawn
+            .lock()
+            .expect("withdrawn")
+            .extend(identities);
     }
 
     /// Publishes a request (persistent, with the configured priority, and `reply_to`
@@ -437,7 +456,7 @@ fn serve(
                 }
             }
         }
-        dispatch_replies(&settings, &shared, &consumer);
+        dispatch_replies(&settings, &shared, &consumer, &consumer_channel, &queue);
         let link = shared.link.lock().expect("link").take();
         if shared.stop.load(Ordering::Relaxed) {
             // Close cleanly: amiquip complains about channels dropped unclosed, and
@@ -493,9 +512,18 @@ fn bind_and_consume<'c>(
 
 /// Hands every reply to the jobs waiting for its identity, until the build stops,
 /// a publish breaks the link, or the connection goes.
-fn dispatch_replies(settings: &Settings, shared: &Shared, consumer: &amiquip::Consumer) {
+fn dispatch_replies(
+    settings: &Settings,
+    shared: &Shared,
+    consumer: &amiquip::Consumer,
+    channel: &Channel,
+    queue: &str,
+) {
     loop {
         if shared.stop.load(Ordering::Relaxed) || shared.broken.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        if !unbind_withdrawn(shared, channel, queue) {
             return;
         }
         // Short, so a finished build does not wait long for this thread to stop.
@@ -522,6 +550,43 @@ fn dispatch_replies(settings: &Settings, shared: &Shared, consumer: &amiquip::Co
             Err(RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+/// How many withdrawn identities the connection thread unbinds between two looks
+/// at the replies.
+const UNBINDS_AT_A_TIME: usize = 16;
+
+/// Unbinds up to [`UNBINDS_AT_A_TIME`] withdrawn identities from the reply queue,
+/// on the consuming channel; false when the broker refused (the connection is
+/// done). An identity someone waits for again keeps its binding: the unbinding
+/// holds the link, so a job that subscribes to it binds it after.
+fn unbind_withdrawn(shared: &Shared, channel: &Channel, queue: &str) -> bool {
+    let batch: Vec<String> = {
+        let mut withdrawn = shared.withdrawn.lock().expect("withdrawn");
+        let n = withdrawn.len().min(UNBINDS_AT_A_TIME);
+        withdrawn.drain(..n).collect()
+    };
+    for identity in batch {
+        let mut link = shared.link.lock().expect("link");
+        let Some(link) = link.as_mut() else {
+            return true;
+        };
+        let waited = shared
+            .waiters
+            .lock()
+            .expect("waiters")
+            .contains_key(&identity);
+        if waited || !link.bound.remove(&identity) {
+            continue;
+        }
+        if channel
+            .queue_unbind(queue, RESULTS, identity.as_str(), FieldTable::new())
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
 }
 
 fn sleep_unless_stopped(shared: &Shared, total: Duration) {
