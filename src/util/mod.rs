@@ -5,15 +5,19 @@ pub mod fs;
 pub mod globs;
 pub mod secrets;
 
+/// A hook for tests: the milliseconds the environment variable `var` gives, if it
+/// is set to a number.
+pub fn test_millis(var: &str) -> Option<std::time::Duration> {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+}
+
 /// A hook for tests: sleeps for the milliseconds the environment variable `var`
 /// gives (read once, into `once`), or not at all.
 pub fn test_pause(once: &std::sync::OnceLock<Option<std::time::Duration>>, var: &str) {
-    let pause = once.get_or_init(|| {
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(std::time::Duration::from_millis)
-    });
+    let pause = once.get_or_init(|| test_millis(var));
     if let Some(pause) = pause {
         std::thread::sleep(*pause);
     }

@@ -1037,7 +1037,9 @@ const REQUESTER_KEPT: Duration = Duration::from_millis(250);
 /// not depend on how fast one request follows another).
 fn requester_kept() -> Duration {
     static KEPT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *KEPT.get_or_init(|| test_duration("JOLT_TEST_REQUESTER_KEPT_MS").unwrap_or(REQUESTER_KEPT))
+    *KEPT.get_or_init(|| {
+        crate::util::test_millis("JOLT_TEST_REQUESTER_KEPT_MS").unwrap_or(REQUESTER_KEPT)
+    })
 }
 
 /// How long a build runs before its clients are told `accepted` (when the request
@@ -1048,15 +1050,9 @@ const ACCEPTED_AFTER: Duration = Duration::from_millis(250);
 /// not depend on how long a short build takes).
 fn accepted_after() -> Duration {
     static AFTER: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *AFTER.get_or_init(|| test_duration("JOLT_TEST_ACCEPTED_AFTER_MS").unwrap_or(ACCEPTED_AFTER))
-}
-
-/// A duration in milliseconds from the environment variable `var` (a test hook).
-fn test_duration(var: &str) -> Option<Duration> {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
+    *AFTER.get_or_init(|| {
+        crate::util::test_millis("JOLT_TEST_ACCEPTED_AFTER_MS").unwrap_or(ACCEPTED_AFTER)
+    })
 }
 
 /// How long a worker waits for the broker to confirm an `accepted` reply.
