@@ -582,11 +582,7 @@ fn fault_workspace(n: usize, cache: &str) -> Workspace {
             "[task.t{t}]\nrun = \"echo {t} > {{artifact}}/f\"\n"
         ));
     }
-    recipe.push_str("[task.all]\nkind = \"alias\"\nrequires = [");
-    for t in 0..n {
-        recipe.push_str(&format!("\"t{t}\", "));
-    }
-    recipe.push_str("]\n");
+    recipe.push_str(&crate::util::alias("all", (0..n).map(|t| format!("t{t}"))));
     let ws = Workspace::with(&recipe);
     ws.file(
         "jolt.conf.toml",

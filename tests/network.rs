@@ -1,7 +1,9 @@
 //! Network builds with real RabbitMQ (127.0.0.1:5672), a real nginx cache and real
 //! `jolt amqp-worker` processes. Each test has a routing key of its own.
 
-use crate::util::{cluster, finish, finish_within, wait_until, Nginx, WorkerProcess, Workspace};
+use crate::util::{
+    alias, cluster, finish, finish_within, wait_until, Nginx, WorkerProcess, Workspace,
+};
 use std::time::{Duration, Instant};
 
 const GRAPH: &str = r#"
@@ -401,11 +403,7 @@ fn scaling_down_mid_build_loses_no_task() {
     let Some(c) = cluster() else { return };
     let mut workers = vec![c.worker(), c.worker(), c.worker()];
     let log = c.dir.path().join("done");
-    let mut recipe = String::from("[task.all]\nkind = \"alias\"\nrequires = [");
-    for i in 0..30 {
-        recipe.push_str(&format!("\"t{i}\", "));
-    }
-    recipe.push_str("]\n");
+    let mut recipe = alias("all", (0..30).map(|i| format!("t{i}")));
     for i in 0..30 {
         recipe.push_str(&format!(
             "[task.t{i}]\nrun = [\"sleep 0.3\", \"echo t{i} >> {}\", \"echo {i} > {{artifact}}/n\"]\n",
@@ -554,11 +552,10 @@ fn layered(layers: usize, width: usize) -> String {
             }
         }
     }
-    recipe.push_str("[task.all]\nkind = \"alias\"\nrequires = [");
-    for w in 0..width {
-        recipe.push_str(&format!("\"t{}_{w}\", ", layers - 1));
-    }
-    recipe.push_str("]\n");
+    recipe.push_str(&alias(
+        "all",
+        (0..width).map(|w| format!("t{}_{w}", layers - 1)),
+    ));
     recipe
 }
 
@@ -778,7 +775,7 @@ fn the_requests_of_a_killed_client_are_not_built() {
             marker.display()
         ));
     }
-    recipe.push_str("[task.all]\nkind = \"alias\"\nrequires = [\"t0\", \"t1\", \"t2\", \"t3\", \"t4\", \"t5\", \"t6\", \"t7\"]\n");
+    recipe.push_str(&alias("all", (0..8).map(|t| format!("t{t}"))));
     let ws = Workspace::with(&recipe);
     let mut client = c.spawn_build(&ws, &["all"]);
     wait_until("the first task", Duration::from_secs(30), || {
@@ -816,11 +813,7 @@ fn a_worker_tells_a_client_accepted_once_for_many_short_tasks_and_for_each_long_
     for t in 0..20 {
         recipe.push_str(&format!("[task.short{t}]\nrun = \"true # short {t}\"\n"));
     }
-    recipe.push_str("[task.shorts]\nkind = \"alias\"\nrequires = [");
-    for t in 0..20 {
-        recipe.push_str(&format!("\"short{t}\", "));
-    }
-    recipe.push_str("]\n");
+    recipe.push_str(&alias("shorts", (0..20).map(|t| format!("short{t}"))));
     // Taken after `first`, whose `accepted` said the client is there: the worker
     // does not ask again, and announces the build once it has run a while (a
     // quarter of a second; its first `running` would come after `amqp.progress`,
@@ -1259,10 +1252,7 @@ fn recipes_travel_by_digest_uploaded_once_and_parsed_once_per_worker() {
 #[test]
 fn a_client_queues_every_ready_task_in_the_broker() {
     let Some(c) = cluster() else { return };
-    let mut recipe = String::from("[task.all]\nkind = \"alias\"\nrequires = [");
-    let names: Vec<String> = (0..400).map(|t| format!("\"t{t}\"")).collect();
-    recipe.push_str(&names.join(", "));
-    recipe.push_str("]\n");
+    let mut recipe = alias("all", (0..400).map(|t| format!("t{t}")));
     for t in 0..400 {
         recipe.push_str(&format!("[task.t{t}]\nrun = \"true\"\n"));
     }
@@ -1394,13 +1384,11 @@ fn a_failure_stops_a_network_build_without_waiting_for_what_waits_in_the_broker(
     let _w = c.worker();
     // 30 tasks of a pool no worker serves wait in the broker; `bad` fails.
     let idle = format!("{}-idle", c.broker.routing_key);
-    let mut recipe = String::from(
-        "[task.bad]\nrun = \"exit 1 # withdraw\"\n[task.all]\nkind = \"alias\"\nrequires = [\"bad\"",
-    );
-    for t in 0..30 {
-        recipe.push_str(&format!(", \"t{t}\""));
-    }
-    recipe.push_str("]\n");
+    let mut recipe = String::from("[task.bad]\nrun = \"exit 1 # withdraw\"\n");
+    recipe.push_str(&alias(
+        "all",
+        std::iter::once("bad".to_string()).chain((0..30).map(|t| format!("t{t}"))),
+    ));
     for t in 0..30 {
         recipe.push_str(&format!(
             "[task.t{t}]\nrouting_key = \"{idle}\"\nrun = \"echo {t} withdrawn\"\n"
@@ -1429,12 +1417,13 @@ fn withdrawn_requests_are_not_built_while_the_client_waits_for_running_ones() {
     let later = format!("{}-later", c.broker.routing_key);
     let marker = c.dir.path().join("withdrawn");
     let mut recipe = String::from(
-        "[task.bad]\nrun = [\"sleep 0.5\", \"exit 1\"]\n[task.slow]\nrun = [\"sleep 5\", \"echo s > {artifact}/s\"]\n[task.all]\nkind = \"alias\"\nrequires = [\"bad\", \"slow\"",
+        "[task.bad]\nrun = [\"sleep 0.5\", \"exit 1\"]\n[task.slow]\nrun = [\"sleep 5\", \"echo s > {artifact}/s\"]\n",
     );
-    for t in 0..5 {
-        recipe.push_str(&format!(", \"t{t}\""));
-    }
-    recipe.push_str("]\n");
+    let tasks = ["bad".to_string(), "slow".to_string()];
+    recipe.push_str(&alias(
+        "all",
+        tasks.into_iter().chain((0..5).map(|t| format!("t{t}"))),
+    ));
     for t in 0..5 {
         recipe.push_str(&format!(
             "[task.t{t}]\nrouting_key = \"{later}\"\nrun = [\"echo {t} >> {}\", \"echo {t} > {{artifact}}/t\"]\n",
@@ -1538,13 +1527,7 @@ fn a_worker_keeps_its_broker_connection_over_many_tasks() {
     let mut recipe: String = (0..40)
         .map(|i| format!("[task.keep{i}]\nrun = \"echo keep{i} > {{artifact}}/out\"\n"))
         .collect();
-    recipe.push_str("[task.all]\nkind = \"alias\"\nrequires = [");
-    recipe.push_str(
-        &(0..40)
-            .map(|i| format!("\"keep{i}\", "))
-            .collect::<String>(),
-    );
-    recipe.push_str("]\n");
+    recipe.push_str(&alias("all", (0..40).map(|i| format!("keep{i}"))));
     let ws = Workspace::with(&recipe);
     c.build(&ws, &["all"]).success();
     // Regression: a lock's consumer dropped before amiquip's I/O thread had handed

@@ -884,6 +884,15 @@ pub fn finish(child: std::process::Child) -> Run {
 }
 
 #[track_caller]
+/// The recipe table of the alias task `name` that requires `requires`.
+pub fn alias<T: std::fmt::Display>(name: &str, requires: impl IntoIterator<Item = T>) -> String {
+    let requires: Vec<String> = requires.into_iter().map(|r| format!("\"{r}\"")).collect();
+    format!(
+        "[task.{name}]\nkind = \"alias\"\nrequires = [{}]\n",
+        requires.join(", ")
+    )
+}
+
 pub fn wait_until(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !done() {
