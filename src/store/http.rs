@@ -116,86 +116,112 @@ pub fn is_interrupted(err: &anyhow::Error) -> bool {
 fn interruptible<T: Send + 'static>(
     transfer: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    on_transfer_thread(Box::new(move || {
-        let _ = tx.send(transfer());
-    }))?;
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(result) => return result,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                if crate::interrupt::is_set() {
-                    return Err(Interrupted.into());
-                }
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                bail!("the transfer ended without a result")
-            }
-        }
-    }
+    TransferThreads::shared().interruptible(transfer)
 }
 
-type TransferJob = Box<dyn FnOnce() + Send>;
+/// A transfer, which returns how to deliver its result: the thread counts itself
+/// idle before it delivers, so the transfer that follows finds it idle.
+type TransferJob = Box<dyn FnOnce() -> Delivery + Send>;
+type Delivery = Box<dyn FnOnce() + Send>;
 
-/// The threads transfers run on, kept between transfers: a thread started and ended
+/// Threads that transfers run on, kept between transfers: a thread started and ended
 /// per request (the mmap, mprotect and munmap of its stack) was about a tenth of a
 /// network client's CPU. A transfer takes an idle thread, reserving it, or starts
 /// one, so it never waits behind another; a thread idle for [`TRANSFER_THREAD_IDLE`]
-/// ends.
+/// ends. The process has one ([`TransferThreads::shared`]); a test makes its own,
+/// so that what other tests transfer at the same time does not count.
 struct TransferThreads {
     jobs: crossbeam_channel::Sender<TransferJob>,
     queue: crossbeam_channel::Receiver<TransferJob>,
     /// Threads waiting for a job and not reserved.
-    idle: std::sync::atomic::AtomicUsize,
+    idle: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 const TRANSFER_THREAD_IDLE: Duration = Duration::from_secs(30);
 
-fn on_transfer_thread(job: TransferJob) -> Result<()> {
-    static THREADS: std::sync::OnceLock<TransferThreads> = std::sync::OnceLock::new();
-    let threads = THREADS.get_or_init(|| {
+impl TransferThreads {
+    fn new() -> TransferThreads {
         let (jobs, queue) = crossbeam_channel::unbounded();
         TransferThreads {
             jobs,
             queue,
-            idle: std::sync::atomic::AtomicUsize::new(0),
+            idle: Arc::default(),
         }
-    });
-    let reserved = threads
-        .idle
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-        .is_ok();
-    if reserved {
-        let _ = threads.jobs.send(job);
-        return Ok(());
     }
-    std::thread::Builder::new()
-        .name("transfer".into())
-        .spawn(move || {
-            job();
-            loop {
-                threads.idle.fetch_add(1, Ordering::AcqRel);
-                match threads.queue.recv_timeout(TRANSFER_THREAD_IDLE) {
-                    Ok(job) => job(),
-                    Err(_) => {
-                        // Leave unless a transfer reserved this thread meanwhile
-                        // (its job is then on its way).
-                        let left = threads
-                            .idle
-                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                            .is_ok();
-                        if left {
-                            return;
-                        }
-                        if let Ok(job) = threads.queue.recv() {
-                            job();
-                        }
+
+    /// The process's transfer threads.
+    fn shared() -> &'static TransferThreads {
+        static THREADS: std::sync::OnceLock<TransferThreads> = std::sync::OnceLock::new();
+        THREADS.get_or_init(TransferThreads::new)
+    }
+
+    /// See [`interruptible`].
+    fn interruptible<T: Send + 'static>(
+        &self,
+        transfer: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.run(Box::new(move || {
+            let result = transfer();
+            Box::new(move || {
+                let _ = tx.send(result);
+            })
+        }))?;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(result) => return result,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if crate::interrupt::is_set() {
+                        return Err(Interrupted.into());
                     }
                 }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    bail!("the transfer ended without a result")
+                }
             }
-        })
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("Cannot start a transfer: {e}"))
+        }
+    }
+
+    /// Hands `job` to an idle thread, or to a new one.
+    fn run(&self, job: TransferJob) -> Result<()> {
+        let reserved = self
+            .idle
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if reserved {
+            let _ = self.jobs.send(job);
+            return Ok(());
+        }
+        let (queue, idle) = (self.queue.clone(), self.idle.clone());
+        std::thread::Builder::new()
+            .name("transfer".into())
+            .spawn(move || {
+                let mut job = job;
+                loop {
+                    let deliver = job();
+                    idle.fetch_add(1, Ordering::AcqRel);
+                    deliver();
+                    job = match queue.recv_timeout(TRANSFER_THREAD_IDLE) {
+                        Ok(job) => job,
+                        Err(_) => {
+                            // Leave unless a transfer reserved this thread meanwhile
+                            // (its job is then on its way).
+                            let left = idle
+                                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok();
+                            match queue.recv() {
+                                Ok(job) if !left => job,
+                                _ => return,
+                            }
+                        }
+                    };
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("Cannot start a transfer: {e}"))
+    }
 }
 
 /// How long [`CacheResolver`] keeps what a host name resolved to.
@@ -851,16 +877,17 @@ impl HttpCache {
             let dir = dir.to_path_buf();
             // Dropped when the packer has ended, its end of the pipe closed.
             let (ended_tx, ended) = crossbeam_channel::bounded::<()>(0);
-            on_transfer_thread(Box::new(move || {
-                let _ended = ended_tx;
-                let mut out = BufWriter::with_capacity(256 * 1024, writer);
-                let result = crate::store::archive::pack(&dir, &mut out)
-                    .and_then(|()| out.flush().map_err(anyhow::Error::from))
-                    .map_err(|e| format!("{e:#}"));
-                // Report before the pipe closes, so the reader knows how it ended.
-                let _ = done_tx.send(result);
-            }))
-            .map_err(|e| ureq::Error::Io(std::io::Error::other(format!("{e:#}"))))?;
+            TransferThreads::shared()
+                .run(Box::new(move || {
+                    let mut out = BufWriter::with_capacity(256 * 1024, writer);
+                    let result = crate::store::archive::pack(&dir, &mut out)
+                        .and_then(|()| out.flush().map_err(anyhow::Error::from))
+                        .map_err(|e| format!("{e:#}"));
+                    // Report before the pipe closes, so the reader knows how it ended.
+                    let _ = done_tx.send(result);
+                    Box::new(move || drop(ended_tx))
+                }))
+                .map_err(|e| ureq::Error::Io(std::io::Error::other(format!("{e:#}"))))?;
             let body = PackedBody {
                 pipe: reader,
                 done: done_rx,
@@ -966,43 +993,55 @@ mod tests {
 
     #[test]
     fn transfers_reuse_their_threads_and_never_wait_for_one() {
-        // One after another: one thread serves them all (it was a thread each).
+        // Threads of the test's own: other tests transfer on the process's at the
+        // same time, and would take its idle thread or make it start more.
+        let threads = TransferThreads::new();
+        // One after another: one thread serves them all (it was a thread each). A
+        // thread counts itself idle before it delivers, so this holds however the
+        // threads are scheduled.
         let ids: Vec<std::thread::ThreadId> = (0..50)
-            .map(|_| interruptible(|| Ok(std::thread::current().id())).unwrap())
+            .map(|_| {
+                threads
+                    .interruptible(|| Ok(std::thread::current().id()))
+                    .unwrap()
+            })
             .collect();
         let distinct: std::collections::HashSet<_> = ids.iter().collect();
-        assert!(
-            distinct.len() <= 2,
+        assert_eq!(
+            distinct.len(),
+            1,
             "{} threads for 50 transfers",
             distinct.len()
         );
         // At once: each gets a thread, none waits for another to end (each waits
         // here until all eight run).
         let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let waiting: Vec<_> = (0..8)
-            .map(|_| {
-                let started = started.clone();
-                std::thread::spawn(move || {
-                    interruptible(move || {
-                        started.fetch_add(1, Ordering::SeqCst);
-                        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                        while started.load(Ordering::SeqCst) < 8 {
-                            if std::time::Instant::now() > deadline {
-                                return Ok(false);
+        std::thread::scope(|scope| {
+            let waiting: Vec<_> = (0..8)
+                .map(|_| {
+                    let (started, threads) = (started.clone(), &threads);
+                    scope.spawn(move || {
+                        threads.interruptible(move || {
+                            started.fetch_add(1, Ordering::SeqCst);
+                            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                            while started.load(Ordering::SeqCst) < 8 {
+                                if std::time::Instant::now() > deadline {
+                                    return Ok(false);
+                                }
+                                std::thread::sleep(Duration::from_millis(5));
                             }
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Ok(true)
+                            Ok(true)
+                        })
                     })
                 })
-            })
-            .collect();
-        for w in waiting {
-            assert!(
-                w.join().unwrap().unwrap(),
-                "a transfer waited for another's thread"
-            );
-        }
+                .collect();
+            for w in waiting {
+                assert!(
+                    w.join().unwrap().unwrap(),
+                    "a transfer waited for another's thread"
+                );
+            }
+        });
     }
 
     #[test]
