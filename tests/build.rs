@@ -882,6 +882,23 @@ fn every_build_is_logged_and_a_failed_tasks_output_is_kept() {
 }
 
 #[test]
+fn the_log_says_how_a_failed_command_ended_in_words() {
+    let ws =
+        Workspace::with("[task.code]\nrun = \"exit 3\"\n[task.killed]\nrun = \"kill -9 $$\"\n");
+    ws.jolt(&["build", "code"]).code(1);
+    // Regression (issue 23): the run log said `exit 3: Some(Code(3))`.
+    ws.jolt(&["log"])
+        .success()
+        .contains("[  DEBUG] exit 3: exit code 3\n")
+        .lacks("Some(");
+    ws.jolt(&["build", "killed"]).code(1);
+    ws.jolt(&["log"])
+        .success()
+        .contains("[  DEBUG] kill -9 $$: killed by signal 9\n")
+        .lacks("Signal(");
+}
+
+#[test]
 fn the_summary_gives_the_cache_hit_rate_and_the_slowest_tasks() {
     let ws = Workspace::with(
         "[task.a]\nrun = \"sleep 0.3\"\n[task.b]\nrun = \"true\"\n[task.all]\nkind = \"alias\"\nrequires = [\"a\", \"b\"]\n",

@@ -924,7 +924,11 @@ impl Runner<'_> {
                 Some(process::Exit::Code(0)) => Ok(()),
                 other => {
                     log.line(&format!("Command failed: {cmd}"));
-                    crate::console::debug(&format!("{cmd}: {other:?}"));
+                    let how = other.map_or_else(
+                        || "an exit status jolt could not read".to_string(),
+                        |e| e.to_string(),
+                    );
+                    crate::console::debug(&format!("{cmd}: {how}"));
                     Err(Failure::new(format!("Command failed: {cmd}")))
                 }
             },
