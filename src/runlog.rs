@@ -117,10 +117,35 @@ pub fn keep_task_text(name: &str, text: &str) -> Option<PathBuf> {
 }
 
 /// Keeps a failed task's output (`log`, its build log: a regular file, read never
-/// through a link) with this run; returns where.
-pub fn keep_task_log(name: &str, log: &Path) -> Option<PathBuf> {
+/// through a link) with this run, the lines that say why it failed after it; returns
+/// where.
+pub fn keep_task_log(name: &str, log: &Path, why: &[String]) -> Option<PathBuf> {
     let mut src = crate::util::fs::open_regular(log).ok()?;
-    keep(name, &mut |out| std::io::copy(&mut src, out).map(|_| ()))
+    keep(name, &mut |out| {
+        let mut out = std::io::BufWriter::new(out);
+        let ends_line = copy_lines(&mut src, &mut out)?;
+        if !ends_line && !why.is_empty() {
+            writeln!(out)?;
+        }
+        why.iter().try_for_each(|line| writeln!(out, "{line}"))?;
+        out.flush()
+    })
+}
+
+/// Copies `src` to `out`; whether what it copied ends a line (or was nothing).
+fn copy_lines(src: &mut impl std::io::Read, out: &mut impl Write) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut last = b'\n';
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => return Ok(last == b'\n'),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write_all(&buf[..n])?;
+        last = buf[n - 1];
+    }
 }
 
 /// Writes `NAME.log` beside this run's log with `write`; returns where.

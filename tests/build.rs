@@ -685,6 +685,33 @@ fn quiet_still_shows_a_failing_tasks_output_and_verbose_echoes_commands() {
         .contains("[VERBOSE] Running: echo fine");
 }
 
+#[test]
+fn a_failed_command_is_reported_once_and_a_cut_tail_says_how_much_was_cut() {
+    let ws = Workspace::with("[task.bad]\nrun = \"seq 1 5002; false\"\n");
+    let failed = "Command failed: seq 1 5002; false";
+    let run = ws.jolt(&["-q", "build", "bad"]);
+    // Regression (issue 23): -q printed the tail of the task's log, which ended
+    // with jolt's line `Command failed: ...`, and then the same line as an error; and
+    // it showed the last 200 of 5,002 lines without a word of the 4,802 before.
+    run.code(1)
+        .contains(&format!("[  ERROR] {failed}\n"))
+        .contains("[bad] [... the first 4802 lines of the output are not shown ...]\n[bad] 4803\n")
+        .contains("[bad] 5002\n");
+    assert_eq!(run.count(failed), 1, "{}", run.all());
+    // The kept output has all of it, and why it failed after it.
+    let kept = run
+        .all()
+        .lines()
+        .find_map(|l| l.split("Task output kept in ").nth(1).map(str::to_string))
+        .expect("the kept output's path");
+    let text = std::fs::read_to_string(kept.trim()).unwrap();
+    assert!(text.starts_with("1\n2\n"), "{}", &text[..20]);
+    assert!(text.ends_with(&format!("\n5002\n{failed}\n")), "{text}");
+    let run = ws.jolt(&["build", "bad"]);
+    run.code(1).contains("\n5002\n");
+    assert_eq!(run.count(failed), 1, "{}", run.all());
+}
+
 /// Every path under `dir` with its modification time.
 fn tree(dir: &std::path::Path) -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
     let mut out = Vec::new();

@@ -132,14 +132,57 @@ impl Log {
     }
 }
 
-/// The last `LOG_TAIL` lines of a file.
+/// The last `LOG_TAIL` lines of a file, after a line saying how many earlier lines
+/// are not shown, if any.
 fn tail(path: &Path) -> Option<String> {
     // The task may have replaced its log: read only a regular file, only its end.
-    let (_, text) = artifact::read_end(path, TAIL_BYTES).ok()?;
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(LOG_TAIL);
-    Some(lines[start..].join("\n"))
+    let (start, text) = artifact::read_end(path, TAIL_BYTES).ok()?;
+    let (before, mid_line) = match start {
+        0 => (0, false),
+        _ => lines_before(path, start).ok()?,
+    };
+    Some(last_lines(
+        &String::from_utf8_lossy(&text),
+        before,
+        mid_line,
+        LOG_TAIL,
+    ))
+}
+
+/// How many lines end in the first `end` bytes of a regular file, and whether a line
+/// goes on past them.
+fn lines_before(path: &Path, end: u64) -> std::io::Result<(u64, bool)> {
+    use std::io::Read;
+    let mut file = crate::util::fs::open_regular(path)?.take(end);
+    let mut buf = vec![0u8; 1 << 16];
+    let (mut lines, mut last) = (0, b'\n');
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => return Ok((lines, last != b'\n')),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        last = buf[n - 1];
+    }
+}
+
+/// The last `keep` lines of a log's `end`, which follows `before` lines not read (and,
+/// if `mid_line`, begins inside a line, never shown), after a line saying how many
+/// lines are not shown, as the output a worker sends back says how many bytes.
+fn last_lines(end: &str, before: u64, mid_line: bool, keep: usize) -> String {
+    let lines: Vec<&str> = end.lines().collect();
+    let whole = &lines[usize::from(mid_line).min(lines.len())..];
+    let shown = &whole[whole.len().saturating_sub(keep)..];
+    let cut = before + (lines.len() - shown.len()) as u64;
+    let mut text = match cut {
+        0 => String::new(),
+        1 => "[... the first line of the output is not shown ...]\n".to_string(),
+        n => format!("[... the first {n} lines of the output are not shown ...]\n"),
+    };
+    text.push_str(&shown.join("\n"));
+    text
 }
 
 impl Runner<'_> {
@@ -390,6 +433,7 @@ impl Runner<'_> {
                     failure.kept = crate::runlog::keep_task_log(
                         &super::kept_name(node),
                         &staging.join(BUILD_LOG),
+                        &failure.lines,
                     );
                 }
                 let _ = fsutil::remove_dir_all(&staging);
@@ -821,9 +865,6 @@ impl Runner<'_> {
                 }
             }
         }
-        for e in &errors {
-            log.line(&e.to_string());
-        }
         Err(Failure {
             lines: errors,
             interrupted: false,
@@ -911,19 +952,17 @@ impl Runner<'_> {
         }
         let (status, killed) = (ended.exit, ended.killed);
         let cmd = &*secrets::redact(shell.cmd);
-        let log = shell.log;
+        // A failure's lines go to the kept output after the whole log (see
+        // `execute`), not into the log: its tail, shown with `-q` and sent back by a
+        // worker, is shown beside them.
         match killed {
-            Some(process::Killed::TimedOut) => {
-                log.line(&format!("Command timeout: {cmd}"));
-                Err(Failure::new(format!("Command timeout: {cmd}")))
-            }
+            Some(process::Killed::TimedOut) => Err(Failure::new(format!("Command timeout: {cmd}"))),
             Some(process::Killed::Interrupted) => {
                 Err(Failure::interrupted(format!("Command interrupted: {cmd}")))
             }
             None => match status {
                 Some(process::Exit::Code(0)) => Ok(()),
                 other => {
-                    log.line(&format!("Command failed: {cmd}"));
                     let how = other.map_or_else(
                         || "an exit status jolt could not read".to_string(),
                         |e| e.to_string(),
@@ -1044,4 +1083,55 @@ fn pause_after_spawn() {
 fn credential_vars() -> &'static [std::ffi::OsString] {
     static VARS: OnceLock<Vec<std::ffi::OsString>> = OnceLock::new();
     VARS.get_or_init(crate::util::secrets::credential_vars)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_tail_says_how_many_lines_are_not_shown() {
+        let log: String = (1..=5).map(|n| format!("line {n}\n")).collect();
+        // All of it read, none cut: no note.
+        assert_eq!(last_lines(&log, 0, false, 5), log.trim_end());
+        assert_eq!(
+            last_lines(&log, 0, false, 4),
+            "[... the first line of the output is not shown ...]\nline 2\nline 3\nline 4\nline 5"
+        );
+        // Regression (issue 23): the last 200 of 5,002 lines did not say so.
+        assert_eq!(
+            last_lines(&log, 4997, false, 2),
+            "[... the first 5000 lines of the output are not shown ...]\nline 4\nline 5"
+        );
+        // Read from inside a line: its rest is never shown, and it counts once.
+        assert_eq!(
+            last_lines("ne 1\nline 2\n", 7, true, 200),
+            "[... the first 8 lines of the output are not shown ...]\nline 2"
+        );
+        assert_eq!(
+            last_lines("no end in sight", 7, true, 200),
+            "[... the first 8 lines of the output are not shown ...]\n"
+        );
+    }
+
+    #[test]
+    fn the_tail_of_a_log_longer_than_what_is_read_counts_every_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        // Longer than TAIL_BYTES, so its start is counted apart from its end.
+        let lines = 2 * TAIL_BYTES as usize / 100;
+        let log: String = (0..lines).map(|n| format!("{n:099}\n")).collect();
+        std::fs::write(&path, &log).unwrap();
+        let text = tail(&path).unwrap();
+        let first = text.lines().next().unwrap();
+        assert_eq!(
+            first,
+            format!(
+                "[... the first {} lines of the output are not shown ...]",
+                lines - LOG_TAIL
+            )
+        );
+        assert_eq!(text.lines().count(), LOG_TAIL + 1);
+        assert_eq!(text.lines().last(), log.lines().last());
+    }
 }
