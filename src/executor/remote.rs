@@ -45,6 +45,9 @@ const TICK: Duration = Duration::from_millis(200);
 /// How long a reply that came before its call was parked is kept for it.
 const EARLY_KEPT: Duration = Duration::from_secs(60);
 
+/// At most how many calls the note of those still in progress names.
+const STILL_NAMED: usize = 3;
+
 /// A hook for tests: `JOLT_TEST_PARK_PAUSE_MS` holds each request between its
 /// publication and its parking with the waiter, so that its reply comes first.
 fn pause_before_parking() {
@@ -83,8 +86,6 @@ pub(super) struct Call<'n> {
     published: Instant,
     /// When a worker last said it has the request; `None` before it accepted.
     last_news: Option<Instant>,
-    /// When the client last said the call is still in progress.
-    last_note: Instant,
     replacements: usize,
     /// Requests sent again since a worker last said it runs the task.
     resends: u32,
@@ -119,7 +120,6 @@ impl<'n> Runner<'n> {
             start: Instant::now(),
             published: Instant::now(),
             last_news: None,
-            last_note: Instant::now(),
             replacements: 0,
             resends: 0,
             last_running: Instant::now(),
@@ -394,6 +394,8 @@ impl<'n> Waiter<'n> {
         // and parked after it missed the news (its replies may be lost).
         let mut reconnected: Option<Instant> = None;
         let mut next_tick = Instant::now() + TICK;
+        // When the waiter last said which calls are still in progress.
+        let mut noted = Instant::now();
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             select! {
@@ -445,6 +447,17 @@ impl<'n> Waiter<'n> {
                 // Replies for calls that never came back (ended meanwhile).
                 early.retain(|_, (came, _)| came.elapsed() < EARLY_KEPT);
                 self.tick(graph, net, &mut calls, silence, still);
+                if noted.elapsed() >= still {
+                    noted = Instant::now();
+                    let long: Vec<(String, Duration)> = calls
+                        .values()
+                        .map(|c| (graph.nodes[c.i].label(), c.start.elapsed()))
+                        .filter(|(_, ran)| *ran >= still)
+                        .collect();
+                    if let Some(note) = still_in_progress(long) {
+                        let _ = self.events.send(Event::Log(console::Level::Info, note));
+                    }
+                }
             }
         }
     }
@@ -520,7 +533,7 @@ impl<'n> Waiter<'n> {
     }
 
     /// A pool no worker takes from is warned about; a call whose worker fell silent
-    /// is sent again; a long call is said to be still in progress.
+    /// is sent again.
     fn tick(
         &self,
         graph: &Graph,
@@ -558,21 +571,69 @@ impl<'n> Waiter<'n> {
                 ));
                 silent.push(identity.clone());
             }
-            if call.last_note.elapsed() >= still {
-                call.last_note = Instant::now();
-                let _ = self.events.send(Event::Log(
-                    console::Level::Info,
-                    format!(
-                        "Remote execution still in progress after {} ({label})",
-                        format_duration(call.start.elapsed())
-                    ),
-                ));
-            }
         }
         for identity in silent {
             if let Some(call) = calls.remove(&identity) {
                 let _ = self.jobs.send(Job::Resume(call, Next::Resend));
             }
         }
+    }
+}
+
+/// The one line that says which calls are still in progress (their labels and how
+/// long they have run), naming the longest running: one line every `amqp.timeout`,
+/// however many there are (it was one line per call, hundreds at once). `None` when
+/// there are none.
+fn still_in_progress(mut calls: Vec<(String, Duration)>) -> Option<String> {
+    calls.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let (label, ran) = calls.first()?;
+    if calls.len() == 1 {
+        return Some(format!(
+            "Remote execution still in progress after {} ({label})",
+            format_duration(*ran)
+        ));
+    }
+    let named: Vec<String> = calls
+        .iter()
+        .take(STILL_NAMED)
+        .map(|(label, ran)| format!("{label} ({})", format_duration(*ran)))
+        .collect();
+    let more = match calls.len().saturating_sub(STILL_NAMED) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    Some(format!(
+        "Remote executions still in progress: {}; the longest: {}{more}",
+        calls.len(),
+        named.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_still_in_progress_are_noted_in_one_line_naming_the_longest() {
+        let m = |n: u64| Duration::from_secs(60 * n);
+        assert_eq!(still_in_progress(Vec::new()), None);
+        assert_eq!(
+            still_in_progress(vec![("app 1a2b3c4d".into(), m(5))]).unwrap(),
+            "Remote execution still in progress after 05min 00s (app 1a2b3c4d)"
+        );
+        // Regression (issue 23): a stuck client printed one line per call, 204 at once.
+        let mut calls: Vec<(String, Duration)> = (0..204)
+            .map(|n| (format!("t{n} 0000{n:04}"), m(5)))
+            .collect();
+        calls[17].1 = m(12);
+        calls[150].1 = m(7);
+        assert_eq!(
+            still_in_progress(calls).unwrap(),
+            "Remote executions still in progress: 204; the longest: t17 00000017 (12min 00s), t150 00000150 (07min 00s), t0 00000000 (05min 00s) and 201 more"
+        );
+        assert_eq!(
+            still_in_progress(vec![("a 1".into(), m(6)), ("b 2".into(), m(9))]).unwrap(),
+            "Remote executions still in progress: 2; the longest: b 2 (09min 00s), a 1 (06min 00s)"
+        );
     }
 }
