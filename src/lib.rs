@@ -50,18 +50,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
     };
     console::init(verbosity, color);
     let mut logger = env_logger::Builder::new();
-    logger.filter_level(match verbosity {
-        2.. => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Warn,
-    });
-    if matches!(cli.command, Some(cli::Cmd::Status(_))) && verbosity < 2 {
-        // `jolt status` asks for queues that may not exist: the broker closes the
-        // channel, which amiquip reports as a warning.
-        logger.filter_module(
-            "amiquip::io_loop::connection_state",
-            log::LevelFilter::Error,
-        );
-    }
+    logger.filter_level(library_level(verbosity));
     let _ = logger
         .parse_env("RUST_LOG")
         // Every record is redacted: amiquip logs its handshake, password included.
@@ -80,4 +69,36 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
     };
     runlog::flush();
     code
+}
+
+/// Which log records of other crates (amiquip, rustls, ureq: jolt writes its own lines
+/// through `console`) are shown: none below `-vv`, then their debug records too. What
+/// goes wrong in them reaches jolt as an error, which jolt reports in its own words;
+/// their warnings are mostly the broker closing a channel on purpose: the lock
+/// protocol's expected refusals (a shard in exclusive use, gone, or a lock queue
+/// held), and `jolt status` asking for queues that may not exist.
+fn library_level(verbosity: i8) -> log::LevelFilter {
+    match verbosity {
+        2.. => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Off,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_crates_log_records_are_shown_from_debug_verbosity_on() {
+        for (verbosity, level) in [
+            (-1, log::LevelFilter::Off),
+            // Regression (issue 23): amiquip's warnings reached a worker's log.
+            (0, log::LevelFilter::Off),
+            (1, log::LevelFilter::Off),
+            (2, log::LevelFilter::Debug),
+            (3, log::LevelFilter::Debug),
+        ] {
+            assert_eq!(library_level(verbosity), level, "verbosity {verbosity}");
+        }
+    }
 }
