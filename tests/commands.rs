@@ -1,6 +1,7 @@
 //! The informational and maintenance commands: config, list, inspect, display.
 
-use crate::util::Workspace;
+use crate::util::{Broker, Nginx, Workspace};
+use jolt::config::{Kind, SPECS};
 
 const RECIPE: &str = r#"
 [task.hello]
@@ -298,4 +299,121 @@ fn completions_complete_commands_flags_and_the_workspaces_tasks() {
         .success()
         .contains("complete -c jolt")
         .contains("jolt list --names");
+}
+
+#[test]
+fn params_and_network_config_are_refused_as_unknown_keys() {
+    // Issue 23: both were accepted, listed by `config -l`, and read by nothing.
+    let ws = workspace();
+    for key in ["params.answer", "network.config"] {
+        ws.jolt(&["config", key, "42"])
+            .code(2)
+            .contains(&format!("Unknown configuration key '{key}'"));
+        ws.jolt(&["-c", &format!("{key}=42"), "list"])
+            .code(2)
+            .contains(&format!("Unknown configuration key '{key}'"));
+        ws.jolt(&["config", key])
+            .code(2)
+            .contains(&format!("No such key: {key}"));
+    }
+    ws.file(
+        "params.toml",
+        "[params]\nanswer = 42\n[network]\nconfig = \"x\"\n",
+    );
+    ws.jolt(&["-c", "params.toml", "config", "-l"])
+        .success()
+        .contains("Unknown configuration key 'params.answer' in params.toml is ignored")
+        .contains("Unknown configuration key 'network.config' in params.toml is ignored")
+        .lacks("params.answer =")
+        .lacks("network.config =");
+}
+
+/// The environment variable that sets `key`: `JOLT_<SECTION>_<KEY>`.
+fn env_var(key: &str) -> String {
+    format!("JOLT_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// Values the key cannot take: past each end of its range, or one of another form.
+fn refused_values(kind: Kind) -> Vec<String> {
+    match kind {
+        Kind::Int(lo, hi) => vec![(lo - 1).to_string(), (hi + 1).to_string(), "x".into()],
+        Kind::Bool => vec!["maybe".into()],
+        Kind::Size => vec!["banana".into()],
+        Kind::Name => vec!["two words".into()],
+        Kind::HttpUri => vec!["ftp://cache/".into()],
+        Kind::AmqpHost => vec!["ftp://broker".into()],
+        Kind::Text => vec![],
+    }
+}
+
+#[test]
+fn every_value_config_accepts_a_build_accepts_and_every_value_it_refuses_a_build_refuses() {
+    // Issue 23: `config http.timeout 0` was accepted, and every later build failed
+    // with exit 2; the key table and the readers had ranges of their own.
+    let Some(server) = Nginx::start() else { return };
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let ws = Workspace::with("[task.t]\nrun = \"true\"\n");
+    let network = [
+        format!("http.uri={}", server.url),
+        "amqp.host=127.0.0.1".to_string(),
+        format!("amqp.routing_key={}", broker.routing_key),
+    ];
+    // A network build that plans only: it reads every key, builds the HTTP client,
+    // connects to the broker and asks the cache, and runs nothing.
+    let network_build = |extra: &[&str]| {
+        let mut args: Vec<&str> = Vec::new();
+        for c in &network {
+            args.extend(["-c", c.as_str()]);
+        }
+        args.extend(extra);
+        args.extend(["build", "--network", "--dry-run", "t"]);
+        ws.jolt(&args)
+    };
+    network_build(&[]).success();
+    for spec in SPECS {
+        let key = spec.name;
+        if let Some(default) = spec.default {
+            ws.jolt(&["config", key, default]).success();
+            ws.jolt(&["config", "-d", key]).success();
+        }
+        for bad in refused_values(spec.kind) {
+            ws.jolt(&["config", "--", key, &bad])
+                .code(2)
+                .contains(&format!("for configuration key {key}"));
+            let assigned = format!("{key}={bad}");
+            ws.jolt(&["-c", &assigned, "build", "t"])
+                .code(2)
+                .contains(&format!("for configuration key {key}"))
+                .contains("(set by -c)");
+            let mut cmd = ws.command(&["build", "t"]);
+            cmd.env(env_var(key), &bad);
+            ws.run(cmd)
+                .code(2)
+                .contains(&format!("for configuration key {key}"))
+                .contains(&env_var(key));
+            let (section, name) = key.split_once('.').unwrap();
+            ws.file("bad.toml", &format!("[{section}]\n{name} = \"{bad}\"\n"));
+            ws.jolt(&["-c", "bad.toml", "build", "t"])
+                .code(2)
+                .contains(&format!("for configuration key {key}"))
+                .contains("bad.toml");
+        }
+        let Kind::Int(lo, hi) = spec.kind else {
+            continue;
+        };
+        for ok in [lo, hi] {
+            let ok = ok.to_string();
+            ws.jolt(&["config", key, &ok]).success();
+            if key == "amqp.port" {
+                // An address: any port is taken, and only a broker there answers.
+                ws.jolt(&["build", "t"]).success();
+            } else {
+                let run = network_build(&[]);
+                assert_eq!(run.code, 0, "{key} = {ok}: {}", run.all());
+            }
+            ws.jolt(&["config", "-d", key]).success();
+        }
+    }
 }

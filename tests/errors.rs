@@ -219,7 +219,7 @@ fn numbers_out_of_range_are_usage_errors() {
         .contains("-j 50000");
     ws.jolt(&["-c", "jolt.jobs=-3", "build", "t"])
         .code(2)
-        .contains("jolt.jobs = -3");
+        .contains("Illegal value '-3' for configuration key jolt.jobs");
     ws.jolt(&["-c", "jolt.jobs=0", "build", "t"]).success();
     ws.jolt(&[
         "-c",

@@ -640,7 +640,7 @@ fn transfers_at_once_are_a_setting_of_their_own() {
     .contains("Download finished");
     jolt(&other, &["-c", "http.transfers=0", "build", "app"])
         .code(2)
-        .contains("http.transfers: expected 1 to 256");
+        .contains("configuration key http.transfers: expected an integer from 1 to 256");
 }
 
 #[test]

@@ -49,8 +49,7 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
     let started = Instant::now();
     if args.tasks.is_empty() {
         // As plain `jolt`: the task `jolt.default` names.
-        let default = config.get("jolt.default");
-        args.tasks = vec![default.unwrap_or_else(|| "default".into())];
+        args.tasks = vec![config.jolt.default.clone()];
     }
     // A dry run writes nothing: the cache is opened to read, the stat cache kept.
     let ws = if args.dry_run {
@@ -79,8 +78,8 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
     // whether the goals come back, network.upload whether local-only artifacts go out.
     let (no_download, no_upload) = if args.network {
         (
-            args.no_download || !config.get_bool("network.download", true)?,
-            args.no_upload || !config.get_bool("network.upload", true)?,
+            args.no_download || !config.network.download,
+            args.no_upload || !config.network.upload,
         )
     } else {
         (args.no_download, args.no_upload)
@@ -114,9 +113,7 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
             "Network builds exchange artifacts through an HTTP cache: set http.uri",
         ));
     };
-    let settings = crate::remote::amqp::Settings::from_config(config)?;
-    let remote_jobs = remote_jobs(config)?;
-    let client = NetworkClient::connect(settings)?;
+    let client = NetworkClient::connect(config.amqp.clone())?;
     let net = Network {
         client: &client,
         recipes: RecipeBundle::new(
@@ -129,7 +126,7 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
                 })
                 .collect::<Vec<_>>(),
         ),
-        jobs: remote_jobs,
+        jobs: config.amqp.jobs,
     };
     let opts = executor::Options {
         jobs,
@@ -152,38 +149,15 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
     finish(&ws, &graph, &report, &args, started)
 }
 
-/// Tasks run at once here: `-j`, else `jolt.jobs`, else (or with 0) the CPUs.
+/// Tasks run at once here: `-j`, else `jolt.jobs` (the CPUs for 0).
 fn local_jobs(config: &Config, given: Option<usize>) -> Result<usize> {
-    let max = executor::MAX_JOBS;
+    let max = crate::config::MAX_JOBS;
     match given {
-        Some(j) if (1..=max).contains(&j) => return Ok(j),
-        Some(j) => {
-            return Err(usage(format!(
-                "-j {j}: tasks at once must be between 1 and {max}"
-            )))
-        }
-        None => {}
-    }
-    match config.get_int("jolt.jobs")? {
-        Some(j) if (1..=max as i64).contains(&j) => Ok(j as usize),
-        Some(0) | None => Ok(crate::util::cpus()),
+        Some(j) if (1..=max).contains(&j) => Ok(j),
         Some(j) => Err(usage(format!(
-            "jolt.jobs = {j}: tasks at once must be between 1 and {max}"
+            "-j {j}: tasks at once must be between 1 and {max}"
         ))),
-    }
-}
-
-/// Remote executions a network client keeps in flight: `amqp.jobs` (32).
-fn remote_jobs(config: &Config) -> Result<usize> {
-    let max = executor::MAX_JOBS;
-    match config.get_int("amqp.jobs")? {
-        // Every ready task queued in the broker, as far as a thread each allows: the
-        // queue is the buffer, and the fleet takes from it as fast as it can.
-        None => Ok(max),
-        Some(j) if (1..=max as i64).contains(&j) => Ok(j as usize),
-        Some(j) => Err(usage(format!(
-            "amqp.jobs = {j}: remote executions at once must be between 1 and {max}"
-        ))),
+        None => Ok(config.jolt.jobs),
     }
 }
 

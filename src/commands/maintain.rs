@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use super::workspace::Workspace;
 use crate::cli::{CleanArgs, ConfigArgs};
-use crate::config::{self, Config};
+use crate::config::{self, Config, Effective, Layers};
 use crate::console;
 use crate::error::usage;
 use crate::error::Exit;
@@ -15,7 +15,7 @@ use crate::store::trim::Event;
 
 pub fn clean(config: &Config, args: CleanArgs) -> Result<Exit> {
     if args.tasks.is_empty() {
-        let cache = LocalCache::from_config(config)?;
+        let cache = LocalCache::from_config(&config.jolt)?;
         let removed = cache.clean(args.expired, &|_| true)?;
         cache.clean_scratch();
         console::info(&format!(
@@ -52,7 +52,16 @@ fn shown(key: &str, value: &str) -> String {
     }
 }
 
-pub fn config(merged: &Config, args: ConfigArgs) -> Result<Exit> {
+/// A key's effective value as `config -l` lists it: `key = value  # origin`.
+fn effective_line(e: &Effective) -> String {
+    let value = e
+        .value
+        .as_ref()
+        .map_or_else(|| "(not set)".to_string(), |v| shown(e.key, v));
+    format!("{} = {value}  # {}", e.key, e.origin)
+}
+
+pub fn config(merged: &Layers, args: ConfigArgs) -> Result<Exit> {
     let file = if args.global {
         config::global_file()
     } else {
@@ -60,7 +69,7 @@ pub fn config(merged: &Config, args: ConfigArgs) -> Result<Exit> {
     };
     if args.list {
         if args.global {
-            let mut c = Config::default();
+            let mut c = Layers::default();
             for (section, values) in config::read_file(&file)? {
                 for (k, v) in values {
                     c.set(&format!("{section}.{k}"), v);
@@ -72,9 +81,8 @@ pub fn config(merged: &Config, args: ConfigArgs) -> Result<Exit> {
             return Ok(Exit::Success);
         }
         // Every key's effective value, and where it comes from.
-        for (key, value, origin) in merged.effective() {
-            let value = value.map_or_else(|| "(not set)".to_string(), |v| shown(&key, &v));
-            console::print(&format!("{key} = {value}  # {origin}"));
+        for effective in merged.effective() {
+            console::print(&effective_line(&effective));
         }
         return Ok(Exit::Success);
     }

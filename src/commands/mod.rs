@@ -9,7 +9,7 @@ mod workspace;
 use anyhow::Result;
 
 use crate::cli::{Cli, Cmd};
-use crate::config::Config;
+use crate::config::Layers;
 use crate::error::Exit;
 
 /// Runs the parsed command line; returns the exit code.
@@ -34,21 +34,25 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
             crate::console::debug(&why);
         }
     }
-    let config = Config::load(&cli.config)?;
-    config.register_secrets();
+    let layers = Layers::load(&cli.config)?;
+    layers.register_secrets();
+    // The settings, every key checked, for the commands that read any; `config` shows
+    // and changes the layers as written, even values no command would run with: that
+    // is how they are fixed.
+    let config = || layers.settings();
     match cli.command {
-        None => build::run(&config, crate::cli::BuildArgs::default()),
-        Some(Cmd::Build(args)) => build::run(&config, args),
-        Some(Cmd::AmqpWorker) => crate::commands::worker::run(&config),
-        Some(Cmd::Download(args)) => build::download(&config, args),
+        None => build::run(&config()?, crate::cli::BuildArgs::default()),
+        Some(Cmd::Build(args)) => build::run(&config()?, args),
+        Some(Cmd::AmqpWorker) => crate::commands::worker::run(&config()?),
+        Some(Cmd::Download(args)) => build::download(&config()?, args),
         Some(Cmd::Cache(crate::cli::CacheCmd::Trim(args))) => maintain::trim(args),
-        Some(Cmd::Clean(args)) => maintain::clean(&config, args),
-        Some(Cmd::Config(args)) => maintain::config(&config, args),
-        Some(Cmd::List(args)) => query::list(&config, args),
-        Some(Cmd::Inspect(args)) => query::inspect(&config, args),
-        Some(Cmd::Display(args)) => query::display(&config, args),
+        Some(Cmd::Clean(args)) => maintain::clean(&config()?, args),
+        Some(Cmd::Config(args)) => maintain::config(&layers, args),
+        Some(Cmd::List(args)) => query::list(&config()?, args),
+        Some(Cmd::Inspect(args)) => query::inspect(&config()?, args),
+        Some(Cmd::Display(args)) => query::display(&config()?, args),
         Some(Cmd::Log(args)) => query::log(args),
-        Some(Cmd::Status(args)) => query::status(&config, args),
+        Some(Cmd::Status(args)) => query::status(&config()?, args),
         Some(Cmd::Completions(args)) => query::completions(args),
     }
 }

@@ -253,7 +253,7 @@ pub fn log(args: crate::cli::LogArgs) -> Result<Exit> {
 /// `jolt status`: for each pool, the requests waiting and the workers consuming, as
 /// the broker counts them (a passive declare: nothing is created).
 pub fn status(config: &Config, args: crate::cli::StatusArgs) -> Result<Exit> {
-    let settings = crate::remote::amqp::Settings::from_config(config)?;
+    let settings = config.amqp.clone();
     let mut pools: BTreeSet<String> = args.pools.into_iter().collect();
     if pools.is_empty() {
         pools.insert(settings.routing_key.clone());

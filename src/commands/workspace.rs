@@ -33,7 +33,8 @@ impl Workspace {
         let root = crate::recipe::find_root(&cwd)?;
         // The stat cache is read while the recipes are parsed: both take a while in
         // a large workspace. It lives in the cache directory, by its absolute path.
-        let cachedir = std::path::absolute(config.cachedir()).unwrap_or_else(|_| config.cachedir());
+        let cachedir = std::path::absolute(&config.jolt.cachedir)
+            .unwrap_or_else(|_| config.jolt.cachedir.clone());
         let (recipes, hashes) = std::thread::scope(|scope| {
             let hashes = scope.spawn(|| FileHashes::load(&cachedir, &root));
             let recipes = Recipes::load(&root);
@@ -50,7 +51,7 @@ impl Workspace {
                 hashes: hashes.forgetful(),
             });
         }
-        let cache = LocalCache::from_config(config)?;
+        let cache = LocalCache::from_config(&config.jolt)?;
         Ok(Workspace {
             recipes,
             cache,

@@ -1,9 +1,15 @@
-//! Layered configuration: files, environment and command-line overrides.
+//! Configuration: the layers it is merged from, the one table of its keys, and the
+//! typed settings every command but `config` runs with.
 //!
-//! Layers, later wins: `/etc/jolt/config.toml`, `$XDG_CONFIG_HOME/jolt/config.toml`,
-//! each `-c FILE`, environment variables `JOLT_<SECTION>_<KEY>`, each
-//! `-c section.key=value`. Values are kept as TOML values; typed getters accept the
-//! string spellings that come from the environment and the command line.
+//! Layers, later wins: `RABBITMQ_ROUTING_KEY` (Python Jolt's, for `amqp.routing_key`),
+//! `/etc/jolt/config.toml`, `$XDG_CONFIG_HOME/jolt/config.toml`, each `-c FILE`,
+//! environment variables `JOLT_<SECTION>_<KEY>`, each `-c section.key=value`.
+//! [`Layers`] keeps the merged values as written (TOML values) and where each came
+//! from, for `jolt config`; [`Config`] is read from them once, every key through the
+//! table in [`keys`], so no other module reads a key string or knows a default.
+
+mod keys;
+mod settings;
 
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -11,127 +17,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::usage;
 
-/// Sections whose keys may be set from the environment.
-const SECTIONS: &[&str] = &["jolt", "http", "amqp", "network"];
-
-/// What a key's value must be.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    Text,
-    Bool,
-    /// An integer within bounds.
-    Int(i64, i64),
-    Size,
-}
-
-/// Every key jolt reads, with its kind and its default as `jolt config -l` shows it
-/// (`None`: unset). Other keys are refused where they are set on the command line
-/// and warned about where a file or the environment holds them; `params.*` is free.
-const SPECS: &[(&str, Kind, Option<&str>)] = &[
-    ("jolt.cachedir", Kind::Text, None),
-    ("jolt.cachesize", Kind::Size, Some("10G")),
-    (
-        "jolt.jobs",
-        Kind::Int(0, 1024),
-        Some("0 (the number of CPUs)"),
-    ),
-    ("jolt.default", Kind::Text, Some("default")),
-    ("jolt.upload", Kind::Bool, Some("true")),
-    ("jolt.download", Kind::Bool, Some("true")),
-    ("http.uri", Kind::Text, None),
-    ("http.upload", Kind::Bool, Some("true")),
-    ("http.download", Kind::Bool, Some("true")),
-    ("http.username", Kind::Text, None),
-    ("http.password", Kind::Text, None),
-    ("http.connect_timeout", Kind::Int(0, 86400), Some("10")),
-    ("http.timeout", Kind::Int(0, 86400), Some("60")),
-    ("http.retries", Kind::Int(0, 100), Some("3")),
-    ("http.transfers", Kind::Int(1, 256), Some("64")),
-    ("http.ca_file", Kind::Text, None),
-    ("amqp.host", Kind::Text, Some("localhost")),
-    (
-        "amqp.port",
-        Kind::Int(0, 65535),
-        Some("5672 (5671 with TLS)"),
-    ),
-    ("amqp.vhost", Kind::Text, Some("/")),
-    ("amqp.username", Kind::Text, Some("guest")),
-    ("amqp.password", Kind::Text, Some("guest")),
-    ("amqp.routing_key", Kind::Text, Some("default")),
-    ("amqp.priority", Kind::Int(0, 255), Some("0")),
-    ("amqp.max_priority", Kind::Int(0, 255), Some("10")),
-    ("amqp.heartbeat", Kind::Int(0, 3600), Some("30")),
-    ("amqp.connect_timeout", Kind::Int(0, 3600), Some("10")),
-    ("amqp.tls", Kind::Bool, Some("false")),
-    ("amqp.ca_file", Kind::Text, None),
-    ("amqp.progress", Kind::Int(0, 3600), Some("5")),
-    ("amqp.timeout", Kind::Int(0, 86400), Some("300")),
-    ("amqp.jobs", Kind::Int(1, 1024), Some("1024")),
-    ("network.upload", Kind::Bool, Some("true")),
-    ("network.download", Kind::Bool, Some("true")),
-    ("network.config", Kind::Text, None),
-];
-
-/// Every key jolt reads.
-pub fn keys() -> impl Iterator<Item = &'static str> {
-    SPECS.iter().map(|(key, _, _)| *key)
-}
-
-/// Refuses a value its key cannot take (`jolt config KEY VALUE`).
-pub fn check_value(key: &str, value: &str) -> Result<()> {
-    let Some((_, kind, _)) = SPECS.iter().find(|(k, _, _)| *k == key) else {
-        return Ok(());
-    };
-    let ok = match *kind {
-        Kind::Text => true,
-        Kind::Bool => parse_bool(value).is_some(),
-        Kind::Int(lo, hi) => value
-            .trim()
-            .parse::<i64>()
-            .is_ok_and(|v| (lo..=hi).contains(&v)),
-        Kind::Size => parse_size(value).is_some(),
-    };
-    if ok {
-        return Ok(());
-    }
-    let expected = match *kind {
-        Kind::Bool => "a boolean (true, false)".to_string(),
-        Kind::Int(lo, hi) => format!("an integer from {lo} to {hi}"),
-        Kind::Size => "a size such as 500M or 10G".to_string(),
-        Kind::Text => String::new(),
-    };
-    Err(usage(format!(
-        "Illegal value '{value}' for configuration key {key}: expected {expected}"
-    )))
-}
-
-/// Whether jolt knows the configuration key `section.key`.
-pub fn is_known(key: &str) -> bool {
-    keys().any(|k| k == key) || key.starts_with("params.")
-}
-
-/// Refuses a key jolt does not know (a typo would otherwise do nothing).
-pub fn check_key(key: &str) -> Result<()> {
-    split_key(key)?;
-    if is_known(key) {
-        return Ok(());
-    }
-    let (section, _) = split_key(key)?;
-    let similar: Vec<&str> = keys()
-        .filter(|k| k.starts_with(&format!("{section}.")))
-        .collect();
-    let hint = crate::util::did_you_mean(key, keys());
-    Err(usage(if !hint.is_empty() {
-        format!("Unknown configuration key '{key}'{hint}")
-    } else if similar.is_empty() {
-        format!("Unknown configuration key '{key}'")
-    } else {
-        format!(
-            "Unknown configuration key '{key}': {section} has {}",
-            similar.join(", ")
-        )
-    }))
-}
+pub use keys::{check_key, check_value, is_known, keys, unknown_hint, Kind, Spec, MAX_JOBS, SPECS};
+pub use settings::{AmqpSettings, Config, HttpSettings, JoltSettings, NetworkSettings};
 
 /// Warns about the keys of a file that jolt does not know.
 fn warn_unknown(path: &Path, sections: &BTreeMap<String, Section>) {
@@ -151,9 +38,9 @@ fn warn_unknown(path: &Path, sections: &BTreeMap<String, Section>) {
 
 type Section = BTreeMap<String, toml::Value>;
 
-/// The merged configuration.
+/// The merged layers: every value as written, and where it comes from.
 #[derive(Debug, Clone, Default)]
-pub struct Config {
+pub struct Layers {
     values: BTreeMap<String, Section>,
     /// Where each `section.key` set got its value: a file, the environment, `-c`.
     origins: BTreeMap<String, String>,
@@ -241,11 +128,22 @@ pub fn write_file(path: &Path, sections: &BTreeMap<String, Section>) -> Result<(
         .with_context(|| format!("Cannot write {}", path.display()))
 }
 
-impl Config {
+impl Layers {
     /// Loads all layers. `overrides` are the `-c` arguments in command-line order.
-    pub fn load(overrides: &[String]) -> Result<Config> {
-        let mut config = Config::default();
-        let merge_file = |config: &mut Config, path: &Path| -> Result<()> {
+    pub fn load(overrides: &[String]) -> Result<Layers> {
+        let mut config = Layers::default();
+        // Python Jolt's variable for a worker's pool, under every other layer.
+        if let Some(key) = std::env::var("RABBITMQ_ROUTING_KEY")
+            .ok()
+            .filter(|k| !k.is_empty())
+        {
+            config.set("amqp.routing_key", toml::Value::String(key));
+            config.origins.insert(
+                "amqp.routing_key".into(),
+                "environment (RABBITMQ_ROUTING_KEY)".into(),
+            );
+        }
+        let merge_file = |config: &mut Layers, path: &Path| -> Result<()> {
             let sections = read_file(path)?;
             warn_unknown(path, &sections);
             config.merge(sections, &path.display().to_string());
@@ -285,37 +183,33 @@ impl Config {
         }
     }
 
-    /// Every known key with its effective value (or `None`, unset) and where the
-    /// value comes from: `default`, a file, `environment (VAR)` or `-c`; then any
-    /// `params.*` set.
-    pub fn effective(&self) -> Vec<(String, Option<String>, String)> {
-        let mut out = Vec::new();
-        for (key, _, default) in SPECS {
-            let entry = match self.value(key) {
-                Some(v) => (
-                    value_to_string(v),
-                    self.origins.get(*key).cloned().unwrap_or_default(),
-                ),
-                None if *key == "jolt.cachedir" => {
-                    (self.cachedir().display().to_string(), "default".into())
-                }
-                None => match default {
-                    Some(d) => (d.to_string(), "default".into()),
-                    None => {
-                        out.push((key.to_string(), None, "default".into()));
-                        continue;
-                    }
-                },
-            };
-            out.push((key.to_string(), Some(entry.0), entry.1));
-        }
-        for (key, value) in self.entries() {
-            if key.starts_with("params.") {
-                let origin = self.origins.get(&key).cloned().unwrap_or_default();
-                out.push((key, Some(value), origin));
-            }
-        }
-        out
+    /// Every key of the table with its effective value and where it comes from.
+    pub fn effective(&self) -> Vec<Effective> {
+        keys::SPECS
+            .iter()
+            .map(|spec| self.effective_of(spec))
+            .collect()
+    }
+
+    /// The effective value of `key`, if jolt knows the key.
+    pub fn effective_value(&self, key: &str) -> Option<Effective> {
+        keys::spec(key).map(|spec| self.effective_of(spec))
+    }
+
+    fn effective_of(&self, spec: &keys::Spec) -> Effective {
+        let key = spec.name;
+        let (value, origin) = match self.value(key) {
+            Some(v) => (
+                Some(value_to_string(v)),
+                self.origins.get(key).cloned().unwrap_or_default(),
+            ),
+            None if key == settings::CACHEDIR => (
+                Some(settings::default_cachedir().display().to_string()),
+                "default".into(),
+            ),
+            None => (spec.shown_default(), "default".into()),
+        };
+        Effective { key, value, origin }
     }
 
     fn merge_env(&mut self, vars: impl Iterator<Item = (String, String)>) {
@@ -330,7 +224,7 @@ impl Config {
                         continue;
                     };
                     let section = section.to_ascii_lowercase();
-                    if !SECTIONS.contains(&section.as_str()) || key.is_empty() {
+                    if !keys::is_section(&section) || key.is_empty() {
                         continue;
                     }
                     format!("{section}.{}", key.to_ascii_lowercase())
@@ -368,55 +262,15 @@ impl Config {
         self.value(key).map(value_to_string)
     }
 
-    /// A boolean setting; accepts true/false/yes/no/on/off/1/0.
-    pub fn get_bool(&self, key: &str, default: bool) -> Result<bool> {
-        match self.value(key) {
-            None => Ok(default),
-            Some(toml::Value::Boolean(b)) => Ok(*b),
-            Some(v) => parse_bool(&value_to_string(v)).ok_or_else(|| {
-                usage(format!(
-                    "Illegal value '{}' for configuration key {key}: expected a boolean",
-                    value_to_string(v)
-                ))
-            }),
-        }
+    /// Where the value of `section.key` comes from: a file, `environment (VAR)`, `-c`.
+    pub fn origin(&self, key: &str) -> &str {
+        self.origins.get(key).map_or("", String::as_str)
     }
 
-    /// An integer setting.
-    pub fn get_int(&self, key: &str) -> Result<Option<i64>> {
-        match self.value(key) {
-            None => Ok(None),
-            Some(toml::Value::Integer(i)) => Ok(Some(*i)),
-            Some(v) => value_to_string(v).trim().parse().map(Some).map_err(|_| {
-                usage(format!(
-                    "Illegal value '{}' for configuration key {key}: expected an integer",
-                    value_to_string(v)
-                ))
-            }),
-        }
-    }
-
-    /// An integer setting that must lie in `min..=max`, else a usage error naming it.
-    pub fn get_int_in(&self, key: &str, default: i64, min: i64, max: i64) -> Result<i64> {
-        let v = self.get_int(key)?.unwrap_or(default);
-        if !(min..=max).contains(&v) {
-            return Err(usage(format!(
-                "Illegal value {v} for configuration key {key}: expected {min} to {max}"
-            )));
-        }
-        Ok(v)
-    }
-
-    /// A size setting such as `10G`.
-    pub fn get_size(&self, key: &str) -> Result<Option<u64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => parse_size(&v).map(Some).ok_or_else(|| {
-                usage(format!(
-                    "Illegal value '{v}' for configuration key {key}: expected a size such as 500M or 10G"
-                ))
-            }),
-        }
+    /// The settings these layers give, every key read and checked (a usage error
+    /// names the first value a key cannot take, and where it was set).
+    pub fn settings(&self) -> Result<Config> {
+        Config::read(self)
     }
 
     /// Registers every password the configuration holds (`*.password`, and the
@@ -442,25 +296,16 @@ impl Config {
         }
         out
     }
-
-    /// The local cache directory: `jolt.cachedir`, else `$XDG_CACHE_HOME/jolt`.
-    pub fn cachedir(&self) -> PathBuf {
-        if let Some(dir) = self.get("jolt.cachedir").filter(|d| !d.is_empty()) {
-            return expand_home(&dir);
-        }
-        std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home().join(".cache"))
-            .join("jolt")
-    }
 }
 
-fn expand_home(path: &str) -> PathBuf {
-    match path.strip_prefix("~/") {
-        Some(rest) => home().join(rest),
-        None => PathBuf::from(path),
-    }
+/// A key's effective value, as `jolt config -l` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Effective {
+    pub key: &'static str,
+    /// `None`: unset, and no default.
+    pub value: Option<String>,
+    /// `default`, a file, `environment (VAR)` or `-c`.
+    pub origin: String,
 }
 
 fn value_to_string(value: &toml::Value) -> String {
@@ -510,24 +355,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_key_has_a_kind_and_every_kind_checks_its_values() {
-        // One table holds the keys with their kinds: each once, in a known section.
-        let all: Vec<&str> = keys().collect();
-        let unique: std::collections::BTreeSet<&str> = all.iter().copied().collect();
-        assert_eq!(unique.len(), all.len());
-        assert!(all
-            .iter()
-            .all(|k| SECTIONS.contains(&k.split_once('.').unwrap().0)));
-        assert!(check_value("jolt.cachesize", "2G").is_ok());
-        assert!(check_value("jolt.cachesize", "banana").is_err());
-        assert!(check_value("amqp.tls", "yes").is_ok());
-        assert!(check_value("amqp.tls", "maybe").is_err());
-        assert!(check_value("http.transfers", "256").is_ok());
-        assert!(check_value("http.transfers", "257").is_err());
-        assert!(check_value("amqp.host", "anything").is_ok());
-    }
-
-    #[test]
     fn sizes_parse_with_binary_units() {
         assert_eq!(parse_size("10G"), Some(10 << 30));
         assert_eq!(parse_size("500 M"), Some(500 << 20));
@@ -542,7 +369,7 @@ mod tests {
 
     #[test]
     fn environment_overrides_known_sections_only() {
-        let mut c = Config::default();
+        let mut c = Layers::default();
         c.merge_env(
             vec![
                 ("JOLT_AMQP_HOST".to_string(), "broker".to_string()),
@@ -556,15 +383,5 @@ mod tests {
         assert_eq!(c.get("amqp.routing_key").as_deref(), Some("linux"));
         assert_eq!(c.get("jolt.cachesize").as_deref(), Some("5G"));
         assert_eq!(c.entries().len(), 3);
-    }
-
-    #[test]
-    fn booleans_accept_common_spellings() {
-        let mut c = Config::default();
-        c.set("jolt.upload", toml::Value::String("no".into()));
-        assert!(!c.get_bool("jolt.upload", true).unwrap());
-        c.set("jolt.upload", toml::Value::String("maybe".into()));
-        assert!(c.get_bool("jolt.upload", true).is_err());
-        assert!(c.get_bool("jolt.download", true).unwrap());
     }
 }

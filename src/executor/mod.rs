@@ -88,10 +88,6 @@ const EVENTS_QUEUED: usize = 4096;
 /// request (each runs the executor for one job).
 const EVENTS_PER_THREAD: usize = 256;
 
-/// The most tasks (`-j`, `jolt.jobs`) or remote executions (`amqp.jobs`) at once: each
-/// takes a thread.
-pub const MAX_JOBS: usize = 1024;
-
 /// What became of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -350,9 +346,10 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
             errors: sched.errors,
         });
     }
-    let transfers = services
-        .http
-        .map_or(http_cache::DEFAULT_TRANSFERS, |h| h.transfers);
+    let transfers = services.http.map_or_else(
+        || crate::config::Config::default().http.transfers,
+        |h| h.transfers,
+    );
     let limits = [
         opts.jobs.max(1),
         transfers,

@@ -11,22 +11,7 @@ pub struct TaskRef {
     pub params: Vec<(String, String)>,
 }
 
-/// Whether `name` is a legal task name: ASCII letters, digits and `_ - . /`, in
-/// `/`-separated parts that are neither empty, `.`, `..`, start with a dot nor are 64
-/// hex digits (a name becomes a directory of the cache and a path of the HTTP
-/// cache's URLs).
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
-        && name.split('/').all(|part| {
-            // A part that looks like an identity would read as an artifact directory
-            // of the cache (`<task>/<identity>/`).
-            let identity_like = part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit());
-            !part.is_empty() && !part.starts_with('.') && !identity_like
-        })
-}
+pub use crate::util::valid_name;
 
 impl TaskRef {
     /// Parses `name[:p=v[,p=v]...]`.

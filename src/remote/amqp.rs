@@ -1,5 +1,5 @@
-//! RabbitMQ plumbing shared by the client and the worker: settings, connections,
-//! and the topology both sides declare.
+//! RabbitMQ plumbing shared by the client and the worker: connections (to the broker
+//! that [`AmqpSettings`] names) and the topology both sides declare.
 //!
 //! Topology: requests go to the durable direct exchange `jolt_exchange` with the
 //! task's routing key; workers consume the durable queue `jolt_tasks_<key>` (declared
@@ -15,8 +15,7 @@ use anyhow::Result;
 use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
-use crate::error::usage;
+use crate::config::AmqpSettings;
 
 pub const REQUESTS: &str = "jolt_exchange";
 pub const RESULTS: &str = "jolt_results";
@@ -24,35 +23,6 @@ pub const RESULTS: &str = "jolt_results";
 /// The request queue of a routing key.
 pub fn task_queue(routing_key: &str) -> String {
     format!("jolt_tasks_{routing_key}")
-}
-
-/// How to reach the broker, and the knobs of network builds.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub host: String,
-    pub port: u16,
-    /// TLS to the broker (`amqps://`, `amqp.tls`), checked against `ca_file` or the
-    /// built-in roots.
-    pub tls: bool,
-    pub ca_file: Option<std::path::PathBuf>,
-    pub vhost: String,
-    pub username: String,
-    pub password: String,
-    /// AMQP heartbeat, seconds.
-    pub heartbeat: u16,
-    /// How long connecting (TCP and the AMQP handshake) may take.
-    pub connect_timeout: Duration,
-    /// The worker's routing key (its pool).
-    pub routing_key: String,
-    /// Priority of the client's requests.
-    pub priority: u8,
-    /// `x-max-priority` of the request queues.
-    pub max_priority: u8,
-    /// How often a worker tells its clients it is still at a task; a client that hears
-    /// nothing for four of these sends its request again.
-    pub progress: Duration,
-    /// Seconds between "still in progress" notes on the client.
-    pub timeout: Duration,
 }
 
 fn encode(s: &str) -> String {
@@ -67,71 +37,8 @@ fn encode(s: &str) -> String {
     out
 }
 
-impl Settings {
-    pub fn from_config(config: &Config) -> Result<Settings> {
-        let int = |key: &str, default: i64, max: i64| config.get_int_in(key, default, 0, max);
-        let routing_key = config
-            .get("amqp.routing_key")
-            .or_else(|| std::env::var("RABBITMQ_ROUTING_KEY").ok())
-            .unwrap_or_else(|| "default".into());
-        if !crate::recipe::taskref::valid_name(&routing_key) {
-            return Err(usage(format!("Invalid amqp.routing_key '{routing_key}'")));
-        }
-        let password = config
-            .get("amqp.password")
-            .unwrap_or_else(|| "guest".into());
-        // amqp.host may be a URL: amqps://host[:port] asks for TLS.
-        let host = config
-            .get("amqp.host")
-            .unwrap_or_else(|| "localhost".into());
-        let (scheme, host) = match host.split_once("://") {
-            Some((scheme, rest)) => (Some(scheme.to_ascii_lowercase()), rest.to_string()),
-            None => (None, host),
-        };
-        let tls = match scheme.as_deref() {
-            Some("amqps") => true,
-            Some("amqp") => false,
-            Some(other) => {
-                return Err(usage(format!(
-                    "Invalid amqp.host: scheme '{other}://', expected amqp:// or amqps://"
-                )))
-            }
-            None => config.get_bool("amqp.tls", false)?,
-        };
-        let (host, port) = match host.trim_end_matches('/').rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse::<u16>().ok()),
-            _ => (host.trim_end_matches('/').to_string(), None),
-        };
-        let default_port = if tls { 5671 } else { 5672 };
-        let port = match port {
-            Some(p) => p,
-            None => int("amqp.port", default_port, 65535)? as u16,
-        };
-        Ok(Settings {
-            host,
-            port,
-            tls,
-            ca_file: config
-                .get("amqp.ca_file")
-                .filter(|f| !f.is_empty())
-                .map(std::path::PathBuf::from),
-            vhost: config.get("amqp.vhost").unwrap_or_else(|| "/".into()),
-            username: config
-                .get("amqp.username")
-                .unwrap_or_else(|| "guest".into()),
-            password,
-            heartbeat: int("amqp.heartbeat", 30, 3600)? as u16,
-            connect_timeout: Duration::from_secs(
-                int("amqp.connect_timeout", 10, 3600)?.max(1) as u64
-            ),
-            routing_key,
-            priority: int("amqp.priority", 0, 255)? as u8,
-            max_priority: int("amqp.max_priority", 10, 255)? as u8,
-            progress: Duration::from_secs(int("amqp.progress", 5, 3600)?.max(1) as u64),
-            timeout: Duration::from_secs(int("amqp.timeout", 300, 86400)?.max(1) as u64),
-        })
-    }
-
+/// What connects to the broker, from the `[amqp]` settings.
+impl AmqpSettings {
     /// `host:port/vhost`, for messages (never the password).
     pub fn address(&self) -> String {
         let scheme = if self.tls { "amqps" } else { "amqp" };

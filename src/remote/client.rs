@@ -24,8 +24,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::config::AmqpSettings;
 use crate::error::infra;
-use crate::remote::amqp::{Settings, RESULTS};
+use crate::remote::amqp::RESULTS;
 use crate::remote::messages::{RecipeBundle, Reply};
 use crate::store::http::HttpCache;
 use crate::store::local::LocalCache;
@@ -68,7 +69,7 @@ struct Shared {
 
 /// A connection to the broker for one build.
 pub struct NetworkClient {
-    settings: Settings,
+    settings: AmqpSettings,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     snapshots: Mutex<HashSet<String>>,
@@ -97,7 +98,7 @@ impl Drop for Subscription<'_> {
 }
 
 /// Opens the connection and its two channels; declares the reply queue.
-fn open(settings: &Settings) -> Result<(amiquip::Connection, Channel, Channel, String)> {
+fn open(settings: &AmqpSettings) -> Result<(amiquip::Connection, Channel, Channel, String)> {
     let mut connection = settings.connect()?;
     let publisher = connection.open_channel(None)?;
     let consumer = connection.open_channel(None)?;
@@ -123,7 +124,7 @@ fn open(settings: &Settings) -> Result<(amiquip::Connection, Channel, Channel, S
 
 impl NetworkClient {
     /// Connects to the broker; an unreachable broker is an infrastructure error (exit 3).
-    pub fn connect(settings: Settings) -> Result<NetworkClient> {
+    pub fn connect(settings: AmqpSettings) -> Result<NetworkClient> {
         let first = open(&settings).map_err(|e| infra(format!("{e:#}")))?;
         let shared = Arc::new(Shared {
             link: Mutex::new(None),
@@ -148,7 +149,7 @@ impl NetworkClient {
         })
     }
 
-    pub fn settings(&self) -> &Settings {
+    pub fn settings(&self) -> &AmqpSettings {
         &self.settings
     }
 
@@ -406,7 +407,7 @@ impl Drop for NetworkClient {
 
 /// The connection thread: reads replies, reconnects when the broker goes away.
 fn serve(
-    settings: Settings,
+    settings: AmqpSettings,
     shared: Arc<Shared>,
     first: (amiquip::Connection, Channel, Channel, String),
 ) {
@@ -513,7 +514,7 @@ fn bind_and_consume<'c>(
 /// Hands every reply to the jobs waiting for its identity, until the build stops,
 /// a publish breaks the link, or the connection goes.
 fn dispatch_replies(
-    settings: &Settings,
+    settings: &AmqpSettings,
     shared: &Shared,
     consumer: &amiquip::Consumer,
     channel: &Channel,

@@ -27,16 +27,6 @@ use crate::store::artifact::Manifest;
 /// more.
 pub const CONNECTIONS_PER_HOST: usize = 64;
 
-/// Downloads and uploads at once by default: a transfer of a small artifact is mostly
-/// waiting for round trips, so more of them in flight hide a far cache's latency.
-/// 300 small downloads 20 ms away (`scripts/bench latency`, medians): 0.43 s at 16,
-/// 0.25 s at 32, 0.17 s at 64; at no latency 0.066 s at 16 and 0.076 s at 64. 64
-/// downloads of 16 MiB on loopback: 0.43 s at 16, 0.45 s at 64.
-pub const DEFAULT_TRANSFERS: usize = 64;
-
-/// The most `http.transfers` may be.
-pub const MAX_TRANSFERS: i64 = 256;
-
 /// An unreachable server: the caller may go on without the cache.
 #[derive(Debug)]
 pub struct Unreachable(pub String);
@@ -377,9 +367,10 @@ fn base64(data: &[u8]) -> String {
 
 /// The certificates of a PEM file of CA certificates (`http.ca_file`); a file that
 /// cannot be read or holds none is a configuration error.
-fn ca_file(file: &str) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+fn ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+    let file = path.display();
     let pem =
-        std::fs::read(file).map_err(|e| usage(format!("Cannot read http.ca_file {file}: {e}")))?;
+        std::fs::read(path).map_err(|e| usage(format!("Cannot read http.ca_file {file}: {e}")))?;
     let certs: Vec<_> = ureq::tls::parse_pem(&pem)
         .filter_map(|item| match item {
             Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
@@ -403,11 +394,6 @@ fn put_outcome(url: &str, status: ureq::http::StatusCode) -> Result<()> {
         ),
         code => bail!("{url}: PUT answered {code}"),
     }
-}
-
-/// Whether the configuration names an HTTP cache.
-pub fn configured(config: &Config) -> bool {
-    config.get("http.uri").is_some_and(|u| !u.trim().is_empty())
 }
 
 impl HttpCache {
@@ -435,7 +421,8 @@ impl HttpCache {
         no_upload: bool,
         user_agent: String,
     ) -> Result<Option<HttpCache>> {
-        let Some(uri) = config.get("http.uri").filter(|u| !u.trim().is_empty()) else {
+        let http = &config.http;
+        let Some(uri) = &http.uri else {
             return Ok(None);
         };
         // Credentials in the URL become the Authorization header; the URL jolt
@@ -448,11 +435,9 @@ impl HttpCache {
                 crate::util::secrets::masked_url(&uri)
             )));
         }
-        let (user, password) = match (config.get("http.username"), userinfo) {
-            (Some(user), _) => (Some(user), config.get("http.password")),
-            (None, Some((user, password))) => {
-                (Some(user), config.get("http.password").or(password))
-            }
+        let (user, password) = match (http.username.clone(), userinfo) {
+            (Some(user), _) => (Some(user), http.password.clone()),
+            (None, Some((user, password))) => (Some(user), http.password.clone().or(password)),
             (None, None) => (None, None),
         };
         let authorization = user.map(|user| {
@@ -461,26 +446,18 @@ impl HttpCache {
                 base64(format!("{user}:{}", password.unwrap_or_default()).as_bytes())
             )
         });
-        let secs = |key: &str, default: i64| -> Result<Duration> {
-            Ok(Duration::from_secs(
-                config.get_int_in(key, default, 1, 86400)? as u64,
-            ))
-        };
-        let roots = match config.get("http.ca_file").filter(|f| !f.is_empty()) {
-            Some(file) => ureq::tls::RootCerts::new_with_certs(&ca_file(&file)?),
+        let roots = match &http.ca_file {
+            Some(file) => ureq::tls::RootCerts::new_with_certs(&ca_file(file)?),
             // Mozilla's roots, built in: the static binary needs no system store.
             None => ureq::tls::RootCerts::WebPki,
         };
-        let transfers =
-            config.get_int_in("http.transfers", DEFAULT_TRANSFERS as i64, 1, MAX_TRANSFERS)?
-                as usize;
-        let idle = transfers.max(CONNECTIONS_PER_HOST);
+        let idle = http.transfers.max(CONNECTIONS_PER_HOST);
         let agent_config = ureq::Agent::config_builder()
             .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
             .http_status_as_error(false)
-            .timeout_connect(Some(secs("http.connect_timeout", 10)?))
-            .timeout_per_read(Some(secs("http.timeout", 60)?))
-            .timeout_per_write(Some(secs("http.timeout", 60)?))
+            .timeout_connect(Some(http.connect_timeout))
+            .timeout_per_read(Some(http.timeout))
+            .timeout_per_write(Some(http.timeout))
             .max_redirects(5)
             // Both limits: ureq keeps 10 idle connections in all by default, so
             // the transfers past the tenth each reconnected (a round trip more).
@@ -497,15 +474,11 @@ impl HttpCache {
             agent,
             base: uri,
             authorization,
-            download: config.get_bool("jolt.download", true)?
-                && config.get_bool("http.download", true)?
-                && !no_download,
-            upload: config.get_bool("jolt.upload", true)?
-                && config.get_bool("http.upload", true)?
-                && !no_upload,
-            transfers,
-            retries: config.get_int_in("http.retries", 3, 0, 100)? as u32,
-            deadline: secs("http.connect_timeout", 10)? + secs("http.timeout", 60)?,
+            download: config.jolt.download && http.download && !no_download,
+            upload: config.jolt.upload && http.upload && !no_upload,
+            transfers: http.transfers,
+            retries: http.retries,
+            deadline: http.connect_timeout + http.timeout,
             down: Arc::default(),
             rejected: Arc::default(),
         }))
@@ -550,12 +523,14 @@ impl HttpCache {
     }
 
     /// Asks a server marked down whether it answers again (any answer but a 5xx);
-    /// if so, it is up again.
+    /// if so, it is up again. A refusal counts as an answer: nginx refuses a `HEAD`
+    /// of a directory without an index (403), credentials or not, and a refusal of
+    /// the credentials is reported by the request that needs them.
     pub fn probe(&self) -> bool {
         self.down.store(false, Ordering::Relaxed);
         let url = format!("{}/", self.base);
         let answered = self
-            .send(&url, &mut || {
+            .answer(&url, &mut || {
                 self.with_auth(self.agent.head(&url))
                     .config()
                     .timeout_global(Some(self.deadline))
@@ -577,12 +552,30 @@ impl HttpCache {
             .contains(&self.url(task, identity))
     }
 
-    /// Sends a request built by `make`. A refused connection or a 5xx answer is tried
-    /// again (`http.retries`, with back-off); one that still fails, a timeout (a
-    /// server that hangs or stalls is not asked again) or a refusal of the
-    /// credentials is [`Unreachable`]: the caller marks the cache down and goes on
-    /// without it.
+    /// Sends a request built by `make`, as [`HttpCache::answer`] does; a refusal of
+    /// the credentials is [`Unreachable`] too.
     fn send(
+        &self,
+        url: &str,
+        make: &mut dyn FnMut() -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
+        let resp = self.answer(url, make)?;
+        if matches!(resp.status().as_u16(), 401 | 403) && self.authorization.is_some() {
+            return Err(Unreachable(format!(
+                "{url}: the server refused the credentials ({})",
+                resp.status()
+            ))
+            .into());
+        }
+        Ok(resp)
+    }
+
+    /// Sends a request built by `make` until the server answers. A refused
+    /// connection or a 5xx answer is tried again (`http.retries`, with back-off);
+    /// one that still fails or a timeout (a server that hangs or stalls is not
+    /// asked again) is [`Unreachable`]: the caller marks the cache down and goes on
+    /// without it.
+    fn answer(
         &self,
         url: &str,
         make: &mut dyn FnMut() -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
@@ -601,16 +594,6 @@ impl HttpCache {
                 Ok(resp) if resp.status().is_server_error() => {
                     return Err(Unreachable(format!(
                         "{url}: the server answered {}",
-                        resp.status()
-                    ))
-                    .into())
-                }
-                Ok(resp)
-                    if matches!(resp.status().as_u16(), 401 | 403)
-                        && self.authorization.is_some() =>
-                {
-                    return Err(Unreachable(format!(
-                        "{url}: the server refused the credentials ({})",
                         resp.status()
                     ))
                     .into())
@@ -1148,10 +1131,7 @@ mod tests {
     fn a_small_artifact_goes_up_in_one_piece_and_a_large_one_streams() {
         let (port, server) = put_server(2);
         let mut config = crate::config::Config::default();
-        config.set(
-            "http.uri",
-            toml::Value::String(format!("http://127.0.0.1:{port}/cache")),
-        );
+        config.http.uri = Some(format!("http://127.0.0.1:{port}/cache"));
         let http = HttpCache::from_config(&config, false, false)
             .unwrap()
             .unwrap();

@@ -27,9 +27,6 @@ use crate::recipe::Expires;
 use crate::store::artifact::{Manifest, MANIFEST, MAX_MANIFEST};
 use crate::util::fs::{self as fsutil, unique_suffix};
 
-/// Default `jolt.cachesize`.
-pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
-
 /// A committed artifact found by a scan.
 #[derive(Debug)]
 pub struct CachedArtifact {
@@ -187,12 +184,9 @@ impl LocalCache {
 
     /// Opens the local cache the configuration names (`jolt.cachedir`, limited to
     /// `jolt.cachesize`); a cache that cannot be used is a usage error (exit 2).
-    pub fn from_config(config: &crate::config::Config) -> Result<LocalCache> {
-        let dir = config.cachedir();
-        let limit = config
-            .get_size("jolt.cachesize")?
-            .unwrap_or(DEFAULT_CACHE_SIZE);
-        LocalCache::open(&dir, limit).map_err(|e| {
+    pub fn from_config(config: &crate::config::JoltSettings) -> Result<LocalCache> {
+        let dir = &config.cachedir;
+        LocalCache::open(dir, config.cachesize).map_err(|e| {
             crate::error::usage(format!(
                 "Cannot use the local cache {}: {e:#}",
                 dir.display()

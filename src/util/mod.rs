@@ -23,6 +23,23 @@ pub fn test_pause(once: &std::sync::OnceLock<Option<std::time::Duration>>, var: 
     }
 }
 
+/// Whether `name` is a legal task name (also a pool's, `amqp.routing_key`): ASCII letters, digits and `_ - . /`, in
+/// `/`-separated parts that are neither empty, `.`, `..`, start with a dot nor are 64
+/// hex digits (a name becomes a directory of the cache and a path of the HTTP
+/// cache's URLs).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+        && name.split('/').all(|part| {
+            // A part that looks like an identity would read as an artifact directory
+            // of the cache (`<task>/<identity>/`).
+            let identity_like = part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit());
+            !part.is_empty() && !part.starts_with('.') && !identity_like
+        })
+}
+
 /// The candidate closest to `word` when it is close enough to be a typo of it
 /// (an edit distance of at most a third of its length, and at least 1), as
 /// ` (did you mean 'X'?)` to append to an error; empty otherwise.

@@ -55,7 +55,7 @@ use std::path::{Component, Path};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::config::{AmqpSettings, Config};
 use crate::console;
 use crate::error::usage;
 use crate::error::Exit;
@@ -64,7 +64,7 @@ use crate::graph::hashes::FileHashes;
 use crate::graph::GraphOptions;
 use crate::interrupt;
 use crate::recipe::Recipes;
-use crate::remote::amqp::{task_queue, Settings, RESULTS};
+use crate::remote::amqp::{task_queue, RESULTS};
 use crate::remote::messages::{
     whoami, RecipeBundle, Reply, ReplyKind, Request, MAX_RECIPE_BUNDLE, VERSION,
 };
@@ -76,7 +76,7 @@ mod lock;
 use lock::Probe;
 
 struct Worker {
-    settings: Settings,
+    settings: AmqpSettings,
     http: HttpCache,
     cache: LocalCache,
     me: String,
@@ -184,7 +184,7 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 
 /// Runs the worker until SIGTERM (drain) or SIGINT.
 pub fn run(config: &Config) -> Result<Exit> {
-    let settings = Settings::from_config(config)?;
+    let settings = config.amqp.clone();
     let http = HttpCache::for_worker(config)?
         .ok_or_else(|| usage("amqp-worker needs an HTTP cache: set http.uri"))?;
     if !http.upload {
@@ -192,7 +192,7 @@ pub fn run(config: &Config) -> Result<Exit> {
             "Artifact upload must be enabled for workers: remove http.upload/jolt.upload = false",
         ));
     }
-    let cache = LocalCache::from_config(config)?;
+    let cache = LocalCache::from_config(&config.jolt)?;
     cache
         .check_writable()
         .map_err(|e| usage(format!("{e:#}")))?;

@@ -1,0 +1,353 @@
+//! The one table of configuration keys: each key's kind, range and default.
+//!
+//! `jolt config KEY VALUE` checks a value with [`check`], and the settings a command
+//! runs with ([`super::Config`]) are read through the same function, defaults
+//! included, so what `config` accepts is exactly what a build accepts.
+
+use anyhow::Result;
+
+use crate::error::usage;
+
+/// The most tasks (`-j`, `jolt.jobs`) or remote executions (`amqp.jobs`) at once: each
+/// takes a thread.
+pub const MAX_JOBS: usize = 1024;
+
+/// The broker's port with TLS when neither `amqp.port` nor `amqp.host` gives one (the
+/// table's default, 5672, is the port without).
+pub const AMQPS_PORT: u16 = 5671;
+
+/// What a key's value must be.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    /// Any text.
+    Text,
+    /// A name as a task's (a pool's routing key names its queue).
+    Name,
+    /// An `http://` or `https://` URL; empty: unset.
+    HttpUri,
+    /// A host name, or `amqp://host[:port]`, `amqps://host[:port]`.
+    AmqpHost,
+    Bool,
+    /// An integer within bounds.
+    Int(i64, i64),
+    /// A size such as `10G`.
+    Size,
+}
+
+/// One key of the table.
+#[derive(Debug)]
+pub struct Spec {
+    /// `section.key`.
+    pub name: &'static str,
+    pub kind: Kind,
+    /// What jolt takes when no layer sets the key, spelled as `jolt config` accepts
+    /// it; `None`: unset.
+    pub default: Option<&'static str>,
+    /// What the default means where its value does not say (`config -l` shows it in
+    /// parentheses).
+    pub meaning: Option<&'static str>,
+}
+
+impl Spec {
+    const fn new(name: &'static str, kind: Kind, default: Option<&'static str>) -> Spec {
+        Spec {
+            name,
+            kind,
+            default,
+            meaning: None,
+        }
+    }
+
+    const fn meaning(self, meaning: &'static str) -> Spec {
+        Spec {
+            meaning: Some(meaning),
+            ..self
+        }
+    }
+
+    /// The default as `config -l` and `config KEY` show it.
+    pub fn shown_default(&self) -> Option<String> {
+        let default = self.default?;
+        Some(match self.meaning {
+            Some(meaning) => format!("{default} ({meaning})"),
+            None => default.to_string(),
+        })
+    }
+}
+
+const MAX_JOBS_I64: i64 = MAX_JOBS as i64;
+
+/// Every key jolt reads. Other keys are refused where they are set on the command
+/// line or by `jolt config`, and warned about where a file or the environment holds
+/// them.
+pub const SPECS: &[Spec] = &[
+    Spec::new("jolt.cachedir", Kind::Text, None),
+    Spec::new("jolt.cachesize", Kind::Size, Some("10G")),
+    Spec::new("jolt.jobs", Kind::Int(0, MAX_JOBS_I64), Some("0")).meaning("the number of CPUs"),
+    Spec::new("jolt.default", Kind::Text, Some("default")),
+    Spec::new("jolt.upload", Kind::Bool, Some("true")),
+    Spec::new("jolt.download", Kind::Bool, Some("true")),
+    Spec::new("http.uri", Kind::HttpUri, None),
+    Spec::new("http.upload", Kind::Bool, Some("true")),
+    Spec::new("http.download", Kind::Bool, Some("true")),
+    Spec::new("http.username", Kind::Text, None),
+    Spec::new("http.password", Kind::Text, None),
+    Spec::new("http.connect_timeout", Kind::Int(1, 86400), Some("10")),
+    Spec::new("http.timeout", Kind::Int(1, 86400), Some("60")),
+    Spec::new("http.retries", Kind::Int(0, 100), Some("3")),
+    // A transfer of a small artifact is mostly waiting for round trips, so more of
+    // them in flight hide a far cache's latency. 300 small downloads 20 ms away
+    // (`scripts/bench latency`, medians): 0.43 s at 16, 0.25 s at 32, 0.17 s at 64; at
+    // no latency 0.066 s at 16 and 0.076 s at 64. 64 downloads of 16 MiB on loopback:
+    // 0.43 s at 16, 0.45 s at 64.
+    Spec::new("http.transfers", Kind::Int(1, 256), Some("64")),
+    Spec::new("http.ca_file", Kind::Text, None),
+    Spec::new("amqp.host", Kind::AmqpHost, Some("localhost")),
+    Spec::new("amqp.port", Kind::Int(1, 65535), Some("5672")).meaning("5671 with TLS"),
+    Spec::new("amqp.vhost", Kind::Text, Some("/")),
+    Spec::new("amqp.username", Kind::Text, Some("guest")),
+    Spec::new("amqp.password", Kind::Text, Some("guest")),
+    Spec::new("amqp.routing_key", Kind::Name, Some("default")),
+    Spec::new("amqp.priority", Kind::Int(0, 255), Some("0")),
+    Spec::new("amqp.max_priority", Kind::Int(0, 255), Some("10")),
+    // 0: no heartbeats.
+    Spec::new("amqp.heartbeat", Kind::Int(0, 3600), Some("30")),
+    Spec::new("amqp.connect_timeout", Kind::Int(1, 3600), Some("10")),
+    Spec::new("amqp.tls", Kind::Bool, Some("false")),
+    Spec::new("amqp.ca_file", Kind::Text, None),
+    Spec::new("amqp.progress", Kind::Int(1, 3600), Some("5")),
+    Spec::new("amqp.timeout", Kind::Int(1, 86400), Some("300")),
+    Spec::new("amqp.jobs", Kind::Int(1, MAX_JOBS_I64), Some("1024")),
+    Spec::new("network.upload", Kind::Bool, Some("true")),
+    Spec::new("network.download", Kind::Bool, Some("true")),
+];
+
+/// The key `name` of the table.
+pub fn spec(name: &str) -> Option<&'static Spec> {
+    SPECS.iter().find(|s| s.name == name)
+}
+
+/// Every key jolt reads.
+pub fn keys() -> impl Iterator<Item = &'static str> {
+    SPECS.iter().map(|s| s.name)
+}
+
+/// Whether some key of the table is in `section`.
+pub fn is_section(section: &str) -> bool {
+    keys().any(|k| k.split_once('.').is_some_and(|(s, _)| s == section))
+}
+
+/// A value as its key's kind reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Text, a name or a URL: as written, without surrounding blanks for a URL.
+    Text(String),
+    Bool(bool),
+    Int(i64),
+    Size(u64),
+}
+
+/// `amqp.host` taken apart: whether its scheme asks for TLS (none given: `None`),
+/// the host, and the port it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpHost {
+    pub tls: Option<bool>,
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+/// Parses `host`, `host:port`, `amqp://host[:port]` or `amqps://host[:port]`.
+pub fn parse_amqp_host(written: &str) -> Option<AmqpHost> {
+    let (tls, rest) = match written.split_once("://") {
+        Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
+            "amqps" => (Some(true), rest),
+            "amqp" => (Some(false), rest),
+            _ => return None,
+        },
+        None => (None, written),
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => (h, p.parse::<u16>().ok()),
+        _ => (rest, None),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some(AmqpHost {
+        tls,
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// Reads `value` as `spec`'s kind, or says what was expected.
+fn read(spec: &Spec, value: &str) -> Result<Value, String> {
+    let value_ok = match spec.kind {
+        Kind::Text => Some(Value::Text(value.to_string())),
+        Kind::Name => crate::util::valid_name(value).then(|| Value::Text(value.to_string())),
+        Kind::HttpUri => {
+            let uri = value.trim();
+            let (bare, _) = crate::util::secrets::strip_userinfo(uri);
+            (uri.is_empty() || bare.starts_with("http://") || bare.starts_with("https://"))
+                .then(|| Value::Text(uri.to_string()))
+        }
+        Kind::AmqpHost => parse_amqp_host(value).map(|_| Value::Text(value.to_string())),
+        Kind::Bool => super::parse_bool(value).map(Value::Bool),
+        Kind::Int(lo, hi) => value
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|v| (lo..=hi).contains(v))
+            .map(Value::Int),
+        Kind::Size => super::parse_size(value).map(Value::Size),
+    };
+    value_ok.ok_or_else(|| match spec.kind {
+        Kind::Text => String::new(),
+        Kind::Name => "a name of letters, digits, '_', '-', '.' and '/'".to_string(),
+        Kind::HttpUri => "an http:// or https:// URL".to_string(),
+        Kind::AmqpHost => "a host name, or amqp://host[:port] or amqps://host[:port]".to_string(),
+        Kind::Bool => "a boolean (true, false)".to_string(),
+        Kind::Int(lo, hi) => format!("an integer from {lo} to {hi}"),
+        Kind::Size => "a size such as 500M or 10G".to_string(),
+    })
+}
+
+/// Reads `value` as the kind of the key `spec`; a value the key cannot take is a
+/// usage error naming the key, and `origin` (where the value was set) when given.
+pub fn check(spec: &Spec, value: &str, origin: Option<&str>) -> Result<Value> {
+    read(spec, value).map_err(|expected| {
+        let shown = if spec.name.ends_with("password") {
+            crate::util::secrets::MASK.to_string()
+        } else {
+            crate::util::secrets::masked_url(value)
+        };
+        let key = spec.name;
+        usage(match origin {
+            Some(origin) => format!(
+                "Illegal value '{shown}' for configuration key {key}: expected {expected} (set by {origin})"
+            ),
+            None => format!(
+                "Illegal value '{shown}' for configuration key {key}: expected {expected}"
+            ),
+        })
+    })
+}
+
+/// Refuses a value its key cannot take (`jolt config KEY VALUE`); a key outside the
+/// table is [`check_key`]'s to refuse.
+pub fn check_value(key: &str, value: &str) -> Result<()> {
+    match spec(key) {
+        Some(spec) => check(spec, value, None).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// Whether jolt knows the configuration key `section.key`.
+pub fn is_known(key: &str) -> bool {
+    spec(key).is_some()
+}
+
+/// What to add to an error about the unknown `key`: the key it was probably meant to
+/// be, else the keys of its section, else nothing.
+pub fn unknown_hint(key: &str) -> String {
+    let hint = crate::util::did_you_mean(key, keys());
+    if !hint.is_empty() {
+        return hint;
+    }
+    let Some((section, _)) = key.split_once('.') else {
+        return String::new();
+    };
+    let similar: Vec<&str> = keys()
+        .filter(|k| k.strip_prefix(section).is_some_and(|r| r.starts_with('.')))
+        .collect();
+    if similar.is_empty() {
+        String::new()
+    } else {
+        format!(": {section} has {}", similar.join(", "))
+    }
+}
+
+/// Refuses a key jolt does not know (a typo would otherwise do nothing).
+pub fn check_key(key: &str) -> Result<()> {
+    super::split_key(key)?;
+    if is_known(key) {
+        return Ok(());
+    }
+    Err(usage(format!(
+        "Unknown configuration key '{key}'{}",
+        unknown_hint(key)
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_once_in_the_table_and_its_default_is_a_value_it_takes() {
+        let all: Vec<&str> = keys().collect();
+        let unique: std::collections::BTreeSet<&str> = all.iter().copied().collect();
+        assert_eq!(unique.len(), all.len());
+        for spec in SPECS {
+            assert!(super::super::split_key(spec.name).is_ok(), "{}", spec.name);
+            if let Some(default) = spec.default {
+                assert!(check(spec, default, None).is_ok(), "{}", spec.name);
+            }
+            if let Kind::Int(lo, hi) = spec.kind {
+                assert!(check(spec, &lo.to_string(), None).is_ok(), "{}", spec.name);
+                assert!(check(spec, &hi.to_string(), None).is_ok(), "{}", spec.name);
+                assert!(check(spec, &(lo - 1).to_string(), None).is_err());
+                assert!(check(spec, &(hi + 1).to_string(), None).is_err());
+            }
+        }
+        let port = spec("amqp.port").unwrap();
+        assert!(port.meaning.unwrap().contains(&AMQPS_PORT.to_string()));
+    }
+
+    #[test]
+    fn every_kind_checks_its_values() {
+        assert!(check_value("jolt.cachesize", "2G").is_ok());
+        assert!(check_value("jolt.cachesize", "banana").is_err());
+        assert!(check_value("amqp.tls", "yes").is_ok());
+        assert!(check_value("amqp.tls", "maybe").is_err());
+        assert!(check_value("http.transfers", "256").is_ok());
+        assert!(check_value("http.transfers", "257").is_err());
+        assert!(check_value("amqp.host", "anything").is_ok());
+        assert!(check_value("amqp.host", "amqps://broker:5000/").is_ok());
+        assert!(check_value("amqp.host", "ftp://broker").is_err());
+        assert!(check_value("amqp.routing_key", "linux/x86").is_ok());
+        assert!(check_value("amqp.routing_key", "two words").is_err());
+        assert!(check_value("http.uri", "https://u:pw@cache/").is_ok());
+        assert!(check_value("http.uri", "").is_ok());
+        let err = check_value("http.uri", "ftp://u:s3cret@cache/").unwrap_err();
+        assert!(!format!("{err}").contains("s3cret"), "{err}");
+        // Issue 23: a timeout of 0 was accepted here and refused by every build.
+        assert!(check_value("http.timeout", "0").is_err());
+        assert!(check_value("http.connect_timeout", "0").is_err());
+    }
+
+    #[test]
+    fn amqp_hosts_come_apart_into_scheme_host_and_port() {
+        let parsed = |s| parse_amqp_host(s).map(|h| (h.tls, h.host, h.port));
+        assert_eq!(parsed("broker"), Some((None, "broker".into(), None)));
+        assert_eq!(
+            parsed("AMQPS://broker:5000/"),
+            Some((Some(true), "broker".into(), Some(5000)))
+        );
+        assert_eq!(
+            parsed("amqp://[::1]:5672"),
+            Some((Some(false), "[::1]".into(), Some(5672)))
+        );
+        assert_eq!(parsed("http://broker"), None);
+        assert_eq!(parsed("amqp://"), None);
+    }
+
+    #[test]
+    fn params_and_network_config_are_unknown_keys() {
+        // Issue 23: both were accepted and listed, and nothing read them.
+        assert!(check_key("params.answer").is_err());
+        assert!(check_key("network.config").is_err());
+        assert!(check_key("network.upload").is_ok());
+    }
+}

@@ -1,0 +1,380 @@
+//! The typed settings a command runs with, one struct per section, read once from
+//! the layers through the key table.
+//!
+//! Each field is read by one line of [`Config::read`], through [`keys::check`] with
+//! the table's kind, range and default: the domain modules take these structs and
+//! never see a key string, so a build accepts exactly what `jolt config` accepts.
+
+use anyhow::{anyhow, Result};
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::keys::{self, Value};
+use super::Layers;
+
+/// The key whose default is not a constant: `$XDG_CACHE_HOME/jolt`.
+pub(super) const CACHEDIR: &str = "jolt.cachedir";
+
+/// Every setting, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub jolt: JoltSettings,
+    pub http: HttpSettings,
+    pub amqp: AmqpSettings,
+    pub network: NetworkSettings,
+}
+
+/// `[jolt]`: the local cache and local builds.
+#[derive(Debug, Clone)]
+pub struct JoltSettings {
+    /// `jolt.cachedir` (`~/` expanded), else `$XDG_CACHE_HOME/jolt`.
+    pub cachedir: PathBuf,
+    /// `jolt.cachesize`, bytes.
+    pub cachesize: u64,
+    /// Tasks run at once when `-j` is not given: `jolt.jobs`, the CPUs for 0.
+    pub jobs: usize,
+    /// The task built when no command is given.
+    pub default: String,
+    /// Local builds upload to / download from the HTTP cache.
+    pub upload: bool,
+    pub download: bool,
+}
+
+/// `[http]`: the HTTP artifact cache.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// `http.uri` as written (credentials in it included); `None`: no HTTP cache.
+    pub uri: Option<String>,
+    pub upload: bool,
+    pub download: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+    /// The longest a transfer may go without progress.
+    pub timeout: Duration,
+    /// Retries of connection errors and 5xx answers.
+    pub retries: u32,
+    /// Downloads and uploads at once.
+    pub transfers: usize,
+    /// PEM file of the CA certificates an `https://` cache is checked against.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[amqp]`: how to reach the broker, and the knobs of network builds.
+#[derive(Debug, Clone)]
+pub struct AmqpSettings {
+    /// The broker's host, from `amqp.host` without its scheme and port.
+    pub host: String,
+    /// The port `amqp.host` names, else `amqp.port`, else 5672 (5671 with TLS).
+    pub port: u16,
+    /// TLS to the broker (`amqps://` in `amqp.host`, else `amqp.tls`), checked
+    /// against `ca_file` or the built-in roots.
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub vhost: String,
+    pub username: String,
+    pub password: String,
+    /// AMQP heartbeat, seconds (0: none).
+    pub heartbeat: u16,
+    /// How long connecting (TCP and the AMQP handshake) may take.
+    pub connect_timeout: Duration,
+    /// The worker's routing key (its pool); on a client, the pool of tasks without
+    /// one.
+    pub routing_key: String,
+    /// Priority of the client's requests.
+    pub priority: u8,
+    /// `x-max-priority` of the request queues.
+    pub max_priority: u8,
+    /// How often a worker tells its clients it is still at a task; a client that hears
+    /// nothing for four of these sends its request again.
+    pub progress: Duration,
+    /// Time between "still in progress" notes on the client.
+    pub timeout: Duration,
+    /// Remote executions a network client keeps in flight.
+    pub jobs: usize,
+}
+
+/// `[network]`: a network client's own switches (as in Jolt).
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    /// Local-only artifacts are uploaded.
+    pub upload: bool,
+    /// The goals come back.
+    pub download: bool,
+}
+
+impl Default for Config {
+    /// The settings no layer changes: the table's defaults.
+    fn default() -> Config {
+        // The table's defaults are values their keys take (tested below), so this
+        // cannot fail.
+        Layers::default()
+            .settings()
+            .expect("the key table's defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads every key of the table from `layers`.
+    pub(super) fn read(layers: &Layers) -> Result<Config> {
+        Config::read_with(&Reader::new(layers))
+    }
+
+    fn read_with(r: &Reader) -> Result<Config> {
+        let jolt = JoltSettings {
+            cachedir: match r.text(CACHEDIR)?.filter(|d| !d.is_empty()) {
+                Some(dir) => expand_home(&dir),
+                None => default_cachedir(),
+            },
+            cachesize: r.size("jolt.cachesize")?,
+            jobs: match r.int::<usize>("jolt.jobs")? {
+                0 => crate::util::cpus(),
+                jobs => jobs,
+            },
+            default: r.text("jolt.default")?.unwrap_or_default(),
+            upload: r.bool("jolt.upload")?,
+            download: r.bool("jolt.download")?,
+        };
+        let http = HttpSettings {
+            uri: r.text("http.uri")?.filter(|u| !u.is_empty()),
+            upload: r.bool("http.upload")?,
+            download: r.bool("http.download")?,
+            username: r.text("http.username")?,
+            password: r.text("http.password")?,
+            connect_timeout: r.secs("http.connect_timeout")?,
+            timeout: r.secs("http.timeout")?,
+            retries: r.int("http.retries")?,
+            transfers: r.int("http.transfers")?,
+            ca_file: r.path("http.ca_file")?,
+        };
+        let written = r.text("amqp.host")?.unwrap_or_default();
+        let host = keys::parse_amqp_host(&written)
+            .ok_or_else(|| anyhow!("amqp.host '{written}' passed its check and failed to parse"))?;
+        let tls = r.bool("amqp.tls")?;
+        let tls = host.tls.unwrap_or(tls);
+        let port_set = r.is_set("amqp.port");
+        let port = r.int("amqp.port")?;
+        let port = match host.port {
+            Some(port) => port,
+            None if tls && !port_set => keys::AMQPS_PORT,
+            None => port,
+        };
+        let amqp = AmqpSettings {
+            host: host.host,
+            port,
+            tls,
+            ca_file: r.path("amqp.ca_file")?,
+            vhost: r.text("amqp.vhost")?.unwrap_or_default(),
+            username: r.text("amqp.username")?.unwrap_or_default(),
+            password: r.text("amqp.password")?.unwrap_or_default(),
+            heartbeat: r.int("amqp.heartbeat")?,
+            connect_timeout: r.secs("amqp.connect_timeout")?,
+            routing_key: r.text("amqp.routing_key")?.unwrap_or_default(),
+            priority: r.int("amqp.priority")?,
+            max_priority: r.int("amqp.max_priority")?,
+            progress: r.secs("amqp.progress")?,
+            timeout: r.secs("amqp.timeout")?,
+            jobs: r.int("amqp.jobs")?,
+        };
+        let network = NetworkSettings {
+            upload: r.bool("network.upload")?,
+            download: r.bool("network.download")?,
+        };
+        Ok(Config {
+            jolt,
+            http,
+            amqp,
+            network,
+        })
+    }
+}
+
+/// Reads keys from the layers through the table, and notes which it read.
+struct Reader<'a> {
+    layers: &'a Layers,
+    read: RefCell<Vec<&'static str>>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(layers: &'a Layers) -> Reader<'a> {
+        Reader {
+            layers,
+            read: RefCell::default(),
+        }
+    }
+
+    /// The value of `key` as its kind reads it: set by a layer, else the table's
+    /// default, else `None`.
+    fn value(&self, key: &str) -> Result<Option<Value>> {
+        let spec = keys::spec(key)
+            .ok_or_else(|| anyhow!("the configuration key {key} is not in the table"))?;
+        self.read.borrow_mut().push(spec.name);
+        match self.layers.value(key) {
+            Some(v) => {
+                let written = super::value_to_string(v);
+                keys::check(spec, &written, Some(self.layers.origin(key))).map(Some)
+            }
+            None => spec
+                .default
+                .map(|d| keys::check(spec, d, Some("default")))
+                .transpose(),
+        }
+    }
+
+    fn is_set(&self, key: &str) -> bool {
+        self.layers.value(key).is_some()
+    }
+
+    fn mismatch(key: &str, value: Option<Value>, wanted: &str) -> anyhow::Error {
+        anyhow!("the configuration key {key} is read as {wanted}, and its kind gives {value:?}")
+    }
+
+    fn text(&self, key: &str) -> Result<Option<String>> {
+        match self.value(key)? {
+            None => Ok(None),
+            Some(Value::Text(t)) => Ok(Some(t)),
+            other => Err(Self::mismatch(key, other, "text")),
+        }
+    }
+
+    /// A file name; empty: none.
+    fn path(&self, key: &str) -> Result<Option<PathBuf>> {
+        Ok(self.text(key)?.filter(|p| !p.is_empty()).map(PathBuf::from))
+    }
+
+    fn bool(&self, key: &str) -> Result<bool> {
+        match self.value(key)? {
+            Some(Value::Bool(b)) => Ok(b),
+            other => Err(Self::mismatch(key, other, "a boolean")),
+        }
+    }
+
+    /// An integer, in the type its range fits.
+    fn int<T: TryFrom<i64>>(&self, key: &str) -> Result<T> {
+        match self.value(key)? {
+            Some(Value::Int(i)) => T::try_from(i).map_err(|_| {
+                anyhow!("the range of configuration key {key} does not fit its field")
+            }),
+            other => Err(Self::mismatch(key, other, "an integer")),
+        }
+    }
+
+    fn secs(&self, key: &str) -> Result<Duration> {
+        self.int(key).map(Duration::from_secs)
+    }
+
+    fn size(&self, key: &str) -> Result<u64> {
+        match self.value(key)? {
+            Some(Value::Size(s)) => Ok(s),
+            other => Err(Self::mismatch(key, other, "a size")),
+        }
+    }
+}
+
+/// The local cache directory when `jolt.cachedir` is unset: `$XDG_CACHE_HOME/jolt`.
+pub(super) fn default_cachedir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| super::home().join(".cache"))
+        .join("jolt")
+}
+
+fn expand_home(path: &str) -> PathBuf {
+    match path.strip_prefix("~/") {
+        Some(rest) => super::home().join(rest),
+        None => PathBuf::from(path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers(values: &[(&str, &str)]) -> Layers {
+        let mut layers = Layers::default();
+        for (key, value) in values {
+            layers.set(key, toml::Value::String(value.to_string()));
+        }
+        layers
+    }
+
+    #[test]
+    fn every_key_of_the_table_is_read_by_one_field() {
+        // Issue 23: network.config was in the table and nothing read it.
+        let layers = Layers::default();
+        let reader = Reader::new(&layers);
+        Config::read_with(&reader).unwrap();
+        let mut read = reader.read.into_inner();
+        read.sort();
+        let mut table: Vec<&str> = keys::keys().collect();
+        table.sort();
+        assert_eq!(read, table);
+    }
+
+    #[test]
+    fn every_key_takes_its_minimum_and_maximum_and_refuses_past_them() {
+        // Issue 23: `config http.timeout 0` was accepted, and every build refused it.
+        for spec in keys::SPECS {
+            let keys::Kind::Int(lo, hi) = spec.kind else {
+                continue;
+            };
+            for ok in [lo, hi] {
+                let settings = layers(&[(spec.name, &ok.to_string())]).settings();
+                assert!(settings.is_ok(), "{} = {ok}: {settings:?}", spec.name);
+                assert!(keys::check_value(spec.name, &ok.to_string()).is_ok());
+            }
+            for bad in [lo - 1, hi + 1] {
+                let err = layers(&[(spec.name, &bad.to_string())])
+                    .settings()
+                    .unwrap_err();
+                assert!(format!("{err}").contains(spec.name), "{err}");
+                assert!(keys::check_value(spec.name, &bad.to_string()).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_the_table() {
+        let c = Config::default();
+        assert_eq!(c.jolt.cachesize, 10 << 30);
+        assert_eq!(c.jolt.default, "default");
+        assert!(c.jolt.jobs >= 1);
+        assert_eq!(c.http.uri, None);
+        assert_eq!(c.http.timeout, Duration::from_secs(60));
+        assert_eq!(c.http.transfers, 64);
+        assert_eq!((c.amqp.host.as_str(), c.amqp.port), ("localhost", 5672));
+        assert_eq!(c.amqp.routing_key, "default");
+        assert_eq!(c.amqp.jobs, keys::MAX_JOBS);
+        assert!(c.network.upload && c.network.download);
+    }
+
+    #[test]
+    fn the_broker_address_takes_its_scheme_and_port_from_amqp_host() {
+        let amqp = |values: &[(&str, &str)]| layers(values).settings().unwrap().amqp;
+        let a = amqp(&[("amqp.tls", "yes")]);
+        assert_eq!((a.tls, a.port), (true, keys::AMQPS_PORT));
+        let a = amqp(&[("amqp.host", "amqps://broker"), ("amqp.port", "6000")]);
+        assert_eq!((a.tls, a.host.as_str(), a.port), (true, "broker", 6000));
+        let a = amqp(&[("amqp.host", "amqp://broker:7000/"), ("amqp.port", "6000")]);
+        assert_eq!((a.tls, a.host.as_str(), a.port), (false, "broker", 7000));
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_and_where_it_was_set() {
+        let mut l = layers(&[]);
+        l.merge_env(vec![("JOLT_HTTP_TIMEOUT".to_string(), "0".to_string())].into_iter());
+        let err = format!("{}", l.settings().unwrap_err());
+        assert!(err.contains("http.timeout"), "{err}");
+        assert!(err.contains("JOLT_HTTP_TIMEOUT"), "{err}");
+    }
+
+    #[test]
+    fn booleans_accept_common_spellings() {
+        let settings = layers(&[("jolt.upload", "no")]).settings().unwrap();
+        assert!(!settings.jolt.upload);
+        assert!(settings.jolt.download);
+        assert!(layers(&[("jolt.upload", "maybe")]).settings().is_err());
+    }
+}
