@@ -64,6 +64,26 @@ fn a_failing_remote_task_exits_1_and_shows_its_log() {
 }
 
 #[test]
+fn a_failing_remote_task_exits_1_also_with_http_credentials_and_an_unstable_one_0() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with(
+        "[task.bad]\nrun = \"false\"\n[task.flaky]\nunstable = true\nrun = \"false\"\n",
+    );
+    // Regression (issue 23): after a remote failure the client asked whether the
+    // cache was still there with `HEAD {uri}/`, which nginx answers 403 (a directory
+    // without an index); with credentials set, a 403 counted as "credentials
+    // refused": the cache unreachable, exit 3, and an unstable task failed the build.
+    let auth = ["http.username=client", "http.password=secret"];
+    let run = finish(c.spawn_build_with(&ws, &auth, &["bad"]));
+    run.code(1)
+        .contains("Remote execution failed")
+        .lacks("unreachable");
+    let run = finish(c.spawn_build_with(&ws, &auth, &["flaky"]));
+    run.code(0).lacks("unreachable");
+}
+
+#[test]
 fn a_remote_tasks_output_is_replayed_on_success() {
     let Some(c) = cluster() else { return };
     let _w = c.worker();
@@ -1068,7 +1088,14 @@ fn a_worker_waits_for_its_cache_to_come_back_and_then_serves() {
     let Some(c) = cluster() else { return };
     let relay = crate::util::Relay::start(&format!("127.0.0.1:{}", c.server.port));
     let through_relay = format!("http.uri=http://127.0.0.1:{}/cache", relay.port);
-    let w = WorkerProcess::start(&c.config(), &[through_relay]);
+    // With credentials, as workers have them: nginx answers the worker's probe of
+    // `{uri}/` 403 (a directory without an index), which counted as "credentials
+    // refused", so the worker waited forever (issue 23).
+    let w = WorkerProcess::start_with_env(
+        &c.config(),
+        &[through_relay, "http.username=worker".into()],
+        &[("JOLT_HTTP_PASSWORD", "secret")],
+    );
     relay.set_up(false);
     // The worker finds its cache down: this request fails...
     let ws = Workspace::with(
