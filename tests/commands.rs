@@ -43,8 +43,8 @@ fn config_sets_gets_lists_and_deletes_user_values() {
         .contains("http.uri = http://cache:8080/");
     ws.jolt(&["config", "-d", "http.uri"]).success();
     ws.jolt(&["config", "http.uri"])
-        .code(2)
-        .contains("No such key: http.uri");
+        .success()
+        .contains("http.uri = (not set)  # default");
     ws.jolt(&["config", "-d", "http.uri"])
         .code(2)
         .contains("No such key");
@@ -299,6 +299,41 @@ fn completions_complete_commands_flags_and_the_workspaces_tasks() {
         .success()
         .contains("complete -c jolt")
         .contains("jolt list --names");
+}
+
+#[test]
+fn config_of_a_known_unset_key_shows_its_default_and_of_an_unknown_key_refuses_it() {
+    // Issue 23: `config jolt.jobs` said `No such key: jolt.jobs`, as for `jolt.bogus`.
+    let ws = workspace();
+    let jobs = ws.jolt(&["config", "jolt.jobs"]);
+    jobs.success();
+    assert_eq!(
+        jobs.stdout,
+        "jolt.jobs = 0 (the number of CPUs)  # default\n"
+    );
+    let listed = ws.jolt(&["config", "-l"]);
+    assert!(listed
+        .stdout
+        .lines()
+        .any(|l| format!("{l}\n") == jobs.stdout));
+    ws.jolt(&["config", "http.timeout"])
+        .success()
+        .contains("http.timeout = 60  # default");
+    ws.jolt(&["config", "jolt.bogus"])
+        .code(2)
+        .contains("No such key: jolt.bogus");
+    ws.jolt(&["config", "nosuch.key"])
+        .code(2)
+        .contains("No such key: nosuch.key")
+        .lacks("did you mean");
+    ws.jolt(&["config", "jolt.jbos"])
+        .code(2)
+        .contains("No such key: jolt.jbos (did you mean 'jolt.jobs'?)");
+    // A key set keeps its answer.
+    ws.jolt(&["config", "jolt.jobs", "3"]).success();
+    let set = ws.jolt(&["config", "jolt.jobs"]);
+    set.success();
+    assert_eq!(set.stdout, "jolt.jobs = 3\n");
 }
 
 #[test]

@@ -106,12 +106,21 @@ pub fn config(merged: &Layers, args: ConfigArgs) -> Result<Exit> {
         return Ok(Exit::Success);
     }
     match args.value {
-        None => match merged.get(&key) {
-            Some(v) => {
+        None => match (merged.get(&key), merged.effective_value(&key)) {
+            (Some(v), Some(_)) => {
                 console::print(&format!("{key} = {}", shown(&key, &v)));
                 Ok(Exit::Success)
             }
-            None => Err(usage(format!("No such key: {key}"))),
+            // Known and unset: its default, as `-l` shows it.
+            (None, Some(effective)) => {
+                console::print(&effective_line(&effective));
+                Ok(Exit::Success)
+            }
+            // Unknown, even if a file holds it: jolt ignores it.
+            (_, None) => Err(usage(format!(
+                "No such key: {key}{}",
+                config::unknown_hint(&key)
+            ))),
         },
         Some(value) => {
             config::check_key(&key)?;
