@@ -64,6 +64,27 @@ fn a_failing_remote_task_exits_1_and_shows_its_log() {
 }
 
 #[test]
+fn a_failed_remote_command_is_reported_once_and_a_cut_tail_says_how_much_was_cut() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with("[task.bad]\nrun = \"seq 1 5002; false\"\n");
+    let failed = "Command failed: seq 1 5002; false";
+    // Regression (issue 23): the worker sent back its log's tail, which held jolt's
+    // line `Command failed: ...`, with the failure's lines after it: the client
+    // replayed the line twice; and nothing said that 4,802 lines were cut.
+    for args in [&["bad"][..], &["-q", "bad"]] {
+        let run = c.build(&ws, args);
+        run.code(1)
+            .contains(&format!("[bad] {failed}\n"))
+            .contains(
+                "[bad] [... the first 4802 lines of the output are not shown ...]\n[bad] 4803\n",
+            )
+            .contains("Remote execution failed");
+        assert_eq!(run.count(failed), 1, "{args:?}\n{}", run.all());
+    }
+}
+
+#[test]
 fn a_failing_remote_task_exits_1_also_with_http_credentials_and_an_unstable_one_0() {
     let Some(c) = cluster() else { return };
     let _w = c.worker();
@@ -548,7 +569,57 @@ fn a_request_queue_declared_otherwise_fails_the_build_instead_of_hanging() {
     let ws = Workspace::with("[task.a]\nrun = \"true # network-2\"\n");
     let client = c.spawn_build_with(&ws, &["amqp.max_priority=3"], &["a"]);
     let run = finish(client);
-    run.code(1).contains("Cannot send a request to RabbitMQ");
+    // A broker setup error, not a task's failure (issue 23): exit 3, naming the queue.
+    let queue = format!("jolt_tasks_{}", c.broker.routing_key);
+    run.code(3)
+        .contains(&format!("refuses the declaration of the queue {queue}"))
+        .contains("PRECONDITION_FAILED");
+    assert_eq!(run.count("refuses the declaration"), 1, "{}", run.all());
+}
+
+#[test]
+fn a_quorum_request_queue_an_operator_declared_exits_3_naming_it_for_client_and_worker() {
+    let Some(c) = cluster() else { return };
+    let queue = format!("jolt_tasks_{}", c.broker.routing_key);
+    c.broker.with_channel(|ch| {
+        let mut args = amiquip::FieldTable::new();
+        args.insert(
+            "x-queue-type".into(),
+            amiquip::AmqpValue::LongString("quorum".into()),
+        );
+        ch.queue_declare(
+            queue.clone(),
+            amiquip::QueueDeclareOptions {
+                durable: true,
+                arguments: args,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    });
+    // Regression (issue 23): the client exited 1 (`server closed channel 1 (code=406,
+    // ...)`), and workers retried every second forever.
+    let ws = Workspace::with("[task.a]\nrun = \"true # quorum\"\n");
+    c.build(&ws, &["a"])
+        .code(3)
+        .contains(&format!("refuses the declaration of the queue {queue}"));
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jolt"))
+        .arg("-c")
+        .arg(c.config())
+        .arg("amqp-worker")
+        .env("JOLT_JOLT_CACHEDIR", c.dir.path().join("wcache"))
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3), "{all}");
+    assert!(all.contains(&format!("queue {queue}")), "{all}");
+    assert!(!all.contains("reconnecting"), "{all}");
+    assert!(started.elapsed() < Duration::from_secs(30));
 }
 
 // No request waits forever, no request kills the fleet, no secret leaks (issue 9).

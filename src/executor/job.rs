@@ -810,7 +810,7 @@ impl Runner<'_> {
             remote: false,
             kept: None,
             took: None,
-            unreachable: None,
+            infra: None,
         })
     }
 
@@ -872,7 +872,7 @@ impl Runner<'_> {
             remote: false,
             kept: None,
             took: None,
-            unreachable: None,
+            infra: None,
         })
     }
 

@@ -200,9 +200,10 @@ struct Failure {
     /// How long the task ran, where the scheduler did not see it start (a worker's
     /// figure for a network build).
     took: Option<Duration>,
-    /// The HTTP cache was found unreachable (why): a network build, which needs it,
-    /// stops (exit 3) instead of failing the task.
-    unreachable: Option<String>,
+    /// An infrastructure failure that stops the build (exit 3) instead of failing
+    /// the task, as its error message: the HTTP cache found unreachable in a network
+    /// build, which needs it; the broker refusing a declaration.
+    infra: Option<String>,
 }
 
 impl Failure {
@@ -214,7 +215,7 @@ impl Failure {
             remote: false,
             kept: None,
             took: None,
-            unreachable: None,
+            infra: None,
         }
     }
 
@@ -228,7 +229,12 @@ impl Failure {
 
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Failure {
-        Failure::new(format!("{e:#}"))
+        let message = format!("{e:#}");
+        Failure {
+            infra: (crate::error::exit_code(&e) == crate::error::Exit::Infra)
+                .then(|| message.clone()),
+            ..Failure::new(message)
+        }
     }
 }
 
@@ -1283,10 +1289,13 @@ impl Scheduler<'_> {
                 self.status[i] = Status::Interrupted;
                 self.propagate(i, Some((i, false)));
             }
-            Err(mut failure) if failure.unreachable.is_some() => {
-                let why = failure.unreachable.take().unwrap_or_default();
+            Err(mut failure) if failure.infra.is_some() => {
+                let message = failure.infra.take().unwrap_or_default();
+                // The build's error says it, once.
+                failure.lines.retain(|line| *line != message);
                 self.failed(i, failure);
-                return Err(cache_unreachable(&why, self.mode));
+                self.errors[i] = Some(message.clone());
+                return Err(crate::error::infra(message));
             }
             Err(failure) => self.failed(i, failure),
         }

@@ -224,7 +224,7 @@ impl<'n> Runner<'n> {
             // A worker whose cache went away (an upload that failed, say) fails its
             // task; if this client cannot reach the cache either, the build stops.
             if let Some(http) = self.http.filter(|h| !h.probe()) {
-                failure.unreachable = Some(http.uri().to_string());
+                failure.infra = Some(super::cache_unreachable(http.uri(), self.mode).to_string());
             }
             return Some(Err(failure));
         }
@@ -294,7 +294,7 @@ impl<'n> Runner<'n> {
             remote: true,
             kept: None,
             took: Some(took),
-            unreachable: None,
+            infra: None,
         }
     }
 

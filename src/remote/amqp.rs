@@ -132,27 +132,57 @@ impl AmqpSettings {
 
     /// Declares the exchanges, and the request queue of `routing_key` bound to it;
     /// returns the queue's requests waiting and consumers, as the broker counts them.
+    /// A declaration the broker refuses (an exchange or queue that exists with other
+    /// arguments, say a quorum queue; no permission) does not heal by retrying: an
+    /// infrastructure error (exit 3) that names it.
     pub fn declare(&self, channel: &Channel, routing_key: &str) -> Result<PoolCounts> {
+        let refused = |what: String| {
+            let address = self.address();
+            move |e: amiquip::Error| match e {
+                amiquip::Error::ServerClosedChannel { code, message, .. }
+                    if code == 403 || code == 406 =>
+                {
+                    let hint = if code == 406 {
+                        ": it exists with other arguments (jolt declares it durable, classic, with x-max-priority = amqp.max_priority); delete it or declare it as jolt does"
+                    } else {
+                        ": check the user's permissions on the vhost (configure, write, read)"
+                    };
+                    crate::error::infra(format!(
+                        "RabbitMQ at {address} refuses the declaration of {what} ({code} {message}){hint}"
+                    ))
+                }
+                e => e.into(),
+            }
+        };
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
         };
-        let requests = channel.exchange_declare(ExchangeType::Direct, REQUESTS, durable.clone())?;
-        channel.exchange_declare(ExchangeType::Direct, RESULTS, durable)?;
+        let requests = channel
+            .exchange_declare(ExchangeType::Direct, REQUESTS, durable.clone())
+            .map_err(refused(format!("the exchange {REQUESTS}")))?;
+        channel
+            .exchange_declare(ExchangeType::Direct, RESULTS, durable)
+            .map_err(refused(format!("the exchange {RESULTS}")))?;
         let mut args = FieldTable::new();
         args.insert(
             "x-max-priority".into(),
             AmqpValue::LongInt(self.max_priority as i32),
         );
-        let queue = channel.queue_declare(
-            task_queue(routing_key),
-            QueueDeclareOptions {
-                durable: true,
-                arguments: args,
-                ..Default::default()
-            },
-        )?;
-        queue.bind(&requests, routing_key, FieldTable::new())?;
+        let name = task_queue(routing_key);
+        let queue = channel
+            .queue_declare(
+                name.clone(),
+                QueueDeclareOptions {
+                    durable: true,
+                    arguments: args,
+                    ..Default::default()
+                },
+            )
+            .map_err(refused(format!("the queue {name}")))?;
+        queue
+            .bind(&requests, routing_key, FieldTable::new())
+            .map_err(refused(format!("the binding of the queue {name}")))?;
         Ok(PoolCounts {
             waiting: queue.declared_message_count().unwrap_or(0),
             consumers: queue.declared_consumer_count().unwrap_or(0),

@@ -295,9 +295,13 @@ impl NetworkClient {
             match sent {
                 Ok(()) => return Ok(()),
                 Err(e) if crate::interrupt::is_set() => return Err(e),
+                // The broker refused a declaration: retrying cannot help.
+                Err(e) if crate::error::exit_code(&e) == crate::error::Exit::Infra => {
+                    return Err(e)
+                }
                 Err(e) => {
                     // Start over on a fresh connection; an error that survives that
-                    // (say, a request queue declared with other arguments) is final.
+                    // is final.
                     failures += 1;
                     if failures >= PUBLISH_ATTEMPTS {
                         return Err(e.context(format!(
