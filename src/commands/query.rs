@@ -253,6 +253,7 @@ pub fn log(args: crate::cli::LogArgs) -> Result<Exit> {
 /// `jolt status`: for each pool, the requests waiting and the workers consuming, as
 /// the broker counts them (a passive declare: nothing is created).
 pub fn status(config: &Config, args: crate::cli::StatusArgs) -> Result<Exit> {
+    use crate::remote::amqp::Pool;
     let settings = config.amqp.clone();
     let mut pools: BTreeSet<String> = args.pools.into_iter().collect();
     if pools.is_empty() {
@@ -276,13 +277,16 @@ pub fn status(config: &Config, args: crate::cli::StatusArgs) -> Result<Exit> {
     for pool in &pools {
         let queue = crate::remote::amqp::task_queue(pool);
         let line = match settings.pool(&mut connection, pool)? {
-            Some(c) => format!(
+            Pool::Counted(c) => format!(
                 "pool {pool} (queue {queue}): {} requests waiting, {} workers consuming",
                 c.waiting, c.consumers
             ),
-            None => format!(
+            Pool::Missing => format!(
                 "pool {pool} (queue {queue}): no queue yet (no request sent, no worker started)"
             ),
+            Pool::Unavailable(why) => {
+                format!("pool {pool} (queue {queue}): unavailable, the broker says: {why}")
+            }
         };
         console::print(&line);
     }

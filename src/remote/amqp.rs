@@ -190,21 +190,42 @@ impl AmqpSettings {
     }
 
     /// What the broker says of the pool `routing_key` without changing anything (a
-    /// passive declare on a channel of its own: a missing queue closes it); `None`
-    /// when the pool's queue does not exist.
-    pub fn pool(
-        &self,
-        connection: &mut amiquip::Connection,
-        routing_key: &str,
-    ) -> Result<Option<PoolCounts>> {
+    /// passive declare on a channel of its own: a missing queue closes it).
+    pub fn pool(&self, connection: &mut amiquip::Connection, routing_key: &str) -> Result<Pool> {
         let channel = connection.open_channel(None)?;
         match channel.queue_declare_passive(task_queue(routing_key)) {
-            Ok(queue) => Ok(Some(PoolCounts {
+            Ok(queue) => Ok(Pool::Counted(PoolCounts {
                 waiting: queue.declared_message_count().unwrap_or(0),
                 consumers: queue.declared_consumer_count().unwrap_or(0),
             })),
-            Err(amiquip::Error::ServerClosedChannel { code: 404, .. }) => Ok(None),
+            Err(amiquip::Error::ServerClosedChannel {
+                code: 404, message, ..
+            }) => Ok(Pool::not_found(&message)),
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A pool's request queue, as a passive declare finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pool {
+    Counted(PoolCounts),
+    /// The queue does not exist: no request sent, no worker started.
+    Missing,
+    /// The queue exists but cannot be reached: the broker's words (a cluster node
+    /// that holds it is down: `home node ... is down or inaccessible`).
+    Unavailable(String),
+}
+
+impl Pool {
+    /// What a passive declare answered 404 with `message` means: RabbitMQ says
+    /// `NOT_FOUND - no queue 'q' in vhost '/'` of a queue that does not exist, and
+    /// 404 too of one whose node is down.
+    fn not_found(message: &str) -> Pool {
+        if message.contains("no queue") {
+            Pool::Missing
+        } else {
+            Pool::Unavailable(message.to_string())
         }
     }
 }
@@ -244,3 +265,20 @@ pub fn cancel_consumer(consumer: amiquip::Consumer, mut delivery: impl FnMut(Del
 
 /// How long cancelling a consumer may take.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_404_names_a_missing_queue_or_one_whose_node_is_down() {
+        assert_eq!(
+            Pool::not_found("NOT_FOUND - no queue 'jolt_tasks_default' in vhost '/'"),
+            Pool::Missing
+        );
+        // Regression (issue 23): jolt status said "no queue yet" of a queue whose
+        // home node was down.
+        let down = "NOT_FOUND - home node 'rc1@localhost' of durable queue 'jolt_tasks_default' in vhost '/' is down or inaccessible";
+        assert_eq!(Pool::not_found(down), Pool::Unavailable(down.to_string()));
+    }
+}
