@@ -117,6 +117,13 @@ fn a_remote_tasks_output_is_replayed_on_success() {
         .contains("[say] hello-from-a-worker")
         .contains("[say] to-stderr")
         .contains("[dep] from-the-requirement");
+    // Regression (issue 23): a task that keeps no artifact ran on a worker, and its
+    // output was not replayed.
+    let ws = Workspace::with("[task.once]\ncacheable = false\nrun = \"echo not-kept-output\"\n");
+    let run = c.build(&ws, &["once"]);
+    run.success()
+        .contains("Remote execution finished")
+        .contains("[once] not-kept-output");
 }
 
 #[test]

@@ -155,7 +155,8 @@ impl ArtifactInfo {
 pub struct Report {
     pub status: Vec<Status>,
     pub duration: Vec<Option<Duration>>,
-    /// The tail of the log of each failed task.
+    /// The tail of the log of each failed task; in a worker's build also the output
+    /// of the goal it executed, at most its last MiB, for the reply.
     pub logs: Vec<Option<String>>,
     pub interrupted: bool,
     /// When and where each job ran.
@@ -1262,6 +1263,14 @@ impl Scheduler<'_> {
                     format_duration(duration),
                     node.label()
                 ));
+                if matches!(self.mode, Mode::Worker) && self.is_goal[i] {
+                    // Replayed by the client; read now, since a task that keeps no
+                    // artifact keeps its log only for the build.
+                    self.logs[i] = crate::store::artifact::output_tail(
+                        &info.dir.join(crate::store::artifact::BUILD_LOG),
+                        crate::store::artifact::REPLAYED_OUTPUT,
+                    );
+                }
                 self.durations[i] = Some(duration);
                 self.succeed(i, Status::Executed, Some(info), infos);
             }

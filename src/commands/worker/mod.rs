@@ -950,17 +950,7 @@ impl Worker {
         Ok(match failed {
             // The goal's output goes back with the reply, replayed by the client.
             None if !report.failed() => {
-                let output = match report.status[goal] {
-                    Status::Executed => {
-                        let dir = self.cache.artifact_dir(node.name(), &node.identity);
-                        crate::store::artifact::output_tail(
-                            &dir.join(crate::store::artifact::BUILD_LOG),
-                            crate::store::artifact::REPLAYED_OUTPUT,
-                        )
-                        .unwrap_or_default()
-                    }
-                    _ => String::new(),
-                };
+                let output = report.logs[goal].clone().unwrap_or_default();
                 Outcome::Done(ReplyKind::Success, output, String::new())
             }
             None => Outcome::Done(
