@@ -1769,6 +1769,39 @@ fn the_cache_log_tells_a_workers_requests_from_its_clients() {
 }
 
 #[test]
+fn a_result_names_each_tasks_status_as_the_readme_lists_them() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with(GRAPH);
+    ws.file("src/a.c", "int a;");
+    c.build(&ws, &["lib:n=1"]).success();
+    let fresh = ws.sibling();
+    c.build(&fresh, &["app", "--result", "r.json"]).success();
+    let report: serde_json::Value = serde_json::from_str(&fresh.read("r.json")).unwrap();
+    let status = |name: &str| -> String {
+        report["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["qualified"] == name || t["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {report}"))["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // Regression (issue 23): a requirement found in the HTTP cache and not
+    // downloaded was `remote`, a status the README did not list (and a word that
+    // means built on a worker).
+    assert_eq!(status("src"), "in http cache", "{report}");
+    assert_eq!(status("app"), "executed", "{report}");
+    let readme = include_str!("../README.md");
+    for task in report["tasks"].as_array().unwrap() {
+        let s = task["status"].as_str().unwrap();
+        assert!(readme.contains(&format!("`{s}`")), "README lacks the status {s}");
+    }
+}
+
+#[test]
 fn a_failed_remote_task_is_reported_with_the_time_it_ran() {
     let Some(c) = cluster() else { return };
     let _w = c.worker();

@@ -118,7 +118,7 @@ impl Status {
             Status::Unneeded => "unneeded",
             Status::Pending => "not run",
             Status::Cached => "cached",
-            Status::InHttpCache => "remote",
+            Status::InHttpCache => "in http cache",
             Status::Downloaded => "downloaded",
             Status::Uploaded => "uploaded",
             Status::Executed => "executed",
