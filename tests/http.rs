@@ -529,6 +529,31 @@ fn a_password_in_the_cache_url_is_never_shown() {
 }
 
 #[test]
+fn a_refused_upload_is_warned_about_once_and_no_more_are_tried_in_that_build() {
+    let Some(server) = Nginx::start_with_auth("builder:hunter2") else {
+        return;
+    };
+    // Regression (issue 23): a client without credentials for a write-protected
+    // cache warned once per artifact (35 warnings for a small C project); with
+    // credentials the server refused, the cache counted as unreachable for the
+    // build, downloads included.
+    for credentials in [&[][..], &["-c", "http.username=someone"]] {
+        let ws = workspace(&server);
+        let mut args = credentials.to_vec();
+        args.extend(["build", "app", "other"]);
+        let run = jolt(&ws, &args);
+        run.success()
+            .contains("no more uploads in this build")
+            .lacks("unreachable");
+        assert_eq!(run.count("Upload failed"), 1, "{}", run.all());
+        assert_eq!(run.count("Upload started"), 1, "{}", run.all());
+    }
+    let access = std::fs::read_to_string(server.dir.path().join("access.log")).unwrap();
+    assert_eq!(access.matches("\"PUT ").count(), 2, "{access}");
+    assert!(server.objects().is_empty());
+}
+
+#[test]
 fn credentials_in_the_cache_url_authenticate_uploads() {
     let Some(server) = Nginx::start_with_auth("builder:hunter2") else {
         return;

@@ -382,7 +382,7 @@ impl Runner<'_> {
         let Some(http) = self.http else {
             return Ok(());
         };
-        if !self.upload_required() && (!http.upload || http.is_down()) {
+        if !self.upload_required() && (!http.upload || http.is_down() || http.uploads_refused()) {
             return Ok(());
         }
         match self.upload(i, dir) {
@@ -391,6 +391,16 @@ impl Runner<'_> {
                 Err(Failure::interrupted("Upload interrupted"))
             }
             Err(e) if self.upload_required() => Err(Failure::new(format!("Upload failed: {e:#}"))),
+            // Said once: the server would refuse every other artifact of the build.
+            Err(e) if http_cache::is_upload_refused(&e) => {
+                if http.refuse_uploads() {
+                    self.log(
+                        console::Level::Warning,
+                        format!("Upload failed: {e:#}; no more uploads in this build"),
+                    );
+                }
+                Ok(())
+            }
             Err(e) => {
                 self.http_warning(http, "Upload", &e);
                 Ok(())

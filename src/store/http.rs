@@ -61,6 +61,24 @@ pub fn is_rejected(err: &anyhow::Error) -> bool {
     err.chain().any(|e| e.is::<Rejected>())
 }
 
+/// An upload the server refused (401, 403): the cache is there, and reading it may
+/// still work.
+#[derive(Debug)]
+pub struct UploadRefused(pub String);
+
+impl std::fmt::Display for UploadRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UploadRefused {}
+
+/// Whether an error (anywhere in its chain) is an [`UploadRefused`].
+pub fn is_upload_refused(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.is::<UploadRefused>())
+}
+
 /// A client of the HTTP cache. Clones share their connections and what they found
 /// (the server down, archives rejected).
 #[derive(Clone)]
@@ -78,6 +96,8 @@ pub struct HttpCache {
     /// The longest a request without a body (HEAD) may take, all told.
     deadline: Duration,
     down: Arc<AtomicBool>,
+    /// The server refused an upload ([`HttpCache::refuse_uploads`]).
+    uploads_refused: Arc<AtomicBool>,
     /// Artifact URLs whose archive failed verification: a builder replaces them.
     rejected: Arc<Mutex<std::collections::HashSet<String>>>,
 }
@@ -385,17 +405,6 @@ fn ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>> {
     Ok(certs)
 }
 
-/// What a `PUT` answer means.
-fn put_outcome(url: &str, status: ureq::http::StatusCode) -> Result<()> {
-    match status.as_u16() {
-        200 | 201 | 204 => Ok(()),
-        401 | 403 => bail!(
-            "{url}: upload refused ({status}); set http.username and http.password (or JOLT_HTTP_PASSWORD)"
-        ),
-        code => bail!("{url}: PUT answered {code}"),
-    }
-}
-
 impl HttpCache {
     /// The cache named by `http.uri`, if any. `no_download`/`no_upload` are the
     /// command-line switches, which win over the configuration.
@@ -480,6 +489,7 @@ impl HttpCache {
             retries: http.retries,
             deadline: http.connect_timeout + http.timeout,
             down: Arc::default(),
+            uploads_refused: Arc::default(),
             rejected: Arc::default(),
         }))
     }
@@ -542,6 +552,35 @@ impl HttpCache {
             self.down.store(true, Ordering::Relaxed);
         }
         answered
+    }
+
+    /// What a `PUT` answer means. Sent with [`HttpCache::answer`]: a refusal is
+    /// [`UploadRefused`], not the cache unreachable, since reading it may still work.
+    fn put_outcome(&self, url: &str, status: ureq::http::StatusCode) -> Result<()> {
+        match status.as_u16() {
+            200 | 201 | 204 => Ok(()),
+            401 | 403 if self.authorization.is_some() => Err(UploadRefused(format!(
+                "{url}: upload refused ({status}): the server refused the credentials"
+            ))
+            .into()),
+            401 | 403 => Err(UploadRefused(format!(
+                "{url}: upload refused ({status}); set http.username and http.password (or JOLT_HTTP_PASSWORD)"
+            ))
+            .into()),
+            code => bail!("{url}: PUT answered {code}"),
+        }
+    }
+
+    /// Whether an upload was refused in this build ([`HttpCache::refuse_uploads`]).
+    pub fn uploads_refused(&self) -> bool {
+        self.uploads_refused.load(Ordering::Relaxed)
+    }
+
+    /// Remembers that the server refuses this client's uploads, so that a build
+    /// that may go on without them tries no more; true the first time, when the
+    /// caller says so.
+    pub fn refuse_uploads(&self) -> bool {
+        !self.uploads_refused.swap(true, Ordering::Relaxed)
     }
 
     /// Whether the cache's archive of an artifact was found unusable.
@@ -742,13 +781,13 @@ impl HttpCache {
 
     /// `PUT` of a file.
     fn put(&self, url: &str, path: &Path) -> Result<()> {
-        let resp = self.send(url, &mut || {
+        let resp = self.answer(url, &mut || {
             let file = std::fs::File::open(path).map_err(ureq::Error::Io)?;
             self.with_auth(self.agent.put(url))
                 .header("Content-Type", "application/x-tar")
                 .send(file)
         })?;
-        put_outcome(url, resp.status())
+        self.put_outcome(url, resp.status())
     }
 
     /// `GET`: unpacks the artifact into the empty directory `staging` and verifies it.
@@ -830,7 +869,7 @@ impl HttpCache {
             full: false,
         };
         let sent = match crate::store::archive::pack_entries(dir, entries, &mut small) {
-            Ok(()) => self.send(&url, &mut || {
+            Ok(()) => self.answer(&url, &mut || {
                 self.with_auth(self.agent.put(&url))
                     .header("Content-Type", "application/x-tar")
                     .send(&small.bytes[..])
@@ -841,7 +880,7 @@ impl HttpCache {
             // Larger: streamed.
             Err(_) => self.put_streamed(&url, dir)?,
         };
-        put_outcome(&url, sent.status())?;
+        self.put_outcome(&url, sent.status())?;
         self.rejected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -854,7 +893,7 @@ impl HttpCache {
     fn put_streamed(&self, url: &str, dir: &Path) -> Result<ureq::http::Response<ureq::Body>> {
         // A packing error is ours, not the server's: it must not mark the cache down.
         let packing: Arc<Mutex<Option<String>>> = Arc::default();
-        let sent = self.send(url, &mut || {
+        let sent = self.answer(url, &mut || {
             let (reader, writer) = std::io::pipe().map_err(ureq::Error::Io)?;
             let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
             let dir = dir.to_path_buf();
@@ -923,12 +962,12 @@ impl HttpCache {
     pub fn store_recipes(&self, digest: &str, bytes: &[u8]) -> Result<()> {
         let (me, url, bytes) = (self.clone(), self.recipes_url(digest), bytes.to_vec());
         interruptible(move || {
-            let resp = me.send(&url, &mut || {
+            let resp = me.answer(&url, &mut || {
                 me.with_auth(me.agent.put(&url))
                     .header("Content-Type", "application/json")
                     .send(&bytes[..])
             })?;
-            put_outcome(&url, resp.status())
+            me.put_outcome(&url, resp.status())
         })
     }
 
