@@ -377,6 +377,28 @@ fn parameter_values_and_task_names_that_would_read_ambiguously_are_refused() {
 }
 
 #[test]
+fn task_names_with_a_part_starting_with_an_underscore_are_refused() {
+    // Regression (issue 24): `_recipes` and `_sources/x` were accepted, and their
+    // artifacts went to the HTTP cache's `_recipes/` and `_sources/`, jolt's
+    // namespace that operators open to anonymous uploads.
+    for name in ["_recipes", "_sources/x", "a/_x"] {
+        let ws = Workspace::new();
+        ws.file(
+            "jolt.toml",
+            "include = [\"sub/*.toml\"]\n[task.ok]\nrun = \"true\"\n",
+        )
+        .file(
+            "sub/more.jolt.toml",
+            &format!("[task.\"{name}\"]\nrun = \"true\"\n"),
+        );
+        ws.jolt(&["build", "ok"])
+            .code(2)
+            .contains(&format!("Task '{name}' in sub/more.jolt.toml"))
+            .contains("starting with '_'");
+    }
+}
+
+#[test]
 fn a_task_dies_with_a_jolt_killed_between_its_start_and_its_registration() {
     // A task started with posix_spawn runs before jolt tells the guardian its
     // process group; the hook holds jolt in that instant.

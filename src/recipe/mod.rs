@@ -356,6 +356,13 @@ impl Task {
                 "invalid name: use letters, digits and _ - . /".to_string()
             ));
         }
+        if crate::recipe::taskref::reserved(&name) {
+            return Err(bad(
+                "invalid name: names with a part starting with '_' are jolt's \
+                 (the HTTP cache keeps _recipes/ and _sources/ beside the tasks)"
+                    .to_string(),
+            ));
+        }
         let mut params = BTreeMap::new();
         for (pname, decl) in &def.parameters {
             if !pname.chars().all(|c| c.is_alphanumeric() || c == '_') {

@@ -13,6 +13,20 @@ pub struct TaskRef {
 
 pub use crate::util::valid_name;
 
+/// Whether a part of `name` starts with `_`: such names are jolt's, never a task's.
+/// The HTTP cache keeps a task's artifacts under `{http.uri}/{task}/` and jolt's own
+/// files under `_recipes/` and `_sources/`, the paths operators open to anonymous
+/// uploads; any part, not only the first, so that no later namespace of jolt's can
+/// meet a task either.
+pub fn reserved(name: &str) -> bool {
+    name.split('/').any(|part| part.starts_with('_'))
+}
+
+/// Whether `name` may name a task: a [`valid_name`] that is not [`reserved`].
+pub fn valid_task_name(name: &str) -> bool {
+    valid_name(name) && !reserved(name)
+}
+
 impl TaskRef {
     /// Parses `name[:p=v[,p=v]...]`.
     pub fn parse(text: &str) -> Result<TaskRef> {
@@ -21,7 +35,7 @@ impl TaskRef {
             Some((n, p)) => (n, Some(p)),
             None => (text, None),
         };
-        if !valid_name(name) {
+        if !valid_task_name(name) {
             return Err(usage(format!("Invalid task name '{name}' in '{text}'")));
         }
         let mut out = Vec::new();
@@ -70,6 +84,13 @@ mod tests {
         assert!(valid_name("tools/gcc-12.2_x"));
         assert!(!valid_name(&format!("x/{}", "a".repeat(64))));
         assert!(TaskRef::parse("a:p").is_err());
+        for jolts in ["_recipes", "_sources/x", "a/_x", "_"] {
+            assert!(reserved(jolts) && !valid_task_name(jolts), "{jolts}");
+            assert!(TaskRef::parse(jolts).is_err(), "{jolts}");
+        }
+        for tasks in ["a_b", "a/b_", "x/y_z"] {
+            assert!(valid_task_name(tasks), "{tasks}");
+        }
         assert_eq!(format("a", &[("z", "1"), ("b", "2")]), "a:b=2,z=1");
     }
 }

@@ -177,7 +177,7 @@ impl Request {
         // The task names the artifact's URL, asked before anything is built: it must
         // be a task name, the reference's.
         let named = request.reference.split(':').next() == Some(request.task.as_str());
-        if !crate::recipe::taskref::valid_name(&request.task) || !named {
+        if !crate::recipe::taskref::valid_task_name(&request.task) || !named {
             return Err(bad(format!(
                 "task '{}' is not the task of '{}'",
                 request.task, request.reference
