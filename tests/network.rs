@@ -611,21 +611,10 @@ fn a_quorum_request_queue_an_operator_declared_exits_3_naming_it_for_client_and_
         .code(3)
         .contains(&format!("refuses the declaration of the queue {queue}"));
     let started = Instant::now();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jolt"))
-        .arg("-c")
-        .arg(c.config())
-        .arg("amqp-worker")
-        .env("JOLT_JOLT_CACHEDIR", c.dir.path().join("wcache"))
-        .output()
-        .unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(3), "{all}");
-    assert!(all.contains(&format!("queue {queue}")), "{all}");
-    assert!(!all.contains("reconnecting"), "{all}");
+    c.worker_to_its_end(&[])
+        .code(3)
+        .contains(&format!("queue {queue}"))
+        .lacks("reconnecting");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
@@ -780,21 +769,10 @@ fn a_forged_reply_with_an_absurd_duration_fails_the_task_instead_of_hanging() {
 fn a_worker_whose_credentials_are_refused_exits_3() {
     let Some(c) = cluster() else { return };
     let started = Instant::now();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jolt"))
-        .arg("-c")
-        .arg(c.config())
-        .args(["-c", "amqp.password=wrong-pw", "amqp-worker"])
-        .env("JOLT_JOLT_CACHEDIR", c.dir.path().join("wcache"))
-        .output()
-        .unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(3), "{all}");
-    assert!(all.contains("refused user 'guest'"), "{all}");
-    assert!(!all.contains("wrong-pw"), "{all}");
+    c.worker_to_its_end(&["amqp.password=wrong-pw"])
+        .code(3)
+        .contains("refused user 'guest'")
+        .lacks("wrong-pw");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
@@ -1797,7 +1775,10 @@ fn a_result_names_each_tasks_status_as_the_readme_lists_them() {
     let readme = include_str!("../README.md");
     for task in report["tasks"].as_array().unwrap() {
         let s = task["status"].as_str().unwrap();
-        assert!(readme.contains(&format!("`{s}`")), "README lacks the status {s}");
+        assert!(
+            readme.contains(&format!("`{s}`")),
+            "README lacks the status {s}"
+        );
     }
 }
 

@@ -827,6 +827,26 @@ impl Cluster {
         WorkerProcess::start(&self.config(), &[])
     }
 
+    /// Runs a worker with extra `-c` overrides until it exits by itself (one that
+    /// cannot serve), and collects its output.
+    pub fn worker_to_its_end(&self, overrides: &[&str]) -> Run {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_jolt"));
+        cmd.arg("-c").arg(self.config());
+        for o in overrides {
+            cmd.args(["-c", o]);
+        }
+        let out = cmd
+            .arg("amqp-worker")
+            .env("JOLT_JOLT_CACHEDIR", self.dir.path().join("wcache"))
+            .output()
+            .unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     pub fn build(&self, ws: &Workspace, args: &[&str]) -> Run {
         let config = self.config().display().to_string();
         let mut all = vec!["-c", config.as_str(), "build", "--network"];
