@@ -69,7 +69,8 @@ pub fn start(args: &[String]) -> Result<(), String> {
     });
     match opened {
         Ok(mut file) => {
-            let _ = writeln!(file, "$ jolt {}", args.join(" "));
+            let command = args.join(" ");
+            let _ = writeln!(file, "$ jolt {}", crate::util::secrets::redact(&command));
             *RUN.lock().unwrap_or_else(|e| e.into_inner()) = Some(Run {
                 file: std::io::BufWriter::with_capacity(1 << 16, file),
                 flushed: std::time::Instant::now(),

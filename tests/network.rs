@@ -1814,3 +1814,116 @@ fn a_cache_that_goes_away_while_a_worker_builds_stops_the_network_build_with_exi
     let run = finish_within(client, Duration::from_secs(120), "the client");
     run.code(3).contains("The HTTP cache is unreachable");
 }
+
+/// A RabbitMQ user of this test's own, with all permissions on `/`; deleted when
+/// dropped.
+struct BrokerUser {
+    name: String,
+}
+
+impl BrokerUser {
+    fn add(password: &str) -> BrokerUser {
+        let name = format!("jolt-test-{}", std::process::id());
+        let ctl = |args: &[&str]| {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .expect("rabbitmqctl");
+            assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+        };
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &name])
+            .output();
+        ctl(&["add_user", &name, password]);
+        ctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        BrokerUser { name }
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+/// Every file under `dir`, read.
+fn read_tree(dir: &std::path::Path) -> String {
+    let mut text = String::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                text.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+    }
+    text
+}
+
+#[test]
+fn a_password_in_amqp_host_connects_and_is_never_shown() {
+    // Regression (issue 24): `amqp://user:pw@host` was read as the host
+    // `user:pw@host`, and printed in full by connection errors, the worker's start
+    // line and reconnect warnings, jolt status and the run log.
+    const SECRET: &str = "SECRET-pw-77";
+    let Some(c) = cluster() else { return };
+    let user = BrokerUser::add(SECRET);
+    let host = format!("amqp.host=amqp://{}:{SECRET}@127.0.0.1", user.name);
+    let w = WorkerProcess::start(&c.config(), std::slice::from_ref(&host));
+    w.wait_for("from amqp://127.0.0.1:5672/", Duration::from_secs(5));
+    let ws = Workspace::with("[task.a]\nrun = \"echo a > {artifact}/a\"\n");
+    let config = c.config().display().to_string();
+    let run = ws.jolt(&["-vv", "-c", &config, "-c", &host, "build", "--network", "a"]);
+    run.success()
+        .contains("Remote execution finished")
+        .lacks(SECRET);
+    ws.jolt(&["-c", &config, "-c", &host, "status"])
+        .success()
+        .lacks(SECRET);
+    // The same with nothing listening on the port: the client, status, and a worker
+    // that keeps trying.
+    let wrong = format!("amqp.host=amqp://{}:{SECRET}@127.0.0.1:1", user.name);
+    let run = ws.jolt(&["-c", &config, "-c", &wrong, "build", "--network", "a"]);
+    run.code(3).contains("amqp://127.0.0.1:1/").lacks(SECRET);
+    ws.jolt(&["-c", &config, "-c", &wrong, "status"])
+        .lacks(SECRET);
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_jolt"));
+    let worker = worker
+        .args(["-c", &config, "-c", &wrong, "amqp-worker"])
+        .env("JOLT_JOLT_CACHEDIR", c.dir.path().join("wcache"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    unsafe { libc::kill(worker.id() as i32, libc::SIGKILL) };
+    let out = finish(worker);
+    assert!(out.all().contains("amqp://127.0.0.1:1/"), "{}", out.all());
+    out.lacks(SECRET);
+    // A password the broker refuses is not shown either.
+    let refused = format!("amqp.host=amqp://{}:WRONG-pw-88@127.0.0.1", user.name);
+    ws.jolt(&["-c", &config, "-c", &refused, "build", "--network", "a"])
+        .code(3)
+        .contains(&format!("refused user '{}'", user.name))
+        .lacks("WRONG-pw-88");
+    // Written without a scheme, in the environment: tasks do not inherit it.
+    let local = Workspace::with("[task.e]\nrun = \"env > {artifact}/env\"\n");
+    let mut cmd = local.command(&["build", "e"]);
+    cmd.env(
+        "JOLT_AMQP_HOST",
+        format!("{}:{SECRET}@127.0.0.1", user.name),
+    );
+    let run = local.run(cmd);
+    run.success();
+    let env = std::fs::read_to_string(run.locations()[0].join("env")).unwrap();
+    assert!(!env.contains(SECRET), "{env}");
+    let logs = read_tree(&ws.state_home()) + &read_tree(&local.state_home());
+    assert!(logs.contains("amqp://127.0.0.1:1/"), "{logs}");
+    assert!(!logs.contains(SECRET), "{logs}");
+    assert!(!logs.contains("WRONG-pw-88"), "{logs}");
+}

@@ -28,14 +28,19 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         crate::executor::guardian::start();
         crate::executor::process::reap_orphans_if_init();
     }
+    // The passwords first, so that the run log's command line (`-c amqp.host=...`)
+    // shows none.
+    let layers = Layers::load(&cli.config);
+    if let Ok(layers) = &layers {
+        layers.register_secrets();
+    }
     if matches!(cli.command, None | Some(Cmd::Build(_))) {
         let args: Vec<String> = std::env::args().skip(1).collect();
         if let Err(why) = crate::runlog::start(&args) {
             crate::console::debug(&why);
         }
     }
-    let layers = Layers::load(&cli.config)?;
-    layers.register_secrets();
+    let layers = layers?;
     // The settings, every key checked, for the commands that read any; `config` shows
     // and changes the layers as written, even values no command would run with: that
     // is how they are fixed.

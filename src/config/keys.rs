@@ -148,15 +148,31 @@ pub enum Value {
 }
 
 /// `amqp.host` taken apart: whether its scheme asks for TLS (none given: `None`),
-/// the host, and the port it names.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// the host, the port it names, and the user and password of its userinfo.
+#[derive(Clone, PartialEq, Eq)]
 pub struct AmqpHost {
     pub tls: Option<bool>,
     pub host: String,
     pub port: Option<u16>,
+    /// `user[:password]@` before the host, percent-decoded: the broker's credentials
+    /// unless `amqp.username` is set (as `http.uri`'s with `http.username`).
+    pub userinfo: Option<crate::util::secrets::Userinfo>,
 }
 
-/// Parses `host`, `host:port`, `amqp://host[:port]` or `amqps://host[:port]`.
+impl std::fmt::Debug for AmqpHost {
+    /// Never the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpHost")
+            .field("tls", &self.tls)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.userinfo.as_ref().map(|(user, _)| user))
+            .finish()
+    }
+}
+
+/// Parses `host`, `host:port`, `amqp://host[:port]` or `amqps://host[:port]`, each
+/// with an optional `user[:password]@` before the host.
 pub fn parse_amqp_host(written: &str) -> Option<AmqpHost> {
     let (tls, rest) = match written.split_once("://") {
         Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
@@ -166,6 +182,7 @@ pub fn parse_amqp_host(written: &str) -> Option<AmqpHost> {
         },
         None => (None, written),
     };
+    let (rest, userinfo) = crate::util::secrets::split_userinfo(rest);
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if p.parse::<u16>().is_ok() => (h, p.parse::<u16>().ok()),
@@ -178,6 +195,7 @@ pub fn parse_amqp_host(written: &str) -> Option<AmqpHost> {
         tls,
         host: host.to_string(),
         port,
+        userinfo,
     })
 }
 
@@ -206,7 +224,9 @@ fn read(spec: &Spec, value: &str) -> Result<Value, String> {
         Kind::Text => String::new(),
         Kind::Name => "a name of letters, digits, '_', '-', '.' and '/'".to_string(),
         Kind::HttpUri => "an http:// or https:// URL".to_string(),
-        Kind::AmqpHost => "a host name, or amqp://host[:port] or amqps://host[:port]".to_string(),
+        Kind::AmqpHost => {
+            "a host name, or amqp://[user:password@]host[:port] or amqps://...".to_string()
+        }
         Kind::Bool => "a boolean (true, false)".to_string(),
         Kind::Int(lo, hi) => format!("an integer from {lo} to {hi}"),
         Kind::Size => "a size such as 500M or 10G".to_string(),
@@ -341,6 +361,18 @@ mod tests {
         );
         assert_eq!(parsed("http://broker"), None);
         assert_eq!(parsed("amqp://"), None);
+        assert_eq!(parsed("amqp://u:pw@"), None);
+        // Issue 24: the userinfo was read as part of the host name.
+        let host = parse_amqp_host("amqp://ci:s%40cret-77@broker:5673/").unwrap();
+        assert_eq!((host.host.as_str(), host.port), ("broker", Some(5673)));
+        assert_eq!(
+            host.userinfo,
+            Some(("ci".to_string(), Some("s@cret-77".to_string())))
+        );
+        assert!(!format!("{host:?}").contains("cret"), "{host:?}");
+        let host = parse_amqp_host("ci@broker").unwrap();
+        assert_eq!(host.host, "broker");
+        assert_eq!(host.userinfo, Some(("ci".to_string(), None)));
     }
 
     #[test]

@@ -280,7 +280,8 @@ impl Layers {
             if key.ends_with("password") {
                 crate::util::secrets::register(&value);
             }
-            if let (_, Some((_, Some(password)))) = crate::util::secrets::strip_userinfo(&value) {
+            // `amqp.host` may have userinfo without a scheme (`user:pw@broker`).
+            if let Some((_, Some(password))) = crate::util::secrets::userinfo(&value) {
                 crate::util::secrets::register(&password);
             }
         }

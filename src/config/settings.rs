@@ -64,7 +64,7 @@ pub struct HttpSettings {
 /// `[amqp]`: how to reach the broker, and the knobs of network builds.
 #[derive(Debug, Clone)]
 pub struct AmqpSettings {
-    /// The broker's host, from `amqp.host` without its scheme and port.
+    /// The broker's host, from `amqp.host` without its scheme, userinfo and port.
     pub host: String,
     /// The port `amqp.host` names, else `amqp.port`, else 5672 (5671 with TLS).
     pub port: u16,
@@ -73,6 +73,9 @@ pub struct AmqpSettings {
     pub tls: bool,
     pub ca_file: Option<PathBuf>,
     pub vhost: String,
+    /// `amqp.username` when set, else the user of `amqp.host`'s userinfo, else
+    /// `guest`; the password is `amqp.password` when set, else the userinfo's (only
+    /// with its user), else `guest`.
     pub username: String,
     pub password: String,
     /// AMQP heartbeat, seconds (0: none).
@@ -149,8 +152,12 @@ impl Config {
             ca_file: r.path("http.ca_file")?,
         };
         let written = r.text("amqp.host")?.unwrap_or_default();
-        let host = keys::parse_amqp_host(&written)
-            .ok_or_else(|| anyhow!("amqp.host '{written}' passed its check and failed to parse"))?;
+        let host = keys::parse_amqp_host(&written).ok_or_else(|| {
+            anyhow!(
+                "amqp.host '{}' passed its check and failed to parse",
+                crate::util::secrets::masked_url(&written)
+            )
+        })?;
         let tls = r.bool("amqp.tls")?;
         let tls = host.tls.unwrap_or(tls);
         let port_set = r.is_set("amqp.port");
@@ -160,14 +167,28 @@ impl Config {
             None if tls && !port_set => keys::AMQPS_PORT,
             None => port,
         };
+        // The userinfo of amqp.host gives the user and password, as http.uri's does:
+        // amqp.username, when set, wins, and goes with amqp.password.
+        let username = r.text("amqp.username")?.unwrap_or_default();
+        let password = r.text("amqp.password")?.unwrap_or_default();
+        let (username, password) = match host.userinfo {
+            Some((user, url_password)) if !r.is_set("amqp.username") => {
+                let password = match url_password {
+                    Some(url_password) if !r.is_set("amqp.password") => url_password,
+                    _ => password,
+                };
+                (user, password)
+            }
+            _ => (username, password),
+        };
         let amqp = AmqpSettings {
             host: host.host,
             port,
             tls,
             ca_file: r.path("amqp.ca_file")?,
             vhost: r.text("amqp.vhost")?.unwrap_or_default(),
-            username: r.text("amqp.username")?.unwrap_or_default(),
-            password: r.text("amqp.password")?.unwrap_or_default(),
+            username,
+            password,
             heartbeat: r.int("amqp.heartbeat")?,
             connect_timeout: r.secs("amqp.connect_timeout")?,
             routing_key: r.text("amqp.routing_key")?.unwrap_or_default(),
@@ -359,6 +380,27 @@ mod tests {
         assert_eq!((a.tls, a.host.as_str(), a.port), (true, "broker", 6000));
         let a = amqp(&[("amqp.host", "amqp://broker:7000/"), ("amqp.port", "6000")]);
         assert_eq!((a.tls, a.host.as_str(), a.port), (false, "broker", 7000));
+    }
+
+    #[test]
+    fn the_userinfo_of_amqp_host_gives_the_credentials_unless_the_keys_do() {
+        // Issue 24: amqp://user:pw@host was read as the host `user:pw@host`.
+        let amqp = |values: &[(&str, &str)]| layers(values).settings().unwrap().amqp;
+        let url = ("amqp.host", "amqp://ci:s%3Acret@broker:5673");
+        let a = amqp(&[url]);
+        assert_eq!((a.host.as_str(), a.port), ("broker", 5673));
+        assert_eq!((a.username.as_str(), a.password.as_str()), ("ci", "s:cret"));
+        let a = amqp(&[url, ("amqp.password", "other")]);
+        assert_eq!((a.username.as_str(), a.password.as_str()), ("ci", "other"));
+        let a = amqp(&[url, ("amqp.username", "me")]);
+        assert_eq!((a.username.as_str(), a.password.as_str()), ("me", "guest"));
+        let a = amqp(&[("amqp.host", "ci@broker")]);
+        assert_eq!((a.username.as_str(), a.password.as_str()), ("ci", "guest"));
+        let a = amqp(&[]);
+        assert_eq!(
+            (a.username.as_str(), a.password.as_str()),
+            ("guest", "guest")
+        );
     }
 
     #[test]

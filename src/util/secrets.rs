@@ -69,23 +69,42 @@ pub fn redact_record(text: &str) -> Cow<'_, str> {
     Cow::Owned(redact(&masked).into_owned())
 }
 
+/// A URL's user and password (percent-decoded), split off it.
+pub type Userinfo = (String, Option<String>);
+
 /// Splits the userinfo off a URL: `http://user:pw@host/x` gives `http://host/x` and
 /// `Some(("user", Some("pw")))` (percent-decoded). URLs without userinfo come back
 /// unchanged.
-pub fn strip_userinfo(url: &str) -> (String, Option<(String, Option<String>)>) {
+pub fn strip_userinfo(url: &str) -> (String, Option<Userinfo>) {
     let Some((scheme, rest)) = url.split_once("://") else {
         return (url.to_string(), None);
     };
+    match split_userinfo(rest) {
+        (rest, Some(userinfo)) => (format!("{scheme}://{rest}"), Some(userinfo)),
+        (_, None) => (url.to_string(), None),
+    }
+}
+
+/// Splits the userinfo off what follows a URL's scheme (or an address that has
+/// none): `user:pw@host:5672/x` gives `host:5672/x` and `Some(("user", Some("pw")))`.
+pub fn split_userinfo(rest: &str) -> (String, Option<Userinfo>) {
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
     let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return (url.to_string(), None);
+        return (rest.to_string(), None);
     };
     let (user, password) = match userinfo.split_once(':') {
         Some((u, p)) => (percent_decode(u), Some(percent_decode(p))),
         None => (percent_decode(userinfo), None),
     };
-    (format!("{scheme}://{host}{path}"), Some((user, password)))
+    (format!("{host}{path}"), Some((user, password)))
+}
+
+/// The userinfo of a value that may be a URL or an address without a scheme
+/// (`amqp.host` takes both).
+pub fn userinfo(value: &str) -> Option<Userinfo> {
+    let rest = value.split_once("://").map_or(value, |(_, rest)| rest);
+    split_userinfo(rest).1
 }
 
 /// A URL as it may be shown: userinfo replaced by the mask (also in a URL that
@@ -141,8 +160,7 @@ pub fn credential_vars() -> Vec<std::ffi::OsString> {
         .filter(|(name, value)| {
             let name = name.to_string_lossy();
             is_credential_var(&name)
-                || (name.starts_with("JOLT_")
-                    && strip_userinfo(&value.to_string_lossy()).1.is_some())
+                || (name.starts_with("JOLT_") && userinfo(&value.to_string_lossy()).is_some())
         })
         .map(|(name, _)| name)
         .collect()
@@ -162,6 +180,14 @@ mod tests {
             )
         );
         assert_eq!(strip_userinfo("http://cache/a@b").1, None);
+        let pair = Some(("u".to_string(), Some("p@w".to_string())));
+        assert_eq!(userinfo("amqp://u:p%40w@broker:5672/vh"), pair);
+        assert_eq!(userinfo("u:p%40w@broker"), pair);
+        assert_eq!(userinfo("broker/a@b"), None);
+        assert_eq!(
+            split_userinfo("u@broker:5672"),
+            ("broker:5672".to_string(), Some(("u".to_string(), None)))
+        );
         assert_eq!(masked_url("https://u:p@h/x"), format!("https://{MASK}@h/x"));
         assert_eq!(masked_url("https://h/x"), "https://h/x");
         assert_eq!(masked_url("u:pw@h/x@y"), format!("{MASK}@h/x@y"));
