@@ -8,6 +8,9 @@
 //!   20261201T192301Z-4242/NAME-ID8.log  the output of a task that failed in it
 //! ```
 //!
+//! Run logs, like `--result` and `--trace` files, hold what tasks print: files are
+//! 0600, directories 0700 (`util::fs::create_private`, `create_private_dir`).
+//!
 //! The newest [`KEPT_RUNS`] runs are kept. `jolt log` prints the last run, `jolt log
 //! -l` lists them. A log that cannot be written is never a failure (the caller says
 //! why at debug level: this module sits below the console, which writes to it).
@@ -59,7 +62,7 @@ pub fn start(args: &[String]) -> Result<(), String> {
         .filter(|c| c.is_ascii_alphanumeric())
         .collect();
     let name = format!("{stamp}-{}", std::process::id());
-    let opened = std::fs::create_dir_all(&dir).and_then(|()| {
+    let opened = crate::util::fs::create_private_dir(&dir).and_then(|()| {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::File::options()
             .create(true)
@@ -169,8 +172,8 @@ fn keep(name: &str, write: &mut dyn FnMut(&mut File) -> std::io::Result<()>) -> 
         })
         .collect();
     let dest = dir.join(format!("{safe}.log"));
-    let kept = std::fs::create_dir_all(&dir)
-        .and_then(|()| File::create(&dest))
+    let kept = crate::util::fs::create_private_dir(&dir)
+        .and_then(|()| crate::util::fs::create_private(&dest))
         .and_then(|mut out| write(&mut out));
     // A log that cannot be kept is no reason to fail anything.
     kept.ok().map(|()| dest)

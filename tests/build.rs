@@ -909,6 +909,44 @@ fn every_build_is_logged_and_a_failed_tasks_output_is_kept() {
 }
 
 #[test]
+fn run_logs_kept_output_results_and_traces_are_private_to_their_owner() {
+    // Regression (issue 24): a failed task's kept output was 0644 in a 0755
+    // directory, --result and --trace files 0644.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let ws = Workspace::with("[task.bad]\nrun = \"echo private-output; exit 1\"\n");
+    // A result file readable by all, and a runs directory an older jolt made 0755.
+    ws.file("r.json", "{}");
+    let open = std::fs::Permissions::from_mode(0o644);
+    std::fs::set_permissions(ws.root().join("r.json"), open).unwrap();
+    let runs = ws.state_home().join("jolt/runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    std::fs::set_permissions(&runs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    ws.jolt(&["build", "bad", "--result", "r.json", "--trace", "t.json"])
+        .code(1)
+        .contains("Task output kept in ");
+    assert_eq!(mode(&ws.root().join("r.json")), 0o600);
+    assert_eq!(mode(&ws.root().join("t.json")), 0o600);
+    assert_eq!(mode(&runs), 0o700);
+    let mut files = 0;
+    let mut stack = vec![runs];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                assert_eq!(mode(&path), 0o700, "{}", path.display());
+                stack.push(path);
+            } else {
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+                files += 1;
+            }
+        }
+    }
+    // The run's log and the task's kept output.
+    assert_eq!(files, 2);
+}
+
+#[test]
 fn the_log_says_how_a_failed_command_ended_in_words() {
     let ws =
         Workspace::with("[task.code]\nrun = \"exit 3\"\n[task.killed]\nrun = \"kill -9 $$\"\n");

@@ -308,7 +308,8 @@ fn write_report(
         duration: started.elapsed().as_secs_f64(),
         tasks,
     })?;
-    std::fs::write(path, text).with_context(|| format!("Cannot write {}", path.display()))
+    crate::util::fs::write_private(path, &text)
+        .with_context(|| format!("Cannot write {}", path.display()))
 }
 
 fn span(report: &executor::Report, i: usize) -> Option<&executor::Span> {
@@ -358,7 +359,8 @@ fn write_trace(path: &std::path::Path, graph: &Graph, report: &executor::Report)
         "traceEvents": events,
         "displayTimeUnit": "ms",
     }))?;
-    std::fs::write(path, text).with_context(|| format!("Cannot write {}", path.display()))
+    crate::util::fs::write_private(path, &text)
+        .with_context(|| format!("Cannot write {}", path.display()))
 }
 
 /// How many tasks the summary names as the slowest.

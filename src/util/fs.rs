@@ -42,6 +42,43 @@ pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result
     result
 }
 
+/// Creates `dir` and its missing parents with mode 0700 (before the umask), and
+/// makes `dir` 0700 if it was there otherwise: for directories of logs and results.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    if std::fs::metadata(dir)?.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Opens `path` for writing from its start, as a file only its owner may read: a
+/// new one is created 0600, an existing regular file made 0600 before anything is
+/// written to it. Not atomic, so that a fifo or `/dev/stdout` works.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
+/// Writes `data` to `path` through [`create_private`].
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    create_private(path)?.write_all(data)
+}
+
 /// `path` with `suffix` appended to its file name.
 pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
