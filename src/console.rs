@@ -142,11 +142,11 @@ pub fn quiet() -> bool {
     STATE.lock().unwrap_or_else(|e| e.into_inner()).threshold > Level::Info
 }
 
-/// Writes a line of task output, optionally prefixed with the task's name; hidden
-/// with `-q`.
-pub fn output(prefix: Option<&str>, line: &str, stderr: bool) {
+/// Writes a line of the output of the task whose key is `task`, optionally prefixed
+/// with the task's name; hidden with `-q`, and bounded in the run log.
+pub fn output(task: &str, prefix: Option<&str>, line: &str, stderr: bool) {
     let text = prefixed(prefix, line);
-    crate::runlog::output(&text);
+    crate::runlog::output(task, &text);
     if quiet() {
         return;
     }

@@ -946,6 +946,119 @@ fn run_logs_kept_output_results_and_traces_are_private_to_their_owner() {
     assert_eq!(files, 2);
 }
 
+/// A task that prints `lines` lines of 100 bytes, `TAG-00001 xxx...` on, then exits
+/// with `code`.
+fn chatty(tag: &str, lines: u32, code: u32) -> String {
+    format!(
+        "[task.{tag}]\nrun = \"seq -f '{tag}-%05g' 1 {lines} | sed 's/$/ {pad}/'; exit {code}\"\n",
+        pad = "x".repeat(89 - tag.len())
+    )
+}
+
+#[test]
+fn a_run_log_keeps_a_bounded_head_and_tail_of_each_tasks_output() {
+    // Regression (issue 24): a task printing 400 MB made a 400 MB run log, and its
+    // kept output as much again.
+    let ws = Workspace::with(&format!(
+        "{}{}{}",
+        chatty("one", 2000, 0),
+        chatty("two", 2000, 0),
+        chatty("bad", 2000, 1)
+    ));
+    let run = ws.jolt(&[
+        "-c",
+        "jolt.log_tail=8K",
+        "build",
+        "-k",
+        "-j",
+        "3",
+        "one",
+        "two",
+        "bad",
+    ]);
+    run.code(1);
+    // The console shows everything.
+    for tag in ["one", "two", "bad"] {
+        for n in [1, 1000, 2000] {
+            run.contains(&format!("{tag}-{n:05} x"));
+        }
+    }
+    let runs = ws.state_home().join("jolt/runs");
+    let log = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.len() < 3 * 8192 + 4096, "{} bytes", text.len());
+    for tag in ["one", "two", "bad"] {
+        // Its first lines as they came, its last lines at its end, and what is between
+        // said to be left out.
+        assert!(text.contains(&format!("{tag}-00001 x")), "{text}");
+        assert!(text.contains(&format!("{tag}-02000 x")), "{text}");
+        assert!(!text.contains(&format!("{tag}-01000 x")), "{text}");
+        assert!(
+            text.contains(&format!(
+                "of the output of {tag} left out of the run log (jolt.log_tail)"
+            )),
+            "{text}"
+        );
+    }
+    // The failed task's kept output is its end.
+    let kept = std::fs::read_dir(log.with_extension(""))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .next()
+        .unwrap();
+    assert!(kept.len() < 8192 + 1024, "{} bytes", kept.len());
+    assert!(kept.starts_with("[... "), "{kept}");
+    assert!(
+        kept.contains("bad-02000 x") && !kept.contains("bad-01000 x"),
+        "{kept}"
+    );
+}
+
+#[test]
+fn the_runs_directory_stays_within_jolt_log_total() {
+    // Regression (issue 24): 50 runs were kept whatever their size.
+    let ws = Workspace::with(&chatty("big", 20_000, 0));
+    let runs = ws.state_home().join("jolt/runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    // Three older runs of 300 KiB each.
+    for second in 1..=3 {
+        let old = runs.join(format!("20200101T00000{second}Z-1.log"));
+        std::fs::write(old, vec![b'.'; 300 << 10]).unwrap();
+    }
+    let run = ws.jolt(&[
+        "-c",
+        "jolt.log_total=1M",
+        "-c",
+        "jolt.log_tail=4M",
+        "build",
+        "big",
+    ]);
+    run.success().contains("big-20000 x");
+    let mut left: Vec<String> = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    // The oldest went, so that the others take at most half; this run wrote up to
+    // the other half of task output, and said so.
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert_eq!(left[0], "20200101T000003Z-1.log");
+    let total: u64 = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(total <= (1 << 20) + 16384, "{total}");
+    ws.jolt(&["log"])
+        .success()
+        .contains("big-00001 x")
+        .lacks("big-20000 x")
+        .contains("half of jolt.log_total: no more is logged");
+}
+
 #[test]
 fn the_log_says_how_a_failed_command_ended_in_words() {
     let ws =

@@ -373,7 +373,16 @@ fn refused_values(kind: Kind) -> Vec<String> {
     match kind {
         Kind::Int(lo, hi) => vec![(lo - 1).to_string(), (hi + 1).to_string(), "x".into()],
         Kind::Bool => vec!["maybe".into()],
-        Kind::Size => vec!["banana".into()],
+        Kind::Size(lo, hi) => {
+            let mut refused = vec!["banana".to_string()];
+            if lo > 0 {
+                refused.push((lo - 1).to_string());
+            }
+            if hi < u64::MAX {
+                refused.push((hi + 1).to_string());
+            }
+            refused
+        }
         Kind::Name => vec!["two words".into()],
         Kind::HttpUri => vec!["ftp://cache/".into()],
         Kind::AmqpHost => vec!["ftp://broker".into()],

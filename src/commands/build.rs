@@ -47,6 +47,10 @@ struct BuildReport<'a> {
 
 pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
     let started = Instant::now();
+    crate::runlog::limit(crate::runlog::Limits {
+        per_task: config.jolt.log_tail,
+        total: config.jolt.log_total,
+    });
     if args.tasks.is_empty() {
         // As plain `jolt`: the task `jolt.default` names.
         args.tasks = vec![config.jolt.default.clone()];

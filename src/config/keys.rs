@@ -30,8 +30,8 @@ pub enum Kind {
     Bool,
     /// An integer within bounds.
     Int(i64, i64),
-    /// A size such as `10G`.
-    Size,
+    /// A size such as `10G`, in bytes within bounds.
+    Size(u64, u64),
 }
 
 /// One key of the table.
@@ -82,7 +82,12 @@ const MAX_JOBS_I64: i64 = MAX_JOBS as i64;
 /// them.
 pub const SPECS: &[Spec] = &[
     Spec::new("jolt.cachedir", Kind::Text, None),
-    Spec::new("jolt.cachesize", Kind::Size, Some("10G")),
+    Spec::new("jolt.cachesize", Kind::Size(0, u64::MAX), Some("10G")),
+    // A run log keeps this much of each task's output (its first and last halves);
+    // the console shows all of it.
+    Spec::new("jolt.log_tail", Kind::Size(0, 1 << 30), Some("1M")),
+    // The runs directory (`jolt log`) stays within this.
+    Spec::new("jolt.log_total", Kind::Size(1 << 20, 1 << 40), Some("256M")),
     Spec::new("jolt.jobs", Kind::Int(0, MAX_JOBS_I64), Some("0")).meaning("the number of CPUs"),
     Spec::new("jolt.default", Kind::Text, Some("default")),
     Spec::new("jolt.upload", Kind::Bool, Some("true")),
@@ -199,6 +204,16 @@ pub fn parse_amqp_host(written: &str) -> Option<AmqpHost> {
     })
 }
 
+/// A size as `config` accepts it: `1M` for 1,048,576 bytes, `1000` for 1,000.
+pub fn show_size(bytes: u64) -> String {
+    for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
+        if bytes != 0 && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
 /// Reads `value` as `spec`'s kind, or says what was expected.
 fn read(spec: &Spec, value: &str) -> Result<Value, String> {
     let value_ok = match spec.kind {
@@ -218,7 +233,9 @@ fn read(spec: &Spec, value: &str) -> Result<Value, String> {
             .ok()
             .filter(|v| (lo..=hi).contains(v))
             .map(Value::Int),
-        Kind::Size => super::parse_size(value).map(Value::Size),
+        Kind::Size(lo, hi) => super::parse_size(value)
+            .filter(|v| (lo..=hi).contains(v))
+            .map(Value::Size),
     };
     value_ok.ok_or_else(|| match spec.kind {
         Kind::Text => String::new(),
@@ -229,7 +246,8 @@ fn read(spec: &Spec, value: &str) -> Result<Value, String> {
         }
         Kind::Bool => "a boolean (true, false)".to_string(),
         Kind::Int(lo, hi) => format!("an integer from {lo} to {hi}"),
-        Kind::Size => "a size such as 500M or 10G".to_string(),
+        Kind::Size(0, u64::MAX) => "a size such as 500M or 10G".to_string(),
+        Kind::Size(lo, hi) => format!("a size from {} to {}", show_size(lo), show_size(hi)),
     })
 }
 
@@ -329,6 +347,17 @@ mod tests {
     fn every_kind_checks_its_values() {
         assert!(check_value("jolt.cachesize", "2G").is_ok());
         assert!(check_value("jolt.cachesize", "banana").is_err());
+        assert!(check_value("jolt.log_tail", "0").is_ok());
+        assert!(check_value("jolt.log_tail", "1G").is_ok());
+        let err = check_value("jolt.log_tail", "2G").unwrap_err();
+        assert!(format!("{err}").contains("a size from 0 to 1G"), "{err}");
+        assert!(check_value("jolt.log_total", "1023K").is_err());
+        assert!(check_value("jolt.log_total", "1T").is_ok());
+        assert_eq!(show_size(1536), "1536");
+        assert_eq!(
+            (show_size(1 << 20), show_size(0)),
+            ("1M".to_string(), "0".to_string())
+        );
         assert!(check_value("amqp.tls", "yes").is_ok());
         assert!(check_value("amqp.tls", "maybe").is_err());
         assert!(check_value("http.transfers", "256").is_ok());

@@ -32,6 +32,10 @@ pub struct JoltSettings {
     pub cachedir: PathBuf,
     /// `jolt.cachesize`, bytes.
     pub cachesize: u64,
+    /// `jolt.log_tail`: bytes of each task's output a run log keeps.
+    pub log_tail: u64,
+    /// `jolt.log_total`: bytes the runs directory holds.
+    pub log_total: u64,
     /// Tasks run at once when `-j` is not given: `jolt.jobs`, the CPUs for 0.
     pub jobs: usize,
     /// The task built when no command is given.
@@ -131,6 +135,8 @@ impl Config {
                 None => default_cachedir(),
             },
             cachesize: r.size("jolt.cachesize")?,
+            log_tail: r.size("jolt.log_tail")?,
+            log_total: r.size("jolt.log_total")?,
             jobs: match r.int::<usize>("jolt.jobs")? {
                 0 => crate::util::cpus(),
                 jobs => jobs,
@@ -360,6 +366,7 @@ mod tests {
     fn defaults_come_from_the_table() {
         let c = Config::default();
         assert_eq!(c.jolt.cachesize, 10 << 30);
+        assert_eq!((c.jolt.log_tail, c.jolt.log_total), (1 << 20, 256 << 20));
         assert_eq!(c.jolt.default, "default");
         assert!(c.jolt.jobs >= 1);
         assert_eq!(c.http.uri, None);

@@ -735,10 +735,14 @@ impl<'a> Scheduler<'a> {
                 console::info(&format!("Execution started ({})", graph.nodes[i].label()))
             }
             Event::Output(i, line, is_err) => {
-                let prefix = prefix_output.then(|| graph.nodes[i].short.as_str());
-                console::output(prefix, &line, is_err);
+                let node = &graph.nodes[i];
+                let prefix = prefix_output.then_some(node.short.as_str());
+                console::output(&node.qualified, prefix, &line, is_err);
             }
-            Event::Replay(i, line) => console::output(Some(&graph.nodes[i].short), &line, false),
+            Event::Replay(i, line) => {
+                let node = &graph.nodes[i];
+                console::output(&node.qualified, Some(&node.short), &line, false)
+            }
             Event::Log(level, message) => console::log(level, &message),
             Event::Answered(i) => {
                 if self.probe == Some(Some(i)) {
@@ -758,6 +762,8 @@ impl<'a> Scheduler<'a> {
                 if self.probe == Some(Some(i)) {
                     self.probe = Some(None);
                 }
+                let node = &graph.nodes[i];
+                crate::runlog::task_done(&node.qualified, &node.short);
                 lanes.running[self.plan[i].lane()] -= 1;
                 self.spans.end(i);
                 // A request withdrawn or failed before a worker took it was never
