@@ -472,6 +472,60 @@ fn a_builder_replaces_an_archive_that_clients_reject() {
 }
 
 #[test]
+fn an_archive_whose_files_differ_from_its_manifest_is_rejected_and_the_task_built() {
+    let Some(server) = Nginx::start() else { return };
+    let a = workspace(&server);
+    let built = jolt(&a, &["build", "lib"]);
+    let dir = built.locations()[0].clone();
+    let id = crate::util::identity_of(&dir);
+    // Regression (issue 24): the genuine manifest with other file contents, or a
+    // file more, was accepted under the identity; so was an archive of an older
+    // manifest without digests.
+    for forge in ["content", "added", "executable", "no digests"] {
+        let forged = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", dir.display()))
+            .arg(forged.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let f = forged.path();
+        let lib = f.join("lib/libx.txt");
+        std::fs::set_permissions(&lib, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        match forge {
+            "content" => std::fs::write(&lib, "PWNED\n").unwrap(),
+            "added" => std::fs::write(f.join("lib/local.mk"), "PWNED\n").unwrap(),
+            "executable" => {
+                std::fs::set_permissions(&lib, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                    .unwrap()
+            }
+            _ => {
+                let path = f.join(".manifest.json");
+                let mut manifest: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+                manifest.as_object_mut().unwrap().remove("contents");
+                std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+            }
+        }
+        let mut tar = Vec::new();
+        jolt::store::archive::pack(f, &mut tar).unwrap();
+        std::fs::write(server.file(&format!("cache/lib/{id}.tar")), tar).unwrap();
+        let b = a.sibling();
+        let run = jolt(&b, &["-c", "jolt.upload=false", "build", "lib"]);
+        run.success()
+            .contains("do not match its manifest")
+            .contains("Execution started (lib ");
+        assert_eq!(
+            std::fs::read_to_string(run.locations()[0].join("lib/libx.txt")).unwrap(),
+            "int a;\n",
+            "{forge}"
+        );
+    }
+}
+
+#[test]
 fn a_downloaded_manifest_that_reaches_outside_is_rejected() {
     let Some(server) = Nginx::start() else { return };
     let a = workspace(&server);

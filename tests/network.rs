@@ -331,7 +331,8 @@ fn consume_all<'a>(q: &amiquip::Queue<'a>) -> amiquip::Consumer<'a> {
 }
 
 /// Publishes `requests` (raw bodies) to the cluster's pool and returns the first
-/// reply for `identity` within 20 s, read from a queue of the test's own.
+/// final reply for `identity` within 20 s (not `accepted` or `running`), read from
+/// a queue of the test's own.
 fn publish_for_reply(
     c: &crate::util::Cluster,
     identity: &str,
@@ -353,9 +354,19 @@ fn publish_for_reply(
                 .publish(Publish::new(body, c.broker.routing_key.as_str()))
                 .unwrap();
         }
-        match consumer.receiver().recv_timeout(Duration::from_secs(20)) {
-            Ok(ConsumerMessage::Delivery(d)) => Some(String::from_utf8_lossy(&d.body).into_owned()),
-            _ => None,
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match consumer.receiver().recv_timeout(left) {
+                Ok(ConsumerMessage::Delivery(d)) => {
+                    let reply = String::from_utf8_lossy(&d.body).into_owned();
+                    let news = ["\"kind\":\"accepted\"", "\"kind\":\"running\""];
+                    if !news.iter().any(|k| reply.contains(k)) {
+                        return Some(reply);
+                    }
+                }
+                _ => return None,
+            }
         }
     })
 }
@@ -440,6 +451,39 @@ fn an_artifact_only_the_client_has_is_uploaded_for_the_workers() {
         .contains("Upload started (dep ")
         .contains("Remote execution started (top ");
     assert!(!w.output().contains("Request for dep"));
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("f")).unwrap(),
+        "mine\n"
+    );
+}
+
+#[test]
+fn an_artifact_changed_since_it_was_built_is_never_uploaded() {
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with(
+        "[task.dep]\nrun = \"echo mine > {artifact}/f\"\n[task.top]\nrequires = [\"dep\"]\nrun = \"cp {deps.dep}/f {artifact}/f\"\n",
+    );
+    let dir = ws.jolt(&["build", "dep"]).success().locations()[0].clone();
+    // Regression (issue 24): what a task or anyone wrote into a local artifact went
+    // to the HTTP cache under the genuine identity.
+    let f = dir.join("f");
+    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(&f, "PWNED\n").unwrap();
+    c.build(&ws, &["top"])
+        .code(1)
+        .contains("f differs from its manifest")
+        .contains("not what it was built as")
+        .lacks("Upload started (dep ");
+    assert!(!dir.exists(), "the changed artifact is removed");
+    assert!(
+        c.server.objects().iter().all(|o| !o.contains("dep/")),
+        "{:?}",
+        c.server.objects()
+    );
+    // Built again, it is the genuine one.
+    let run = c.build(&ws, &["top"]);
+    run.success();
     assert_eq!(
         std::fs::read_to_string(run.locations()[0].join("f")).unwrap(),
         "mine\n"
@@ -835,6 +879,46 @@ fn an_archive_clients_reject_is_built_again_by_a_worker() {
         "{}",
         w.output()
     );
+}
+
+#[test]
+fn a_replace_request_leaves_a_good_archive_alone() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with("[task.a]\nrun = \"echo a > {artifact}/a\"\n");
+    // A genuine request, taken from the queue before any worker sees it.
+    let mut client = c.spawn_build(&ws, &["a"]);
+    wait_until("the request", Duration::from_secs(30), || {
+        c.broker.queued() == Some(1)
+    });
+    let body = c.broker.with_channel(|ch| {
+        let q = ch
+            .queue_declare_passive(format!("jolt_tasks_{}", c.broker.routing_key))
+            .unwrap();
+        let got = q.get(true).unwrap().expect("the request");
+        got.delivery.body.clone()
+    });
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let w = c.worker();
+    let built = c.build(&ws, &["a"]);
+    built.success();
+    let id = built.identity();
+    let object = c.server.file(&format!("cache/a/{id}.tar"));
+    let before = std::fs::read(&object).unwrap();
+    // Regression (issue 24): any broker user could have a worker upload its own
+    // copy over a good archive by asking for a replacement.
+    let mut request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    request["replace"] = serde_json::Value::Bool(true);
+    let reply = publish_for_reply(&c, &id, &[&serde_json::to_vec(&request).unwrap()]).unwrap();
+    assert!(reply.contains("\"kind\":\"success\""), "{reply}");
+    assert!(w.output().contains("intact, left alone"), "{}", w.output());
+    assert_eq!(
+        w.output().matches("Upload started").count(),
+        1,
+        "{}",
+        w.output()
+    );
+    assert_eq!(std::fs::read(&object).unwrap(), before);
 }
 
 // Requests of a client that went away are not built (issue 14).

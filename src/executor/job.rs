@@ -376,13 +376,20 @@ impl Runner<'_> {
         matches!(self.mode, Mode::Worker | Mode::Network(_))
     }
 
+    /// Whether an artifact committed now goes to the HTTP cache too.
+    fn will_upload(&self) -> bool {
+        self.http.is_some_and(|http| {
+            self.upload_required() || (http.upload && !http.is_down() && !http.uploads_refused())
+        })
+    }
+
     /// Uploads after a commit: a failure fails the task where the upload is required,
     /// and is a warning otherwise.
     fn publish_remote(&self, i: usize, dir: &Path) -> Result<(), Failure> {
         let Some(http) = self.http else {
             return Ok(());
         };
-        if !self.upload_required() && (!http.upload || http.is_down() || http.uploads_refused()) {
+        if !self.will_upload() {
             return Ok(());
         }
         match self.upload(i, dir) {
@@ -411,6 +418,14 @@ impl Runner<'_> {
     /// A job that only uploads an artifact present in the local cache.
     fn upload_job(&self, i: usize) -> Result<Done, Failure> {
         let node = &self.graph.nodes[i];
+        let _lock = self.lock(i)?;
+        // Only what it was built as goes to the HTTP cache.
+        if !self.cache.intact(node.name(), &node.identity) {
+            return Err(Failure::new(format!(
+                "The artifact of {} here is not what it was built as: removed, not uploaded; build again",
+                node.label()
+            )));
+        }
         let dir = self.cache.artifact_dir(node.name(), &node.identity);
         self.publish_remote(i, &dir)?;
         Ok(Done::Uploaded)
@@ -420,7 +435,11 @@ impl Runner<'_> {
         let node = &self.graph.nodes[i];
         let cacheable = node.task.cacheable;
         let _lock = if cacheable { Some(self.lock(i)?) } else { None };
-        if cacheable && self.cache.is_present(node.name(), &node.identity) {
+        // One to be uploaded must be what it was built as, else it is built again.
+        if cacheable
+            && self.cache.is_present(node.name(), &node.identity)
+            && (!self.will_upload() || self.cache.intact(node.name(), &node.identity))
+        {
             let info = self.info(i)?;
             self.publish_remote(i, &info.dir)?;
             return Ok(Done::Reused(info));
@@ -594,6 +613,7 @@ impl Runner<'_> {
         x.log.close();
         ran?;
         self.publish(&x, &cwd)?;
+        self.check_stable(i)?;
         self.manifest(&x)
     }
 
@@ -732,7 +752,7 @@ impl Runner<'_> {
                 .map(|(k, v)| Ok((k.clone(), self.expand(x.i, v, None)?)))
                 .collect()
         };
-        let (files, size) = artifact::list_files(x.staging)?;
+        let (contents, size) = artifact::describe(x.staging)?;
         let manifest = Manifest {
             task: node.name().to_string(),
             identity: node.identity.clone(),
@@ -741,7 +761,8 @@ impl Runner<'_> {
             environ: meta(&task.def.environ)?,
             strings: meta(&task.def.strings)?,
             paths: meta(&task.def.paths)?,
-            files,
+            files: contents.keys().cloned().collect(),
+            contents,
             created: fsutil::format_timestamp(fsutil::now_secs()),
             size,
             expires: task.expires,
@@ -799,11 +820,10 @@ impl Runner<'_> {
                     .and_then(|m| m.modified())
                     .is_ok_and(|t| t + OUTPUT_SLACK >= began)
             };
-            missing.extend(
-                files
-                    .into_iter()
-                    .filter(|f| node.files.binary_search(f).is_err() && !output(f)),
-            );
+            missing.extend(files.into_iter().filter(|f| {
+                let known = node.files.binary_search_by(|g| g.path.as_path().cmp(f));
+                known.is_err() && !output(f)
+            }));
         }
         if missing.is_empty() {
             return Ok(());
@@ -816,6 +836,39 @@ impl Runner<'_> {
         Err(Failure {
             lines,
             interrupted: false,
+            log: None,
+            remote: false,
+            kept: None,
+            took: None,
+            infra: None,
+        })
+    }
+
+    /// Node `i`'s influence files must still hold the content its identity was
+    /// computed from once its commands have run and its artifact is staged: else the
+    /// artifact may come from other content (an editor saved a file meanwhile, the
+    /// task rewrote one of its inputs), and filed under this identity it would be
+    /// handed to whoever has the original content. An unchanged file costs one
+    /// `stat`; one whose metadata changed is hashed (changed back is unchanged).
+    fn check_stable(&self, i: usize) -> Result<(), Failure> {
+        let node = &self.graph.nodes[i];
+        let lines: Vec<String> = node
+            .file_hashes()
+            .filter(|(file, hash)| !file.seen.still(self.root, &file.path, hash))
+            .map(|(file, _)| {
+                format!(
+                    "Influence changed during the build: {} ({})",
+                    file.path.display(),
+                    node.short
+                )
+            })
+            .collect();
+        if lines.is_empty() {
+            return Ok(());
+        }
+        Err(Failure {
+            lines,
+            interrupted: interrupt::is_set(),
             log: None,
             remote: false,
             kept: None,

@@ -314,8 +314,9 @@ pub(crate) fn verify_links(dest: &Path, links: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Checks an unpacked artifact: its manifest names `task` and `identity`, and every
-/// file the manifest lists is there.
+/// Checks an unpacked artifact: its manifest names `task` and `identity`, and the
+/// files are those it describes, each holding what it records
+/// ([`crate::store::artifact::check_contents`]).
 pub fn verify(dir: &Path, task: &str, identity: &str) -> Result<Manifest> {
     let manifest =
         Manifest::read(dir).context("the archive has no readable manifest (truncated?)")?;
@@ -329,9 +330,10 @@ pub fn verify(dir: &Path, task: &str, identity: &str) -> Result<Manifest> {
     manifest
         .check_metadata()
         .context("the archive's manifest is unsafe")?;
-    let (files, _) = crate::store::artifact::list_files(dir)?;
-    if files != manifest.files {
-        bail!("the archive's files do not match its manifest");
+    crate::store::artifact::check_contents(dir, &manifest)
+        .context("the archive's files do not match its manifest")?;
+    if manifest.files.iter().ne(manifest.contents.keys()) {
+        bail!("the archive's manifest lists other files than it describes");
     }
     Ok(manifest)
 }

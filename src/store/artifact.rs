@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
@@ -75,6 +76,11 @@ pub struct Manifest {
     pub paths: BTreeMap<String, String>,
     /// Published files, relative to the artifact root, sorted.
     pub files: Vec<String>,
+    /// What each published file holds, by path: an artifact whose files differ is
+    /// not this artifact (see [`check_contents`]). A manifest of a jolt before this
+    /// field has none, and its artifact counts as absent where it is checked.
+    #[serde(default)]
+    pub contents: BTreeMap<String, Content>,
     /// UTC timestamp of the commit, `YYYY-MM-DDTHH:MM:SSZ`.
     pub created: String,
     /// Bytes of the published files.
@@ -86,6 +92,108 @@ pub struct Manifest {
     /// The jolt version that produced it.
     #[serde(default)]
     pub jolt: String,
+}
+
+/// What one published file holds: a regular file's digest, size and executable
+/// bit, or a symlink's target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Content {
+    /// The SHA-256 of a regular file's bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub size: u64,
+    /// `0o755` or `0o644`: only the executable bit is kept, as unpacking does.
+    #[serde(default)]
+    pub mode: u32,
+    /// A symlink's target, as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+impl Content {
+    /// What the file or symlink `path` (never followed) holds.
+    fn of(path: &Path, meta: &std::fs::Metadata) -> Result<Content> {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(path)
+                .with_context(|| format!("Cannot read the link {}", path.display()))?;
+            return Ok(Content {
+                sha256: None,
+                size: 0,
+                mode: 0,
+                link: Some(target.to_string_lossy().into_owned()),
+            });
+        }
+        let mut file = crate::util::fs::open_regular(path)
+            .with_context(|| format!("Cannot read {}", path.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let size = std::io::copy(&mut file, &mut HashWriter(&mut hasher))
+            .with_context(|| format!("Cannot read {}", path.display()))?;
+        Ok(Content {
+            sha256: Some(crate::util::hex(&hasher.finalize())),
+            size,
+            mode: if meta.permissions().mode() & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            },
+            link: None,
+        })
+    }
+}
+
+/// Feeds what is written to a hasher.
+struct HashWriter<'a>(&'a mut sha2::Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The published files of an artifact directory, what each holds, and their bytes.
+pub fn describe(dir: &Path) -> Result<(BTreeMap<String, Content>, u64)> {
+    let mut contents = BTreeMap::new();
+    let mut size = 0;
+    walk_published(dir, &mut |rel, path, meta| {
+        let content = Content::of(path, meta)?;
+        size += meta.len();
+        contents.insert(rel, content);
+        Ok(())
+    })?;
+    Ok((contents, size))
+}
+
+/// Checks that an artifact directory holds what its manifest says, file by file: a
+/// file changed, added, removed or made (not) executable since the manifest was
+/// written is an error naming it, and so is a manifest without contents (written
+/// by a jolt before digests), which proves nothing.
+pub fn check_contents(dir: &Path, manifest: &Manifest) -> Result<()> {
+    if manifest.contents.is_empty() && !manifest.files.is_empty() {
+        anyhow::bail!("its manifest records no file digests (written by an older jolt)");
+    }
+    let (contents, _) = describe(dir)?;
+    if contents == manifest.contents {
+        return Ok(());
+    }
+    let changed = contents
+        .keys()
+        .chain(manifest.contents.keys())
+        .find(|k| contents.get(*k) != manifest.contents.get(*k))
+        .cloned()
+        .unwrap_or_default();
+    let how = match (contents.get(&changed), manifest.contents.get(&changed)) {
+        (Some(_), None) => "is not in its manifest",
+        (None, Some(_)) => "is missing",
+        _ => "differs from its manifest",
+    };
+    anyhow::bail!("{changed} {how}")
 }
 
 impl Manifest {
@@ -160,6 +268,22 @@ impl Manifest {
 pub fn list_files(dir: &Path) -> Result<(Vec<String>, u64)> {
     let mut files = Vec::new();
     let mut size = 0;
+    walk_published(dir, &mut |rel, _, meta| {
+        size += meta.len();
+        files.push(rel);
+        Ok(())
+    })?;
+    files.sort();
+    Ok((files, size))
+}
+
+/// Calls `found` with each published file or symlink of an artifact directory (its
+/// path relative to `dir`, its path, its metadata), never following a link; any
+/// other kind of entry is an error.
+fn walk_published(
+    dir: &Path,
+    found: &mut dyn FnMut(String, &Path, &std::fs::Metadata) -> Result<()>,
+) -> Result<()> {
     crate::util::fs::walk(dir, Path::new(""), &mut |path, entry| {
         let meta = entry.metadata()?;
         if path == Path::new(MANIFEST) || path == Path::new(BUILD_LOG) {
@@ -183,12 +307,9 @@ pub fn list_files(dir: &Path) -> Result<(Vec<String>, u64)> {
                 crate::util::fs::kind_of(&meta)
             );
         }
-        size += meta.len();
-        files.push(path.to_string_lossy().into_owned());
+        found(path.to_string_lossy().into_owned(), &dir.join(path), &meta)?;
         Ok(false)
-    })?;
-    files.sort();
-    Ok((files, size))
+    })
 }
 
 /// A publish rule with its placeholders expanded.
@@ -266,6 +387,86 @@ pub fn publish(task: &str, rule: &Rule, artifact: &Path) -> Result<Vec<PathBuf>>
 mod tests {
     use super::*;
 
+    fn blank_manifest() -> Manifest {
+        Manifest {
+            task: "t".into(),
+            identity: "i".into(),
+            parameters: Default::default(),
+            influence: vec![],
+            environ: Default::default(),
+            strings: Default::default(),
+            paths: Default::default(),
+            files: vec![],
+            contents: Default::default(),
+            created: String::new(),
+            size: 0,
+            expires: crate::recipe::Expires::Immediately,
+            duration: 0.0,
+            jolt: String::new(),
+        }
+    }
+
+    #[test]
+    fn contents_name_each_file_changed_added_removed_or_made_executable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let art = dir.path();
+        std::fs::create_dir_all(art.join("bin")).unwrap();
+        std::fs::write(art.join("bin/tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(art.join("bin/tool"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::write(art.join("data.txt"), "A\n").unwrap();
+        std::os::unix::fs::symlink("data.txt", art.join("link")).unwrap();
+        std::fs::write(art.join(BUILD_LOG), "output\n").unwrap();
+        let (contents, size) = describe(art).unwrap();
+        assert_eq!(size, 10 + 2 + "data.txt".len() as u64);
+        assert_eq!(
+            contents.keys().collect::<Vec<_>>(),
+            ["bin/tool", "data.txt", "link"]
+        );
+        assert_eq!(
+            contents["data.txt"].sha256.as_deref(),
+            Some("06f961b802bc46ee168555f066d28f4f0e9afdf3f88174c1ee6f9de004fc30a0")
+        );
+        assert_eq!(
+            (contents["bin/tool"].mode, contents["data.txt"].mode),
+            (0o755, 0o644)
+        );
+        assert_eq!(contents["link"].link.as_deref(), Some("data.txt"));
+        let manifest = Manifest {
+            files: contents.keys().cloned().collect(),
+            contents,
+            ..blank_manifest()
+        };
+        check_contents(art, &manifest).unwrap();
+        // The build log is jolt's, not the artifact's.
+        std::fs::write(art.join(BUILD_LOG), "other output\n").unwrap();
+        check_contents(art, &manifest).unwrap();
+        let error = |manifest: &Manifest| check_contents(art, manifest).unwrap_err().to_string();
+        std::fs::write(art.join("data.txt"), "B\n").unwrap();
+        assert_eq!(error(&manifest), "data.txt differs from its manifest");
+        std::fs::write(art.join("data.txt"), "A\n").unwrap();
+        std::fs::set_permissions(art.join("data.txt"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        assert_eq!(error(&manifest), "data.txt differs from its manifest");
+        std::fs::set_permissions(art.join("data.txt"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        std::fs::write(art.join("extra"), "").unwrap();
+        assert_eq!(error(&manifest), "extra is not in its manifest");
+        std::fs::remove_file(art.join("extra")).unwrap();
+        std::fs::remove_file(art.join("link")).unwrap();
+        std::os::unix::fs::symlink("bin/tool", art.join("link")).unwrap();
+        assert_eq!(error(&manifest), "link differs from its manifest");
+        std::fs::remove_file(art.join("link")).unwrap();
+        assert_eq!(error(&manifest), "link is missing");
+        // A manifest of an older jolt, without digests, proves nothing.
+        let old = Manifest {
+            contents: Default::default(),
+            ..manifest
+        };
+        assert!(error(&old).contains("no file digests"), "{}", error(&old));
+    }
+
     #[test]
     fn a_long_output_is_cut_at_a_line_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
@@ -325,25 +526,15 @@ mod tests {
     #[test]
     fn metadata_that_would_reach_outside_is_refused() {
         let manifest = |environ: &[(&str, &str)], paths: &[(&str, &str)]| Manifest {
-            task: "t".into(),
-            identity: "i".into(),
-            parameters: Default::default(),
-            influence: vec![],
             environ: environ
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            strings: Default::default(),
             paths: paths
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            files: vec![],
-            created: String::new(),
-            size: 0,
-            expires: crate::recipe::Expires::Immediately,
-            duration: 0.0,
-            jolt: String::new(),
+            ..blank_manifest()
         };
         let ok = manifest(
             &[

@@ -254,6 +254,30 @@ impl LocalCache {
         None
     }
 
+    /// Whether the committed artifact holds what its manifest says, file by file
+    /// (every file hashed: see [`crate::store::artifact::check_contents`]). One that
+    /// does not (changed since its commit, or of a jolt before digests) is removed,
+    /// with a warning naming what differs, and counts as absent. Hold its lock.
+    pub fn intact(&self, task: &str, identity: &str) -> bool {
+        let dir = self.artifact_dir(task, identity);
+        let checked =
+            Manifest::read(&dir).and_then(|m| crate::store::artifact::check_contents(&dir, &m));
+        let Err(e) = checked else {
+            return true;
+        };
+        match self.discard(&dir) {
+            Ok(()) => crate::console::warn(&format!(
+                "Removed the artifact {}: {e:#}; it will be built again",
+                dir.display()
+            )),
+            Err(d) => crate::console::warn(&format!(
+                "The artifact {} is not what it was built as ({e:#}), and cannot be removed: {d:#}",
+                dir.display()
+            )),
+        }
+        false
+    }
+
     /// Moves an artifact directory to the trash and removes it (hold its lock).
     fn discard(&self, dir: &Path) -> Result<()> {
         let trash = self
@@ -719,6 +743,7 @@ mod tests {
             strings: Default::default(),
             paths: Default::default(),
             files: vec!["data".into()],
+            contents: Default::default(),
             created: fsutil::format_timestamp(fsutil::now_secs()),
             size: size as u64,
             expires,

@@ -448,9 +448,8 @@ impl Worker {
             Some(lock) => lock,
             None => return self.duplicate(link, &request).map(|()| true),
         };
-        // A client that asks for a replacement has rejected what the cache holds.
         let cached = if request.replace {
-            Cached::Absent
+            self.to_replace(&request)
         } else {
             self.in_http_cache(&request)
         };
@@ -565,15 +564,51 @@ impl Worker {
                 ));
                 Cached::Answer(self.reply(&request.identity, ReplyKind::Success))
             }
-            Err(e) => {
-                if crate::store::http::is_unreachable(&e) {
-                    self.http.mark_down();
-                }
-                console::error(&format!("{e:#}"));
-                let mut reply = self.reply(&request.identity, ReplyKind::Error);
-                reply.error = format!("{e:#}");
-                Cached::Answer(reply)
+            Err(e) => self.cache_failed(request, &e),
+        }
+    }
+
+    /// The HTTP cache failed a check of the request's artifact: an `error` reply, and
+    /// an unreachable cache holds the next requests (`wait_for_cache`).
+    fn cache_failed(&self, request: &Request, e: &anyhow::Error) -> Cached {
+        if crate::store::http::is_unreachable(e) {
+            self.http.mark_down();
+        }
+        console::error(&format!("{e:#}"));
+        let mut reply = self.reply(&request.identity, ReplyKind::Error);
+        reply.error = format!("{e:#}");
+        Cached::Answer(reply)
+    }
+
+    /// A request to replace the HTTP cache's archive, which its client rejected: the
+    /// worker downloads it and checks it itself, since anyone may send such a
+    /// request. A good copy is left alone, and the request answered `success`; a bad
+    /// or missing one is built again (the executor does not take the copy).
+    fn to_replace(&self, request: &Request) -> Cached {
+        let id8 = request.identity.get(..8).unwrap_or(&request.identity);
+        let checked = self.cache.scratch("replaced").and_then(|staging| {
+            let fetched = self.http.fetch(&request.task, &request.identity, &staging);
+            let _ = crate::util::fs::remove_dir_all(&staging);
+            fetched
+        });
+        match checked {
+            Ok(Some(_)) => {
+                console::info(&format!(
+                    "{} {id8}: the HTTP cache's archive is intact, left alone",
+                    request.reference
+                ));
+                Cached::Answer(self.reply(&request.identity, ReplyKind::Success))
             }
+            Ok(None) => Cached::Absent,
+            Err(e) if crate::store::http::is_interrupted(&e) => Cached::Interrupted,
+            Err(e) if crate::store::http::is_rejected(&e) => {
+                console::info(&format!(
+                    "{} {id8}: the HTTP cache's archive is unusable ({e:#}): replacing it",
+                    request.reference
+                ));
+                Cached::Absent
+            }
+            Err(e) => self.cache_failed(request, &e),
         }
     }
 
