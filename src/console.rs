@@ -3,8 +3,10 @@
 //! Every write takes one lock and writes whole lines, so output from different tasks
 //! never interleaves mid-line; during a build only the executor's main thread writes.
 //! Errors go to stderr, everything else to stdout. The status line is drawn on stderr
-//! only when stderr is a terminal, and is cleared before any other line is written.
+//! only when stderr is a terminal, cut to its width, and is cleared before any other
+//! line is written.
 
+use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 
@@ -68,9 +70,109 @@ fn with_cleared(s: &mut State, write: impl FnOnce()) {
     write();
     if redraw {
         if let Some(status) = &s.status {
-            let _ = write!(std::io::stderr(), "{status}");
+            let _ = write!(std::io::stderr(), "{}", fit_terminal(status));
             let _ = std::io::stderr().flush();
         }
+    }
+}
+
+/// `status` cut to the terminal's width, less its last column (where some terminals
+/// wrap at once).
+fn fit_terminal(status: &str) -> Cow<'_, str> {
+    fit(status, terminal_width().saturating_sub(1))
+}
+
+/// The width of the terminal on stderr in columns; else `COLUMNS`; else 80.
+fn terminal_width() -> usize {
+    // SAFETY: TIOCGWINSZ fills the winsize structure we own.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    if unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) } == 0
+        && size.ws_col > 0
+    {
+        return usize::from(size.ws_col);
+    }
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse().ok())
+        .filter(|&c| c > 0)
+        .unwrap_or(80)
+}
+
+/// `text` cut to at most `width` columns, ending in `...` where it was cut. A line
+/// wider than its terminal wraps, and `\r\x1b[K` clears only its last row: every
+/// redraw left a copy of the rest in the scrollback. Never splits a character or an
+/// escape sequence (which takes no column; a colour cut off is reset); wide characters
+/// (CJK, emoji) take two columns, combining marks none.
+fn fit(text: &str, width: usize) -> Cow<'_, str> {
+    const MORE: &str = "...";
+    if columns(text) <= width {
+        return Cow::Borrowed(text);
+    }
+    let room = width.saturating_sub(MORE.len());
+    let mut out = String::with_capacity(width + MORE.len());
+    let mut used = 0;
+    let mut escaped = false;
+    for unit in units(text) {
+        if unit.starts_with('\x1b') {
+            out.push_str(unit);
+            escaped = true;
+            continue;
+        }
+        let w = unit.chars().map(char_width).sum::<usize>();
+        if used + w > room {
+            break;
+        }
+        out.push_str(unit);
+        used += w;
+    }
+    out.push_str(&MORE[..width.min(MORE.len())]);
+    if escaped {
+        out.push_str("\x1b[0m");
+    }
+    Cow::Owned(out)
+}
+
+/// The columns `text` takes on a terminal.
+fn columns(text: &str) -> usize {
+    units(text)
+        .filter(|u| !u.starts_with('\x1b'))
+        .flat_map(str::chars)
+        .map(char_width)
+        .sum()
+}
+
+/// `text` in pieces that are never split: an escape sequence (`ESC [` up to its
+/// final byte, or `ESC` and one character), or one character.
+fn units(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        let mut chars = rest.char_indices();
+        let (_, first) = chars.next()?;
+        let end = match (first, chars.next()) {
+            ('\x1b', Some((_, '['))) => chars
+                .find(|&(_, c)| ('\x40'..='\x7e').contains(&c))
+                .map_or(rest.len(), |(i, c)| i + c.len_utf8()),
+            ('\x1b', Some((i, c))) => i + c.len_utf8(),
+            _ => first.len_utf8(),
+        };
+        let (unit, tail) = rest.split_at(end);
+        rest = tail;
+        Some(unit)
+    })
+}
+
+/// The columns a character takes: none for control characters and combining marks,
+/// two for East Asian wide ones and emoji, else one.
+fn char_width(c: char) -> usize {
+    match u32::from(c) {
+        0..=0x1f | 0x7f..=0x9f => 0,
+        0x300..=0x36f | 0x1ab0..=0x1aff | 0x1dc0..=0x1dff | 0x200b..=0x200f => 0,
+        0x20d0..=0x20ff | 0xfe00..=0xfe0f | 0xfe20..=0xfe2f => 0,
+        0x1100..=0x115f | 0x2e80..=0x303e | 0x3041..=0x33ff | 0x3400..=0x4dbf => 2,
+        0x4e00..=0x9fff | 0xa000..=0xa4cf | 0xac00..=0xd7a3 | 0xf900..=0xfaff => 2,
+        0xfe30..=0xfe4f | 0xff00..=0xff60 | 0xffe0..=0xffe6 => 2,
+        0x1f300..=0x1f64f | 0x1f900..=0x1f9ff | 0x20000..=0x3fffd => 2,
+        _ => 1,
     }
 }
 
@@ -198,7 +300,8 @@ pub fn status_enabled() -> bool {
         .status_enabled
 }
 
-/// Shows (or, with `None`, removes) the live status line.
+/// Shows (or, with `None`, removes) the live status line, cut to the terminal's
+/// width.
 pub fn status(text: Option<String>) {
     let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if !s.status_enabled {
@@ -207,8 +310,49 @@ pub fn status(text: Option<String>) {
     let mut err = std::io::stderr();
     let _ = write!(err, "\r\x1b[K");
     if let Some(t) = &text {
-        let _ = write!(err, "{t}");
+        let _ = write!(err, "{}", fit_terminal(t));
     }
     let _ = err.flush();
     s.status = text;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_is_cut_to_the_terminal_width() {
+        let line = "[4/30] 4 running: compile-everything 7s, link 3s";
+        assert_eq!(fit(line, 80), line);
+        assert_eq!(fit(line, line.len()), line);
+        // Regression (issue 23): a line wider than the terminal wrapped, and each
+        // redraw left its first rows in the scrollback.
+        assert_eq!(fit(line, 20), "[4/30] 4 running:...");
+        assert_eq!(fit(line, 2), "..");
+        assert_eq!(fit(line, 0), "");
+        for width in 0..=line.len() {
+            assert!(columns(&fit(line, width)) <= width, "{width}");
+        }
+    }
+
+    #[test]
+    fn cutting_never_splits_a_character_or_an_escape_sequence() {
+        // Two bytes each, one column each.
+        assert_eq!(fit("éééééééé", 6), "ééé...");
+        // Three bytes each, two columns each: a cut inside one keeps it out.
+        assert_eq!(columns("日本語のタスク"), 14);
+        assert_eq!(fit("日本語のタスク", 8), "日本...");
+        assert_eq!(fit("日本語のタスク", 9), "日本語...");
+        // Combining marks take no column.
+        assert_eq!(columns("e\u{301}e\u{301}"), 2);
+        assert_eq!(fit("e\u{301}e\u{301}xxxx", 5), "e\u{301}e\u{301}...");
+        // Escape sequences take none and stay whole; a colour cut off is reset.
+        let red = "\x1b[31mfailed: something long\x1b[0m";
+        assert_eq!(columns(red), 22);
+        assert_eq!(fit(red, 22), red);
+        assert_eq!(fit(red, 10), "\x1b[31mfailed:...\x1b[0m");
+        assert_eq!(fit("\x1b[31", 1), "\x1b[31");
+        // The tree jolt draws in `display`.
+        assert_eq!(fit("├╴a └╴b", 5), "├╴...");
+    }
 }
