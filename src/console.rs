@@ -5,9 +5,18 @@
 //! Errors go to stderr, everything else to stdout. The status line is drawn on stderr
 //! only when stderr is a terminal, cut to its width, and is cleared before any other
 //! line is written.
+//!
+//! A write to a pipe or a terminal never blocks: it goes through a descriptor of the
+//! console's own, opened again from `/proc/self/fd` without blocking (its flag is its
+//! own, not that of the descriptor jolt shares with its parent), and one that would
+//! block waits in `poll` beside the interrupt descriptor. A pipe nobody reads holds up
+//! the build, as it must, but not a Ctrl-C, after which what cannot be written is
+//! dropped. A reader that went away (`EPIPE`: `jolt build | head -1`) stops the build
+//! as a Ctrl-C does ([`crate::interrupt::output_closed`]), and nothing more is written.
 
 use std::borrow::Cow;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 
 /// Message severity.
@@ -38,6 +47,10 @@ struct State {
     color: bool,
     status_enabled: bool,
     status: Option<String>,
+    /// How stdout and stderr are written.
+    routes: [Route; 2],
+    /// A reader of jolt's output went away: nothing more is written.
+    closed: bool,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -45,7 +58,12 @@ static STATE: Mutex<State> = Mutex::new(State {
     color: false,
     status_enabled: false,
     status: None,
+    routes: [Route::Direct; 2],
+    closed: false,
 });
+
+const STDOUT: RawFd = libc::STDOUT_FILENO;
+const STDERR: RawFd = libc::STDERR_FILENO;
 
 /// Sets verbosity (-1 quiet, 0 normal, 1 verbose, 2 debug) and enables the status
 /// line when stderr is a terminal.
@@ -60,35 +78,168 @@ pub fn init(verbosity: i8, color: bool) {
     };
     s.status_enabled =
         std::io::stderr().is_terminal() && std::env::var_os("TERM").is_some_and(|t| t != "dumb");
+    s.routes = [STDOUT, STDERR].map(Route::of);
 }
 
-fn with_cleared(s: &mut State, write: impl FnOnce()) {
-    let redraw = s.status_enabled && s.status.is_some();
-    if redraw {
-        let _ = write!(std::io::stderr(), "\r\x1b[K");
+impl State {
+    /// Writes `text` to `fd` (stdout or stderr), the status line cleared before it
+    /// and drawn again after it.
+    fn emit(&mut self, fd: RawFd, text: &str) {
+        let redraw = self.status_enabled && self.status.is_some();
+        if redraw {
+            self.write(STDERR, "\r\x1b[K");
+        }
+        self.write(fd, text);
+        if redraw {
+            self.draw_status();
+        }
     }
-    write();
-    if redraw {
-        if let Some(status) = &s.status {
-            let _ = write!(std::io::stderr(), "{}", fit_terminal(status));
-            let _ = std::io::stderr().flush();
+
+    fn draw_status(&mut self) {
+        if let Some(status) = &self.status {
+            let shown = fit(status, terminal_width().saturating_sub(1)).into_owned();
+            self.write(STDERR, &shown);
+        }
+    }
+
+    fn write(&mut self, fd: RawFd, text: &str) {
+        if self.closed {
+            return;
+        }
+        let route = self.routes[usize::from(fd == STDERR)];
+        if let Written::Closed = write_fd(fd, route, text.as_bytes()) {
+            self.closed = true;
+            crate::runlog::line(
+                "[  DEBUG] The reader of jolt's output went away (broken pipe): stopping",
+                true,
+            );
+            crate::interrupt::output_closed();
         }
     }
 }
 
-/// `status` cut to the terminal's width, less its last column (where some terminals
-/// wrap at once).
-fn fit_terminal(status: &str) -> Cow<'_, str> {
-    fit(status, terminal_width().saturating_sub(1))
+/// How a write went.
+enum Written {
+    /// All of it, or as much as could be (an error other than a closed pipe is
+    /// ignored: there is nowhere to report it).
+    Done,
+    /// Its reader went away (`EPIPE`).
+    Closed,
+    /// Dropped after an interrupt, while the descriptor could take no more.
+    Dropped,
+}
+
+/// How the console writes one of its streams.
+#[derive(Clone, Copy)]
+enum Route {
+    /// As it is: a regular file, which never blocks for long (and everything before
+    /// [`init`]).
+    Direct,
+    /// Through a descriptor of the console's own on the same pipe or terminal,
+    /// non-blocking: one system call per write, and `poll` only when it would block.
+    Own(RawFd),
+    /// One that cannot be opened again (a socket): each piece waits in `poll` until
+    /// the stream can take it.
+    Polled,
+}
+
+impl Route {
+    fn of(fd: RawFd) -> Route {
+        // SAFETY: fstat fills the stat structure we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            return Route::Direct;
+        }
+        let path = format!("/proc/self/fd/{fd}\0");
+        // SAFETY: a NUL-terminated path; the descriptor, if any, is kept for the
+        // life of the process.
+        let own = unsafe {
+            libc::open(
+                path.as_ptr().cast(),
+                libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY,
+            )
+        };
+        match own {
+            -1 => Route::Polled,
+            own => Route::Own(own),
+        }
+    }
+}
+
+/// Writes `bytes` to `fd` as `route` says. A write that would block waits until the
+/// stream can take more, or until an interrupt comes: then the rest is dropped.
+fn write_fd(fd: RawFd, route: Route, mut bytes: &[u8]) -> Written {
+    let target = match route {
+        Route::Own(own) => own,
+        _ => fd,
+    };
+    let polled = matches!(route, Route::Polled);
+    while !bytes.is_empty() {
+        if polled && !writable(target) {
+            return Written::Dropped;
+        }
+        // A pipe that polls writable takes `PIPE_BUF` bytes without blocking.
+        let piece = match polled {
+            true => &bytes[..bytes.len().min(libc::PIPE_BUF)],
+            false => bytes,
+        };
+        // SAFETY: `piece` is a valid buffer of `piece.len()` bytes.
+        let n = unsafe { libc::write(target, piece.as_ptr().cast(), piece.len()) };
+        if n < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) if writable(target) => continue,
+                Some(libc::EAGAIN) => return Written::Dropped,
+                Some(libc::EPIPE) => return Written::Closed,
+                _ => return Written::Done,
+            }
+        }
+        bytes = &bytes[n as usize..];
+    }
+    Written::Done
+}
+
+/// Waits until `fd` can take more (or has failed: the write will say how); `false`
+/// when an interrupt came first.
+fn writable(fd: RawFd) -> bool {
+    let wake = crate::interrupt::wake_fd().map_or(-1, |w| w.as_raw_fd());
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+            // A negative descriptor is ignored.
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is an array of two pollfd structures we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            // Cannot poll: the write blocks as it would have.
+            return true;
+        }
+        if fds[0].revents != 0 {
+            return true;
+        }
+        if fds[1].revents != 0 {
+            return false;
+        }
+    }
 }
 
 /// The width of the terminal on stderr in columns; else `COLUMNS`; else 80.
 fn terminal_width() -> usize {
     // SAFETY: TIOCGWINSZ fills the winsize structure we own.
     let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-    if unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) } == 0
-        && size.ws_col > 0
-    {
+    if unsafe { libc::ioctl(STDERR, libc::TIOCGWINSZ, &mut size) } == 0 && size.ws_col > 0 {
         return usize::from(size.ws_col);
     }
     std::env::var("COLUMNS")
@@ -191,15 +342,12 @@ pub fn log(level: Level, message: &str) {
         Some(c) => format!("\x1b[{c}m{} {message}\x1b[0m", level.tag()),
         None => format!("{} {message}", level.tag()),
     };
-    with_cleared(&mut s, || {
-        if level == Level::Error {
-            let _ = writeln!(std::io::stderr(), "{line}");
-        } else {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
-        }
-    });
+    let fd = if level == Level::Error {
+        STDERR
+    } else {
+        STDOUT
+    };
+    s.emit(fd, &format!("{line}\n"));
 }
 
 /// The ANSI colour of a line, if it has one: errors red, warnings yellow, a task
@@ -269,27 +417,14 @@ fn prefixed(prefix: Option<&str>, line: &str) -> String {
 }
 
 fn write_output(text: &str, stderr: bool) {
-    let text = format!("{text}\n");
     let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    with_cleared(&mut s, || {
-        if stderr {
-            let _ = std::io::stderr().write_all(text.as_bytes());
-        } else {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(text.as_bytes());
-            let _ = out.flush();
-        }
-    });
+    s.emit(if stderr { STDERR } else { STDOUT }, &format!("{text}\n"));
 }
 
 /// Writes plain text to stdout (command results such as `list`), never filtered.
 pub fn print(text: &str) {
     let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    with_cleared(&mut s, || {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{text}");
-        let _ = out.flush();
-    });
+    s.emit(STDOUT, &format!("{text}\n"));
 }
 
 /// Whether the live status line is drawn (stderr is a terminal).
@@ -301,19 +436,15 @@ pub fn status_enabled() -> bool {
 }
 
 /// Shows (or, with `None`, removes) the live status line, cut to the terminal's
-/// width.
+/// width (less its last column, where some terminals wrap at once).
 pub fn status(text: Option<String>) {
     let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if !s.status_enabled {
         return;
     }
-    let mut err = std::io::stderr();
-    let _ = write!(err, "\r\x1b[K");
-    if let Some(t) = &text {
-        let _ = write!(err, "{}", fit_terminal(t));
-    }
-    let _ = err.flush();
+    s.write(STDERR, "\r\x1b[K");
     s.status = text;
+    s.draw_status();
 }
 
 #[cfg(test)]

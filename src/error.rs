@@ -21,6 +21,10 @@ pub enum Exit {
     Infra = 3,
     /// Interrupted by the user (SIGINT) or terminated (SIGTERM).
     Interrupted = 130,
+    /// Stopped, as when interrupted, because the reader of jolt's output went away
+    /// (`EPIPE`: `jolt build | head -1`): 128 + SIGPIPE, what a shell reports for a
+    /// command that SIGPIPE ended, and never 0, since the build did not finish.
+    OutputClosed = 141,
 }
 
 impl Exit {

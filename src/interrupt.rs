@@ -1,9 +1,10 @@
 //! Signals. A client: the first SIGINT or SIGTERM sets a flag that running work polls
 //! (commands are killed, the cache stays consistent, exit 130); a second one exits at
 //! once. A worker: SIGTERM asks it to drain (finish the running task, take no more,
-//! exit); SIGINT interrupts like a client.
+//! exit); SIGINT interrupts like a client. A reader of jolt's output that went away
+//! (`EPIPE`) interrupts too ([`output_closed`]; exit 141).
 
-use std::os::fd::{AsFd, BorrowedFd, IntoRawFd};
+use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -12,6 +13,10 @@ static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 static DRAIN: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 /// The read end of the socket pair an interrupt writes a byte to (never read).
 static WAKE: OnceLock<UnixStream> = OnceLock::new();
+/// Its write end.
+static WAKE_WRITE: OnceLock<RawFd> = OnceLock::new();
+/// Set when the reader of jolt's output went away.
+static CLOSED: AtomicBool = AtomicBool::new(false);
 
 fn flag(cell: &'static OnceLock<Arc<AtomicBool>>) -> &'static Arc<AtomicBool> {
     cell.get_or_init(|| Arc::new(AtomicBool::new(false)))
@@ -37,6 +42,7 @@ fn register_wake(signals: &[i32]) {
         let _ = signal_hook::low_level::pipe::register_raw(signal, write);
     }
     let _ = WAKE.set(read);
+    let _ = WAKE_WRITE.set(write);
 }
 
 /// Ignores SIGTTIN and SIGTTOU, in jolt and (the disposition is inherited through
@@ -72,6 +78,31 @@ pub fn install_worker() {
 /// blocking waits poll it beside what they wait for. `None` before [`install`].
 pub fn wake_fd() -> Option<BorrowedFd<'static>> {
     WAKE.get().map(|s| s.as_fd())
+}
+
+/// The reader of jolt's output went away (a write failed with `EPIPE`: `jolt build |
+/// head -1` once `head` is done): what runs stops as after a Ctrl-C, quietly, and jolt
+/// exits 141, as a shell reports a command that SIGPIPE ended.
+pub fn output_closed() {
+    CLOSED.store(true, Ordering::Relaxed);
+    flag(&FLAG).store(true, Ordering::Relaxed);
+    if let Some(&fd) = WAKE_WRITE.get() {
+        // SAFETY: one byte from a static buffer to a socket this process keeps open;
+        // it never blocks, and a full socket is readable already.
+        unsafe {
+            libc::send(
+                fd,
+                b"p".as_ptr().cast(),
+                1,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+    }
+}
+
+/// Whether the reader of jolt's output went away ([`output_closed`]).
+pub fn output_was_closed() -> bool {
+    CLOSED.load(Ordering::Relaxed)
 }
 
 /// Whether an interrupt was received.

@@ -68,7 +68,11 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
         }
     };
     runlog::flush();
-    code
+    match code {
+        // Stopped as by a Ctrl-C, because the output's reader went away.
+        error::Exit::Interrupted if interrupt::output_was_closed() => error::Exit::OutputClosed,
+        code => code,
+    }
 }
 
 /// Which log records of other crates (amiquip, rustls, ureq: jolt writes its own lines

@@ -1,6 +1,6 @@
 //! The local cache shared by processes: locking, trimming, expiry, cleaning, interrupts.
 
-use crate::util::{wait_until, Workspace};
+use crate::util::{finish_within, wait_until, Workspace};
 use std::time::Duration;
 
 #[test]
@@ -133,6 +133,99 @@ fn interrupt_stops_commands_keeps_the_cache_consistent_and_exits_130() {
     ws.jolt(&["build", "fast"])
         .success()
         .lacks("Execution started");
+}
+
+#[test]
+fn interrupt_ends_a_build_whose_output_nobody_reads() {
+    use std::os::fd::AsRawFd;
+    let ws = Workspace::with(
+        "[task.chatty]\nrun = [\"echo > {artifact}/partial\", \"echo $$ > {root}/pid; yes chatty\"]\n",
+    );
+    let (unread, output) = std::io::pipe().unwrap();
+    let probe = output.try_clone().unwrap();
+    let mut cmd = ws.command(&["build", "chatty"]);
+    cmd.stdout(output).stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    drop(cmd);
+    wait_until(
+        "jolt's output pipe to fill",
+        Duration::from_secs(20),
+        || {
+            let mut fds = [libc::pollfd {
+                fd: probe.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            }];
+            // Not writable: every page of the pipe is in use, and jolt's writes wait.
+            // SAFETY: one pollfd we own, no waiting.
+            unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) == 0 }
+        },
+    );
+    let pid: i32 = ws.read("pid").trim().parse().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    // Regression (issue 23): the console's write blocked on the full pipe, holding
+    // its lock; the scheduler waited for it, and a Ctrl-C changed nothing.
+    let run = finish_within(
+        child,
+        Duration::from_secs(10),
+        "jolt with its output unread",
+    );
+    drop((unread, probe));
+    run.code(130);
+    assert!(!crate::util::alive(pid), "the command survived");
+    assert!(ws.artifacts("chatty").is_empty());
+    assert!(ws.staging_leftovers().is_empty());
+}
+
+#[test]
+fn a_build_whose_output_reader_went_away_builds_nothing_more_and_exits_141() {
+    use std::io::BufRead;
+    let ws = Workspace::with(
+        "[task.first]\nrun = \"while [ ! -e {root}/go ]; do sleep 0.01; done\"\n[task.second]\nrequires = [\"first\"]\nrun = \"touch {root}/second-ran\"\n",
+    );
+    let mut child = ws.spawn(&["build", "-j", "1", "second"]);
+    // `jolt build second | head -1`
+    let mut head = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    head.read_line(&mut line).unwrap();
+    assert!(line.contains("Execution started (first "), "{line}");
+    drop(head);
+    ws.file("go", "");
+    // Regression (issue 23): EPIPE was ignored, and jolt built on.
+    let run = finish_within(child, Duration::from_secs(20), "jolt without a reader");
+    run.code(141);
+    assert_eq!(run.stderr, "", "not quiet");
+    assert!(!ws.root().join("second-ran").exists(), "the rest was built");
+    assert!(ws.artifacts("second").is_empty());
+    // What finished is kept, as after a Ctrl-C.
+    assert_eq!(ws.artifacts("first").len(), 1);
+    assert!(ws.staging_leftovers().is_empty());
+    ws.jolt(&["log"])
+        .success()
+        .contains("The reader of jolt's output went away (broken pipe): stopping");
+}
+
+#[test]
+fn a_build_whose_output_reader_went_away_stops_its_commands() {
+    use std::io::BufRead;
+    let ws = Workspace::with(
+        "[task.long]\nrun = [\"echo > {artifact}/partial\", \"echo $$ > {root}/pid; while [ ! -e {root}/go ]; do sleep 0.01; done; echo more; sleep 60\"]\n",
+    );
+    let mut child = ws.spawn(&["build", "long"]);
+    let mut head = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    head.read_line(&mut line).unwrap();
+    assert!(line.contains("Execution started (long "), "{line}");
+    drop(head);
+    ws.file("go", "");
+    // The line `more` finds no reader: the build stops as after a Ctrl-C.
+    let run = finish_within(child, Duration::from_secs(20), "jolt without a reader");
+    run.code(141);
+    assert_eq!(run.stderr, "", "not quiet");
+    let pid: i32 = ws.read("pid").trim().parse().unwrap();
+    assert!(!crate::util::alive(pid), "the command survived");
+    assert!(ws.artifacts("long").is_empty());
+    assert!(ws.staging_leftovers().is_empty());
 }
 
 // Caches that heal themselves (issue 9).
