@@ -921,6 +921,93 @@ fn a_replace_request_leaves_a_good_archive_alone() {
     assert_eq!(std::fs::read(&object).unwrap(), before);
 }
 
+/// Adds a file `name` holding `text` to the tar archive `tar` (a source snapshot).
+fn tar_with(tar: &std::path::Path, name: &str, text: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(name), text).unwrap();
+    let copy = dir.path().join("s.tar");
+    std::fs::copy(tar, &copy).unwrap();
+    let status = std::process::Command::new("tar")
+        .arg("-rf")
+        .arg(&copy)
+        .arg("-C")
+        .arg(dir.path())
+        .arg(name)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(&copy).unwrap()
+}
+
+#[test]
+fn a_source_snapshot_is_checked_against_its_digest_and_only_its_influence_is_seen() {
+    let Some(c) = cluster() else { return };
+    let recipe =
+        "[task.mk]\ninfluence = [\"Makefile\"]\nrun = \"make -s -f Makefile > {artifact}/out\"\n";
+    let makefile = "-include local.mk\nall:\n\t@echo ${MSG}\nMSG ?= genuine\n";
+    let ws = Workspace::with(recipe);
+    ws.file("Makefile", makefile);
+    // A genuine request, taken from the queue before any worker sees it.
+    let mut client = c.spawn_build(&ws, &["mk"]);
+    wait_until("the request", Duration::from_secs(30), || {
+        c.broker.queued() == Some(1)
+    });
+    let body = c.broker.with_channel(|ch| {
+        let q = ch
+            .queue_declare_passive(format!("jolt_tasks_{}", c.broker.routing_key))
+            .unwrap();
+        q.get(true)
+            .unwrap()
+            .expect("the request")
+            .delivery
+            .body
+            .clone()
+    });
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let mut request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let digest = request["snapshot"].as_str().unwrap().to_string();
+    let snapshot = c.server.file(&format!("cache/_sources/{digest}.tar"));
+    let identity = request["identity"].as_str().unwrap().to_string();
+    let w = c.worker();
+    // Regression (issue 24): a snapshot was unpacked without being hashed, and
+    // every entry extracted, so anyone who may upload to _sources/ had a worker
+    // build with a local.mk of theirs, under the genuine identity.
+    let forged = tar_with(&snapshot, "local.mk", "MSG = PWNED\n");
+    let genuine = std::fs::read(&snapshot).unwrap();
+    std::fs::write(&snapshot, &forged).unwrap();
+    let reply = publish_for_reply(&c, &identity, &[&body]).unwrap();
+    assert!(reply.contains("\"kind\":\"error\""), "{reply}");
+    assert!(reply.contains(&format!("not the {digest}")), "{reply}");
+    // The forged snapshot under its own digest, named by a forged request: its
+    // local.mk is not the task's to see.
+    std::fs::write(&snapshot, &genuine).unwrap();
+    let forged_digest = {
+        use sha2::Digest;
+        jolt::util::hex(&sha2::Sha256::digest(&forged))
+    };
+    std::fs::write(
+        c.server
+            .file(&format!("cache/_sources/{forged_digest}.tar")),
+        &forged,
+    )
+    .unwrap();
+    request["snapshot"] = serde_json::Value::String(forged_digest);
+    let reply =
+        publish_for_reply(&c, &identity, &[&serde_json::to_vec(&request).unwrap()]).unwrap();
+    assert!(
+        reply.contains("\"kind\":\"success\""),
+        "{reply}\n{}",
+        w.output()
+    );
+    let run = c.build(&ws, &["mk"]);
+    run.success().lacks("Remote execution started");
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("out")).unwrap(),
+        "genuine\n"
+    );
+}
+
 // Requests of a client that went away are not built (issue 14).
 
 #[test]

@@ -347,6 +347,8 @@ struct Counting<R> {
     inner: R,
     count: u64,
     failed: Option<String>,
+    /// Hashes what is read, where the bytes must have a digest.
+    hasher: Option<sha2::Sha256>,
 }
 
 impl<R: Read> Read for Counting<R> {
@@ -354,6 +356,9 @@ impl<R: Read> Read for Counting<R> {
         match self.inner.read(buf) {
             Ok(n) => {
                 self.count += n as u64;
+                if let Some(h) = &mut self.hasher {
+                    sha2::Digest::update(h, &buf[..n]);
+                }
                 Ok(n)
             }
             Err(e) => {
@@ -731,15 +736,29 @@ impl HttpCache {
         }
     }
 
-    /// `GET` of a tar, unpacked into the empty directory `dest` as it arrives.
-    /// `Ok(false)` when the cache does not hold it. An archive that arrived whole
-    /// but is unusable is a [`Rejected`] error.
-    fn get_unpacked(&self, url: &str, dest: &Path) -> Result<bool> {
-        self.get_unpacked_then(url, dest, &mut || {})
+    /// [`HttpCache::get_unpacked_checked`] of an archive whose bytes must hash to
+    /// `digest` (SHA-256, hex).
+    fn get_unpacked_with_digest(&self, url: &str, dest: &Path, digest: &str) -> Result<bool> {
+        self.get_unpacked_checked(url, dest, &mut || {}, Some(digest))
     }
 
-    /// [`HttpCache::get_unpacked`], calling `found` once the server answered 200.
+    /// [`HttpCache::get_unpacked_checked`], calling `found` once the server
+    /// answered 200.
     fn get_unpacked_then(&self, url: &str, dest: &Path, found: &mut dyn FnMut()) -> Result<bool> {
+        self.get_unpacked_checked(url, dest, found, None)
+    }
+
+    /// `GET` of a tar, unpacked into the empty directory `dest` as it arrives.
+    /// `Ok(false)` when the cache does not hold it. An archive that arrived whole
+    /// but is unusable, or whose bytes do not hash to `digest`, is a [`Rejected`]
+    /// error (what was unpacked stays in `dest`, which the caller discards).
+    fn get_unpacked_checked(
+        &self,
+        url: &str,
+        dest: &Path,
+        found: &mut dyn FnMut(),
+        digest: Option<&str>,
+    ) -> Result<bool> {
         let mut resp = self.send(url, &mut || self.with_auth(self.agent.get(url)).call())?;
         match resp.status().as_u16() {
             200 => found(),
@@ -755,6 +774,7 @@ impl HttpCache {
             inner: resp.body_mut().as_reader(),
             count: 0,
             failed: None,
+            hasher: digest.map(|_| sha2::Digest::new()),
         };
         let unpacked = crate::store::archive::unpack(&mut body, dest);
         // Drain what the tar reader left (end-of-archive padding) to count every byte.
@@ -775,6 +795,15 @@ impl HttpCache {
         if let Err(e) = unpacked {
             return Err(anyhow::Error::new(Rejected(format!("{e:#}")))
                 .context(format!("{url}: corrupt archive")));
+        }
+        if let (Some(digest), Some(hasher)) = (digest, body.hasher) {
+            let actual = crate::util::hex(&sha2::Digest::finalize(hasher));
+            if actual != digest {
+                return Err(Rejected(format!(
+                    "{url}: the archive's SHA-256 is {actual}, not the {digest} it is named by"
+                ))
+                .into());
+            }
         }
         Ok(true)
     }
@@ -1002,7 +1031,7 @@ impl HttpCache {
 
     fn fetch_source_now(&self, digest: &str, dest: &Path) -> Result<()> {
         let url = self.source_url(digest);
-        if !self.get_unpacked(&url, dest)? {
+        if !self.get_unpacked_with_digest(&url, dest, digest)? {
             bail!("{url}: the source snapshot is not in the HTTP cache");
         }
         Ok(())

@@ -50,8 +50,8 @@ use amiquip::{
 };
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::HashMap;
-use std::path::{Component, Path};
+use std::collections::{HashMap, HashSet};
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -255,6 +255,41 @@ fn publish_reply(publisher: &Mutex<Channel>, reply: &Reply) -> Result<()> {
             ),
         )
         .context("Cannot publish a reply")
+}
+
+/// Removes every file and symlink under `ws` that is not in `keep` (paths relative
+/// to `ws`), with what a kept symlink leads to inside `ws` kept too; directories
+/// stay.
+fn keep_only(ws: &Path, keep: &HashSet<PathBuf>) -> Result<()> {
+    let mut keep = keep.clone();
+    let root = std::fs::canonicalize(ws)?;
+    for path in keep.clone() {
+        let full = ws.join(&path);
+        if std::fs::symlink_metadata(&full).is_ok_and(|m| m.file_type().is_symlink()) {
+            if let Ok(target) = std::fs::canonicalize(&full) {
+                if let Ok(rel) = target.strip_prefix(&root) {
+                    keep.insert(rel.to_path_buf());
+                }
+            }
+        }
+    }
+    let mut extra = Vec::new();
+    crate::util::fs::walk(ws, Path::new(""), &mut |rel, entry| {
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            return Ok(true);
+        }
+        if !keep.contains(rel) {
+            extra.push(rel.to_path_buf());
+        }
+        Ok(false)
+    })?;
+    for rel in extra {
+        console::debug(&format!("not in the task's identity: {}", rel.display()));
+        std::fs::remove_file(ws.join(&rel))
+            .with_context(|| format!("Cannot remove {}", ws.join(&rel).display()))?;
+    }
+    Ok(())
 }
 
 /// Whether a recipe path from a request stays inside the workspace.
@@ -956,6 +991,13 @@ impl Worker {
                 node.identity
             );
         }
+        if request.snapshot.is_some() {
+            // The task sees only what its identity covers: its recipes and influence
+            // files (a snapshot may hold more: anyone can upload one).
+            let mut keep: HashSet<PathBuf> = recipes.files.iter().map(|f| f.path.clone()).collect();
+            keep.extend(node.files.iter().map(|f| f.path.clone()));
+            keep_only(ws, &keep)?;
+        }
         let services = Services {
             cache: &self.cache,
             http: Some(&self.http),
@@ -1193,6 +1235,43 @@ enum Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workspace_keeps_only_what_the_identity_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path();
+        for f in [
+            "jolt.toml",
+            "Makefile",
+            "local.mk",
+            "src/a.c",
+            "src/b.c",
+            "data/real",
+        ] {
+            write_file(&ws.join(f), "x").unwrap();
+        }
+        std::os::unix::fs::symlink("../data/real", ws.join("src/link")).unwrap();
+        std::os::unix::fs::symlink("real", ws.join("data/other-link")).unwrap();
+        let keep: HashSet<PathBuf> = ["jolt.toml", "Makefile", "src/a.c", "src/link"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        keep_only(ws, &keep).unwrap();
+        let mut left = Vec::new();
+        crate::util::fs::walk(ws, Path::new(""), &mut |rel, e| {
+            if !e.file_type()?.is_dir() {
+                left.push(rel.display().to_string());
+            }
+            Ok(true)
+        })
+        .unwrap();
+        left.sort();
+        // What a kept symlink leads to stays; anything else the snapshot held goes.
+        assert_eq!(
+            left,
+            ["Makefile", "data/real", "jolt.toml", "src/a.c", "src/link"]
+        );
+    }
 
     #[test]
     fn kept_bundles_are_bounded_by_count_and_by_size() {
