@@ -12,5 +12,6 @@ mod deploy;
 mod errors;
 mod fleet;
 mod http;
+mod inputs;
 mod network;
 mod sources;

@@ -320,10 +320,9 @@ impl<'n> Runner<'n> {
         let snapshot = if node.files.is_empty() {
             None
         } else {
-            Some(
-                net.client
-                    .snapshot(self.root, &node.files, http, self.cache)?,
-            )
+            let files: Vec<std::path::PathBuf> =
+                node.files.iter().map(|f| f.path.clone()).collect();
+            Some(net.client.snapshot(self.root, &files, http, self.cache)?)
         };
         Ok(Request {
             version: VERSION,

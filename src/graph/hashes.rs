@@ -6,6 +6,10 @@
 //!
 //! On disk: `<cachedir>/.stat/<16 hex of sha256(workspace root)>`, one line per file:
 //! `sha256 \t size \t mtime_ns \t ctime_ns \t inode \t relative path`.
+//!
+//! What a file was when its hash entered an identity is kept as a [`Seen`], so that
+//! after a task's commands one `stat` tells whether the file is still that content
+//! ([`Seen::still`]).
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -21,7 +25,7 @@ use crate::util::hex;
 /// Seconds within which a modification time is considered too fresh to trust.
 const RACY_SECS: i64 = 2;
 
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Stat {
     size: u64,
     mtime_ns: i64,
@@ -37,6 +41,31 @@ impl Stat {
             ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
             ino: meta.ino(),
         }
+    }
+}
+
+/// An influence file's metadata when its hash was taken, kept when it proves the
+/// content unchanged: a regular file not modified within [`RACY_SECS`] of then. A
+/// symlink's hash covers its target's content, which its own metadata does not; a
+/// file modified within the last tick of a coarse clock may change again without its
+/// metadata changing: those are hashed again when checked.
+#[derive(Clone, Debug)]
+pub struct Seen(Option<Stat>);
+
+impl Seen {
+    /// Whether the file at `rel` under `root` still has the content whose hash is
+    /// `hash`: the same metadata as seen, else the same hash (a file rewritten with
+    /// the same content is unchanged). A file gone, or no longer readable, has changed.
+    pub fn still(&self, root: &Path, rel: &Path, hash: &str) -> bool {
+        let Ok(meta) = std::fs::symlink_metadata(root.join(rel)) else {
+            return false;
+        };
+        if self.0.as_ref() == Some(&Stat::of(&meta)) {
+            return true;
+        }
+        FileHashes::ephemeral(root)
+            .hash_with(rel, Some(&meta))
+            .is_ok_and(|now| now == hash)
     }
 }
 
@@ -141,6 +170,23 @@ impl FileHashes {
         self.content(rel, &full, meta)
     }
 
+    /// [`FileHashes::hash_with`], and what the file was when hashed.
+    pub fn seen(&self, rel: &Path, meta: Option<&std::fs::Metadata>) -> Result<(String, Seen)> {
+        let owned;
+        let meta = match meta {
+            Some(m) => m,
+            None => {
+                owned = std::fs::symlink_metadata(self.root.join(rel))
+                    .with_context(|| format!("Cannot read influence file {}", rel.display()))?;
+                &owned
+            }
+        };
+        let hash = self.hash_with(rel, Some(meta))?;
+        let stat = Stat::of(meta);
+        let settled = meta.is_file() && stat.mtime_ns / 1_000_000_000 < now_secs() - RACY_SECS;
+        Ok((hash, Seen(settled.then_some(stat))))
+    }
+
     /// The SHA-256 of a regular file's content, from the stat cache when `meta` (the
     /// file's, or for a symlink its target's) matches the remembered entry.
     fn content(&self, rel: &Path, full: &Path, meta: &std::fs::Metadata) -> Result<String> {
@@ -154,11 +200,7 @@ impl FileHashes {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let hash = hash_file(full)
             .with_context(|| format!("Cannot read influence file {}", rel.display()))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        if stat.mtime_ns / 1_000_000_000 < now - RACY_SECS
+        if stat.mtime_ns / 1_000_000_000 < now_secs() - RACY_SECS
             && !key.contains(['\t', '\n'])
             && rel.to_str().is_some()
         {
@@ -201,6 +243,14 @@ impl FileHashes {
         crate::util::fs::write_atomic(store, text.as_bytes())
             .with_context(|| format!("Cannot write {}", store.display()))
     }
+}
+
+/// The clock, in whole seconds since the epoch.
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// The SHA-256 of a file's content, in hex.
@@ -266,5 +316,49 @@ mod tests {
         let third = FileHashes::load(&cache, &root);
         assert_ne!(third.hash(Path::new("a.txt")).unwrap(), h);
         assert_eq!(third.files_read(), 1);
+    }
+
+    #[test]
+    fn a_file_seen_is_still_itself_until_its_content_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let rel = Path::new("in.txt");
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        let write = |text: &str| {
+            std::fs::write(root.join(rel), text).unwrap();
+            let file = std::fs::File::options()
+                .write(true)
+                .open(root.join(rel))
+                .unwrap();
+            file.set_modified(old).unwrap();
+        };
+        write("A");
+        let hashes = FileHashes::ephemeral(root);
+        let (hash, seen) = hashes.seen(rel, None).unwrap();
+        assert_eq!(hash, hashes.hash(rel).unwrap());
+        assert!(
+            seen.0.is_some(),
+            "a settled file is checked by its metadata"
+        );
+        let still = |seen: &Seen| seen.still(root, rel, &hash);
+        assert!(still(&seen));
+        // Rewritten with the same content: new metadata, same hash.
+        write("A");
+        assert!(still(&seen));
+        // Same size, same mtime, other content: the ctime tells.
+        write("B");
+        assert!(!still(&seen));
+        write("A");
+        assert!(still(&seen));
+        std::fs::remove_file(root.join(rel)).unwrap();
+        assert!(!still(&seen));
+
+        // A file modified just now is hashed again, whatever its metadata says.
+        std::fs::write(root.join(rel), "A").unwrap();
+        let (_, fresh) = hashes.seen(rel, None).unwrap();
+        assert!(fresh.0.is_none());
+        assert!(still(&fresh));
+        std::fs::write(root.join(rel), "C").unwrap();
+        assert!(!still(&fresh));
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use crate::error::usage;
-use hashes::FileHashes;
+use hashes::{FileHashes, Seen};
 
 pub mod hashes;
 use crate::recipe::placeholder::{self, DepKey, Placeholder};
@@ -43,8 +43,8 @@ pub struct Node {
     pub taint: Option<String>,
     /// Influence lines; the identity is their SHA-256.
     pub influence: Vec<String>,
-    /// The influence files, relative to the workspace root.
-    pub files: Vec<PathBuf>,
+    /// The influence files, sorted, in the order of their `File:` lines.
+    pub files: Vec<InfluenceFile>,
     /// For the kinds `git` and `download`: where the artifact comes from.
     pub source: Option<Resolved>,
     pub identity: String,
@@ -52,9 +52,27 @@ pub struct Node {
     pub weight: i64,
 }
 
+/// An influence file of a node.
+#[derive(Debug)]
+pub struct InfluenceFile {
+    /// Relative to the workspace root.
+    pub path: PathBuf,
+    /// What the file was when its hash entered the identity.
+    pub seen: Seen,
+}
+
 impl Node {
     pub fn name(&self) -> &str {
         &self.task.name
+    }
+
+    /// The influence files, each with the hash its `File:` line gives it.
+    pub fn file_hashes(&self) -> impl Iterator<Item = (&InfluenceFile, &str)> {
+        let hashes = self.influence.iter().filter_map(|line| {
+            let rest = line.strip_prefix("File: ")?;
+            rest.split_once(": ").map(|(hash, _)| hash)
+        });
+        self.files.iter().zip(hashes)
     }
 
     /// `short id8`, the way log lines name a task.
@@ -139,7 +157,7 @@ struct Prefetched {
     pattern: String,
     found: Vec<(PathBuf, Option<std::fs::Metadata>)>,
     /// The hash of each file of `found`, in its order (`None`: left to `identify`).
-    hashed: Vec<Option<String>>,
+    hashed: Vec<Option<(String, Seen)>>,
 }
 
 /// Lists and hashes what `patterns` match (what fails is left out).
@@ -151,7 +169,7 @@ fn prefetch_patterns(root: &Path, hashes: &FileHashes, patterns: &[String]) -> V
         };
         let hashed = found
             .iter()
-            .map(|(f, meta)| hashes.hash_with(f, meta.as_ref()).ok())
+            .map(|(f, meta)| hashes.seen(f, meta.as_ref()).ok())
             .collect();
         out.push(Prefetched {
             pattern: pattern.clone(),
@@ -176,7 +194,7 @@ struct Builder<'a> {
     globs: HashMap<String, Vec<(PathBuf, Option<std::fs::Metadata>)>>,
     /// The hashes of each pattern's files (aligned with `globs`), computed ahead of
     /// time by [`Builder::prefetch`].
-    hashed: HashMap<String, Vec<Option<String>>>,
+    hashed: HashMap<String, Vec<Option<(String, Seen)>>>,
     /// Nodes whose influence and identity are still to be computed, in the order
     /// they were added (requirements first).
     pending: Vec<usize>,
@@ -640,7 +658,7 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn influence(&mut self, i: usize) -> Result<(Vec<String>, Vec<PathBuf>)> {
+    fn influence(&mut self, i: usize) -> Result<(Vec<String>, Vec<InfluenceFile>)> {
         let node = &self.nodes[i];
         let task = node.task.clone();
         let mut lines = vec![format!("Name: {}", task.name)];
@@ -681,7 +699,7 @@ impl Builder<'_> {
 impl Builder<'_> {
     /// Node `i`'s influence files (sorted, relative to the root), each with its
     /// `File:` line. A pattern that matches nothing is an error unless optional.
-    fn influence_files(&mut self, i: usize, lines: &mut Vec<String>) -> Result<Vec<PathBuf>> {
+    fn influence_files(&mut self, i: usize, lines: &mut Vec<String>) -> Result<Vec<InfluenceFile>> {
         let task = self.nodes[i].task.clone();
         let params = self.nodes[i].params.clone();
         let root = self.recipes.root.clone();
@@ -701,7 +719,7 @@ impl Builder<'_> {
             }
             patterns.push(pattern);
         }
-        type Entry<'e> = (Option<&'e std::fs::Metadata>, Option<&'e String>);
+        type Entry<'e> = (Option<&'e std::fs::Metadata>, Option<&'e (String, Seen)>);
         let mut files: BTreeMap<&Path, Entry> = BTreeMap::new();
         for pattern in &patterns {
             let hashed = self.hashed.get(pattern);
@@ -710,17 +728,22 @@ impl Builder<'_> {
                 files.entry(path.as_path()).or_insert((meta.as_ref(), hash));
             }
         }
-        for (file, (meta, hash)) in &files {
-            let hash = match hash {
-                Some(h) => (*h).clone(),
+        let mut out = Vec::with_capacity(files.len());
+        for (file, (meta, hashed)) in files {
+            let (hash, seen) = match hashed {
+                Some(h) => h.clone(),
                 None => self
                     .hashes
-                    .hash_with(file, *meta)
+                    .seen(file, meta)
                     .map_err(|e| usage(format!("Task '{}': {e:#}", task.name)))?,
             };
             lines.push(format!("File: {hash}: {}", file.display()));
+            out.push(InfluenceFile {
+                path: file.to_path_buf(),
+                seen,
+            });
         }
-        Ok(files.keys().map(|p| p.to_path_buf()).collect())
+        Ok(out)
     }
 
     /// The environment variables node `i` is influenced by: its `influence_env`
