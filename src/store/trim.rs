@@ -22,6 +22,17 @@
 //! nginx whose `client_body_temp_path` lies inside the root keeps its uploads in
 //! progress there. A directory that cannot be read, or a file that cannot be removed,
 //! is reported and left; the rest is trimmed.
+//!
+//! A recipe bundle or source snapshot (a file in a directory `_recipes` or
+//! `_sources`, names no task may have) is kept, whatever the size, for
+//! [`PROTOCOL_KEPT`] after its last upload or recorded read: a network build stores
+//! its bundle and snapshots when it starts, and its workers read them at any time
+//! until it ends, while least recently used first would take them before any
+//! artifact. A build's client uploads its bundle once per build and each snapshot
+//! once per build, so what a build in progress uses is not taken unless it has run
+//! longer than that; should it be (or an operator remove it), the client stores it
+//! again when a worker reports it missing (`executor::remote`). What is kept counts
+//! in what the directory holds.
 
 use anyhow::{Context, Result};
 use rustix::fs::{openat, statat, unlinkat, AtFlags, Dir, FileType, Mode, OFlags, Stat, CWD};
@@ -30,6 +41,12 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// How long a recipe bundle or source snapshot is kept after its last upload (its
+/// modification time) or read (its access time, where recorded): a day, the
+/// granularity of access times under `relatime`.
+pub const PROTOCOL_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A file of the cache as the scan saw it.
 struct Entry {
@@ -78,7 +95,8 @@ pub fn trim(dir: &Path, max_size: u64, report: &mut dyn FnMut(Event)) -> Result<
     entries.sort_by_key(|e| e.used);
     let mut total: u64 = entries.iter().map(|e| e.size).sum();
     let mut trimmed = Trimmed::default();
-    for e in &entries {
+    let now = nanos_since_epoch(SystemTime::now());
+    for e in entries.iter().filter(|e| !protocol_in_use(e, now)) {
         if total <= max_size {
             break;
         }
@@ -100,6 +118,23 @@ pub fn trim(dir: &Path, max_size: u64, report: &mut dyn FnMut(Event)) -> Result<
     }
     trimmed.left = total;
     Ok(trimmed)
+}
+
+/// Whether `e` is a recipe bundle or source snapshot uploaded or read within
+/// [`PROTOCOL_KEPT`] before `now` (nanoseconds since the epoch).
+fn protocol_in_use(e: &Entry, now: i64) -> bool {
+    let dir = e.path.parent().and_then(Path::file_name);
+    let protocol = matches!(dir.and_then(OsStr::to_str), Some("_recipes" | "_sources"));
+    let kept = i64::try_from(PROTOCOL_KEPT.as_nanos()).unwrap_or(i64::MAX);
+    protocol && e.used.max(e.modified) > now.saturating_sub(kept)
+}
+
+/// `t` in nanoseconds since the epoch, as [`fields`] gives file times.
+fn nanos_since_epoch(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
 }
 
 fn dir_flags() -> OFlags {
@@ -298,6 +333,50 @@ mod tests {
         assert!(!dir.path().join("b").exists(), "an emptied directory goes");
         assert!(dir.path().join("a/4.tar").exists());
         assert_eq!(quiet(dir.path(), 250).removed.len(), 0);
+    }
+
+    #[test]
+    fn recipe_bundles_and_snapshots_are_kept_a_day_after_their_last_upload_or_read() {
+        let day = PROTOCOL_KEPT.as_secs();
+        let dir = tempfile::tempdir().unwrap();
+        // Regression (issue 24): least recently used first took a running build's
+        // bundle and snapshot before anything else, and workers still needed them.
+        file(dir.path(), "cache/_recipes/in-use.json", 100, day - 60);
+        file(dir.path(), "cache/_sources/in-use.tar", 100, 3600);
+        file(dir.path(), "cache/_recipes/old.json", 100, day + 60);
+        file(dir.path(), "cache/_sources/old.tar", 100, day + 120);
+        file(dir.path(), "cache/a/1.tar", 100, 10);
+        // Uploaded long ago and read an hour ago: read since, kept.
+        file(dir.path(), "cache/_sources/read.tar", 100, 3 * day);
+        let read = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("cache/_sources/read.tar"))
+            .unwrap()
+            .set_times(std::fs::FileTimes::new().set_accessed(read))
+            .unwrap();
+        // A task's files are not the protocol's (no task name starts with '_').
+        file(dir.path(), "cache/_recipes/x/deeper.tar", 100, 10);
+        let t = quiet(dir.path(), 0);
+        let mut removed = paths(&t);
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![
+                PathBuf::from("cache/_recipes/old.json"),
+                PathBuf::from("cache/_recipes/x/deeper.tar"),
+                PathBuf::from("cache/_sources/old.tar"),
+                PathBuf::from("cache/a/1.tar"),
+            ]
+        );
+        assert_eq!(t.left, 300, "what is kept counts");
+        for kept in [
+            "_recipes/in-use.json",
+            "_sources/in-use.tar",
+            "_sources/read.tar",
+        ] {
+            assert!(dir.path().join("cache").join(kept).exists(), "{kept}");
+        }
     }
 
     #[test]
