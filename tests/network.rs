@@ -1008,6 +1008,36 @@ fn a_source_snapshot_is_checked_against_its_digest_and_only_its_influence_is_see
     );
 }
 
+#[test]
+fn two_fleets_on_one_broker_each_build_an_identity_they_share() {
+    let (Some(a), Some(b)) = (cluster(), cluster()) else {
+        return;
+    };
+    let (wa, wb) = (a.worker(), b.worker());
+    let recipe = "[task.shared]\nrun = \"sleep 1; echo two-fleets > {artifact}/out\"\n";
+    let (wsa, wsb) = (Workspace::with(recipe), Workspace::with(recipe));
+    // Regression (issue 24): the fleets' workers locked the identity against each
+    // other, and each client heard the other fleet's replies: one client took the
+    // other fleet's success and failed, the artifact not being in its cache.
+    let (ca, cb) = (
+        a.spawn_build(&wsa, &["shared"]),
+        b.spawn_build(&wsb, &["shared"]),
+    );
+    let (ra, rb) = (finish(ca), finish(cb));
+    for (run, w) in [(&ra, &wa), (&rb, &wb)] {
+        run.success().lacks("no longer in the HTTP cache");
+        assert!(
+            w.output().contains("Execution started (shared "),
+            "{}",
+            w.output()
+        );
+        assert_eq!(
+            std::fs::read_to_string(run.locations()[0].join("out")).unwrap(),
+            "two-fleets\n"
+        );
+    }
+}
+
 // Requests of a client that went away are not built (issue 14).
 
 #[test]

@@ -117,7 +117,7 @@ pub fn run(config: &Config, mut args: BuildArgs) -> Result<Exit> {
             "Network builds exchange artifacts through an HTTP cache: set http.uri",
         ));
     };
-    let client = NetworkClient::connect(config.amqp.clone())?;
+    let client = NetworkClient::connect(config.amqp.clone(), http.fleet())?;
     let net = Network {
         client: &client,
         recipes: RecipeBundle::new(

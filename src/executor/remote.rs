@@ -154,6 +154,7 @@ impl<'n> Runner<'n> {
                     duration: call.start.elapsed().as_secs_f64(),
                     log: String::new(),
                     error: String::new(),
+                    cache: String::new(),
                 })
             }
             Next::Resend => {
@@ -337,6 +338,8 @@ impl<'n> Runner<'n> {
             snapshot,
             client: crate::remote::messages::whoami(),
             replace: http.is_rejected(node.name(), &node.identity),
+            cache: http.fleet(),
+            cache_uri: http.uri().to_string(),
         })
     }
 }

@@ -65,6 +65,9 @@ struct Shared {
     /// Identities whose requests were withdrawn: the connection thread unbinds them
     /// (see [`NetworkClient::withdraw`]).
     withdrawn: Mutex<Vec<String>>,
+    /// This client's fleet (`HttpCache::fleet`): replies that name another are
+    /// another fleet's, for the same identity, and ignored.
+    fleet: String,
 }
 
 /// A connection to the broker for one build.
@@ -123,8 +126,9 @@ fn open(settings: &AmqpSettings) -> Result<(amiquip::Connection, Channel, Channe
 }
 
 impl NetworkClient {
-    /// Connects to the broker; an unreachable broker is an infrastructure error (exit 3).
-    pub fn connect(settings: AmqpSettings) -> Result<NetworkClient> {
+    /// Connects to the broker for a build whose HTTP cache is the fleet `fleet`
+    /// (`HttpCache::fleet`); an unreachable broker is an infrastructure error (exit 3).
+    pub fn connect(settings: AmqpSettings, fleet: String) -> Result<NetworkClient> {
         let first = open(&settings).map_err(|e| infra(format!("{e:#}")))?;
         let shared = Arc::new(Shared {
             link: Mutex::new(None),
@@ -133,6 +137,7 @@ impl NetworkClient {
             stop: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             withdrawn: Mutex::new(Vec::new()),
+            fleet,
         });
         let thread = {
             let shared = shared.clone();
@@ -535,6 +540,12 @@ fn dispatch_replies(
         match consumer.receiver().recv_timeout(Duration::from_millis(20)) {
             Ok(ConsumerMessage::Delivery(delivery)) => {
                 match serde_json::from_slice::<Reply>(&delivery.body) {
+                    Ok(reply) if !reply.cache.is_empty() && reply.cache != shared.fleet => {
+                        crate::console::debug(&format!(
+                            "ignoring a reply of another fleet for {} (cache {})",
+                            reply.identity, reply.cache
+                        ));
+                    }
                     Ok(reply) => {
                         let waiters = shared.waiters.lock().expect("waiters");
                         for tx in waiters.get(&reply.identity).into_iter().flatten() {

@@ -92,6 +92,30 @@ pub struct Request {
     /// from the worker's own cache) and upload it over the bad one.
     #[serde(default)]
     pub replace: bool,
+    /// The fleet: a digest of the client's HTTP cache URI
+    /// (`store::http::HttpCache::fleet`), which the worker puts in its replies so
+    /// that clients of another cache on the same broker ignore them, and which
+    /// keys the task's lock (see [`Request::lock_key`]). Empty from an older client.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cache: String,
+    /// The client's HTTP cache URI, without credentials, for messages.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cache_uri: String,
+}
+
+impl Request {
+    /// What a worker locks for this request: the identity within the fleet, so that
+    /// fleets of different caches on one broker (which the README warns against,
+    /// and tests do) neither wait for nor answer each other's builds. 64 hex digits,
+    /// as an identity; the identity itself for a request of an older client.
+    pub fn lock_key(&self) -> String {
+        if self.cache.is_empty() {
+            return self.identity.clone();
+        }
+        crate::util::hex(&Sha256::digest(
+            format!("{}:{}", self.cache, self.identity).as_bytes(),
+        ))
+    }
 }
 
 /// What a reply says.
@@ -127,6 +151,9 @@ pub struct Reply {
     /// What went wrong.
     #[serde(default)]
     pub error: String,
+    /// The request's [`Request::cache`]: a client ignores replies of another.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cache: String,
 }
 
 /// Why a request was refused: the identity when it could be read, and a message.
@@ -299,6 +326,8 @@ mod tests {
             snapshot: None,
             client: whoami(),
             replace: false,
+            cache: "0123456789abcdef".into(),
+            cache_uri: "http://cache/".into(),
         };
         let back = Request::parse(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(back.reference, "t:p=1");

@@ -588,6 +588,17 @@ impl HttpCache {
         !self.uploads_refused.swap(true, Ordering::Relaxed)
     }
 
+    /// The fleet this cache serves, as requests and replies name it: the first 16
+    /// hex digits of the SHA-256 of its URI (without credentials). Clients and
+    /// workers that name one cache by different URIs (a swarm's service name, a
+    /// host's address) get different digests: a client's requests carry its own,
+    /// which the worker only repeats in its replies and its lock.
+    pub fn fleet(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.base.trim_end_matches('/').as_bytes());
+        crate::util::hex(&digest[..8])
+    }
+
     /// Whether the cache's archive of an artifact was found unusable.
     pub fn is_rejected(&self, task: &str, identity: &str) -> bool {
         self.rejected

@@ -308,6 +308,16 @@ impl Worker {
             duration: 0.0,
             log: String::new(),
             error: String::new(),
+            cache: String::new(),
+        }
+    }
+
+    /// A reply to `request`, naming its fleet, so that clients of another cache
+    /// ignore it.
+    fn reply_to(&self, request: &Request, kind: ReplyKind) -> Reply {
+        Reply {
+            cache: request.cache.clone(),
+            ..self.reply(&request.identity, kind)
         }
     }
 
@@ -445,7 +455,11 @@ impl Worker {
                             build.announced = true;
                             ReplyKind::Accepted
                         };
-                        let _ = publish_reply(publisher, &self.reply(&build.identity, kind));
+                        let reply = Reply {
+                            cache: build.cache.clone(),
+                            ..self.reply(&build.identity, kind)
+                        };
+                        let _ = publish_reply(publisher, &reply);
                     }
                     wait = Some(self.settings.progress);
                 }
@@ -525,7 +539,7 @@ impl Worker {
         let mut reply = match outcome {
             Outcome::Interrupted => return Ok(false),
             Outcome::Done(kind, log, error) => {
-                let mut r = self.reply(&request.identity, kind);
+                let mut r = self.reply_to(&request, kind);
                 r.log = log;
                 r.error = error;
                 r
@@ -567,7 +581,7 @@ impl Worker {
         for _ in 0..LOCK_TRIES {
             match link
                 .locks
-                .take(link.connection, link.acceptor, &request.identity)?
+                .take(link.connection, link.acceptor, &request.lock_key())?
             {
                 lock::Taken::Held(lock) => return Ok(Some(lock)),
                 lock::Taken::Duplicate => return Ok(None),
@@ -597,7 +611,7 @@ impl Worker {
                     "{} {id8} is in the HTTP cache already",
                     request.reference
                 ));
-                Cached::Answer(self.reply(&request.identity, ReplyKind::Success))
+                Cached::Answer(self.reply_to(&request, ReplyKind::Success))
             }
             Err(e) => self.cache_failed(request, &e),
         }
@@ -610,7 +624,7 @@ impl Worker {
             self.http.mark_down();
         }
         console::error(&format!("{e:#}"));
-        let mut reply = self.reply(&request.identity, ReplyKind::Error);
+        let mut reply = self.reply_to(&request, ReplyKind::Error);
         reply.error = format!("{e:#}");
         Cached::Answer(reply)
     }
@@ -632,7 +646,7 @@ impl Worker {
                     "{} {id8}: the HTTP cache's archive is intact, left alone",
                     request.reference
                 ));
-                Cached::Answer(self.reply(&request.identity, ReplyKind::Success))
+                Cached::Answer(self.reply_to(&request, ReplyKind::Success))
             }
             Ok(None) => Cached::Absent,
             Err(e) if crate::store::http::is_interrupted(&e) => Cached::Interrupted,
@@ -680,7 +694,7 @@ impl Worker {
             }
             requesters.retain(|_, t| t.elapsed() < requester_kept());
         }
-        let accepted = self.reply(&request.identity, ReplyKind::Accepted);
+        let accepted = self.reply_to(&request, ReplyKind::Accepted);
         if !link.acceptor.accept(&accepted)? {
             return Ok(None);
         }
@@ -704,6 +718,7 @@ impl Worker {
     ) -> Outcome {
         *progress.building.lock().expect("building") = Some(Building {
             identity: request.identity.clone(),
+            cache: request.cache.clone(),
             announced,
         });
         let _ = progress.running.send(true);
@@ -771,7 +786,7 @@ impl Worker {
         } else {
             ReplyKind::Accepted
         };
-        publish_reply(link.publisher, &self.reply(&request.identity, kind))
+        publish_reply(link.publisher, &self.reply_to(&request, kind))
     }
 
     /// A request that was delivered before and never acknowledged: the worker that
@@ -791,7 +806,7 @@ impl Worker {
                 "Refusing {} {id8} (redelivered): {message}",
                 request.reference
             ));
-            let mut reply = self.reply(&request.identity, ReplyKind::Error);
+            let mut reply = self.reply_to(&request, ReplyKind::Error);
             reply.error = message;
             return publish_reply(link.publisher, &reply);
         }
@@ -1074,6 +1089,8 @@ struct Progress<'a> {
 /// A build the progress thread reports on.
 struct Building {
     identity: String,
+    /// The request's fleet ([`Request::cache`]).
+    cache: String,
     /// Whether its clients were told `accepted`.
     announced: bool,
 }
