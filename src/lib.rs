@@ -22,6 +22,8 @@ use std::ffi::OsString;
 
 /// Runs jolt with these arguments and returns the exit code.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
+    // Before any thread or child: what the tasks jolt runs can read of it.
+    util::secrets::seal_process();
     let cli = match cli::Cli::parse_args(args) {
         Ok(cli) => cli,
         Err(e) => {

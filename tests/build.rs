@@ -619,6 +619,29 @@ fn tasks_never_see_the_credentials_of_jolt() {
 }
 
 #[test]
+fn the_environment_block_of_jolt_holds_no_credential_once_read() {
+    // Root reads any process's `/proc/PID/environ`, non-dumpable or not: what it
+    // shows is the memory the environment was given at exec.
+    if !crate::util::running_as_root("to read a non-dumpable process's environ") {
+        return;
+    }
+    let ws = Workspace::with(
+        "[task.t]\nrun = \"tr '\\\\0' '\\\\n' < /proc/$PPID/environ > {artifact}/environ\"\n",
+    );
+    let mut cmd = ws.command(&["build", "t"]);
+    cmd.env("JOLT_HTTP_PASSWORD", "http-s3cret")
+        .env("JOLT_AMQP_HOST", "amqp://u:amqp-s3cret@broker");
+    let run = ws.run(cmd);
+    run.success();
+    let environ = std::fs::read_to_string(run.locations()[0].join("environ")).unwrap();
+    // Regression (issue 24): a task of jolt's user read them there.
+    for secret in ["http-s3cret", "amqp-s3cret"] {
+        assert!(!environ.contains(secret), "{secret} in:\n{environ}");
+    }
+    assert!(environ.contains("JOLT_JOLT_CACHEDIR="), "{environ}");
+}
+
+#[test]
 fn an_environ_for_the_loader_or_leaving_the_artifact_fails_the_task() {
     for (environ, message) in [
         (

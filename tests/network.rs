@@ -1427,6 +1427,80 @@ fn a_worker_running_as_an_unprivileged_user_builds_and_uploads() {
     assert!(files > 3, "{files}");
 }
 
+#[test]
+fn a_task_on_an_unprivileged_worker_finds_its_credentials_in_no_process() {
+    // Regression (issue 24): a task walked up to its worker and read
+    // `/proc/<worker>/environ`, JOLT_HTTP_PASSWORD and the broker password in it.
+    let http = format!("http-pw-{}", std::process::id());
+    let amqp = format!("amqp-pw-{}", std::process::id());
+    let Some(c) = crate::util::cluster_with_cache_auth(&format!("worker:{http}")) else {
+        return;
+    };
+    let user = BrokerUser::add(&amqp);
+    let credentials = [
+        ("JOLT_HTTP_USERNAME", "worker"),
+        ("JOLT_HTTP_PASSWORD", http.as_str()),
+        ("JOLT_AMQP_USERNAME", user.name.as_str()),
+        ("JOLT_AMQP_PASSWORD", amqp.as_str()),
+    ];
+    let Some(_w) = WorkerProcess::start_unprivileged_with_env(&c.config(), 10001, &credentials)
+    else {
+        return;
+    };
+    // The task holds the passwords in two halves, so that its own command line
+    // does not: it searches the environment and command line of every process it
+    // may read (its ancestors and every jolt process among them), and notes the
+    // jolt processes and ancestors it saw, and that its search finds what it seeks.
+    let (h1, h2) = http.split_at(4);
+    let (a1, a2) = amqp.split_at(4);
+    let ws = Workspace::with(&format!(
+        r#"[task.search]
+run = """
+printf '%s%s\n%s%s\n' {h1} {h2} {a1} {a2} > {{builddir}}/pattern
+printf '%s%s' {h1} {h2} > {{builddir}}/probe
+grep -q -F -f {{builddir}}/pattern {{builddir}}/probe && echo yes > {{artifact}}/search-works
+touch {{artifact}}/found
+for p in /proc/[0-9]*; do
+  comm=$(cat $p/comm 2>/dev/null) || continue
+  case $comm in jolt|jolt-guardian) echo $comm >> {{artifact}}/jolts ;; esac
+  for f in environ cmdline; do
+    if grep -q -a -F -f {{builddir}}/pattern $p/$f 2>/dev/null; then echo "$p/$f $comm" >> {{artifact}}/found; fi
+  done
+done
+p=$$
+while [ "$p" -gt 1 ]; do
+  cat /proc/$p/comm >> {{artifact}}/ancestors
+  p=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status)
+done
+id -u > {{artifact}}/uid
+"""
+"#
+    ));
+    let mut cmd = ws.command(&[
+        "-c",
+        &c.config().display().to_string(),
+        "build",
+        "--network",
+    ]);
+    cmd.arg("search")
+        .env("JOLT_HTTP_USERNAME", "worker")
+        .env("JOLT_HTTP_PASSWORD", &http);
+    let run = ws.run(cmd);
+    // The worker built with its credentials: it took the request from the broker
+    // as its own user, and uploaded the artifact the client downloaded.
+    run.success().contains("Remote execution finished");
+    let artifact = &run.locations()[0];
+    let read = |name: &str| std::fs::read_to_string(artifact.join(name)).unwrap();
+    assert_eq!(read("uid").trim(), "10001");
+    assert_eq!(read("search-works").trim(), "yes");
+    assert_eq!(read("found"), "", "the task found a password");
+    let jolts = read("jolts");
+    assert!(jolts.lines().any(|l| l == "jolt"), "{jolts}");
+    assert!(jolts.lines().any(|l| l == "jolt-guardian"), "{jolts}");
+    let ancestors = read("ancestors");
+    assert!(ancestors.lines().any(|l| l == "jolt"), "{ancestors}");
+}
+
 fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = vec![];
     let mut todo = vec![dir.to_path_buf()];
@@ -2024,7 +2098,10 @@ struct BrokerUser {
 
 impl BrokerUser {
     fn add(password: &str) -> BrokerUser {
-        let name = format!("jolt-test-{}", std::process::id());
+        // One per test of this process: tests run side by side.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("jolt-test-{}-{next}", std::process::id());
         let ctl = |args: &[&str]| {
             let out = std::process::Command::new("rabbitmqctl")
                 .args(args)

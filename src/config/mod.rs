@@ -165,7 +165,8 @@ impl Layers {
                 )));
             }
         }
-        config.merge_env(std::env::vars());
+        // Credentials were taken out of the environment at start (`secrets::seal_process`).
+        config.merge_env(std::env::vars().chain(crate::util::secrets::taken_credentials()));
         for (key, value) in assignments {
             config.set(&key, toml::Value::String(value));
             config.origins.insert(key, "-c".into());

@@ -6,9 +6,14 @@
 //! - URLs are shown without their userinfo ([`strip_userinfo`]).
 //! - Commands never inherit the credential variables of the jolt process
 //!   ([`is_credential_var`], [`credential_vars`]).
+//! - Nor can they read them from `/proc` ([`seal_process`]): before anything else, a
+//!   jolt process becomes non-dumpable, so its `/proc/PID/environ`, `mem` and the
+//!   like are root's and ptrace is refused to processes of its uid, and it takes the
+//!   credential variables out of its environment, their values overwritten where the
+//!   kernel shows them ([`taken_credentials`] keeps them for the configuration).
 
 use std::borrow::Cow;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 /// What a secret is replaced with.
 pub const MASK: &str = "********";
@@ -153,17 +158,89 @@ pub fn is_credential_var(name: &str) -> bool {
     name.starts_with("JOLT_") && (name.ends_with("PASSWORD") || name.ends_with("_USERNAME"))
 }
 
-/// The variables of this process that commands must not inherit: credentials, and
-/// any `JOLT_` variable holding a URL with userinfo.
+/// Whether the variable `name=value` carries a credential: [`is_credential_var`], or
+/// a `JOLT_` variable holding a URL with userinfo.
+fn is_credential(name: &str, value: &str) -> bool {
+    is_credential_var(name) || (name.starts_with("JOLT_") && userinfo(value).is_some())
+}
+
+/// The variables of this process that commands must not inherit (none once
+/// [`seal_process`] took them out).
 pub fn credential_vars() -> Vec<std::ffi::OsString> {
     std::env::vars_os()
-        .filter(|(name, value)| {
-            let name = name.to_string_lossy();
-            is_credential_var(&name)
-                || (name.starts_with("JOLT_") && userinfo(&value.to_string_lossy()).is_some())
-        })
+        .filter(|(name, value)| is_credential(&name.to_string_lossy(), &value.to_string_lossy()))
         .map(|(name, _)| name)
         .collect()
+}
+
+/// The credential variables [`seal_process`] took out of the environment.
+static TAKEN: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// The credential variables this process was started with, as `(name, value)`:
+/// the configuration reads them here, since the environment no longer holds them.
+pub fn taken_credentials() -> Vec<(String, String)> {
+    TAKEN.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+extern "C" {
+    /// The C library's environment (glibc and musl alike; the libc crate declares it
+    /// for glibc only).
+    static mut environ: *const *mut libc::c_char;
+}
+
+/// Puts this process's credentials out of reach of the tasks it runs, which run as
+/// the same user: call it first thing in `main`, while the process has one thread
+/// and no child.
+///
+/// - It becomes non-dumpable (`PR_SET_DUMPABLE` 0): `/proc/PID/environ`, `mem`,
+///   `maps` and the like become root's, unreadable to processes of the same non-root
+///   uid, and ptrace is refused. Children that jolt forks without exec (the
+///   guardian) inherit that; commands, which exec, do not, and need not. What a
+///   process reads of itself in `/proc/self` (`fd/N` reopened by the console, `stat`,
+///   `task/`) stays open to it.
+/// - Credential variables ([`is_credential`]) are copied to [`taken_credentials`]
+///   and removed from the environment. Unsetting is not enough: `/proc/PID/environ`
+///   shows the memory the kernel put the environment in at exec, which `unsetenv`
+///   leaves as it was, so each value is overwritten there with zero bytes first.
+///   This was chosen over re-executing jolt without them: no second exec per run, no
+///   side channel (a pipe or memfd) to hand the values over, and no window in which
+///   a process holds them unprotected.
+///
+/// Root can still read them (it can read anything of any process); and what reads
+/// the command line (`ps`, `/proc/PID/cmdline`, open to every user) sees a `-c
+/// http.password=...` argument: credentials belong in the environment.
+pub fn seal_process() {
+    let not_dumpable: libc::c_ulong = 0;
+    // SAFETY: prctl with PR_SET_DUMPABLE only changes an attribute of this process.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, not_dumpable, 0, 0, 0) };
+    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: this runs before any other thread exists (see above), so nothing reads
+    // or changes the environment meanwhile. `environ` is a null-terminated array of
+    // pointers to NUL-terminated `NAME=VALUE` strings; each value is overwritten
+    // within its own length, its terminator kept, before `remove_var` takes the
+    // entry out of the array (so every entry of a name, duplicates included, is
+    // cleared, and no string is written after the C library could free it).
+    unsafe {
+        let mut entry = environ;
+        while !entry.is_null() && !(*entry).is_null() {
+            let text = std::ffi::CStr::from_ptr(*entry).to_bytes();
+            if let Some(eq) = text.iter().position(|&b| b == b'=') {
+                let name = String::from_utf8_lossy(&text[..eq]).into_owned();
+                let value = String::from_utf8_lossy(&text[eq + 1..]).into_owned();
+                if is_credential(&name, &value) {
+                    let len = text.len() - eq - 1;
+                    std::ptr::write_bytes((*entry).add(eq + 1), 0, len);
+                    if !taken.iter().any(|(n, _)| *n == name) {
+                        taken.push((name, value));
+                    }
+                }
+            }
+            entry = entry.add(1);
+        }
+    }
+    for (name, _) in taken.iter() {
+        std::env::remove_var(name);
+    }
 }
 
 #[cfg(test)]

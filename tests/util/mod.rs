@@ -681,6 +681,15 @@ impl WorkerProcess {
     /// A worker running as user and group `uid`, as the worker image runs it
     /// (`None`, skipping, when this test does not run as root, outside CI).
     pub fn start_unprivileged(config: &Path, uid: u32) -> Option<WorkerProcess> {
+        Self::start_unprivileged_with_env(config, uid, &[])
+    }
+
+    /// [`WorkerProcess::start_unprivileged`] with extra environment variables.
+    pub fn start_unprivileged_with_env(
+        config: &Path,
+        uid: u32,
+        env: &[(&str, &str)],
+    ) -> Option<WorkerProcess> {
         use std::os::unix::fs::chown;
         use std::os::unix::process::CommandExt;
         if !running_as_root("to start a worker as another user") {
@@ -695,7 +704,7 @@ impl WorkerProcess {
         chown(&own_config, Some(uid), Some(uid)).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_jolt"));
         cmd.uid(uid).gid(uid).env("HOME", home.path());
-        let worker = Self::spawn_in(home, cmd, &own_config, &[], &[]);
+        let worker = Self::spawn_in(home, cmd, &own_config, &[], env);
         worker.wait_for("waiting for requests", std::time::Duration::from_secs(20));
         Some(worker)
     }
@@ -799,8 +808,16 @@ pub fn cluster_exclusive() -> Option<Cluster> {
     cluster_with(Broker::start_exclusive()?)
 }
 
+/// [`cluster`] with a cache on which PUT needs Basic auth as `user:password`.
+pub fn cluster_with_cache_auth(user_password: &str) -> Option<Cluster> {
+    cluster_on(Broker::start()?, Nginx::start_with_auth(user_password)?)
+}
+
 fn cluster_with(broker: Broker) -> Option<Cluster> {
-    let server = Nginx::start()?;
+    cluster_on(broker, Nginx::start()?)
+}
+
+fn cluster_on(broker: Broker, server: Nginx) -> Option<Cluster> {
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster {
         server,
