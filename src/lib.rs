@@ -24,6 +24,7 @@ use std::ffi::OsString;
 pub fn run(args: impl IntoIterator<Item = OsString>) -> error::Exit {
     // Before any thread or child: what the tasks jolt runs can read of it.
     util::secrets::seal_process();
+    executor::process::close_inherited_on_exec();
     let cli = match cli::Cli::parse_args(args) {
         Ok(cli) => cli,
         Err(e) => {

@@ -642,6 +642,82 @@ fn the_environment_block_of_jolt_holds_no_credential_once_read() {
 }
 
 #[test]
+fn commands_get_only_descriptors_0_to_2_and_a_daemon_holds_no_descriptor_of_jolts_caller() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    // Regression (issue 24): commands inherited every descriptor that jolt inherited
+    // without close-on-exec, so a daemon a task started (`setsid`) held its caller's
+    // pipe open after jolt had ended, and the caller waited for the daemon.
+    let ws = Workspace::with(
+        "[task.t]\nrun = \"ls /proc/$$/fd > {artifact}/fds; setsid sleep 30 </dev/null >/dev/null 2>&1 & echo $! > {artifact}/daemon\"\n",
+    );
+    let mut fds = [0; 2];
+    // SAFETY: `fds` holds two descriptors; O_CLOEXEC keeps both ends out of what
+    // other tests start meanwhile.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just opened and are owned by nothing else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let raw = write.as_raw_fd();
+    let mut cmd = ws.command(&["build", "t"]);
+    // SAFETY: dup2 and fcntl are async-signal-safe: jolt starts with the pipe's write
+    // end as descriptor 5, without close-on-exec, as a caller's descriptor is.
+    unsafe {
+        cmd.pre_exec(move || {
+            let done = match raw {
+                5 => libc::fcntl(5, libc::F_SETFD, 0),
+                _ => libc::dup2(raw, 5),
+            };
+            match done {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            }
+        });
+    }
+    let run = ws.run(cmd);
+    drop(write);
+    run.success();
+    let artifact = &run.locations()[0];
+    let daemon: i32 = std::fs::read_to_string(artifact.join("daemon"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: signals the daemon this test's task started.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _daemon = Kill(daemon);
+    // The shell's: 0 to 2, and its own from 10 on (where dash saves a descriptor it
+    // redirects; bash keeps 255), never the 5 jolt inherited.
+    let listed = std::fs::read_to_string(artifact.join("fds")).unwrap();
+    let mut listed: Vec<i32> = listed
+        .split_whitespace()
+        .map(|fd| fd.parse().unwrap())
+        .collect();
+    listed.sort();
+    assert!(
+        listed.starts_with(&[0, 1, 2]) && !listed.iter().any(|fd| (3..10).contains(fd)),
+        "the command's descriptors: {listed:?}"
+    );
+    // jolt has ended: the reader sees end-of-file now, not when the daemon ends.
+    let mut poll = libc::pollfd {
+        fd: read.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `poll` is one valid pollfd.
+    let ready = unsafe { libc::poll(&mut poll, 1, 5000) };
+    assert_eq!(ready, 1, "the pipe is still held open");
+    let mut byte = [0u8; 1];
+    // SAFETY: reads at most one byte into `byte`.
+    let n = unsafe { libc::read(read.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+    assert_eq!(n, 0, "end-of-file");
+}
+
+#[test]
 fn an_environ_for_the_loader_or_leaving_the_artifact_fails_the_task() {
     for (environ, message) in [
         (

@@ -104,6 +104,56 @@ pub fn reap_orphans_if_init() {
         });
 }
 
+/// Marks every descriptor from 3 up that this process inherited close-on-exec, so
+/// that commands get only 0, 1 and 2: a descriptor the caller of jolt left open
+/// (a pipe it waits on, say) was inherited by every command, and whatever a command
+/// left running (a daemon, started with `setsid`) held it open after jolt ended. In
+/// jolt itself they stay open; processes it forks without exec (the guardian) keep
+/// them too. Call it first thing in `main`, before any thread: what jolt opens
+/// itself is close-on-exec already (Rust's standard library opens everything so).
+///
+/// `close_range` with `CLOSE_RANGE_CLOEXEC` (Linux 5.11), called by its number so
+/// that the musl build has it too (`posix_spawn_file_actions_addclosefrom_np` is
+/// glibc's alone); on older kernels, each descriptor listed in `/proc/self/fd`.
+pub fn close_inherited_on_exec() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on descriptors;
+    // none is closed.
+    let set = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if set != 0 {
+        close_listed_on_exec();
+    }
+}
+
+/// [`close_inherited_on_exec`] without `close_range`: each descriptor from 3 up
+/// that `/proc/self/fd` lists.
+fn close_listed_on_exec() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD only read and set the descriptor's close-on-exec
+        // flag (the directory's own descriptor, closed by now, gives EBADF).
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// How a command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -520,6 +570,20 @@ mod tests {
         }
         lines.finish(&mut |l| out.push(l));
         out
+    }
+
+    #[test]
+    fn inherited_descriptors_become_close_on_exec_also_without_close_range() {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` holds two descriptors; without O_CLOEXEC, as a caller's are.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both were just opened and are owned by nothing else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_GETFD reads a flag of a descriptor this test owns.
+        let cloexec = |fd: &OwnedFd| unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) } & libc::FD_CLOEXEC != 0;
+        assert!(!cloexec(&read) && !cloexec(&write));
+        close_listed_on_exec();
+        assert!(cloexec(&read) && cloexec(&write));
     }
 
     #[test]
