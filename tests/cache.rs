@@ -344,3 +344,65 @@ fn what_dead_processes_left_goes_and_clean_leaves_nothing_behind() {
         .count();
     assert_eq!(locks, 0, "clean left lock files");
 }
+
+#[test]
+fn committed_artifacts_are_read_only_and_a_task_writing_into_a_requirement_fails() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !crate::util::running_as_root("to build as another user") {
+        return;
+    }
+    let ws = Workspace::with(
+        "[task.lib]\nrun = [\"echo genuine > {artifact}/f\", \"mkdir {artifact}/d\", \"echo x > {artifact}/d/g\"]\n\
+         [task.bad]\nrequires = [\"lib\"]\nrun = \"echo PWNED > {deps.lib}/f\"\n\
+         [task.worse]\nrequires = [\"lib\"]\nrun = \"rm -rf {deps.lib}/d\"\n",
+    );
+    // As a user without root's privileges, which permission bits bind.
+    let nobody = 65534;
+    let status = std::process::Command::new("chown")
+        .args(["-R", &format!("{nobody}:{nobody}")])
+        .arg(ws.dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = ws.command(args);
+        cmd.uid(nobody).gid(nobody).env("HOME", ws.dir.path());
+        ws.run(cmd)
+    };
+    as_nobody(&["build", "lib"]).success();
+    let dir = ws.artifacts("lib")[0].clone();
+    let mode = |rel: &str| {
+        std::fs::symlink_metadata(dir.join(rel))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(
+        (
+            mode(""),
+            mode("f"),
+            mode("d"),
+            mode("d/g"),
+            mode(".manifest.json")
+        ),
+        (0o555, 0o444, 0o555, 0o444, 0o444)
+    );
+    // Regression (issue 24): a consumer wrote into its requirement's artifact, and
+    // every later build used what it wrote, still reported cached.
+    as_nobody(&["build", "bad"])
+        .code(1)
+        .contains("Permission denied");
+    as_nobody(&["build", "worse"]).code(1);
+    assert_eq!(std::fs::read_to_string(dir.join("f")).unwrap(), "genuine\n");
+    assert!(dir.join("d/g").exists());
+    // Copies are their owner's: --copy twice into one place works.
+    for _ in 0..2 {
+        as_nobody(&["build", "lib", "--copy", "out"]).success();
+    }
+    assert_eq!(mode("f"), 0o444);
+    // And jolt itself still removes what it committed.
+    as_nobody(&["clean"]).success();
+    assert!(ws.artifacts("lib").is_empty());
+}

@@ -284,6 +284,16 @@ impl LocalCache {
             .root
             .join(".tmp")
             .join(format!("trash-{}", unique_suffix()));
+        // Moving a directory to another parent rewrites its `..`: it must be
+        // writable (a committed one is not).
+        if let Ok(meta) = std::fs::symlink_metadata(dir) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode();
+            if meta.is_dir() && mode & 0o200 == 0 {
+                let _ =
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o700));
+            }
+        }
         match std::fs::rename(dir, &trash) {
             // A file or a symlink where the directory belongs goes as well.
             Ok(()) if !std::fs::symlink_metadata(&trash).is_ok_and(|m| m.is_dir()) => {
@@ -440,6 +450,9 @@ impl LocalCache {
     /// Renames a staged artifact into place (hold its lock) and trims the cache.
     pub fn commit(&self, staging: &Path, task: &str, identity: &str, size: u64) -> Result<PathBuf> {
         let dir = self.artifact_dir(task, identity);
+        // Committed artifacts are read-only: a consumer (a task, a tool it runs) that
+        // writes into one fails, where it changed what every later build uses.
+        fsutil::make_read_only(staging)?;
         if let Err(e) = std::fs::rename(staging, &dir) {
             // A stale directory without a readable manifest holds the name (an
             // empty one is replaced by the rename itself): replace it.

@@ -156,6 +156,38 @@ pub fn remove_dir_all(path: &Path) -> Result<()> {
     }
 }
 
+/// Takes the write bits off `root` and every file and directory under it (links are
+/// not followed, and keep theirs): what a committed artifact is made of.
+pub fn make_read_only(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let read_only = |path: &Path, meta: &std::fs::Metadata| -> Result<()> {
+        let mode = meta.permissions().mode();
+        if mode & 0o222 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !0o222))
+                .with_context(|| format!("Cannot make {} read-only", path.display()))?;
+        }
+        Ok(())
+    };
+    let mut dirs = Vec::new();
+    walk(root, Path::new(""), &mut |rel, entry| {
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            dirs.push((root.join(rel), meta));
+            return Ok(true);
+        }
+        if meta.is_file() {
+            read_only(&root.join(rel), &meta)?;
+        }
+        Ok(false)
+    })?;
+    // Directories once their entries are done (a directory without its write bit
+    // can still be read).
+    for (dir, meta) in dirs.iter().rev() {
+        read_only(dir, meta)?;
+    }
+    read_only(root, &std::fs::symlink_metadata(root)?)
+}
+
 /// Gives the owner full access to every directory under `root` (links are not
 /// followed); what cannot be changed is left as it is.
 fn make_dirs_writable(root: &Path) {
@@ -243,7 +275,13 @@ fn copy_entry(src: &Path, dst: &Path) -> Result<()> {
     } else if meta.is_dir() {
         std::fs::create_dir_all(dst).with_context(|| format!("Cannot create {}", dst.display()))?;
     } else if meta.is_file() {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::copy(src, dst)
+            .with_context(|| format!("Cannot copy {} to {}", src.display(), dst.display()))?;
+        // A copy is its owner's to change, even of a file of a read-only artifact
+        // (and `--copy` into the same place again must be able to overwrite it).
+        let mode = meta.permissions().mode() | 0o200;
+        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("Cannot copy {} to {}", src.display(), dst.display()))?;
     } else {
         anyhow::bail!(
