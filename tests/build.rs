@@ -136,6 +136,35 @@ fn influence_env_and_env_placeholders_are_part_of_the_identity() {
 }
 
 #[test]
+fn an_influencing_variables_value_is_kept_as_its_digest_only() {
+    let ws = Workspace::with("[task.t]\ninfluence_env = [\"MY_TOKEN\"]\nrun = \"true\"\n");
+    let run = |args: &[&str], value: &str| {
+        let mut cmd = ws.command(args);
+        cmd.env("MY_TOKEN", value);
+        ws.run(cmd)
+    };
+    run(&["build", "t"], "tok-SECRET-77").success();
+    // Regression (issue 24): the value was kept in clear in the manifest, inside the
+    // archive anyone may read from the HTTP cache, and shown by inspect -i.
+    let manifest = ws.artifacts("t")[0].join(".manifest.json");
+    let text = std::fs::read_to_string(manifest).unwrap();
+    assert!(!text.contains("tok-SECRET-77"), "{text}");
+    let digest = "Environment: MY_TOKEN=sha256:";
+    assert!(text.contains(digest), "{text}");
+    run(&["inspect", "-i", "t"], "tok-SECRET-77")
+        .success()
+        .contains(digest)
+        .lacks("tok-SECRET-77");
+    // As much part of the identity as before.
+    run(&["build", "t"], "tok-SECRET-77")
+        .success()
+        .lacks("Execution started");
+    run(&["build", "t"], "tok-OTHER")
+        .success()
+        .contains("Execution started");
+}
+
+#[test]
 fn editing_a_command_changes_the_identity_but_a_description_does_not() {
     let ws = Workspace::with("[task.a]\nrun = \"echo one\"\n");
     ws.jolt(&["build", "a"]).success().contains("one");

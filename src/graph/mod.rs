@@ -674,8 +674,14 @@ impl Builder<'_> {
         lines.push(format!("Definition: {}", task.definition_hash));
         let files = self.influence_files(i, &mut lines)?;
         for var in self.influence_vars(i)? {
+            // A value's digest, not the value: the lines are kept in manifests,
+            // which anyone may read from the HTTP cache, and a variable may hold a
+            // token. The identity depends on the value as much.
             match self.env_var(&var) {
-                Some(v) => lines.push(format!("Environment: {var}={v}")),
+                Some(v) => lines.push(format!(
+                    "Environment: {var}=sha256:{}",
+                    crate::util::hex(&<sha2::Sha256 as sha2::Digest>::digest(v.as_bytes()))
+                )),
                 None => lines.push(format!("Environment: {var} is unset")),
             }
         }
