@@ -648,26 +648,41 @@ fn tasks_never_see_the_credentials_of_jolt() {
 }
 
 #[test]
-fn the_environment_block_of_jolt_holds_no_credential_once_read() {
+fn the_environment_and_command_line_of_jolt_hold_no_credential_once_read() {
     // Root reads any process's `/proc/PID/environ`, non-dumpable or not: what it
     // shows is the memory the environment was given at exec.
     if !crate::util::running_as_root("to read a non-dumpable process's environ") {
         return;
     }
     let ws = Workspace::with(
-        "[task.t]\nrun = \"tr '\\\\0' '\\\\n' < /proc/$PPID/environ > {artifact}/environ\"\n",
+        "[task.t]\nrun = \"tr '\\\\0' '\\\\n' < /proc/$PPID/environ > {artifact}/environ; tr '\\\\0' ' ' < /proc/$PPID/cmdline > {artifact}/cmdline\"\n",
     );
-    let mut cmd = ws.command(&["build", "t"]);
-    cmd.env("JOLT_HTTP_PASSWORD", "http-s3cret")
-        .env("JOLT_AMQP_HOST", "amqp://u:amqp-s3cret@broker");
+    let mut cmd = ws.command(&[
+        "-c",
+        "amqp.host=amqp://u:amqp-s3cret@broker",
+        "-c",
+        "amqp.password=other-s3cret",
+        "build",
+        "t",
+    ]);
+    cmd.env("JOLT_HTTP_PASSWORD", "http-s3cret");
     let run = ws.run(cmd);
     run.success();
-    let environ = std::fs::read_to_string(run.locations()[0].join("environ")).unwrap();
-    // Regression (issue 24): a task of jolt's user read them there.
-    for secret in ["http-s3cret", "amqp-s3cret"] {
+    let read = |name: &str| std::fs::read_to_string(run.locations()[0].join(name)).unwrap();
+    let (environ, cmdline) = (read("environ"), read("cmdline"));
+    // Regression (issue 24): a task of jolt's user read them there (and any user
+    // the command line).
+    for secret in ["http-s3cret", "amqp-s3cret", "other-s3cret"] {
         assert!(!environ.contains(secret), "{secret} in:\n{environ}");
+        assert!(!cmdline.contains(secret), "{secret} in: {cmdline}");
     }
     assert!(environ.contains("JOLT_JOLT_CACHEDIR="), "{environ}");
+    assert!(
+        cmdline.contains(
+            "amqp.host=amqp://u:***********@broker -c amqp.password=************ build t"
+        ),
+        "{cmdline}"
+    );
 }
 
 #[test]

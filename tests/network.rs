@@ -1430,7 +1430,9 @@ fn a_worker_running_as_an_unprivileged_user_builds_and_uploads() {
 #[test]
 fn a_task_on_an_unprivileged_worker_finds_its_credentials_in_no_process() {
     // Regression (issue 24): a task walked up to its worker and read
-    // `/proc/<worker>/environ`, JOLT_HTTP_PASSWORD and the broker password in it.
+    // `/proc/<worker>/environ`, JOLT_HTTP_PASSWORD and the broker password in it;
+    // and `/proc/<worker>/cmdline`, open to every user, held a password given with
+    // `-c` (the broker's, here).
     let http = format!("http-pw-{}", std::process::id());
     let amqp = format!("amqp-pw-{}", std::process::id());
     let Some(c) = crate::util::cluster_with_cache_auth(&format!("worker:{http}")) else {
@@ -1441,10 +1443,14 @@ fn a_task_on_an_unprivileged_worker_finds_its_credentials_in_no_process() {
         ("JOLT_HTTP_USERNAME", "worker"),
         ("JOLT_HTTP_PASSWORD", http.as_str()),
         ("JOLT_AMQP_USERNAME", user.name.as_str()),
-        ("JOLT_AMQP_PASSWORD", amqp.as_str()),
     ];
-    let Some(_w) = WorkerProcess::start_unprivileged_with_env(&c.config(), 10001, &credentials)
-    else {
+    let on_the_command_line = [format!("amqp.password={amqp}")];
+    let Some(_w) = WorkerProcess::start_unprivileged_with(
+        &c.config(),
+        10001,
+        &on_the_command_line,
+        &credentials,
+    ) else {
         return;
     };
     // The task holds the passwords in two halves, so that its own command line

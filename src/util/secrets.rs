@@ -10,7 +10,8 @@
 //!   jolt process becomes non-dumpable, so its `/proc/PID/environ`, `mem` and the
 //!   like are root's and ptrace is refused to processes of its uid, and it takes the
 //!   credential variables out of its environment, their values overwritten where the
-//!   kernel shows them ([`taken_credentials`] keeps them for the configuration).
+//!   kernel shows them ([`taken_credentials`] keeps them for the configuration),
+//!   and overwrites the passwords in its command line, which every user may read.
 
 use std::borrow::Cow;
 use std::sync::{Mutex, RwLock};
@@ -206,9 +207,16 @@ extern "C" {
 ///   side channel (a pipe or memfd) to hand the values over, and no window in which
 ///   a process holds them unprotected.
 ///
-/// Root can still read them (it can read anything of any process); and what reads
-/// the command line (`ps`, `/proc/PID/cmdline`, open to every user) sees a `-c
-/// http.password=...` argument: credentials belong in the environment.
+/// - Credentials on the command line (`-c http.password=...`, a URL's password in
+///   `-c amqp.host=amqp://user:pw@broker`, `jolt config http.password VALUE`) are
+///   overwritten with `*` where the kernel shows the arguments: `/proc/PID/cmdline`
+///   (what `ps` shows) is open to every user, dumpable or not. The arguments were
+///   copied before (`std::env::args_os` in `main`), and the masked text has the
+///   same length.
+///
+/// Root can still read them (it can read anything of any process); other users saw
+/// a command line's credentials until this ran: credentials belong in the
+/// environment.
 pub fn seal_process() {
     let not_dumpable: libc::c_ulong = 0;
     // SAFETY: prctl with PR_SET_DUMPABLE only changes an attribute of this process.
@@ -241,6 +249,99 @@ pub fn seal_process() {
     for (name, _) in taken.iter() {
         std::env::remove_var(name);
     }
+    drop(taken);
+    mask_arguments();
+}
+
+/// Overwrites the credentials in this process's arguments, where
+/// `/proc/self/stat` says the kernel keeps them (fields 48 and 49, `arg_start` and
+/// `arg_end`), with `*`.
+fn mask_arguments() {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields are counted from the last ')' (the name may hold anything): field 3 is
+    // index 0 there.
+    let Some(rest) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
+        return;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<usize>().ok());
+    let (Some(start), Some(end)) = (field(48), field(49)) else {
+        return;
+    };
+    if start == 0 || end <= start {
+        return;
+    }
+    // SAFETY: the kernel reports [start, end) as this process's argument strings,
+    // which lie in its stack mapping, readable and writable; nothing else runs yet
+    // (see `seal_process`). Rust's standard library keeps pointers into them, and
+    // later reads see the masked text: bytes are replaced within each string, the
+    // NUL terminators left where they are.
+    let memory = unsafe { std::slice::from_raw_parts_mut(start as *mut u8, end - start) };
+    let mut offsets = Vec::new();
+    let mut at = 0;
+    for arg in memory.split(|&b| b == 0) {
+        offsets.push(at);
+        at += arg.len() + 1;
+    }
+    let args: Vec<&[u8]> = memory.split(|&b| b == 0).collect();
+    let masks = secrets_in_arguments(&args);
+    for (arg, bytes) in masks {
+        let from = offsets[arg];
+        memory[from + bytes.start..from + bytes.end].fill(b'*');
+    }
+}
+
+/// Where arguments hold a credential: `(argument, byte range)` pairs. The value of
+/// a `...password=VALUE` argument; the argument after one ending in `password`
+/// (`jolt config http.password VALUE`); the password of a URL's userinfo, in an
+/// argument holding `://` or in the value of a `KEY=VALUE` one (`amqp.host` takes
+/// `user:pw@broker` too).
+fn secrets_in_arguments(args: &[&[u8]]) -> Vec<(usize, std::ops::Range<usize>)> {
+    const KEY: &[u8] = b"password=";
+    let mut out = Vec::new();
+    for (i, arg) in args.iter().enumerate() {
+        let lower = arg.to_ascii_lowercase();
+        if let Some(at) = find(&lower, KEY) {
+            if at + KEY.len() < arg.len() {
+                out.push((i, at + KEY.len()..arg.len()));
+            }
+            continue;
+        }
+        if lower.ends_with(b"password") {
+            if let Some(next) = args.get(i + 1).filter(|next| !next.is_empty()) {
+                out.push((i + 1, 0..next.len()));
+            }
+            continue;
+        }
+        let value = match arg.iter().position(|&b| b == b'=') {
+            Some(eq) => eq + 1,
+            None if find(arg, b"://").is_some() => 0,
+            None => continue,
+        };
+        if let Some(pw) = userinfo_password(&arg[value..]) {
+            out.push((i, value + pw.start..value + pw.end));
+        }
+    }
+    out
+}
+
+/// The bytes of the password in a URL's (or an address's) userinfo, still
+/// percent-encoded: `pw` in `amqp://user:pw@broker/x` and in `user:pw@broker`.
+fn userinfo_password(value: &[u8]) -> Option<std::ops::Range<usize>> {
+    let rest = find(value, b"://").map_or(0, |at| at + 3);
+    let end = value[rest..]
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+        .map_or(value.len(), |at| rest + at);
+    let at = rest + value[rest..end].iter().rposition(|&b| b == b'@')?;
+    let colon = rest + value[rest..at].iter().position(|&b| b == b':')?;
+    (colon + 1 < at).then_some(colon + 1..at)
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -289,6 +390,40 @@ mod tests {
         assert!(!shown.contains("guest"), "{shown}");
         assert!(shown.contains("locale: \"en_US\""), "{shown}");
         assert_eq!(redact_record("no handshake here"), "no handshake here");
+    }
+
+    #[test]
+    fn credentials_in_arguments_are_found() {
+        /// The arguments, and the masked parts: which argument, what text.
+        type Case<'a> = (&'a [&'a str], &'a [(usize, &'a str)]);
+        let cases: &[Case] = &[
+            (
+                &["jolt", "-c", "http.password=s3cret", "build"],
+                &[(2, "s3cret")],
+            ),
+            (&["jolt", "-cAMQP.PASSWORD=s3cret"], &[(1, "s3cret")]),
+            (&["jolt", "--config=http.password=a=b"], &[(1, "a=b")]),
+            (
+                &["jolt", "config", "http.password", "s3cret"],
+                &[(3, "s3cret")],
+            ),
+            (
+                &["jolt", "-c", "amqp.host=amqp://u:p%40w@broker/a@b"],
+                &[(2, "p%40w")],
+            ),
+            (&["jolt", "-c", "amqp.host=u:pw@broker:5672"], &[(2, "pw")]),
+            (&["jolt", "-c", "http.uri=https://u@cache/x"], &[]),
+            (&["jolt", "-c", "http.password="], &[]),
+            (&["jolt", "build", "a:b", "x@y", "-c", "k=v"], &[]),
+        ];
+        for (args, expected) in cases {
+            let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            let found: Vec<(usize, &str)> = secrets_in_arguments(&bytes)
+                .into_iter()
+                .map(|(i, range)| (i, &args[i][range]))
+                .collect();
+            assert_eq!(found, *expected, "{args:?}");
+        }
     }
 
     #[test]

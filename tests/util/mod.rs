@@ -681,13 +681,15 @@ impl WorkerProcess {
     /// A worker running as user and group `uid`, as the worker image runs it
     /// (`None`, skipping, when this test does not run as root, outside CI).
     pub fn start_unprivileged(config: &Path, uid: u32) -> Option<WorkerProcess> {
-        Self::start_unprivileged_with_env(config, uid, &[])
+        Self::start_unprivileged_with(config, uid, &[], &[])
     }
 
-    /// [`WorkerProcess::start_unprivileged`] with extra environment variables.
-    pub fn start_unprivileged_with_env(
+    /// [`WorkerProcess::start_unprivileged`] with extra `-c` overrides and
+    /// environment variables.
+    pub fn start_unprivileged_with(
         config: &Path,
         uid: u32,
+        overrides: &[String],
         env: &[(&str, &str)],
     ) -> Option<WorkerProcess> {
         use std::os::unix::fs::chown;
@@ -704,7 +706,7 @@ impl WorkerProcess {
         chown(&own_config, Some(uid), Some(uid)).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_jolt"));
         cmd.uid(uid).gid(uid).env("HOME", home.path());
-        let worker = Self::spawn_in(home, cmd, &own_config, &[], env);
+        let worker = Self::spawn_in(home, cmd, &own_config, overrides, env);
         worker.wait_for("waiting for requests", std::time::Duration::from_secs(20));
         Some(worker)
     }
