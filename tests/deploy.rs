@@ -176,4 +176,6 @@ fn the_shipped_configurations_hold_only_keys_jolt_knows() {
     }
     assert!(dockerfile.contains("install -d -o jolt -g jolt -m 0750 /var/cache/jolt"));
     assert!(dockerfile.contains("USER 10001:10001"));
+    // Tasks read what the worker's user reads: no Kubernetes API token (issue 24).
+    assert!(k8s.contains("\n      automountServiceAccountToken: false\n"));
 }
