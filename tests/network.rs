@@ -2211,3 +2211,39 @@ fn a_password_in_amqp_host_connects_and_is_never_shown() {
     assert!(!logs.contains(SECRET), "{logs}");
     assert!(!logs.contains("WRONG-pw-88"), "{logs}");
 }
+
+#[test]
+fn a_build_stores_its_recipes_and_snapshot_again_when_a_worker_finds_them_gone() {
+    let Some(c) = cluster() else { return };
+    let ws =
+        Workspace::with("[task.t]\ninfluence = [\"in.txt\"]\nrun = \"cp in.txt {artifact}/out\"\n");
+    ws.file("in.txt", "stored again\n");
+    // No worker yet: the request waits in the queue, its bundle and snapshot stored.
+    let client = c.spawn_build(&ws, &["t"]);
+    wait_until("the request", Duration::from_secs(30), || {
+        c.broker.queued() == Some(1)
+    });
+    // Regression (issue 24): `jolt cache trim` took a running build's bundle (and
+    // snapshot), a worker that had not parsed it failed the request, `the recipes
+    // are not in the HTTP cache`, and the client never stored it again.
+    for dir in ["cache/_recipes", "cache/_sources"] {
+        let entries: Vec<_> = std::fs::read_dir(c.server.file(dir))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(entries.len(), 1, "{dir}");
+        std::fs::remove_file(entries[0].path()).unwrap();
+    }
+    let w = c.worker();
+    let run = finish_within(client, Duration::from_secs(60), "the build");
+    run.success()
+        .contains("found the recipe bundle of t")
+        .contains("found the source snapshot of t")
+        .contains("missing from the HTTP cache: storing it again");
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("out")).unwrap(),
+        "stored again\n",
+        "{}",
+        w.output()
+    );
+}

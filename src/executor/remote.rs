@@ -6,7 +6,8 @@
 //! for every call of the build, takes the replies and keeps the clocks: a worker's
 //! `accepted` and `running` replies are news, a final reply hands the call back to
 //! the pool ([`Next::Finish`]: the log replayed, a goal downloaded, an unusable
-//! archive asked to be replaced), and so do a reconnection ([`Next::Recheck`]: the
+//! archive asked to be replaced, a recipe bundle or source snapshot that a worker
+//! found missing stored again), and so do a reconnection ([`Next::Recheck`]: the
 //! HTTP cache asked, the request sent again) and a worker's silence
 //! ([`Next::Resend`]). The waiter itself never waits for the network, so a thousand
 //! requests in flight cost a thousand small records, not a thousand threads.
@@ -24,7 +25,7 @@ use crate::console;
 use crate::graph::{Graph, Resolved};
 use crate::interrupt;
 use crate::remote::client::{Incoming, Subscription};
-use crate::remote::messages::{Reply, ReplyKind, Request, VERSION};
+use crate::remote::messages::{Missing, Reply, ReplyKind, Request, VERSION};
 use crate::store::http::HttpCache;
 use crate::util::fs::format_duration;
 
@@ -34,6 +35,11 @@ const SILENT_INTERVALS: u32 = 4;
 
 /// How many times a network client asks for an archive it rejected to be replaced.
 const REPLACEMENTS: usize = 2;
+
+/// How many times a call's recipe bundle or source snapshot is stored again for a
+/// worker that found it missing from the HTTP cache (a trim took it, say) before
+/// the worker's error fails the task.
+const RESTORES: u32 = 3;
 
 /// How many times a call is sent again, with no worker saying it runs the task,
 /// before it fails (see `Runner::hopeless`).
@@ -87,6 +93,8 @@ pub(super) struct Call<'n> {
     /// When a worker last said it has the request; `None` before it accepted.
     last_news: Option<Instant>,
     replacements: usize,
+    /// Times its bundle or snapshot was stored again (see [`RESTORES`]).
+    restores: u32,
     /// Requests sent again since a worker last said it runs the task.
     resends: u32,
     /// When a worker last said it runs the task (or the call started).
@@ -121,6 +129,7 @@ impl<'n> Runner<'n> {
             published: Instant::now(),
             last_news: None,
             replacements: 0,
+            restores: 0,
             resends: 0,
             last_running: Instant::now(),
         };
@@ -154,6 +163,7 @@ impl<'n> Runner<'n> {
                     duration: call.start.elapsed().as_secs_f64(),
                     log: String::new(),
                     error: String::new(),
+                    missing: None,
                     cache: String::new(),
                 })
             }
@@ -220,6 +230,11 @@ impl<'n> Runner<'n> {
         let duration = Duration::try_from_secs_f64(reply.duration)
             .unwrap_or_default()
             .min(Duration::from_secs(crate::util::fs::MAX_DURATION_SECS));
+        if let Some(what) = reply.missing.filter(|_| reply.kind == ReplyKind::Error) {
+            if call.restores < RESTORES {
+                return self.restore(call, what, &reply.worker).err().map(Err);
+            }
+        }
         if reply.kind != ReplyKind::Success {
             let mut failure = self.remote_failure(i, reply, duration);
             // A worker whose cache went away (an upload that failed, say) fails its
@@ -275,6 +290,54 @@ impl<'n> Runner<'n> {
         }
     }
 
+    /// `worker` found the call's recipe bundle or source snapshot missing from the
+    /// HTTP cache (a trim took it, or an operator): it is stored again, unless that
+    /// happened since the request was published, and the request is sent again. A
+    /// snapshot is packed again from the workspace; should its files have changed,
+    /// the request names the new one, and the worker refuses the identity.
+    fn restore(&self, mut call: Box<Call<'n>>, what: Missing, worker: &str) -> Result<(), Failure> {
+        let (Mode::Network(net), Some(http)) = (self.mode, self.http) else {
+            return Err(Failure::new("internal error: no network build"));
+        };
+        let node = &self.graph.nodes[call.i];
+        call.restores += 1;
+        self.log(
+            console::Level::Warning,
+            format!(
+                "{worker} found the {what} of {} missing from the HTTP cache: storing it again",
+                node.label()
+            ),
+        );
+        match what {
+            Missing::Recipes => {
+                net.client
+                    .store_recipes(&net.recipes, http, Some(call.published))?;
+            }
+            Missing::Snapshot => {
+                if call.request.snapshot.is_none() {
+                    return Err(Failure::new(format!(
+                        "{worker} asked for a source snapshot of {}, which has none",
+                        node.label()
+                    )));
+                }
+                let files: Vec<std::path::PathBuf> =
+                    node.files.iter().map(|f| f.path.clone()).collect();
+                let digest = net.client.snapshot(
+                    self.root,
+                    &files,
+                    http,
+                    self.cache,
+                    Some(call.published),
+                )?;
+                if call.request.snapshot.as_deref() != Some(digest.as_str()) {
+                    call.request.snapshot = Some(digest);
+                    call.body = serde_json::to_vec(&call.request).map_err(anyhow::Error::from)?;
+                }
+            }
+        }
+        self.send_again(call)
+    }
+
     /// A worker's failure or error reply: its log is shown, and it fails node `i`.
     fn remote_failure(&self, i: usize, reply: Reply, took: Duration) -> Failure {
         for line in reply.log.lines() {
@@ -317,13 +380,16 @@ impl<'n> Runner<'n> {
                 taints.insert(n.qualified.clone(), t.clone());
             }
         }
-        net.client.store_recipes(&net.recipes, http)?;
+        net.client.store_recipes(&net.recipes, http, None)?;
         let snapshot = if node.files.is_empty() {
             None
         } else {
             let files: Vec<std::path::PathBuf> =
                 node.files.iter().map(|f| f.path.clone()).collect();
-            Some(net.client.snapshot(self.root, &files, http, self.cache)?)
+            Some(
+                net.client
+                    .snapshot(self.root, &files, http, self.cache, None)?,
+            )
         };
         Ok(Request {
             version: VERSION,

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::AmqpSettings;
 use crate::error::infra;
@@ -75,10 +75,11 @@ pub struct NetworkClient {
     settings: AmqpSettings,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
-    snapshots: Mutex<HashSet<String>>,
-    /// Whether the build's recipe bundle is in the HTTP cache; held while it is
-    /// stored, so that the requests that need it wait for one upload.
-    recipes_stored: Mutex<bool>,
+    /// When each source snapshot (by digest) was last stored.
+    snapshots: Mutex<HashMap<String, Instant>>,
+    /// When the build's recipe bundle was last stored in the HTTP cache; held while
+    /// it is stored, so that the requests that need it wait for one upload.
+    recipes_stored: Mutex<Option<Instant>>,
     /// When each pool's consumers are next counted (see [`NetworkClient::idle_pool`]).
     pool_checks: Mutex<HashMap<String, std::time::Instant>>,
 }
@@ -148,8 +149,8 @@ impl NetworkClient {
             settings,
             shared,
             thread: Some(thread),
-            snapshots: Mutex::new(HashSet::new()),
-            recipes_stored: Mutex::new(false),
+            snapshots: Mutex::new(HashMap::new()),
+            recipes_stored: Mutex::new(None),
             pool_checks: Mutex::new(HashMap::new()),
         })
     }
@@ -324,25 +325,34 @@ impl NetworkClient {
     }
 
     /// Stores the recipe bundle in the HTTP cache unless this client did already: once
-    /// per build, before its first request.
-    pub fn store_recipes(&self, bundle: &RecipeBundle, http: &HttpCache) -> Result<()> {
+    /// per build, before its first request; and again for a worker that found it
+    /// missing (`again`: when the request it answered was published) unless it was
+    /// stored after that, so that the requests a trim failed at once cost one upload.
+    pub fn store_recipes(
+        &self,
+        bundle: &RecipeBundle,
+        http: &HttpCache,
+        again: Option<Instant>,
+    ) -> Result<()> {
         let mut stored = self.recipes_stored.lock().expect("recipes_stored");
-        if !*stored {
+        if !stored_since(*stored, again) {
             http.store_recipes(&bundle.digest, &bundle.bytes)
                 .with_context(|| "Cannot upload the recipes")?;
-            *stored = true;
+            *stored = Some(Instant::now());
         }
         Ok(())
     }
 
     /// Packs `files` (relative to `root`) into a source snapshot, uploads it to the
-    /// HTTP cache once per digest, and returns the digest.
+    /// HTTP cache once per digest (and again, as [`NetworkClient::store_recipes`]
+    /// does the bundle, for a worker that found it missing), and returns the digest.
     pub fn snapshot(
         &self,
         root: &Path,
         files: &[PathBuf],
         http: &HttpCache,
         cache: &LocalCache,
+        again: Option<Instant>,
     ) -> Result<String> {
         struct Hashing<W> {
             inner: W,
@@ -369,7 +379,13 @@ impl NetworkClient {
             crate::store::archive::pack_files(root, &with_link_targets(root, files), &mut out)?;
             out.flush()?;
             let digest = hex(&out.hasher.finalize());
-            if self.snapshots.lock().expect("snapshots").contains(&digest) {
+            let stored = self
+                .snapshots
+                .lock()
+                .expect("snapshots")
+                .get(&digest)
+                .copied();
+            if stored_since(stored, again) {
                 return Ok(digest);
             }
             http.store_source(&digest, &path)
@@ -377,11 +393,22 @@ impl NetworkClient {
             self.snapshots
                 .lock()
                 .expect("snapshots")
-                .insert(digest.clone());
+                .insert(digest.clone(), Instant::now());
             Ok(digest)
         })();
         let _ = crate::util::fs::remove_dir_all(&scratch);
         result
+    }
+}
+
+/// Whether something this client last stored at `stored` (`None`: never) needs no
+/// upload now: it was stored, and after `since` when a worker found it missing in
+/// answer to a request published at `since`.
+fn stored_since(stored: Option<Instant>, since: Option<Instant>) -> bool {
+    match (stored, since) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(at), Some(since)) => at > since,
     }
 }
 
@@ -609,5 +636,27 @@ fn sleep_unless_stopped(shared: &Shared, total: Duration) {
     let until = std::time::Instant::now() + total;
     while std::time::Instant::now() < until && !shared.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bundle_or_snapshot_is_stored_again_unless_stored_since_the_request() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        // (last stored, request published when a worker found it missing) -> stored.
+        let table = [
+            (None, None, false),
+            (Some(t0), None, true),
+            (None, Some(t0), false),
+            (Some(t0), Some(t1), false),
+            (Some(t1), Some(t0), true),
+        ];
+        for (stored, since, fresh) in table {
+            assert_eq!(stored_since(stored, since), fresh, "{stored:?} {since:?}");
+        }
     }
 }

@@ -134,6 +134,26 @@ pub enum ReplyKind {
     Error,
 }
 
+/// What a worker found missing from the HTTP cache: something the client stores
+/// there for its requests, which a trim or an operator may remove during a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Missing {
+    /// The request's recipe bundle (`_recipes/{digest}.json`).
+    Recipes,
+    /// The request's source snapshot (`_sources/{digest}.tar`).
+    Snapshot,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Missing::Recipes => "recipe bundle",
+            Missing::Snapshot => "source snapshot",
+        })
+    }
+}
+
 /// A worker's answer, published to `jolt_results` with the identity as routing key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Reply {
@@ -151,6 +171,13 @@ pub struct Reply {
     /// What went wrong.
     #[serde(default)]
     pub error: String,
+    /// With `error`: the request's recipe bundle or source snapshot is not in the HTTP
+    /// cache, and the client may store it again and resend the request. Optional, and
+    /// left out when `None`, so that replies stay version 2 both ways: a client that
+    /// does not know it ignores it, and a worker that does not send it fails the task
+    /// as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<Missing>,
     /// The request's [`Request::cache`]: a client ignores replies of another.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cache: String,
@@ -347,5 +374,26 @@ mod tests {
         forged[3] ^= 1;
         let e = RecipeBundle::files(&bundle.digest, &forged).unwrap_err();
         assert!(e.to_string().contains("does not match its digest"), "{e}");
+    }
+
+    #[test]
+    fn what_a_worker_found_missing_is_optional_in_a_version_2_reply() {
+        let id = "d".repeat(64);
+        let old = format!(
+            "{{\"version\": 2, \"identity\": \"{id}\", \"kind\": \"error\", \"worker\": \"w:1\", \"error\": \"gone\"}}"
+        );
+        let reply: Reply = serde_json::from_str(&old).unwrap();
+        assert_eq!(reply.missing, None);
+        let text = serde_json::to_string(&reply).unwrap();
+        assert!(!text.contains("missing"), "{text}");
+        let new = old.replace(
+            "\"error\": \"gone\"",
+            "\"error\": \"gone\", \"missing\": \"snapshot\"",
+        );
+        let reply: Reply = serde_json::from_str(&new).unwrap();
+        assert_eq!(reply.missing, Some(Missing::Snapshot));
+        assert!(serde_json::to_string(&reply)
+            .unwrap()
+            .contains("\"missing\":\"snapshot\""));
     }
 }

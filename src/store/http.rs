@@ -61,6 +61,24 @@ pub fn is_rejected(err: &anyhow::Error) -> bool {
     err.chain().any(|e| e.is::<Rejected>())
 }
 
+/// A recipe bundle or source snapshot the server does not hold (404, 410): a trim
+/// or an operator removed it, and its client may store it again.
+#[derive(Debug)]
+pub struct Absent(pub String);
+
+impl std::fmt::Display for Absent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Absent {}
+
+/// Whether an error (anywhere in its chain) is an [`Absent`] bundle or snapshot.
+pub fn is_absent(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.is::<Absent>())
+}
+
 /// An upload the server refused (401, 403): the cache is there, and reading it may
 /// still work.
 #[derive(Debug)]
@@ -1018,7 +1036,11 @@ impl HttpCache {
             let mut resp = me.send(&url, &mut || me.with_auth(me.agent.get(&url)).call())?;
             match resp.status().as_u16() {
                 200 => {}
-                404 | 410 => bail!("{url}: the recipes are not in the HTTP cache"),
+                404 | 410 => {
+                    return Err(
+                        Absent(format!("{url}: the recipes are not in the HTTP cache")).into(),
+                    )
+                }
                 code => bail!("{url}: GET answered {code}"),
             }
             let mut bytes = Vec::new();
@@ -1043,7 +1065,10 @@ impl HttpCache {
     fn fetch_source_now(&self, digest: &str, dest: &Path) -> Result<()> {
         let url = self.source_url(digest);
         if !self.get_unpacked_with_digest(&url, dest, digest)? {
-            bail!("{url}: the source snapshot is not in the HTTP cache");
+            return Err(Absent(format!(
+                "{url}: the source snapshot is not in the HTTP cache"
+            ))
+            .into());
         }
         Ok(())
     }

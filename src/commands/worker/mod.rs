@@ -66,7 +66,7 @@ use crate::interrupt;
 use crate::recipe::Recipes;
 use crate::remote::amqp::{task_queue, RESULTS};
 use crate::remote::messages::{
-    whoami, RecipeBundle, Reply, ReplyKind, Request, MAX_RECIPE_BUNDLE, VERSION,
+    whoami, Missing, RecipeBundle, Reply, ReplyKind, Request, MAX_RECIPE_BUNDLE, VERSION,
 };
 use crate::store::http::HttpCache;
 use crate::store::local::LocalCache;
@@ -308,6 +308,7 @@ impl Worker {
             duration: 0.0,
             log: String::new(),
             error: String::new(),
+            missing: None,
             cache: String::new(),
         }
     }
@@ -538,6 +539,12 @@ impl Worker {
         let outcome = self.build_reporting_progress(link.progress, &request, announced);
         let mut reply = match outcome {
             Outcome::Interrupted => return Ok(false),
+            Outcome::Missing(what, error) => {
+                let mut r = self.reply_to(&request, ReplyKind::Error);
+                r.error = error;
+                r.missing = Some(what);
+                r
+            }
             Outcome::Done(kind, log, error) => {
                 let mut r = self.reply_to(&request, kind);
                 r.log = log;
@@ -611,7 +618,7 @@ impl Worker {
                     "{} {id8} is in the HTTP cache already",
                     request.reference
                 ));
-                Cached::Answer(self.reply_to(&request, ReplyKind::Success))
+                Cached::Answer(self.reply_to(request, ReplyKind::Success))
             }
             Err(e) => self.cache_failed(request, &e),
         }
@@ -624,7 +631,7 @@ impl Worker {
             self.http.mark_down();
         }
         console::error(&format!("{e:#}"));
-        let mut reply = self.reply_to(&request, ReplyKind::Error);
+        let mut reply = self.reply_to(request, ReplyKind::Error);
         reply.error = format!("{e:#}");
         Cached::Answer(reply)
     }
@@ -646,7 +653,7 @@ impl Worker {
                     "{} {id8}: the HTTP cache's archive is intact, left alone",
                     request.reference
                 ));
-                Cached::Answer(self.reply_to(&request, ReplyKind::Success))
+                Cached::Answer(self.reply_to(request, ReplyKind::Success))
             }
             Ok(None) => Cached::Absent,
             Err(e) if crate::store::http::is_interrupted(&e) => Cached::Interrupted,
@@ -694,7 +701,7 @@ impl Worker {
             }
             requesters.retain(|_, t| t.elapsed() < requester_kept());
         }
-        let accepted = self.reply_to(&request, ReplyKind::Accepted);
+        let accepted = self.reply_to(request, ReplyKind::Accepted);
         if !link.acceptor.accept(&accepted)? {
             return Ok(None);
         }
@@ -786,7 +793,7 @@ impl Worker {
         } else {
             ReplyKind::Accepted
         };
-        publish_reply(link.publisher, &self.reply_to(&request, kind))
+        publish_reply(link.publisher, &self.reply_to(request, kind))
     }
 
     /// A request that was delivered before and never acknowledged: the worker that
@@ -806,7 +813,7 @@ impl Worker {
                 "Refusing {} {id8} (redelivered): {message}",
                 request.reference
             ));
-            let mut reply = self.reply_to(&request, ReplyKind::Error);
+            let mut reply = self.reply_to(request, ReplyKind::Error);
             reply.error = message;
             return publish_reply(link.publisher, &reply);
         }
@@ -839,9 +846,13 @@ impl Worker {
     /// Rebuilds the client's workspace in `ws`: its recipe files, parsed, and the
     /// source snapshot.
     fn write_workspace(&self, request: &Request, ws: &Path, fresh: bool) -> Result<Recipes> {
-        let recipes = self.recipes(&request.recipes, ws, fresh)?;
+        let recipes = self
+            .recipes(&request.recipes, ws, fresh)
+            .map_err(|e| gone(e, Missing::Recipes))?;
         if let Some(digest) = &request.snapshot {
-            self.http.fetch_source(digest, ws)?;
+            self.http
+                .fetch_source(digest, ws)
+                .map_err(|e| gone(e, Missing::Snapshot))?;
         }
         Ok(recipes)
     }
@@ -915,7 +926,10 @@ impl Worker {
                 self.http.mark_down();
             }
             console::error(&format!("{e:#}"));
-            Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}"))
+            match e.downcast_ref::<Gone>() {
+                Some(Gone(what, _)) => Outcome::Missing(*what, format!("{e:#}")),
+                None => Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),
+            }
         });
         // Kept for the next request of its bundle, which checks it is as written.
         match listed {
@@ -1246,7 +1260,33 @@ enum Cached {
 
 enum Outcome {
     Done(ReplyKind, String, String),
+    /// The request's recipe bundle or source snapshot is not in the HTTP cache: an
+    /// error reply that says so, for the client to store it again.
+    Missing(Missing, String),
     Interrupted,
+}
+
+/// A request's recipe bundle or source snapshot that the HTTP cache does not hold
+/// (`store::http::Absent`: a trim took it, say), which the error reply names
+/// ([`Reply::missing`]) so that the client stores it again.
+#[derive(Debug)]
+struct Gone(Missing, anyhow::Error);
+
+impl std::fmt::Display for Gone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.1)
+    }
+}
+
+impl std::error::Error for Gone {}
+
+/// `e` as a [`Gone`] `what` when it is an absent bundle or snapshot.
+fn gone(e: anyhow::Error, what: Missing) -> anyhow::Error {
+    if crate::store::http::is_absent(&e) {
+        Gone(what, e).into()
+    } else {
+        e
+    }
 }
 
 #[cfg(test)]
