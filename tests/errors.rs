@@ -2,6 +2,7 @@
 //! and no partial artifact.
 
 use crate::util::Workspace;
+use std::os::unix::process::CommandExt;
 
 const RECIPE: &str = r#"
 [task.hello]
@@ -420,6 +421,138 @@ fn a_task_dies_with_a_jolt_killed_between_its_start_and_its_registration() {
     let _ = child.wait();
     // Regression: with posix_spawn and no announcement, it ran on under init.
     assert_dies(pid, "SIGKILL of jolt before it registered the task");
+}
+
+#[test]
+fn a_jolt_killed_while_starting_a_command_kills_it_and_spares_the_users_other_jobs() {
+    // Regression (issue 24): killed in the instant between a start and its
+    // registration, jolt left its guardian to kill the whole process group of any
+    // process of its session that had been handed to jolt's reaper since the
+    // announcement, leader or not: a user's job, leader and all, died in 4 runs of 12.
+    // Here the job leaves a process to the reaper in that instant, every time.
+    let ws = Workspace::with("[task.t]\nrun = \"echo $$ > {root}/leader.pid; exec sleep 300\"\n");
+    let number = |file: &str| ws.read(file).trim().parse::<i32>().ok();
+    let wait = |what: &str, file: &str| {
+        crate::util::wait_until(what, std::time::Duration::from_secs(30), || {
+            number(file).is_some()
+        });
+        number(file).unwrap()
+    };
+    for run in 0..12 {
+        for file in ["leader.pid", "job.child", "job.left"] {
+            let _ = std::fs::remove_file(ws.root().join(file));
+        }
+        // The user's job, in a process group of its own in this (jolt's) session: a
+        // leader and its child, started before jolt and, even by the clock's ticks,
+        // before what jolt announces.
+        let mut job = std::process::Command::new("sh")
+            .args(["-c", "sleep 300 & echo $! > job.child; wait"])
+            .current_dir(ws.root())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let leader = job.id() as i32;
+        let child = wait("the job's child", "job.child");
+        let newest = start_tick(leader).max(start_tick(child));
+        crate::util::wait_until(
+            "the next clock tick",
+            std::time::Duration::from_secs(10),
+            || boot_ticks() > newest,
+        );
+        let mut jolt = ws
+            .command(&["build", "t"])
+            .env("JOLT_TEST_SPAWN_PAUSE_MS", "60000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let command = wait("the task's shell", "leader.pid");
+        let guardian = guardian_of(jolt.id() as i32);
+        // Jolt is held between the command's start and its registration. The job
+        // starts a process there and leaves it to the reaper, jolt's reaper too.
+        let mut left = std::process::Command::new("sh")
+            .args(["-c", "sleep 300 & echo $! > job.left"])
+            .current_dir(ws.root())
+            .process_group(leader)
+            .spawn()
+            .unwrap();
+        left.wait().unwrap();
+        let orphan = wait("the job's process left to the reaper", "job.left");
+        unsafe { libc::kill(jolt.id() as i32, libc::SIGKILL) };
+        let _ = jolt.wait();
+        assert_dies(command, "SIGKILL of jolt before it registered the task");
+        // Whatever the guardian kills, it has killed once it is gone.
+        assert_dies(guardian, "SIGKILL of jolt");
+        for (what, pid) in [("leader", leader), ("child", child), ("process", orphan)] {
+            assert!(
+                untouched(pid),
+                "run {run}: the guardian killed the user's job ({what} {pid})"
+            );
+        }
+        unsafe { libc::kill(-leader, libc::SIGKILL) };
+        let _ = job.wait();
+    }
+}
+
+/// The jolt guardian whose parent is `jolt`.
+fn guardian_of(jolt: i32) -> i32 {
+    let find = || {
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .find_map(|entry| {
+                let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+                let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+                (comm.trim() == "jolt-guardian" && stat_field(pid, 1)? == jolt as u64)
+                    .then_some(pid)
+            })
+    };
+    crate::util::wait_until(
+        "jolt's guardian",
+        std::time::Duration::from_secs(30),
+        || find().is_some(),
+    );
+    find().unwrap()
+}
+
+/// Field `index` of `/proc/PID/stat`, counted from the state (0) after the name.
+fn stat_field(pid: i32, index: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(index)?.parse().ok()
+}
+
+/// When `pid` started, in clock ticks since boot.
+fn start_tick(pid: i32) -> u64 {
+    stat_field(pid, 19).expect("a start time")
+}
+
+/// Clock ticks since boot, as `/proc/PID/stat` counts a start.
+fn boot_ticks() -> u64 {
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u128;
+    let nanos = now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128;
+    (nanos * hz / 1_000_000_000) as u64
+}
+
+/// Whether `pid` runs and nobody has sent it SIGKILL: none pending (the instant a
+/// kill returns), and not exiting (once the process took it).
+fn untouched(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kill = 1u64 << (libc::SIGKILL - 1);
+    let pending = status
+        .lines()
+        .filter_map(|line| {
+            let mask = line
+                .strip_prefix("SigPnd:")
+                .or_else(|| line.strip_prefix("ShdPnd:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .any(|mask| mask & kill != 0);
+    // PF_EXITING, in the flags (field 9).
+    let exiting = stat_field(pid, 6).is_none_or(|flags| flags & 0x4 != 0);
+    !pending && !exiting && crate::util::alive(pid)
 }
 
 #[test]
