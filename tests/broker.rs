@@ -206,7 +206,7 @@ fn a_lock_the_broker_refuses_is_an_error_and_not_a_duplicate() {
     );
     let ws = Workspace::with("[task.refused_lock]\nrun = \"true # refused lock\"\n");
     // Another holder of the task's lock shard, so the worker needs its own lock.
-    with_shard_held(&ws.identity("refused_lock"), |_consumer| {
+    with_shard_held(&c.lock_key(&ws.identity("refused_lock")), |_consumer| {
         let w = crate::util::WorkerProcess::start(&c.config(), &user.settings());
         let client = c.spawn_build(&ws, &["refused_lock"]);
         // Regression: any refusal was taken for a lock held by another worker, and
@@ -234,7 +234,7 @@ fn a_worker_declares_no_lock_shard_queue_that_exists() {
     // worker consumes it without declaring it: a declaration costs the broker about
     // as much as the lock. Regression: every worker declared every shard it used,
     // once per connection, and this user's worker failed the task.
-    with_shard_held(&ws.identity("shard_exists"), |_consumer| {});
+    with_shard_held(&c.lock_key(&ws.identity("shard_exists")), |_consumer| {});
     let w = crate::util::WorkerProcess::start(&c.config(), &user.settings());
     let client = c.spawn_build(&ws, &["shard_exists"]);
     crate::util::finish_within(client, Duration::from_secs(60), "the client").code(0);
@@ -242,15 +242,15 @@ fn a_worker_declares_no_lock_shard_queue_that_exists() {
     assert!(!output.contains("Cannot declare"), "{output}");
 }
 
-/// The lock shard queue of `identity`, as workers name it.
-fn shard_queue_of(identity: &str) -> String {
-    let shard = u32::from_str_radix(&identity[..4], 16).unwrap() % 1024;
+/// The lock shard queue of a lock key (`Cluster::lock_key`), as workers name it.
+fn shard_queue_of(key: &str) -> String {
+    let shard = u32::from_str_radix(&key[..4], 16).unwrap() % 1024;
     format!("jolt_shard_{shard:03x}")
 }
 
 /// Runs `f` while a consumer of this test (which never answers questions) holds the
-/// lock shard queue of `identity`, declared as workers declare it.
-fn with_shard_held(identity: &str, f: impl FnOnce(&amiquip::Consumer)) {
+/// lock shard queue of the lock key `key`, declared as workers declare it.
+fn with_shard_held(key: &str, f: impl FnOnce(&amiquip::Consumer)) {
     let mut holder =
         amiquip::Connection::insecure_open("amqp://guest:guest@127.0.0.1:5672/%2F").unwrap();
     let channel = holder.open_channel(None).unwrap();
@@ -261,7 +261,7 @@ fn with_shard_held(identity: &str, f: impl FnOnce(&amiquip::Consumer)) {
     );
     let queue = channel
         .queue_declare(
-            shard_queue_of(identity),
+            shard_queue_of(key),
             amiquip::QueueDeclareOptions {
                 arguments,
                 ..Default::default()
@@ -286,22 +286,19 @@ fn a_shard_queue_deleted_while_a_worker_asks_its_holder_costs_no_delivery() {
         return;
     };
     let ws = Workspace::with("[task.shard_gone]\nrun = \"true # shard gone\"\n");
-    let identity = ws.identity("shard_gone");
+    let key = c.lock_key(&ws.identity("shard_gone"));
     let w = c.worker();
-    with_shard_held(&identity, |consumer| {
+    with_shard_held(&key, |consumer| {
         let client = c.spawn_build(&ws, &["shard_gone"]);
         // The worker's question comes to the holder, which does not answer; then
         // someone deletes the shard queue.
         match consumer.receiver().recv_timeout(Duration::from_secs(30)) {
-            Ok(amiquip::ConsumerMessage::Delivery(d)) => assert_eq!(d.body, identity.as_bytes()),
+            Ok(amiquip::ConsumerMessage::Delivery(d)) => assert_eq!(d.body, key.as_bytes()),
             other => panic!("no question came: {other:?}"),
         }
         c.broker.with_channel(|ch| {
-            ch.queue_delete(
-                shard_queue_of(&identity),
-                amiquip::QueueDeleteOptions::default(),
-            )
-            .unwrap();
+            ch.queue_delete(shard_queue_of(&key), amiquip::QueueDeleteOptions::default())
+                .unwrap();
         });
         crate::util::finish_within(client, Duration::from_secs(60), "the client").success();
     });

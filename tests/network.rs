@@ -723,7 +723,7 @@ fn a_duplicate_request_is_answered_even_when_its_holder_never_replies() {
     let channel = holder.open_channel(None).unwrap();
     channel
         .queue_declare(
-            format!("jolt_lock_{identity}"),
+            c.lock_queue(&identity),
             amiquip::QueueDeclareOptions {
                 exclusive: true,
                 ..Default::default()
@@ -1938,14 +1938,11 @@ fn a_duplicate_that_comes_while_the_holder_uploads_is_not_built_again() {
 fn a_task_whose_lock_something_else_holds_fails_instead_of_waiting_for_ever() {
     let Some(c) = cluster() else { return };
     let ws = Workspace::with("[task.squatted]\nrun = \"true # squatted\"\n");
-    let identity = ws.identity("squatted");
+    let lock = c.lock_queue(&ws.identity("squatted"));
     // Not a worker's lock: a plain queue by that name, which never goes away.
     c.broker.with_channel(|ch| {
-        ch.queue_declare(
-            format!("jolt_lock_{identity}"),
-            amiquip::QueueDeclareOptions::default(),
-        )
-        .unwrap();
+        ch.queue_declare(lock.clone(), amiquip::QueueDeclareOptions::default())
+            .unwrap();
     });
     let _w = c.worker();
     let client = c.spawn_build_with(&ws, &["amqp.heartbeat=3"], &["squatted"]);
@@ -1954,13 +1951,10 @@ fn a_task_whose_lock_something_else_holds_fails_instead_of_waiting_for_ever() {
     finish_within(client, Duration::from_secs(90), "the client")
         .code(1)
         .contains("No worker runs squatted")
-        .contains(&format!("jolt_lock_{identity}"));
+        .contains(&lock);
     c.broker.with_channel(|ch| {
-        ch.queue_delete(
-            format!("jolt_lock_{identity}"),
-            amiquip::QueueDeleteOptions::default(),
-        )
-        .unwrap();
+        ch.queue_delete(lock, amiquip::QueueDeleteOptions::default())
+            .unwrap();
     });
 }
 

@@ -200,7 +200,7 @@ impl<'n> Runner<'n> {
             node.label(),
             call.resends + 1,
             format_duration(silent),
-            node.identity
+            call.request.lock_key()
         )))
     }
 

@@ -109,13 +109,17 @@ impl Request {
     /// and tests do) neither wait for nor answer each other's builds. 64 hex digits,
     /// as an identity; the identity itself for a request of an older client.
     pub fn lock_key(&self) -> String {
-        if self.cache.is_empty() {
-            return self.identity.clone();
-        }
-        crate::util::hex(&Sha256::digest(
-            format!("{}:{}", self.cache, self.identity).as_bytes(),
-        ))
+        lock_key(&self.cache, &self.identity)
     }
+}
+
+/// What a worker locks for a request of the fleet `cache` for `identity` (see
+/// [`Request::lock_key`]).
+pub fn lock_key(cache: &str, identity: &str) -> String {
+    if cache.is_empty() {
+        return identity.to_string();
+    }
+    crate::util::hex(&Sha256::digest(format!("{cache}:{identity}").as_bytes()))
 }
 
 /// What a reply says.

@@ -97,6 +97,13 @@ pub fn is_upload_refused(err: &anyhow::Error) -> bool {
     err.chain().any(|e| e.is::<UploadRefused>())
 }
 
+/// The fleet of the cache at `uri` (without credentials): see [`HttpCache::fleet`].
+pub fn fleet_of(uri: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(uri.trim_end_matches('/').as_bytes());
+    crate::util::hex(&digest[..8])
+}
+
 /// A client of the HTTP cache. Clones share their connections and what they found
 /// (the server down, archives rejected).
 #[derive(Clone)]
@@ -612,9 +619,7 @@ impl HttpCache {
     /// host's address) get different digests: a client's requests carry its own,
     /// which the worker only repeats in its replies and its lock.
     pub fn fleet(&self) -> String {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(self.base.trim_end_matches('/').as_bytes());
-        crate::util::hex(&digest[..8])
+        fleet_of(&self.base)
     }
 
     /// Whether the cache's archive of an artifact was found unusable.

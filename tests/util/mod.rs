@@ -866,6 +866,19 @@ impl Cluster {
         }
     }
 
+    /// What a worker of this cluster locks for `identity`: the identity within the
+    /// cluster's fleet (`Request::lock_key`), 64 hex digits.
+    pub fn lock_key(&self, identity: &str) -> String {
+        let fleet = jolt::store::http::fleet_of(&format!("{}/cache", self.server.url));
+        jolt::remote::messages::lock_key(&fleet, identity)
+    }
+
+    /// The lock queue a worker of this cluster declares for `identity` when its
+    /// shard is taken.
+    pub fn lock_queue(&self, identity: &str) -> String {
+        format!("jolt_lock_{}", self.lock_key(identity))
+    }
+
     pub fn build(&self, ws: &Workspace, args: &[&str]) -> Run {
         let config = self.config().display().to_string();
         let mut all = vec!["-c", config.as_str(), "build", "--network"];
