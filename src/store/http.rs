@@ -170,24 +170,27 @@ struct TransferThreads {
     queue: crossbeam_channel::Receiver<TransferJob>,
     /// Threads waiting for a job and not reserved.
     idle: Arc<std::sync::atomic::AtomicUsize>,
+    /// How long a thread waits for a job before it ends.
+    keep: Duration,
 }
 
 const TRANSFER_THREAD_IDLE: Duration = Duration::from_secs(30);
 
 impl TransferThreads {
-    fn new() -> TransferThreads {
+    fn new(keep: Duration) -> TransferThreads {
         let (jobs, queue) = crossbeam_channel::unbounded();
         TransferThreads {
             jobs,
             queue,
             idle: Arc::default(),
+            keep,
         }
     }
 
     /// The process's transfer threads.
     fn shared() -> &'static TransferThreads {
         static THREADS: std::sync::OnceLock<TransferThreads> = std::sync::OnceLock::new();
-        THREADS.get_or_init(TransferThreads::new)
+        THREADS.get_or_init(|| TransferThreads::new(TRANSFER_THREAD_IDLE))
     }
 
     /// See [`interruptible`].
@@ -227,7 +230,7 @@ impl TransferThreads {
             let _ = self.jobs.send(job);
             return Ok(());
         }
-        let (queue, idle) = (self.queue.clone(), self.idle.clone());
+        let (queue, idle, keep) = (self.queue.clone(), self.idle.clone(), self.keep);
         std::thread::Builder::new()
             .name("transfer".into())
             .spawn(move || {
@@ -236,7 +239,7 @@ impl TransferThreads {
                     let deliver = job();
                     idle.fetch_add(1, Ordering::AcqRel);
                     deliver();
-                    job = match queue.recv_timeout(TRANSFER_THREAD_IDLE) {
+                    job = match queue.recv_timeout(keep) {
                         Ok(job) => job,
                         Err(_) => {
                             // Leave unless a transfer reserved this thread meanwhile
@@ -246,9 +249,14 @@ impl TransferThreads {
                                     n.checked_sub(1)
                                 })
                                 .is_ok();
+                            // A thread that left must not take a job: it was sent
+                            // for another, which it would drop.
+                            if left {
+                                return;
+                            }
                             match queue.recv() {
-                                Ok(job) if !left => job,
-                                _ => return,
+                                Ok(job) => job,
+                                Err(_) => return,
                             }
                         }
                     };
@@ -1087,7 +1095,7 @@ mod tests {
     fn transfers_reuse_their_threads_and_never_wait_for_one() {
         // Threads of the test's own: other tests transfer on the process's at the
         // same time, and would take its idle thread or make it start more.
-        let threads = TransferThreads::new();
+        let threads = TransferThreads::new(TRANSFER_THREAD_IDLE);
         // One after another: one thread serves them all (it was a thread each). A
         // thread counts itself idle before it delivers, so this holds however the
         // threads are scheduled.
@@ -1134,6 +1142,35 @@ mod tests {
                 );
             }
         });
+    }
+
+    #[test]
+    fn a_thread_that_ends_idle_takes_no_transfer_with_it() {
+        // Threads that end after 50 ms without a job.
+        let threads = TransferThreads::new(Duration::from_millis(50));
+        for round in 0..20 {
+            // Two transfers at once make two threads, which then idle out; more
+            // transfers follow, each reserving a thread that is still there.
+            std::thread::scope(|scope| {
+                for _ in 0..2 {
+                    scope.spawn(|| {
+                        threads
+                            .interruptible(|| {
+                                std::thread::sleep(Duration::from_millis(10));
+                                Ok(())
+                            })
+                            .unwrap()
+                    });
+                }
+            });
+            std::thread::sleep(Duration::from_millis(20 + 10 * (round % 8)));
+            for _ in 0..5 {
+                // Regression (issue 23): a thread that had ended its wait took the
+                // next job sent to the queue and dropped it: "the transfer ended
+                // without a result", for a worker idle 30 s.
+                threads.interruptible(|| Ok(())).unwrap();
+            }
+        }
     }
 
     #[test]
