@@ -402,7 +402,23 @@ fn committed_artifacts_are_read_only_and_a_task_writing_into_a_requirement_fails
         as_nobody(&["build", "lib", "--copy", "out"]).success();
     }
     assert_eq!(mode("f"), 0o444);
-    // And jolt itself still removes what it committed.
+    // And jolt itself still removes what it committed, and what a crash left
+    // read-only: a staging directory made read-only but not renamed, and trash.
+    let id = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let staged = dir.with_file_name(format!(".{id}.99999-0-dead.tmp"));
+    let trash = ws.cachedir().join(".tmp/trash-99999-1-dead");
+    for leftover in [&staged, &trash] {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&dir)
+            .arg(leftover)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
     as_nobody(&["clean"]).success();
     assert!(ws.artifacts("lib").is_empty());
+    // Regression (found by an attacking helper): they stayed for ever, unseen by
+    // jolt.cachesize.
+    assert!(!staged.exists() && !trash.exists());
 }

@@ -544,7 +544,7 @@ impl LocalCache {
                 let identity = staged.split('.').next().unwrap_or("");
                 if is_identity(identity) {
                     if let Ok(Some(_lock)) = self.try_lock(identity) {
-                        let _ = std::fs::remove_dir_all(&path);
+                        let _ = fsutil::remove_dir_all(&path);
                     }
                 }
                 continue;
@@ -680,7 +680,7 @@ impl LocalCache {
                 None => day_old(&entry),
             };
             if gone {
-                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = fsutil::remove_dir_all(&entry.path());
             }
         }
     }
