@@ -176,7 +176,16 @@ pub fn make_read_only(root: &Path) -> Result<()> {
             return Ok(true);
         }
         if meta.is_file() {
-            read_only(&root.join(rel), &meta)?;
+            let path = root.join(rel);
+            // A file linked elsewhere too (a task's `ln` of a workspace file) is
+            // copied first: its other names are not the artifact's to change.
+            if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+                let copy = path.with_file_name(format!(".{}.unlinked", unique_suffix()));
+                std::fs::copy(&path, &copy)
+                    .and_then(|_| std::fs::rename(&copy, &path))
+                    .with_context(|| format!("Cannot copy {}", path.display()))?;
+            }
+            read_only(&path, &std::fs::symlink_metadata(&path)?)?;
         }
         Ok(false)
     })?;
@@ -458,6 +467,37 @@ pub fn format_duration(d: std::time::Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_only_tree_leaves_a_file_it_shares_by_a_hard_link_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (art, outside) = (dir.path().join("art"), dir.path().join("workspace.txt"));
+        std::fs::create_dir_all(art.join("sub")).unwrap();
+        std::fs::write(&outside, "mine\n").unwrap();
+        // Regression (found by an attacking helper): a task's `ln` of a workspace
+        // file into its artifact made the user's file read-only.
+        std::fs::hard_link(&outside, art.join("sub/linked.txt")).unwrap();
+        std::fs::write(art.join("own.txt"), "own\n").unwrap();
+        make_read_only(&art).unwrap();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&outside), 0o644);
+        assert_eq!(
+            (
+                mode(&art),
+                mode(&art.join("sub")),
+                mode(&art.join("sub/linked.txt"))
+            ),
+            (0o555, 0o555, 0o444)
+        );
+        assert_eq!(mode(&art.join("own.txt")), 0o444);
+        assert_eq!(
+            std::fs::read_to_string(art.join("sub/linked.txt")).unwrap(),
+            "mine\n"
+        );
+        remove_dir_all(&art).unwrap();
+        assert!(!art.exists());
+    }
 
     #[test]
     fn timestamps_round_trip() {
