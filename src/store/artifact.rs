@@ -307,7 +307,12 @@ fn walk_published(
                 crate::util::fs::kind_of(&meta)
             );
         }
-        found(path.to_string_lossy().into_owned(), &dir.join(path), &meta)?;
+        // Manifests name files as UTF-8: two names that only differ in bytes that
+        // are not would have one entry.
+        let Some(rel) = path.to_str() else {
+            anyhow::bail!("{} in the artifact is not named in UTF-8", path.display());
+        };
+        found(rel.to_string(), &dir.join(path), &meta)?;
         Ok(false)
     })
 }
@@ -465,6 +470,19 @@ mod tests {
             ..manifest
         };
         assert!(error(&old).contains("no file digests"), "{}", error(&old));
+    }
+
+    #[test]
+    fn a_file_name_that_is_not_utf8_is_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Regression (found by an attacking helper): a\xff and a\xfe had one entry,
+        // a\u{fffd}, so either could be changed unseen.
+        for name in [&b"a\xff"[..], b"a\xfe"] {
+            std::fs::write(dir.path().join(std::ffi::OsStr::from_bytes(name)), "x").unwrap();
+        }
+        let error = describe(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("not named in UTF-8"), "{error}");
     }
 
     #[test]
