@@ -461,33 +461,39 @@ fn an_artifact_only_the_client_has_is_uploaded_for_the_workers() {
 fn an_artifact_changed_since_it_was_built_is_never_uploaded() {
     let Some(c) = cluster() else { return };
     let _w = c.worker();
-    let ws = Workspace::with(
-        "[task.dep]\nrun = \"echo mine > {artifact}/f\"\n[task.top]\nrequires = [\"dep\"]\nrun = \"cp {deps.dep}/f {artifact}/f\"\n",
-    );
-    let dir = ws.jolt(&["build", "dep"]).success().locations()[0].clone();
-    // Regression (issue 24): what a task or anyone wrote into a local artifact went
-    // to the HTTP cache under the genuine identity.
-    let f = dir.join("f");
-    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    std::fs::write(&f, "PWNED\n").unwrap();
-    c.build(&ws, &["top"])
-        .code(1)
-        .contains("f differs from its manifest")
-        .contains("not what it was built as")
-        .lacks("Upload started (dep ");
-    assert!(!dir.exists(), "the changed artifact is removed");
-    assert!(
-        c.server.objects().iter().all(|o| !o.contains("dep/")),
-        "{:?}",
-        c.server.objects()
-    );
-    // Built again, it is the genuine one.
-    let run = c.build(&ws, &["top"]);
-    run.success();
-    assert_eq!(
-        std::fs::read_to_string(run.locations()[0].join("f")).unwrap(),
-        "mine\n"
-    );
+    // Changed since it was built, and of an older jolt (no digests in its manifest).
+    for change in ["content", "no-digests"] {
+        let ws = Workspace::with(&format!(
+            "[task.dep]\nrun = \"echo mine > {{artifact}}/f # {change}\"\n[task.top]\nrequires = [\"dep\"]\nrun = \"cp {{deps.dep}}/f {{artifact}}/f\"\n",
+        ));
+        let dir = ws.jolt(&["build", "dep"]).success().locations()[0].clone();
+        if change == "content" {
+            let f = dir.join("f");
+            std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .unwrap();
+            std::fs::write(&f, "PWNED\n").unwrap();
+        } else {
+            let path = dir.join(".manifest.json");
+            let mut manifest: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            manifest.as_object_mut().unwrap().remove("contents");
+            std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+        }
+        // Regression (issue 24): what a task or anyone wrote into a local artifact
+        // went to the HTTP cache under the genuine identity; then (found by an
+        // attacking helper) the build failed instead of building it again.
+        let run = c.build(&ws, &["top"]);
+        run.success()
+            .contains("Removed the artifact")
+            .contains("Remote execution started (dep ")
+            .lacks("Upload started (dep ");
+        assert_eq!(
+            std::fs::read_to_string(run.locations()[0].join("f")).unwrap(),
+            "mine\n",
+            "{change}"
+        );
+        assert!(c.server.objects().iter().any(|o| o.contains("dep/")));
+    }
 }
 
 #[test]

@@ -419,12 +419,10 @@ impl Runner<'_> {
     fn upload_job(&self, i: usize) -> Result<Done, Failure> {
         let node = &self.graph.nodes[i];
         let _lock = self.lock(i)?;
-        // Only what it was built as goes to the HTTP cache.
+        // Only what it was built as goes to the HTTP cache; one that is not was
+        // removed, and is built.
         if !self.cache.intact(node.name(), &node.identity) {
-            return Err(Failure::new(format!(
-                "The artifact of {} here is not what it was built as: removed, not uploaded; build again",
-                node.label()
-            )));
+            return Ok(Done::Unusable);
         }
         let dir = self.cache.artifact_dir(node.name(), &node.identity);
         self.publish_remote(i, &dir)?;

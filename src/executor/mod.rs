@@ -250,6 +250,9 @@ enum Done {
     Reused(Arc<ArtifactInfo>),
     /// The HTTP cache could not deliver a usable artifact: build it instead.
     DownloadFailed,
+    /// The local artifact an upload was to send is not what it was built as (an
+    /// older jolt's, without digests, or changed since), and was removed: build it.
+    Unusable,
     /// A request no worker had taken, withdrawn when the build stopped: not run.
     Withdrawn,
 }
@@ -1299,6 +1302,7 @@ impl Scheduler<'_> {
                 self.succeed(i, Status::Cached, Some(info), infos);
             }
             Ok(Done::DownloadFailed) => self.download_failed(i)?,
+            Ok(Done::Unusable) => self.build_instead(i)?,
             Ok(Done::Withdrawn) => self.status[i] = Status::Pending,
             Err(failure) if failure.interrupted => {
                 self.status[i] = Status::Interrupted;
@@ -1317,6 +1321,18 @@ impl Scheduler<'_> {
         Ok(())
     }
 
+    /// Node `i` is to be built after all (here, or on a worker in a network build),
+    /// with what it needs: what was planned for it (a download, an upload of the
+    /// local artifact) found nothing usable.
+    fn build_instead(&mut self, i: usize) -> Result<()> {
+        self.done -= 1;
+        self.plan[i] = match self.mode {
+            Mode::Network(_) => Plan::Remote,
+            _ => Plan::Execute,
+        };
+        self.plan_needs(i, self.needs(i))
+    }
+
     /// The HTTP cache could not deliver node `i`: build it instead where that is
     /// allowed, have a worker replace an archive that was rejected, else fail.
     fn download_failed(&mut self, i: usize) -> Result<()> {
@@ -1327,12 +1343,7 @@ impl Scheduler<'_> {
             .unwrap_or_default();
         let rejected = http.is_some_and(|h| h.is_rejected(node.name(), &node.identity));
         match self.mode {
-            Mode::Local => {
-                // Build it instead, with what it needs.
-                self.done -= 1;
-                self.plan[i] = Plan::Execute;
-                self.plan_needs(i, self.needs(i))?;
-            }
+            Mode::Local => self.build_instead(i)?,
             Mode::Network(_) if rejected => {
                 // The cache's archive is unusable: a worker builds it again and
                 // uploads it over the bad one (the request says so).
@@ -1340,9 +1351,7 @@ impl Scheduler<'_> {
                     "The HTTP cache holds an unusable artifact of {} ({url}): having it built again",
                     node.label()
                 ));
-                self.done -= 1;
-                self.plan[i] = Plan::Remote;
-                self.plan_needs(i, self.needs(i))?;
+                self.build_instead(i)?;
             }
             Mode::Network(_) => {
                 console::error(&format!(
