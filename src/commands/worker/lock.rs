@@ -2,6 +2,8 @@
 //! created and deleted per task (declaring and deleting a queue costs RabbitMQ about
 //! 3 ms of CPU; a consumer, about 0.15 ms).
 //!
+//! What is locked is a request's lock key, its identity within its fleet
+//! (`messages::Request::lock_key`, 64 hex digits as an identity; "identity" below).
 //! Identities hash onto [`SHARDS`] shard queues, `jolt_shard_<xyz>`, declared by a
 //! worker that finds one missing (its consumer refused with 404: a declaration of a
 //! queue that exists costs the broker about 0.3 ms, as much as the lock itself) and
@@ -12,13 +14,13 @@
 //! identity of the same shard, costs a question and not a wait:
 //!
 //! - *Shard lock*: consume `jolt_shard_<s>` exclusively; then make sure no worker holds
-//!   the identity by its own lock (a `mandatory` probe to `jolt_lock_<identity>`,
+//!   the identity by its own lock (a `mandatory` probe to `jolt_lock_<key>`,
 //!   returned when that queue does not exist). Questions that come before the probe
 //!   has answered wait for it.
 //! - *Own lock*, when the shard is taken: declare the exclusive queue
-//!   `jolt_lock_<identity>` (refused: another worker holds it, a duplicate), then ask
+//!   `jolt_lock_<key>` (refused: another worker holds it, a duplicate), then ask
 //!   the shard's holder by a message to the shard queue whose body is the identity;
-//!   it answers `held` or `free` into `jolt_lock_<identity>`. `held`: a duplicate.
+//!   it answers `held` or `free` into `jolt_lock_<key>`. `held`: a duplicate.
 //!   No answer within [`ASK_WAIT`] (the holder went before it read the question):
 //!   let go and try again.
 //!
