@@ -383,9 +383,10 @@ fn refused_values(kind: Kind) -> Vec<String> {
             }
             refused
         }
-        Kind::Name => vec!["two words".into()],
-        Kind::HttpUri => vec!["ftp://cache/".into()],
-        Kind::AmqpHost => vec!["ftp://broker".into()],
+        Kind::Name => vec!["two words".into(), "p".repeat(245)],
+        Kind::Reference => vec!["".into()],
+        Kind::HttpUri => vec!["ftp://cache/".into(), "http://".into()],
+        Kind::AmqpHost => vec!["ftp://broker".into(), "broker:99999".into()],
         Kind::Text => vec![],
     }
 }

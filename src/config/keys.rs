@@ -21,8 +21,11 @@ pub const AMQPS_PORT: u16 = 5671;
 pub enum Kind {
     /// Any text.
     Text,
-    /// A name as a task's (a pool's routing key names its queue).
+    /// A name as a task's (a pool's routing key names its queue), at most
+    /// [`MAX_POOL_NAME`] characters.
     Name,
+    /// A task reference (`app`, `app:mode=release`): not empty.
+    Reference,
     /// An `http://` or `https://` URL; empty: unset.
     HttpUri,
     /// A host name, or `amqp://host[:port]`, `amqps://host[:port]`.
@@ -89,7 +92,7 @@ pub const SPECS: &[Spec] = &[
     // The runs directory (`jolt log`) stays within this.
     Spec::new("jolt.log_total", Kind::Size(1 << 20, 1 << 40), Some("256M")),
     Spec::new("jolt.jobs", Kind::Int(0, MAX_JOBS_I64), Some("0")).meaning("the number of CPUs"),
-    Spec::new("jolt.default", Kind::Text, Some("default")),
+    Spec::new("jolt.default", Kind::Reference, Some("default")),
     Spec::new("jolt.upload", Kind::Bool, Some("true")),
     Spec::new("jolt.download", Kind::Bool, Some("true")),
     Spec::new("http.uri", Kind::HttpUri, None),
@@ -190,10 +193,17 @@ pub fn parse_amqp_host(written: &str) -> Option<AmqpHost> {
     let (rest, userinfo) = crate::util::secrets::split_userinfo(rest);
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() => (h, p.parse::<u16>().ok()),
+        // A port, not the end of an IPv6 address's bracketed form.
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            match p.parse::<u16>() {
+                Ok(port) if port > 0 => (h, Some(port)),
+                _ => return None,
+            }
+        }
         _ => (rest, None),
     };
-    if host.is_empty() {
+    // A path (`amqp://host/vhost`) is not jolt's way to name a vhost: amqp.vhost is.
+    if host.is_empty() || host.contains('/') {
         return None;
     }
     Some(AmqpHost {
@@ -214,16 +224,27 @@ pub fn show_size(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// The longest routing key: RabbitMQ names are at most 255 bytes, and the pool's
+/// queue is `jolt_tasks_<key>`.
+pub const MAX_POOL_NAME: usize = 255 - "jolt_tasks_".len();
+
 /// Reads `value` as `spec`'s kind, or says what was expected.
 fn read(spec: &Spec, value: &str) -> Result<Value, String> {
     let value_ok = match spec.kind {
         Kind::Text => Some(Value::Text(value.to_string())),
-        Kind::Name => crate::util::valid_name(value).then(|| Value::Text(value.to_string())),
+        Kind::Name => (crate::util::valid_name(value) && value.len() <= MAX_POOL_NAME)
+            .then(|| Value::Text(value.to_string())),
+        Kind::Reference => {
+            (!value.trim().is_empty()).then(|| Value::Text(value.trim().to_string()))
+        }
         Kind::HttpUri => {
             let uri = value.trim();
             let (bare, _) = crate::util::secrets::strip_userinfo(uri);
-            (uri.is_empty() || bare.starts_with("http://") || bare.starts_with("https://"))
-                .then(|| Value::Text(uri.to_string()))
+            // A host after the scheme: `http://` alone names no server.
+            let host = |rest: &str| !rest.is_empty() && !rest.starts_with('/');
+            let valid = bare.strip_prefix("http://").is_some_and(host)
+                || bare.strip_prefix("https://").is_some_and(host);
+            (uri.is_empty() || valid).then(|| Value::Text(uri.to_string()))
         }
         Kind::AmqpHost => parse_amqp_host(value).map(|_| Value::Text(value.to_string())),
         Kind::Bool => super::parse_bool(value).map(Value::Bool),
@@ -239,10 +260,13 @@ fn read(spec: &Spec, value: &str) -> Result<Value, String> {
     };
     value_ok.ok_or_else(|| match spec.kind {
         Kind::Text => String::new(),
-        Kind::Name => "a name of letters, digits, '_', '-', '.' and '/'".to_string(),
-        Kind::HttpUri => "an http:// or https:// URL".to_string(),
+        Kind::Name => format!(
+            "a name of letters, digits, '_', '-', '.' and '/', at most {MAX_POOL_NAME} characters"
+        ),
+        Kind::Reference => "a task reference such as app or app:mode=release".to_string(),
+        Kind::HttpUri => "an http:// or https:// URL with a host".to_string(),
         Kind::AmqpHost => {
-            "a host name, or amqp://[user:password@]host[:port] or amqps://...".to_string()
+            "a host name, or amqp://[user:password@]host[:port] or amqps://... (the vhost goes in amqp.vhost)".to_string()
         }
         Kind::Bool => "a boolean (true, false)".to_string(),
         Kind::Int(lo, hi) => format!("an integer from {lo} to {hi}"),
@@ -402,6 +426,32 @@ mod tests {
         let host = parse_amqp_host("ci@broker").unwrap();
         assert_eq!(host.host, "broker");
         assert_eq!(host.userinfo, Some(("ci".to_string(), None)));
+    }
+
+    #[test]
+    fn config_refuses_what_a_build_could_not_use() {
+        // Found by an attacking helper: each was accepted by `jolt config`, then
+        // every build or worker failed on it (a queue name over 255 bytes, an empty
+        // task name, a URL without a host, a vhost read as part of the host name, a
+        // port past 65535 read as part of the host name).
+        let long = "p".repeat(MAX_POOL_NAME);
+        assert!(check_value("amqp.routing_key", &long).is_ok());
+        assert!(check_value("amqp.routing_key", &format!("{long}p")).is_err());
+        assert!(check_value("jolt.default", "").is_err());
+        assert!(check_value("jolt.default", " ").is_err());
+        assert!(check_value("jolt.default", "app:mode=release").is_ok());
+        for bad in ["http://", "https://", "http:///cache"] {
+            assert!(check_value("http.uri", bad).is_err(), "{bad}");
+        }
+        assert!(check_value("http.uri", "http://cache:8080/jolt").is_ok());
+        for bad in [
+            "amqp://u:p@127.0.0.1:5672/%2F",
+            "broker:99999",
+            "amqp://broker:0",
+        ] {
+            assert!(check_value("amqp.host", bad).is_err(), "{bad}");
+        }
+        assert!(check_value("amqp.host", "broker:5672").is_ok());
     }
 
     #[test]
