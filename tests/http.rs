@@ -471,6 +471,19 @@ fn a_builder_replaces_an_archive_that_clients_reject() {
         .lacks("Execution started");
 }
 
+/// A copy of the artifact directory `dir`, modes and all, to forge an archive from.
+fn copy_of(dir: &std::path::Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", dir.display()))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    copy
+}
+
 #[test]
 fn an_archive_whose_files_differ_from_its_manifest_is_rejected_and_the_task_built() {
     let Some(server) = Nginx::start() else { return };
@@ -482,14 +495,7 @@ fn an_archive_whose_files_differ_from_its_manifest_is_rejected_and_the_task_buil
     // file more, was accepted under the identity; so was an archive of an older
     // manifest without digests.
     for forge in ["content", "added", "executable", "no digests"] {
-        let forged = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(format!("{}/.", dir.display()))
-            .arg(forged.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let forged = copy_of(&dir);
         let f = forged.path();
         let lib = f.join("lib/libx.txt");
         std::fs::set_permissions(&lib, std::os::unix::fs::PermissionsExt::from_mode(0o644))
@@ -537,14 +543,7 @@ fn a_downloaded_manifest_that_reaches_outside_is_rejected() {
         ("environ", serde_json::json!({"LD_PRELOAD": "lib/evil.so"})),
         ("paths", serde_json::json!({"secret": "/etc/shadow"})),
     ] {
-        let forged = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(format!("{}/.", dir.display()))
-            .arg(forged.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let forged = copy_of(&dir);
         let path = forged.path().join(".manifest.json");
         let mut manifest: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -631,14 +630,7 @@ fn a_downloaded_archive_thousands_of_directories_deep_does_not_crash_jolt() {
     let a = workspace(&server);
     let dir = jolt(&a, &["build", "lib"]).locations()[0].clone();
     let id = crate::util::identity_of(&dir);
-    let forged = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", dir.display()))
-        .arg(forged.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let forged = copy_of(&dir);
     let deep: std::path::PathBuf = std::iter::repeat_n("d", 1800).collect();
     std::fs::create_dir_all(forged.path().join(&deep)).unwrap();
     let mut tar = Vec::new();

@@ -887,12 +887,10 @@ fn an_archive_clients_reject_is_built_again_by_a_worker() {
     );
 }
 
-#[test]
-fn a_replace_request_leaves_a_good_archive_alone() {
-    let Some(c) = cluster() else { return };
-    let ws = Workspace::with("[task.a]\nrun = \"echo a > {artifact}/a\"\n");
-    // A genuine request, taken from the queue before any worker sees it.
-    let mut client = c.spawn_build(&ws, &["a"]);
+/// A genuine request of a build of `task`, taken from the queue before any worker
+/// sees it (the cluster must have no worker yet); the client is killed.
+fn taken_request(c: &crate::util::Cluster, ws: &Workspace, task: &str) -> Vec<u8> {
+    let mut client = c.spawn_build(ws, &[task]);
     wait_until("the request", Duration::from_secs(30), || {
         c.broker.queued() == Some(1)
     });
@@ -900,11 +898,23 @@ fn a_replace_request_leaves_a_good_archive_alone() {
         let q = ch
             .queue_declare_passive(format!("jolt_tasks_{}", c.broker.routing_key))
             .unwrap();
-        let got = q.get(true).unwrap().expect("the request");
-        got.delivery.body.clone()
+        q.get(true)
+            .unwrap()
+            .expect("the request")
+            .delivery
+            .body
+            .clone()
     });
     client.kill().unwrap();
     client.wait().unwrap();
+    body
+}
+
+#[test]
+fn a_replace_request_leaves_a_good_archive_alone() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with("[task.a]\nrun = \"echo a > {artifact}/a\"\n");
+    let body = taken_request(&c, &ws, "a");
     let w = c.worker();
     let built = c.build(&ws, &["a"]);
     built.success();
@@ -953,24 +963,7 @@ fn a_source_snapshot_is_checked_against_its_digest_and_only_its_influence_is_see
     let makefile = "-include local.mk\nall:\n\t@echo ${MSG}\nMSG ?= genuine\n";
     let ws = Workspace::with(recipe);
     ws.file("Makefile", makefile);
-    // A genuine request, taken from the queue before any worker sees it.
-    let mut client = c.spawn_build(&ws, &["mk"]);
-    wait_until("the request", Duration::from_secs(30), || {
-        c.broker.queued() == Some(1)
-    });
-    let body = c.broker.with_channel(|ch| {
-        let q = ch
-            .queue_declare_passive(format!("jolt_tasks_{}", c.broker.routing_key))
-            .unwrap();
-        q.get(true)
-            .unwrap()
-            .expect("the request")
-            .delivery
-            .body
-            .clone()
-    });
-    client.kill().unwrap();
-    client.wait().unwrap();
+    let body = taken_request(&c, &ws, "mk");
     let mut request: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let digest = request["snapshot"].as_str().unwrap().to_string();
     let snapshot = c.server.file(&format!("cache/_sources/{digest}.tar"));
