@@ -16,6 +16,7 @@ pub mod recipe;
 pub mod remote;
 pub mod runlog;
 pub mod store;
+mod testhooks;
 pub mod util;
 
 use std::ffi::OsString;

@@ -987,7 +987,7 @@ impl Runner<'_> {
             ))
         })?;
         let pgid = child.id() as i32;
-        pause_after_spawn();
+        crate::testhooks::pause_after_spawn();
         spawning.started(pgid);
         // From here on the child is reaped only by `Groups`, after its group is killed.
         let mut forward = Forward {
@@ -1130,14 +1130,6 @@ impl process::Sink for Forward {
     fn line(&mut self, line: String, is_err: bool) {
         let _ = self.events.send(Event::Output(self.i, line, is_err));
     }
-}
-
-/// A hook for tests: `JOLT_TEST_SPAWN_PAUSE_MS` holds each command between its
-/// start and its registration with the guardian, so that a test can kill jolt in
-/// that instant.
-fn pause_after_spawn() {
-    static PAUSE: OnceLock<Option<Duration>> = OnceLock::new();
-    crate::util::test_pause(&PAUSE, "JOLT_TEST_SPAWN_PAUSE_MS");
 }
 
 /// The credential variables of this process, which commands never inherit.

@@ -54,13 +54,6 @@ const EARLY_KEPT: Duration = Duration::from_secs(60);
 /// At most how many calls the note of those still in progress names.
 const STILL_NAMED: usize = 3;
 
-/// A hook for tests: `JOLT_TEST_PARK_PAUSE_MS` holds each request between its
-/// publication and its parking with the waiter, so that its reply comes first.
-fn pause_before_parking() {
-    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
-    crate::util::test_pause(&PAUSE, "JOLT_TEST_PARK_PAUSE_MS");
-}
-
 /// What a pool thread is handed.
 pub(super) enum Job<'n> {
     /// A node to execute, download, upload or send, as planned.
@@ -138,7 +131,7 @@ impl<'n> Runner<'n> {
             console::Level::Info,
             format!("Remote execution started ({})", node.label()),
         );
-        pause_before_parking();
+        crate::testhooks::pause_before_parking();
         let _ = parked.calls.send(Box::new(call));
         Ok(None)
     }
@@ -213,7 +206,7 @@ impl<'n> Runner<'n> {
         call.resends += 1;
         net.client.publish(&call.routing_key, &call.body)?;
         call.last_news = None;
-        pause_before_parking();
+        crate::testhooks::pause_before_parking();
         let _ = parked.calls.send(call);
         Ok(())
     }

@@ -5,24 +5,6 @@ pub mod fs;
 pub mod globs;
 pub mod secrets;
 
-/// A hook for tests: the milliseconds the environment variable `var` gives, if it
-/// is set to a number.
-pub fn test_millis(var: &str) -> Option<std::time::Duration> {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(std::time::Duration::from_millis)
-}
-
-/// A hook for tests: sleeps for the milliseconds the environment variable `var`
-/// gives (read once, into `once`), or not at all.
-pub fn test_pause(once: &std::sync::OnceLock<Option<std::time::Duration>>, var: &str) {
-    let pause = once.get_or_init(|| test_millis(var));
-    if let Some(pause) = pause {
-        std::thread::sleep(*pause);
-    }
-}
-
 /// Whether `name` is a legal task name (also a pool's, `amqp.routing_key`): ASCII letters, digits and `_ - . /`, in
 /// `/`-separated parts that are neither empty, `.`, `..`, start with a dot nor are 64
 /// hex digits (a name becomes a directory of the cache and a path of the HTTP

@@ -39,7 +39,6 @@ use amiquip::{
 use anyhow::{Context, Result};
 use crossbeam_channel::{select, Receiver, Sender};
 use std::collections::HashSet;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::remote::amqp::cancel_consumer;
@@ -82,16 +81,11 @@ fn shard_of(identity: &str) -> u32 {
 }
 
 /// [`SHARDS`], or fewer for tests that make identities collide
-/// (`JOLT_TEST_LOCK_SHARDS`; every worker of a broker must use the same count).
+/// ([`crate::testhooks::lock_shards`]).
 fn shards() -> u32 {
-    static N: OnceLock<u32> = OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("JOLT_TEST_LOCK_SHARDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|n| (1..=SHARDS).contains(n))
-            .unwrap_or(SHARDS)
-    })
+    crate::testhooks::lock_shards()
+        .filter(|n| (1..=SHARDS).contains(n))
+        .unwrap_or(SHARDS)
 }
 
 /// A lock a worker holds.

@@ -583,8 +583,7 @@ impl Worker {
     /// Locks the request's identity (see [`lock`]); `None` when another worker holds
     /// it.
     fn lock(&self, link: &mut Link, request: &Request) -> Result<Option<lock::Lock>> {
-        static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
-        crate::util::test_pause(&PAUSE, "JOLT_TEST_LOCK_PAUSE_MS");
+        crate::testhooks::pause_before_lock();
         for _ in 0..LOCK_TRIES {
             match link
                 .locks
@@ -1131,26 +1130,18 @@ struct Acceptor {
 /// there still (see [`Worker::waited_for`]).
 const REQUESTER_KEPT: Duration = Duration::from_millis(250);
 
-/// [`REQUESTER_KEPT`], or what `JOLT_TEST_REQUESTER_KEPT_MS` says (tests that must
-/// not depend on how fast one request follows another).
+/// [`REQUESTER_KEPT`], or what a test says ([`crate::testhooks::requester_kept`]).
 fn requester_kept() -> Duration {
-    static KEPT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *KEPT.get_or_init(|| {
-        crate::util::test_millis("JOLT_TEST_REQUESTER_KEPT_MS").unwrap_or(REQUESTER_KEPT)
-    })
+    crate::testhooks::requester_kept().unwrap_or(REQUESTER_KEPT)
 }
 
 /// How long a build runs before its clients are told `accepted` (when the request
 /// did not tell them already): a shorter build's final reply is all they hear.
 const ACCEPTED_AFTER: Duration = Duration::from_millis(250);
 
-/// [`ACCEPTED_AFTER`], or what `JOLT_TEST_ACCEPTED_AFTER_MS` says (tests that must
-/// not depend on how long a short build takes).
+/// [`ACCEPTED_AFTER`], or what a test says ([`crate::testhooks::accepted_after`]).
 fn accepted_after() -> Duration {
-    static AFTER: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *AFTER.get_or_init(|| {
-        crate::util::test_millis("JOLT_TEST_ACCEPTED_AFTER_MS").unwrap_or(ACCEPTED_AFTER)
-    })
+    crate::testhooks::accepted_after().unwrap_or(ACCEPTED_AFTER)
 }
 
 /// How long a worker waits for the broker to confirm an `accepted` reply.
