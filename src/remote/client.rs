@@ -376,7 +376,11 @@ impl NetworkClient {
                 inner: std::io::BufWriter::new(file),
                 hasher: Sha256::new(),
             };
-            crate::store::archive::pack_files(root, &with_link_targets(root, files), &mut out)?;
+            crate::store::archive::pack_files(
+                root,
+                &crate::util::fs::with_link_targets(root, files),
+                &mut out,
+            )?;
             out.flush()?;
             let digest = hex(&out.hasher.finalize());
             let stored = self
@@ -410,26 +414,6 @@ fn stored_since(stored: Option<Instant>, since: Option<Instant>) -> bool {
         (Some(_), None) => true,
         (Some(at), Some(since)) => at > since,
     }
-}
-
-/// `files` and the files their symlinks lead to inside `root`: a symlink's identity
-/// covers its target's content, so the worker needs the target too.
-fn with_link_targets(root: &Path, files: &[PathBuf]) -> Vec<PathBuf> {
-    let mut out = files.to_vec();
-    let Ok(canonical_root) = std::fs::canonicalize(root) else {
-        return out;
-    };
-    for file in files {
-        let full = root.join(file);
-        let is_link = std::fs::symlink_metadata(&full).is_ok_and(|m| m.file_type().is_symlink());
-        let target = std::fs::canonicalize(&full).ok().filter(|t| t.is_file());
-        if let (true, Some(target)) = (is_link, target) {
-            if let Ok(rel) = target.strip_prefix(&canonical_root) {
-                out.push(rel.to_path_buf());
-            }
-        }
-    }
-    out
 }
 
 impl Drop for NetworkClient {

@@ -156,6 +156,27 @@ pub fn remove_dir_all(path: &Path) -> Result<()> {
     }
 }
 
+/// `files` (relative to `root`) and the files their symlinks lead to inside `root`:
+/// a symlink's identity covers its target's content, so a source snapshot carries
+/// the target too, and a worker's workspace keeps it.
+pub fn with_link_targets(root: &Path, files: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = files.to_vec();
+    let Ok(canonical_root) = std::fs::canonicalize(root) else {
+        return out;
+    };
+    for file in files {
+        let full = root.join(file);
+        let is_link = std::fs::symlink_metadata(&full).is_ok_and(|m| m.file_type().is_symlink());
+        let target = std::fs::canonicalize(&full).ok().filter(|t| t.is_file());
+        if let (true, Some(target)) = (is_link, target) {
+            if let Ok(rel) = target.strip_prefix(&canonical_root) {
+                out.push(rel.to_path_buf());
+            }
+        }
+    }
+    out
+}
+
 /// Takes the write bits off `root` and every file and directory under it (links are
 /// not followed, and keep theirs): what a committed artifact is made of.
 pub fn make_read_only(root: &Path) -> Result<()> {

@@ -258,21 +258,12 @@ fn publish_reply(publisher: &Mutex<Channel>, reply: &Reply) -> Result<()> {
 }
 
 /// Removes every file and symlink under `ws` that is not in `keep` (paths relative
-/// to `ws`), with what a kept symlink leads to inside `ws` kept too; directories
-/// stay.
-fn keep_only(ws: &Path, keep: &HashSet<PathBuf>) -> Result<()> {
-    let mut keep = keep.clone();
-    let root = std::fs::canonicalize(ws)?;
-    for path in keep.clone() {
-        let full = ws.join(&path);
-        if std::fs::symlink_metadata(&full).is_ok_and(|m| m.file_type().is_symlink()) {
-            if let Ok(target) = std::fs::canonicalize(&full) {
-                if let Ok(rel) = target.strip_prefix(&root) {
-                    keep.insert(rel.to_path_buf());
-                }
-            }
-        }
-    }
+/// to `ws`), with what a kept symlink leads to inside `ws` kept too, as a source
+/// snapshot holds it ([`crate::util::fs::with_link_targets`]); directories stay.
+fn keep_only(ws: &Path, keep: &[PathBuf]) -> Result<()> {
+    let keep: HashSet<PathBuf> = crate::util::fs::with_link_targets(ws, keep)
+        .into_iter()
+        .collect();
     let mut extra = Vec::new();
     crate::util::fs::walk(ws, Path::new(""), &mut |rel, entry| {
         let kind = entry.file_type()?;
@@ -1022,8 +1013,12 @@ impl Worker {
         if request.snapshot.is_some() {
             // The task sees only what its identity covers: its recipes and influence
             // files (a snapshot may hold more: anyone can upload one).
-            let mut keep: HashSet<PathBuf> = recipes.files.iter().map(|f| f.path.clone()).collect();
-            keep.extend(node.files.iter().map(|f| f.path.clone()));
+            let keep: Vec<PathBuf> = recipes
+                .files
+                .iter()
+                .map(|f| f.path.clone())
+                .chain(node.files.iter().map(|f| f.path.clone()))
+                .collect();
             keep_only(ws, &keep)?;
         }
         let services = Services {
@@ -1300,7 +1295,7 @@ mod tests {
         }
         std::os::unix::fs::symlink("../data/real", ws.join("src/link")).unwrap();
         std::os::unix::fs::symlink("real", ws.join("data/other-link")).unwrap();
-        let keep: HashSet<PathBuf> = ["jolt.toml", "Makefile", "src/a.c", "src/link"]
+        let keep: Vec<PathBuf> = ["jolt.toml", "Makefile", "src/a.c", "src/link"]
             .iter()
             .map(PathBuf::from)
             .collect();
