@@ -263,19 +263,6 @@ impl Manifest {
     }
 }
 
-/// Lists the files under an artifact directory (without the manifest and the log),
-/// relative and sorted, with their total size.
-pub fn list_files(dir: &Path) -> Result<(Vec<String>, u64)> {
-    let mut files = Vec::new();
-    let mut size = 0;
-    walk_published(dir, &mut |rel, _, meta| {
-        size += meta.len();
-        files.push(rel);
-        Ok(())
-    })?;
-    files.sort();
-    Ok((files, size))
-}
 
 /// Calls `found` with each published file or symlink of an artifact directory (its
 /// path relative to `dir`, its path, its metadata), never following a link; any
@@ -526,9 +513,9 @@ mod tests {
         publish("t", &rule(&src, "a.txt", Some("renamed.txt"), false), &art).unwrap();
         publish("t", &rule(&src, "dir1", Some("into/"), false), &art).unwrap();
         publish("t", &rule(&src, "dir1", Some("flat/"), true), &art).unwrap();
-        let (files, _) = list_files(&art).unwrap();
+        let (contents, _) = describe(&art).unwrap();
         assert_eq!(
-            files,
+            contents.keys().collect::<Vec<_>>(),
             vec![
                 "a.txt",
                 "b.txt",
