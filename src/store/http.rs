@@ -27,75 +27,53 @@ use crate::store::artifact::Manifest;
 /// more.
 pub const CONNECTIONS_PER_HOST: usize = 64;
 
-/// An unreachable server: the caller may go on without the cache.
-#[derive(Debug)]
-pub struct Unreachable(pub String);
+/// Declares an error marker: a message-holding type that a caller finds anywhere in
+/// an error's chain with its `is_...` function, to tell one kind of HTTP failure from
+/// another.
+macro_rules! marker {
+    ($(#[$doc:meta])* $name:ident, $is:ident) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name(pub String);
 
-impl std::fmt::Display for Unreachable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::error::Error for $name {}
+
+        #[doc = concat!("Whether an error (anywhere in its chain) is a [`", stringify!($name), "`].")]
+        pub fn $is(err: &anyhow::Error) -> bool {
+            err.chain().any(|e| e.is::<$name>())
+        }
+    };
 }
 
-impl std::error::Error for Unreachable {}
-
-/// Whether an error (anywhere in its chain) is an [`Unreachable`].
-pub fn is_unreachable(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| e.is::<Unreachable>())
-}
-
-/// An archive that arrived whole but is unusable (corrupt, another artifact's, unsafe).
-#[derive(Debug)]
-pub struct Rejected(pub String);
-
-impl std::fmt::Display for Rejected {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Rejected {}
-
-/// Whether an error (anywhere in its chain) is a [`Rejected`] archive.
-pub fn is_rejected(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| e.is::<Rejected>())
-}
-
-/// A recipe bundle or source snapshot the server does not hold (404, 410): a trim
-/// or an operator removed it, and its client may store it again.
-#[derive(Debug)]
-pub struct Absent(pub String);
-
-impl std::fmt::Display for Absent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Absent {}
-
-/// Whether an error (anywhere in its chain) is an [`Absent`] bundle or snapshot.
-pub fn is_absent(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| e.is::<Absent>())
-}
-
-/// An upload the server refused (401, 403): the cache is there, and reading it may
-/// still work.
-#[derive(Debug)]
-pub struct UploadRefused(pub String);
-
-impl std::fmt::Display for UploadRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UploadRefused {}
-
-/// Whether an error (anywhere in its chain) is an [`UploadRefused`].
-pub fn is_upload_refused(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| e.is::<UploadRefused>())
-}
+marker!(
+    /// An unreachable server: the caller may go on without the cache.
+    Unreachable,
+    is_unreachable
+);
+marker!(
+    /// An archive that arrived whole but is unusable (corrupt, another artifact's,
+    /// unsafe).
+    Rejected,
+    is_rejected
+);
+marker!(
+    /// A recipe bundle or source snapshot the server does not hold (404, 410): a
+    /// trim or an operator removed it, and its client may store it again.
+    Absent,
+    is_absent
+);
+marker!(
+    /// An upload the server refused (401, 403): the cache is there, and reading it
+    /// may still work.
+    UploadRefused,
+    is_upload_refused
+);
 
 /// The fleet of the cache at `uri` (without credentials): see [`HttpCache::fleet`].
 pub fn fleet_of(uri: &str) -> String {
