@@ -842,12 +842,7 @@ fn a_failed_command_is_reported_once_and_a_cut_tail_says_how_much_was_cut() {
         .contains("[bad] 5002\n");
     assert_eq!(run.count(failed), 1, "{}", run.all());
     // The kept output has all of it, and why it failed after it.
-    let kept = run
-        .all()
-        .lines()
-        .find_map(|l| l.split("Task output kept in ").nth(1).map(str::to_string))
-        .expect("the kept output's path");
-    let text = std::fs::read_to_string(kept.trim()).unwrap();
+    let text = std::fs::read_to_string(run.kept_output()).unwrap();
     assert!(text.starts_with("1\n2\n"), "{}", &text[..20]);
     assert!(text.ends_with(&format!("\n5002\n{failed}\n")), "{text}");
     let run = ws.jolt(&["build", "bad"]);
@@ -1026,12 +1021,8 @@ fn every_build_is_logged_and_a_failed_tasks_output_is_kept() {
         .contains("Execution finished");
     let run = ws.jolt(&["build", "bad"]);
     run.code(1);
-    let kept = run
-        .all()
-        .lines()
-        .find_map(|l| l.split("Task output kept in ").nth(1).map(str::to_string))
-        .expect("the kept output's path");
-    let text = std::fs::read_to_string(kept.trim()).unwrap();
+    let kept = run.kept_output();
+    let text = std::fs::read_to_string(&kept).unwrap();
     assert!(
         text.contains("first-line") && text.contains("error: bad thing"),
         "{text}"

@@ -241,6 +241,18 @@ impl Run {
             .collect()
     }
 
+    /// The file a failed task's whole output was kept in (the path of the
+    /// `Task output kept in PATH` line).
+    #[track_caller]
+    pub fn kept_output(&self) -> String {
+        self.all()
+            .lines()
+            .find_map(|l| l.split("Task output kept in ").nth(1))
+            .expect("the kept output's path")
+            .trim()
+            .to_string()
+    }
+
     /// The identity of the first goal's artifact (the name of its `Location:`).
     #[track_caller]
     pub fn identity(&self) -> String {
