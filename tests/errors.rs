@@ -399,18 +399,23 @@ fn task_names_with_a_part_starting_with_an_underscore_are_refused() {
     }
 }
 
+/// `jolt build TASK`, held by the test hook between each command's start and its
+/// registration with the guardian (a minute: the test kills it meanwhile).
+fn held_mid_start(ws: &Workspace, task: &str) -> std::process::Child {
+    ws.command(&["build", task])
+        .env("JOLT_TEST_SPAWN_PAUSE_MS", "60000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn a_task_dies_with_a_jolt_killed_between_its_start_and_its_registration() {
     // A task started with posix_spawn runs before jolt tells the guardian its
     // process group; the hook holds jolt in that instant.
     let ws = Workspace::with("[task.t]\nrun = \"echo $$ > {root}/leader.pid; exec sleep 300\"\n");
-    let mut child = ws
-        .command(&["build", "t"])
-        .env("JOLT_TEST_SPAWN_PAUSE_MS", "60000")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = held_mid_start(&ws, "t");
     crate::util::wait_until(
         "the task's shell",
         std::time::Duration::from_secs(30),
@@ -459,13 +464,7 @@ fn a_jolt_killed_while_starting_a_command_kills_it_and_spares_the_users_other_jo
             std::time::Duration::from_secs(10),
             || boot_ticks() > newest,
         );
-        let mut jolt = ws
-            .command(&["build", "t"])
-            .env("JOLT_TEST_SPAWN_PAUSE_MS", "60000")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut jolt = held_mid_start(&ws, "t");
         let command = wait("the task's shell", "leader.pid");
         let guardian = guardian_of(jolt.id() as i32);
         // Jolt is held between the command's start and its registration. The job
