@@ -263,7 +263,6 @@ impl Manifest {
     }
 }
 
-
 /// Calls `found` with each published file or symlink of an artifact directory (its
 /// path relative to `dir`, its path, its metadata), never following a link; any
 /// other kind of entry is an error.
