@@ -554,7 +554,7 @@ impl Runner<'_> {
             "JOLT_CACHEDIR".into(),
             self.cache.root.display().to_string(),
         );
-        for &d in self.graph.visible(i) {
+        for d in self.graph.visible(i) {
             let info = self.info(d)?;
             for (name, value) in &info.environ {
                 if name.contains("PATH") {
@@ -789,7 +789,7 @@ impl Runner<'_> {
         let node = &self.graph.nodes[i];
         let root = fsutil::normalize(self.root);
         let mut elsewhere: Vec<PathBuf> = scratch.iter().map(|p| fsutil::normalize(p)).collect();
-        for &d in self.graph.visible(i) {
+        for d in self.graph.visible(i) {
             if let Some(info) = self.infos[d].get() {
                 elsewhere.push(fsutil::normalize(&info.dir));
             }

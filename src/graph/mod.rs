@@ -35,9 +35,9 @@ pub struct Node {
     pub short: String,
     /// Direct requirements, as declared (aliases included).
     pub deps: Vec<usize>,
-    /// Artifacts this node's commands see: transitive ones first, direct ones last.
-    /// Computed on first use ([`Graph::visible`]): a no-op build never needs it.
-    visible: OnceLock<Vec<usize>>,
+    /// The requirements whose artifacts this node sees directly: `deps` with aliases
+    /// expanded and resources left out. Computed on first use ([`visible`]).
+    direct: OnceLock<Vec<usize>>,
     /// Resources acquired around this node's execution.
     pub resources: Vec<usize>,
     pub taint: Option<String>,
@@ -473,7 +473,7 @@ impl Builder<'_> {
             short,
             resources: Vec::new(),
             deps,
-            visible: OnceLock::new(),
+            direct: OnceLock::new(),
             taint,
             influence: Vec::new(),
             files: Vec::new(),
@@ -602,6 +602,8 @@ impl Builder<'_> {
     fn validate(&mut self, i: usize) -> Result<()> {
         let task = self.nodes[i].task.clone();
         let templates = templates(&task);
+        // What the node sees, computed once for all its `{deps.X}`.
+        let mut view: Option<Vec<usize>> = None;
         for Template {
             text: template,
             has_dirs,
@@ -631,7 +633,8 @@ impl Builder<'_> {
                         true
                     }
                     Placeholder::Dep(dep, key) => {
-                        let found = find_dep(&self.nodes, i, dep).map_err(|e| {
+                        let seen = view.get_or_insert_with(|| visible(&self.nodes, i));
+                        let found = find_among(&self.nodes, seen, dep).map_err(|e| {
                             usage(format!(
                                 "{e} in placeholder '{{{name}}}' of task '{}'",
                                 task.name
@@ -907,75 +910,112 @@ fn expand_alias(nodes: &[Node], i: usize) -> Vec<usize> {
 }
 
 /// The requirements whose artifacts node `i` sees directly (aliases expanded,
-/// resources left out).
-fn direct_artifacts(nodes: &[Node], i: usize) -> Vec<usize> {
-    let mut direct = Vec::new();
-    for &d in &nodes[i].deps {
-        for e in expand_alias(nodes, d) {
-            if !nodes[e].is_resource() && !direct.contains(&e) {
-                direct.push(e);
+/// resources left out), in declaration order, without repetitions.
+fn direct_artifacts(nodes: &[Node], i: usize) -> &[usize] {
+    nodes[i].direct.get_or_init(|| {
+        let mut direct = Vec::new();
+        let mut seen = HashSet::new();
+        for &d in &nodes[i].deps {
+            for e in expand_alias(nodes, d) {
+                if !nodes[e].is_resource() && seen.insert(e) {
+                    direct.push(e);
+                }
             }
         }
-    }
-    direct
+        direct
+    })
 }
 
 /// Whether consumers of node `d` see through it to its own requirements.
-fn transparent(node: &Node) -> bool {
+pub fn transparent(node: &Node) -> bool {
     node.task.has_artifact() && !node.task.def.selfsustained
 }
 
+/// Per-thread scratch space of [`visible`], kept between calls so that a view costs
+/// what it holds, not the size of the graph. Marks are generation numbers: a slot
+/// holding the current generation is set, any other value is clear.
+struct ViewScratch {
+    generation: u32,
+    /// Emitted into the view.
+    seen: Vec<u32>,
+    /// Walked into already (its view is emitted or excluded).
+    entered: Vec<u32>,
+    /// How many nodes on the walk's stack have this node as a direct requirement:
+    /// while above 0, the node waits for the tail of the outermost one.
+    excluded: Vec<u32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<ViewScratch> = const {
+        std::cell::RefCell::new(ViewScratch {
+            generation: 0,
+            seen: Vec::new(),
+            entered: Vec::new(),
+            excluded: Vec::new(),
+        })
+    };
+}
+
 /// What node `i` sees of its requirements: artifacts of transitive requirements
-/// (through requirements that are not selfsustained) first, direct ones last.
+/// (through requirements that are not selfsustained) first, direct ones last. That
+/// is, the views of its direct requirements that are transparent, concatenated in
+/// declaration order, each node at its first place, without its direct
+/// requirements, which follow.
 ///
-/// Computed on first use and remembered. Without recursion: the nodes whose view is
-/// needed and not yet known are collected first, then computed in index order, in
-/// which every requirement comes before its consumers.
-pub fn visible(nodes: &[Node], i: usize) -> &[usize] {
-    if let Some(v) = nodes[i].visible.get() {
-        return v;
-    }
-    let mut todo = Vec::new();
-    let mut seen = HashSet::new();
-    let mut stack = vec![i];
-    while let Some(n) = stack.pop() {
-        if nodes[n].visible.get().is_some() || !seen.insert(n) {
-            continue;
+/// Computed on each call, never stored: a view is the whole transitive set, so
+/// keeping every node's would cost memory in the square of a chain's depth (a
+/// 40,000-task chain held 14 GB). The walk is depth-first without recursion and
+/// enters each node once; its cost is the size of the subgraph below `i`.
+/// Entering a node twice would add nothing: everything its view holds was emitted
+/// the first time, or waits for the tail of a node still on the stack.
+pub fn visible(nodes: &[Node], i: usize) -> Vec<usize> {
+    SCRATCH.with(|scratch| {
+        let s = &mut *scratch.borrow_mut();
+        if s.seen.len() < nodes.len() {
+            s.seen.resize(nodes.len(), 0);
+            s.entered.resize(nodes.len(), 0);
+            s.excluded.resize(nodes.len(), 0);
         }
-        todo.push(n);
-        for d in direct_artifacts(nodes, n) {
-            if transparent(&nodes[d]) {
-                stack.push(d);
-            }
+        s.generation = s.generation.wrapping_add(1);
+        if s.generation == 0 {
+            s.seen.fill(0);
+            s.entered.fill(0);
+            s.generation = 1;
         }
-    }
-    todo.sort_unstable();
-    // `stamp[t] == n`: t is in n's view already. One array for all, as views of a deep
-    // chain hold thousands of nodes each.
-    let mut stamp = vec![usize::MAX; nodes.len()];
-    for n in todo {
-        nodes[n].visible.get_or_init(|| {
-            let direct = direct_artifacts(nodes, n);
-            for &d in &direct {
-                stamp[d] = n;
-            }
-            let mut out = Vec::new();
-            for &d in &direct {
-                if transparent(&nodes[d]) {
-                    // Known already: d < n, so it was computed before n (or earlier).
-                    for &t in visible(nodes, d) {
-                        if stamp[t] != n {
-                            stamp[t] = n;
-                            out.push(t);
-                        }
+        let generation = s.generation;
+        let mut out = Vec::new();
+        // A frame: a node and the index of the next direct requirement to walk into.
+        let mut stack = vec![(i, 0usize)];
+        s.entered[i] = generation;
+        for &d in direct_artifacts(nodes, i) {
+            s.excluded[d] += 1;
+        }
+        while let Some((n, next)) = stack.last_mut() {
+            let direct = direct_artifacts(nodes, *n);
+            if let Some(&d) = direct.get(*next) {
+                *next += 1;
+                if transparent(&nodes[d]) && s.entered[d] != generation {
+                    s.entered[d] = generation;
+                    for &e in direct_artifacts(nodes, d) {
+                        s.excluded[e] += 1;
                     }
+                    stack.push((d, 0));
+                }
+                continue;
+            }
+            stack.pop();
+            for &d in direct {
+                s.excluded[d] -= 1;
+            }
+            for &d in direct {
+                if s.seen[d] != generation && s.excluded[d] == 0 {
+                    s.seen[d] = generation;
+                    out.push(d);
                 }
             }
-            out.extend(direct);
-            out
-        });
-    }
-    nodes[i].visible.get().map(Vec::as_slice).unwrap_or(&[])
+        }
+        out
+    })
 }
 
 /// Whether node `n` is what the reference `name:p=v,...` designates: the same task,
@@ -1005,7 +1045,11 @@ fn designates(n: &Node, reference: &TaskRef) -> bool {
 /// The visible requirement of node `i` that `name` refers to: a task name, or a
 /// reference with parameters (in any order, defaults optional).
 pub fn find_dep(nodes: &[Node], i: usize, name: &str) -> Result<usize> {
-    let seen = visible(nodes, i);
+    find_among(nodes, &visible(nodes, i), name)
+}
+
+/// The node of `seen` (a view, see [`visible`]) that `name` refers to.
+fn find_among(nodes: &[Node], seen: &[usize], name: &str) -> Result<usize> {
     if name.contains(':') {
         let reference = TaskRef::parse(name)?;
         return match seen
@@ -1053,8 +1097,14 @@ impl Graph {
         expand_alias(&self.nodes, i)
     }
 
+    /// The requirements whose artifacts node `i` sees directly (aliases expanded,
+    /// resources left out).
+    pub fn direct_artifacts(&self, i: usize) -> &[usize] {
+        direct_artifacts(&self.nodes, i)
+    }
+
     /// What node `i` sees of its requirements (see [`visible`]).
-    pub fn visible(&self, i: usize) -> &[usize] {
+    pub fn visible(&self, i: usize) -> Vec<usize> {
         visible(&self.nodes, i)
     }
 
@@ -1274,6 +1324,69 @@ requires = ["s"]
             |i: usize| -> Vec<&str> { g.visible(i).iter().map(|&v| g.nodes[v].name()).collect() };
         assert_eq!(names(g.goals[0]), vec!["a", "b"]);
         assert_eq!(names(g.goals[1]), vec!["s"]);
+    }
+
+    /// A node's view as it was computed before views were walked on each call:
+    /// every requirement's view kept, and concatenated.
+    fn materialized_views(nodes: &[Node]) -> Vec<Vec<usize>> {
+        let mut views: Vec<Vec<usize>> = Vec::new();
+        // Nodes are created requirements first.
+        for n in 0..nodes.len() {
+            let direct = direct_artifacts(nodes, n);
+            let mut out: Vec<usize> = Vec::new();
+            for &d in direct {
+                if transparent(&nodes[d]) {
+                    for &t in &views[d] {
+                        if !direct.contains(&t) && !out.contains(&t) {
+                            out.push(t);
+                        }
+                    }
+                }
+            }
+            out.extend(direct);
+            views.push(out);
+        }
+        views
+    }
+
+    #[test]
+    fn views_walked_on_each_call_are_the_views_concatenated() {
+        // Random graphs with diamonds, repeated requirements, selfsustained tasks
+        // and aliases: every node's view, in order, as the definition gives it.
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |below: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        };
+        for _ in 0..40 {
+            let count = 2 + next(30) as usize;
+            let mut recipe = String::new();
+            for t in 0..count {
+                recipe.push_str(&format!("[task.t{t}]\n"));
+                let mut requires = Vec::new();
+                for _ in 0..(if t == 0 { 0 } else { next(5) }) {
+                    requires.push(format!("\"t{}\"", next(t as u64)));
+                }
+                if !requires.is_empty() {
+                    requires.sort();
+                    requires.dedup();
+                    recipe.push_str(&format!("requires = [{}]\n", requires.join(", ")));
+                }
+                match next(8) {
+                    0 => recipe.push_str("selfsustained = true\n"),
+                    1 if !requires.is_empty() => recipe.push_str("kind = \"alias\"\n"),
+                    _ => {}
+                }
+            }
+            let last = format!("t{}", count - 1);
+            let g = graph(&recipe, &[&last]).unwrap();
+            let expected = materialized_views(&g.nodes);
+            for (i, view) in expected.iter().enumerate() {
+                assert_eq!(&g.visible(i), view, "node {i} of\n{recipe}");
+            }
+        }
     }
 
     #[test]
