@@ -205,6 +205,33 @@ fn a_requirement_chain_thousands_deep_does_not_overflow_the_stack() {
 }
 
 #[test]
+fn a_requirement_chain_is_planned_in_memory_linear_in_its_depth() {
+    use std::os::unix::process::CommandExt;
+    // Regression (issue 24): every node kept its whole transitive view, and an
+    // execution waited for each artifact it saw, so memory grew with the square of
+    // a chain's depth: 10,000 tasks took 1 GB to plan. Now 12,000 plan within a
+    // data limit of 300 MB (they take about 50), where the square would need 1.4 GB.
+    let ws = Workspace::with(&chain(12_000, "true"));
+    let mut cmd = ws.command(&["build", "--dry-run", "t11999"]);
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 300 << 20,
+                rlim_max: 300 << 20,
+            };
+            match libc::setrlimit(libc::RLIMIT_DATA, &limit) {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            }
+        });
+    }
+    ws.run(cmd)
+        .success()
+        .contains("Dry run: 12000 execute; nothing was run");
+}
+
+#[test]
 fn numbers_out_of_range_are_usage_errors() {
     let ws = Workspace::with("[task.t]\ntimeout = \"18446744073709551615s\"\nrun = \"true\"\n");
     ws.jolt(&["build", "t"])

@@ -347,6 +347,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
     }
     if opts.dry_run {
         sched.tell_plan();
+        sched.status.truncate(graph.nodes.len());
         return Ok(Report {
             status: sched.status,
             duration: sched.durations,
@@ -444,6 +445,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
         let _ = fsutil::remove_dir_all(&dir);
     }
     let interrupted = result?;
+    sched.status.truncate(graph.nodes.len());
     Ok(Report {
         status: sched.status,
         duration: sched.durations,
@@ -508,6 +510,15 @@ struct Lanes<'n> {
     running: [usize; LANES],
 }
 
+/// Plans and settles a build's nodes.
+///
+/// `plan`, `status`, `available`, `pending` and `dependents` have two entries per
+/// node: the node `i` itself, and at `n + i` (`n` nodes), the node's *view*: a
+/// group of the artifacts it sees (see [`crate::graph::visible`]), available when they all
+/// are. An execution waits for its view; a view for the node's direct requirements
+/// and the views of those it sees through. So every link is an edge of the graph,
+/// where waiting for each artifact seen directly linked a chain's every node to
+/// every node below it (memory in the square of the depth).
 struct Scheduler<'a> {
     graph: &'a Graph,
     services: &'a Services<'a>,
@@ -633,11 +644,11 @@ impl<'a> Scheduler<'a> {
             services,
             mode: opts.mode,
             is_goal,
-            plan: vec![Plan::Unplanned; n],
-            status: vec![Status::Unneeded; n],
-            available: vec![false; n],
-            pending: vec![0; n],
-            dependents: vec![Vec::new(); n],
+            plan: vec![Plan::Unplanned; 2 * n],
+            status: vec![Status::Unneeded; 2 * n],
+            available: vec![false; 2 * n],
+            pending: vec![0; 2 * n],
+            dependents: vec![Vec::new(); 2 * n],
             ready: Default::default(),
             durations: vec![None; n],
             started: vec![None; n],
@@ -968,25 +979,48 @@ impl Scheduler<'_> {
         }
     }
 
-    /// What an execution of node `i` needs: the artifacts it sees, and its resources.
-    /// No node appears twice: both lists are free of repetitions, and resources are
-    /// never among the artifacts a node sees.
+    /// The view of node `i` (see [`Scheduler`]).
+    fn view(&self, i: usize) -> usize {
+        self.graph.nodes.len() + i
+    }
+
+    /// The node whose view `v` is, if `v` is a view.
+    fn viewer(&self, v: usize) -> Option<usize> {
+        v.checked_sub(self.graph.nodes.len())
+    }
+
+    /// What an execution of node `i` needs: its view and its resources; what a view
+    /// needs: the node's direct requirements and the views of those it sees through.
+    /// No entry appears twice: direct requirements are free of repetitions, and
+    /// resources are never among them.
     fn needs(&self, i: usize) -> Vec<usize> {
         let graph = self.graph;
-        graph
-            .visible(i)
-            .iter()
-            .chain(&graph.nodes[i].resources)
-            .copied()
-            .collect()
+        let Some(viewer) = self.viewer(i) else {
+            let mut needs = vec![self.view(i)];
+            needs.extend(&graph.nodes[i].resources);
+            return needs;
+        };
+        let direct = graph.direct_artifacts(viewer);
+        let mut needs = direct.to_vec();
+        needs.extend(
+            direct
+                .iter()
+                .filter(|&&d| crate::graph::transparent(&graph.nodes[d]))
+                .map(|&d| self.view(d)),
+        );
+        needs
     }
 
     /// Decides what node `i` needs: `Some(needs)` when it waits for them (an
     /// execution, a group), `None` when it is settled or ready already.
     fn decide(&mut self, i: usize) -> Result<Option<Vec<usize>>> {
         let graph = self.graph;
-        let node = &graph.nodes[i];
         self.status[i] = Status::Pending;
+        if self.viewer(i).is_some() {
+            self.plan[i] = Plan::Group;
+            return Ok(Some(self.needs(i)));
+        }
+        let node = &graph.nodes[i];
         if node.is_alias() {
             self.plan[i] = Plan::Group;
             return Ok(Some(graph.expand_alias(i)));
@@ -1115,10 +1149,14 @@ impl Scheduler<'_> {
     fn fast_here(&self, i: usize) -> bool {
         let graph = self.graph;
         graph.nodes[i].task.def.fast
-            && self.needs(i).iter().all(|&d| {
-                let n = &graph.nodes[d];
-                n.is_resource() || self.services.cache.is_present(n.name(), &n.identity)
-            })
+            && graph
+                .visible(i)
+                .iter()
+                .chain(&graph.nodes[i].resources)
+                .all(|&d| {
+                    let n = &graph.nodes[d];
+                    n.is_resource() || self.services.cache.is_present(n.name(), &n.identity)
+                })
     }
 
     /// A task that must come from a cache but no cache holds.
@@ -1233,7 +1271,8 @@ impl Scheduler<'_> {
                         Some((c, s == Status::Unstable))
                     } else {
                         self.status[c] = Status::Blocked;
-                        Some((f, false))
+                        // A view passes on what it waited for; its consumer judges.
+                        Some((f, unstable && self.viewer(c).is_some()))
                     }
                 }
             };

@@ -31,13 +31,17 @@ impl Scheduler<'_> {
         };
         let graph = self.graph;
         let cache = self.services.cache;
-        let mut seen = vec![false; graph.nodes.len()];
+        let mut seen = vec![false; 2 * graph.nodes.len()];
         let mut wave: Vec<usize> = graph.goals.clone();
         while !wave.is_empty() {
             let mut next = Vec::new();
             let mut ask = Vec::new();
             for i in wave {
                 if std::mem::replace(&mut seen[i], true) {
+                    continue;
+                }
+                if self.viewer(i).is_some() {
+                    next.extend(self.needs(i));
                     continue;
                 }
                 let node = &graph.nodes[i];
