@@ -1506,6 +1506,45 @@ id -u > {{artifact}}/uid
     assert!(ancestors.lines().any(|l| l == "jolt"), "{ancestors}");
 }
 
+#[test]
+fn a_worker_warns_of_a_password_its_configuration_file_holds() {
+    // Issue 24: tasks run as the worker's user and read its configuration files;
+    // only the environment keeps a credential from them.
+    let Some(c) = cluster() else { return };
+    let file = c.dir.path().join("with-passwords.conf");
+    let config = std::fs::read_to_string(c.config()).unwrap();
+    // The cluster's cache asks for no credential, and guest is the broker's.
+    let config = config
+        .replace(
+            "[http]\n",
+            "[http]\nusername = \"ci\"\npassword = \"file-s3cret\"\n",
+        )
+        .replace(
+            "host = \"127.0.0.1\"",
+            "host = \"amqp://guest:guest@127.0.0.1\"",
+        );
+    std::fs::write(&file, config).unwrap();
+    let w = WorkerProcess::start(&file, &[]);
+    let file = file.display();
+    let out = w.output();
+    assert!(out.contains(&format!("http.password comes from {file}, which the tasks this worker runs can read: give it in JOLT_HTTP_PASSWORD instead")), "{out}");
+    assert!(out.contains(&format!("The password in amqp.host comes from {file}, which the tasks this worker runs can read: give it in JOLT_AMQP_PASSWORD instead")), "{out}");
+    assert!(!out.contains("file-s3cret"), "{out}");
+    drop(w);
+    let in_the_environment = [
+        ("JOLT_HTTP_USERNAME", "ci"),
+        ("JOLT_HTTP_PASSWORD", "env-s3cret"),
+        ("JOLT_AMQP_HOST", "amqp://guest:guest@127.0.0.1"),
+    ];
+    let w = WorkerProcess::start_with_env(&c.config(), &[], &in_the_environment);
+    assert!(
+        !w.output()
+            .contains("which the tasks this worker runs can read"),
+        "{}",
+        w.output()
+    );
+}
+
 fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = vec![];
     let mut todo = vec![dir.to_path_buf()];

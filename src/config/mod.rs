@@ -5,7 +5,8 @@
 //! `/etc/jolt/config.toml`, `$XDG_CONFIG_HOME/jolt/config.toml`, each `-c FILE`,
 //! environment variables `JOLT_<SECTION>_<KEY>`, each `-c section.key=value`.
 //! [`Layers`] keeps the merged values as written (TOML values) and where each came
-//! from, for `jolt config`; [`Config`] is read from them once, every key through the
+//! from ([`Origin`]), for `jolt config` and for the worker's warning about a
+//! credential read from a file; [`Config`] is read from them once, every key through the
 //! table in [`keys`], so no other module reads a key string or knows a default.
 
 mod keys;
@@ -18,7 +19,9 @@ use std::path::{Path, PathBuf};
 use crate::error::usage;
 
 pub use keys::{check_key, check_value, is_known, keys, unknown_hint, Kind, Spec, MAX_JOBS, SPECS};
-pub use settings::{AmqpSettings, Config, HttpSettings, JoltSettings, NetworkSettings};
+pub use settings::{
+    AmqpSettings, Config, CredentialInFile, HttpSettings, JoltSettings, NetworkSettings,
+};
 
 /// Warns about the keys of a file that jolt does not know.
 fn warn_unknown(path: &Path, sections: &BTreeMap<String, Section>) {
@@ -42,8 +45,30 @@ type Section = BTreeMap<String, toml::Value>;
 #[derive(Debug, Clone, Default)]
 pub struct Layers {
     values: BTreeMap<String, Section>,
-    /// Where each `section.key` set got its value: a file, the environment, `-c`.
-    origins: BTreeMap<String, String>,
+    /// Where each `section.key` set got its value.
+    origins: BTreeMap<String, Origin>,
+}
+
+/// Where a value of the layers comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A configuration file, named as jolt was given it.
+    File(PathBuf),
+    /// An environment variable.
+    Environment(String),
+    /// `-c section.key=value`.
+    Argument,
+}
+
+impl std::fmt::Display for Origin {
+    /// As `jolt config -l` shows it: the file, `environment (VAR)`, `-c`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "{}", path.display()),
+            Origin::Environment(var) => write!(f, "environment ({var})"),
+            Origin::Argument => f.write_str("-c"),
+        }
+    }
 }
 
 /// Where `jolt config KEY VALUE` writes.
@@ -140,13 +165,13 @@ impl Layers {
             config.set("amqp.routing_key", toml::Value::String(key));
             config.origins.insert(
                 "amqp.routing_key".into(),
-                "environment (RABBITMQ_ROUTING_KEY)".into(),
+                Origin::Environment("RABBITMQ_ROUTING_KEY".into()),
             );
         }
         let merge_file = |config: &mut Layers, path: &Path| -> Result<()> {
             let sections = read_file(path)?;
             warn_unknown(path, &sections);
-            config.merge(sections, &path.display().to_string());
+            config.merge(sections, &Origin::File(path.to_path_buf()));
             Ok(())
         };
         merge_file(&mut config, &global_file())?;
@@ -169,16 +194,15 @@ impl Layers {
         config.merge_env(std::env::vars().chain(crate::util::secrets::taken_credentials()));
         for (key, value) in assignments {
             config.set(&key, toml::Value::String(value));
-            config.origins.insert(key, "-c".into());
+            config.origins.insert(key, Origin::Argument);
         }
         Ok(config)
     }
 
-    fn merge(&mut self, layer: BTreeMap<String, Section>, origin: &str) {
+    fn merge(&mut self, layer: BTreeMap<String, Section>, origin: &Origin) {
         for (name, section) in layer {
             for key in section.keys() {
-                self.origins
-                    .insert(format!("{name}.{key}"), origin.to_string());
+                self.origins.insert(format!("{name}.{key}"), origin.clone());
             }
             self.values.entry(name).or_default().extend(section);
         }
@@ -202,7 +226,7 @@ impl Layers {
         let (value, origin) = match self.value(key) {
             Some(v) => (
                 Some(value_to_string(v)),
-                self.origins.get(key).cloned().unwrap_or_default(),
+                self.origin(key).map(Origin::to_string).unwrap_or_default(),
             ),
             None if key == settings::CACHEDIR => (
                 Some(settings::default_cachedir().display().to_string()),
@@ -238,7 +262,7 @@ impl Layers {
                 continue;
             }
             self.set(&key, toml::Value::String(value));
-            self.origins.insert(key, format!("environment ({name})"));
+            self.origins.insert(key, Origin::Environment(name));
         }
     }
 
@@ -263,9 +287,10 @@ impl Layers {
         self.value(key).map(value_to_string)
     }
 
-    /// Where the value of `section.key` comes from: a file, `environment (VAR)`, `-c`.
-    pub fn origin(&self, key: &str) -> &str {
-        self.origins.get(key).map_or("", String::as_str)
+    /// Where the value of `section.key` comes from (`None`: no layer sets it, or
+    /// [`Layers::set`] did).
+    pub fn origin(&self, key: &str) -> Option<&Origin> {
+        self.origins.get(key)
     }
 
     /// The settings these layers give, every key read and checked (a usage error

@@ -4,14 +4,17 @@
 //! Each field is read by one line of [`Config::read`], through [`keys::check`] with
 //! the table's kind, range and default: the domain modules take these structs and
 //! never see a key string, so a build accepts exactly what `jolt config` accepts.
+//! Where a credential came from is read here too ([`CredentialInFile`]), from the
+//! origins the layers keep, for the worker to warn of.
 
 use anyhow::{anyhow, Result};
 use std::cell::RefCell;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::keys::{self, Value};
-use super::Layers;
+use super::{Layers, Origin};
+use crate::util::secrets;
 
 /// The key whose default is not a constant: `$XDG_CACHE_HOME/jolt`.
 pub(super) const CACHEDIR: &str = "jolt.cachedir";
@@ -23,6 +26,23 @@ pub struct Config {
     pub http: HttpSettings,
     pub amqp: AmqpSettings,
     pub network: NetworkSettings,
+    /// The credentials read from configuration files, which the tasks a worker runs
+    /// can read there as its user.
+    pub credentials_in_files: Vec<CredentialInFile>,
+}
+
+/// A credential a configuration file holds: a password key, or a URL with a
+/// password in its userinfo. A user name alone is none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialInFile {
+    /// The key whose value holds it.
+    pub key: &'static str,
+    /// The value is a URL, and the password is in its userinfo.
+    pub in_url: bool,
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// The environment variable to give it in instead.
+    pub variable: &'static str,
 }
 
 /// `[jolt]`: the local cache and local builds.
@@ -145,6 +165,7 @@ impl Config {
             upload: r.bool("jolt.upload")?,
             download: r.bool("jolt.download")?,
         };
+        let uri_password = |uri: &str| matches!(secrets::userinfo(uri), Some((_, Some(_))));
         let http = HttpSettings {
             uri: r.text("http.uri")?.filter(|u| !u.is_empty()),
             upload: r.bool("http.upload")?,
@@ -161,7 +182,7 @@ impl Config {
         let host = keys::parse_amqp_host(&written).ok_or_else(|| {
             anyhow!(
                 "amqp.host '{}' passed its check and failed to parse",
-                crate::util::secrets::masked_url(&written)
+                secrets::masked_url(&written)
             )
         })?;
         let tls = r.bool("amqp.tls")?;
@@ -175,8 +196,10 @@ impl Config {
         };
         // The userinfo of amqp.host gives the user and password, as http.uri's does:
         // amqp.username, when set, wins, and goes with amqp.password.
+        let host_password = matches!(host.userinfo, Some((_, Some(_))));
         let username = r.text("amqp.username")?.unwrap_or_default();
         let password = r.text("amqp.password")?.unwrap_or_default();
+        let key_password = !password.is_empty();
         let (username, password) = match host.userinfo {
             Some((user, url_password)) if !r.is_set("amqp.username") => {
                 let password = match url_password {
@@ -208,11 +231,34 @@ impl Config {
             upload: r.bool("network.upload")?,
             download: r.bool("network.download")?,
         };
+        // The keys whose value holds a password, each with the file it was read
+        // from, if it was: a file whose key a later layer sets is not seen.
+        let http_password = http.password.as_ref().is_some_and(|p| !p.is_empty());
+        let http_uri_password = http.uri.as_deref().is_some_and(uri_password);
+        let holds_password = [
+            ("http.password", http_password, false, "JOLT_HTTP_PASSWORD"),
+            ("http.uri", http_uri_password, true, "JOLT_HTTP_PASSWORD"),
+            ("amqp.password", key_password, false, "JOLT_AMQP_PASSWORD"),
+            ("amqp.host", host_password, true, "JOLT_AMQP_PASSWORD"),
+        ];
+        let credentials_in_files = holds_password
+            .into_iter()
+            .filter(|&(_, holds, _, _)| holds)
+            .filter_map(|(key, _, in_url, variable)| {
+                Some(CredentialInFile {
+                    key,
+                    in_url,
+                    file: r.file(key)?.to_path_buf(),
+                    variable,
+                })
+            })
+            .collect();
         Ok(Config {
             jolt,
             http,
             amqp,
             network,
+            credentials_in_files,
         })
     }
 }
@@ -240,7 +286,8 @@ impl<'a> Reader<'a> {
         match self.layers.value(key) {
             Some(v) => {
                 let written = super::value_to_string(v);
-                keys::check(spec, &written, Some(self.layers.origin(key))).map(Some)
+                let origin = self.layers.origin(key).map(Origin::to_string);
+                keys::check(spec, &written, origin.as_deref()).map(Some)
             }
             None => spec
                 .default
@@ -251,6 +298,14 @@ impl<'a> Reader<'a> {
 
     fn is_set(&self, key: &str) -> bool {
         self.layers.value(key).is_some()
+    }
+
+    /// The configuration file `key`'s value was read from, if a file set it.
+    fn file(&self, key: &str) -> Option<&Path> {
+        match self.layers.origin(key)? {
+            Origin::File(path) => Some(path),
+            Origin::Environment(_) | Origin::Argument => None,
+        }
     }
 
     fn mismatch(key: &str, value: Option<Value>, wanted: &str) -> anyhow::Error {
@@ -417,6 +472,84 @@ mod tests {
         let err = format!("{}", l.settings().unwrap_err());
         assert!(err.contains("http.timeout"), "{err}");
         assert!(err.contains("JOLT_HTTP_TIMEOUT"), "{err}");
+    }
+
+    #[test]
+    fn the_credentials_in_files_are_the_passwords_a_file_gives() {
+        // Issue 24: the tasks of a worker read its configuration files; it warns of
+        // the credentials they hold.
+        let file = Path::new("/etc/jolt/worker.conf");
+        let from = |origin: &str, key: &str, value: &str| {
+            let mut layers = Layers::default();
+            match origin {
+                "file" => {
+                    let (section, name) = key.split_once('.').unwrap();
+                    let values = [(name.to_string(), toml::Value::String(value.into()))];
+                    let sections = [(section.to_string(), values.into_iter().collect())];
+                    layers.merge(sections.into_iter().collect(), &Origin::File(file.into()));
+                }
+                "env" => {
+                    let var = format!("JOLT_{}", key.replace('.', "_").to_uppercase());
+                    layers.merge_env([(var, value.to_string())].into_iter());
+                }
+                _ => {
+                    layers.set(key, toml::Value::String(value.into()));
+                    layers.origins.insert(key.into(), Origin::Argument);
+                }
+            }
+            let found = layers.settings().unwrap().credentials_in_files;
+            found.iter().for_each(|c| assert_eq!(c.file, file));
+            let found: Vec<_> = found
+                .iter()
+                .map(|c| (c.key, c.in_url, c.variable))
+                .collect();
+            found
+        };
+        let http = ("http.password", false, "JOLT_HTTP_PASSWORD");
+        let http_uri = ("http.uri", true, "JOLT_HTTP_PASSWORD");
+        let amqp = ("amqp.password", false, "JOLT_AMQP_PASSWORD");
+        let amqp_host = ("amqp.host", true, "JOLT_AMQP_PASSWORD");
+        let cases = [
+            ("file", "http.password", "s3cret", vec![http]),
+            ("env", "http.password", "s3cret", vec![]),
+            ("-c", "http.password", "s3cret", vec![]),
+            ("file", "http.password", "", vec![]),
+            ("file", "http.username", "ci", vec![]),
+            (
+                "file",
+                "http.uri",
+                "http://ci:s3cret@cache/",
+                vec![http_uri],
+            ),
+            ("env", "http.uri", "http://ci:s3cret@cache/", vec![]),
+            ("file", "http.uri", "http://ci@cache/", vec![]),
+            ("file", "http.uri", "http://cache/", vec![]),
+            ("file", "amqp.password", "guest", vec![amqp]),
+            ("env", "amqp.password", "guest", vec![]),
+            (
+                "file",
+                "amqp.host",
+                "amqp://ci:s3cret@broker",
+                vec![amqp_host],
+            ),
+            (
+                "file",
+                "amqp.host",
+                "ci:s3cret@broker:5672",
+                vec![amqp_host],
+            ),
+            ("-c", "amqp.host", "amqp://ci:s3cret@broker", vec![]),
+            ("file", "amqp.host", "ci@broker", vec![]),
+            ("file", "amqp.host", "broker", vec![]),
+        ];
+        for (origin, key, value, expected) in cases {
+            assert_eq!(
+                from(origin, key, value),
+                expected,
+                "{key} = {value} from {origin}"
+            );
+        }
+        assert_eq!(Config::default().credentials_in_files, vec![]);
     }
 
     #[test]

@@ -184,6 +184,7 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 
 /// Runs the worker until SIGTERM (drain) or SIGINT.
 pub fn run(config: &Config) -> Result<Exit> {
+    warn_of_credentials_in_files(config);
     let settings = config.amqp.clone();
     let http = HttpCache::for_worker(config)?
         .ok_or_else(|| usage("amqp-worker needs an HTTP cache: set http.uri"))?;
@@ -238,6 +239,20 @@ pub fn run(config: &Config) -> Result<Exit> {
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
+    }
+}
+
+/// Tasks run as the worker's user, and read every file it reads: a credential in its
+/// configuration files is theirs (README: "Security notes"). Only the environment
+/// keeps credentials from them.
+fn warn_of_credentials_in_files(config: &Config) {
+    for c in &config.credentials_in_files {
+        let (key, file, variable) = (c.key, c.file.display(), c.variable);
+        console::warn(&if c.in_url {
+            format!("The password in {key} comes from {file}, which the tasks this worker runs can read: give it in {variable} instead")
+        } else {
+            format!("{key} comes from {file}, which the tasks this worker runs can read: give it in {variable} instead")
+        });
     }
 }
 
