@@ -1545,6 +1545,138 @@ fn a_worker_warns_of_a_password_its_configuration_file_holds() {
     );
 }
 
+/// What a task may read of the worker that runs it, run as `sh probe.sh BUILDDIR
+/// ARTIFACT` followed by the two passwords, each in two halves (so that no command
+/// line holds one). Into the artifact: the environment and command line of every
+/// process, every configuration file a jolt process names with `-c` and those jolt
+/// reads by itself, what the memory of its ancestors and of every jolt process
+/// holds of the passwords, and what the files under `$HOME` (the worker's cache and
+/// workspaces among them) hold of them. `search-works` says that a search of memory
+/// finds a password in a process the task may read.
+const PROBE: &str = r#"b=$1 a=$2
+printf '%s%s\n%s%s\n' "$3" "$4" "$5" "$6" > "$b/pattern"
+memory() {
+  while read -r range perms rest; do
+    case $perms in r*) ;; *) continue ;; esac
+    case $range in ffffffffff*) continue ;; esac
+    start=$((0x${range%-*} / 4096)); end=$((0x${range#*-} / 4096))
+    dd if=/proc/$1/mem bs=4096 skip=$start count=$((end - start)) 2>/dev/null
+  done < /proc/$1/maps
+}
+search() { grep -a -o -F -f "$b/pattern"; }
+PROBE="$3$4" sleep 60 &
+probe=$!
+sleep 0.2
+memory $probe 2>/dev/null | search | grep -q . && echo yes > "$a/search-works"
+kill $probe; wait $probe
+for p in /proc/[0-9]*; do
+  cat $p/environ $p/cmdline >> "$a/processes" 2>/dev/null
+  comm=$(cat $p/comm 2>/dev/null) || continue
+  case $comm in jolt|jolt-guardian) ;; *) continue ;; esac
+  echo "$comm" >> "$a/jolts"
+  dd if=$p/mem bs=1 count=0 2>/dev/null && echo "$comm" >> "$a/mem-opened"
+  memory ${p#/proc/} 2>/dev/null | search >> "$a/memory"
+  tr '\0' '\n' < $p/cmdline | sed -n '/^-c$/{n;p}' >> "$b/given"
+done
+p=$PPID
+while [ "$p" -gt 1 ]; do
+  cat /proc/$p/comm >> "$a/ancestors"
+  memory $p 2>/dev/null | search >> "$a/memory"
+  p=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status)
+done
+for f in $(cat "$b/given") /etc/jolt/config.toml "${XDG_CONFIG_HOME:-$HOME/.config}/jolt/config.toml"; do
+  [ -f "$f" ] && cat "$f" >> "$a/configs" && echo "$f" >> "$a/configs-read"
+done
+grep -r -a -o -F -f "$b/pattern" --exclude=pattern "$HOME" > "$b/home" 2>/dev/null
+cp "$b/home" "$a/home"
+id -u > "$a/uid"
+"#;
+
+#[test]
+fn a_task_on_a_worker_as_the_image_runs_it_reads_no_credential_of_the_worker() {
+    // Issue 24: the worker image's deployment, on one machine: a worker as uid
+    // 10001, its credentials in its environment only (as docker/k8s/workers.yaml
+    // gives them), its configuration in a file; a task of that uid tries every
+    // way to its credentials it has, and ships what it read to the client.
+    if !crate::util::running_as_root("to start a worker as the image's uid, 10001") {
+        return;
+    }
+    let http = format!("image-http-{}", std::process::id());
+    let amqp = format!("image-amqp-{}", std::process::id());
+    let Some(c) = crate::util::cluster_with_cache_auth(&format!("worker:{http}")) else {
+        return;
+    };
+    let user = BrokerUser::add(&amqp);
+    let credentials = [
+        ("JOLT_HTTP_USERNAME", "worker"),
+        ("JOLT_HTTP_PASSWORD", http.as_str()),
+        ("JOLT_AMQP_USERNAME", user.name.as_str()),
+        ("JOLT_AMQP_PASSWORD", amqp.as_str()),
+    ];
+    let Some(w) = WorkerProcess::start_unprivileged_with(&c.config(), 10001, &[], &credentials)
+    else {
+        return;
+    };
+    assert!(
+        !w.output().contains("can read: give it in"),
+        "{}",
+        w.output()
+    );
+    let (h1, h2) = http.split_at(6);
+    let (a1, a2) = amqp.split_at(6);
+    let ws = Workspace::with(&format!(
+        "[task.probe]\ninfluence = [\"probe.sh\"]\nrun = \"sh probe.sh {{builddir}} {{artifact}} {h1} {h2} {a1} {a2}\"\n"
+    ));
+    ws.file("probe.sh", PROBE);
+    let mut cmd = ws.command(&[
+        "-c",
+        &c.config().display().to_string(),
+        "build",
+        "--network",
+        "probe",
+    ]);
+    cmd.env("JOLT_HTTP_USERNAME", "worker")
+        .env("JOLT_HTTP_PASSWORD", &http);
+    let run = ws.run(cmd);
+    // The worker works with its credentials: it took the request from the broker
+    // as its own user, and uploaded the artifact the client downloaded.
+    run.success().contains("Remote execution finished");
+    let artifact = &run.locations()[0];
+    let read = |name: &str| std::fs::read_to_string(artifact.join(name)).unwrap_or_default();
+    assert_eq!(read("uid").trim(), "10001");
+    // The task searched where a password would be, and could read it there.
+    assert_eq!(read("search-works").trim(), "yes");
+    let jolts = read("jolts");
+    assert!(jolts.lines().any(|l| l == "jolt"), "{jolts}");
+    assert!(jolts.lines().any(|l| l == "jolt-guardian"), "{jolts}");
+    assert!(
+        read("ancestors").lines().any(|l| l == "jolt"),
+        "{}",
+        read("ancestors")
+    );
+    assert!(
+        read("configs").contains(&c.broker.routing_key),
+        "{}",
+        read("configs-read")
+    );
+    // Nothing it read holds a credential.
+    for entry in walkdir(artifact) {
+        let Ok(bytes) = std::fs::read(&entry) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        for secret in [&http, &amqp] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "the task read {secret} into {}",
+                entry.display()
+            );
+        }
+    }
+    // Non-dumpable: the memory of no jolt process opens to its user.
+    assert_eq!(read("mem-opened"), "");
+}
+
 fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = vec![];
     let mut todo = vec![dir.to_path_buf()];
