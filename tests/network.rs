@@ -1037,6 +1037,141 @@ fn two_fleets_on_one_broker_each_build_an_identity_they_share() {
     }
 }
 
+#[test]
+fn a_worker_refuses_a_request_of_another_cache_naming_both() {
+    let (Some(a), Some(b)) = (cluster(), cluster()) else {
+        return;
+    };
+    // A worker of fleet b on fleet a's pool: one broker vhost, one routing key.
+    let wb = WorkerProcess::start(
+        &b.config(),
+        &[format!("amqp.routing_key={}", a.broker.routing_key)],
+    );
+    let recipe = "[task.stray]\nrun = \"echo stray > {artifact}/out\"\n";
+    let ws = Workspace::with(recipe);
+    // Fleet b's cache holds the same recipe bundle (the fleets build one workspace).
+    let bundle = jolt::remote::messages::RecipeBundle::new(&[jolt::remote::messages::RecipeText {
+        path: "jolt.toml".into(),
+        text: recipe.into(),
+    }]);
+    let stored = b
+        .server
+        .file(&format!("cache/_recipes/{}.json", bundle.digest));
+    std::fs::create_dir_all(stored.parent().unwrap()).unwrap();
+    std::fs::write(&stored, &bundle.bytes).unwrap();
+    // Regression (issue 24): the worker built the task and uploaded it into its own
+    // cache, and the client, finding it in neither, said it was "no longer in the
+    // HTTP cache".
+    let run = a.build(&ws, &["stray"]);
+    run.code(1)
+        .contains("the request is another fleet's")
+        .contains(&format!(
+            "its client uses the HTTP cache {}/cache",
+            a.server.url
+        ))
+        .contains(&format!("this worker {}/cache", b.server.url))
+        .contains("a broker vhost of its own")
+        .lacks("no longer in the HTTP cache")
+        .lacks("storing it again");
+    assert!(
+        !wb.output().contains("Execution started"),
+        "{}",
+        wb.output()
+    );
+    assert!(
+        !b.server
+            .objects()
+            .iter()
+            .any(|o| o.starts_with("cache/stray/")),
+        "{:?}",
+        b.server.objects()
+    );
+}
+
+#[test]
+fn one_cache_named_two_ways_by_client_and_worker_is_one_fleet() {
+    let Some(c) = cluster() else { return };
+    // The client says 127.0.0.1, the worker localhost: two fleet digests, one cache.
+    let w = WorkerProcess::start(
+        &c.config(),
+        &[format!("http.uri=http://localhost:{}/cache", c.server.port)],
+    );
+    let ws = Workspace::with("[task.named]\nrun = \"echo named > {artifact}/out\"\n");
+    let run = c.build(&ws, &["named"]);
+    run.success();
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("out")).unwrap(),
+        "named\n"
+    );
+    // The client proved its cache with a mark, which the worker found in its own.
+    let marks: Vec<String> = c
+        .server
+        .objects()
+        .into_iter()
+        .filter(|o| o.starts_with("cache/_recipes/fleet-"))
+        .collect();
+    assert_eq!(marks.len(), 1, "{marks:?}\n{}", w.output());
+}
+
+#[test]
+fn a_fleet_mark_a_trim_took_is_stored_again() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with("[task.marked]\nrun = \"echo marked > {artifact}/out\"\n");
+    let client = c.spawn_build(&ws, &["marked"]);
+    wait_until("the request queued", Duration::from_secs(30), || {
+        c.broker.queued() == Some(1)
+    });
+    let marks = c.server.file("cache/_recipes");
+    for entry in std::fs::read_dir(&marks).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("fleet-") {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    // A worker that names the cache otherwise asks for the mark, and its client,
+    // not finding it in its cache either, stores it again: no refusal.
+    let w = WorkerProcess::start(
+        &c.config(),
+        &[format!("http.uri=http://localhost:{}/cache", c.server.port)],
+    );
+    let run = finish(client);
+    run.success()
+        .contains("found the fleet mark of marked")
+        .contains("storing it again");
+    assert!(
+        w.output().contains("Execution started (marked "),
+        "{}",
+        w.output()
+    );
+}
+
+#[test]
+fn a_success_whose_artifact_is_not_in_the_cache_is_not_called_gone_from_it() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with("[task.ghost]\nrun = \"echo ghost > {artifact}/out\"\n");
+    let identity = ws.identity("ghost");
+    let client = c.spawn_build(&ws, &["ghost"]);
+    wait_until("the request queued", Duration::from_secs(30), || {
+        c.broker.queued() == Some(1)
+    });
+    // What a worker of another cache (or of an older jolt, without marks) answers.
+    let fleet = jolt::store::http::fleet_of(&format!("{}/cache", c.server.url));
+    let reply = format!(
+        "{{\"version\": 2, \"identity\": \"{identity}\", \"kind\": \"success\", \"worker\": \"elsewhere:1\", \"cache\": \"{fleet}\"}}"
+    );
+    c.broker.with_channel(|ch| {
+        ch.exchange_declare_passive("jolt_results")
+            .unwrap()
+            .publish(amiquip::Publish::new(reply.as_bytes(), identity.as_str()))
+            .unwrap()
+    });
+    // Regression (issue 24): the client said the artifact was "no longer in the HTTP
+    // cache", where it had never been.
+    finish(client)
+        .code(1)
+        .contains("is not in the HTTP cache, though elsewhere:1 said it built it")
+        .lacks("no longer");
+}
+
 // Requests of a client that went away are not built (issue 14).
 
 #[test]
@@ -1750,6 +1885,8 @@ fn recipes_travel_by_digest_uploaded_once_and_parsed_once_per_worker() {
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains(&format!("\"{method} /")) && l.contains("/_recipes/"))
+            // Not the client's fleet mark, stored beside its bundle.
+            .filter(|l| !l.contains("/_recipes/fleet-"))
             .count()
     };
     c.build(&ws, &["all"]).success();
@@ -2394,6 +2531,7 @@ fn a_build_stores_its_recipes_and_snapshot_again_when_a_worker_finds_them_gone()
         let entries: Vec<_> = std::fs::read_dir(c.server.file(dir))
             .unwrap()
             .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with("fleet-"))
             .collect();
         assert_eq!(entries.len(), 1, "{dir}");
         std::fs::remove_file(entries[0].path()).unwrap();

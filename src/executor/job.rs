@@ -189,7 +189,7 @@ impl Runner<'_> {
     /// Does what `plan` says for node `i`.
     pub fn run(&self, i: usize, plan: Plan) -> Result<Done, Failure> {
         match plan {
-            Plan::Download => self.download(i),
+            Plan::Download => self.download(i, None),
             Plan::Upload => self.upload_job(i),
             Plan::Remote => Err(Failure::new(
                 "internal error: a remote execution is not run, it is sent",
@@ -261,8 +261,9 @@ impl Runner<'_> {
             })
     }
 
-    /// Fetches node `i`'s artifact from the HTTP cache into the local cache.
-    pub(super) fn download(&self, i: usize) -> Result<Done, Failure> {
+    /// Fetches node `i`'s artifact from the HTTP cache into the local cache; after
+    /// a remote execution, `built_by` names the worker that said it is there.
+    pub(super) fn download(&self, i: usize, built_by: Option<&str>) -> Result<Done, Failure> {
         let node = &self.graph.nodes[i];
         let Some(http) = self.http else {
             return Ok(Done::DownloadFailed);
@@ -298,14 +299,24 @@ impl Runner<'_> {
             Ok(Some(manifest)) => manifest,
             Ok(None) => {
                 let _ = fsutil::remove_dir_all(&staging);
-                // A miss, in a local build (which does not ask first); gone since it
-                // was seen, elsewhere.
-                let (level, text) = match self.mode {
-                    Mode::Local => (
+                // A miss, in a local build (which does not ask first) and for a
+                // worker's requirement (nor does it); gone since it was seen, where
+                // planning asked; and after a worker's success, not where the
+                // worker put it: "no longer" only of what this client saw there.
+                let (level, text) = match (self.mode, built_by) {
+                    (_, Some(worker)) => (
+                        console::Level::Warning,
+                        format!("{url} is not in the HTTP cache, though {worker} said it built it: does that worker use another cache?"),
+                    ),
+                    (Mode::Local, None) => (
                         console::Level::Debug,
                         format!("{url}: not in the HTTP cache"),
                     ),
-                    _ => (
+                    (Mode::Worker, None) => (
+                        console::Level::Warning,
+                        format!("{url} is not in the HTTP cache"),
+                    ),
+                    (Mode::Network(_) | Mode::DownloadOnly, None) => (
                         console::Level::Warning,
                         format!("{url} is no longer in the HTTP cache"),
                     ),

@@ -224,7 +224,7 @@ impl<'n> Runner<'n> {
             .unwrap_or_default()
             .min(Duration::from_secs(crate::util::fs::MAX_DURATION_SECS));
         if let Some(what) = reply.missing.filter(|_| reply.kind == ReplyKind::Error) {
-            if call.restores < RESTORES {
+            if call.restores < RESTORES && self.restorable(what) {
                 return self.restore(call, what, &reply.worker).err().map(Err);
             }
         }
@@ -250,7 +250,9 @@ impl<'n> Runner<'n> {
                 "Network builds need an HTTP cache: set http.uri",
             )));
         };
-        match self.download(i) {
+        // A success of the recheck (no worker named) was seen in the cache here.
+        let built_by = Some(reply.worker.as_str()).filter(|w| !w.is_empty());
+        match self.download(i, built_by) {
             Err(f) => Some(Err(f)),
             Ok(Done::Downloaded(info) | Done::Reused(info)) => {
                 Some(Ok(Done::RemoteExecuted(Some(info), duration)))
@@ -283,8 +285,22 @@ impl<'n> Runner<'n> {
         }
     }
 
-    /// `worker` found the call's recipe bundle or source snapshot missing from the
-    /// HTTP cache (a trim took it, or an operator): it is stored again, unless that
+    /// Whether what a worker found missing is to be stored again: a recipe bundle or
+    /// source snapshot always; the fleet mark only when this client's cache lacks it
+    /// too (a trim took it). A mark that is here says that the worker uses another
+    /// HTTP cache, and its refusal fails the task.
+    fn restorable(&self, what: Missing) -> bool {
+        match (what, self.mode, self.http) {
+            (Missing::Mark, Mode::Network(net), Some(http)) => {
+                matches!(http.has_mark(net.client.mark()), Ok(false))
+            }
+            _ => true,
+        }
+    }
+
+    /// `worker` found the call's recipe bundle, source snapshot or fleet mark missing
+    /// from the HTTP cache (a trim took it, or an operator): it is stored again (the
+    /// mark with the bundle), unless that
     /// happened since the request was published, and the request is sent again. A
     /// snapshot is packed again from the workspace; should its files have changed,
     /// the request names the new one, and the worker refuses the identity.
@@ -302,7 +318,7 @@ impl<'n> Runner<'n> {
             ),
         );
         match what {
-            Missing::Recipes => {
+            Missing::Recipes | Missing::Mark => {
                 net.client
                     .store_recipes(&net.recipes, http, Some(call.published))?;
             }
@@ -399,6 +415,7 @@ impl<'n> Runner<'n> {
             replace: http.is_rejected(node.name(), &node.identity),
             cache: http.fleet(),
             cache_uri: http.uri().to_string(),
+            cache_mark: net.client.mark().to_string(),
         })
     }
 }

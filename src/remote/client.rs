@@ -82,6 +82,8 @@ pub struct NetworkClient {
     recipes_stored: Mutex<Option<Instant>>,
     /// When each pool's consumers are next counted (see [`NetworkClient::idle_pool`]).
     pool_checks: Mutex<HashMap<String, std::time::Instant>>,
+    /// This build's fleet mark (`Request::cache_mark`), stored with the recipes.
+    mark: String,
 }
 
 /// How long after its first request a pool's consumers are first counted.
@@ -152,11 +154,17 @@ impl NetworkClient {
             snapshots: Mutex::new(HashMap::new()),
             recipes_stored: Mutex::new(None),
             pool_checks: Mutex::new(HashMap::new()),
+            mark: crate::remote::messages::new_mark(),
         })
     }
 
     pub fn settings(&self) -> &AmqpSettings {
         &self.settings
+    }
+
+    /// This build's fleet mark, which its requests carry (`Request::cache_mark`).
+    pub fn mark(&self) -> &str {
+        &self.mark
     }
 
     /// Waits for a connection (or a stop) and runs `f` on the publishing link.
@@ -324,10 +332,11 @@ impl NetworkClient {
         }
     }
 
-    /// Stores the recipe bundle in the HTTP cache unless this client did already: once
-    /// per build, before its first request; and again for a worker that found it
-    /// missing (`again`: when the request it answered was published) unless it was
-    /// stored after that, so that the requests a trim failed at once cost one upload.
+    /// Stores the recipe bundle and the build's fleet mark in the HTTP cache unless
+    /// this client did already: once per build, before its first request; and again
+    /// for a worker that found either missing (`again`: when the request it answered
+    /// was published) unless they were stored after that, so that the requests a
+    /// trim failed at once cost one upload.
     pub fn store_recipes(
         &self,
         bundle: &RecipeBundle,
@@ -338,6 +347,8 @@ impl NetworkClient {
         if !stored_since(*stored, again) {
             http.store_recipes(&bundle.digest, &bundle.bytes)
                 .with_context(|| "Cannot upload the recipes")?;
+            http.store_mark(&self.mark)
+                .with_context(|| "Cannot upload the fleet mark")?;
             *stored = Some(Instant::now());
         }
         Ok(())

@@ -101,6 +101,13 @@ pub struct Request {
     /// The client's HTTP cache URI, without credentials, for messages.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cache_uri: String,
+    /// Which HTTP cache the client uses, proved: the random name (32 hex digits) of
+    /// the mark it stored there, `_recipes/fleet-{mark}.json`, before its first
+    /// request. A worker of another fleet digest looks for it in its own cache: one
+    /// cache named two ways holds it, another cache does not, and the request is
+    /// refused. Empty from an older client, whose requests are served as before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cache_mark: String,
 }
 
 impl Request {
@@ -147,6 +154,9 @@ pub enum Missing {
     Recipes,
     /// The request's source snapshot (`_sources/{digest}.tar`).
     Snapshot,
+    /// The client's fleet mark ([`Request::cache_mark`]): the worker uses another
+    /// HTTP cache, or a trim took the mark from the client's.
+    Mark,
 }
 
 impl std::fmt::Display for Missing {
@@ -154,6 +164,7 @@ impl std::fmt::Display for Missing {
         f.write_str(match self {
             Missing::Recipes => "recipe bundle",
             Missing::Snapshot => "source snapshot",
+            Missing::Mark => "fleet mark",
         })
     }
 }
@@ -175,8 +186,9 @@ pub struct Reply {
     /// What went wrong.
     #[serde(default)]
     pub error: String,
-    /// With `error`: the request's recipe bundle or source snapshot is not in the HTTP
-    /// cache, and the client may store it again and resend the request. Optional, and
+    /// With `error`: the request's recipe bundle, source snapshot or fleet mark is not
+    /// in the HTTP cache, and the client may store it again and resend the request (a
+    /// mark only if its own cache lacks it too: else the worker uses another cache). Optional, and
     /// left out when `None`, so that replies stay version 2 both ways: a client that
     /// does not know it ignores it, and a worker that does not send it fails the task
     /// as before.
@@ -256,8 +268,29 @@ impl Request {
                 return Err(bad("snapshot is not a sha256".into()));
             }
         }
+        if !request.cache_mark.is_empty() && !is_hex(&request.cache_mark, 32) {
+            return Err(bad("cache_mark is not 32 hex digits".into()));
+        }
         Ok(request)
     }
+}
+
+/// A fresh fleet mark ([`Request::cache_mark`]): 32 random hex digits, from
+/// `/dev/urandom`, or where a chroot has none, a digest of this process, the time
+/// and a counter (it must be unique, not secret).
+pub fn new_mark() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let seed = format!("{}:{nanos}:{}", whoami(), crate::util::fs::unique_suffix());
+        bytes.copy_from_slice(&Sha256::digest(seed.as_bytes())[..16]);
+    }
+    crate::util::hex(&bytes)
 }
 
 /// Lowercase hex digits, as jolt writes digests (and as they appear in URLs).
@@ -336,6 +369,28 @@ mod tests {
             Request::parse(body(", \"commits\": {\"a\": \"main; rm -rf /\"}").as_bytes()).is_err()
         );
         assert!(Request::parse(body(", \"snapshot\": \"../x\"").as_bytes()).is_err());
+        // The mark names a file in the worker's cache.
+        assert!(Request::parse(body(", \"cache_mark\": \"../../x\"").as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_request_without_a_fleet_mark_is_an_older_clients_and_still_parses() {
+        let id = "e".repeat(64);
+        let old = format!(
+            "{{\"version\": 2, \"identity\": \"{id}\", \"task\": \"t\", \"reference\": \"t\", \"recipes\": \"{id}\", \"cache\": \"0123456789abcdef\"}}"
+        );
+        let request = Request::parse(old.as_bytes()).unwrap();
+        assert_eq!(request.cache_mark, "");
+        let text = serde_json::to_string(&request).unwrap();
+        assert!(!text.contains("cache_mark"), "{text}");
+        let mark = new_mark();
+        assert!(is_hex(&mark, 32), "{mark}");
+        assert_ne!(mark, new_mark());
+        let new = old.replace(
+            "\"cache\": ",
+            &format!("\"cache_mark\": \"{mark}\", \"cache\": "),
+        );
+        assert_eq!(Request::parse(new.as_bytes()).unwrap().cache_mark, mark);
     }
 
     #[test]
@@ -359,6 +414,7 @@ mod tests {
             replace: false,
             cache: "0123456789abcdef".into(),
             cache_uri: "http://cache/".into(),
+            cache_mark: new_mark(),
         };
         let back = Request::parse(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(back.reference, "t:p=1");

@@ -603,7 +603,9 @@ impl HttpCache {
     /// hex digits of the SHA-256 of its URI (without credentials). Clients and
     /// workers that name one cache by different URIs (a swarm's service name, a
     /// host's address) get different digests: a client's requests carry its own,
-    /// which the worker only repeats in its replies and its lock.
+    /// which the worker repeats in its replies and its lock, and a worker of
+    /// another digest looks for the client's fleet mark ([`HttpCache::mark_url`])
+    /// in its own cache before it serves the request.
     pub fn fleet(&self) -> String {
         fleet_of(&self.base)
     }
@@ -1009,7 +1011,31 @@ impl HttpCache {
     /// bundle is small, and a copy that went bad on the server (which workers refuse,
     /// as it does not match its digest) is replaced by the next build.
     pub fn store_recipes(&self, digest: &str, bytes: &[u8]) -> Result<()> {
-        let (me, url, bytes) = (self.clone(), self.recipes_url(digest), bytes.to_vec());
+        self.put_json(self.recipes_url(digest), bytes.to_vec())
+    }
+
+    /// The URL of a client's fleet mark (`remote::messages::Request::cache_mark`),
+    /// beside the recipe bundles, where network clients may store.
+    pub fn mark_url(&self, mark: &str) -> String {
+        format!("{}/_recipes/fleet-{mark}.json", self.base)
+    }
+
+    /// Stores this client's fleet mark: a small JSON file naming the fleet, which
+    /// proves to a worker that names this cache otherwise that it is the same cache.
+    pub fn store_mark(&self, mark: &str) -> Result<()> {
+        let body = serde_json::json!({ "cache": self.fleet() }).to_string();
+        self.put_json(self.mark_url(mark), body.into_bytes())
+    }
+
+    /// Whether this cache holds the fleet mark `mark` (one `HEAD`).
+    pub fn has_mark(&self, mark: &str) -> Result<bool> {
+        let (me, url) = (self.clone(), self.mark_url(mark));
+        interruptible(move || me.head(&url))
+    }
+
+    /// Uploads a small JSON document to `url`.
+    fn put_json(&self, url: String, bytes: Vec<u8>) -> Result<()> {
+        let me = self.clone();
         interruptible(move || {
             let resp = me.answer(&url, &mut || {
                 me.with_auth(me.agent.put(&url))

@@ -23,8 +23,8 @@
 //! progress there. A directory that cannot be read, or a file that cannot be removed,
 //! is reported and left; the rest is trimmed.
 //!
-//! A recipe bundle or source snapshot (a file in a directory `_recipes` or
-//! `_sources`, names no task may have) is kept, whatever the size, for
+//! A recipe bundle, fleet mark or source snapshot (a file in a directory `_recipes`
+//! or `_sources`, names no task may have) is kept, whatever the size, for
 //! [`PROTOCOL_KEPT`] after its last upload or recorded read: a network build stores
 //! its bundle and snapshots when it starts, and its workers read them at any time
 //! until it ends, while least recently used first would take them before any
@@ -342,6 +342,9 @@ mod tests {
         // Regression (issue 24): least recently used first took a running build's
         // bundle and snapshot before anything else, and workers still needed them.
         file(dir.path(), "cache/_recipes/in-use.json", 100, day - 60);
+        // A network client's fleet mark goes with its bundle.
+        let mark = "cache/_recipes/fleet-0123456789abcdef0123456789abcdef.json";
+        file(dir.path(), mark, 100, day - 60);
         file(dir.path(), "cache/_sources/in-use.tar", 100, 3600);
         file(dir.path(), "cache/_recipes/old.json", 100, day + 60);
         file(dir.path(), "cache/_sources/old.tar", 100, day + 120);
@@ -369,9 +372,10 @@ mod tests {
                 PathBuf::from("cache/a/1.tar"),
             ]
         );
-        assert_eq!(t.left, 300, "what is kept counts");
+        assert_eq!(t.left, 400, "what is kept counts");
         for kept in [
             "_recipes/in-use.json",
+            "_recipes/fleet-0123456789abcdef0123456789abcdef.json",
             "_sources/in-use.tar",
             "_sources/read.tar",
         ] {

@@ -2,7 +2,8 @@
 //! builds them.
 //!
 //! For each request: refuse it (with an `error` reply, acked) when it is malformed or
-//! of another version; queue a redelivered request again with its delivery count, or
+//! of another version, or of a client of another HTTP cache (its fleet mark is not in
+//! this worker's cache, see [`Worker::fleet_of`]); queue a redelivered request again with its delivery count, or
 //! refuse it once it has been delivered [`MAX_DELIVERIES`] times (a request that
 //! crashes workers must not take the fleet down one after another); lock the
 //! identity (an exclusive consumer of its shard queue, see [`lock`], which the broker
@@ -50,7 +51,7 @@ use amiquip::{
 };
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -78,6 +79,13 @@ use lock::Probe;
 struct Worker {
     settings: AmqpSettings,
     http: HttpCache,
+    /// The fleet of this worker's HTTP cache, as its URI names it
+    /// (`HttpCache::fleet`).
+    fleet: String,
+    /// Fleet marks of clients (`Request::cache_mark`) found in this worker's HTTP
+    /// cache, newest first, at most [`MARKS_KEPT`]: a client of another fleet digest
+    /// that uses this cache all the same (see [`Worker::fleet_of`]).
+    marks: Mutex<VecDeque<String>>,
     cache: LocalCache,
     me: String,
     /// Recipe bundles parsed, newest first.
@@ -199,6 +207,8 @@ pub fn run(config: &Config) -> Result<Exit> {
         .map_err(|e| usage(format!("{e:#}")))?;
     let worker = Worker {
         cache,
+        fleet: http.fleet(),
+        marks: Mutex::default(),
         http,
         me: whoami(),
         settings,
@@ -497,6 +507,14 @@ impl Worker {
         if !self.wait_for_cache() {
             return Ok(false);
         }
+        match self.fleet_of(&request) {
+            Fleet::Own => {}
+            Fleet::Other(reply) => {
+                publish_reply(link.publisher, &reply)?;
+                return Ok(true);
+            }
+            Fleet::Interrupted => return Ok(false),
+        }
         if delivery.redelivered {
             return self.redelivered(link, delivery, &request).map(|()| true);
         }
@@ -625,20 +643,70 @@ impl Worker {
                 ));
                 Cached::Answer(self.reply_to(request, ReplyKind::Success))
             }
-            Err(e) => self.cache_failed(request, &e),
+            Err(e) => Cached::Answer(self.cache_failed(request, &e)),
         }
     }
 
-    /// The HTTP cache failed a check of the request's artifact: an `error` reply, and
-    /// an unreachable cache holds the next requests (`wait_for_cache`).
-    fn cache_failed(&self, request: &Request, e: &anyhow::Error) -> Cached {
+    /// The HTTP cache failed a check for the request: an `error` reply, and an
+    /// unreachable cache holds the next requests (`wait_for_cache`).
+    fn cache_failed(&self, request: &Request, e: &anyhow::Error) -> Reply {
         if crate::store::http::is_unreachable(e) {
             self.http.mark_down();
         }
         console::error(&format!("{e:#}"));
         let mut reply = self.reply_to(request, ReplyKind::Error);
         reply.error = format!("{e:#}");
-        Cached::Answer(reply)
+        reply
+    }
+
+    /// Whether the request's client uses this worker's HTTP cache. One that names
+    /// this worker's fleet does, and so does an older client's (without a mark).
+    /// Otherwise its mark must be in this worker's cache: clients and workers may
+    /// name one cache differently (a swarm's clients by a host's address, its
+    /// workers by the service's name), which a digest of the URI cannot tell from
+    /// two caches. A request of another cache is refused, with an `error` reply
+    /// that names both caches: served, it would fail at its recipe bundle, or, were
+    /// the same bundle in this cache, be built and uploaded there, where its client
+    /// will never find it. A mark found is remembered, so a build costs a worker one
+    /// `HEAD`; one not found is asked again, since a client stores a mark that a
+    /// trim took once more (it says `missing: "mark"`).
+    fn fleet_of(&self, request: &Request) -> Fleet {
+        let mark = &request.cache_mark;
+        if mark.is_empty() || request.cache.is_empty() || request.cache == self.fleet {
+            return Fleet::Own;
+        }
+        if self.marks.lock().expect("marks").contains(mark) {
+            return Fleet::Own;
+        }
+        match self.http.has_mark(mark) {
+            Ok(true) => {
+                let mut marks = self.marks.lock().expect("marks");
+                marks.push_front(mark.clone());
+                marks.truncate(MARKS_KEPT);
+                Fleet::Own
+            }
+            Ok(false) => {
+                let id8 = request.identity.get(..8).unwrap_or(&request.identity);
+                let message = format!(
+                    "the request is another fleet's: its client uses the HTTP cache {} (fleet {}), this worker {} (fleet {}), which does not hold the client's mark {}; give each fleet (the clients and workers of one HTTP cache) a broker vhost of its own (amqp.vhost)",
+                    request.cache_uri,
+                    request.cache,
+                    self.http.uri(),
+                    self.fleet,
+                    self.http.mark_url(mark)
+                );
+                console::error(&format!(
+                    "Refusing {} {id8} from {}: {message}",
+                    request.reference, request.client
+                ));
+                let mut reply = self.reply_to(request, ReplyKind::Error);
+                reply.error = message;
+                reply.missing = Some(Missing::Mark);
+                Fleet::Other(reply)
+            }
+            Err(e) if crate::store::http::is_interrupted(&e) => Fleet::Interrupted,
+            Err(e) => Fleet::Other(self.cache_failed(request, &e)),
+        }
     }
 
     /// A request to replace the HTTP cache's archive, which its client rejected: the
@@ -669,7 +737,7 @@ impl Worker {
                 ));
                 Cached::Absent
             }
-            Err(e) => self.cache_failed(request, &e),
+            Err(e) => Cached::Answer(self.cache_failed(request, &e)),
         }
     }
 
@@ -1250,6 +1318,19 @@ fn deliveries(delivery: &Delivery) -> u32 {
     };
     n.clamp(1, u32::MAX as i64) as u32
 }
+
+/// Whose request it is ([`Worker::fleet_of`]).
+enum Fleet {
+    /// This worker's fleet's: served.
+    Own,
+    /// Of another HTTP cache (or the check failed): the `error` reply.
+    Other(Reply),
+    Interrupted,
+}
+
+/// How many fleet marks found in its HTTP cache a worker remembers: the builds it
+/// serves at once.
+const MARKS_KEPT: usize = 64;
 
 /// What the HTTP cache says of a request's artifact.
 enum Cached {
