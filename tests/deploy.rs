@@ -108,6 +108,9 @@ fn the_shipped_cache_config_serves_builds_and_its_trim_spares_uploads_in_progres
         assert_eq!(put_status(&cache.url, path), 403, "{path}");
     }
     assert_eq!(put_status(&cache.url, "/t/x.tar"), 201);
+    // A network client's fleet mark, beside its recipe bundle (no credentials).
+    let mark = "/_recipes/fleet-0123456789abcdef0123456789abcdef.json";
+    assert_eq!(put_status(&cache.url, mark), 201);
     // A trimmed cache is a cache that misses: the next build executes and uploads.
     let again = ws.sibling();
     jolt(&again, &["build", "app"])
