@@ -6,8 +6,9 @@
 //! in this worker's cache, see [`Worker::fleet_of`]); queue a redelivered request
 //! again with its delivery count, or refuse it once it has been delivered
 //! [`MAX_DELIVERIES`] times (a request that crashes workers must not take the fleet
-//! down one after another); lock the identity (an exclusive consumer of its shard queue, see [`lock`], which the broker
-//! drops with the connection, so a dead worker never holds it) or, when another
+//! down one after another); lock the identity (an exclusive consumer of its shard
+//! queue, see [`lock`], which the broker drops with the connection, so a dead
+//! worker never holds it) or, when another
 //! worker holds it, answer the duplicate (`success` when the HTTP cache has the
 //! artifact, else `accepted`); answer `success` when the HTTP cache holds the
 //! artifact (asked with the lock held: a holder uploads before it lets go, so a
