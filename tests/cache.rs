@@ -346,6 +346,37 @@ fn what_dead_processes_left_goes_and_clean_leaves_nothing_behind() {
 }
 
 #[test]
+fn a_requirement_changed_in_the_local_cache_is_built_again_before_a_consumer_reads_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Workspace::with(
+        "[task.lib]\nrun = \"echo genuine > {artifact}/f\"\n\
+         [task.app]\nparameters.n = \"1\"\nrequires = [\"lib\"]\nrun = \"cat {deps.lib}/f > {artifact}/out\"\n",
+    );
+    ws.jolt(&["build", "app:n=1"]).success();
+    let dir = ws.artifacts("lib")[0].clone();
+    // What a task of the same user, or root, may do despite the read-only bits.
+    std::fs::set_permissions(dir.join("f"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(dir.join("f"), "PWNED\n").unwrap();
+    // Regression (issue 24): a consumer that executes read the changed copy, which
+    // only an upload checked.
+    let run = ws.jolt(&["build", "app:n=2"]);
+    run.success()
+        .contains("f differs from its manifest; it will be built again")
+        .contains("Execution finished");
+    let out = ws.artifacts("app");
+    let outs: Vec<String> = out
+        .iter()
+        .map(|d| std::fs::read_to_string(d.join("out")).unwrap())
+        .collect();
+    assert_eq!(outs, vec!["genuine\n", "genuine\n"], "{}", run.stderr);
+    assert_eq!(std::fs::read_to_string(dir.join("f")).unwrap(), "genuine\n");
+    // A build that uses nothing of it does not hash it.
+    ws.jolt(&["build", "app:n=2"])
+        .success()
+        .lacks("differs from its manifest");
+}
+
+#[test]
 fn committed_artifacts_are_read_only_and_a_task_writing_into_a_requirement_fails() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;

@@ -930,7 +930,7 @@ impl Scheduler<'_> {
         if self.plan[i] != Plan::Unplanned {
             return Ok(());
         }
-        match self.decide(i)? {
+        match self.decide(i, false)? {
             Some(needs) => self.plan_needs(i, needs),
             None => Ok(()),
         }
@@ -950,7 +950,9 @@ impl Scheduler<'_> {
                 continue;
             };
             if self.plan[d] == Plan::Unplanned {
-                if let Some(own) = self.decide(d)? {
+                // What a view holds is what an execution reads.
+                let used = self.viewer(*node).is_some();
+                if let Some(own) = self.decide(d, used)? {
                     frames.push((d, own, 0));
                     continue;
                 }
@@ -1012,8 +1014,11 @@ impl Scheduler<'_> {
     }
 
     /// Decides what node `i` needs: `Some(needs)` when it waits for them (an
-    /// execution, a group), `None` when it is settled or ready already.
-    fn decide(&mut self, i: usize) -> Result<Option<Vec<usize>>> {
+    /// execution, a group), `None` when it is settled or ready already. `used`: an
+    /// execution here will read its artifact, so a local one must be what its
+    /// manifest says (hashed, once per build): one that is not counts as absent,
+    /// removed and built or downloaded again, never used.
+    fn decide(&mut self, i: usize, used: bool) -> Result<Option<Vec<usize>>> {
         let graph = self.graph;
         self.status[i] = Status::Pending;
         if self.viewer(i).is_some() {
@@ -1031,7 +1036,14 @@ impl Scheduler<'_> {
         }
         let cache = self.services.cache;
         cache.mark_used([(node.name(), node.identity.as_str())])?;
-        let local = node.task.cacheable && cache.is_present(node.name(), &node.identity);
+        let mut local = node.task.cacheable && cache.is_present(node.name(), &node.identity);
+        if local && used && matches!(self.mode, Mode::Local | Mode::Worker) && !self.dry_run {
+            // Under its lock, as any removal; one another process holds is being
+            // checked or uploaded by it.
+            if let Some(_lock) = cache.try_lock(&node.identity)? {
+                local = cache.intact(node.name(), &node.identity);
+            }
+        }
         let (kind, facts) = (self.kind(), self.facts(i, local));
         let plan = choose::choose(kind, facts, &mut Asking { scheduler: self, i });
         if self.unreachable.is_some() {
