@@ -15,6 +15,7 @@ use crate::error::usage;
 use hashes::{FileHashes, Seen};
 
 pub mod hashes;
+use crate::recipe::limits::Limits;
 use crate::recipe::placeholder::{self, DepKey, Placeholder};
 use crate::recipe::taskref::{self, TaskRef};
 use crate::recipe::{Kind, Recipes, Source, Task};
@@ -139,6 +140,8 @@ pub struct GraphOptions {
     /// Git commits by qualified reference, instead of resolving revisions (network
     /// requests carry the client's).
     pub commits: HashMap<String, String>,
+    /// How many tasks the graph may hold, how deep and with references how long.
+    pub limits: Limits,
 }
 
 /// What a template expanded at graph time may hold besides parameters and
@@ -199,6 +202,8 @@ struct Builder<'a> {
     /// they were added (requirements first).
     pending: Vec<usize>,
     env: BTreeMap<String, String>,
+    /// The length of each node's longest requirement chain, itself included.
+    depths: Vec<usize>,
 }
 
 /// Builds the graph of `goals`.
@@ -242,6 +247,29 @@ pub fn build(
     Ok(graph)
 }
 
+/// The error of a requirement chain beyond the depth limit.
+fn too_deep(goal: &str, limits: &Limits) -> String {
+    format!(
+        "the requirements of '{goal}' form a chain of more than {} tasks (the limit)",
+        limits.depth
+    )
+}
+
+/// The error of a task reference beyond the length limit: `consumer` requires it, or
+/// it is a goal.
+fn too_long(reference: &str, consumer: Option<&Task>, limits: &Limits) -> anyhow::Error {
+    let start: String = reference.chars().take(60).collect();
+    let limit = limits.reference;
+    usage(match consumer {
+        Some(c) => format!(
+            "{}: task '{}' requires a reference longer than {limit} bytes (the limit): {start}...",
+            c.file.display(),
+            c.name
+        ),
+        None => format!("The reference {start}... is longer than {limit} bytes (the limit)"),
+    })
+}
+
 fn qualified(task: &Task, params: &BTreeMap<String, String>) -> String {
     let pairs: Vec<(&str, &str)> = params
         .iter()
@@ -264,6 +292,7 @@ impl<'a> Builder<'a> {
             hashed: HashMap::new(),
             pending: Vec::new(),
             env: BTreeMap::new(),
+            depths: Vec::new(),
         }
     }
 }
@@ -388,6 +417,13 @@ impl Builder<'_> {
         if let Some(&i) = self.index.get(&goal) {
             return Ok(i);
         }
+        let limits = self.opts.limits;
+        if goal.len() > limits.reference {
+            return Err(too_long(&goal, None, &limits));
+        }
+        // What a limit's error names: the goal and the file that defines it.
+        let file = task.file.clone();
+        let exceeded = |what: String| usage(format!("{}: {what}", file.display()));
         self.stack.push(goal.clone());
         let mut frames = vec![Frame {
             task,
@@ -404,6 +440,9 @@ impl Builder<'_> {
                     self.expand_static(&top.task.name, &top.params, req, Static::Plain)?;
                 let (child, child_params) = self.resolve(&expanded, Some(&top.qualified))?;
                 let child_qualified = qualified(&child, &child_params);
+                if child_qualified.len() > limits.reference {
+                    return Err(too_long(&child_qualified, Some(&top.task), &limits));
+                }
                 if let Some(&i) = self.index.get(&child_qualified) {
                     if !top.deps.contains(&i) {
                         top.deps.push(i);
@@ -415,6 +454,11 @@ impl Builder<'_> {
                         self.stack[pos..].iter().map(String::as_str).collect();
                     cycle.push(&child_qualified);
                     return Err(usage(format!("Dependency cycle: {}", cycle.join(" -> "))));
+                }
+                // Checked before the chain is followed any further: a chain of a
+                // million tasks would otherwise be held whole before its first node.
+                if frames.len() >= limits.depth {
+                    return Err(exceeded(too_deep(reference, &limits)));
                 }
                 self.stack.push(child_qualified.clone());
                 frames.push(Frame {
@@ -428,7 +472,25 @@ impl Builder<'_> {
             }
             let frame = frames.pop().expect("a frame");
             self.stack.pop();
+            if self.nodes.len() >= limits.tasks {
+                return Err(exceeded(format!(
+                    "the graph of '{reference}' has more than {} tasks (the limit)",
+                    limits.tasks
+                )));
+            }
+            // Requirements are nodes already: a chain through nodes made for other
+            // requirements is as long as the deepest of them, plus one.
+            let depth = 1 + frame
+                .deps
+                .iter()
+                .map(|&d| self.depths[d])
+                .max()
+                .unwrap_or(0);
+            if depth > limits.depth {
+                return Err(exceeded(too_deep(reference, &limits)));
+            }
             let i = self.add_node(frame.task, frame.params, frame.qualified, frame.deps)?;
+            self.depths.push(depth);
             match frames.last_mut() {
                 Some(parent) => {
                     if !parent.deps.contains(&i) {
@@ -1155,6 +1217,111 @@ mod tests {
         let hashes = FileHashes::ephemeral(dir.path());
         let goals: Vec<String> = goals.iter().map(|s| s.to_string()).collect();
         build(&recipes, &hashes, &goals, &GraphOptions::default())
+    }
+
+    /// The graph of `goals` within `limits`, or the error that names the one exceeded.
+    fn graph_within(recipe: &str, goal: &str, limits: Limits) -> Result<Graph, String> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("jolt.toml"), recipe).unwrap();
+        let recipes = Recipes::load(dir.path()).unwrap();
+        let hashes = FileHashes::ephemeral(dir.path());
+        let opts = GraphOptions {
+            limits,
+            ..Default::default()
+        };
+        build(&recipes, &hashes, &[goal.to_string()], &opts).map_err(|e| {
+            assert_eq!(crate::error::exit_code(&e), crate::error::Exit::Usage);
+            e.to_string()
+        })
+    }
+
+    /// Tasks `t1` to `t{n}`, each requiring the one before.
+    fn chain(n: usize) -> String {
+        let mut recipe = "[task.t1]\n".to_string();
+        for i in 2..=n {
+            recipe += &format!("[task.t{i}]\nrequires = [\"t{}\"]\n", i - 1);
+        }
+        recipe
+    }
+
+    #[test]
+    fn a_graph_may_hold_as_many_tasks_as_the_limit_and_no_more() {
+        // A binary tree of parameter values: 15 tasks from four definitions.
+        let tree = r#"
+[task.l]
+parameters.p = ""
+requires = ["m:p={p}0", "m:p={p}1"]
+[task.m]
+parameters.p = ""
+requires = ["n:p={p}0", "n:p={p}1"]
+[task.n]
+parameters.p = ""
+requires = ["leaf:p={p}0", "leaf:p={p}1"]
+[task.leaf]
+parameters.p = ""
+"#;
+        let limits = |tasks| Limits {
+            tasks,
+            ..Limits::DEFAULT
+        };
+        assert_eq!(graph_within(tree, "l", limits(15)).unwrap().nodes.len(), 15);
+        assert_eq!(
+            graph_within(tree, "l", limits(14)).unwrap_err(),
+            "jolt.toml: the graph of 'l' has more than 14 tasks (the limit)"
+        );
+    }
+
+    #[test]
+    fn a_requirement_chain_may_be_as_long_as_the_limit_and_no_longer() {
+        let limits = |depth| Limits {
+            depth,
+            ..Limits::DEFAULT
+        };
+        assert_eq!(
+            graph_within(&chain(6), "t6", limits(6))
+                .unwrap()
+                .nodes
+                .len(),
+            6
+        );
+        let too_deep =
+            "jolt.toml: the requirements of 't6' form a chain of more than 5 tasks (the limit)";
+        // Found while the chain is followed, before any node is made.
+        assert_eq!(
+            graph_within(&chain(6), "t6", limits(5)).unwrap_err(),
+            too_deep
+        );
+        // A chain made of nodes created for other requirements, one at a time, is
+        // never followed in one go: each node knows its depth.
+        let shared = chain(5) + "[task.t6]\nrequires = [\"t1\", \"t2\", \"t3\", \"t4\", \"t5\"]\n";
+        assert_eq!(
+            graph_within(&shared, "t6", limits(6)).unwrap().nodes.len(),
+            6
+        );
+        assert_eq!(
+            graph_within(&shared, "t6", limits(5)).unwrap_err(),
+            too_deep
+        );
+    }
+
+    #[test]
+    fn a_reference_growing_with_each_requirement_stops_at_the_limit() {
+        // Without a limit on references, it grows until memory runs out: a chain
+        // under the depth limit, whose references double at every level.
+        let recipe = "[task.c]\nparameters.p = \"x\"\nrequires = [\"c:p={p}{p}\"]\n";
+        let limits = Limits {
+            reference: 40,
+            ..Limits::DEFAULT
+        };
+        assert_eq!(
+            graph_within(recipe, "c", limits).unwrap_err(),
+            "jolt.toml: task 'c' requires a reference longer than 40 bytes (the limit): \
+             c:p=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx..."
+        );
+        assert_eq!(
+            graph_within(recipe, &format!("c:p={}", "x".repeat(40)), limits).unwrap_err(),
+            "The reference c:p=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... is longer than 40 bytes (the limit)"
+        );
     }
 
     const HELLO: &str = r#"

@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use crate::error::usage;
 use crate::util::{hex, one_line};
+use limits::Limits;
 use param::Param;
 
+pub mod limits;
 pub mod param;
 pub mod placeholder;
 pub mod taskref;
@@ -260,17 +262,21 @@ pub fn find_root(start: &Path) -> Result<PathBuf> {
 impl Recipes {
     /// Reads `root/jolt.toml` and everything it includes.
     pub fn load(root: &Path) -> Result<Recipes> {
+        Recipes::load_within(root, &Limits::DEFAULT)
+    }
+
+    /// [`Recipes::load`], refusing recipes beyond `limits`: their bytes as they are
+    /// read, their task definitions once a file is parsed.
+    pub fn load_within(root: &Path, limits: &Limits) -> Result<Recipes> {
         let mut files: Vec<SourceFile> = Vec::new();
         let mut tasks: BTreeMap<String, Arc<Task>> = BTreeMap::new();
         let mut queue = vec![PathBuf::from(ROOT_FILE)];
+        let mut bytes_left = limits.recipe_bytes;
         while let Some(rel) = queue.pop() {
             if files.iter().any(|f| f.path == rel) {
                 continue;
             }
-            let full = root.join(&rel);
-            let text = std::fs::read_to_string(&full)
-                .with_context(|| format!("Cannot read recipe {}", rel.display()))
-                .map_err(|e| usage(format!("{e:#}")))?;
+            let text = read_recipe(root, &rel, &mut bytes_left, limits)?;
             let def: FileDef = toml::from_str(&text).map_err(|e| {
                 usage(format!(
                     "Syntax error in {} at {}",
@@ -278,6 +284,13 @@ impl Recipes {
                     one_line(&e, &text)
                 ))
             })?;
+            if tasks.len() + def.task.len() > limits.tasks {
+                return Err(usage(format!(
+                    "{}: the recipes define more than {} tasks (the limit)",
+                    rel.display(),
+                    limits.tasks
+                )));
+            }
             let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
             let mut included = Vec::new();
             for pattern in &def.include {
@@ -326,6 +339,25 @@ impl Recipes {
             usage(format!("No such task '{name}'{hint}"))
         })
     }
+}
+
+/// The text of the recipe file `rel`, taken from the `left` bytes the recipes may
+/// still hold: a file larger than that is read no further than one byte past it.
+fn read_recipe(root: &Path, rel: &Path, left: &mut u64, limits: &Limits) -> Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(root.join(rel))
+        .and_then(|f| f.take(*left + 1).read_to_end(&mut bytes))
+        .map_err(|e| usage(format!("Cannot read recipe {}: {e}", rel.display())))?;
+    *left = left.checked_sub(bytes.len() as u64).ok_or_else(|| {
+        usage(format!(
+            "{}: the recipes are larger than {} bytes (the limit)",
+            rel.display(),
+            limits.recipe_bytes
+        ))
+    })?;
+    String::from_utf8(bytes)
+        .map_err(|e| usage(format!("Cannot read recipe {}: {e}", rel.display())))
 }
 
 /// The line of each `[task.NAME]` header of a recipe file, in one pass.
@@ -704,6 +736,70 @@ mod tests {
         assert!(task("kind = \"download\"\nurl = \"http://a/x\"\nsha256 = \"abc\"").is_err());
         assert!(task("kind = \"download\"\nurl = \"http://a/x\"\nrun = \"x\"").is_err());
         assert!(task("url = \"http://a/x\"").is_err());
+    }
+
+    #[test]
+    fn recipes_beyond_the_limits_are_refused_before_they_are_parsed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(
+            root.join(ROOT_FILE),
+            "include = [\"more.toml\"]\n[task.a]\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("more.toml"), "[task.b]\n[task.c]\n").unwrap();
+        let load = |limits| Recipes::load_within(root, &limits).map(|r| r.tasks.len());
+        let bytes = |recipe_bytes| Limits {
+            recipe_bytes,
+            ..Limits::DEFAULT
+        };
+        // The bytes of all files count.
+        assert_eq!(load(bytes(51)).unwrap(), 3);
+        let err = load(bytes(50)).unwrap_err();
+        assert_eq!(crate::error::exit_code(&err), crate::error::Exit::Usage);
+        assert_eq!(
+            err.to_string(),
+            "more.toml: the recipes are larger than 50 bytes (the limit)"
+        );
+        let tasks = |tasks| Limits {
+            tasks,
+            ..Limits::DEFAULT
+        };
+        assert_eq!(load(tasks(3)).unwrap(), 3);
+        let err = load(tasks(2)).unwrap_err();
+        assert_eq!(crate::error::exit_code(&err), crate::error::Exit::Usage);
+        assert_eq!(
+            err.to_string(),
+            "more.toml: the recipes define more than 2 tasks (the limit)"
+        );
+    }
+
+    #[test]
+    fn a_recipe_file_is_read_no_further_than_its_limit() {
+        // A FIFO nobody ever closes: reading it to its end would never return.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join(ROOT_FILE);
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            // Fails once the reader has gone.
+            while f.write_all(b"# filler\n").is_ok() {}
+        });
+        let limits = Limits {
+            recipe_bytes: 1000,
+            ..Limits::DEFAULT
+        };
+        let err = Recipes::load_within(dir.path(), &limits).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "jolt.toml: the recipes are larger than 1000 bytes (the limit)"
+        );
+        writer.join().unwrap();
     }
 
     #[test]

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
+use crate::recipe::limits::Limits;
+
 /// The message format version this jolt speaks. Version 1 carried every recipe file
 /// in every request; version 2 carries the digest of their bundle.
 pub const VERSION: u32 = 2;
@@ -33,8 +35,11 @@ pub struct RecipeBundle {
     pub bytes: Vec<u8>,
 }
 
-/// The largest recipe bundle a worker accepts.
-pub const MAX_RECIPE_BUNDLE: u64 = 64 << 20;
+/// The largest recipe bundle a worker accepts, which it stops downloading past: the
+/// recipe text a workspace may hold ([`Limits::recipe_bytes`]) twice over, as JSON
+/// writes a newline or a quote in two bytes (TOML allows no other control
+/// characters), and 1 MiB for the paths.
+pub const MAX_RECIPE_BUNDLE: u64 = 2 * Limits::DEFAULT.recipe_bytes + (1 << 20);
 
 impl RecipeBundle {
     pub fn new(files: &[RecipeText]) -> RecipeBundle {
