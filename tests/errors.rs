@@ -811,3 +811,48 @@ fn interrupt_stops_at_once(child: &mut std::process::Child) {
         sent.elapsed()
     );
 }
+
+#[test]
+fn recipes_beyond_the_limits_exit_2_quickly_naming_the_limit() {
+    // Regression (issue 24): nothing bounded what a recipe could make jolt hold. A
+    // binary tree of parameter values: 262,143 tasks from 18 definitions.
+    let mut tree = String::new();
+    for k in 0..17 {
+        tree += &format!(
+            "[task.l{k}]\nparameters.p = \"\"\nrequires = [\"l{}:p={{p}}0\", \"l{}:p={{p}}1\"]\n",
+            k + 1,
+            k + 1
+        );
+    }
+    tree += "[task.l17]\nparameters.p = \"\"\n";
+    // A task requiring itself with a parameter that doubles: memory ran out within
+    // seconds, the chain being a few dozen tasks long.
+    let doubling = "[task.c]\nparameters.p = \"x\"\nrequires = [\"c:p={p}{p}\"]\n";
+    let large = format!("[task.big]\n# {}\n", "x".repeat(16 << 20));
+    for (recipe, goal, error) in [
+        (
+            tree.as_str(),
+            "l0",
+            "jolt.toml: the graph of 'l0' has more than 100000 tasks (the limit)",
+        ),
+        (
+            doubling,
+            "c",
+            "jolt.toml: task 'c' requires a reference longer than 4096 bytes (the limit)",
+        ),
+        (
+            large.as_str(),
+            "big",
+            "jolt.toml: the recipes are larger than 16777216 bytes (the limit)",
+        ),
+    ] {
+        let ws = Workspace::with(recipe);
+        let start = std::time::Instant::now();
+        ws.jolt(&["build", goal]).code(2).contains(error);
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{goal}: {:?}",
+            start.elapsed()
+        );
+    }
+}

@@ -2549,3 +2549,98 @@ fn a_build_stores_its_recipes_and_snapshot_again_when_a_worker_finds_them_gone()
         w.output()
     );
 }
+
+/// The digest a recipe bundle holding `files` (`(path, text)`) is stored under, once
+/// stored in `c`'s HTTP cache.
+fn store_bundle(c: &crate::util::Cluster, files: &[(&str, &str)]) -> String {
+    use sha2::Digest;
+    let files: Vec<serde_json::Value> = files
+        .iter()
+        .map(|(path, text)| serde_json::json!({ "path": path, "text": text }))
+        .collect();
+    let bytes = serde_json::to_vec(&files).unwrap();
+    let digest = jolt::util::hex(&sha2::Sha256::digest(&bytes));
+    let path = c.server.file(&format!("cache/_recipes/{digest}.json"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+    digest
+}
+
+/// The peak resident memory of process `pid`, in KiB.
+fn peak_memory_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn recipes_beyond_the_limits_get_an_error_reply_and_leave_the_worker_small() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with("[task.ok]\nrun = \"true\"\n");
+    let genuine = taken_request(&c, &ws, "ok");
+    let genuine: serde_json::Value = serde_json::from_slice(&genuine).unwrap();
+    let w = c.worker();
+    // Regression (issue 24): a forged bundle of 62 MB, a chain of 1.2 million tasks
+    // requested without pins, took a worker from 82 MB to 4 GB within 30 s, and
+    // the request went on to two more workers.
+    let mut tree = String::new();
+    for k in 0..17 {
+        tree += &format!(
+            "[task.l{k}]\nparameters.p = \"\"\nrequires = [\"l{}:p={{p}}0\", \"l{}:p={{p}}1\"]\n",
+            k + 1,
+            k + 1
+        );
+    }
+    tree += "[task.l17]\nparameters.p = \"\"\n";
+    let comment = |bytes: usize| format!("# {}\n", "x".repeat(bytes));
+    let forged = [
+        // Twice the tasks a graph may hold.
+        (
+            store_bundle(&c, &[("jolt.toml", &tree)]),
+            "l0",
+            "has more than 100000 tasks (the limit)",
+        ),
+        // More recipe text than a workspace may hold: the worker reads no further.
+        (
+            store_bundle(&c, &[("jolt.toml", &(tree.clone() + &comment(17 << 20)))]),
+            "l0",
+            "jolt.toml: the recipes are larger than 16777216 bytes (the limit)",
+        ),
+        // A bundle larger than any workspace's: the worker downloads no further.
+        (
+            store_bundle(&c, &[("jolt.toml", &comment(34 << 20))]),
+            "l0",
+            "the recipes exceed 34603008 bytes",
+        ),
+    ];
+    for (n, (digest, goal, error)) in forged.iter().enumerate() {
+        let identity = format!("{n}").repeat(64);
+        let mut request = genuine.clone();
+        request["recipes"] = serde_json::json!(digest);
+        request["task"] = serde_json::json!(goal);
+        request["reference"] = serde_json::json!(goal);
+        request["identity"] = serde_json::json!(identity);
+        request["pins"] = serde_json::json!({});
+        let start = Instant::now();
+        let body = serde_json::to_vec(&request).unwrap();
+        let reply = publish_for_reply(&c, &identity, &[&body]).expect("a reply");
+        assert!(
+            reply.contains("\"kind\":\"error\"") && reply.contains(error),
+            "{reply}\n{}",
+            w.output()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    // Acked: no request waits for another worker.
+    wait_until("the queue to drain", Duration::from_secs(10), || {
+        c.broker.queued() == Some(0)
+    });
+    let peak = peak_memory_kib(w.child.id());
+    assert!(peak < 300 << 10, "the worker's peak memory: {peak} KiB");
+    // The worker is still serving.
+    c.build(&ws, &["ok"]).success();
+}

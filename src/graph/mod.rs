@@ -1286,9 +1286,18 @@ parameters.p = ""
         );
         let too_deep =
             "jolt.toml: the requirements of 't6' form a chain of more than 5 tasks (the limit)";
-        // Found while the chain is followed, before any node is made.
+        // Found while the chain is followed, before any node is made (else the
+        // second node would exceed a limit of one task).
         assert_eq!(
             graph_within(&chain(6), "t6", limits(5)).unwrap_err(),
+            too_deep
+        );
+        let one_task = Limits {
+            tasks: 1,
+            ..limits(5)
+        };
+        assert_eq!(
+            graph_within(&chain(6), "t6", one_task).unwrap_err(),
             too_deep
         );
         // A chain made of nodes created for other requirements, one at a time, is
