@@ -7,11 +7,13 @@
 //! bundle writes them: without limits, a 62 MB bundle (a chain of 1.2 million tasks)
 //! took a worker from 82 MB to 4 GB in 30 s, and a four-line recipe whose task
 //! requires itself with a parameter that doubles (`c:p={p}{p}`) exhausts any
-//! machine. Each limit is far above a real workspace and keeps what one build costs
-//! within a few hundred megabytes (measured: 100,000 task definitions parse in 146
-//! MB, a graph of 131,071 tasks builds in 300 MB; a debug build). They are constants,
-//! not settings: a client and its workers must agree on them, and no workspace has
-//! asked for more.
+//! machine. Each limit is far above a real workspace, and together they bound what a
+//! request can make a worker hold. Measured in a debug build: 100,000 minimal task
+//! definitions parse in 146 MB (16 MiB of them, 1.1 million, took 1.5 GB: hence a
+//! limit on definitions beside the one on bytes); a graph of 131,071 tasks (a
+//! parameter tree, shallow) builds in 300 MB, so one at the task limit in about
+//! 230 MB. They are constants, not settings: a client and its workers must agree on
+//! them, and no workspace has asked for more.
 
 /// The limits, as one value so that tests can lower them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
