@@ -2610,7 +2610,7 @@ fn recipes_beyond_the_limits_get_an_error_reply_and_leave_the_worker_small() {
         (
             store_bundle(&c, &[("jolt.toml", &comment(34 << 20))]),
             "l0",
-            "the recipes exceed 34603008 bytes",
+            "the recipe bundle is larger than 34603008 bytes (the limit)",
         ),
     ];
     for (n, (digest, goal, error)) in forged.iter().enumerate() {

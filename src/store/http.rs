@@ -1067,7 +1067,7 @@ impl HttpCache {
                 .read_to_end(&mut bytes)
                 .map_err(|e| Unreachable(format!("{url}: the transfer broke: {e}")))?;
             if bytes.len() as u64 > limit {
-                bail!("{url}: the recipes exceed {limit} bytes");
+                bail!("{url}: the recipe bundle is larger than {limit} bytes (the limit)");
             }
             Ok(bytes)
         })
