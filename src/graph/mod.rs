@@ -193,7 +193,11 @@ struct Builder<'a> {
     forced: HashSet<String>,
     nodes: Vec<Node>,
     index: HashMap<String, usize>,
+    /// The references being instantiated, outermost first (a cycle's message)...
     stack: Vec<String>,
+    /// ... and as a set, so that each new reference is checked in constant time: a
+    /// search of `stack` made a chain's instantiation quadratic in its depth.
+    open: HashSet<String>,
     globs: HashMap<String, Vec<(PathBuf, Option<std::fs::Metadata>)>>,
     /// The hashes of each pattern's files (aligned with `globs`), computed ahead of
     /// time by [`Builder::prefetch`].
@@ -288,6 +292,7 @@ impl<'a> Builder<'a> {
             nodes: Vec::new(),
             index: HashMap::new(),
             stack: Vec::new(),
+            open: HashSet::new(),
             globs: HashMap::new(),
             hashed: HashMap::new(),
             pending: Vec::new(),
@@ -425,6 +430,7 @@ impl Builder<'_> {
         let file = task.file.clone();
         let exceeded = |what: String| usage(format!("{}: {what}", file.display()));
         self.stack.push(goal.clone());
+        self.open.insert(goal.clone());
         let mut frames = vec![Frame {
             task,
             params,
@@ -449,7 +455,12 @@ impl Builder<'_> {
                     }
                     continue;
                 }
-                if let Some(pos) = self.stack.iter().position(|q| *q == child_qualified) {
+                if self.open.contains(&child_qualified) {
+                    let pos = self
+                        .stack
+                        .iter()
+                        .position(|q| *q == child_qualified)
+                        .unwrap_or_default();
                     let mut cycle: Vec<&str> =
                         self.stack[pos..].iter().map(String::as_str).collect();
                     cycle.push(&child_qualified);
@@ -461,6 +472,7 @@ impl Builder<'_> {
                     return Err(exceeded(too_deep(reference, &limits)));
                 }
                 self.stack.push(child_qualified.clone());
+                self.open.insert(child_qualified.clone());
                 frames.push(Frame {
                     task: child,
                     params: child_params,
@@ -471,7 +483,9 @@ impl Builder<'_> {
                 continue;
             }
             let frame = frames.pop().expect("a frame");
-            self.stack.pop();
+            if let Some(done) = self.stack.pop() {
+                self.open.remove(&done);
+            }
             if self.nodes.len() >= limits.tasks {
                 return Err(exceeded(format!(
                     "the graph of '{reference}' has more than {} tasks (the limit)",
