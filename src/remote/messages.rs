@@ -284,18 +284,7 @@ impl Request {
 /// `/dev/urandom`, or where a chroot has none, a digest of this process, the time
 /// and a counter (it must be unique, not secret).
 pub fn new_mark() -> String {
-    use std::io::Read;
-    let mut bytes = [0u8; 16];
-    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
-    if random.is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let seed = format!("{}:{nanos}:{}", whoami(), crate::util::fs::unique_suffix());
-        bytes.copy_from_slice(&Sha256::digest(seed.as_bytes())[..16]);
-    }
-    crate::util::hex(&bytes)
+    crate::util::hex(&crate::util::random_bytes())
 }
 
 /// Lowercase hex digits, as jolt writes digests (and as they appear in URLs).

@@ -110,6 +110,44 @@ pub fn printable(path: &std::path::Path) -> String {
     out
 }
 
+/// 16 random bytes, from `/dev/urandom`, or where a chroot has none, a digest of
+/// this process, the time and a counter (unique, not secret).
+pub fn random_bytes() -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let seed = format!("{nanos}:{}", fs::unique_suffix());
+        bytes.copy_from_slice(&Sha256::digest(seed.as_bytes())[..16]);
+    }
+    bytes
+}
+
+/// `items` in a fresh random order ([`random_bytes`]).
+pub fn shuffle<T>(items: &mut [T]) {
+    let bytes = random_bytes();
+    let seed = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    shuffle_with(items, seed);
+}
+
+/// `items` in the order the seed `seed` gives: a Fisher-Yates shuffle driven by
+/// splitmix64 (a bias of one in 2^64 / len is no matter for a list of brokers).
+fn shuffle_with<T>(items: &mut [T], mut seed: u64) {
+    for i in (1..items.len()).rev() {
+        seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        items.swap(i, (z % (i as u64 + 1)) as usize);
+    }
+}
+
 /// The CPUs this process may use, asked once: the answer reads cgroup files, which
 /// a worker would otherwise do for every request.
 pub fn cpus() -> usize {
@@ -120,6 +158,34 @@ pub fn cpus() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shuffle_keeps_the_items_and_puts_each_first_about_as_often() {
+        let mut firsts = [0u32; 4];
+        for seed in 0..4000u64 {
+            let mut items = [0, 1, 2, 3];
+            shuffle_with(&mut items, seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+            let mut sorted = items;
+            sorted.sort();
+            assert_eq!(sorted, [0, 1, 2, 3]);
+            firsts[items[0]] += 1;
+        }
+        assert!(
+            firsts.iter().all(|&n| (800..1200).contains(&n)),
+            "{firsts:?}"
+        );
+        let (mut a, mut b) = ([0; 12], [0; 12]);
+        for (i, (a, b)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
+            (*a, *b) = (i, i);
+        }
+        shuffle(&mut a);
+        shuffle(&mut b);
+        // Fresh each time: two orders of 12 agree by chance once in 479 million.
+        assert_ne!(a, b);
+        let mut one = ["only"];
+        shuffle(&mut one);
+        assert_eq!(one, ["only"]);
+    }
 
     #[test]
     fn typos_get_a_suggestion_and_strangers_none() {
