@@ -2,7 +2,7 @@
 //! outlives RabbitMQ's consumer_timeout, a worker's connection closed mid-task. Those
 //! that change the broker for everyone hold it alone (`cluster_exclusive`).
 
-use crate::util::{cluster_exclusive, finish, wait_until, Workspace};
+use crate::util::{cluster_exclusive, finish, wait_until, Relay, WorkerProcess, Workspace};
 use std::process::Command;
 use std::time::Duration;
 
@@ -312,4 +312,48 @@ fn a_shard_queue_deleted_while_a_worker_asks_its_holder_costs_no_delivery() {
     // closing channel ...`, two or three per task on a busy fleet.
     assert!(!output.contains("amiquip"), "{output}");
     assert!(!output.contains("closing channel"), "{output}");
+}
+
+#[test]
+fn a_worker_whose_broker_dies_reconnects_to_another_of_amqp_host() {
+    // Issue 25: `amqp.host` named one broker. Two relays to the broker stand for two
+    // nodes; the one the worker reached dies.
+    let Some(c) = crate::util::cluster() else {
+        return;
+    };
+    let nodes = [
+        Relay::start("127.0.0.1:5672"),
+        Relay::start("127.0.0.1:5672"),
+    ];
+    let address = |relay: &Relay| format!("amqp://127.0.0.1:{}/%2F", relay.port);
+    let hosts = format!(
+        "amqp.host=127.0.0.1:{},127.0.0.1:{}",
+        nodes[0].port, nodes[1].port
+    );
+    let w = WorkerProcess::start(&c.config(), std::slice::from_ref(&hosts));
+    let output = w.output();
+    let first = nodes
+        .iter()
+        .position(|n| output.contains(&format!("Connected to {}; waiting", address(n))))
+        .unwrap_or_else(|| panic!("connected to neither node:\n{output}"));
+    let (dead, alive) = (&nodes[first], &nodes[1 - first]);
+    dead.fail();
+    w.wait_for(
+        &format!("Connected to {}; waiting", address(alive)),
+        Duration::from_secs(30),
+    );
+    // The loss is said with the broker it was on.
+    assert!(
+        w.output()
+            .contains(&format!("RabbitMQ at {}: ", address(dead))),
+        "{}",
+        w.output()
+    );
+    // A client given both connects past the dead one, and the worker builds.
+    let ws = Workspace::with("[task.a]\nrun = \"echo a > {artifact}/a\"\n");
+    let config = c.config().display().to_string();
+    ws.jolt(&["-c", &config, "-c", &hosts, "build", "--network", "a"])
+        .success()
+        .contains(&format!("Connected to the broker {}", address(alive)))
+        .contains("Remote execution finished");
 }

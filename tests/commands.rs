@@ -76,6 +76,32 @@ fn config_layers_follow_their_precedence() {
 }
 
 #[test]
+fn amqp_host_takes_a_list_of_brokers_and_refuses_a_bad_one() {
+    // Issue 25: `a:5681,b:5682` was read as the host `a:5681,b` on the port 5682.
+    let ws = workspace();
+    ws.jolt(&["config", "amqp.host", "a:1,b:2"]).success();
+    ws.jolt(&["config", "amqp.host", "a:1,"])
+        .code(2)
+        .contains("Illegal value 'a:1,' for configuration key amqp.host: broker 2 of 2 is empty");
+    // Nothing written.
+    ws.jolt(&["config", "amqp.host"])
+        .success()
+        .contains("amqp.host = a:1,b:2");
+    ws.jolt(&["-c", "amqp.host=a:1,b:99999", "status"])
+        .code(2)
+        .contains("the broker 'b:99999' has a port that is not from 1 to 65535");
+    // A list in a file, its entries checked as the written form's.
+    ws.file("brokers.toml", "[amqp]\nhost = [\"a:1\", \"b:2\"]\n");
+    ws.jolt(&["-c", "brokers.toml", "config", "amqp.host"])
+        .success()
+        .contains("amqp.host = a:1,b:2");
+    ws.file("bad.toml", "[amqp]\nhost = [\"a:1\", \" \"]\n");
+    ws.jolt(&["-c", "bad.toml", "status"])
+        .code(2)
+        .contains("broker 2 of 2 is empty");
+}
+
+#[test]
 fn config_never_prints_passwords() {
     let ws = workspace();
     ws.jolt(&["config", "http.password", "s3cret"]).success();

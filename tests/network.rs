@@ -309,6 +309,83 @@ fn an_unreachable_broker_exits_3_naming_it() {
     run.code(3).contains("127.0.0.1:1");
 }
 
+#[test]
+fn a_client_and_a_worker_given_several_brokers_use_one_that_answers() {
+    // Issue 25: `amqp.host` named one broker: `a:5681,b:5682` was the host
+    // `a:5681,b` on the port 5682.
+    let Some(c) = cluster() else { return };
+    // Seven brokers nobody listens for and the live one: a shuffle tries a dead one
+    // first seven times in eight.
+    let mut brokers: Vec<String> = (1..=7).map(|p| format!("127.0.0.1:{p}")).collect();
+    brokers.push("127.0.0.1:5672".to_string());
+    let hosts = format!("amqp.host={}", brokers.join(","));
+    let used = "amqp://127.0.0.1:5672/%2F";
+    let w = WorkerProcess::start(&c.config(), std::slice::from_ref(&hosts));
+    let output = w.output();
+    assert!(
+        output.contains(&format!("Connected to {used}; waiting")),
+        "{output}"
+    );
+    let ws = Workspace::with("[task.a]\nrun = \"echo a > {artifact}/a\"\n");
+    let config = c.config().display().to_string();
+    ws.jolt(&["-c", &config, "-c", &hosts, "build", "--network", "a"])
+        .success()
+        .contains(&format!("Connected to the broker {used}"))
+        .contains("Remote execution finished");
+    // Each connection tries them in a fresh order: of ten, some met a dead one first.
+    let mut failed_over = 0;
+    for _ in 0..10 {
+        let run = ws.jolt(&["-vv", "-c", &config, "-c", &hosts, "status"]);
+        run.success()
+            .contains(&format!("Connected to the broker {used}"));
+        if run
+            .all()
+            .contains("Cannot connect to RabbitMQ at amqp://127.0.0.1:")
+        {
+            failed_over += 1;
+        }
+    }
+    assert!(
+        failed_over > 0,
+        "ten connections tried the live broker first"
+    );
+}
+
+#[test]
+fn brokers_that_all_fail_exit_3_naming_each_in_bounded_time() {
+    let Some(server) = Nginx::start() else { return };
+    let ws = Workspace::with("[task.a]\nrun = \"true # network-2\"\n");
+    let uri = format!("http.uri={}", server.url);
+    // Refused at once, and (TEST-NET-1, routed nowhere) refused or timed out.
+    let hosts = "amqp.host=127.0.0.1:1,127.0.0.1:2,192.0.2.1:5672";
+    let start = Instant::now();
+    let run = ws.jolt(&[
+        "-c",
+        &uri,
+        "-c",
+        hosts,
+        "-c",
+        "amqp.connect_timeout=1",
+        "build",
+        "--network",
+        "a",
+    ]);
+    run.code(3)
+        .contains("Cannot connect to RabbitMQ at any of its 3 brokers: amqp://127.0.0.1:1/%2F (")
+        .contains("amqp://127.0.0.1:2/%2F (")
+        .contains("amqp://192.0.2.1:5672/%2F (");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    ws.jolt(&["-c", hosts, "-c", "amqp.connect_timeout=1", "status"])
+        .code(3)
+        .contains("amqp://127.0.0.1:1/%2F (")
+        .contains("amqp://127.0.0.1:2/%2F (")
+        .contains("amqp://192.0.2.1:5672/%2F (");
+}
+
 /// An exclusive, server-named queue of the test's own.
 fn private_queue(ch: &amiquip::Channel) -> amiquip::Queue<'_> {
     ch.queue_declare(

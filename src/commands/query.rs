@@ -271,9 +271,13 @@ pub fn status(config: &Config, args: crate::cli::StatusArgs) -> Result<Exit> {
             );
         }
     }
-    let mut connection = settings
+    let crate::remote::amqp::Connected {
+        mut connection,
+        broker,
+    } = settings
         .connect()
         .map_err(|e| crate::error::infra(format!("{e:#}")))?;
+    console::info(&format!("Connected to the broker {broker}"));
     for pool in &pools {
         let queue = crate::remote::amqp::task_queue(pool);
         let line = match settings.pool(&mut connection, pool)? {

@@ -28,7 +28,9 @@ pub enum Kind {
     Reference,
     /// An `http://` or `https://` URL; empty: unset.
     HttpUri,
-    /// A host name, or `amqp://host[:port]`, `amqps://host[:port]`.
+    /// Brokers: `host[:port]`, several separated by commas, after one `amqp://` or
+    /// `amqps://` and `user[:password]@` if any; a list in a file is read as its
+    /// entries separated by commas.
     AmqpHost,
     Bool,
     /// An integer within bounds.
@@ -155,15 +157,24 @@ pub enum Value {
     Size(u64),
 }
 
+/// One broker `amqp.host` lists: a host (an IPv6 address in brackets), and the
+/// port written after it, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEntry {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
 /// `amqp.host` taken apart: whether its scheme asks for TLS (none given: `None`),
-/// the host, the port it names, and the user and password of its userinfo.
+/// the brokers it lists, and the user and password of its userinfo.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AmqpHost {
     pub tls: Option<bool>,
-    pub host: String,
-    pub port: Option<u16>,
-    /// `user[:password]@` before the host, percent-decoded: the broker's credentials
-    /// unless `amqp.username` is set (as `http.uri`'s with `http.username`).
+    /// One or more, as written.
+    pub brokers: Vec<HostEntry>,
+    /// `user[:password]@` before the first host, percent-decoded: the broker's
+    /// credentials unless `amqp.username` is set (as `http.uri`'s with
+    /// `http.username`).
     pub userinfo: Option<crate::util::secrets::Userinfo>,
 }
 
@@ -172,46 +183,116 @@ impl std::fmt::Debug for AmqpHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpHost")
             .field("tls", &self.tls)
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("brokers", &self.brokers)
             .field("user", &self.userinfo.as_ref().map(|(user, _)| user))
             .finish()
     }
 }
 
-/// Parses `host`, `host:port`, `amqp://host[:port]` or `amqps://host[:port]`, each
-/// with an optional `user[:password]@` before the host.
-pub fn parse_amqp_host(written: &str) -> Option<AmqpHost> {
-    let (tls, rest) = match written.split_once("://") {
-        Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
-            "amqps" => (Some(true), rest),
-            "amqp" => (Some(false), rest),
-            _ => return None,
-        },
-        None => (None, written),
-    };
-    let (rest, userinfo) = crate::util::secrets::split_userinfo(rest);
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        // A port, not the end of an IPv6 address's bracketed form.
-        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
-            match p.parse::<u16>() {
-                Ok(port) if port > 0 => (h, Some(port)),
-                _ => return None,
-            }
-        }
-        _ => (rest, None),
-    };
-    // A path (`amqp://host/vhost`) is not jolt's way to name a vhost: amqp.vhost is.
-    if host.is_empty() || host.contains('/') {
-        return None;
+/// Parses `amqp.host`: one or more brokers separated by commas, each `host` or
+/// `host:port`, after an optional `amqp://` or `amqps://` and an optional
+/// `user[:password]@`, once, in front (`amqp://u:pw@a:5672,b:5672`); a later broker
+/// may repeat the first's scheme, not change it. Err: what is wrong, naming the
+/// broker (never its password).
+pub fn parse_amqp_host(written: &str) -> Result<AmqpHost, String> {
+    // The scheme is not echoed: what precedes `://` may be a mistyped password.
+    let (tls, rest) = split_scheme(written.trim())
+        .ok_or_else(|| "its scheme is neither amqp:// nor amqps://".to_string())?;
+    // The userinfo is the front's: a ',' before its '@' puts it on a later broker.
+    if rest
+        .rfind('@')
+        .is_some_and(|at| rest[..at].contains(',') && !rest[..at].contains('/'))
+    {
+        return Err(
+            "the user and password go once, before the first broker (a ',' in a password is written %2C)"
+                .to_string(),
+        );
     }
-    Some(AmqpHost {
+    let (rest, userinfo) = crate::util::secrets::split_userinfo(rest);
+    let entries: Vec<&str> = rest.trim_end_matches('/').split(',').collect();
+    let mut brokers = Vec::new();
+    for (n, entry) in entries.iter().enumerate() {
+        let entry = entry.trim();
+        let shown = crate::util::secrets::masked_url(entry);
+        let bad = |why: &str| Err(format!("the broker '{shown}' {why}"));
+        if entry.is_empty() {
+            return Err(format!("broker {} of {} is empty", n + 1, entries.len()));
+        }
+        let Some((entry_tls, bare)) = split_scheme(entry) else {
+            return bad("has a scheme that is neither amqp:// nor amqps://");
+        };
+        if entry_tls.is_some() && entry_tls != tls {
+            return bad("has a scheme of its own: give one, amqp:// or amqps://, for all in front");
+        }
+        let bare = bare.trim_end_matches('/');
+        // A path (`amqp://host/vhost`) is not jolt's way to name a vhost: amqp.vhost is.
+        if bare.contains('/') {
+            return bad("has a path (the vhost goes in amqp.vhost)");
+        }
+        if bare.contains('@') {
+            return bad("has a user: give it once, before the first broker");
+        }
+        match host_and_port(bare) {
+            Ok((host, port)) => brokers.push(HostEntry { host, port }),
+            Err(why) => return bad(why),
+        }
+    }
+    Ok(AmqpHost {
         tls,
-        host: host.to_string(),
-        port,
+        brokers,
         userinfo,
     })
+}
+
+/// The scheme in front of `written`, if any (`Some(true)`: TLS), and the rest;
+/// `None` for a scheme that is neither `amqp` nor `amqps`.
+fn split_scheme(written: &str) -> Option<(Option<bool>, &str)> {
+    match written.split_once("://") {
+        // A `://` after a ',' is a later broker's.
+        Some((scheme, rest)) if !scheme.contains(',') => {
+            match scheme.to_ascii_lowercase().as_str() {
+                "amqps" => Some((Some(true), rest)),
+                "amqp" => Some((Some(false), rest)),
+                _ => None,
+            }
+        }
+        _ => Some((None, written)),
+    }
+}
+
+/// `host` or `host:port`; an IPv6 address in brackets (`[::1]:5672`).
+fn host_and_port(entry: &str) -> Result<(String, Option<u16>), &'static str> {
+    let (host, port) = if entry.starts_with('[') {
+        let Some(end) = entry.find(']') else {
+            return Err("has an IPv6 address without its ']'");
+        };
+        match &entry[end + 1..] {
+            "" => (&entry[..=end], None),
+            after => match after.strip_prefix(':') {
+                Some(port) => (&entry[..=end], Some(port)),
+                None => return Err("has something other than a port after its ']'"),
+            },
+        }
+    } else {
+        match entry.split_once(':') {
+            Some((_, port)) if port.contains(':') => {
+                return Err("is an IPv6 address: write it in brackets, [::1]:5672")
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (entry, None),
+        }
+    };
+    if host.is_empty() || host == "[]" {
+        return Err("has no host");
+    }
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(port) if port > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Some(port),
+            _ => return Err("has a port that is not from 1 to 65535"),
+        },
+    };
+    Ok((host.to_string(), port))
 }
 
 /// A size as `config` accepts it: `1M` for 1,048,576 bytes, `1000` for 1,000.
@@ -246,7 +327,11 @@ fn read(spec: &Spec, value: &str) -> Result<Value, String> {
                 || bare.strip_prefix("https://").is_some_and(host);
             (uri.is_empty() || valid).then(|| Value::Text(uri.to_string()))
         }
-        Kind::AmqpHost => parse_amqp_host(value).map(|_| Value::Text(value.to_string())),
+        Kind::AmqpHost => {
+            return parse_amqp_host(value)
+                .map(|_| Value::Text(value.to_string()))
+                .map_err(|why| format!("{why}; expected {}", expected(spec.kind)))
+        }
         Kind::Bool => super::parse_bool(value).map(Value::Bool),
         Kind::Int(lo, hi) => value
             .trim()
@@ -258,7 +343,12 @@ fn read(spec: &Spec, value: &str) -> Result<Value, String> {
             .filter(|v| (lo..=hi).contains(v))
             .map(Value::Size),
     };
-    value_ok.ok_or_else(|| match spec.kind {
+    value_ok.ok_or_else(|| format!("expected {}", expected(spec.kind)))
+}
+
+/// What a value of `kind` must be, for errors.
+fn expected(kind: Kind) -> String {
+    match kind {
         Kind::Text => String::new(),
         Kind::Name => format!(
             "a name of letters, digits, '_', '-', '.' and '/', at most {MAX_POOL_NAME} characters"
@@ -266,13 +356,13 @@ fn read(spec: &Spec, value: &str) -> Result<Value, String> {
         Kind::Reference => "a task reference such as app or app:mode=release".to_string(),
         Kind::HttpUri => "an http:// or https:// URL with a host".to_string(),
         Kind::AmqpHost => {
-            "a host name, or amqp://[user:password@]host[:port] or amqps://... (the vhost goes in amqp.vhost)".to_string()
+            "host[:port], several separated by commas, after one amqp:// or amqps:// and user:password@ if any (the vhost goes in amqp.vhost)".to_string()
         }
         Kind::Bool => "a boolean (true, false)".to_string(),
         Kind::Int(lo, hi) => format!("an integer from {lo} to {hi}"),
         Kind::Size(0, u64::MAX) => "a size such as 500M or 10G".to_string(),
         Kind::Size(lo, hi) => format!("a size from {} to {}", show_size(lo), show_size(hi)),
-    })
+    }
 }
 
 /// Reads `value` as the kind of the key `spec`; a value the key cannot take is a
@@ -281,17 +371,22 @@ pub fn check(spec: &Spec, value: &str, origin: Option<&str>) -> Result<Value> {
     read(spec, value).map_err(|expected| {
         let shown = if spec.name.ends_with("password") {
             crate::util::secrets::MASK.to_string()
+        } else if spec.kind == Kind::AmqpHost {
+            // Each broker of a list, which may wrongly have a user of its own.
+            let brokers: Vec<String> = value
+                .split(',')
+                .map(crate::util::secrets::masked_url)
+                .collect();
+            brokers.join(",")
         } else {
             crate::util::secrets::masked_url(value)
         };
         let key = spec.name;
         usage(match origin {
             Some(origin) => format!(
-                "Illegal value '{shown}' for configuration key {key}: expected {expected} (set by {origin})"
+                "Illegal value '{shown}' for configuration key {key}: {expected} (set by {origin})"
             ),
-            None => format!(
-                "Illegal value '{shown}' for configuration key {key}: expected {expected}"
-            ),
+            None => format!("Illegal value '{shown}' for configuration key {key}: {expected}"),
         })
     })
 }
@@ -402,7 +497,13 @@ mod tests {
 
     #[test]
     fn amqp_hosts_come_apart_into_scheme_host_and_port() {
-        let parsed = |s| parse_amqp_host(s).map(|h| (h.tls, h.host, h.port));
+        let parsed = |s| {
+            parse_amqp_host(s).ok().map(|h| {
+                assert_eq!(h.brokers.len(), 1, "{s}");
+                let b = h.brokers[0].clone();
+                (h.tls, b.host, b.port)
+            })
+        };
         assert_eq!(parsed("broker"), Some((None, "broker".into(), None)));
         assert_eq!(
             parsed("AMQPS://broker:5000/"),
@@ -412,20 +513,112 @@ mod tests {
             parsed("amqp://[::1]:5672"),
             Some((Some(false), "[::1]".into(), Some(5672)))
         );
+        assert_eq!(parsed("[::1]"), Some((None, "[::1]".into(), None)));
         assert_eq!(parsed("http://broker"), None);
         assert_eq!(parsed("amqp://"), None);
         assert_eq!(parsed("amqp://u:pw@"), None);
         // Issue 24: the userinfo was read as part of the host name.
         let host = parse_amqp_host("amqp://ci:s%40cret-77@broker:5673/").unwrap();
-        assert_eq!((host.host.as_str(), host.port), ("broker", Some(5673)));
+        let b = &host.brokers[0];
+        assert_eq!((b.host.as_str(), b.port), ("broker", Some(5673)));
         assert_eq!(
             host.userinfo,
             Some(("ci".to_string(), Some("s@cret-77".to_string())))
         );
         assert!(!format!("{host:?}").contains("cret"), "{host:?}");
         let host = parse_amqp_host("ci@broker").unwrap();
-        assert_eq!(host.host, "broker");
+        assert_eq!(host.brokers[0].host, "broker");
         assert_eq!(host.userinfo, Some(("ci".to_string(), None)));
+    }
+
+    #[test]
+    fn amqp_host_lists_several_brokers() {
+        // Issue 25: `a:5681,b:5682` was one host, `a:5681,b`, on the port 5682.
+        let brokers = |s: &str| {
+            let h = parse_amqp_host(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            let list: Vec<(String, Option<u16>)> =
+                h.brokers.into_iter().map(|b| (b.host, b.port)).collect();
+            (h.tls, list, h.userinfo.map(|(user, _)| user))
+        };
+        let a_b = vec![("a".to_string(), Some(5681)), ("b".to_string(), Some(5682))];
+        assert_eq!(brokers("a:5681,b:5682"), (None, a_b.clone(), None));
+        assert_eq!(
+            brokers("amqp://a:5681, b:5682/"),
+            (Some(false), a_b.clone(), None)
+        );
+        assert_eq!(
+            brokers("amqps://a:5681,amqps://b:5682"),
+            (Some(true), a_b.clone(), None)
+        );
+        assert_eq!(
+            brokers("amqp://ci:pw@a:5681,b:5682"),
+            (Some(false), a_b, Some("ci".to_string()))
+        );
+        assert_eq!(
+            brokers("a,b:5673,[::1]").1,
+            vec![
+                ("a".to_string(), None),
+                ("b".to_string(), Some(5673)),
+                ("[::1]".to_string(), None)
+            ]
+        );
+        let h = parse_amqp_host("ci:s%2Ccret@a,b").unwrap();
+        assert_eq!(h.userinfo, Some(("ci".into(), Some("s,cret".into()))));
+    }
+
+    #[test]
+    fn a_bad_broker_of_a_list_is_refused_by_name() {
+        let cases = [
+            ("a:1,", "broker 2 of 2 is empty"),
+            (",a", "broker 1 of 2 is empty"),
+            ("a,,b", "broker 2 of 3 is empty"),
+            (
+                "a:1,b:99999",
+                "the broker 'b:99999' has a port that is not from 1 to 65535",
+            ),
+            ("a:1,b:0", "the broker 'b:0' has a port"),
+            ("a:1,b:x", "the broker 'b:x' has a port"),
+            ("a:1,b:", "the broker 'b:' has a port"),
+            ("a,:5672", "the broker ':5672' has no host"),
+            (
+                "amqp://a,amqps://b",
+                "the broker 'amqps://b' has a scheme of its own",
+            ),
+            (
+                "a,amqp://b",
+                "the broker 'amqp://b' has a scheme of its own",
+            ),
+            (
+                "a,ftp://b",
+                "the broker 'ftp://b' has a scheme that is neither",
+            ),
+            ("ftp://a,b", "its scheme is neither amqp:// nor amqps://"),
+            ("amqp://a,b/vhost", "the broker 'b/vhost' has a path"),
+            ("a,::1", "the broker '::1' is an IPv6 address"),
+            (
+                "a,[::1",
+                "the broker '[::1' has an IPv6 address without its ']'",
+            ),
+            (
+                "amqp://a,u:s3cret@b",
+                "the user and password go once, before the first",
+            ),
+            (
+                "amqp://u:s3cret@a,amqp://u:s3cret@b",
+                "the broker 'amqp://********@b' has a user",
+            ),
+        ];
+        for (written, why) in cases {
+            let err = parse_amqp_host(written).unwrap_err();
+            assert!(err.starts_with(why), "{written}: {err}");
+            assert!(!err.contains("s3cret"), "{err}");
+            let err = format!("{}", check_value("amqp.host", written).unwrap_err());
+            assert!(
+                err.contains(&format!("for configuration key amqp.host: {why}")),
+                "{err}"
+            );
+            assert!(!err.contains("s3cret"), "{err}");
+        }
     }
 
     #[test]

@@ -20,7 +20,8 @@ use crate::error::usage;
 
 pub use keys::{check_key, check_value, is_known, keys, unknown_hint, Kind, Spec, MAX_JOBS, SPECS};
 pub use settings::{
-    AmqpSettings, Config, CredentialInFile, HttpSettings, JoltSettings, NetworkSettings,
+    AmqpSettings, BrokerAddress, Config, CredentialInFile, HttpSettings, JoltSettings,
+    NetworkSettings,
 };
 
 /// Warns about the keys of a file that jolt does not know.
@@ -335,9 +336,16 @@ pub struct Effective {
     pub origin: String,
 }
 
+/// A value as text, as the key table reads it: a list of strings (`amqp.host`'s
+/// brokers in a file) is its entries separated by commas.
 fn value_to_string(value: &toml::Value) -> String {
     match value {
         toml::Value::String(s) => s.clone(),
+        toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => items
+            .iter()
+            .filter_map(toml::Value::as_str)
+            .collect::<Vec<_>>()
+            .join(","),
         other => other.to_string(),
     }
 }

@@ -88,10 +88,9 @@ pub struct HttpSettings {
 /// `[amqp]`: how to reach the broker, and the knobs of network builds.
 #[derive(Debug, Clone)]
 pub struct AmqpSettings {
-    /// The broker's host, from `amqp.host` without its scheme, userinfo and port.
-    pub host: String,
-    /// The port `amqp.host` names, else `amqp.port`, else 5672 (5671 with TLS).
-    pub port: u16,
+    /// The brokers `amqp.host` lists, as written (one or more): each connection
+    /// tries them in a fresh random order, the next when one cannot be reached.
+    pub hosts: Vec<BrokerAddress>,
     /// TLS to the broker (`amqps://` in `amqp.host`, else `amqp.tls`), checked
     /// against `ca_file` or the built-in roots.
     pub tls: bool,
@@ -120,6 +119,16 @@ pub struct AmqpSettings {
     pub timeout: Duration,
     /// Remote executions a network client keeps in flight.
     pub jobs: usize,
+}
+
+/// One broker: the host and port of an entry of `amqp.host` (the scheme, vhost and
+/// credentials are every broker's, [`AmqpSettings`]').
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    /// A name or an address (an IPv6 one in brackets, `[::1]`).
+    pub host: String,
+    /// The port the entry names, else `amqp.port`, else 5672 (5671 with TLS).
+    pub port: u16,
 }
 
 /// `[network]`: a network client's own switches (as in Jolt).
@@ -179,9 +188,9 @@ impl Config {
             ca_file: r.path("http.ca_file")?,
         };
         let written = r.text("amqp.host")?.unwrap_or_default();
-        let host = keys::parse_amqp_host(&written).ok_or_else(|| {
+        let host = keys::parse_amqp_host(&written).map_err(|why| {
             anyhow!(
-                "amqp.host '{}' passed its check and failed to parse",
+                "amqp.host '{}' passed its check and failed to parse: {why}",
                 secrets::masked_url(&written)
             )
         })?;
@@ -189,11 +198,18 @@ impl Config {
         let tls = host.tls.unwrap_or(tls);
         let port_set = r.is_set("amqp.port");
         let port = r.int("amqp.port")?;
-        let port = match host.port {
-            Some(port) => port,
-            None if tls && !port_set => keys::AMQPS_PORT,
-            None => port,
-        };
+        let hosts = host
+            .brokers
+            .into_iter()
+            .map(|entry| BrokerAddress {
+                host: entry.host,
+                port: match entry.port {
+                    Some(port) => port,
+                    None if tls && !port_set => keys::AMQPS_PORT,
+                    None => port,
+                },
+            })
+            .collect();
         // The userinfo of amqp.host gives the user and password, as http.uri's does:
         // amqp.username, when set, wins, and goes with amqp.password.
         let host_password = matches!(host.userinfo, Some((_, Some(_))));
@@ -211,8 +227,7 @@ impl Config {
             _ => (username, password),
         };
         let amqp = AmqpSettings {
-            host: host.host,
-            port,
+            hosts,
             tls,
             ca_file: r.path("amqp.ca_file")?,
             vhost: r.text("amqp.vhost")?.unwrap_or_default(),
@@ -374,6 +389,13 @@ fn expand_home(path: &str) -> PathBuf {
 mod tests {
     use super::*;
 
+    fn broker(host: &str, port: u16) -> BrokerAddress {
+        BrokerAddress {
+            host: host.to_string(),
+            port,
+        }
+    }
+
     fn layers(values: &[(&str, &str)]) -> Layers {
         let mut layers = Layers::default();
         for (key, value) in values {
@@ -427,7 +449,7 @@ mod tests {
         assert_eq!(c.http.uri, None);
         assert_eq!(c.http.timeout, Duration::from_secs(60));
         assert_eq!(c.http.transfers, 64);
-        assert_eq!((c.amqp.host.as_str(), c.amqp.port), ("localhost", 5672));
+        assert_eq!(c.amqp.hosts, [broker("localhost", 5672)]);
         assert_eq!(c.amqp.routing_key, "default");
         assert_eq!(c.amqp.jobs, keys::MAX_JOBS);
         assert!(c.network.upload && c.network.download);
@@ -437,11 +459,38 @@ mod tests {
     fn the_broker_address_takes_its_scheme_and_port_from_amqp_host() {
         let amqp = |values: &[(&str, &str)]| layers(values).settings().unwrap().amqp;
         let a = amqp(&[("amqp.tls", "yes")]);
-        assert_eq!((a.tls, a.port), (true, keys::AMQPS_PORT));
+        assert_eq!((a.tls, a.hosts), (true, vec![broker("localhost", 5671)]));
         let a = amqp(&[("amqp.host", "amqps://broker"), ("amqp.port", "6000")]);
-        assert_eq!((a.tls, a.host.as_str(), a.port), (true, "broker", 6000));
+        assert_eq!((a.tls, a.hosts), (true, vec![broker("broker", 6000)]));
         let a = amqp(&[("amqp.host", "amqp://broker:7000/"), ("amqp.port", "6000")]);
-        assert_eq!((a.tls, a.host.as_str(), a.port), (false, "broker", 7000));
+        assert_eq!((a.tls, a.hosts), (false, vec![broker("broker", 7000)]));
+    }
+
+    #[test]
+    fn each_broker_of_amqp_host_takes_the_default_port_it_does_not_name() {
+        // Issue 25: `amqp.host` named one broker.
+        let amqp = |values: &[(&str, &str)]| layers(values).settings().unwrap().amqp;
+        let a = amqp(&[("amqp.host", "amqps://a:7000,b"), ("amqp.port", "6000")]);
+        assert_eq!(
+            (a.tls, a.hosts),
+            (true, vec![broker("a", 7000), broker("b", 6000)])
+        );
+        let a = amqp(&[("amqp.host", "amqps://a:7000,b")]);
+        assert_eq!(a.hosts, [broker("a", 7000), broker("b", 5671)]);
+        let a = amqp(&[("amqp.host", "amqp://ci:pw@a,b:5673")]);
+        assert_eq!(a.hosts, [broker("a", 5672), broker("b", 5673)]);
+        assert_eq!((a.username.as_str(), a.password.as_str()), ("ci", "pw"));
+        // A list in a file: its entries, separated by commas.
+        let mut l = Layers::default();
+        let list = ["amqp://a:1", "amqp://b"].map(|s| toml::Value::String(s.into()));
+        l.set("amqp.host", toml::Value::Array(list.to_vec()));
+        let a = l.settings().unwrap().amqp;
+        assert_eq!(
+            (a.tls, a.hosts),
+            (false, vec![broker("a", 1), broker("b", 5672)])
+        );
+        let err = layers(&[("amqp.host", "a:1,")]).settings().unwrap_err();
+        assert!(format!("{err}").contains("broker 2 of 2 is empty"), "{err}");
     }
 
     #[test]
@@ -450,7 +499,7 @@ mod tests {
         let amqp = |values: &[(&str, &str)]| layers(values).settings().unwrap().amqp;
         let url = ("amqp.host", "amqp://ci:s%3Acret@broker:5673");
         let a = amqp(&[url]);
-        assert_eq!((a.host.as_str(), a.port), ("broker", 5673));
+        assert_eq!(a.hosts, [broker("broker", 5673)]);
         assert_eq!((a.username.as_str(), a.password.as_str()), ("ci", "s:cret"));
         let a = amqp(&[url, ("amqp.password", "other")]);
         assert_eq!((a.username.as_str(), a.password.as_str()), ("ci", "other"));

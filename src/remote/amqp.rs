@@ -1,5 +1,7 @@
-//! RabbitMQ plumbing shared by the client and the worker: connections (to the broker
-//! that [`AmqpSettings`] names) and the topology both sides declare.
+//! RabbitMQ plumbing shared by the client and the worker: connections (to one of the
+//! brokers that [`AmqpSettings`] lists, tried in a fresh random order each time, so
+//! that a node down costs a connect attempt and the fleet spreads over the others)
+//! and the topology both sides declare.
 //!
 //! Topology: requests go to the durable direct exchange `jolt_exchange` with the
 //! task's routing key; workers consume the durable queue `jolt_tasks_<key>` (declared
@@ -15,7 +17,7 @@ use anyhow::Result;
 use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, BrokerAddress};
 
 pub const REQUESTS: &str = "jolt_exchange";
 pub const RESULTS: &str = "jolt_results";
@@ -37,29 +39,118 @@ fn encode(s: &str) -> String {
     out
 }
 
+/// A connection, and the broker of `amqp.host` it reached.
+pub struct Connected {
+    pub connection: Connection,
+    /// That broker, as [`AmqpSettings::address_of`] shows it.
+    pub broker: String,
+}
+
+/// Why one broker gave no connection.
+enum Failure {
+    /// It cannot be reached now (refused, timed out, closed the handshake): the
+    /// next may be.
+    Unreachable(String),
+    /// It refused the credentials or its certificate was refused: the others
+    /// would too (exit 3).
+    Final(anyhow::Error),
+}
+
 /// What connects to the broker, from the `[amqp]` settings.
 impl AmqpSettings {
-    /// `host:port/vhost`, for messages (never the password).
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "amqps"
+        } else {
+            "amqp"
+        }
+    }
+
+    /// Every broker, `amqp://a:5672,b:5672/vhost`, for messages (never the password).
     pub fn address(&self) -> String {
-        let scheme = if self.tls { "amqps" } else { "amqp" };
+        let hosts: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|b| format!("{}:{}", b.host, b.port))
+            .collect();
         format!(
-            "{scheme}://{}:{}/{}",
-            self.host,
-            self.port,
+            "{}://{}/{}",
+            self.scheme(),
+            hosts.join(","),
             encode(&self.vhost)
         )
     }
 
-    /// Opens a connection, or fails with the broker's address in the message.
+    /// One broker, `amqp://b:5672/vhost`, for messages (never the password).
+    pub fn address_of(&self, broker: &BrokerAddress) -> String {
+        format!(
+            "{}://{}:{}/{}",
+            self.scheme(),
+            broker.host,
+            broker.port,
+            encode(&self.vhost)
+        )
+    }
+
+    /// Opens a connection to one of the brokers, tried in a fresh random order (so
+    /// that clients and workers spread over them), each within `connect_timeout`,
+    /// the next when one cannot be reached; fails naming every broker when none
+    /// can. A broker that refuses the credentials or whose certificate is refused
+    /// ends the attempt: an infrastructure error (exit 3).
+    pub fn connect(&self) -> Result<Connected> {
+        let mut order: Vec<usize> = (0..self.hosts.len()).collect();
+        crate::util::shuffle(&mut order);
+        let mut failures: Vec<(usize, String)> = Vec::new();
+        for i in order {
+            let broker = &self.hosts[i];
+            match self.connect_to(broker) {
+                Ok(connection) => {
+                    return Ok(Connected {
+                        connection,
+                        broker: self.address_of(broker),
+                    })
+                }
+                Err(Failure::Final(e)) => return Err(e),
+                Err(Failure::Unreachable(why)) => {
+                    crate::console::debug(&format!(
+                        "Cannot connect to RabbitMQ at {}: {why}",
+                        self.address_of(broker)
+                    ));
+                    failures.push((i, why));
+                }
+            }
+        }
+        // In the order of amqp.host, whatever the order tried.
+        failures.sort();
+        match failures.as_slice() {
+            [(i, why)] => anyhow::bail!(
+                "Cannot connect to RabbitMQ at {}: {why}",
+                self.address_of(&self.hosts[*i])
+            ),
+            _ => {
+                let each: Vec<String> = failures
+                    .iter()
+                    .map(|(i, why)| format!("{} ({why})", self.address_of(&self.hosts[*i])))
+                    .collect();
+                anyhow::bail!(
+                    "Cannot connect to RabbitMQ at any of its {} brokers: {}",
+                    self.hosts.len(),
+                    each.join(", ")
+                )
+            }
+        }
+    }
+
+    /// Opens a connection to `broker`.
     ///
     /// The TCP stream is opened here rather than by amiquip so that it can set
     /// `TCP_NODELAY`: small AMQP frames otherwise wait out delayed ACKs (about 40 ms
     /// per request and reply).
-    pub fn connect(&self) -> Result<Connection> {
-        let fail = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!("Cannot connect to RabbitMQ at {}: {e}", self.address())
-        };
-        let addrs: Vec<std::net::SocketAddr> = (self.host.as_str(), self.port)
+    fn connect_to(&self, broker: &BrokerAddress) -> Result<Connection, Failure> {
+        let fail = |e: &dyn std::fmt::Display| Failure::Unreachable(e.to_string());
+        // `[::1]` is how amqp.host writes an IPv6 address, `::1` how it resolves.
+        let host = broker.host.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<std::net::SocketAddr> = (host, broker.port)
             .to_socket_addrs()
             .map_err(|e| fail(&e))?
             .collect();
@@ -80,20 +171,16 @@ impl AmqpSettings {
         })?;
         stream.set_nodelay(true).map_err(|e| fail(&e))?;
         let stream = if self.tls {
-            let wrapped = super::tls::wrap(
-                stream,
-                &self.host,
-                self.ca_file.as_deref(),
-                self.connect_timeout,
-            );
+            let wrapped =
+                super::tls::wrap(stream, host, self.ca_file.as_deref(), self.connect_timeout);
             match wrapped {
                 Ok(s) => s,
                 // A refused certificate does not heal by retrying.
                 Err(super::tls::Failed::Refused(e)) => {
-                    return Err(crate::error::infra(format!(
+                    return Err(Failure::Final(crate::error::infra(format!(
                         "Cannot connect to RabbitMQ at {}: {e:#}",
-                        self.address()
-                    )))
+                        self.address_of(broker)
+                    ))))
                 }
                 Err(super::tls::Failed::Other(e)) => return Err(fail(&format!("{e:#}"))),
             }
@@ -102,11 +189,11 @@ impl AmqpSettings {
         };
         let stream = mio::net::TcpStream::from_stream(stream).map_err(|e| fail(&e))?;
         let refused = |e: &amiquip::Error| {
-            crate::error::infra(format!(
+            Failure::Final(crate::error::infra(format!(
                 "RabbitMQ at {} refused user '{}' ({e}): check amqp.username, amqp.password (JOLT_AMQP_PASSWORD) and amqp.vhost",
-                self.address(),
+                self.address_of(broker),
                 self.username
-            ))
+            )))
         };
         let options = ConnectionOptions::default()
             .auth(Auth::Plain {

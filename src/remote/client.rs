@@ -103,29 +103,54 @@ impl Drop for Subscription<'_> {
     }
 }
 
+/// A connection with its two channels and the reply queue.
+struct Opened {
+    connection: amiquip::Connection,
+    publisher: Channel,
+    consumer: Channel,
+    /// The reply queue's name.
+    queue: String,
+    /// The broker it reached (`AmqpSettings::address_of`).
+    broker: String,
+}
+
 /// Opens the connection and its two channels; declares the reply queue.
-fn open(settings: &AmqpSettings) -> Result<(amiquip::Connection, Channel, Channel, String)> {
-    let mut connection = settings.connect()?;
-    let publisher = connection.open_channel(None)?;
-    let consumer = connection.open_channel(None)?;
-    let queue = consumer.queue_declare(
-        "",
-        QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        },
-    )?;
-    let name = queue.name().to_string();
-    publisher.exchange_declare(
-        amiquip::ExchangeType::Direct,
-        RESULTS,
-        amiquip::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-    )?;
-    Ok((connection, publisher, consumer, name))
+fn open(settings: &AmqpSettings) -> Result<Opened> {
+    let crate::remote::amqp::Connected {
+        mut connection,
+        broker,
+    } = settings.connect()?;
+    let on = || format!("RabbitMQ at {broker}");
+    let publisher = connection.open_channel(None).with_context(on)?;
+    let consumer = connection.open_channel(None).with_context(on)?;
+    let queue = consumer
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+        )
+        .with_context(on)?;
+    let queue = queue.name().to_string();
+    publisher
+        .exchange_declare(
+            amiquip::ExchangeType::Direct,
+            RESULTS,
+            amiquip::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+        )
+        .with_context(on)?;
+    Ok(Opened {
+        connection,
+        publisher,
+        consumer,
+        queue,
+        broker,
+    })
 }
 
 impl NetworkClient {
@@ -133,6 +158,7 @@ impl NetworkClient {
     /// (`HttpCache::fleet`); an unreachable broker is an infrastructure error (exit 3).
     pub fn connect(settings: AmqpSettings, fleet: String) -> Result<NetworkClient> {
         let first = open(&settings).map_err(|e| infra(format!("{e:#}")))?;
+        crate::console::info(&format!("Connected to the broker {}", first.broker));
         let shared = Arc::new(Shared {
             link: Mutex::new(None),
             connected: Condvar::new(),
@@ -437,16 +463,18 @@ impl Drop for NetworkClient {
 }
 
 /// The connection thread: reads replies, reconnects when the broker goes away.
-fn serve(
-    settings: AmqpSettings,
-    shared: Arc<Shared>,
-    first: (amiquip::Connection, Channel, Channel, String),
-) {
+fn serve(settings: AmqpSettings, shared: Arc<Shared>, first: Opened) {
     let mut next = Some(first);
     let mut reconnected = false;
     let mut backoff = Duration::from_millis(250);
     while !shared.stop.load(Ordering::Relaxed) {
-        let (connection, publisher, consumer_channel, queue) = match next.take() {
+        let Opened {
+            connection,
+            publisher,
+            consumer: consumer_channel,
+            queue,
+            broker,
+        } = match next.take() {
             Some(c) => c,
             None => match open(&settings) {
                 Ok(c) => c,
@@ -474,10 +502,7 @@ fn serve(
         });
         shared.connected.notify_all();
         if reconnected {
-            crate::console::warn(&format!(
-                "Reconnected to RabbitMQ at {}",
-                settings.address()
-            ));
+            crate::console::warn(&format!("Reconnected to RabbitMQ at {broker}"));
             let mut told: Vec<Sender<Incoming>> = Vec::new();
             for list in shared.waiters.lock().expect("waiters").values() {
                 for tx in list {
@@ -488,7 +513,7 @@ fn serve(
                 }
             }
         }
-        dispatch_replies(&settings, &shared, &consumer, &consumer_channel, &queue);
+        dispatch_replies(&broker, &shared, &consumer, &consumer_channel, &queue);
         let link = shared.link.lock().expect("link").take();
         if shared.stop.load(Ordering::Relaxed) {
             // Close cleanly: amiquip complains about channels dropped unclosed, and
@@ -545,7 +570,7 @@ fn bind_and_consume<'c>(
 /// Hands every reply to the jobs waiting for its identity, until the build stops,
 /// a publish breaks the link, or the connection goes.
 fn dispatch_replies(
-    settings: &AmqpSettings,
+    broker: &str,
     shared: &Shared,
     consumer: &amiquip::Consumer,
     channel: &Channel,
@@ -579,8 +604,7 @@ fn dispatch_replies(
             }
             Ok(other) => {
                 crate::console::warn(&format!(
-                    "Lost the connection to RabbitMQ at {} ({other:?}); reconnecting",
-                    settings.address()
+                    "Lost the connection to RabbitMQ at {broker} ({other:?}); reconnecting"
                 ));
                 return;
             }

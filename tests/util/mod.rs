@@ -1130,11 +1130,13 @@ impl Drop for TlsBroker {
     }
 }
 
-/// A TCP relay on a loopback port to `target`, which can be switched off (it then
-/// closes every connection at once) and on again.
+/// A TCP relay on a loopback port to `target`, which can be switched off (new
+/// connections are then closed at once) and on again, or fail (switched off, and
+/// the connections it relays cut).
 pub struct Relay {
     pub port: u16,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    relayed: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
 }
 
 impl Relay {
@@ -1142,7 +1144,8 @@ impl Relay {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (on, target) = (up.clone(), target.to_string());
+        let relayed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (on, target, kept) = (up.clone(), target.to_string(), relayed.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if !on.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1151,6 +1154,7 @@ impl Relay {
                 let Ok(server) = std::net::TcpStream::connect(&target) else {
                     continue;
                 };
+                kept.lock().unwrap().push(client.try_clone().unwrap());
                 for (mut from, mut to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
@@ -1162,11 +1166,20 @@ impl Relay {
                 }
             }
         });
-        Relay { port, up }
+        Relay { port, up, relayed }
     }
 
     pub fn set_up(&self, up: bool) {
         self.up.store(up, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Switches the relay off and cuts every connection it relays, as a broker
+    /// node that dies.
+    pub fn fail(&self) {
+        self.set_up(false);
+        for stream in self.relayed.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 

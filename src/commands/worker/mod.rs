@@ -66,7 +66,7 @@ use crate::graph::hashes::FileHashes;
 use crate::graph::GraphOptions;
 use crate::interrupt;
 use crate::recipe::Recipes;
-use crate::remote::amqp::{task_queue, RESULTS};
+use crate::remote::amqp::{task_queue, Connected, RESULTS};
 use crate::remote::messages::{
     whoami, Missing, RecipeBundle, Reply, ReplyKind, Request, MAX_RECIPE_BUNDLE, VERSION,
 };
@@ -339,10 +339,21 @@ impl Worker {
         }
     }
 
-    /// One connection's worth of work; returns `Ok` when asked to stop.
+    /// One connection's worth of work; returns `Ok` when asked to stop. An error
+    /// once connected names the broker it came from.
     fn session(&self, backoff: &mut Duration) -> Result<()> {
-        let mut connection = self.settings.connect()?;
+        let Connected { connection, broker } = self.settings.connect()?;
         *backoff = Duration::from_secs(1);
+        self.serve_connection(connection, &broker)
+            .map_err(|e| match crate::error::exit_code(&e) {
+                // Already names it.
+                Exit::Infra => e,
+                _ => e.context(format!("RabbitMQ at {broker}")),
+            })
+    }
+
+    /// [`Worker::session`] on the connection to `broker`.
+    fn serve_connection(&self, mut connection: amiquip::Connection, broker: &str) -> Result<()> {
         let channel = connection.open_channel(None)?;
         self.settings
             .declare(&channel, &self.settings.routing_key)?;
@@ -369,8 +380,7 @@ impl Worker {
         let consumer = queue.consume(ConsumerOptions::default())?;
         let mut locks = lock::Locks::new();
         console::info(&format!(
-            "Connected to {}; waiting for requests on {}",
-            self.settings.address(),
+            "Connected to {broker}; waiting for requests on {}",
             task_queue(&self.settings.routing_key)
         ));
         // Ok(true): asked to stop; Ok(false): interrupted mid-task, the request left
