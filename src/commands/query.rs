@@ -277,7 +277,8 @@ pub fn status(config: &Config, args: crate::cli::StatusArgs) -> Result<Exit> {
     } = settings
         .connect()
         .map_err(|e| crate::error::infra(format!("{e:#}")))?;
-    console::info(&format!("Connected to the broker {broker}"));
+    // Verbose: what `status` prints is its pools, which scripts read.
+    console::verbose(&format!("Connected to the broker {broker}"));
     for pool in &pools {
         let queue = crate::remote::amqp::task_queue(pool);
         let line = match settings.pool(&mut connection, pool)? {
