@@ -2627,6 +2627,50 @@ fn a_build_stores_its_recipes_and_snapshot_again_when_a_worker_finds_them_gone()
     );
 }
 
+#[test]
+fn a_requirement_gone_from_the_cache_before_a_worker_needs_it_is_built_again() {
+    let Some(c) = cluster() else { return };
+    let ws = Workspace::with(
+        "[task.a]\nrun = \"echo a > {artifact}/a\"\n\
+         [task.app]\nrequires = [\"a\"]\nrun = \"cat {deps.a}/a > {artifact}/out\"\n",
+    );
+    {
+        let _w = c.worker();
+        c.build(&ws, &["a"]).success();
+    }
+    // No worker: the client has planned `a` as in the HTTP cache, and its request
+    // for `app` waits in the queue.
+    let client = c.spawn_build(&ws, &["app"]);
+    wait_until("the request", Duration::from_secs(30), || {
+        c.broker.queued() == Some(1)
+    });
+    // What a trim, an operator or a cache shard that went down does meanwhile.
+    let archives: Vec<_> = std::fs::read_dir(c.server.file("cache/a"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(archives.len(), 1);
+    std::fs::remove_file(archives[0].path()).unwrap();
+    // Regression (issue 25): the worker failed `app`, `requirement a is
+    // unavailable`, and with it the build; a miss is built again.
+    let w = c.worker();
+    let run = finish_within(client, Duration::from_secs(60), "the build");
+    run.success()
+        .contains("found a")
+        .contains("in no cache: building it again");
+    assert_eq!(run.count("Remote execution finished"), 2, "{}", run.all());
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("out")).unwrap(),
+        "a\n",
+        "{}",
+        w.output()
+    );
+    assert_eq!(
+        std::fs::read_dir(c.server.file("cache/a")).unwrap().count(),
+        1
+    );
+}
+
 /// The digest a recipe bundle holding `files` (`(path, text)`) is stored under, once
 /// stored in `c`'s HTTP cache.
 fn store_bundle(c: &crate::util::Cluster, files: &[(&str, &str)]) -> String {

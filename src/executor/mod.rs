@@ -255,6 +255,14 @@ enum Done {
     Unusable,
     /// A request no worker had taken, withdrawn when the build stopped: not run.
     Withdrawn,
+    /// A worker found requirements of a remote execution in no cache (a trim, an
+    /// operator, a cache shard that went down took them since planning): a miss.
+    /// They are built again, and the execution waits for them.
+    RequirementsMissing {
+        missing: Vec<usize>,
+        worker: String,
+        error: String,
+    },
 }
 
 enum Event {
@@ -543,6 +551,8 @@ struct Scheduler<'a> {
     on_worker: Vec<bool>,
     /// Why the HTTP cache, which this build needs, could not be used.
     unreachable: Option<String>,
+    /// Requirements built again because a worker found them in no cache.
+    rebuilt: Vec<bool>,
     /// What the HTTP cache answered before planning asked (see `presence`).
     known: presence::Known,
     /// `--dry-run`: the HTTP cache is asked before a download is planned.
@@ -660,6 +670,7 @@ impl<'a> Scheduler<'a> {
             remote_running: 0,
             on_worker: vec![false; n],
             unreachable: None,
+            rebuilt: vec![false; n],
             known: if opts.goals_absent {
                 graph.goals.iter().map(|&g| (g, Ok(false))).collect()
             } else {
@@ -1355,6 +1366,11 @@ impl Scheduler<'_> {
             Ok(Done::DownloadFailed) => self.download_failed(i)?,
             Ok(Done::Unusable) => self.build_instead(i)?,
             Ok(Done::Withdrawn) => self.status[i] = Status::Pending,
+            Ok(Done::RequirementsMissing {
+                missing,
+                worker,
+                error,
+            }) => self.requirements_missing(i, missing, &worker, &error)?,
             Err(failure) if failure.interrupted => {
                 self.status[i] = Status::Interrupted;
                 self.propagate(i, Some((i, false)));
@@ -1382,6 +1398,52 @@ impl Scheduler<'_> {
             _ => Plan::Execute,
         };
         self.plan_needs(i, self.needs(i))
+    }
+
+    /// A worker found the requirements `missing` of node `i`'s remote execution in no
+    /// cache: each is built again (once a build: one gone twice fails `i` with the
+    /// worker's error), and `i` waits for them, then is sent again.
+    fn requirements_missing(
+        &mut self,
+        i: usize,
+        missing: Vec<usize>,
+        worker: &str,
+        error: &str,
+    ) -> Result<()> {
+        let graph = self.graph;
+        self.done -= 1;
+        if missing
+            .iter()
+            .any(|&d| self.rebuilt[d] && self.status[d] != Status::Pending)
+        {
+            let mut failure = Failure::new(format!("{worker}: {error}"));
+            failure.remote = true;
+            self.failed(i, failure);
+            return Ok(());
+        }
+        self.status[i] = Status::Pending;
+        for &d in &missing {
+            if self.status[d] == Status::Pending {
+                continue; // being built again for another consumer
+            }
+            console::warn(&format!(
+                "{worker} found {} in no cache: building it again",
+                graph.nodes[d].label()
+            ));
+            self.rebuilt[d] = true;
+            self.available[d] = false;
+            self.status[d] = Status::Pending;
+            self.total += 1;
+            self.plan[d] = Plan::Remote;
+            self.plan_needs(d, self.needs(d))?;
+        }
+        for &d in &missing {
+            self.wait_for(i, d);
+        }
+        if self.pending[i] == 0 && self.status[i] == Status::Pending {
+            self.make_ready(i);
+        }
+        Ok(())
     }
 
     /// The HTTP cache could not deliver node `i`: build it instead where that is

@@ -157,6 +157,7 @@ impl<'n> Runner<'n> {
                     log: String::new(),
                     error: String::new(),
                     missing: None,
+                    requirements: Vec::new(),
                     cache: String::new(),
                 })
             }
@@ -223,6 +224,23 @@ impl<'n> Runner<'n> {
         let duration = Duration::try_from_secs_f64(reply.duration)
             .unwrap_or_default()
             .min(Duration::from_secs(crate::util::fs::MAX_DURATION_SECS));
+        if reply.kind == ReplyKind::Error && reply.missing == Some(Missing::Requirements) {
+            // Only what this node sees can be built again for it: a reply naming
+            // anything else fails the task as an error.
+            let missing: Vec<usize> = self
+                .graph
+                .visible(i)
+                .into_iter()
+                .filter(|&d| reply.requirements.contains(&self.graph.nodes[d].identity))
+                .collect();
+            if !missing.is_empty() {
+                return Some(Ok(Done::RequirementsMissing {
+                    missing,
+                    worker: reply.worker,
+                    error: reply.error,
+                }));
+            }
+        }
         if let Some(what) = reply.missing.filter(|_| reply.kind == ReplyKind::Error) {
             if call.restores < RESTORES && self.restorable(what) {
                 return self.restore(call, what, &reply.worker).err().map(Err);
@@ -294,6 +312,8 @@ impl<'n> Runner<'n> {
             (Missing::Mark, Mode::Network(net), Some(http)) => {
                 matches!(http.has_mark(net.client.mark()), Ok(false))
             }
+            // Built again, not stored (see `finish`).
+            (Missing::Requirements, ..) => false,
             _ => true,
         }
     }
@@ -318,6 +338,9 @@ impl<'n> Runner<'n> {
             ),
         );
         match what {
+            Missing::Requirements => {
+                return Err(Failure::new("internal error: requirements are built again"));
+            }
             Missing::Recipes | Missing::Mark => {
                 net.client
                     .store_recipes(&net.recipes, http, Some(call.published))?;

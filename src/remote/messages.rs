@@ -162,6 +162,10 @@ pub enum Missing {
     /// The client's fleet mark ([`Request::cache_mark`]): the worker uses another
     /// HTTP cache, or a trim took the mark from the client's.
     Mark,
+    /// Artifacts of requirements ([`Reply::requirements`]): a trim, an operator or a
+    /// cache shard that went down took them since the client looked. A miss: the
+    /// client builds them again and sends the request once they are back.
+    Requirements,
 }
 
 impl std::fmt::Display for Missing {
@@ -170,6 +174,7 @@ impl std::fmt::Display for Missing {
             Missing::Recipes => "recipe bundle",
             Missing::Snapshot => "source snapshot",
             Missing::Mark => "fleet mark",
+            Missing::Requirements => "requirements",
         })
     }
 }
@@ -199,6 +204,10 @@ pub struct Reply {
     /// as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missing: Option<Missing>,
+    /// With `missing: "requirements"`: the identities of the requirements whose
+    /// artifacts the HTTP cache does not hold (or holds unusable).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<String>,
     /// The request's [`Request::cache`]: a client ignores replies of another.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cache: String,

@@ -326,6 +326,7 @@ impl Worker {
             log: String::new(),
             error: String::new(),
             missing: None,
+            requirements: Vec::new(),
             cache: String::new(),
         }
     }
@@ -578,6 +579,13 @@ impl Worker {
                 let mut r = self.reply_to(&request, ReplyKind::Error);
                 r.error = error;
                 r.missing = Some(what);
+                r
+            }
+            Outcome::RequirementsMissing(identities, error) => {
+                let mut r = self.reply_to(&request, ReplyKind::Error);
+                r.error = error;
+                r.missing = Some(Missing::Requirements);
+                r.requirements = identities;
                 r
             }
             Outcome::Done(kind, log, error) => {
@@ -1135,6 +1143,23 @@ impl Worker {
         if report.interrupted {
             return Ok(Outcome::Interrupted);
         }
+        // A cacheable requirement fails on a worker only when no cache holds it
+        // usable (it is never built here): a miss, which the client builds again.
+        let missing: Vec<usize> = (0..graph.nodes.len())
+            .filter(|&i| {
+                i != goal && graph.nodes[i].task.cacheable && report.status[i] == Status::Failed
+            })
+            .collect();
+        if !missing.is_empty() {
+            let names: Vec<String> = missing.iter().map(|&i| graph.nodes[i].label()).collect();
+            return Ok(Outcome::RequirementsMissing(
+                missing
+                    .iter()
+                    .map(|&i| graph.nodes[i].identity.clone())
+                    .collect(),
+                format!("the HTTP cache does not hold {}", names.join(", ")),
+            ));
+        }
         let failed = (0..graph.nodes.len()).find(|&i| {
             matches!(
                 report.status[i],
@@ -1356,6 +1381,9 @@ enum Outcome {
     /// The request's recipe bundle or source snapshot is not in the HTTP cache: an
     /// error reply that says so, for the client to store it again.
     Missing(Missing, String),
+    /// Requirements no cache holds usable, by identity, and the error: the client
+    /// builds them again ([`Missing::Requirements`]).
+    RequirementsMissing(Vec<String>, String),
     Interrupted,
 }
 
