@@ -377,6 +377,39 @@ fn a_requirement_changed_in_the_local_cache_is_built_again_before_a_consumer_rea
 }
 
 #[test]
+fn a_changed_requirement_that_is_also_a_goal_is_built_again_before_a_consumer_reads_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Workspace::with(
+        "[task.lib]\nrun = \"echo genuine > {artifact}/f\"\n\
+         [task.al]\nkind = \"alias\"\nrequires = [\"lib\"]\n\
+         [task.app]\nparameters.n = \"1\"\nrequires = [\"lib\"]\nrun = \"cat {deps.lib}/f > {artifact}/out\"\n",
+    );
+    ws.jolt(&["build", "app:n=1"]).success();
+    let dir = ws.artifacts("lib")[0].clone();
+    std::fs::set_permissions(dir.join("f"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Planned first as a goal (or an alias's member), which reads nothing, then as
+    // what the consumer reads: it is hashed all the same.
+    for (goal, n) in [("lib", "2"), ("al", "3")] {
+        std::fs::write(dir.join("f"), "PWNED\n").unwrap();
+        let app = format!("app:n={n}");
+        let run = ws.jolt(&["build", goal, &app]);
+        run.success()
+            .contains("f differs from its manifest; it will be built again");
+        let out = ws
+            .artifacts("app")
+            .iter()
+            .map(|d| std::fs::read_to_string(d.join("out")).unwrap())
+            .collect::<Vec<_>>();
+        assert!(
+            out.iter().all(|o| o == "genuine\n"),
+            "{goal}: {out:?}\n{}",
+            run.stderr
+        );
+        std::fs::set_permissions(dir.join("f"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+#[test]
 fn committed_artifacts_are_read_only_and_a_task_writing_into_a_requirement_fails() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
