@@ -564,6 +564,8 @@ struct Scheduler<'a> {
     spans: Spans,
     /// The error lines of each failed task.
     errors: Vec<Option<String>>,
+    /// Local artifacts hashed against their manifests (see `decide`).
+    hashed: Vec<bool>,
 }
 
 /// When and where each job of a build ran, for `--result` and `--trace`: a lane is
@@ -680,6 +682,7 @@ impl<'a> Scheduler<'a> {
             probe: None,
             spans: Spans::new(n),
             errors: vec![None; n],
+            hashed: vec![false; n],
         }
     }
 
@@ -960,9 +963,15 @@ impl Scheduler<'_> {
                 }
                 continue;
             };
+            // What a view holds is what an execution reads.
+            let used = self.viewer(*node).is_some();
+            if used && self.plan[d] == Plan::Available && self.unhashed(d) {
+                // Found in the local cache as a goal or an alias's member, which read
+                // nothing: decided again, hashed this time. Nothing waits for it yet.
+                self.plan[d] = Plan::Unplanned;
+                self.available[d] = false;
+            }
             if self.plan[d] == Plan::Unplanned {
-                // What a view holds is what an execution reads.
-                let used = self.viewer(*node).is_some();
                 if let Some(own) = self.decide(d, used)? {
                     frames.push((d, own, 0));
                     continue;
@@ -1048,7 +1057,8 @@ impl Scheduler<'_> {
         let cache = self.services.cache;
         cache.mark_used([(node.name(), node.identity.as_str())])?;
         let mut local = node.task.cacheable && cache.is_present(node.name(), &node.identity);
-        if local && used && matches!(self.mode, Mode::Local | Mode::Worker) && !self.dry_run {
+        if local && used && self.hashes() {
+            self.hashed[i] = true;
             // Under its lock, as any removal; one another process holds is being
             // checked or uploaded by it.
             if let Some(_lock) = cache.try_lock(&node.identity)? {
@@ -1091,6 +1101,18 @@ impl Scheduler<'_> {
                 Ok(None)
             }
         }
+    }
+
+    /// Whether planning hashes the local artifacts executions here read: local
+    /// builds and workers, unless they run nothing.
+    fn hashes(&self) -> bool {
+        matches!(self.mode, Mode::Local | Mode::Worker) && !self.dry_run
+    }
+
+    /// Whether node `i` was found in the local cache and not hashed, where planning
+    /// hashes what executions read.
+    fn unhashed(&self, i: usize) -> bool {
+        self.status[i] == Status::Cached && !self.hashed[i] && self.hashes()
     }
 
     /// `--explain`: for each task that executes, the influence lines that differ from
