@@ -2765,3 +2765,27 @@ fn recipes_beyond_the_limits_get_an_error_reply_and_leave_the_worker_small() {
     // The worker is still serving.
     c.build(&ws, &["ok"]).success();
 }
+
+#[test]
+fn a_fast_task_run_here_never_reads_a_changed_requirement() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(c) = cluster() else { return };
+    let _w = c.worker();
+    let ws = Workspace::with(
+        "[task.dep]\nrun = \"echo genuine > {artifact}/f\"\n[task.quick]\nfast = true\nrequires = [\"dep\"]\nrun = \"cat {deps.dep}/f > {artifact}/f\"\n",
+    );
+    c.build(&ws, &["quick"]).success();
+    let dir = ws.jolt(&["build", "dep"]).success().locations()[0].clone();
+    std::fs::set_permissions(dir.join("f"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(dir.join("f"), "PWNED\n").unwrap();
+    // Issue 24, item 1: planning hashes what executions here read in local builds
+    // and on workers; a fast task a network build runs here read the changed copy.
+    let run = c.build(&ws, &["-f", "quick"]);
+    run.success();
+    assert_eq!(
+        std::fs::read_to_string(run.locations()[0].join("f")).unwrap(),
+        "genuine\n",
+        "{}",
+        run.stderr
+    );
+}
