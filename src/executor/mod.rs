@@ -1190,18 +1190,39 @@ impl Scheduler<'_> {
         }
     }
 
-    /// Whether node `i` is `fast` and every artifact it needs is in the local cache.
-    fn fast_here(&self, i: usize) -> bool {
+    /// Whether node `i` is `fast` and every artifact it needs is in the local cache,
+    /// as its manifest says: hashed (once per build) as what executions here read
+    /// (see `decide`); one that differs is removed, and the task goes to a worker.
+    fn fast_here(&mut self, i: usize) -> bool {
         let graph = self.graph;
-        graph.nodes[i].task.def.fast
-            && graph
-                .visible(i)
-                .iter()
-                .chain(&graph.nodes[i].resources)
-                .all(|&d| {
-                    let n = &graph.nodes[d];
-                    n.is_resource() || self.services.cache.is_present(n.name(), &n.identity)
-                })
+        let cache = self.services.cache;
+        if !graph.nodes[i].task.def.fast {
+            return false;
+        }
+        // Resources are never among what a node sees.
+        let seen = graph.visible(i);
+        if !seen.iter().all(|&d| {
+            let n = &graph.nodes[d];
+            cache.is_present(n.name(), &n.identity)
+        }) {
+            return false;
+        }
+        if self.dry_run {
+            return true;
+        }
+        for d in seen {
+            if std::mem::replace(&mut self.hashed[d], true) {
+                continue;
+            }
+            let n = &graph.nodes[d];
+            match cache.try_lock(&n.identity) {
+                Ok(Some(_lock)) if !cache.intact(n.name(), &n.identity) => return false,
+                // Intact, or being checked or uploaded by the process holding it.
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// A task that must come from a cache but no cache holds.
