@@ -410,6 +410,27 @@ fn a_changed_requirement_that_is_also_a_goal_is_built_again_before_a_consumer_re
 }
 
 #[test]
+fn ctrl_c_while_planning_hashes_a_large_requirement_stops_the_build_within_seconds() {
+    // 512 MiB, sparse: hashing it costs CPU, not disk (seconds in a debug build).
+    let ws = Workspace::with(
+        "[task.big]\nrun = \"truncate -s 512M {artifact}/blob\"\n\
+         [task.use]\nrequires = [\"big\"]\nrun = \"true\"\n",
+    );
+    ws.jolt(&["build", "big"]).success();
+    // A fresh consumer executes: planning hashes big first (issue 24, item 1).
+    let child = ws.spawn(&["build", "-f", "use"]);
+    std::thread::sleep(Duration::from_millis(700));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    // Regression: Ctrl-C waited for every artifact to be hashed.
+    let run = finish_within(child, Duration::from_secs(4), "an interrupted build");
+    run.code(130).lacks("Removed the artifact");
+    assert_eq!(ws.artifacts("big").len(), 1, "a genuine artifact is kept");
+    ws.jolt(&["build", "use"])
+        .success()
+        .lacks("Removed the artifact");
+}
+
+#[test]
 fn committed_artifacts_are_read_only_and_a_task_writing_into_a_requirement_fails() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
