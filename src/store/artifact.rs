@@ -112,8 +112,9 @@ pub struct Content {
 }
 
 impl Content {
-    /// What the file or symlink `path` (never followed) holds.
-    fn of(path: &Path, meta: &std::fs::Metadata) -> Result<Content> {
+    /// What the file or symlink `path` (never followed) holds; `interruptible`: an
+    /// error as soon as Ctrl-C is pressed, however large the file.
+    fn of(path: &Path, meta: &std::fs::Metadata, interruptible: bool) -> Result<Content> {
         use std::os::unix::fs::PermissionsExt;
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(path)
@@ -128,8 +129,27 @@ impl Content {
         let mut file = crate::util::fs::open_regular(path)
             .with_context(|| format!("Cannot read {}", path.display()))?;
         let mut hasher = sha2::Sha256::new();
-        let size = std::io::copy(&mut file, &mut HashWriter(&mut hasher))
-            .with_context(|| format!("Cannot read {}", path.display()))?;
+        let size = if interruptible {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut size = 0u64;
+            loop {
+                if crate::interrupt::is_set() {
+                    anyhow::bail!("Interrupted while hashing {}", path.display());
+                }
+                let n = match std::io::Read::read(&mut file, &mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    read => read.with_context(|| format!("Cannot read {}", path.display()))?,
+                };
+                if n == 0 {
+                    break size;
+                }
+                sha2::Digest::update(&mut hasher, &buf[..n]);
+                size += n as u64;
+            }
+        } else {
+            std::io::copy(&mut file, &mut HashWriter(&mut hasher))
+                .with_context(|| format!("Cannot read {}", path.display()))?
+        };
         Ok(Content {
             sha256: Some(crate::util::hex(&hasher.finalize())),
             size,
@@ -159,10 +179,15 @@ impl std::io::Write for HashWriter<'_> {
 
 /// The published files of an artifact directory, what each holds, and their bytes.
 pub fn describe(dir: &Path) -> Result<(BTreeMap<String, Content>, u64)> {
+    describe_with(dir, false)
+}
+
+/// [`describe`]; `interruptible`: see [`Content::of`].
+fn describe_with(dir: &Path, interruptible: bool) -> Result<(BTreeMap<String, Content>, u64)> {
     let mut contents = BTreeMap::new();
     let mut size = 0;
     walk_published(dir, &mut |rel, path, meta| {
-        let content = Content::of(path, meta)?;
+        let content = Content::of(path, meta, interruptible)?;
         size += meta.len();
         contents.insert(rel, content);
         Ok(())
@@ -175,10 +200,20 @@ pub fn describe(dir: &Path) -> Result<(BTreeMap<String, Content>, u64)> {
 /// written is an error naming it, and so is a manifest without contents (written
 /// by a jolt before digests), which proves nothing.
 pub fn check_contents(dir: &Path, manifest: &Manifest) -> Result<()> {
+    check_contents_with(dir, manifest, false)
+}
+
+/// [`check_contents`], given up (an error) as soon as Ctrl-C is pressed: a check
+/// nothing waits for but a build about to stop.
+pub fn check_contents_interruptibly(dir: &Path, manifest: &Manifest) -> Result<()> {
+    check_contents_with(dir, manifest, true)
+}
+
+fn check_contents_with(dir: &Path, manifest: &Manifest, interruptible: bool) -> Result<()> {
     if manifest.contents.is_empty() && !manifest.files.is_empty() {
         anyhow::bail!("its manifest records no file digests (written by an older jolt)");
     }
-    let (contents, _) = describe(dir)?;
+    let (contents, _) = describe_with(dir, interruptible)?;
     if contents == manifest.contents {
         return Ok(());
     }

@@ -258,13 +258,18 @@ impl LocalCache {
     /// (every file hashed: see [`crate::store::artifact::check_contents`]). One that
     /// does not (changed since its commit, or of a jolt before digests) is removed,
     /// with a warning naming what differs, and counts as absent. Hold its lock.
+    /// Ctrl-C stops the hashing: the artifact is kept, unchecked, and counts as
+    /// absent for a build that stops.
     pub fn intact(&self, task: &str, identity: &str) -> bool {
         let dir = self.artifact_dir(task, identity);
-        let checked =
-            Manifest::read(&dir).and_then(|m| crate::store::artifact::check_contents(&dir, &m));
+        let checked = Manifest::read(&dir)
+            .and_then(|m| crate::store::artifact::check_contents_interruptibly(&dir, &m));
         let Err(e) = checked else {
             return true;
         };
+        if crate::interrupt::is_set() {
+            return false;
+        }
         match self.discard(&dir) {
             Ok(()) => crate::console::warn(&format!(
                 "Removed the artifact {}: {e:#}; it will be built again",
