@@ -512,6 +512,8 @@ impl Runner<'_> {
         glob: bool,
     ) -> Result<String, Failure> {
         let node = &self.graph.nodes[i];
+        // What the node sees, walked once for all the template's `{deps.X}`.
+        let mut view: Option<Vec<usize>> = None;
         let mut resolve = |name: &str| -> Result<Option<String>> {
             let show = |p: &Path| Some(p.display().to_string());
             Ok(
@@ -524,7 +526,8 @@ impl Runner<'_> {
                         Some(self.graph.env.get(var).cloned().unwrap_or_default())
                     }
                     Placeholder::Dep(dep, key) => {
-                        let d = graph::find_dep(&self.graph.nodes, i, dep)?;
+                        let seen = view.get_or_insert_with(|| graph::visible(&self.graph.nodes, i));
+                        let d = graph::find_among(&self.graph.nodes, seen, dep)?;
                         let info = self
                             .info(d)
                             .map_err(|f| anyhow::anyhow!(f.lines.join("; ")))?;

@@ -1118,14 +1118,9 @@ fn designates(n: &Node, reference: &TaskRef) -> bool {
     })
 }
 
-/// The visible requirement of node `i` that `name` refers to: a task name, or a
-/// reference with parameters (in any order, defaults optional).
-pub fn find_dep(nodes: &[Node], i: usize, name: &str) -> Result<usize> {
-    find_among(nodes, &visible(nodes, i), name)
-}
-
-/// The node of `seen` (a view, see [`visible`]) that `name` refers to.
-fn find_among(nodes: &[Node], seen: &[usize], name: &str) -> Result<usize> {
+/// The node of `seen` (a node's view, see [`visible`]) that `name` refers to: a
+/// task name, or a reference with parameters (in any order, defaults optional).
+pub fn find_among(nodes: &[Node], seen: &[usize], name: &str) -> Result<usize> {
     if name.contains(':') {
         let reference = TaskRef::parse(name)?;
         return match seen
