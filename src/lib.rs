@@ -1,8 +1,9 @@
 //! jolt: a build and task executor.
 //!
-//! Data flows one way: [`recipe`] → [`graph`] (identities from [`hashcache`]) →
-//! [`executor`] → [`cache`]. The command modules wire these together; `main.rs` only
-//! turns [`run`]'s result into an exit code.
+//! Data flows one way: [`recipe`] → [`graph`] (identities, with file hashes from
+//! [`graph::hashes`]) → [`executor`] → [`store`] (the local and HTTP caches), and, in a
+//! network build, [`remote`] (the broker's messages). The command modules wire these
+//! together; `main.rs` only turns [`run`]'s result into an exit code.
 
 pub mod cli;
 pub mod commands;
