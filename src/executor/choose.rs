@@ -4,7 +4,7 @@
 //! questions asked only when the answer matters, since each may cost a round trip:
 //! does the HTTP cache hold it, and are a `fast` task's needs all here.
 
-use super::{Choice, Plan};
+use super::plan::{Choice, Plan};
 
 /// What kind of build decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

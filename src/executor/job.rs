@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use crossbeam_channel::Sender;
 
+use super::outcome::{ArtifactInfo, Done, Event, Failure};
+use super::plan::{http_warning, Mode, Plan};
 use super::{guardian, process};
-use super::{http_warning, ArtifactInfo, Done, Event, Failure, Mode, Plan};
 use crate::console;
 use crate::graph::{self, Graph, Node, Resolved};
 use crate::interrupt;
@@ -469,7 +470,7 @@ impl Runner<'_> {
                 failure.log = tail(&staging.join(BUILD_LOG));
                 if !failure.interrupted {
                     failure.kept = crate::runlog::keep_task_log(
-                        &super::kept_name(node),
+                        &super::outcome::kept_name(node),
                         &staging.join(BUILD_LOG),
                         &failure.lines,
                     );

@@ -13,9 +13,10 @@
 //! learning: the planner meets that failure in its order and handles it as it would
 //! have (a warning and a cache marked down, or the end of a network build).
 
-use super::{choose, usable_http, Choice, Plan, Scheduler};
+use super::choose;
+use super::plan::{usable_http, Choice, Plan};
+use super::scheduler::Scheduler;
 use anyhow::Result;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -189,9 +190,6 @@ fn check_all(
         .map(|a| a.into_inner().unwrap_or_else(|e| e.into_inner()))
         .collect()
 }
-
-/// The answers learned so far, by node.
-pub(super) type Known = HashMap<usize, Result<bool>>;
 
 #[cfg(test)]
 mod tests {

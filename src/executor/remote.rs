@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use super::job::Runner;
-use super::{Done, Event, Failure, Mode, Network, Parked, Plan};
+use super::outcome::{Done, Event, Failure};
+use super::plan::{Mode, Network, Plan};
+use super::Parked;
 use crate::console;
 use crate::graph::{Graph, Resolved};
 use crate::interrupt;
@@ -251,7 +253,8 @@ impl<'n> Runner<'n> {
             // A worker whose cache went away (an upload that failed, say) fails its
             // task; if this client cannot reach the cache either, the build stops.
             if let Some(http) = self.http.filter(|h| !h.probe()) {
-                failure.infra = Some(super::cache_unreachable(http.uri(), self.mode).to_string());
+                failure.infra =
+                    Some(super::plan::cache_unreachable(http.uri(), self.mode).to_string());
             }
             return Some(Err(failure));
         }
