@@ -6,15 +6,15 @@
 //! queues (executions here, limited by `-j`; transfers and remote executions, limited
 //! separately), highest weight first, hands node indices to the pool through a
 //! crossbeam channel and receives the threads' events (started, output lines, done)
-//! on another. What a thread does for a node is in [`job`].
+//! on another. What a thread does for a node is in `job`.
 //!
 //! The files, by what they hold: the vocabulary every other file speaks, in two
-//! leaves: [`plan`] (what a build is, its services, what is decided for a node and
-//! the lanes of the pool) and [`outcome`] (what becomes of nodes and jobs: statuses,
-//! the report, events, a job's result); [`choose`], the decision for one node;
-//! [`scheduler`], which plans, hands out and settles, with [`presence`] asking the
-//! HTTP cache ahead, [`spans`] recording where jobs ran, [`status_line`] and
-//! [`explain`] saying it; [`job`] and [`remote`], what a pool thread does; `process`
+//! leaves: `plan` (what a build is, its services, what is decided for a node and
+//! the lanes of the pool) and `outcome` (what becomes of nodes and jobs: statuses,
+//! the report, events, a job's result); `choose`, the decision for one node;
+//! `scheduler`, which plans, hands out and settles, with `presence` asking the
+//! HTTP cache ahead, `spans` recording where jobs ran, `status_line` and
+//! `explain` saying it; `job` and `remote`, what a pool thread does; `process`
 //! and `guardian`, one command. This file holds the entry point, [`run`], which
 //! starts the pool and hands it to the scheduler.
 //!

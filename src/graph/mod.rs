@@ -5,8 +5,8 @@
 //! Nodes are created depth-first, so a node's requirements always have lower indices
 //! than the node itself: index order is a topological order.
 //!
-//! The files: [`model`], the data (a leaf); [`view`], what a node sees, walked on
-//! demand; [`builder`], which makes a graph from recipes and goals; [`hashes`], the
+//! The files: `model`, the data (a leaf); `view`, what a node sees, walked on
+//! demand; `builder`, which makes a graph from recipes and goals; [`hashes`], the
 //! influence files' hashes. This file is the API the executor and commands use.
 
 mod builder;
