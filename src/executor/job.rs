@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,7 +14,10 @@ use crossbeam_channel::Sender;
 
 use super::outcome::{ArtifactInfo, Done, Event, Failure};
 use super::plan::{http_warning, Mode, Plan};
-use super::{guardian, process};
+use super::shell::{credential_vars, Forward, Groups, Shell, TaskShell};
+use super::slots::Slots;
+use super::tasklog::{tail, Log};
+use super::{fetch, guardian, process};
 use crate::console;
 use crate::graph::{self, Graph, Node, Resolved};
 use crate::interrupt;
@@ -40,12 +42,6 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(300);
 /// counts as written by the task.
 const OUTPUT_SLACK: Duration = Duration::from_millis(50);
 
-/// At most how much of a failed task's log is read for its report.
-const TAIL_BYTES: u64 = 1 << 20;
-
-/// Lines of a failed task's log kept for its report.
-const LOG_TAIL: usize = 200;
-
 /// A pool thread's view of the build.
 pub(super) struct Runner<'a> {
     pub graph: &'a Graph,
@@ -62,128 +58,6 @@ pub(super) struct Runner<'a> {
     pub transfers: &'a Slots,
     /// Where a network build's requests wait for their replies (`remote`).
     pub parked: Option<super::Parked<'a>>,
-}
-
-/// A counting semaphore.
-pub(super) struct Slots {
-    free: Mutex<usize>,
-    freed: std::sync::Condvar,
-}
-
-/// A slot of [`Slots`], given back when dropped.
-pub(super) struct Slot<'a>(&'a Slots);
-
-impl Slots {
-    pub fn new(n: usize) -> Slots {
-        Slots {
-            free: Mutex::new(n.max(1)),
-            freed: std::sync::Condvar::new(),
-        }
-    }
-
-    /// Takes a slot, waiting for one; `None` once the build is interrupted.
-    fn take(&self) -> Option<Slot<'_>> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        while *free == 0 {
-            if interrupt::is_set() {
-                return None;
-            }
-            free = self
-                .freed
-                .wait_timeout(free, Duration::from_millis(100))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        *free -= 1;
-        Some(Slot(self))
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        self.0.freed.notify_one();
-    }
-}
-
-/// A task's build log while its execution runs. It is closed when the execution's
-/// commands are done, before the artifact is published and committed: a process a
-/// command left running (say, one that escaped its group with `setsid`) must not
-/// write into a committed artifact.
-#[derive(Clone)]
-struct Log(Arc<Mutex<Option<File>>>);
-
-impl Log {
-    fn new(file: File) -> Log {
-        Log(Arc::new(Mutex::new(Some(file))))
-    }
-
-    fn write_all(&self, bytes: &[u8]) {
-        if let Some(f) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            let _ = f.write_all(bytes);
-        }
-    }
-
-    fn line(&self, text: &str) {
-        self.write_all(format!("{text}\n").as_bytes());
-    }
-
-    fn close(&self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-    }
-}
-
-/// The last `LOG_TAIL` lines of a file, after a line saying how many earlier lines
-/// are not shown, if any.
-fn tail(path: &Path) -> Option<String> {
-    // The task may have replaced its log: read only a regular file, only its end.
-    let (start, text) = artifact::read_end(path, TAIL_BYTES).ok()?;
-    let (before, mid_line) = match start {
-        0 => (0, false),
-        _ => lines_before(path, start).ok()?,
-    };
-    Some(last_lines(
-        &String::from_utf8_lossy(&text),
-        before,
-        mid_line,
-        LOG_TAIL,
-    ))
-}
-
-/// How many lines end in the first `end` bytes of a regular file, and whether a line
-/// goes on past them.
-fn lines_before(path: &Path, end: u64) -> std::io::Result<(u64, bool)> {
-    use std::io::Read;
-    let mut file = crate::util::fs::open_regular(path)?.take(end);
-    let mut buf = vec![0u8; 1 << 16];
-    let (mut lines, mut last) = (0, b'\n');
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => return Ok((lines, last != b'\n')),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
-        last = buf[n - 1];
-    }
-}
-
-/// The last `keep` lines of a log's `end`, which follows `before` lines not read (and,
-/// if `mid_line`, begins inside a line, never shown), after a line saying how many
-/// lines are not shown, as the output a worker sends back says how many bytes.
-fn last_lines(end: &str, before: u64, mid_line: bool, keep: usize) -> String {
-    let lines: Vec<&str> = end.lines().collect();
-    let whole = &lines[usize::from(mid_line).min(lines.len())..];
-    let shown = &whole[whole.len().saturating_sub(keep)..];
-    let cut = before + (lines.len() - shown.len()) as u64;
-    let mut text = match cut {
-        0 => String::new(),
-        1 => "[... the first line of the output is not shown ...]\n".to_string(),
-        n => format!("[... the first {n} lines of the output are not shown ...]\n"),
-    };
-    text.push_str(&shown.join("\n"));
-    text
 }
 
 impl Runner<'_> {
@@ -653,7 +527,9 @@ impl Runner<'_> {
                     .iter()
                     .try_for_each(|cmd| self.command(x.i, &shell.at(cmd, x.staging, &env))),
                 Some(Resolved::Download { .. }) => {
-                    self.download_source(x.i, (x.builddir, x.staging), &x.log)
+                    fetch::download_source(node, (x.builddir, x.staging), &x.log, &|line| {
+                        self.log(console::Level::Info, line)
+                    })
                 }
                 None => node.task.run.iter().try_for_each(|c| {
                     let cmd = self.expand(x.i, c, x.dirs())?;
@@ -890,68 +766,6 @@ impl Runner<'_> {
         })
     }
 
-    /// `kind = "download"`: fetches the first mirror that answers, verifies the
-    /// SHA-256 while streaming, and extracts or copies the file into the artifact.
-    fn download_source(
-        &self,
-        i: usize,
-        (builddir, staging): (&Path, &Path),
-        log: &Log,
-    ) -> Result<(), Failure> {
-        let node = &self.graph.nodes[i];
-        let Some(Resolved::Download {
-            urls,
-            sha256,
-            extract,
-        }) = &node.source
-        else {
-            return Err(Failure::new("internal error: not a download task"));
-        };
-        let (sha256, extract) = (sha256.as_str(), *extract);
-        let mut errors = Vec::new();
-        for url in urls {
-            if interrupt::is_set() {
-                return Err(Failure::interrupted("Download interrupted"));
-            }
-            let name = sources::file_name(url);
-            let fetch_url = url;
-            // What is shown and logged: the URL without its userinfo.
-            let url = &secrets::masked_url(url);
-            let file = builddir.join(&name);
-            log.line(&format!("Downloading {url}"));
-            self.log(
-                console::Level::Info,
-                format!("Downloading {url} ({})", node.label()),
-            );
-            match sources::fetch(fetch_url, &file) {
-                Err(e) => errors.push(secrets::redact(&format!("{e:#}")).into_owned()),
-                Ok(actual) if actual != sha256 => errors.push(format!(
-                    "{url}: sha256 mismatch: expected {sha256}, got {actual}"
-                )),
-                Ok(_) => {
-                    let extracted = extract
-                        && sources::extract(&file, &name, staging)
-                            .map_err(|e| Failure::new(format!("{url}: {e:#}")))?;
-                    if !extracted {
-                        std::fs::rename(&file, staging.join(&name))
-                            .or_else(|_| std::fs::copy(&file, staging.join(&name)).map(|_| ()))
-                            .map_err(|e| Failure::new(format!("{url}: {e}")))?;
-                    }
-                    return Ok(());
-                }
-            }
-        }
-        Err(Failure {
-            lines: errors,
-            interrupted: false,
-            log: None,
-            remote: false,
-            kept: None,
-            took: None,
-            infra: None,
-        })
-    }
-
     /// Runs one shell command of node `i` in a process group of its own, streaming
     /// its output. When the command ends, whatever it left running in its group is
     /// killed, unless the caller keeps the group (a resource's acquire command).
@@ -1051,19 +865,6 @@ impl Runner<'_> {
     }
 }
 
-/// One shell command to run for a node.
-struct Shell<'a> {
-    cmd: &'a str,
-    cwd: &'a Path,
-    env: &'a [(String, String)],
-    deadline: Option<Instant>,
-    log: &'a Log,
-    /// Ctrl-C kills it (releases of resources run to their end instead).
-    interruptible: bool,
-    /// Where its process group goes when it ends.
-    groups: &'a Groups,
-}
-
 /// One execution of a node: where it builds, where it stages, since when, its log.
 struct Execution<'a> {
     i: usize,
@@ -1077,129 +878,5 @@ impl Execution<'_> {
     /// The directories `{builddir}` and `{artifact}` stand for.
     fn dirs(&self) -> Option<(&Path, &Path)> {
         Some((self.builddir, self.staging))
-    }
-}
-
-/// What every command of one execution shares.
-struct TaskShell<'a> {
-    deadline: Option<Instant>,
-    log: &'a Log,
-    groups: &'a Groups,
-}
-
-impl TaskShell<'_> {
-    /// A command of this execution, with the defaults (interruptible).
-    fn at<'a>(&'a self, cmd: &'a str, cwd: &'a Path, env: &'a [(String, String)]) -> Shell<'a> {
-        Shell {
-            cmd,
-            cwd,
-            env,
-            deadline: self.deadline,
-            log: self.log,
-            interruptible: true,
-            groups: self.groups,
-        }
-    }
-}
-
-/// The commands of one execution that have ended, their leaders not yet reaped: a
-/// zombie keeps its pid, so the number of its process group cannot be taken by
-/// another process before the group is killed. Dropping it (when the execution
-/// ends, also by a panic) kills what is left of every group, reaps the leaders and
-/// tells the guardian.
-#[derive(Default)]
-struct Groups(Mutex<Vec<std::process::Child>>);
-
-impl Groups {
-    fn keep(&self, child: std::process::Child) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(child);
-    }
-}
-
-impl Drop for Groups {
-    fn drop(&mut self) {
-        let children = std::mem::take(self.0.get_mut().unwrap_or_else(|e| e.into_inner()));
-        for mut child in children {
-            let pgid = child.id() as i32;
-            process::kill_group(pgid, libc::SIGKILL);
-            let _ = child.wait();
-            process::leaders().remove(&pgid);
-            crate::executor::guardian::release(pgid);
-        }
-    }
-}
-
-/// Where a command's output goes: its bytes into the build log, its lines to the
-/// scheduler.
-struct Forward {
-    i: usize,
-    log: Log,
-    events: Sender<Event>,
-}
-
-impl process::Sink for Forward {
-    fn bytes(&mut self, bytes: &[u8]) {
-        self.log.write_all(bytes);
-    }
-
-    fn line(&mut self, line: String, is_err: bool) {
-        let _ = self.events.send(Event::Output(self.i, line, is_err));
-    }
-}
-
-/// The credential variables of this process, which commands never inherit.
-fn credential_vars() -> &'static [std::ffi::OsString] {
-    static VARS: OnceLock<Vec<std::ffi::OsString>> = OnceLock::new();
-    VARS.get_or_init(crate::util::secrets::credential_vars)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cut_tail_says_how_many_lines_are_not_shown() {
-        let log: String = (1..=5).map(|n| format!("line {n}\n")).collect();
-        // All of it read, none cut: no note.
-        assert_eq!(last_lines(&log, 0, false, 5), log.trim_end());
-        assert_eq!(
-            last_lines(&log, 0, false, 4),
-            "[... the first line of the output is not shown ...]\nline 2\nline 3\nline 4\nline 5"
-        );
-        // Regression (issue 23): the last 200 of 5,002 lines did not say so.
-        assert_eq!(
-            last_lines(&log, 4997, false, 2),
-            "[... the first 5000 lines of the output are not shown ...]\nline 4\nline 5"
-        );
-        // Read from inside a line: its rest is never shown, and it counts once.
-        assert_eq!(
-            last_lines("ne 1\nline 2\n", 7, true, 200),
-            "[... the first 8 lines of the output are not shown ...]\nline 2"
-        );
-        assert_eq!(
-            last_lines("no end in sight", 7, true, 200),
-            "[... the first 8 lines of the output are not shown ...]\n"
-        );
-    }
-
-    #[test]
-    fn the_tail_of_a_log_longer_than_what_is_read_counts_every_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        // Longer than TAIL_BYTES, so its start is counted apart from its end.
-        let lines = 2 * TAIL_BYTES as usize / 100;
-        let log: String = (0..lines).map(|n| format!("{n:099}\n")).collect();
-        std::fs::write(&path, &log).unwrap();
-        let text = tail(&path).unwrap();
-        let first = text.lines().next().unwrap();
-        assert_eq!(
-            first,
-            format!(
-                "[... the first {} lines of the output are not shown ...]",
-                lines - LOG_TAIL
-            )
-        );
-        assert_eq!(text.lines().count(), LOG_TAIL + 1);
-        assert_eq!(text.lines().last(), log.lines().last());
     }
 }

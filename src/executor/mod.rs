@@ -14,7 +14,8 @@
 //! the report, events, a job's result); `choose`, the decision for one node;
 //! `scheduler`, which plans, hands out and settles, with `presence` asking the
 //! HTTP cache ahead, `spans` recording where jobs ran, `status_line` and
-//! `explain` saying it; `job` and `remote`, what a pool thread does; `process`
+//! `explain` saying it; `job` and `remote`, what a pool thread does (with `shell`,
+//! `tasklog`, `fetch` and `slots`); `process`
 //! and `guardian`, one command. This file holds the entry point, [`run`], which
 //! starts the pool and hands it to the scheduler.
 //!
@@ -25,6 +26,7 @@
 
 mod choose;
 mod explain;
+mod fetch;
 pub mod guardian;
 mod job;
 mod outcome;
@@ -33,8 +35,11 @@ mod presence;
 pub mod process;
 mod remote;
 mod scheduler;
+mod shell;
+mod slots;
 mod spans;
 mod status_line;
+mod tasklog;
 
 pub use outcome::{ArtifactInfo, Report, Span, Status};
 pub use plan::{Mode, Network, Options, Services};
@@ -104,7 +109,7 @@ pub fn run(graph: &Graph, services: &Services, root: &Path, opts: &Options) -> R
         (0..graph.nodes.len()).map(|_| OnceLock::new()).collect();
     let is_goal = sched.is_goal.clone();
     let scratch_dirs: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-    let transfer_slots = job::Slots::new(transfers);
+    let transfer_slots = slots::Slots::new(transfers);
     let prefix_output = opts.jobs > 1 && sched.total > 1;
     // No more threads than jobs planned (none for a no-op build); a download that
     // turns into an execution later may wait for a free one. Remote executions hold
