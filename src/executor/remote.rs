@@ -28,6 +28,7 @@ use crate::graph::{Graph, Resolved};
 use crate::interrupt;
 use crate::remote::client::{Incoming, Subscription};
 use crate::remote::messages::{Missing, Reply, ReplyKind, Request, VERSION};
+use crate::remote::shared;
 use crate::store::http::HttpCache;
 use crate::util::fs::format_duration;
 
@@ -313,7 +314,7 @@ impl<'n> Runner<'n> {
     fn restorable(&self, what: Missing) -> bool {
         match (what, self.mode, self.http) {
             (Missing::Mark, Mode::Network(net), Some(http)) => {
-                matches!(http.has_mark(net.client.mark()), Ok(false))
+                matches!(shared::has_mark(http, net.client.mark()), Ok(false))
             }
             // Built again, not stored (see `finish`).
             (Missing::Requirements, ..) => false,

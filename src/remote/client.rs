@@ -28,6 +28,7 @@ use crate::config::AmqpSettings;
 use crate::error::infra;
 use crate::remote::amqp::RESULTS;
 use crate::remote::messages::{RecipeBundle, Reply};
+use crate::remote::shared;
 use crate::store::http::HttpCache;
 use crate::store::local::LocalCache;
 use crate::util::hex;
@@ -371,10 +372,9 @@ impl NetworkClient {
     ) -> Result<()> {
         let mut stored = self.recipes_stored.lock().expect("recipes_stored");
         if !stored_since(*stored, again) {
-            http.store_recipes(&bundle.digest, &bundle.bytes)
+            shared::store_recipes(http, &bundle.digest, &bundle.bytes)
                 .with_context(|| "Cannot upload the recipes")?;
-            http.store_mark(&self.mark)
-                .with_context(|| "Cannot upload the fleet mark")?;
+            shared::store_mark(http, &self.mark).with_context(|| "Cannot upload the fleet mark")?;
             *stored = Some(Instant::now());
         }
         Ok(())
@@ -429,7 +429,7 @@ impl NetworkClient {
             if stored_since(stored, again) {
                 return Ok(digest);
             }
-            http.store_source(&digest, &path)
+            shared::store_snapshot(http, &digest, &path)
                 .with_context(|| "Cannot upload the source snapshot")?;
             self.snapshots
                 .lock()

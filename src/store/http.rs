@@ -1,11 +1,15 @@
 //! The shared HTTP artifact cache: `HEAD`, `GET` and `PUT` of
 //! `{http.uri}/{task}/{identity}.tar`, served by any WebDAV-PUT capable server
 //! (nginx with `dav_methods PUT; create_full_put_path on; client_max_body_size 0;`).
+//! The same requests of any other path under the cache ([`HttpCache::has`],
+//! [`HttpCache::get_bytes`], [`HttpCache::put_file`], ...) carry what a network build
+//! keeps there (`remote::shared`), with the same retries, credentials and deadlines:
+//! this module knows artifacts only.
 //!
 //! Transfers stream: an upload is packed by a thread into a pipe that a chunked `PUT`
 //! reads (a packing error fails the request, so no truncated archive is stored);
-//! an archive of at most [`PACKED_IN_MEMORY`] (most artifacts) and a source snapshot,
-//! already a file, are sent in one piece with a `Content-Length`; a download is
+//! an archive of at most [`PACKED_IN_MEMORY`] (most artifacts) and a file are sent
+//! in one piece with a `Content-Length`; a download is
 //! unpacked into a staging directory as it arrives and verified before the caller
 //! commits it. Connection errors and 5xx
 //! answers are retried with back-off; a cache that stays unreachable is marked down
@@ -30,7 +34,7 @@ pub const CONNECTIONS_PER_HOST: usize = 64;
 /// Declares an error marker: a message-holding type that a caller finds anywhere in
 /// an error's chain with its `is_...` function, to tell one kind of HTTP failure from
 /// another.
-macro_rules! marker {
+macro_rules! error_marker {
     ($(#[$doc:meta])* $name:ident, $is:ident) => {
         $(#[$doc])*
         #[derive(Debug)]
@@ -50,25 +54,20 @@ macro_rules! marker {
         }
     };
 }
+pub(crate) use error_marker;
 
-marker!(
+error_marker!(
     /// An unreachable server: the caller may go on without the cache.
     Unreachable,
     is_unreachable
 );
-marker!(
+error_marker!(
     /// An archive that arrived whole but is unusable (corrupt, another artifact's,
     /// unsafe).
     Rejected,
     is_rejected
 );
-marker!(
-    /// A recipe bundle or source snapshot the server does not hold (404, 410): a
-    /// trim or an operator removed it, and its client may store it again.
-    Absent,
-    is_absent
-);
-marker!(
+error_marker!(
     /// An upload the server refused (401, 403): the cache is there, and reading it
     /// may still work.
     UploadRefused,
@@ -604,8 +603,8 @@ impl HttpCache {
     /// workers that name one cache by different URIs (a swarm's service name, a
     /// host's address) get different digests: a client's requests carry its own,
     /// which the worker repeats in its replies and its lock, and a worker of
-    /// another digest looks for the client's fleet mark ([`HttpCache::mark_url`])
-    /// in its own cache before it serves the request.
+    /// another digest looks for the client's fleet mark (`remote::shared`) in its
+    /// own cache before it serves the request.
     pub fn fleet(&self) -> String {
         fleet_of(&self.base)
     }
@@ -758,12 +757,6 @@ impl HttpCache {
         }
     }
 
-    /// [`HttpCache::get_unpacked_checked`] of an archive whose bytes must hash to
-    /// `digest` (SHA-256, hex).
-    fn get_unpacked_with_digest(&self, url: &str, dest: &Path, digest: &str) -> Result<bool> {
-        self.get_unpacked_checked(url, dest, &mut || {}, Some(digest))
-    }
-
     /// [`HttpCache::get_unpacked_checked`], calling `found` once the server
     /// answered 200.
     fn get_unpacked_then(&self, url: &str, dest: &Path, found: &mut dyn FnMut()) -> Result<bool> {
@@ -828,17 +821,6 @@ impl HttpCache {
             }
         }
         Ok(true)
-    }
-
-    /// `PUT` of a file.
-    fn put(&self, url: &str, path: &Path) -> Result<()> {
-        let resp = self.answer(url, &mut || {
-            let file = std::fs::File::open(path).map_err(ureq::Error::Io)?;
-            self.with_auth(self.agent.put(url))
-                .header("Content-Type", "application/x-tar")
-                .send(file)
-        })?;
-        self.put_outcome(url, resp.status())
     }
 
     /// `GET`: unpacks the artifact into the empty directory `staging` and verifies it.
@@ -983,81 +965,28 @@ impl HttpCache {
         sent
     }
 
-    /// The URL of a source snapshot.
-    pub fn source_url(&self, digest: &str) -> String {
-        format!("{}/_sources/{digest}.tar", self.base)
+    /// The URL of `path` under the cache (`{http.uri}/{path}`): what the general
+    /// requests below are sent to, for the errors of a caller that names it.
+    pub fn url_of(&self, path: &str) -> String {
+        format!("{}/{path}", self.base)
     }
 
-    /// Uploads the source snapshot `tar` under its digest unless the cache has it.
-    pub fn store_source(&self, digest: &str, tar: &Path) -> Result<()> {
-        let (me, digest, tar) = (self.clone(), digest.to_string(), tar.to_path_buf());
-        interruptible(move || me.store_source_now(&digest, &tar))
-    }
-
-    fn store_source_now(&self, digest: &str, tar: &Path) -> Result<()> {
-        let url = self.source_url(digest);
-        if self.head(&url)? {
-            return Ok(());
-        }
-        self.put(&url, tar)
-    }
-
-    /// The URL of a recipe bundle (`remote::messages::RecipeBundle`).
-    pub fn recipes_url(&self, digest: &str) -> String {
-        format!("{}/_recipes/{digest}.json", self.base)
-    }
-
-    /// Uploads a recipe bundle under its digest, whether or not the cache has it: a
-    /// bundle is small, and a copy that went bad on the server (which workers refuse,
-    /// as it does not match its digest) is replaced by the next build.
-    pub fn store_recipes(&self, digest: &str, bytes: &[u8]) -> Result<()> {
-        self.put_json(self.recipes_url(digest), bytes.to_vec())
-    }
-
-    /// The URL of a client's fleet mark (`remote::messages::Request::cache_mark`),
-    /// beside the recipe bundles, where network clients may store.
-    pub fn mark_url(&self, mark: &str) -> String {
-        format!("{}/_recipes/fleet-{mark}.json", self.base)
-    }
-
-    /// Stores this client's fleet mark: a small JSON file naming the fleet, which
-    /// proves to a worker that names this cache otherwise that it is the same cache.
-    pub fn store_mark(&self, mark: &str) -> Result<()> {
-        let body = serde_json::json!({ "cache": self.fleet() }).to_string();
-        self.put_json(self.mark_url(mark), body.into_bytes())
-    }
-
-    /// Whether this cache holds the fleet mark `mark` (one `HEAD`).
-    pub fn has_mark(&self, mark: &str) -> Result<bool> {
-        let (me, url) = (self.clone(), self.mark_url(mark));
+    /// `HEAD` of `path` under the cache: whether the server holds it.
+    pub fn has(&self, path: &str) -> Result<bool> {
+        let (me, url) = (self.clone(), self.url_of(path));
         interruptible(move || me.head(&url))
     }
 
-    /// Uploads a small JSON document to `url`.
-    fn put_json(&self, url: String, bytes: Vec<u8>) -> Result<()> {
-        let me = self.clone();
-        interruptible(move || {
-            let resp = me.answer(&url, &mut || {
-                me.with_auth(me.agent.put(&url))
-                    .header("Content-Type", "application/json")
-                    .send(&bytes[..])
-            })?;
-            me.put_outcome(&url, resp.status())
-        })
-    }
-
-    /// The bytes of the recipe bundle `digest`, at most `limit` of them.
-    pub fn fetch_recipes(&self, digest: &str, limit: u64) -> Result<Vec<u8>> {
-        let (me, url) = (self.clone(), self.recipes_url(digest));
+    /// The body of a `GET` of `path` under the cache, `None` when the server does
+    /// not hold it (404, 410). At most `limit + 1` bytes are read: a body longer
+    /// than `limit` arrives one byte too long, for the caller to refuse in its words.
+    pub fn get_bytes(&self, path: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        let (me, url) = (self.clone(), self.url_of(path));
         interruptible(move || {
             let mut resp = me.send(&url, &mut || me.with_auth(me.agent.get(&url)).call())?;
             match resp.status().as_u16() {
                 200 => {}
-                404 | 410 => {
-                    return Err(
-                        Absent(format!("{url}: the recipes are not in the HTTP cache")).into(),
-                    )
-                }
+                404 | 410 => return Ok(None),
                 code => bail!("{url}: GET answered {code}"),
             }
             let mut bytes = Vec::new();
@@ -1066,28 +995,44 @@ impl HttpCache {
                 .take(limit + 1)
                 .read_to_end(&mut bytes)
                 .map_err(|e| Unreachable(format!("{url}: the transfer broke: {e}")))?;
-            if bytes.len() as u64 > limit {
-                bail!("{url}: the recipe bundle is larger than {limit} bytes (the limit)");
-            }
-            Ok(bytes)
+            Ok(Some(bytes))
         })
     }
 
-    /// Unpacks the source snapshot `digest` into `dest`.
-    pub fn fetch_source(&self, digest: &str, dest: &Path) -> Result<()> {
-        let (me, digest, dest) = (self.clone(), digest.to_string(), dest.to_path_buf());
-        interruptible(move || me.fetch_source_now(&digest, &dest))
+    /// `GET` of the tar at `path` under the cache, unpacked into `dest` as it
+    /// arrives; its bytes must hash to `digest` (SHA-256, hex), else it is
+    /// [`Rejected`]. `Ok(false)` when the server does not hold it.
+    pub fn get_unpacked(&self, path: &str, dest: &Path, digest: &str) -> Result<bool> {
+        let (me, url) = (self.clone(), self.url_of(path));
+        let (dest, digest) = (dest.to_path_buf(), digest.to_string());
+        interruptible(move || me.get_unpacked_checked(&url, &dest, &mut || {}, Some(&digest)))
     }
 
-    fn fetch_source_now(&self, digest: &str, dest: &Path) -> Result<()> {
-        let url = self.source_url(digest);
-        if !self.get_unpacked_with_digest(&url, dest, digest)? {
-            return Err(Absent(format!(
-                "{url}: the source snapshot is not in the HTTP cache"
-            ))
-            .into());
-        }
-        Ok(())
+    /// `PUT` of the file `file` to `path` under the cache.
+    pub fn put_file(&self, path: &str, file: &Path, content_type: &'static str) -> Result<()> {
+        let (me, url, file) = (self.clone(), self.url_of(path), file.to_path_buf());
+        interruptible(move || {
+            let resp = me.answer(&url, &mut || {
+                let body = std::fs::File::open(&file).map_err(ureq::Error::Io)?;
+                me.with_auth(me.agent.put(&url))
+                    .header("Content-Type", content_type)
+                    .send(body)
+            })?;
+            me.put_outcome(&url, resp.status())
+        })
+    }
+
+    /// `PUT` of `bytes` to `path` under the cache.
+    pub fn put_bytes(&self, path: &str, bytes: Vec<u8>, content_type: &'static str) -> Result<()> {
+        let (me, url) = (self.clone(), self.url_of(path));
+        interruptible(move || {
+            let resp = me.answer(&url, &mut || {
+                me.with_auth(me.agent.put(&url))
+                    .header("Content-Type", content_type)
+                    .send(&bytes[..])
+            })?;
+            me.put_outcome(&url, resp.status())
+        })
     }
 }
 

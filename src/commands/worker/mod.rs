@@ -70,6 +70,7 @@ use crate::remote::amqp::{task_queue, Connected, RESULTS};
 use crate::remote::messages::{
     whoami, Missing, RecipeBundle, Reply, ReplyKind, Request, MAX_RECIPE_BUNDLE, VERSION,
 };
+use crate::remote::shared;
 use crate::store::http::HttpCache;
 use crate::store::local::LocalCache;
 use crate::util::fs::format_duration;
@@ -697,7 +698,7 @@ impl Worker {
         if self.marks.lock().expect("marks").contains(mark) {
             return Fleet::Own;
         }
-        match self.http.has_mark(mark) {
+        match shared::has_mark(&self.http, mark) {
             Ok(true) => {
                 let mut marks = self.marks.lock().expect("marks");
                 marks.push_front(mark.clone());
@@ -712,7 +713,7 @@ impl Worker {
                     request.cache,
                     self.http.uri(),
                     self.fleet,
-                    self.http.mark_url(mark)
+                    shared::mark_url(&self.http, mark)
                 );
                 console::error(&format!(
                     "Refusing {} {id8} from {}: {message}",
@@ -942,8 +943,7 @@ impl Worker {
             .recipes(&request.recipes, ws, fresh)
             .map_err(|e| gone(e, Missing::Recipes))?;
         if let Some(digest) = &request.snapshot {
-            self.http
-                .fetch_source(digest, ws)
+            shared::fetch_snapshot(&self.http, digest, ws)
                 .map_err(|e| gone(e, Missing::Snapshot))?;
         }
         Ok(recipes)
@@ -968,7 +968,7 @@ impl Worker {
             }
             return Ok(p.recipes.rooted(ws));
         }
-        let bytes = self.http.fetch_recipes(digest, MAX_RECIPE_BUNDLE)?;
+        let bytes = shared::fetch_recipes(&self.http, digest, MAX_RECIPE_BUNDLE)?;
         let texts = RecipeBundle::files(digest, &bytes)?;
         if let Some(bad) = texts.iter().find(|t| !safe_relative(&t.path)) {
             bail!("recipe path '{}' leaves the workspace", bad.path);
@@ -1388,7 +1388,7 @@ enum Outcome {
 }
 
 /// A request's recipe bundle or source snapshot that the HTTP cache does not hold
-/// (`store::http::Absent`: a trim took it, say), which the error reply names
+/// (`remote::shared::Absent`: a trim took it, say), which the error reply names
 /// ([`Reply::missing`]) so that the client stores it again.
 #[derive(Debug)]
 struct Gone(Missing, anyhow::Error);
@@ -1403,7 +1403,7 @@ impl std::error::Error for Gone {}
 
 /// `e` as a [`Gone`] `what` when it is an absent bundle or snapshot.
 fn gone(e: anyhow::Error, what: Missing) -> anyhow::Error {
-    if crate::store::http::is_absent(&e) {
+    if shared::is_absent(&e) {
         Gone(what, e).into()
     } else {
         e
