@@ -14,6 +14,11 @@
 //! commits it. Connection errors and 5xx
 //! answers are retried with back-off; a cache that stays unreachable is marked down
 //! and skipped for the rest of the process, so the caller warns once.
+//!
+//! [`HttpCache`] and its requests are here; what they stand on is in files of its
+//! own: the threads transfers run on and their interruption (`threads`), the agent's
+//! resolver (`resolver`), and the readers and writers a body passes through
+//! (`bodies`).
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufWriter, Read, Write};
@@ -25,6 +30,15 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::error::usage;
 use crate::store::artifact::Manifest;
+
+mod bodies;
+mod resolver;
+mod threads;
+
+use bodies::{Bounded, Counting, PackedBody};
+use resolver::CacheResolver;
+use threads::{interruptible, TransferThreads};
+pub use threads::{is_interrupted, Interrupted};
 
 /// Existence checks planning makes at once (`executor::presence`); connections to
 /// the cache are kept open for reuse for these or for the transfers, whichever are
@@ -104,280 +118,9 @@ pub struct HttpCache {
     rejected: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
-/// A transfer given up because jolt was interrupted.
-#[derive(Debug)]
-pub struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted")
-    }
-}
-
-impl std::error::Error for Interrupted {}
-
-/// Whether an error (anywhere in its chain) is an [`Interrupted`] transfer.
-pub fn is_interrupted(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| e.is::<Interrupted>())
-}
-
-/// Runs a transfer on a thread of its own and waits for it, but returns
-/// [`Interrupted`] within a tenth of a second of a Ctrl-C: a blocking read cannot be
-/// interrupted, so the thread is left to end with the process (what it was writing
-/// is a staging directory, which nothing commits).
-fn interruptible<T: Send + 'static>(
-    transfer: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    TransferThreads::shared().interruptible(transfer)
-}
-
-/// A transfer, which returns how to deliver its result: the thread counts itself
-/// idle before it delivers, so the transfer that follows finds it idle.
-type TransferJob = Box<dyn FnOnce() -> Delivery + Send>;
-type Delivery = Box<dyn FnOnce() + Send>;
-
-/// Threads that transfers run on, kept between transfers: a thread started and ended
-/// per request (the mmap, mprotect and munmap of its stack) was about a tenth of a
-/// network client's CPU. A transfer takes an idle thread, reserving it, or starts
-/// one, so it never waits behind another; a thread idle for [`TRANSFER_THREAD_IDLE`]
-/// ends. The process has one ([`TransferThreads::shared`]); a test makes its own,
-/// so that what other tests transfer at the same time does not count.
-struct TransferThreads {
-    jobs: crossbeam_channel::Sender<TransferJob>,
-    queue: crossbeam_channel::Receiver<TransferJob>,
-    /// Threads waiting for a job and not reserved.
-    idle: Arc<std::sync::atomic::AtomicUsize>,
-    /// How long a thread waits for a job before it ends.
-    keep: Duration,
-}
-
-const TRANSFER_THREAD_IDLE: Duration = Duration::from_secs(30);
-
-impl TransferThreads {
-    fn new(keep: Duration) -> TransferThreads {
-        let (jobs, queue) = crossbeam_channel::unbounded();
-        TransferThreads {
-            jobs,
-            queue,
-            idle: Arc::default(),
-            keep,
-        }
-    }
-
-    /// The process's transfer threads.
-    fn shared() -> &'static TransferThreads {
-        static THREADS: std::sync::OnceLock<TransferThreads> = std::sync::OnceLock::new();
-        THREADS.get_or_init(|| TransferThreads::new(TRANSFER_THREAD_IDLE))
-    }
-
-    /// See [`interruptible`].
-    fn interruptible<T: Send + 'static>(
-        &self,
-        transfer: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.run(Box::new(move || {
-            let result = transfer();
-            Box::new(move || {
-                let _ = tx.send(result);
-            })
-        }))?;
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(result) => return result,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    if crate::interrupt::is_set() {
-                        return Err(Interrupted.into());
-                    }
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    bail!("the transfer ended without a result")
-                }
-            }
-        }
-    }
-
-    /// Hands `job` to an idle thread, or to a new one.
-    fn run(&self, job: TransferJob) -> Result<()> {
-        let reserved = self
-            .idle
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok();
-        if reserved {
-            let _ = self.jobs.send(job);
-            return Ok(());
-        }
-        let (queue, idle, keep) = (self.queue.clone(), self.idle.clone(), self.keep);
-        std::thread::Builder::new()
-            .name("transfer".into())
-            .spawn(move || {
-                let mut job = job;
-                loop {
-                    let deliver = job();
-                    idle.fetch_add(1, Ordering::AcqRel);
-                    deliver();
-                    job = match queue.recv_timeout(keep) {
-                        Ok(job) => job,
-                        Err(_) => {
-                            // Leave unless a transfer reserved this thread meanwhile
-                            // (its job is then on its way).
-                            let left = idle
-                                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                                    n.checked_sub(1)
-                                })
-                                .is_ok();
-                            // A thread that left must not take a job: it was sent
-                            // for another, which it would drop.
-                            if left {
-                                return;
-                            }
-                            match queue.recv() {
-                                Ok(job) => job,
-                                Err(_) => return,
-                            }
-                        }
-                    };
-                }
-            })
-            .map(|_| ())
-            .map_err(|e| anyhow::anyhow!("Cannot start a transfer: {e}"))
-    }
-}
-
-/// How long [`CacheResolver`] keeps what a host name resolved to.
-const RESOLVED_FOR: Duration = Duration::from_secs(10);
-
-/// Resolves the cache's host for the HTTP agent. ureq resolves before it looks for a
-/// pooled connection, and its resolver starts a thread for each lookup with a
-/// deadline (every `HEAD`): a thread per request, for an address that never
-/// changes. Here an IP address is taken as it is, and a host name's addresses are
-/// kept for [`RESOLVED_FOR`].
-#[derive(Debug, Default)]
-struct CacheResolver {
-    system: ureq::unversioned::resolver::DefaultResolver,
-    /// Host and port -> addresses, and when they were looked up.
-    known: Mutex<std::collections::HashMap<String, (ResolvedAddrs, std::time::Instant)>>,
-    /// Lookups handed to the system resolver.
-    lookups: std::sync::atomic::AtomicUsize,
-}
-
-type ResolvedAddrs = ureq::unversioned::resolver::ResolvedSocketAddrs;
-
-impl ureq::unversioned::resolver::Resolver for CacheResolver {
-    fn resolve(
-        &self,
-        uri: &ureq::http::Uri,
-        config: &ureq::config::Config,
-        timeout: ureq::unversioned::transport::NextTimeout,
-    ) -> Result<ResolvedAddrs, ureq::Error> {
-        // "host:port", the port from the scheme where the URI has none, as ureq's
-        // own resolver has it (for a proxy, socks5 is 1080).
-        let Some(key) = uri
-            .scheme()
-            .zip(uri.authority())
-            .and_then(|(scheme, authority)| {
-                ureq::unversioned::resolver::DefaultResolver::host_and_port(scheme, authority)
-            })
-        else {
-            return self.system.resolve(uri, config, timeout);
-        };
-        if let Ok(addr) = key.parse::<std::net::SocketAddr>() {
-            let mut addrs = self.empty();
-            addrs.push(addr);
-            return Ok(addrs);
-        }
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((addrs, at)) = known.get(&key) {
-            if at.elapsed() < RESOLVED_FOR {
-                return Ok(addrs.clone());
-            }
-        }
-        drop(known);
-        self.lookups.fetch_add(1, Ordering::Relaxed);
-        let addrs = self.system.resolve(uri, config, timeout)?;
-        known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        known.insert(key, (addrs.clone(), std::time::Instant::now()));
-        Ok(addrs)
-    }
-}
-
 /// Artifacts whose archive is at most this large are packed in memory and sent
 /// with a `Content-Length`; larger ones stream.
 const PACKED_IN_MEMORY: usize = 1 << 20;
-
-/// A writer into memory that fails once more than `limit` bytes were written.
-struct Bounded {
-    bytes: Vec<u8>,
-    limit: usize,
-    full: bool,
-}
-
-impl Write for Bounded {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.bytes.len() + buf.len() > self.limit {
-            self.full = true;
-            return Err(std::io::Error::other("larger than the in-memory limit"));
-        }
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The body of a streamed upload: the read end of the packer's pipe. At the end of
-/// the pipe it returns the packer's error, if any, so a half-packed archive is never
-/// sent as complete (the request fails and the server discards it).
-struct PackedBody {
-    pipe: std::io::PipeReader,
-    done: crossbeam_channel::Receiver<Result<(), String>>,
-    /// Where the packer's error is kept for the caller.
-    failed: Arc<Mutex<Option<String>>>,
-}
-
-impl Read for PackedBody {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.pipe.read(buf)?;
-        if n == 0 {
-            if let Ok(Err(e)) = self.done.recv() {
-                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
-                return Err(std::io::Error::other(e));
-            }
-        }
-        Ok(n)
-    }
-}
-
-/// Counts bytes read through it.
-/// Counts bytes read through it, and keeps the first read error's text: a transfer
-/// that stalled must mark the server down, not pass for a corrupt archive.
-struct Counting<R> {
-    inner: R,
-    count: u64,
-    failed: Option<String>,
-    /// Hashes what is read, where the bytes must have a digest.
-    hasher: Option<sha2::Sha256>,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self.inner.read(buf) {
-            Ok(n) => {
-                self.count += n as u64;
-                if let Some(h) = &mut self.hasher {
-                    sha2::Digest::update(h, &buf[..n]);
-                }
-                Ok(n)
-            }
-            Err(e) => {
-                self.failed.get_or_insert_with(|| e.to_string());
-                Err(e)
-            }
-        }
-    }
-}
 
 fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -1040,118 +783,6 @@ impl HttpCache {
 mod tests {
     use super::*;
 
-    #[test]
-    fn transfers_reuse_their_threads_and_never_wait_for_one() {
-        // Threads of the test's own: other tests transfer on the process's at the
-        // same time, and would take its idle thread or make it start more.
-        let threads = TransferThreads::new(TRANSFER_THREAD_IDLE);
-        // One after another: one thread serves them all (it was a thread each). A
-        // thread counts itself idle before it delivers, so this holds however the
-        // threads are scheduled.
-        let ids: Vec<std::thread::ThreadId> = (0..50)
-            .map(|_| {
-                threads
-                    .interruptible(|| Ok(std::thread::current().id()))
-                    .unwrap()
-            })
-            .collect();
-        let distinct: std::collections::HashSet<_> = ids.iter().collect();
-        assert_eq!(
-            distinct.len(),
-            1,
-            "{} threads for 50 transfers",
-            distinct.len()
-        );
-        // At once: each gets a thread, none waits for another to end (each waits
-        // here until all eight run).
-        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        std::thread::scope(|scope| {
-            let waiting: Vec<_> = (0..8)
-                .map(|_| {
-                    let (started, threads) = (started.clone(), &threads);
-                    scope.spawn(move || {
-                        threads.interruptible(move || {
-                            started.fetch_add(1, Ordering::SeqCst);
-                            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-                            while started.load(Ordering::SeqCst) < 8 {
-                                if std::time::Instant::now() > deadline {
-                                    return Ok(false);
-                                }
-                                std::thread::sleep(Duration::from_millis(5));
-                            }
-                            Ok(true)
-                        })
-                    })
-                })
-                .collect();
-            for w in waiting {
-                assert!(
-                    w.join().unwrap().unwrap(),
-                    "a transfer waited for another's thread"
-                );
-            }
-        });
-    }
-
-    #[test]
-    fn a_thread_that_ends_idle_takes_no_transfer_with_it() {
-        // Threads that end after 50 ms without a job.
-        let threads = TransferThreads::new(Duration::from_millis(50));
-        for round in 0..20 {
-            // Two transfers at once make two threads, which then idle out; more
-            // transfers follow, each reserving a thread that is still there.
-            std::thread::scope(|scope| {
-                for _ in 0..2 {
-                    scope.spawn(|| {
-                        threads
-                            .interruptible(|| {
-                                std::thread::sleep(Duration::from_millis(10));
-                                Ok(())
-                            })
-                            .unwrap()
-                    });
-                }
-            });
-            std::thread::sleep(Duration::from_millis(20 + 10 * (round % 8)));
-            for _ in 0..5 {
-                // Regression (issue 23): a thread that had ended its wait took the
-                // next job sent to the queue and dropped it: "the transfer ended
-                // without a result", for a worker idle 30 s.
-                threads.interruptible(|| Ok(())).unwrap();
-            }
-        }
-    }
-
-    #[test]
-    fn a_failed_packer_fails_the_upload_body_instead_of_ending_it() {
-        let (reader, mut writer) = std::io::pipe().unwrap();
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        writer.write_all(b"half an archive").unwrap();
-        tx.send(Err("disk error".to_string())).unwrap();
-        drop(writer);
-        let failed: Arc<Mutex<Option<String>>> = Arc::default();
-        let mut body = PackedBody {
-            pipe: reader,
-            done: rx,
-            failed: failed.clone(),
-        };
-        let mut sink = Vec::new();
-        let err = body.read_to_end(&mut sink).unwrap_err();
-        assert_eq!(err.to_string(), "disk error");
-        assert_eq!(failed.lock().unwrap().as_deref(), Some("disk error"));
-
-        let (reader, writer) = std::io::pipe().unwrap();
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        tx.send(Ok(())).unwrap();
-        drop(writer);
-        let mut body = PackedBody {
-            pipe: reader,
-            done: rx,
-            failed,
-        };
-        assert_eq!(body.read_to_end(&mut sink).unwrap(), 0);
-    }
-
     /// Serves `requests` PUTs on a loopback port, answering 201; returns the port and
     /// the framing header of each request (`content-length` or `transfer-encoding`)
     /// with the body's length.
@@ -1245,41 +876,6 @@ mod tests {
         assert!(seen[0].1 < 10_000, "{seen:?}");
         assert_eq!(seen[1].0, "transfer-encoding", "{seen:?}");
         assert!(seen[1].1 > PACKED_IN_MEMORY, "{seen:?}");
-    }
-
-    #[test]
-    fn the_resolver_takes_addresses_as_they_are_and_keeps_host_names_a_while() {
-        use ureq::unversioned::resolver::Resolver;
-        let resolver = CacheResolver::default();
-        let config = ureq::config::Config::default();
-        // A deadline: ureq's own resolver starts a thread for each such lookup.
-        let timeout = ureq::unversioned::transport::NextTimeout {
-            after: ureq::unversioned::transport::time::Duration::from_secs(10),
-            ..Default::default()
-        };
-        let resolve = |uri: &str| {
-            let uri: ureq::http::Uri = uri.parse().unwrap();
-            resolver.resolve(&uri, &config, timeout).unwrap().to_vec()
-        };
-        assert_eq!(
-            resolve("http://127.0.0.1:8080/cache/t/x.tar"),
-            vec!["127.0.0.1:8080".parse::<std::net::SocketAddr>().unwrap()]
-        );
-        assert_eq!(
-            resolve("https://[::1]/cache"),
-            vec!["[::1]:443".parse::<std::net::SocketAddr>().unwrap()]
-        );
-        // A proxy's port, where its URI has none, is its scheme's.
-        assert_eq!(
-            resolve("socks5://10.1.2.3"),
-            vec!["10.1.2.3:1080".parse::<std::net::SocketAddr>().unwrap()]
-        );
-        assert_eq!(resolver.lookups.load(Ordering::Relaxed), 0);
-        let first = resolve("http://localhost:8080/a");
-        assert!(first.iter().all(|a| a.port() == 8080), "{first:?}");
-        assert_eq!(resolve("http://localhost:8080/b"), first);
-        // Regression: one lookup, and one thread, per request.
-        assert_eq!(resolver.lookups.load(Ordering::Relaxed), 1);
     }
 
     #[test]
