@@ -122,27 +122,6 @@ pub struct HttpCache {
 /// with a `Content-Length`; larger ones stream.
 const PACKED_IN_MEMORY: usize = 1 << 20;
 
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// The certificates of a PEM file of CA certificates (`http.ca_file`); a file that
 /// cannot be read or holds none is a configuration error.
 fn ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>> {
@@ -210,7 +189,7 @@ impl HttpCache {
         let authorization = user.map(|user| {
             format!(
                 "Basic {}",
-                base64(format!("{user}:{}", password.unwrap_or_default()).as_bytes())
+                crate::util::base64(format!("{user}:{}", password.unwrap_or_default()).as_bytes())
             )
         });
         let roots = match &http.ca_file {
@@ -876,14 +855,5 @@ mod tests {
         assert!(seen[0].1 < 10_000, "{seen:?}");
         assert_eq!(seen[1].0, "transfer-encoding", "{seen:?}");
         assert!(seen[1].1 > PACKED_IN_MEMORY, "{seen:?}");
-    }
-
-    #[test]
-    fn base64_matches_rfc4648() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
     }
 }
