@@ -35,6 +35,8 @@ mod presence;
 pub mod process;
 mod remote;
 mod scheduler;
+#[cfg(test)]
+mod scheduler_tests;
 mod shell;
 mod slots;
 mod spans;

@@ -557,7 +557,7 @@ impl Scheduler<'_> {
         }
     }
 
-    fn make_ready(&mut self, i: usize) {
+    pub(super) fn make_ready(&mut self, i: usize) {
         if self.plan[i] == Plan::Group {
             // Resources and aliases do no work of their own.
             self.status[i] = Status::Unneeded;
