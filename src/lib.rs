@@ -1,24 +1,37 @@
 //! jolt: a build and task executor.
 //!
-//! Data flows one way: [`recipe`] → [`graph`] (identities, with file hashes from
-//! [`graph::hashes`]) → [`executor`] → [`store`] (the local and HTTP caches), and, in a
-//! network build, [`remote`] (the broker's messages). The command modules wire these
-//! together; `main.rs` only turns [`run`]'s result into an exit code.
+//! Data flows one way: `recipe` → `graph` (identities, with file hashes from
+//! `graph::hashes`) → `executor` → `store` (the local and HTTP caches), and, in a
+//! network build, `remote` (the broker's messages). The command modules wire these
+//! together; `main.rs` only turns [`run`]'s result into an exit code. Every module is
+//! private to the crate; what the integration tests need is re-exported in
+//! `testing`.
 
-pub mod cli;
-pub mod commands;
-pub mod config;
-pub mod console;
-pub mod error;
-pub mod executor;
-pub mod graph;
-pub mod interrupt;
-pub mod recipe;
-pub mod remote;
-pub mod runlog;
-pub mod store;
+mod cli;
+mod commands;
+mod config;
+mod console;
+mod error;
+mod executor;
+mod graph;
+mod interrupt;
+mod recipe;
+mod remote;
+mod runlog;
+mod store;
 mod testhooks;
-pub mod util;
+mod util;
+
+/// What the integration tests (`tests/`) use of the library, and nothing else:
+/// every module is private to the crate, so that the compiler sees dead code.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::config::{Kind, SPECS};
+    pub use crate::remote::messages::{lock_key, RecipeBundle, RecipeText};
+    pub use crate::store::archive::pack;
+    pub use crate::store::http::fleet_of;
+    pub use crate::util::hex;
+}
 
 use std::ffi::OsString;
 

@@ -1,7 +1,7 @@
 //! The informational and maintenance commands: config, list, inspect, display.
 
 use crate::util::{Broker, Nginx, Workspace};
-use jolt::config::{Kind, SPECS};
+use jolt::testing::{Kind, SPECS};
 
 const RECIPE: &str = r#"
 [task.hello]

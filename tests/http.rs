@@ -516,7 +516,7 @@ fn an_archive_whose_files_differ_from_its_manifest_is_rejected_and_the_task_buil
             }
         }
         let mut tar = Vec::new();
-        jolt::store::archive::pack(f, &mut tar).unwrap();
+        jolt::testing::pack(f, &mut tar).unwrap();
         std::fs::write(server.file(&format!("cache/lib/{id}.tar")), tar).unwrap();
         let b = a.sibling();
         let run = jolt(&b, &["-c", "jolt.upload=false", "build", "lib"]);
@@ -550,7 +550,7 @@ fn a_downloaded_manifest_that_reaches_outside_is_rejected() {
         manifest[key] = value;
         std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
         let mut tar = Vec::new();
-        jolt::store::archive::pack(forged.path(), &mut tar).unwrap();
+        jolt::testing::pack(forged.path(), &mut tar).unwrap();
         std::fs::write(server.file(&format!("cache/lib/{id}.tar")), tar).unwrap();
         let b = a.sibling();
         jolt(&b, &["-c", "jolt.upload=false", "build", "other"])
@@ -634,7 +634,7 @@ fn a_downloaded_archive_thousands_of_directories_deep_does_not_crash_jolt() {
     let deep: std::path::PathBuf = std::iter::repeat_n("d", 1800).collect();
     std::fs::create_dir_all(forged.path().join(&deep)).unwrap();
     let mut tar = Vec::new();
-    jolt::store::archive::pack(forged.path(), &mut tar).unwrap();
+    jolt::testing::pack(forged.path(), &mut tar).unwrap();
     std::fs::write(server.file(&format!("cache/lib/{id}.tar")), tar).unwrap();
     // Regression: the client that downloaded it aborted with a stack overflow.
     let b = a.sibling();

@@ -1060,7 +1060,7 @@ fn a_source_snapshot_is_checked_against_its_digest_and_only_its_influence_is_see
     std::fs::write(&snapshot, &genuine).unwrap();
     let forged_digest = {
         use sha2::Digest;
-        jolt::util::hex(&sha2::Sha256::digest(&forged))
+        jolt::testing::hex(&sha2::Sha256::digest(&forged))
     };
     std::fs::write(
         c.server
@@ -1127,7 +1127,7 @@ fn a_worker_refuses_a_request_of_another_cache_naming_both() {
     let recipe = "[task.stray]\nrun = \"echo stray > {artifact}/out\"\n";
     let ws = Workspace::with(recipe);
     // Fleet b's cache holds the same recipe bundle (the fleets build one workspace).
-    let bundle = jolt::remote::messages::RecipeBundle::new(&[jolt::remote::messages::RecipeText {
+    let bundle = jolt::testing::RecipeBundle::new(&[jolt::testing::RecipeText {
         path: "jolt.toml".into(),
         text: recipe.into(),
     }]);
@@ -1231,7 +1231,7 @@ fn a_success_whose_artifact_is_not_in_the_cache_is_not_called_gone_from_it() {
         c.broker.queued() == Some(1)
     });
     // What a worker of another cache (or of an older jolt, without marks) answers.
-    let fleet = jolt::store::http::fleet_of(&format!("{}/cache", c.server.url));
+    let fleet = jolt::testing::fleet_of(&format!("{}/cache", c.server.url));
     let reply = format!(
         "{{\"version\": 2, \"identity\": \"{identity}\", \"kind\": \"success\", \"worker\": \"elsewhere:1\", \"cache\": \"{fleet}\"}}"
     );
@@ -2680,7 +2680,7 @@ fn store_bundle(c: &crate::util::Cluster, files: &[(&str, &str)]) -> String {
         .map(|(path, text)| serde_json::json!({ "path": path, "text": text }))
         .collect();
     let bytes = serde_json::to_vec(&files).unwrap();
-    let digest = jolt::util::hex(&sha2::Sha256::digest(&bytes));
+    let digest = jolt::testing::hex(&sha2::Sha256::digest(&bytes));
     let path = c.server.file(&format!("cache/_recipes/{digest}.json"));
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, bytes).unwrap();

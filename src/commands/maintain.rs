@@ -173,7 +173,8 @@ pub fn trim(args: crate::cli::TrimArgs) -> Result<Exit> {
             Event::Unremovable(rel, e) => {
                 console::warn(&format!("Cannot remove {}: {e}", shown(rel)))
             }
-            Event::Reading(_) | Event::Checking(_) => {}
+            Event::Reading(rel) => console::debug(&format!("Reading {}", shown(rel))),
+            Event::Checking(rel) => console::debug(&format!("Checking {}", shown(rel))),
         };
         match crate::store::trim::trim(&args.dir, max, &mut report) {
             Ok(t) => {

@@ -132,6 +132,7 @@ impl FileHashes {
     /// The SHA-256 of a file relative to the workspace root. A symlink hashes its
     /// target path and, when it leads to a file, that file's content: what a task
     /// reads through the link.
+    #[cfg(test)]
     pub fn hash(&self, rel: &Path) -> Result<String> {
         self.hash_with(rel, None)
     }
@@ -214,6 +215,7 @@ impl FileHashes {
     }
 
     /// How many files this hasher has read (the others were answered from the stat cache).
+    #[cfg(test)]
     pub fn files_read(&self) -> usize {
         self.reads.load(Ordering::Relaxed)
     }

@@ -15,7 +15,7 @@ mod model;
 mod view;
 
 pub use builder::build;
-pub use model::{identity, Graph, GraphOptions, InfluenceFile, Node, Resolved, FORMAT};
+pub use model::{Graph, GraphOptions, Node, Resolved};
 use view::{direct_artifacts, expand_alias};
 pub use view::{find_among, transparent, visible};
 

@@ -331,14 +331,6 @@ impl Recipes {
             tasks: self.tasks.clone(),
         }
     }
-
-    /// The task called `name`, or a `No such task` error.
-    pub fn task(&self, name: &str) -> Result<&Arc<Task>> {
-        self.tasks.get(name).ok_or_else(|| {
-            let hint = crate::util::did_you_mean(name, self.tasks.keys().map(String::as_str));
-            usage(format!("No such task '{name}'{hint}"))
-        })
-    }
 }
 
 /// The text of the recipe file `rel`, taken from the `left` bytes the recipes may

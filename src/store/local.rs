@@ -31,7 +31,6 @@ use crate::util::fs::{self as fsutil, unique_suffix};
 #[derive(Debug)]
 pub struct CachedArtifact {
     pub dir: PathBuf,
-    pub task: String,
     pub identity: String,
     pub size: u64,
     pub last_used: SystemTime,
@@ -389,6 +388,7 @@ impl LocalCache {
     }
 
     /// Takes the artifact's lock, waiting for another process to release it.
+    #[cfg(test)]
     pub fn lock(&self, identity: &str) -> Result<ArtifactLock> {
         loop {
             let file = self.lock_file(identity)?;
@@ -562,7 +562,6 @@ impl LocalCache {
                 let artifact = match Manifest::read(&path) {
                     Ok(m) => CachedArtifact {
                         dir: path,
-                        task: task.to_string(),
                         identity: name,
                         size: m.size,
                         last_used,
@@ -574,7 +573,6 @@ impl LocalCache {
                     Err(_) => CachedArtifact {
                         size: fsutil::tree_size(&path),
                         dir: path,
-                        task: task.to_string(),
                         identity: name,
                         last_used,
                         created: 0,

@@ -881,8 +881,8 @@ impl Cluster {
     /// What a worker of this cluster locks for `identity`: the identity within the
     /// cluster's fleet (`Request::lock_key`), 64 hex digits.
     pub fn lock_key(&self, identity: &str) -> String {
-        let fleet = jolt::store::http::fleet_of(&format!("{}/cache", self.server.url));
-        jolt::remote::messages::lock_key(&fleet, identity)
+        let fleet = jolt::testing::fleet_of(&format!("{}/cache", self.server.url));
+        jolt::testing::lock_key(&fleet, identity)
     }
 
     /// The lock queue a worker of this cluster declares for `identity` when its

@@ -37,8 +37,8 @@ mod threads;
 
 use bodies::{Bounded, Counting, PackedBody};
 use resolver::CacheResolver;
+pub use threads::is_interrupted;
 use threads::{interruptible, TransferThreads};
-pub use threads::{is_interrupted, Interrupted};
 
 /// Existence checks planning makes at once (`executor::presence`); connections to
 /// the cache are kept open for reuse for these or for the transfers, whichever are
