@@ -162,20 +162,17 @@ struct Parsed {
     recipes: Recipes,
 }
 
-/// Recipe bundles a worker keeps parsed: the workspaces (and versions of them) it
-/// serves at once.
-const PARSED_KEPT: usize = 8;
+/// At most how much recipe text the parsed bundles a worker keeps hold in all (their
+/// parsed tasks take about as much again); the newest is kept whatever its size.
+/// By size, not by count: a fleet serving ten workspaces fetched and parsed their
+/// bundles again and again when a worker kept 8, though they took kilobytes.
+const PARSED_BYTES: usize = 8 << 20;
 
-/// At most how much recipe text the kept bundles hold in all (the newest is kept
-/// whatever its size, up to the 64 MiB a bundle may have).
-const PARSED_BYTES: usize = 32 << 20;
-
-/// How many of the parsed bundles (their sizes, newest first) a worker keeps: at
-/// most [`PARSED_KEPT`] and [`PARSED_BYTES`] in all, and always the newest.
+/// How many of the parsed bundles (their sizes, newest first) a worker keeps:
+/// [`PARSED_BYTES`] in all, and always the newest.
 fn kept(sizes: impl Iterator<Item = usize>) -> usize {
     let mut total = 0;
     let n = sizes
-        .take(PARSED_KEPT)
         .take_while(|&bytes| {
             total += bytes;
             total <= PARSED_BYTES
@@ -956,8 +953,8 @@ impl Worker {
     }
 
     /// The recipe bundle `digest`, written into `ws` and parsed. A bundle is fetched
-    /// from the HTTP cache and parsed once; the newest [`PARSED_KEPT`] stay in memory
-    /// (at most [`PARSED_BYTES`] of recipe text, the newest always), so the next
+    /// from the HTTP cache and parsed once; the newest stay in memory (at most
+    /// [`PARSED_BYTES`] of recipe text, the newest always), so the next
     /// requests from one workspace cost neither a download nor a parse.
     fn recipes(&self, digest: &str, ws: &Path, write: bool) -> Result<Recipes> {
         if let Some(p) = self.parsed(digest) {
@@ -1452,12 +1449,13 @@ mod tests {
     }
 
     #[test]
-    fn kept_bundles_are_bounded_by_count_and_by_size() {
-        assert_eq!(kept([1000; 20].into_iter()), PARSED_KEPT);
-        // Four bundles of 10 MiB: three fit in 32 MiB.
-        assert_eq!(kept([10 << 20; 4].into_iter()), 3);
+    fn kept_bundles_are_bounded_by_size_not_count() {
+        // Regression (issue 25): at most 8 were kept, however small.
+        assert_eq!(kept([1000; 200].into_iter()), 200);
+        // Four bundles of 3 MiB: two fit in 8 MiB.
+        assert_eq!(kept([3 << 20; 4].into_iter()), 2);
         // The newest is kept, however large.
-        assert_eq!(kept([60 << 20, 1].into_iter()), 1);
+        assert_eq!(kept([30 << 20, 1].into_iter()), 1);
         assert_eq!(kept(std::iter::empty()), 1);
     }
 }
