@@ -1224,3 +1224,44 @@ fn the_summary_gives_the_cache_hit_rate_and_the_slowest_tasks() {
         .success()
         .contains("Cache hits: 2 of 2 (100%)\n");
 }
+
+#[test]
+fn a_task_chooses_its_shell_and_bash_fails_a_pipeline_whose_first_command_fails() {
+    // Regression (issue 26): `/bin/sh` was fixed, and dash has no pipefail, so a
+    // failing test piped into tee was cached as a pass.
+    let ws = Workspace::with(
+        "[task.sh]\nrun = \"false | tee {artifact}/log\"\n\
+         [task.bash]\nshell = \"bash\"\nrun = \"false | tee {artifact}/log\"\n\
+         [task.which]\nshell = \"/bin/bash\"\nrun = \"echo $BASH_VERSION > {artifact}/v\"\n\
+         [task.none]\nshell = \"no-such-shell\"\nrun = \"true\"\n",
+    );
+    ws.jolt(&["build", "sh"]).success();
+    ws.jolt(&["build", "bash"])
+        .code(1)
+        .contains("Command failed");
+    let run = ws.jolt(&["build", "which"]);
+    run.success();
+    let version = std::fs::read_to_string(run.locations()[0].join("v")).unwrap();
+    assert!(!version.trim().is_empty(), "not run by bash");
+    ws.jolt(&["build", "none"])
+        .code(1)
+        .contains("Cannot run the shell 'no-such-shell' of none");
+    Workspace::with("[task.bad]\nshell = \"bin/bash\"\nrun = \"true\"\n")
+        .jolt(&["build", "bad"])
+        .code(2)
+        .contains("invalid shell 'bin/bash'");
+    // A shell set is part of the task's identity; the default adds nothing.
+    let id = |recipe: &str| {
+        let ws = Workspace::with(recipe);
+        let run = ws.jolt(&["inspect", "t"]);
+        run.success().lines_with("Identity")
+    };
+    assert_eq!(
+        id("[task.t]\nrun = \"true\"\n"),
+        id("[task.t]\nrun = \"true\"\n")
+    );
+    assert_ne!(
+        id("[task.t]\nrun = \"true\"\n"),
+        id("[task.t]\nshell = \"bash\"\nrun = \"true\"\n")
+    );
+}

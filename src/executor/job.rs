@@ -30,10 +30,6 @@ use crate::store::sources;
 use crate::util::fs::{self as fsutil, format_duration};
 use crate::util::secrets;
 
-/// The shell that runs commands, by its path: a bare `sh` is looked up in `PATH`
-/// by the child, one failed `exec` per directory before it.
-const SHELL: &str = "/bin/sh";
-
 /// How long a resource's release commands may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -781,9 +777,14 @@ impl Runner<'_> {
             console::Level::Verbose,
             format!("Running: {} ({})", secrets::redact(shell.cmd), node.short),
         );
-        let mut command = Command::new(SHELL);
+        let sh = &node.task.shell;
+        let mut command = Command::new(sh);
+        command.arg("-e");
+        if Path::new(sh).file_name().is_some_and(|n| n == "bash") {
+            // What a pipeline's earlier commands return counts too.
+            command.args(["-o", "pipefail"]);
+        }
         command
-            .arg("-e")
             .arg("-c")
             .arg(shell.cmd)
             .current_dir(shell.cwd)
@@ -809,11 +810,18 @@ impl Runner<'_> {
         }
         let spawning = guardian::spawning();
         let mut child = process::spawn_recorded(|| command.spawn()).map_err(|e| {
-            Failure::new(format!(
-                "Cannot run command in {} ({}): {e}",
-                shell.cwd.display(),
-                node.short
-            ))
+            Failure::new(match e.kind() {
+                // The directory is checked before: what is missing is the shell.
+                std::io::ErrorKind::NotFound if shell.cwd.is_dir() => format!(
+                    "Cannot run the shell '{sh}' of {}: {e}; install it where the task runs",
+                    node.short
+                ),
+                _ => format!(
+                    "Cannot run command in {} ({}): {e}",
+                    shell.cwd.display(),
+                    node.short
+                ),
+            })
         })?;
         let pgid = child.id() as i32;
         crate::testhooks::pause_after_spawn();

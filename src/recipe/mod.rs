@@ -131,6 +131,10 @@ pub struct TaskDef {
     pub extract: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acquire: Option<OneOrMany>,
+    /// The shell the task's commands run in; left out of the definition (and so of
+    /// identities) when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<OneOrMany>,
     #[serde(default, skip_serializing)]
@@ -216,6 +220,8 @@ pub struct Task {
     /// For the kinds `git` and `download`.
     pub source: Option<Source>,
     pub cacheable: bool,
+    /// The shell its commands run in: `SHELL -e -c CMD` (`/bin/sh` unless set).
+    pub shell: String,
     pub timeout: Option<Duration>,
     pub expires: Expires,
     /// The recipe file, relative to the workspace root.
@@ -431,6 +437,13 @@ impl Task {
         check_kind(&def, &commands).map_err(bad)?;
         let source = source(&def).map_err(bad)?;
         let cacheable = def.kind.has_artifact() && def.cacheable.unwrap_or(true);
+        let shell = match def.shell.as_deref() {
+            None => DEFAULT_SHELL.to_string(),
+            Some(s) if valid_shell(s) => s.to_string(),
+            Some(s) => return Err(bad(format!(
+                "invalid shell '{s}': name a command (bash) or give its absolute path (/bin/bash)"
+            ))),
+        };
         let definition_hash = definition_hash(&def);
         Ok(Task {
             name,
@@ -444,6 +457,7 @@ impl Task {
             influence,
             source,
             cacheable,
+            shell,
             timeout,
             expires,
             file,
@@ -455,6 +469,19 @@ impl Task {
     /// Whether this task produces an artifact that consumers see.
     pub fn has_artifact(&self) -> bool {
         self.kind.has_artifact()
+    }
+}
+
+/// The shell commands run in when a task names none, by its path: a bare `sh` is
+/// looked up in `PATH` by the child, one failed `exec` per directory before it.
+pub const DEFAULT_SHELL: &str = "/bin/sh";
+
+/// Whether `shell` names a command (found on `PATH`) or is an absolute path.
+fn valid_shell(shell: &str) -> bool {
+    let plain = |s: &str| !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control());
+    match shell.strip_prefix('/') {
+        Some(rest) => plain(rest),
+        None => plain(shell) && !shell.contains('/'),
     }
 }
 
