@@ -11,6 +11,7 @@ mod commands;
 mod deploy;
 mod errors;
 mod fleet;
+mod ha;
 mod http;
 mod inputs;
 mod network;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 pub mod hosts;
+pub mod rabbit_cluster;
 
 pub struct Workspace {
     pub dir: tempfile::TempDir,
