@@ -413,6 +413,7 @@ fn refused_values(kind: Kind) -> Vec<String> {
         Kind::Reference => vec!["".into()],
         Kind::HttpUri => vec!["ftp://cache/".into(), "http://".into()],
         Kind::AmqpHost => vec!["ftp://broker".into(), "broker:99999".into()],
+        Kind::OneOf(_) => vec!["banana".into()],
         Kind::Text => vec![],
     }
 }

@@ -42,3 +42,87 @@ fn a_build_on_a_three_node_cluster_runs_each_task_once() {
     finish_within(client, Duration::from_secs(60), "the build").success();
     ran_once(&log, 12);
 }
+
+const QUORUM: &str = "amqp.queue_type=quorum";
+
+#[test]
+fn a_build_on_quorum_queues_runs_each_task_once_and_says_once_that_they_have_no_priorities() {
+    let Some(fleet) = Fleet::start() else { return };
+    let quorum = [QUORUM.to_string()];
+    let workers: Vec<_> = (0..3).map(|_| fleet.worker(&quorum)).collect();
+    let log = fleet.dir.path().join("ran");
+    let ws = Workspace::with(&tasks(12, &log, "0"));
+    let client = fleet.spawn_build(&ws, &quorum, &["all"]);
+    let run = finish_within(client, Duration::from_secs(60), "the build");
+    run.success();
+    assert_eq!(
+        run.count("quorum queues have no priorities"),
+        1,
+        "{}",
+        run.all()
+    );
+    ran_once(&log, 12);
+    for w in &workers {
+        assert_eq!(w.output().matches("have no priorities").count(), 1);
+    }
+    let node = &fleet.rabbit.nodes[0];
+    let queues = fleet
+        .rabbit
+        .ctl(
+            node,
+            &["list_queues", "-q", "--no-table-headers", "name", "type"],
+        )
+        .unwrap();
+    let line = queues
+        .lines()
+        .find(|l| l.starts_with(&fleet.queue()))
+        .unwrap_or_else(|| panic!("no {} in\n{queues}", fleet.queue()));
+    assert!(line.ends_with("quorum"), "{line}");
+}
+
+#[test]
+fn a_build_survives_the_sigkill_of_the_node_that_leads_its_quorum_queue() {
+    let Some(fleet) = Fleet::start_exclusive() else {
+        return;
+    };
+    let rabbit = fleet.rabbit;
+    let (leader, others) = (&rabbit.nodes[0], &rabbit.nodes[1..]);
+    // A worker on the first node alone declares the queue there (its leader).
+    let first = fleet.worker(&[
+        QUORUM.to_string(),
+        format!("amqp.host=127.0.0.1:{}", leader.port),
+    ]);
+    drop(first);
+    assert_eq!(
+        rabbit
+            .queue_node(&others[0], &fleet.queue())
+            .map(|n| &n.name),
+        Some(&leader.name)
+    );
+    let elsewhere: Vec<String> = others
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let settings = [
+        QUORUM.to_string(),
+        format!("amqp.host={}", elsewhere.join(",")),
+    ];
+    let _workers: Vec<_> = (0..3).map(|_| fleet.worker(&settings)).collect();
+    let log = fleet.dir.path().join("ran");
+    let ws = Workspace::with(&tasks(12, &log, "0.5"));
+    let client = fleet.spawn_build(&ws, &settings, &["all"]);
+    crate::util::wait_until("three tasks to start", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 3
+    });
+    rabbit.kill(leader);
+    let before = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(before < 12, "the build was over before the node died");
+    let run = finish_within(client, Duration::from_secs(60), "the build");
+    rabbit.restart(leader);
+    run.success().lacks("delivered 3 times");
+    ran_once(&log, 12);
+}

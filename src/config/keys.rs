@@ -37,6 +37,8 @@ pub enum Kind {
     Int(i64, i64),
     /// A size such as `10G`, in bytes within bounds.
     Size(u64, u64),
+    /// One of these words.
+    OneOf(&'static [&'static str]),
 }
 
 /// One key of the table.
@@ -120,6 +122,11 @@ pub const SPECS: &[Spec] = &[
     Spec::new("amqp.routing_key", Kind::Name, Some("default")),
     Spec::new("amqp.priority", Kind::Int(0, 255), Some("0")),
     Spec::new("amqp.max_priority", Kind::Int(0, 255), Some("10")),
+    Spec::new(
+        "amqp.queue_type",
+        Kind::OneOf(&["classic", "quorum"]),
+        Some("classic"),
+    ),
     // 0: no heartbeats.
     Spec::new("amqp.heartbeat", Kind::Int(0, 3600), Some("30")),
     Spec::new("amqp.connect_timeout", Kind::Int(1, 3600), Some("10")),
@@ -342,6 +349,9 @@ fn read(spec: &Spec, value: &str) -> Result<Value, String> {
         Kind::Size(lo, hi) => super::parse_size(value)
             .filter(|v| (lo..=hi).contains(v))
             .map(Value::Size),
+        Kind::OneOf(words) => words
+            .contains(&value.trim())
+            .then(|| Value::Text(value.trim().to_string())),
     };
     value_ok.ok_or_else(|| format!("expected {}", expected(spec.kind)))
 }
@@ -362,6 +372,7 @@ fn expected(kind: Kind) -> String {
         Kind::Int(lo, hi) => format!("an integer from {lo} to {hi}"),
         Kind::Size(0, u64::MAX) => "a size such as 500M or 10G".to_string(),
         Kind::Size(lo, hi) => format!("a size from {} to {}", show_size(lo), show_size(hi)),
+        Kind::OneOf(words) => format!("one of {}", words.join(", ")),
     }
 }
 

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::error::usage;
 
 pub use keys::{check_key, check_value, is_known, keys, unknown_hint, Kind, MAX_JOBS, SPECS};
-pub use settings::{AmqpSettings, BrokerAddress, Config, JoltSettings};
+pub use settings::{AmqpSettings, BrokerAddress, Config, JoltSettings, QueueType};
 
 /// Warns about the keys of a file that jolt does not know.
 fn warn_unknown(path: &Path, sections: &BTreeMap<String, Section>) {

@@ -112,6 +112,8 @@ pub struct AmqpSettings {
     pub priority: u8,
     /// `x-max-priority` of the request queues.
     pub max_priority: u8,
+    /// The type of the request queues.
+    pub queue_type: QueueType,
     /// How often a worker tells its clients it is still at a task; a client that hears
     /// nothing for four of these sends its request again.
     pub progress: Duration,
@@ -119,6 +121,17 @@ pub struct AmqpSettings {
     pub timeout: Duration,
     /// Remote executions a network client keeps in flight.
     pub jobs: usize,
+}
+
+/// `amqp.queue_type`: the request queues' type, as RabbitMQ names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// One node holds each queue (mirrored only by a policy, gone in RabbitMQ 4);
+    /// priorities up to `amqp.max_priority`; jolt counts redeliveries itself.
+    Classic,
+    /// Replicated over the cluster's nodes (Raft); the broker counts deliveries
+    /// (`x-delivery-count`); no priorities before RabbitMQ 4.
+    Quorum,
 }
 
 /// One broker: the host and port of an entry of `amqp.host` (the scheme, vhost and
@@ -238,6 +251,10 @@ impl Config {
             routing_key: r.text("amqp.routing_key")?.unwrap_or_default(),
             priority: r.int("amqp.priority")?,
             max_priority: r.int("amqp.max_priority")?,
+            queue_type: match r.text("amqp.queue_type")?.as_deref() {
+                Some("quorum") => QueueType::Quorum,
+                _ => QueueType::Classic,
+            },
             progress: r.secs("amqp.progress")?,
             timeout: r.secs("amqp.timeout")?,
             jobs: r.int("amqp.jobs")?,

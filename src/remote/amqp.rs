@@ -4,8 +4,9 @@
 //! and the topology both sides declare.
 //!
 //! Topology: requests go to the durable direct exchange `jolt_exchange` with the
-//! task's routing key; workers consume the durable queue `jolt_tasks_<key>` (declared
-//! with `x-max-priority`); replies go to the direct exchange `jolt_results` with the
+//! task's routing key; workers consume the durable queue `jolt_tasks_<key>` (a
+//! classic queue declared with `x-max-priority`, or with `amqp.queue_type = quorum` a
+//! quorum queue declared with `x-delivery-limit`); replies go to the direct exchange `jolt_results` with the
 //! task identity as routing key, and every waiting client binds its own exclusive
 //! reply queue by identity. Requests are persistent, so a broker restart loses none.
 
@@ -17,10 +18,17 @@ use anyhow::Result;
 use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
-use crate::config::{AmqpSettings, BrokerAddress};
+use crate::config::{AmqpSettings, BrokerAddress, QueueType};
 
 pub const REQUESTS: &str = "jolt_exchange";
 pub const RESULTS: &str = "jolt_results";
+
+/// How many times a request may be delivered without an answer before it is
+/// refused: a request whose worker died is tried once more; one that dies again is
+/// taken for a request that kills workers. On a quorum queue this is also its
+/// `x-delivery-limit`: the broker drops a request returned more often (the worker
+/// refuses it, with a reply, at the delivery past the limit).
+pub const DELIVERY_LIMIT: u32 = 2;
 
 /// The request queue of a routing key.
 pub fn task_queue(routing_key: &str) -> String {
@@ -230,7 +238,7 @@ impl AmqpSettings {
                     if code == 403 || code == 406 =>
                 {
                     let hint = if code == 406 {
-                        ": it exists with other arguments (jolt declares it durable, classic, with x-max-priority = amqp.max_priority); delete it or declare it as jolt does"
+                        ": it exists with other arguments (jolt declares it durable, of amqp.queue_type, with x-max-priority = amqp.max_priority when classic, x-delivery-limit when quorum); set amqp.queue_type to its type, or delete it"
                     } else {
                         ": check the user's permissions on the vhost (configure, write, read)"
                     };
@@ -251,11 +259,7 @@ impl AmqpSettings {
         channel
             .exchange_declare(ExchangeType::Direct, RESULTS, durable)
             .map_err(refused(format!("the exchange {RESULTS}")))?;
-        let mut args = FieldTable::new();
-        args.insert(
-            "x-max-priority".into(),
-            AmqpValue::LongInt(self.max_priority as i32),
-        );
+        let args = self.queue_arguments();
         let name = task_queue(routing_key);
         let queue = channel
             .queue_declare(
@@ -274,6 +278,43 @@ impl AmqpSettings {
             waiting: queue.declared_message_count().unwrap_or(0),
             consumers: queue.declared_consumer_count().unwrap_or(0),
         })
+    }
+
+    /// The arguments of a request queue: a classic queue has priorities up to
+    /// `amqp.max_priority`; a quorum queue counts its deliveries itself and drops a
+    /// request returned more than [`DELIVERY_LIMIT`] times (the worker refuses it,
+    /// with a reply, at the delivery before), and has no priorities on RabbitMQ 3
+    /// (it refuses `x-max-priority`): the first declaration of a process says so once,
+    /// unless `amqp.max_priority` is 0.
+    fn queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::new();
+        match self.queue_type {
+            QueueType::Classic => {
+                args.insert(
+                    "x-max-priority".into(),
+                    AmqpValue::LongInt(self.max_priority as i32),
+                );
+            }
+            QueueType::Quorum => {
+                args.insert(
+                    "x-queue-type".into(),
+                    AmqpValue::LongString("quorum".into()),
+                );
+                args.insert(
+                    "x-delivery-limit".into(),
+                    AmqpValue::LongInt(DELIVERY_LIMIT as i32),
+                );
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                if self.max_priority > 0 {
+                    WARNED.call_once(|| {
+                        crate::console::warn(
+                            "amqp.queue_type = quorum: RabbitMQ 3 quorum queues have no priorities, so requests are served in the order they were sent (amqp.priority is ignored; set amqp.max_priority = 0 to silence this)",
+                        )
+                    });
+                }
+            }
+        }
+        args
     }
 
     /// What the broker says of the pool `routing_key` without changing anything (a

@@ -74,7 +74,6 @@ impl RabbitCluster {
         Self::get().map(|c| (c, hold))
     }
 
-    #[allow(dead_code)] // for the node-loss tests to come
     /// [`RabbitCluster::shared`] for a test that stops or kills nodes: it waits until
     /// no other test uses the cluster, and must leave every node running.
     pub fn exclusive() -> Option<(&'static RabbitCluster, Hold)> {
@@ -249,7 +248,6 @@ impl RabbitCluster {
         }
     }
 
-    #[allow(dead_code)] // for the node-loss tests to come
     /// The node on which the queue `queue` has its leader (quorum) or lives
     /// (classic), asked of `asked`.
     pub fn queue_node(&self, asked: &Node, queue: &str) -> Option<&Node> {
@@ -271,7 +269,6 @@ impl RabbitCluster {
         self.nodes.iter().find(|n| line.contains(n.name.as_str()))
     }
 
-    #[allow(dead_code)] // for the node-loss tests to come
     /// Kills `node` with SIGKILL and waits until it is gone.
     pub fn kill(&self, node: &Node) {
         for pid in beams(|name, _| name == node.name) {
@@ -285,7 +282,6 @@ impl RabbitCluster {
         }
     }
 
-    #[allow(dead_code)] // for the node-loss tests to come
     /// Starts `node` again (after [`RabbitCluster::kill`]) and waits until it runs.
     pub fn restart(&self, node: &Node) {
         self.spawn(node).unwrap();
@@ -398,7 +394,6 @@ impl Fleet {
         Self::on(RabbitCluster::shared()?)
     }
 
-    #[allow(dead_code)] // for the node-loss tests to come
     /// A fleet holding the cluster alone, for a test that kills nodes.
     pub fn start_exclusive() -> Option<Fleet> {
         Self::on(RabbitCluster::exclusive()?)

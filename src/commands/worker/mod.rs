@@ -57,7 +57,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{AmqpSettings, Config};
+use crate::config::{AmqpSettings, Config, QueueType};
 use crate::console;
 use crate::error::usage;
 use crate::error::Exit;
@@ -525,8 +525,18 @@ impl Worker {
             }
             Fleet::Interrupted => return Ok(false),
         }
-        if delivery.redelivered {
-            return self.redelivered(link, delivery, &request).map(|()| true);
+        match self.settings.queue_type {
+            // The broker counts the deliveries of a quorum queue's requests.
+            QueueType::Quorum if deliveries(delivery) > MAX_DELIVERIES => {
+                return self
+                    .refuse_redelivered(link, &request, deliveries(delivery))
+                    .map(|()| true);
+            }
+            QueueType::Quorum => {}
+            QueueType::Classic if delivery.redelivered => {
+                return self.redelivered(link, delivery, &request).map(|()| true);
+            }
+            QueueType::Classic => {}
         }
         let lock = match self.lock(link, &request)? {
             Some(lock) => lock,
@@ -896,16 +906,7 @@ impl Worker {
         let id8 = request.identity.get(..8).unwrap_or(&request.identity);
         let n = deliveries(delivery).saturating_add(1);
         if n > MAX_DELIVERIES {
-            let message = format!(
-                "the request was delivered {n} times without an answer: it crashed or lost the workers that took it"
-            );
-            console::error(&format!(
-                "Refusing {} {id8} (redelivered): {message}",
-                request.reference
-            ));
-            let mut reply = self.reply_to(request, ReplyKind::Error);
-            reply.error = message;
-            return publish_reply(link.publisher, &reply);
+            return self.refuse_redelivered(link, request, n);
         }
         console::warn(&format!(
             "Request for {} {id8} from {} (redelivered): queued again as delivery {n} of at most {MAX_DELIVERIES}",
@@ -931,6 +932,22 @@ impl Worker {
                 ),
             )
             .context("Cannot queue a redelivered request again")
+    }
+
+    /// Refuses a request delivered `n` times, more than [`MAX_DELIVERIES`], with an
+    /// error reply.
+    fn refuse_redelivered(&self, link: &Link, request: &Request, n: u32) -> Result<()> {
+        let id8 = request.identity.get(..8).unwrap_or(&request.identity);
+        let message = format!(
+            "the request was delivered {n} times without an answer: it crashed or lost the workers that took it"
+        );
+        console::error(&format!(
+            "Refusing {} {id8} (redelivered): {message}",
+            request.reference
+        ));
+        let mut reply = self.reply_to(request, ReplyKind::Error);
+        reply.error = message;
+        publish_reply(link.publisher, &reply)
     }
 
     /// Rebuilds the client's workspace in `ws`: its recipe files, parsed, and the
@@ -1326,30 +1343,44 @@ const LOCK_TRIES: usize = 12;
 /// The longest a worker waits between two probes of an HTTP cache that is down.
 const CACHE_PROBE_MAX: Duration = Duration::from_secs(60);
 
-/// How many times a request may be delivered before it is refused: a request whose
-/// worker died is tried once more; one that dies again is taken for a request that
-/// kills workers.
-const MAX_DELIVERIES: u32 = 2;
+/// How many times a request may be delivered before it is refused.
+const MAX_DELIVERIES: u32 = crate::remote::amqp::DELIVERY_LIMIT;
 
-/// The header that counts a request's deliveries.
+/// The header that counts a request's deliveries on a classic queue.
 const DELIVERIES: &str = "x-jolt-deliveries";
 
-/// Which delivery of its request this is: 1, or what its header says.
+/// The header in which a quorum queue counts a request's earlier deliveries.
+const BROKER_DELIVERIES: &str = "x-delivery-count";
+
+/// Which delivery of its request this is: 1, or one past a quorum queue's
+/// `x-delivery-count`, or what jolt's own header says.
 fn deliveries(delivery: &Delivery) -> u32 {
-    let value = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.get(DELIVERIES));
-    let n = match value {
-        Some(AmqpValue::LongInt(n)) => *n as i64,
-        Some(AmqpValue::LongUInt(n)) => *n as i64,
-        Some(AmqpValue::LongLongInt(n)) => *n,
-        Some(AmqpValue::ShortInt(n)) => *n as i64,
-        Some(AmqpValue::ShortShortInt(n)) => *n as i64,
-        _ => 1,
-    };
+    let headers = delivery.properties.headers().as_ref();
+    if let Some(earlier) = headers
+        .and_then(|h| h.get(BROKER_DELIVERIES))
+        .and_then(integer)
+    {
+        return earlier.saturating_add(1).clamp(1, u32::MAX as i64) as u32;
+    }
+    let n = headers
+        .and_then(|h| h.get(DELIVERIES))
+        .and_then(integer)
+        .unwrap_or(1);
     n.clamp(1, u32::MAX as i64) as u32
+}
+
+/// An integer header's value.
+fn integer(value: &AmqpValue) -> Option<i64> {
+    match value {
+        AmqpValue::LongInt(n) => Some(*n as i64),
+        AmqpValue::LongUInt(n) => Some(*n as i64),
+        AmqpValue::LongLongInt(n) => Some(*n),
+        AmqpValue::ShortInt(n) => Some(*n as i64),
+        AmqpValue::ShortUInt(n) => Some(*n as i64),
+        AmqpValue::ShortShortInt(n) => Some(*n as i64),
+        AmqpValue::ShortShortUInt(n) => Some(*n as i64),
+        _ => None,
+    }
 }
 
 /// Whose request it is ([`Worker::fleet_of`]).
