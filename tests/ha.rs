@@ -107,7 +107,7 @@ fn a_build_survives_the_sigkill_of_the_node_that_leads_its_quorum_queue() {
         QUORUM.to_string(),
         format!("amqp.host={}", elsewhere.join(",")),
     ];
-    let _workers: Vec<_> = (0..3).map(|_| fleet.worker(&settings)).collect();
+    let workers: Vec<_> = (0..3).map(|_| fleet.worker(&settings)).collect();
     let log = fleet.dir.path().join("ran");
     let ws = Workspace::with(&tasks(12, &log, "0.5"));
     let client = fleet.spawn_build(&ws, &settings, &["all"]);
@@ -124,5 +124,52 @@ fn a_build_survives_the_sigkill_of_the_node_that_leads_its_quorum_queue() {
     let run = finish_within(client, Duration::from_secs(60), "the build");
     rabbit.restart(leader);
     run.success().lacks("delivered 3 times");
+    ran_once(&log, 12);
+    // The leader's move is no delivery: no request came back to a worker.
+    for w in &workers {
+        assert!(!w.output().contains("(delivery 2"), "{}", w.output());
+    }
+}
+
+#[test]
+fn a_client_sends_again_what_a_classic_queue_lost_with_its_node() {
+    let Some(fleet) = Fleet::start_exclusive() else {
+        return;
+    };
+    let rabbit = fleet.rabbit;
+    let (home, others) = (&rabbit.nodes[0], &rabbit.nodes[1..]);
+    // A worker on the first node alone declares the queue there (its home).
+    drop(fleet.worker(&[format!("amqp.host=127.0.0.1:{}", home.port)]));
+    assert_eq!(
+        rabbit
+            .queue_node(&others[0], &fleet.queue())
+            .map(|n| &n.name),
+        Some(&home.name)
+    );
+    let elsewhere: Vec<String> = others
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let settings = [format!("amqp.host={}", elsewhere.join(","))];
+    let _workers: Vec<_> = (0..3).map(|_| fleet.worker(&settings)).collect();
+    let log = fleet.dir.path().join("ran");
+    let ws = Workspace::with(&tasks(12, &log, "0.5"));
+    let client = fleet.spawn_build(&ws, &settings, &["all"]);
+    crate::util::wait_until("three tasks to start", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 3
+    });
+    rabbit.kill(home);
+    let before = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(before < 12, "the build was over before the node died");
+    std::thread::sleep(Duration::from_secs(2));
+    rabbit.restart(home);
+    let run = finish_within(client, Duration::from_secs(60), "the build");
+    run.success()
+        .lacks("delivered 3 times")
+        .contains("was unreachable and is back: sending again");
     ran_once(&log, 12);
 }

@@ -501,6 +501,8 @@ impl<'n> Waiter<'n> {
         let mut next_tick = Instant::now() + TICK;
         // When the waiter last said which calls are still in progress.
         let mut noted = Instant::now();
+        // The outages of each watched pool's request queue, as last seen.
+        let mut outages: HashMap<String, u64> = HashMap::new();
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             select! {
@@ -552,6 +554,7 @@ impl<'n> Waiter<'n> {
                 // Replies for calls that never came back (ended meanwhile).
                 early.retain(|_, (came, _)| came.elapsed() < EARLY_KEPT);
                 self.tick(graph, net, &mut calls, silence, still);
+                self.after_outages(net, &mut calls, &mut outages);
                 if noted.elapsed() >= still {
                     noted = Instant::now();
                     let long: Vec<(String, Duration)> = calls
@@ -632,6 +635,55 @@ impl<'n> Waiter<'n> {
             _ => {
                 if let Some(call) = calls.remove(&reply.identity) {
                     let _ = self.jobs.send(Job::Resume(call, Next::Finish(reply)));
+                }
+            }
+        }
+    }
+
+    /// The requests no worker took of a pool whose request queue was unreachable and
+    /// is back (a cluster node that held it died, and came back or its queue moved)
+    /// are sent again: those waiting in it may be lost, and those sent meanwhile were
+    /// dropped. Workers answer the copies of requests that were not lost from the
+    /// HTTP cache or as duplicates.
+    fn after_outages(
+        &self,
+        net: &Network<'n>,
+        calls: &mut HashMap<String, Box<Call<'n>>>,
+        seen: &mut HashMap<String, u64>,
+    ) {
+        let pools: std::collections::BTreeSet<&str> = calls
+            .values()
+            .filter(|c| c.last_news.is_none())
+            .map(|c| c.routing_key.as_str())
+            .collect();
+        let now = net.client.watch_pools(pools);
+        let mut over = Vec::new();
+        for (pool, outages) in &now {
+            if seen.get(pool).is_some_and(|before| outages > before) {
+                over.push(pool.clone());
+            }
+        }
+        *seen = now;
+        for pool in over {
+            let lost: Vec<String> = calls
+                .iter()
+                .filter(|(_, c)| c.last_news.is_none() && c.routing_key == pool)
+                .map(|(identity, _)| identity.clone())
+                .collect();
+            let _ = self.events.send(Event::Log(
+                console::Level::Warning,
+                format!(
+                    "The request queue of pool '{pool}' ({}) was unreachable and is back: sending again the {} no worker said it runs",
+                    crate::remote::amqp::task_queue(&pool),
+                    match lost.len() {
+                        1 => "1 request".to_string(),
+                        n => format!("{n} requests"),
+                    }
+                ),
+            ));
+            for identity in lost {
+                if let Some(call) = calls.remove(&identity) {
+                    let _ = self.jobs.send(Job::Resume(call, Next::Recheck));
                 }
             }
         }

@@ -69,7 +69,23 @@ struct Shared {
     /// This client's fleet (`HttpCache::fleet`): replies that name another are
     /// another fleet's, for the same identity, and ignored.
     fleet: String,
+    /// The pools whose request queues the connection thread watches (see
+    /// [`NetworkClient::watch_pools`]), with how many outages each has had.
+    watched: Mutex<HashMap<String, Watch>>,
 }
+
+/// What the connection thread knows of a watched pool's request queue.
+#[derive(Debug, Default, Clone, Copy)]
+struct Watch {
+    /// The queue was unreachable when last asked (its node is down).
+    down: bool,
+    /// Outages seen over: times the queue was unreachable and then reachable again.
+    outages: u64,
+}
+
+/// How often the connection thread asks whether each watched request queue is
+/// reachable.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// A connection to the broker for one build.
 pub struct NetworkClient {
@@ -168,6 +184,7 @@ impl NetworkClient {
             broken: AtomicBool::new(false),
             withdrawn: Mutex::new(Vec::new()),
             fleet,
+            watched: Mutex::new(HashMap::new()),
         });
         let thread = {
             let shared = shared.clone();
@@ -234,6 +251,29 @@ impl NetworkClient {
             .map_err(|e| crate::console::debug(&format!("counting pool {routing_key}: {e:#}")))
             .ok()?;
         (counts.consumers == 0).then_some(counts.waiting)
+    }
+
+    /// Watches the request queues of `pools` (those with requests no worker took),
+    /// and no others; returns how many outages each has had: how many times the
+    /// connection thread found it unreachable (a cluster node that holds it is down)
+    /// and later reachable again. Requests waiting in it then may be lost (a classic
+    /// queue's requests survive its node's crash only if they reached its disk), and
+    /// those sent while it was down were dropped: the caller sends them again. Never
+    /// waits for the broker.
+    pub fn watch_pools<'p>(
+        &self,
+        pools: impl IntoIterator<Item = &'p str>,
+    ) -> HashMap<String, u64> {
+        let mut watched = self.shared.watched.lock().expect("watched");
+        let pools: HashSet<&str> = pools.into_iter().collect();
+        watched.retain(|pool, _| pools.contains(pool.as_str()));
+        pools
+            .into_iter()
+            .map(|p| {
+                let w = watched.entry(p.to_string()).or_default();
+                (p.to_string(), w.outages)
+            })
+            .collect()
     }
 
     /// Starts sending the replies for `identity` into `tx` (and, after a reconnect,
@@ -469,7 +509,7 @@ fn serve(settings: AmqpSettings, shared: Arc<Shared>, first: Opened) {
     let mut backoff = Duration::from_millis(250);
     while !shared.stop.load(Ordering::Relaxed) {
         let Opened {
-            connection,
+            mut connection,
             publisher,
             consumer: consumer_channel,
             queue,
@@ -513,7 +553,15 @@ fn serve(settings: AmqpSettings, shared: Arc<Shared>, first: Opened) {
                 }
             }
         }
-        dispatch_replies(&broker, &shared, &consumer, &consumer_channel, &queue);
+        dispatch_replies(
+            &settings,
+            &broker,
+            &shared,
+            &consumer,
+            &consumer_channel,
+            &queue,
+            &mut connection,
+        );
         let link = shared.link.lock().expect("link").take();
         if shared.stop.load(Ordering::Relaxed) {
             // Close cleanly: amiquip complains about channels dropped unclosed, and
@@ -567,21 +615,31 @@ fn bind_and_consume<'c>(
     Some((consumer, identities.into_iter().collect()))
 }
 
-/// Hands every reply to the jobs waiting for its identity, until the build stops,
-/// a publish breaks the link, or the connection goes.
+/// Hands every reply to the jobs waiting for its identity, and every
+/// [`WATCH_EVERY`] asks whether the watched request queues are reachable, until the
+/// build stops, a publish breaks the link, or the connection goes.
 fn dispatch_replies(
+    settings: &AmqpSettings,
     broker: &str,
     shared: &Shared,
     consumer: &amiquip::Consumer,
     channel: &Channel,
     queue: &str,
+    connection: &mut amiquip::Connection,
 ) {
+    let mut next_watch = Instant::now() + WATCH_EVERY;
     loop {
         if shared.stop.load(Ordering::Relaxed) || shared.broken.swap(false, Ordering::Relaxed) {
             return;
         }
         if !unbind_withdrawn(shared, channel, queue) {
             return;
+        }
+        if Instant::now() >= next_watch {
+            next_watch = Instant::now() + WATCH_EVERY;
+            if !watch(settings, shared, connection) {
+                return;
+            }
         }
         // Short, so a finished build does not wait long for this thread to stop.
         match consumer.receiver().recv_timeout(Duration::from_millis(20)) {
@@ -612,6 +670,39 @@ fn dispatch_replies(
             Err(RecvTimeoutError::Disconnected) => return,
         }
     }
+}
+
+/// Asks whether each watched request queue is reachable (a passive declare, on a
+/// channel of its own, which a missing or unreachable queue closes) and counts the
+/// outages that end; false when the connection went.
+fn watch(settings: &AmqpSettings, shared: &Shared, connection: &mut amiquip::Connection) -> bool {
+    let pools: Vec<String> = shared
+        .watched
+        .lock()
+        .expect("watched")
+        .keys()
+        .cloned()
+        .collect();
+    for pool in pools {
+        let reachable = match settings.pool(connection, &pool) {
+            Ok(crate::remote::amqp::Pool::Unavailable(why)) => {
+                crate::console::debug(&format!("the request queue of pool {pool}: {why}"));
+                false
+            }
+            Ok(_) => true,
+            Err(e) => {
+                crate::console::debug(&format!("watching pool {pool}: {e:#}"));
+                return false;
+            }
+        };
+        if let Some(w) = shared.watched.lock().expect("watched").get_mut(&pool) {
+            if w.down && reachable {
+                w.outages += 1;
+            }
+            w.down = !reachable;
+        }
+    }
+    true
 }
 
 /// How many withdrawn identities the connection thread unbinds between two looks

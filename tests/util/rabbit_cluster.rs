@@ -251,22 +251,21 @@ impl RabbitCluster {
     /// The node on which the queue `queue` has its leader (quorum) or lives
     /// (classic), asked of `asked`.
     pub fn queue_node(&self, asked: &Node, queue: &str) -> Option<&Node> {
-        let out = self
-            .ctl(
-                asked,
-                &["list_queues", "-q", "--no-table-headers", "name", "leader"],
-            )
-            .or_else(|_| {
-                self.ctl(
-                    asked,
-                    &["list_queues", "-q", "--no-table-headers", "name", "pid"],
-                )
-            })
-            .ok()?;
+        // `leader` is empty for a classic queue, whose `pid` names its node.
+        let args = [
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "leader",
+            "pid",
+        ];
+        let out = self.ctl(asked, &args).ok()?;
         let line = out
             .lines()
             .find(|l| l.split_whitespace().next() == Some(queue))?;
-        self.nodes.iter().find(|n| line.contains(n.name.as_str()))
+        let named = line.split_whitespace().nth(1)?;
+        self.nodes.iter().find(|n| named.contains(n.name.as_str()))
     }
 
     /// Kills `node` with SIGKILL and waits until it is gone.
