@@ -173,3 +173,33 @@ fn a_client_sends_again_what_a_classic_queue_lost_with_its_node() {
         .contains("was unreachable and is back: sending again");
     ran_once(&log, 12);
 }
+
+#[test]
+fn a_request_the_broker_refuses_is_published_again_until_it_takes_it() {
+    let Some(fleet) = Fleet::start() else { return };
+    let node = &fleet.rabbit.nodes[0];
+    // The queue holds at most 2 waiting requests and refuses (nacks) the others.
+    let policy = format!("full-{}", fleet.routing_key);
+    fleet
+        .rabbit
+        .ctl(
+            node,
+            &[
+                "set_policy",
+                &policy,
+                &format!("^{}$", fleet.queue()),
+                r#"{"max-length":2,"overflow":"reject-publish"}"#,
+                "--apply-to",
+                "queues",
+            ],
+        )
+        .unwrap();
+    let _workers: Vec<_> = (0..2).map(|_| fleet.worker(&[])).collect();
+    let log = fleet.dir.path().join("ran");
+    let ws = Workspace::with(&tasks(8, &log, "0.2"));
+    let client = fleet.spawn_build(&ws, &[], &["all"]);
+    let run = finish_within(client, Duration::from_secs(40), "the build");
+    let _ = fleet.rabbit.ctl(node, &["clear_policy", &policy]);
+    run.success();
+    ran_once(&log, 8);
+}

@@ -7,14 +7,17 @@
 //! the connection: it reads replies and hands them to the
 //! waiting jobs, and when the broker goes away it reconnects with capped back-off,
 //! re-binds, and tells every waiting job (which then re-checks the HTTP cache and
-//! sends its request again).
+//! sends its request again). Requests are published with publisher confirms, and
+//! published again until the broker confirms them ([`NetworkClient::publish`]); the
+//! thread also watches the request queues of requests no worker took, so that those
+//! a queue lost with its node are sent again ([`NetworkClient::watch_pools`]).
 
 use amiquip::{
-    AmqpProperties, Channel, ConsumerMessage, ConsumerOptions, FieldTable, Publish,
+    AmqpProperties, Channel, Confirm, ConsumerMessage, ConsumerOptions, FieldTable, Publish,
     QueueDeclareOptions,
 };
 use anyhow::{Context, Result};
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -37,6 +40,14 @@ use crate::util::hex;
 /// failure is taken as final (say, a request queue declared with other arguments).
 const PUBLISH_ATTEMPTS: u32 = 5;
 
+/// How long a publish waits for the broker's confirm before it takes the link for
+/// broken and publishes again on a fresh connection.
+const CONFIRM_WAIT: Duration = Duration::from_secs(10);
+
+/// The longest a publish waits before it publishes a request the broker refused
+/// again.
+const NACKED_MAX: Duration = Duration::from_secs(5);
+
 /// What a waiting job receives.
 #[derive(Debug)]
 pub enum Incoming {
@@ -52,6 +63,9 @@ struct Link {
     declared: HashSet<String>,
     /// Identities the reply queue is bound to.
     bound: HashSet<String>,
+    /// The delivery tag of the last publish on `channel` (publisher confirms number
+    /// them from 1).
+    published: u64,
 }
 
 struct Shared {
@@ -72,6 +86,9 @@ struct Shared {
     /// The pools whose request queues the connection thread watches (see
     /// [`NetworkClient::watch_pools`]), with how many outages each has had.
     watched: Mutex<HashMap<String, Watch>>,
+    /// Publishes waiting for the broker's confirm, by delivery tag: told true when
+    /// acked, false when nacked; dropped (disconnected) with the connection.
+    unconfirmed: Mutex<std::collections::BTreeMap<u64, Sender<bool>>>,
 }
 
 /// What the connection thread knows of a watched pool's request queue.
@@ -123,7 +140,9 @@ impl Drop for Subscription<'_> {
 /// A connection with its two channels and the reply queue.
 struct Opened {
     connection: amiquip::Connection,
+    /// Publishes with publisher confirms, which come on `confirms`.
     publisher: Channel,
+    confirms: Receiver<Confirm>,
     consumer: Channel,
     /// The reply queue's name.
     queue: String,
@@ -151,6 +170,8 @@ fn open(settings: &AmqpSettings) -> Result<Opened> {
         )
         .with_context(on)?;
     let queue = queue.name().to_string();
+    let confirms = publisher.listen_for_publisher_confirms().with_context(on)?;
+    publisher.enable_publisher_confirms().with_context(on)?;
     publisher
         .exchange_declare(
             amiquip::ExchangeType::Direct,
@@ -164,6 +185,7 @@ fn open(settings: &AmqpSettings) -> Result<Opened> {
     Ok(Opened {
         connection,
         publisher,
+        confirms,
         consumer,
         queue,
         broker,
@@ -185,6 +207,7 @@ impl NetworkClient {
             withdrawn: Mutex::new(Vec::new()),
             fleet,
             watched: Mutex::new(HashMap::new()),
+            unconfirmed: Mutex::new(std::collections::BTreeMap::new()),
         });
         let thread = {
             let shared = shared.clone();
@@ -347,17 +370,29 @@ impl NetworkClient {
 
     /// Publishes a request (persistent, with the configured priority, and `reply_to`
     /// naming this client's reply queue so that a worker can tell whether the client
-    /// is still there), declaring the request queue of its routing key first. Waits
-    /// while the broker is away.
+    /// is still there), declaring the request queue of its routing key first, and
+    /// waits for the broker's confirm (it has the request in the queue, on disk or
+    /// on a quorum of nodes): a request nacked is published again after a back-off
+    /// (up to [`NACKED_MAX`]) until the broker takes it, one not confirmed within
+    /// [`CONFIRM_WAIT`] or whose connection went first is published again on a fresh
+    /// connection. Waits while the broker is away.
     pub fn publish(&self, routing_key: &str, body: &[u8]) -> Result<()> {
         let priority = self.settings.priority;
         let mut failures = 0;
+        let mut nacked = Duration::from_millis(100);
         loop {
             let sent = self.with_link(|link| {
                 if !link.declared.contains(routing_key) {
                     self.settings.declare(&link.channel, routing_key)?;
                     link.declared.insert(routing_key.to_string());
                 }
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                link.published += 1;
+                self.shared
+                    .unconfirmed
+                    .lock()
+                    .expect("unconfirmed")
+                    .insert(link.published, tx);
                 link.channel
                     .basic_publish(
                         crate::remote::amqp::REQUESTS,
@@ -371,9 +406,43 @@ impl NetworkClient {
                                 .with_content_type("application/json".into()),
                         ),
                     )
-                    .map_err(anyhow::Error::from)
+                    .map_err(anyhow::Error::from)?;
+                Ok(rx)
             });
-            match sent {
+            let confirmed = match sent {
+                Ok(rx) => match rx.recv_timeout(CONFIRM_WAIT) {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {
+                        // Refused (a full queue with `overflow = reject-publish`, say):
+                        // published again after a while, until the broker takes it.
+                        crate::console::debug(&format!(
+                            "the broker refused (nacked) a request to pool {routing_key}; publishing it again in {} ms",
+                            nacked.as_millis()
+                        ));
+                        std::thread::sleep(nacked);
+                        nacked = (nacked * 2).min(NACKED_MAX);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Timeout) => Err(anyhow::anyhow!(
+                        "the broker did not confirm the request within {} s",
+                        CONFIRM_WAIT.as_secs()
+                    )),
+                    Err(RecvTimeoutError::Disconnected) => {
+                        // The connection went (the connection thread opens the next):
+                        // publish again on it, within the attempts.
+                        failures += 1;
+                        if failures >= PUBLISH_ATTEMPTS {
+                            return Err(anyhow::anyhow!(
+                                "Cannot send a request to RabbitMQ at {}: the connection went {failures} times before the broker confirmed it",
+                                self.settings.address()
+                            ));
+                        }
+                        continue;
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            match confirmed {
                 Ok(()) => return Ok(()),
                 Err(e) if crate::interrupt::is_set() => return Err(e),
                 // The broker refused a declaration: retrying cannot help.
@@ -511,6 +580,7 @@ fn serve(settings: AmqpSettings, shared: Arc<Shared>, first: Opened) {
         let Opened {
             mut connection,
             publisher,
+            confirms,
             consumer: consumer_channel,
             queue,
             broker,
@@ -539,6 +609,7 @@ fn serve(settings: AmqpSettings, shared: Arc<Shared>, first: Opened) {
             queue: queue.clone(),
             declared: HashSet::new(),
             bound,
+            published: 0,
         });
         shared.connected.notify_all();
         if reconnected {
@@ -555,14 +626,19 @@ fn serve(settings: AmqpSettings, shared: Arc<Shared>, first: Opened) {
         }
         dispatch_replies(
             &settings,
-            &broker,
             &shared,
             &consumer,
             &consumer_channel,
             &queue,
-            &mut connection,
+            Live {
+                broker: &broker,
+                connection: &mut connection,
+                confirms: &confirms,
+            },
         );
         let link = shared.link.lock().expect("link").take();
+        // Publishes not confirmed on this connection are published again.
+        shared.unconfirmed.lock().expect("unconfirmed").clear();
         if shared.stop.load(Ordering::Relaxed) {
             // Close cleanly: amiquip complains about channels dropped unclosed, and
             // about consumers dropped before their cancellation reached them.
@@ -615,18 +691,31 @@ fn bind_and_consume<'c>(
     Some((consumer, identities.into_iter().collect()))
 }
 
-/// Hands every reply to the jobs waiting for its identity, and every
+/// The connection the connection thread serves: the broker it reached, and the
+/// publisher confirms of its publishing channel.
+struct Live<'a> {
+    broker: &'a str,
+    connection: &'a mut amiquip::Connection,
+    confirms: &'a Receiver<Confirm>,
+}
+
+/// Hands every reply to the jobs waiting for its identity, every publisher confirm
+/// to the publish that waits for it, and every
 /// [`WATCH_EVERY`] asks whether the watched request queues are reachable, until the
 /// build stops, a publish breaks the link, or the connection goes.
 fn dispatch_replies(
     settings: &AmqpSettings,
-    broker: &str,
     shared: &Shared,
     consumer: &amiquip::Consumer,
     channel: &Channel,
     queue: &str,
-    connection: &mut amiquip::Connection,
+    live: Live,
 ) {
+    let Live {
+        broker,
+        connection,
+        confirms,
+    } = live;
     let mut next_watch = Instant::now() + WATCH_EVERY;
     loop {
         if shared.stop.load(Ordering::Relaxed) || shared.broken.swap(false, Ordering::Relaxed) {
@@ -642,7 +731,17 @@ fn dispatch_replies(
             }
         }
         // Short, so a finished build does not wait long for this thread to stop.
-        match consumer.receiver().recv_timeout(Duration::from_millis(20)) {
+        let message = select! {
+            recv(consumer.receiver()) -> m => m.map_err(|_| RecvTimeoutError::Disconnected),
+            recv(confirms) -> confirm => {
+                if let Ok(confirm) = confirm {
+                    confirmed(shared, confirm);
+                }
+                continue;
+            }
+            default(Duration::from_millis(20)) => Err(RecvTimeoutError::Timeout),
+        };
+        match message {
             Ok(ConsumerMessage::Delivery(delivery)) => {
                 match serde_json::from_slice::<Reply>(&delivery.body) {
                     Ok(reply) if !reply.cache.is_empty() && reply.cache != shared.fleet => {
@@ -668,6 +767,28 @@ fn dispatch_replies(
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Tells the publishes that `confirm` acks or nacks.
+fn confirmed(shared: &Shared, confirm: Confirm) {
+    let (payload, acked) = match confirm {
+        Confirm::Ack(p) => (p, true),
+        Confirm::Nack(p) => (p, false),
+    };
+    let mut unconfirmed = shared.unconfirmed.lock().expect("unconfirmed");
+    let tags: Vec<u64> = if payload.multiple {
+        unconfirmed
+            .range(..=payload.delivery_tag)
+            .map(|(tag, _)| *tag)
+            .collect()
+    } else {
+        vec![payload.delivery_tag]
+    };
+    for tag in tags {
+        if let Some(tx) = unconfirmed.remove(&tag) {
+            let _ = tx.send(acked);
         }
     }
 }
