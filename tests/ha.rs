@@ -244,3 +244,60 @@ fn a_rolling_restart_of_every_node_during_a_build_on_quorum_queues_refuses_nothi
     assert_eq!(unique.len(), 24, "{ran:?}");
     assert!(ran.len() - unique.len() <= lost, "{ran:?}");
 }
+
+#[test]
+fn two_failovers_of_a_mirrored_classic_queue_refuse_nothing() {
+    let Some(fleet) = Fleet::start_exclusive() else {
+        return;
+    };
+    let rabbit = fleet.rabbit;
+    let (home, others) = (&rabbit.nodes[0], &rabbit.nodes[1..]);
+    // Classic mirroring (RabbitMQ 3): a promoted mirror marks every waiting request
+    // redelivered, which no worker's death caused.
+    let policy = format!("mirror-{}", fleet.routing_key);
+    rabbit
+        .ctl(
+            home,
+            &[
+                "set_policy",
+                &policy,
+                &format!("^{}$", fleet.queue()),
+                r#"{"ha-mode":"all","ha-sync-mode":"automatic"}"#,
+                "--apply-to",
+                "queues",
+            ],
+        )
+        .unwrap();
+    drop(fleet.worker(&[format!("amqp.host=127.0.0.1:{}", home.port)]));
+    let elsewhere: Vec<String> = others
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let settings = [format!("amqp.host={}", elsewhere.join(","))];
+    let workers: Vec<_> = (0..2).map(|_| fleet.worker(&settings)).collect();
+    let log = fleet.dir.path().join("ran");
+    let ws = Workspace::with(&tasks(24, &log, "0.3"));
+    let client = fleet.spawn_build(&ws, &settings, &["all"]);
+    crate::util::wait_until("a task to start", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 1
+    });
+    // Two failovers: the master's node stops and starts again, twice.
+    for _ in 0..2 {
+        let master = rabbit.queue_node(&others[0], &fleet.queue()).unwrap();
+        rabbit.ctl(master, &["stop_app"]).unwrap();
+        rabbit.ctl(master, &["start_app"]).unwrap();
+    }
+    let run = finish_within(client, Duration::from_secs(90), "the build");
+    let _ = rabbit.ctl(home, &["clear_policy", &policy]);
+    run.success().lacks("delivered 3 times");
+    ran_once(&log, 24);
+    let output: String = workers.iter().map(|w| w.output()).collect();
+    assert!(
+        output.contains("no worker started it (a broker failover)"),
+        "{output}"
+    );
+}

@@ -1962,8 +1962,9 @@ fn recipes_travel_by_digest_uploaded_once_and_parsed_once_per_worker() {
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains(&format!("\"{method} /")) && l.contains("/_recipes/"))
-            // Not the client's fleet mark, stored beside its bundle.
-            .filter(|l| !l.contains("/_recipes/fleet-"))
+            // Not the client's fleet mark, stored beside its bundle, nor the workers'
+            // delivery records.
+            .filter(|l| !l.contains("/_recipes/fleet-") && !l.contains("/_recipes/started-"))
             .count()
     };
     c.build(&ws, &["all"]).success();

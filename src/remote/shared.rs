@@ -99,3 +99,31 @@ pub fn store_mark(http: &HttpCache, mark: &str) -> Result<()> {
 pub fn has_mark(http: &HttpCache, mark: &str) -> Result<bool> {
     http.has(&mark_path(mark))
 }
+
+/// Where the record that a worker started a delivery of the request `key` (64 hex
+/// digits naming it, see `commands::worker`) is kept: beside the recipe bundles,
+/// which `jolt cache trim` ages out with them.
+fn started_path(key: &str) -> String {
+    format!("_recipes/started-{key}.json")
+}
+
+/// Records that a worker starts delivery `n` of the request `key`.
+pub fn store_started(http: &HttpCache, key: &str, n: u32) -> Result<()> {
+    let body = serde_json::json!({ "delivery": n }).to_string();
+    http.put_bytes(&started_path(key), body.into_bytes(), "application/json")
+}
+
+/// The last delivery of the request `key` a worker started ([`store_started`]), 0
+/// when none did.
+pub fn started(http: &HttpCache, key: &str) -> Result<u32> {
+    let path = started_path(key);
+    let Some(bytes) = http.get_bytes(&path, 1024)? else {
+        return Ok(0);
+    };
+    let record: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a delivery record: {e}", http.url_of(&path)))?;
+    match record["delivery"].as_u64() {
+        Some(n) => Ok(n.min(u32::MAX as u64) as u32),
+        None => bail!("{}: not a delivery record", http.url_of(&path)),
+    }
+}

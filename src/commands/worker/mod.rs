@@ -533,10 +533,22 @@ impl Worker {
                     .map(|()| true);
             }
             QueueType::Quorum => {}
-            QueueType::Classic if delivery.redelivered => {
+            // A delivery that no worker started came back without a worker's death:
+            // a promoted mirror marks every waiting request redelivered.
+            QueueType::Classic
+                if delivery.redelivered && self.started(&request) >= deliveries(delivery) =>
+            {
                 return self.redelivered(link, delivery, &request).map(|()| true);
             }
-            QueueType::Classic => {}
+            QueueType::Classic => {
+                if delivery.redelivered {
+                    console::info(&format!(
+                        "Request for {} {id8} from {}: redelivered, but no worker started it (a broker failover): not counted as a delivery",
+                        request.reference, request.client
+                    ));
+                }
+                self.record_started(&request, deliveries(delivery));
+            }
         }
         let lock = match self.lock(link, &request)? {
             Some(lock) => lock,
@@ -932,6 +944,43 @@ impl Worker {
                 ),
             )
             .context("Cannot queue a redelivered request again")
+    }
+
+    /// The name of a request's delivery record in the HTTP cache: its identity,
+    /// client and build.
+    fn started_key(request: &Request) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [&request.identity, &request.client, &request.cache_mark] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        crate::util::hex(&h.finalize())
+    }
+
+    /// The last delivery of `request` that a worker started (on a classic queue:
+    /// see [`Worker::record_started`]); when the HTTP cache cannot say, `u32::MAX`, so
+    /// that every redelivery counts, as it did before the record.
+    fn started(&self, request: &Request) -> u32 {
+        crate::remote::shared::started(&self.http, &Self::started_key(request))
+            .unwrap_or_else(|e| {
+                console::debug(&format!("reading a delivery record: {e:#}"));
+                u32::MAX
+            })
+    }
+
+    /// Records in the HTTP cache that this worker starts delivery `n` of `request`
+    /// (a small PUT beside the recipe bundles). A redelivery of a delivery no worker
+    /// recorded is a broker failover (a promoted mirror marks every waiting request
+    /// redelivered), not a worker's death, and does not count against
+    /// [`MAX_DELIVERIES`]. A record that cannot be stored only makes a later failover
+    /// count as a death.
+    fn record_started(&self, request: &Request, n: u32) {
+        if let Err(e) =
+            crate::remote::shared::store_started(&self.http, &Self::started_key(request), n)
+        {
+            console::debug(&format!("storing a delivery record: {e:#}"));
+        }
     }
 
     /// Refuses a request delivered `n` times, more than [`MAX_DELIVERIES`], with an
