@@ -6,7 +6,9 @@
 //! in this worker's cache, see [`Worker::fleet_of`]); queue a redelivered request
 //! again with its delivery count, or refuse it once it has been delivered
 //! [`MAX_DELIVERIES`] times (a request that crashes workers must not take the fleet
-//! down one after another); lock the identity (an exclusive consumer of its shard
+//! down one after another; only a delivery a worker started counts, see
+//! [`Worker::record_started`]; on a quorum queue the broker counts, in
+//! `x-delivery-count`); lock the identity (an exclusive consumer of its shard
 //! queue, see [`lock`], which the broker drops with the connection, so a dead
 //! worker never holds it) or, when another
 //! worker holds it, answer the duplicate (`success` when the HTTP cache has the
