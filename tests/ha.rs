@@ -301,3 +301,38 @@ fn two_failovers_of_a_mirrored_classic_queue_refuse_nothing() {
         "{output}"
     );
 }
+
+#[test]
+fn a_request_that_kills_its_workers_on_a_quorum_queue_is_refused_after_two_deliveries() {
+    let Some(fleet) = Fleet::start() else { return };
+    let quorum = [QUORUM.to_string()];
+    let marker = fleet.dir.path().join("runs");
+    let ws = Workspace::with(&format!(
+        "[task.deadly]\nrun = [\"echo run >> {}\", \"sleep 300\"]\n",
+        marker.display()
+    ));
+    let client = fleet.spawn_build(&ws, &quorum, &["deadly"]);
+    let runs = || {
+        std::fs::read_to_string(&marker)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    for delivery in 1..=2 {
+        let worker = fleet.worker(&quorum);
+        crate::util::wait_until("the task to start", Duration::from_secs(60), || {
+            runs() == delivery
+        });
+        worker.signal(libc::SIGKILL);
+    }
+    // The broker counted both deliveries (`x-delivery-count`): the third is refused.
+    let third = fleet.worker(&quorum);
+    let run = finish_within(client, Duration::from_secs(60), "the client");
+    run.code(1).contains("delivered 3 times");
+    assert_eq!(runs(), 2, "{}", third.output());
+    assert!(
+        third.output().contains("Refusing deadly"),
+        "{}",
+        third.output()
+    );
+}
