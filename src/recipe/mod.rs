@@ -440,9 +440,11 @@ impl Task {
         let shell = match def.shell.as_deref() {
             None => DEFAULT_SHELL.to_string(),
             Some(s) if valid_shell(s) => s.to_string(),
-            Some(s) => return Err(bad(format!(
+            Some(s) => {
+                return Err(bad(format!(
                 "invalid shell '{s}': name a command (bash) or give its absolute path (/bin/bash)"
-            ))),
+            )))
+            }
         };
         let definition_hash = definition_hash(&def);
         Ok(Task {

@@ -964,11 +964,12 @@ impl Worker {
     /// see [`Worker::record_started`]); when the HTTP cache cannot say, `u32::MAX`, so
     /// that every redelivery counts, as it did before the record.
     fn started(&self, request: &Request) -> u32 {
-        crate::remote::shared::started(&self.http, &Self::started_key(request))
-            .unwrap_or_else(|e| {
+        crate::remote::shared::started(&self.http, &Self::started_key(request)).unwrap_or_else(
+            |e| {
                 console::debug(&format!("reading a delivery record: {e:#}"));
                 u32::MAX
-            })
+            },
+        )
     }
 
     /// Records in the HTTP cache that this worker starts delivery `n` of `request`
