@@ -1,84 +1,43 @@
 //! `jolt amqp-worker`: takes execution requests from RabbitMQ one at a time and
-//! builds them.
-//!
-//! For each request: refuse it (with an `error` reply, acked) when it is malformed or
-//! of another version, or of a client of another HTTP cache (its fleet mark is not
-//! in this worker's cache, see [`Worker::fleet_of`]); queue a redelivered request
-//! again with its delivery count, or refuse it once it has been delivered
-//! [`MAX_DELIVERIES`] times (a request that crashes workers must not take the fleet
-//! down one after another; only a delivery a worker started counts, see
-//! [`Worker::record_started`]; on a quorum queue the broker counts, in
-//! `x-delivery-count`); lock the identity (an exclusive consumer of its shard
-//! queue, see [`lock`], which the broker drops with the connection, so a dead
-//! worker never holds it) or, when another
-//! worker holds it, answer the duplicate (`success` when the HTTP cache has the
-//! artifact, else `accepted`); answer `success` when the HTTP cache holds the
-//! artifact (asked with the lock held: a holder uploads before it lets go, so a
-//! request locked after it is not built again); make sure someone still waits for it;
-//! say `accepted` once it has run a quarter of a second (unless that asking did),
-//! and `running` every `amqp.progress` seconds; rebuild the workspace from the request's recipes (a
-//! bundle fetched from the HTTP cache by digest and parsed once, then kept) and
-//! source snapshot in a fresh directory (or, for a request without a snapshot, in
-//! the workspace of the last one of its bundle, if it is still as written);
-//! recompute the identity (requirements pinned
-//! to the request's identities) and refuse a mismatch; let the executor serve the
-//! goal (executed and uploaded, without asking the HTTP cache again;
-//! requirements come from the caches); release the lock; reply; and only then ack.
-//!
-//! A request nobody waits for any more (its client is gone, and no other client
-//! waits for the identity) is dropped after the lock: the `accepted` reply is
-//! published `mandatory`, and the broker returns it when no reply queue is bound to
-//! the identity ([`Acceptor`]). A request whose requester (`reply_to`) was asked
-//! about within a quarter of a second is not asked about again
-//! ([`Worker::waited_for`]).
-//!
-//! Why no client waits forever: a client binds its reply queue to the identity
-//! before it publishes its request, and a worker releases the lock only after the
-//! artifact is uploaded and before its final reply. So a worker that finds the lock
-//! held knows that the holder's final reply is still to come, after the client's
-//! binding; one that takes it finds the artifact in the HTTP cache (or builds it). The `accepted` reply to a duplicate makes its client watch for progress and
-//! send the request again should the holder die without answering.
-//!
-//! The request stays unacked while the task runs, so a worker that dies has it
-//! redelivered. A task longer than RabbitMQ's `consumer_timeout` survives too: the
-//! broker closes the consumer's channel and requeues the request; the worker goes on
-//! (the lock and the progress replies live on other channels), replies when done, and
-//! reconnects; the requeued copy finds the lock held (a duplicate) or the artifact
-//! in the HTTP cache (an immediate success). Clients that hear nothing for four
-//! progress intervals send their request again, which covers a worker that died
-//! after its delivery was requeued.
+//! builds them. This file serves the protocol: a request refused, locked, answered
+//! from the HTTP cache or built, its deliveries counted, its replies sent, and only
+//! then acked; `workshop` builds it; `lock` holds task locks on shard queues;
+//! `acceptor` says `accepted` and learns whether anyone still waits; `deliveries`
+//! counts deliveries; `link` is what one request sees of the session. The protocol,
+//! step by step, and why no client waits forever: `docs/architecture.md`, "A
+//! worker's protocol".
 
 use amiquip::{
-    AmqpProperties, AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery,
-    FieldTable, Publish,
+    AmqpProperties, AmqpValue, Channel, ConsumerMessage, ConsumerOptions, Delivery, FieldTable,
+    Publish,
 };
 use anyhow::{bail, Context, Result};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::{AmqpSettings, Config, QueueType};
 use crate::console;
 use crate::error::usage;
 use crate::error::Exit;
-use crate::executor::{self, Mode, Services, Status};
-use crate::graph::hashes::FileHashes;
-use crate::graph::GraphOptions;
 use crate::interrupt;
-use crate::recipe::Recipes;
 use crate::remote::amqp::{task_queue, Connected, RESULTS};
-use crate::remote::messages::{
-    whoami, Missing, RecipeBundle, Reply, ReplyKind, Request, MAX_RECIPE_BUNDLE, VERSION,
-};
+use crate::remote::messages::{whoami, Missing, Reply, ReplyKind, Request, VERSION};
 use crate::remote::shared;
 use crate::store::http::HttpCache;
 use crate::store::local::LocalCache;
 use crate::util::fs::format_duration;
 
+mod acceptor;
+mod deliveries;
+mod link;
 mod lock;
-use lock::Probe;
+mod workshop;
+use acceptor::{accepted_after, Acceptor};
+use deliveries::{deliveries, DELIVERIES, MAX_DELIVERIES};
+use link::{Building, Link, Progress};
+use workshop::{Outcome, Workshop};
 
 struct Worker {
     settings: AmqpSettings,
@@ -90,105 +49,16 @@ struct Worker {
     /// cache, newest first, at most [`MARKS_KEPT`]: a client of another fleet digest
     /// that uses this cache all the same (see [`Worker::fleet_of`]).
     marks: Mutex<VecDeque<String>>,
-    cache: LocalCache,
+    /// Where requests are built: the local cache, parsed bundles, a kept workspace.
+    workshop: Workshop,
     me: String,
-    /// Recipe bundles parsed, newest first.
-    parsed: Mutex<Vec<Arc<Parsed>>>,
     /// Final replies that could not be sent (the connection went): sent first on the
     /// next connection.
     unsent: Mutex<Vec<Reply>>,
-    /// The workspace of the last request without a source snapshot, kept for the
-    /// next one of the same recipe bundle.
-    kept: Mutex<Option<KeptWorkspace>>,
     /// The `reply_to` of requests whose `accepted` reached a client, and when: a
     /// request with one of them within [`REQUESTER_KEPT`] is built without asking
     /// again (see [`Worker::waited_for`]).
     requesters: Mutex<HashMap<String, Instant>>,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(k) = self.kept.get_mut().ok().and_then(|k| k.take()) {
-            let _ = crate::util::fs::remove_dir_all(&k.dir);
-        }
-    }
-}
-
-/// A workspace kept between requests: a recipe bundle's files as written, and
-/// nothing else. A request of the same bundle without a source snapshot is built in
-/// it as it is, where a fresh directory cost a `mkdir`, the recipe files written, and
-/// all of it deleted again: on ext4 deleting and allocating inodes at this rate is
-/// much of a trivial task's cost. One that is not as written when the next request
-/// comes (`Worker::intact`) is removed and a fresh one made.
-struct KeptWorkspace {
-    dir: std::path::PathBuf,
-    /// The digest of its recipe bundle.
-    recipes: String,
-    listing: Vec<Listed>,
-}
-
-/// What a workspace holds, to tell whether something changed it: the workspace
-/// directory itself (path "") and each entry within, by path, inode, mode, size and
-/// change time (which, unlike the modification time, no command can set back).
-type Listed = (std::path::PathBuf, u64, u32, u64, (i64, i64));
-
-/// Lists `dir`, itself first, then what it holds, in a stable order.
-fn listing(dir: &Path) -> Result<Vec<Listed>> {
-    use std::os::unix::fs::MetadataExt;
-    let listed = |rel: std::path::PathBuf, meta: &std::fs::Metadata| {
-        let ctime = (meta.ctime(), meta.ctime_nsec());
-        (rel, meta.ino(), meta.mode(), meta.len(), ctime)
-    };
-    let mut out = vec![listed(std::path::PathBuf::new(), &dir.symlink_metadata()?)];
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let path = entry?.path();
-            let meta = path.symlink_metadata()?;
-            if meta.is_dir() {
-                pending.push(path.clone());
-            }
-            let rel = path.strip_prefix(dir).unwrap_or(&path).to_path_buf();
-            out.push(listed(rel, &meta));
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// A recipe bundle as a worker keeps it: its files, and their tasks as parsed.
-struct Parsed {
-    digest: String,
-    /// The recipe text it holds (its parsed tasks take about as much again).
-    bytes: usize,
-    recipes: Recipes,
-}
-
-/// At most how much recipe text the parsed bundles a worker keeps hold in all (their
-/// parsed tasks take about as much again); the newest is kept whatever its size.
-/// By size, not by count: a fleet serving ten workspaces fetched and parsed their
-/// bundles again and again when a worker kept 8, though they took kilobytes.
-const PARSED_BYTES: usize = 8 << 20;
-
-/// How many of the parsed bundles (their sizes, newest first) a worker keeps:
-/// [`PARSED_BYTES`] in all, and always the newest.
-fn kept(sizes: impl Iterator<Item = usize>) -> usize {
-    let mut total = 0;
-    let n = sizes
-        .take_while(|&bytes| {
-            total += bytes;
-            total <= PARSED_BYTES
-        })
-        .count();
-    n.max(1)
-}
-
-/// Writes `text` to `path`, making its directory.
-fn write_file(path: &Path, text: &str) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    Ok(std::fs::write(path, text)?)
 }
 
 /// Runs the worker until SIGTERM (drain) or SIGINT.
@@ -207,15 +77,13 @@ pub fn run(config: &Config) -> Result<Exit> {
         .check_writable()
         .map_err(|e| usage(format!("{e:#}")))?;
     let worker = Worker {
-        cache,
+        workshop: Workshop::new(cache, http.clone()),
         fleet: http.fleet(),
         marks: Mutex::default(),
         http,
         me: whoami(),
         settings,
-        parsed: Mutex::default(),
         unsent: Mutex::default(),
-        kept: Mutex::default(),
         requesters: Mutex::default(),
     };
     console::info(&format!(
@@ -281,38 +149,6 @@ fn publish_reply(publisher: &Mutex<Channel>, reply: &Reply) -> Result<()> {
             ),
         )
         .context("Cannot publish a reply")
-}
-
-/// Removes every file and symlink under `ws` that is not in `keep` (paths relative
-/// to `ws`), with what a kept symlink leads to inside `ws` kept too, as a source
-/// snapshot holds it ([`crate::util::fs::with_link_targets`]); directories stay.
-fn keep_only(ws: &Path, keep: &[PathBuf]) -> Result<()> {
-    let keep: HashSet<PathBuf> = crate::util::fs::with_link_targets(ws, keep)
-        .into_iter()
-        .collect();
-    let mut extra = Vec::new();
-    crate::util::fs::walk(ws, Path::new(""), &mut |rel, entry| {
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            return Ok(true);
-        }
-        if !keep.contains(rel) {
-            extra.push(rel.to_path_buf());
-        }
-        Ok(false)
-    })?;
-    for rel in extra {
-        console::debug(&format!("not in the task's identity: {}", rel.display()));
-        std::fs::remove_file(ws.join(&rel))
-            .with_context(|| format!("Cannot remove {}", ws.join(&rel).display()))?;
-    }
-    Ok(())
-}
-
-/// Whether a recipe path from a request stays inside the workspace.
-fn safe_relative(path: &str) -> bool {
-    let p = Path::new(path);
-    !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)))
 }
 
 impl Worker {
@@ -756,7 +592,7 @@ impl Worker {
     /// or missing one is built again (the executor does not take the copy).
     fn to_replace(&self, request: &Request) -> Cached {
         let id8 = request.identity.get(..8).unwrap_or(&request.identity);
-        let checked = self.cache.scratch("replaced").and_then(|staging| {
+        let checked = self.workshop.cache.scratch("replaced").and_then(|staging| {
             let fetched = self.http.fetch(&request.task, &request.identity, &staging);
             let _ = crate::util::fs::remove_dir_all(&staging);
             fetched
@@ -843,7 +679,7 @@ impl Worker {
             announced,
         });
         let _ = progress.running.send(true);
-        let outcome = self.build(request);
+        let outcome = self.workshop.build(request);
         // Waits for a `running` being published: the final reply comes after it.
         *progress.building.lock().expect("building") = None;
         let _ = progress.running.send(false);
@@ -1001,309 +837,6 @@ impl Worker {
         reply.error = message;
         publish_reply(link.publisher, &reply)
     }
-
-    /// Rebuilds the client's workspace in `ws`: its recipe files, parsed, and the
-    /// source snapshot.
-    fn write_workspace(&self, request: &Request, ws: &Path, fresh: bool) -> Result<Recipes> {
-        let recipes = self
-            .recipes(&request.recipes, ws, fresh)
-            .map_err(|e| gone(e, Missing::Recipes))?;
-        if let Some(digest) = &request.snapshot {
-            shared::fetch_snapshot(&self.http, digest, ws)
-                .map_err(|e| gone(e, Missing::Snapshot))?;
-        }
-        Ok(recipes)
-    }
-
-    /// The recipe bundle `digest`, if this worker keeps it parsed.
-    fn parsed(&self, digest: &str) -> Option<Arc<Parsed>> {
-        let parsed = self.parsed.lock().expect("parsed");
-        parsed.iter().find(|p| p.digest == digest).cloned()
-    }
-
-    /// The recipe bundle `digest`, written into `ws` and parsed. A bundle is fetched
-    /// from the HTTP cache and parsed once; the newest stay in memory (at most
-    /// [`PARSED_BYTES`] of recipe text, the newest always), so the next
-    /// requests from one workspace cost neither a download nor a parse.
-    fn recipes(&self, digest: &str, ws: &Path, write: bool) -> Result<Recipes> {
-        if let Some(p) = self.parsed(digest) {
-            if write {
-                for file in p.recipes.files.iter() {
-                    write_file(&ws.join(&file.path), &file.text)?;
-                }
-            }
-            return Ok(p.recipes.rooted(ws));
-        }
-        let bytes = shared::fetch_recipes(&self.http, digest, MAX_RECIPE_BUNDLE)?;
-        let texts = RecipeBundle::files(digest, &bytes)?;
-        if let Some(bad) = texts.iter().find(|t| !safe_relative(&t.path)) {
-            bail!("recipe path '{}' leaves the workspace", bad.path);
-        }
-        for recipe in &texts {
-            write_file(&ws.join(&recipe.path), &recipe.text)?;
-        }
-        let recipes = Recipes::load(ws)?;
-        let mut parsed = self.parsed.lock().expect("parsed");
-        parsed.retain(|p| p.digest != digest);
-        parsed.insert(
-            0,
-            Arc::new(Parsed {
-                digest: digest.to_string(),
-                bytes: recipes.files.iter().map(|f| f.text.len()).sum(),
-                recipes: recipes.rooted(ws),
-            }),
-        );
-        let keep = kept(parsed.iter().map(|p| p.bytes));
-        parsed.truncate(keep);
-        Ok(recipes)
-    }
-
-    fn build(&self, request: &Request) -> Outcome {
-        // An archive this worker found unusable for an earlier request may have been
-        // replaced since: each request looks afresh.
-        self.http.forget_rejections();
-        let reusable = request.snapshot.is_none();
-        let (ws, mut listed) = match self.workspace(request) {
-            Ok(ws) => ws,
-            Err(e) => return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),
-        };
-        let fresh = listed.is_none();
-        // A panic is a bug; it must end in an error reply, not in a dead worker.
-        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let recipes = self.write_workspace(request, &ws, fresh)?;
-            if fresh && reusable {
-                listed = listing(&ws).ok();
-            }
-            self.build_in(request, &ws, recipes)
-        }))
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the worker panicked")));
-        let outcome = built.unwrap_or_else(|e| {
-            if crate::store::http::is_unreachable(&e) {
-                // Fetching the recipes or the snapshot found the cache down: hold the
-                // next requests until it answers (`wait_for_cache`).
-                self.http.mark_down();
-            }
-            console::error(&format!("{e:#}"));
-            match e.downcast_ref::<Gone>() {
-                Some(Gone(what, _)) => Outcome::Missing(*what, format!("{e:#}")),
-                None => Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),
-            }
-        });
-        // Kept for the next request of its bundle, which checks it is as written.
-        match listed {
-            Some(listing) if reusable => {
-                *self.kept.lock().expect("kept") = Some(KeptWorkspace {
-                    dir: ws,
-                    recipes: request.recipes.clone(),
-                    listing,
-                });
-            }
-            _ => {
-                let _ = crate::util::fs::remove_dir_all(&ws);
-            }
-        }
-        outcome
-    }
-
-    /// The workspace to build `request` in, with its listing when it is the kept one
-    /// (moved under a new name): a request without a source snapshot uses the kept
-    /// workspace of its recipe bundle if it is as written; anything else gets a
-    /// fresh one.
-    fn workspace(&self, request: &Request) -> Result<(std::path::PathBuf, Option<Vec<Listed>>)> {
-        let kept = self.kept.lock().expect("kept").take();
-        if let Some(k) = kept {
-            let fits = request.snapshot.is_none() && k.recipes == request.recipes;
-            // A new name for each request: a process an earlier build left running
-            // (one that left its process group) and that writes by the old path,
-            // `{root}`, does not reach this one.
-            let renamed = self.cache.scratch_name("ws");
-            if fits && self.intact(&k) && std::fs::rename(&k.dir, &renamed).is_ok() {
-                if let Ok(listed) = listing(&renamed) {
-                    return Ok((renamed, Some(listed)));
-                }
-                let _ = crate::util::fs::remove_dir_all(&renamed);
-            }
-            let _ = crate::util::fs::remove_dir_all(&k.dir);
-        }
-        Ok((self.cache.scratch("ws")?, None))
-    }
-
-    /// Whether the kept workspace `k` is as it was written: the same entries (path,
-    /// inode, kind, size, change time), and each recipe file's text that of its
-    /// bundle, read back (a change time is as coarse as the kernel's tick).
-    fn intact(&self, k: &KeptWorkspace) -> bool {
-        let Some(bundle) = self.parsed(&k.recipes) else {
-            return false;
-        };
-        listing(&k.dir).is_ok_and(|now| now == k.listing)
-            && bundle.recipes.files.iter().all(|file| {
-                std::fs::read(k.dir.join(&file.path)).is_ok_and(|text| text == file.text.as_bytes())
-            })
-    }
-
-    fn build_in(&self, request: &Request, ws: &Path, recipes: Recipes) -> Result<Outcome> {
-        let hashes = FileHashes::ephemeral(ws);
-        let opts = GraphOptions {
-            taints: request
-                .taints
-                .clone()
-                .into_iter()
-                .collect::<HashMap<_, _>>(),
-            pins: request.pins.clone().into_iter().collect::<HashMap<_, _>>(),
-            env: Some(request.env.clone()),
-            commits: request
-                .commits
-                .clone()
-                .into_iter()
-                .collect::<HashMap<_, _>>(),
-            ..Default::default()
-        };
-        let graph = crate::graph::build(
-            &recipes,
-            &hashes,
-            std::slice::from_ref(&request.reference),
-            &opts,
-        )?;
-        let goal = graph.requested[0];
-        let node = &graph.nodes[goal];
-        if request.replace {
-            // The client found the cache's archive unusable: do not serve it, replace it.
-            self.http.reject(node.name(), &node.identity);
-        }
-        if node.identity != request.identity {
-            bail!(
-                "identity mismatch for {}: the client computed {}, this worker {}; do client and worker run the same jolt, recipes and sources?",
-                request.reference,
-                request.identity,
-                node.identity
-            );
-        }
-        if request.snapshot.is_some() {
-            // The task sees only what its identity covers: its recipes and influence
-            // files (a snapshot may hold more: anyone can upload one).
-            let keep: Vec<PathBuf> = recipes
-                .files
-                .iter()
-                .map(|f| f.path.clone())
-                .chain(node.files.iter().map(|f| f.path.clone()))
-                .collect();
-            keep_only(ws, &keep)?;
-        }
-        let services = Services {
-            cache: &self.cache,
-            http: Some(&self.http),
-        };
-        let opts = executor::Options {
-            jobs: 1,
-            keep_going: false,
-            mode: Mode::Worker,
-            dry_run: false,
-            explain: false,
-            goals_absent: !request.replace,
-        };
-        let report = executor::run(&graph, &services, ws, &opts);
-        // What this request used may be evicted once it is done: a worker's cache
-        // must keep to jolt.cachesize over months, not grow with every artifact.
-        self.cache.forget_uses();
-        let report = report?;
-        if report.interrupted {
-            return Ok(Outcome::Interrupted);
-        }
-        // A cacheable requirement fails on a worker only when no cache holds it
-        // usable (it is never built here): a miss, which the client builds again.
-        let missing: Vec<usize> = (0..graph.nodes.len())
-            .filter(|&i| {
-                i != goal && graph.nodes[i].task.cacheable && report.status[i] == Status::Failed
-            })
-            .collect();
-        if !missing.is_empty() {
-            let names: Vec<String> = missing.iter().map(|&i| graph.nodes[i].label()).collect();
-            return Ok(Outcome::RequirementsMissing(
-                missing
-                    .iter()
-                    .map(|&i| graph.nodes[i].identity.clone())
-                    .collect(),
-                format!("the HTTP cache does not hold {}", names.join(", ")),
-            ));
-        }
-        let failed = (0..graph.nodes.len()).find(|&i| {
-            matches!(
-                report.status[i],
-                Status::Failed | Status::Unstable | Status::Blocked
-            )
-        });
-        Ok(match failed {
-            // The goal's output goes back with the reply, replayed by the client.
-            None if !report.failed() => {
-                let output = report.logs[goal].clone().unwrap_or_default();
-                Outcome::Done(ReplyKind::Success, output, String::new())
-            }
-            None => Outcome::Done(
-                ReplyKind::Failed,
-                String::new(),
-                "the task did not run".into(),
-            ),
-            Some(i) => {
-                let error = if i == goal {
-                    "the task failed".to_string()
-                } else {
-                    format!("requirement {} is unavailable", graph.nodes[i].label())
-                };
-                Outcome::Done(
-                    ReplyKind::Failed,
-                    report.logs[i].clone().unwrap_or_default(),
-                    error,
-                )
-            }
-        })
-    }
-}
-
-/// The AMQP side of a worker's session, as one request sees it.
-struct Link<'a> {
-    connection: &'a mut Connection,
-    /// The consuming channel: a request queued again goes out on it, before the
-    /// original's ack.
-    channel: &'a Channel,
-    publisher: &'a Mutex<Channel>,
-    acceptor: &'a Acceptor,
-    locks: &'a mut lock::Locks,
-    progress: &'a Progress<'a>,
-}
-
-/// The worker session's side of its progress thread.
-struct Progress<'a> {
-    /// `true` when a build begins, `false` when it ends: the thread's timer.
-    running: Sender<bool>,
-    /// The build under way, held while a `running` reply is published.
-    building: &'a Mutex<Option<Building>>,
-}
-
-/// A build the progress thread reports on.
-struct Building {
-    identity: String,
-    /// The request's fleet ([`Request::cache`]).
-    cache: String,
-    /// Whether its clients were told `accepted`.
-    announced: bool,
-}
-
-/// The channel `accepted` replies go out on: published `mandatory`, with publisher
-/// confirms, so that the broker says whether anyone waits for the identity.
-///
-/// A client binds its exclusive reply queue to every identity it waits for, and the
-/// broker drops the queue, bindings and all, with the client's connection. An
-/// `accepted` reply nobody is bound to is returned (`basic.return`, which the broker
-/// sends before the message's confirm): its client is gone and no other client
-/// waits, so the request is not built. This costs the broker nothing beyond the
-/// reply it publishes anyway, where asking for the requester's queue by name cost a
-/// declaration and a closed channel per request.
-struct Acceptor {
-    channel: Channel,
-    confirms: crossbeam_channel::Receiver<amiquip::Confirm>,
-    returns: crossbeam_channel::Receiver<amiquip::Return>,
-    /// The delivery tag of the last publish (the broker numbers them from 1).
-    tag: std::cell::Cell<u64>,
 }
 
 /// How long a requester whose request's `accepted` reached a client is taken to be
@@ -1315,125 +848,12 @@ fn requester_kept() -> Duration {
     crate::testhooks::requester_kept().unwrap_or(REQUESTER_KEPT)
 }
 
-/// How long a build runs before its clients are told `accepted` (when the request
-/// did not tell them already): a shorter build's final reply is all they hear.
-const ACCEPTED_AFTER: Duration = Duration::from_millis(250);
-
-/// [`ACCEPTED_AFTER`], or what a test says ([`crate::testhooks::accepted_after`]).
-fn accepted_after() -> Duration {
-    crate::testhooks::accepted_after().unwrap_or(ACCEPTED_AFTER)
-}
-
-/// How long a worker waits for the broker to confirm an `accepted` reply.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
-
-impl Acceptor {
-    fn open(connection: &mut Connection) -> Result<Acceptor> {
-        let channel = connection.open_channel(None)?;
-        let confirms = channel.listen_for_publisher_confirms()?;
-        let returns = channel.listen_for_returns()?;
-        channel.enable_publisher_confirms()?;
-        Ok(Acceptor {
-            channel,
-            confirms,
-            returns,
-            tag: std::cell::Cell::new(0),
-        })
-    }
-
-    /// Publishes an `accepted` reply; whether any client is bound to its identity.
-    fn accept(&self, reply: &Reply) -> Result<bool> {
-        let body = serde_json::to_vec(reply)?;
-        self.routed(RESULTS, &reply.identity, &body)
-    }
-}
-
-impl lock::Probe for Acceptor {
-    /// Publishes `body` `mandatory`; whether the broker routed it to a queue.
-    fn routed(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<bool> {
-        self.channel
-            .basic_publish(
-                exchange,
-                Publish {
-                    body,
-                    routing_key: routing_key.to_string(),
-                    mandatory: true,
-                    immediate: false,
-                    properties: AmqpProperties::default()
-                        .with_content_type("application/json".into()),
-                },
-            )
-            .context("Cannot publish a reply")?;
-        let tag = self.tag.get() + 1;
-        self.tag.set(tag);
-        let deadline = Instant::now() + CONFIRM_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.confirms.recv_timeout(left) {
-                Ok(amiquip::Confirm::Ack(p) | amiquip::Confirm::Nack(p))
-                    if p.delivery_tag >= tag =>
-                {
-                    break
-                }
-                Ok(_) => {}
-                Err(_) => bail!("The broker did not confirm a message within {CONFIRM_TIMEOUT:?}"),
-            }
-        }
-        // A return comes before its confirm.
-        let returned = self
-            .returns
-            .try_iter()
-            .any(|r| r.routing_key == routing_key);
-        Ok(!returned)
-    }
-}
-
 /// How many times a worker tries to lock an identity whose shard's holder does not
 /// answer (each try waits up to 10 s) before it gives the request back.
 const LOCK_TRIES: usize = 12;
 
 /// The longest a worker waits between two probes of an HTTP cache that is down.
 const CACHE_PROBE_MAX: Duration = Duration::from_secs(60);
-
-/// How many times a request may be delivered before it is refused.
-const MAX_DELIVERIES: u32 = crate::remote::amqp::DELIVERY_LIMIT;
-
-/// The header that counts a request's deliveries on a classic queue.
-const DELIVERIES: &str = "x-jolt-deliveries";
-
-/// The header in which a quorum queue counts a request's earlier deliveries.
-const BROKER_DELIVERIES: &str = "x-delivery-count";
-
-/// Which delivery of its request this is: 1, or one past a quorum queue's
-/// `x-delivery-count`, or what jolt's own header says.
-fn deliveries(delivery: &Delivery) -> u32 {
-    let headers = delivery.properties.headers().as_ref();
-    if let Some(earlier) = headers
-        .and_then(|h| h.get(BROKER_DELIVERIES))
-        .and_then(integer)
-    {
-        return earlier.saturating_add(1).clamp(1, u32::MAX as i64) as u32;
-    }
-    let n = headers
-        .and_then(|h| h.get(DELIVERIES))
-        .and_then(integer)
-        .unwrap_or(1);
-    n.clamp(1, u32::MAX as i64) as u32
-}
-
-/// An integer header's value.
-fn integer(value: &AmqpValue) -> Option<i64> {
-    match value {
-        AmqpValue::LongInt(n) => Some(*n as i64),
-        AmqpValue::LongUInt(n) => Some(*n as i64),
-        AmqpValue::LongLongInt(n) => Some(*n),
-        AmqpValue::ShortInt(n) => Some(*n as i64),
-        AmqpValue::ShortUInt(n) => Some(*n as i64),
-        AmqpValue::ShortShortInt(n) => Some(*n as i64),
-        AmqpValue::ShortShortUInt(n) => Some(*n as i64),
-        _ => None,
-    }
-}
 
 /// Whose request it is ([`Worker::fleet_of`]).
 enum Fleet {
@@ -1454,91 +874,4 @@ enum Cached {
     /// Present (`success`), or the cache failed (`error`).
     Answer(Reply),
     Interrupted,
-}
-
-enum Outcome {
-    Done(ReplyKind, String, String),
-    /// The request's recipe bundle or source snapshot is not in the HTTP cache: an
-    /// error reply that says so, for the client to store it again.
-    Missing(Missing, String),
-    /// Requirements no cache holds usable, by identity, and the error: the client
-    /// builds them again ([`Missing::Requirements`]).
-    RequirementsMissing(Vec<String>, String),
-    Interrupted,
-}
-
-/// A request's recipe bundle or source snapshot that the HTTP cache does not hold
-/// (`remote::shared::Absent`: a trim took it, say), which the error reply names
-/// ([`Reply::missing`]) so that the client stores it again.
-#[derive(Debug)]
-struct Gone(Missing, anyhow::Error);
-
-impl std::fmt::Display for Gone {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.1)
-    }
-}
-
-impl std::error::Error for Gone {}
-
-/// `e` as a [`Gone`] `what` when it is an absent bundle or snapshot.
-fn gone(e: anyhow::Error, what: Missing) -> anyhow::Error {
-    if shared::is_absent(&e) {
-        Gone(what, e).into()
-    } else {
-        e
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_workspace_keeps_only_what_the_identity_covers() {
-        let dir = tempfile::tempdir().unwrap();
-        let ws = dir.path();
-        for f in [
-            "jolt.toml",
-            "Makefile",
-            "local.mk",
-            "src/a.c",
-            "src/b.c",
-            "data/real",
-        ] {
-            write_file(&ws.join(f), "x").unwrap();
-        }
-        std::os::unix::fs::symlink("../data/real", ws.join("src/link")).unwrap();
-        std::os::unix::fs::symlink("real", ws.join("data/other-link")).unwrap();
-        let keep: Vec<PathBuf> = ["jolt.toml", "Makefile", "src/a.c", "src/link"]
-            .iter()
-            .map(PathBuf::from)
-            .collect();
-        keep_only(ws, &keep).unwrap();
-        let mut left = Vec::new();
-        crate::util::fs::walk(ws, Path::new(""), &mut |rel, e| {
-            if !e.file_type()?.is_dir() {
-                left.push(rel.display().to_string());
-            }
-            Ok(true)
-        })
-        .unwrap();
-        left.sort();
-        // What a kept symlink leads to stays; anything else the snapshot held goes.
-        assert_eq!(
-            left,
-            ["Makefile", "data/real", "jolt.toml", "src/a.c", "src/link"]
-        );
-    }
-
-    #[test]
-    fn kept_bundles_are_bounded_by_size_not_count() {
-        // Regression (issue 25): at most 8 were kept, however small.
-        assert_eq!(kept([1000; 200].into_iter()), 200);
-        // Four bundles of 3 MiB: two fit in 8 MiB.
-        assert_eq!(kept([3 << 20; 4].into_iter()), 2);
-        // The newest is kept, however large.
-        assert_eq!(kept([30 << 20, 1].into_iter()), 1);
-        assert_eq!(kept(std::iter::empty()), 1);
-    }
 }
