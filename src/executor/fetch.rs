@@ -57,13 +57,5 @@ pub(super) fn download_source(
             }
         }
     }
-    Err(Failure {
-        lines: errors,
-        interrupted: false,
-        log: None,
-        remote: false,
-        kept: None,
-        took: None,
-        infra: None,
-    })
+    Err(Failure::with_lines(errors))
 }

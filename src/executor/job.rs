@@ -718,15 +718,7 @@ impl Runner<'_> {
             .map(|f| format!("Missing influence: {} ({})", f.display(), node.short))
             .collect();
         lines.push("Task is missing source influence".to_string());
-        Err(Failure {
-            lines,
-            interrupted: false,
-            log: None,
-            remote: false,
-            kept: None,
-            took: None,
-            infra: None,
-        })
+        Err(Failure::with_lines(lines))
     }
 
     /// Node `i`'s influence files must still hold the content its identity was

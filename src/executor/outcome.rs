@@ -132,8 +132,13 @@ pub(super) struct Failure {
 
 impl Failure {
     pub(super) fn new(line: impl Into<String>) -> Failure {
+        Failure::with_lines(vec![line.into()])
+    }
+
+    /// A failure that several lines explain.
+    pub(super) fn with_lines(lines: Vec<String>) -> Failure {
         Failure {
-            lines: vec![line.into()],
+            lines,
             interrupted: false,
             log: None,
             remote: false,

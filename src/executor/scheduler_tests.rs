@@ -44,6 +44,22 @@ fn options(keep_going: bool) -> Options<'static> {
     }
 }
 
+/// Plans the goals of `recipe` (with `-k` if `keep_going`) and hands the scheduler
+/// to `test`.
+fn planned(recipe: &str, goals: &[&str], keep_going: bool, test: impl FnOnce(&mut Scheduler)) {
+    let f = fixture(recipe, goals);
+    let services = Services {
+        cache: &f.cache,
+        http: None,
+    };
+    let opts = options(keep_going);
+    let mut s = Scheduler::new(&f.graph, &services, &opts);
+    for &g in &f.graph.goals {
+        s.plan(g).unwrap();
+    }
+    test(&mut s);
+}
+
 /// The node of task `name` (one instance).
 fn node(s: &Scheduler, name: &str) -> usize {
     s.graph.nodes.iter().position(|n| n.name() == name).unwrap()
@@ -80,77 +96,55 @@ const DIAMOND: &str = "[task.a]\n[task.b]\nrequires = [\"a\"]\n[task.c]\nrequire
 
 #[test]
 fn a_task_is_ready_once_everything_it_sees_is_available() {
-    let f = fixture(DIAMOND, &["d"]);
-    let services = Services {
-        cache: &f.cache,
-        http: None,
-    };
-    let opts = options(false);
-    let mut s = Scheduler::new(&f.graph, &services, &opts);
-    s.plan(f.graph.goals[0]).unwrap();
-    assert_eq!(ready(&s), ["a"]);
-    end(&mut s, "a", Ok(Done::Uploaded));
-    assert_eq!(ready(&s), ["b", "c"]);
-    end(&mut s, "b", Ok(Done::Uploaded));
-    // d sees a, b and c: b alone is not enough.
-    assert_eq!(ready(&s), ["c"]);
-    end(&mut s, "c", Ok(Done::Uploaded));
-    assert_eq!(ready(&s), ["d"]);
-    // Each link is an edge of the graph or a view's: no node waits on a
-    // transitive requirement directly.
-    let links: usize = s.dependents.iter().map(Vec::len).sum();
-    assert_eq!(links, 0, "every link released");
+    planned(DIAMOND, &["d"], false, |s| {
+        assert_eq!(ready(s), ["a"]);
+        end(s, "a", Ok(Done::Uploaded));
+        assert_eq!(ready(s), ["b", "c"]);
+        end(s, "b", Ok(Done::Uploaded));
+        // d sees a, b and c: b alone is not enough.
+        assert_eq!(ready(s), ["c"]);
+        end(s, "c", Ok(Done::Uploaded));
+        assert_eq!(ready(s), ["d"]);
+        let links: usize = s.dependents.iter().map(Vec::len).sum();
+        assert_eq!(links, 0, "every link released");
+    });
 }
 
 #[test]
 fn a_failure_blocks_what_sees_it_and_stops_the_build() {
-    let f = fixture(DIAMOND, &["d"]);
-    let services = Services {
-        cache: &f.cache,
-        http: None,
-    };
-    let opts = options(true);
-    let mut s = Scheduler::new(&f.graph, &services, &opts);
-    s.plan(f.graph.goals[0]).unwrap();
-    end(&mut s, "a", Ok(Done::Uploaded));
-    end(&mut s, "b", Err(Failure::new("boom")));
-    assert_eq!(status(&s, "b"), Status::Failed);
-    // With -k, c still runs; d, which sees b, never will.
-    assert_eq!(ready(&s), ["c"]);
-    assert_eq!(status(&s, "d"), Status::Blocked);
-    assert!(!s.stop);
-    end(&mut s, "c", Ok(Done::Uploaded));
-    assert!(ready(&s).is_empty());
-    let opts = options(false);
-    let mut s = Scheduler::new(&f.graph, &services, &opts);
-    s.plan(f.graph.goals[0]).unwrap();
-    end(&mut s, "a", Err(Failure::new("boom")));
-    assert!(s.stop, "without -k a failure stops the build");
-    for t in ["b", "c", "d"] {
-        assert_eq!(status(&s, t), Status::Blocked, "{t}");
-    }
+    planned(DIAMOND, &["d"], true, |s| {
+        end(s, "a", Ok(Done::Uploaded));
+        end(s, "b", Err(Failure::new("boom")));
+        assert_eq!(status(s, "b"), Status::Failed);
+        // With -k, c still runs; d, which sees b, never will.
+        assert_eq!(ready(s), ["c"]);
+        assert_eq!(status(s, "d"), Status::Blocked);
+        assert!(!s.stop);
+        end(s, "c", Ok(Done::Uploaded));
+        assert!(ready(s).is_empty());
+    });
+    planned(DIAMOND, &["d"], false, |s| {
+        end(s, "a", Err(Failure::new("boom")));
+        assert!(s.stop, "without -k a failure stops the build");
+        for t in ["b", "c", "d"] {
+            assert_eq!(status(s, t), Status::Blocked, "{t}");
+        }
+    });
 }
 
 #[test]
 fn an_unstable_failure_fails_the_stable_task_that_sees_it_which_blocks_the_rest() {
     // a is unstable; b, stable, sees it fail and fails ("depends on failed task
     // 'a'"); c sees both through b's view and is blocked by b's failure.
-    let f = fixture(
-        "[task.a]\nunstable = true\n[task.b]\nrequires = [\"a\"]\n[task.c]\nrequires = [\"b\"]\n",
-        &["c"],
-    );
-    let services = Services {
-        cache: &f.cache,
-        http: None,
-    };
-    let opts = options(true);
-    let mut s = Scheduler::new(&f.graph, &services, &opts);
-    s.plan(f.graph.goals[0]).unwrap();
-    end(&mut s, "a", Err(Failure::new("flaky")));
-    assert_eq!(status(&s, "a"), Status::Unstable);
-    assert_eq!(status(&s, "b"), Status::Failed);
-    assert_eq!(status(&s, "c"), Status::Blocked);
-    assert!(ready(&s).is_empty());
+    let recipe = "[task.a]\nunstable = true\n[task.b]\nrequires = [\"a\"]\n\
+        [task.c]\nrequires = [\"b\"]\n";
+    planned(recipe, &["c"], true, |s| {
+        end(s, "a", Err(Failure::new("flaky")));
+        assert_eq!(status(s, "a"), Status::Unstable);
+        assert_eq!(status(s, "b"), Status::Failed);
+        assert_eq!(status(s, "c"), Status::Blocked);
+        assert!(ready(s).is_empty());
+    });
 }
 
 #[test]
