@@ -816,15 +816,7 @@ fn interrupt_stops_at_once(child: &mut std::process::Child) {
 fn recipes_beyond_the_limits_exit_2_quickly_naming_the_limit() {
     // Regression (issue 24): nothing bounded what a recipe could make jolt hold. A
     // binary tree of parameter values: 262,143 tasks from 18 definitions.
-    let mut tree = String::new();
-    for k in 0..17 {
-        tree += &format!(
-            "[task.l{k}]\nparameters.p = \"\"\nrequires = [\"l{}:p={{p}}0\", \"l{}:p={{p}}1\"]\n",
-            k + 1,
-            k + 1
-        );
-    }
-    tree += "[task.l17]\nparameters.p = \"\"\n";
+    let tree = crate::util::parameter_tree(17);
     // A task requiring itself with a parameter that doubles: memory ran out within
     // seconds, the chain being a few dozen tasks long.
     let doubling = "[task.c]\nparameters.p = \"x\"\nrequires = [\"c:p={p}{p}\"]\n";

@@ -2705,15 +2705,7 @@ fn recipes_beyond_the_limits_get_an_error_reply_and_leave_the_worker_small() {
     // Regression (issue 24): a forged bundle of 62 MB, a chain of 1.2 million tasks
     // requested without pins, took a worker from 82 MB to 4 GB within 30 s, and
     // the request went on to two more workers.
-    let mut tree = String::new();
-    for k in 0..17 {
-        tree += &format!(
-            "[task.l{k}]\nparameters.p = \"\"\nrequires = [\"l{}:p={{p}}0\", \"l{}:p={{p}}1\"]\n",
-            k + 1,
-            k + 1
-        );
-    }
-    tree += "[task.l17]\nparameters.p = \"\"\n";
+    let tree = crate::util::parameter_tree(17);
     let comment = |bytes: usize| format!("# {}\n", "x".repeat(bytes));
     let forged = [
         // Twice the tasks a graph may hold.

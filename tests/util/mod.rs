@@ -948,6 +948,22 @@ pub fn finish(child: std::process::Child) -> Run {
     }
 }
 
+/// A binary tree of parameter values, `depth` levels of definitions (`l0` to
+/// `l{depth}`): the graph of `l0` holds 2^(depth+1) - 1 tasks from `depth + 1`
+/// definitions.
+pub fn parameter_tree(depth: usize) -> String {
+    let mut tree = String::new();
+    for k in 0..depth {
+        tree += &format!(
+            "[task.l{k}]\nparameters.p = \"\"\nrequires = [\"l{}:p={{p}}0\", \"l{}:p={{p}}1\"]\n",
+            k + 1,
+            k + 1
+        );
+    }
+    tree += &format!("[task.l{depth}]\nparameters.p = \"\"\n");
+    tree
+}
+
 #[track_caller]
 /// The recipe table of the alias task `name` that requires `requires`.
 pub fn alias<T: std::fmt::Display>(name: &str, requires: impl IntoIterator<Item = T>) -> String {
