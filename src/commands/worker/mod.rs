@@ -446,7 +446,7 @@ impl Worker {
                 r.requirements = identities;
                 r
             }
-            Outcome::Done(kind, log, error) => {
+            Outcome::Done { kind, log, error } => {
                 let mut r = self.reply_to(&request, kind);
                 r.log = log;
                 r.error = error;

@@ -55,14 +55,26 @@ pub(super) struct KeptWorkspace {
 /// What a workspace holds, to tell whether something changed it: the workspace
 /// directory itself (path "") and each entry within, by path, inode, mode, size and
 /// change time (which, unlike the modification time, no command can set back).
-pub(super) type Listed = (std::path::PathBuf, u64, u32, u64, (i64, i64));
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Listed {
+    /// Relative to the workspace ("" for the workspace itself): the sort key.
+    path: PathBuf,
+    inode: u64,
+    mode: u32,
+    size: u64,
+    /// Seconds and nanoseconds.
+    changed: (i64, i64),
+}
 
 /// Lists `dir`, itself first, then what it holds, in a stable order.
 pub(super) fn listing(dir: &Path) -> Result<Vec<Listed>> {
     use std::os::unix::fs::MetadataExt;
-    let listed = |rel: std::path::PathBuf, meta: &std::fs::Metadata| {
-        let ctime = (meta.ctime(), meta.ctime_nsec());
-        (rel, meta.ino(), meta.mode(), meta.len(), ctime)
+    let listed = |path: PathBuf, meta: &std::fs::Metadata| Listed {
+        path,
+        inode: meta.ino(),
+        mode: meta.mode(),
+        size: meta.len(),
+        changed: (meta.ctime(), meta.ctime_nsec()),
     };
     let mut out = vec![listed(std::path::PathBuf::new(), &dir.symlink_metadata()?)];
     let mut pending = vec![dir.to_path_buf()];
@@ -149,7 +161,12 @@ pub(super) fn safe_relative(path: &str) -> bool {
 }
 
 pub(super) enum Outcome {
-    Done(ReplyKind, String, String),
+    /// A final reply of this kind, with the tail of the task's log and an error.
+    Done {
+        kind: ReplyKind,
+        log: String,
+        error: String,
+    },
     /// The request's recipe bundle or source snapshot is not in the HTTP cache: an
     /// error reply that says so, for the client to store it again.
     Missing(Missing, String),
@@ -157,6 +174,17 @@ pub(super) enum Outcome {
     /// builds them again ([`Missing::Requirements`]).
     RequirementsMissing(Vec<String>, String),
     Interrupted,
+}
+
+impl Outcome {
+    /// An `error` reply saying `error`.
+    fn error(error: String) -> Outcome {
+        Outcome::Done {
+            kind: ReplyKind::Error,
+            log: String::new(),
+            error,
+        }
+    }
 }
 
 /// A request's recipe bundle or source snapshot that the HTTP cache does not hold
@@ -255,7 +283,7 @@ impl Workshop {
         let reusable = request.snapshot.is_none();
         let (ws, mut listed) = match self.workspace(request) {
             Ok(ws) => ws,
-            Err(e) => return Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),
+            Err(e) => return Outcome::error(format!("{e:#}")),
         };
         let fresh = listed.is_none();
         // A panic is a bug; it must end in an error reply, not in a dead worker.
@@ -276,7 +304,7 @@ impl Workshop {
             console::error(&format!("{e:#}"));
             match e.downcast_ref::<Gone>() {
                 Some(Gone(what, _)) => Outcome::Missing(*what, format!("{e:#}")),
-                None => Outcome::Done(ReplyKind::Error, String::new(), format!("{e:#}")),
+                None => Outcome::error(format!("{e:#}")),
             }
         });
         // Kept for the next request of its bundle, which checks it is as written.
@@ -426,24 +454,28 @@ impl Workshop {
             // The goal's output goes back with the reply, replayed by the client.
             None if !report.failed() => {
                 let output = report.logs[goal].clone().unwrap_or_default();
-                Outcome::Done(ReplyKind::Success, output, String::new())
+                Outcome::Done {
+                    kind: ReplyKind::Success,
+                    log: output,
+                    error: String::new(),
+                }
             }
-            None => Outcome::Done(
-                ReplyKind::Failed,
-                String::new(),
-                "the task did not run".into(),
-            ),
+            None => Outcome::Done {
+                kind: ReplyKind::Failed,
+                log: String::new(),
+                error: "the task did not run".into(),
+            },
             Some(i) => {
                 let error = if i == goal {
                     "the task failed".to_string()
                 } else {
                     format!("requirement {} is unavailable", graph.nodes[i].label())
                 };
-                Outcome::Done(
-                    ReplyKind::Failed,
-                    report.logs[i].clone().unwrap_or_default(),
+                Outcome::Done {
+                    kind: ReplyKind::Failed,
+                    log: report.logs[i].clone().unwrap_or_default(),
                     error,
-                )
+                }
             }
         })
     }
