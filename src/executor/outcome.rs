@@ -195,7 +195,12 @@ pub(super) enum Done {
 
 pub(super) enum Event {
     Started(usize),
-    Output(usize, String, bool),
+    /// A line a command of node `i` printed, on its standard error if `is_err`.
+    Output {
+        i: usize,
+        line: String,
+        is_err: bool,
+    },
     /// A line of a remote task's log, always shown with the task's name.
     Replay(usize, String),
     Log(console::Level, String),

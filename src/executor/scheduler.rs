@@ -212,7 +212,7 @@ impl<'a> Scheduler<'a> {
                 self.started[i] = Some(Instant::now());
                 console::info(&format!("Execution started ({})", graph.nodes[i].label()))
             }
-            Event::Output(i, line, is_err) => {
+            Event::Output { i, line, is_err } => {
                 let node = &graph.nodes[i];
                 let prefix = prefix_output.then_some(node.short.as_str());
                 console::output(&node.qualified, prefix, &line, is_err);

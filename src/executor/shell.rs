@@ -93,7 +93,11 @@ impl process::Sink for Forward {
     }
 
     fn line(&mut self, line: String, is_err: bool) {
-        let _ = self.events.send(Event::Output(self.i, line, is_err));
+        let _ = self.events.send(Event::Output {
+            i: self.i,
+            line,
+            is_err,
+        });
     }
 }
 
