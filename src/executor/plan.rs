@@ -133,3 +133,15 @@ pub(super) fn http_warning(http: &HttpCache, what: &str, err: &anyhow::Error) ->
         Some(format!("{what} failed: {err:#}"))
     }
 }
+
+/// The build's first download, which goes alone: a failing cache costs one
+/// request, not one per transfer slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Probe {
+    /// No download has started.
+    NotYet,
+    /// Node `i`'s download started and the cache has not answered it.
+    Waiting(usize),
+    /// The cache answered: transfers go at once.
+    Answered,
+}

@@ -12,7 +12,8 @@ use super::choose;
 
 use super::outcome::{kept_name, ArtifactInfo, Done, Event, Failure, Status};
 use super::plan::{
-    http_warning, usable_http, Choice, Mode, Options, Plan, Services, LANES, REMOTE, TRANSFER,
+    http_warning, usable_http, Choice, Mode, Options, Plan, Probe, Services, LANES, REMOTE,
+    TRANSFER,
 };
 use super::remote::Job;
 use super::spans::Spans;
@@ -79,9 +80,8 @@ pub(super) struct Scheduler<'a> {
     pub(super) known: Known,
     /// `--dry-run`: the HTTP cache is asked before a download is planned.
     pub(super) dry_run: bool,
-    /// The build's first download, while the cache has not answered it: `None`
-    /// before it, `Some(None)` after.
-    pub(super) probe: Option<Option<usize>>,
+    /// Where the build's first download is: it goes alone until the cache answers.
+    pub(super) probe: Probe,
     /// When and where each job ran.
     pub(super) spans: Spans,
     /// The error lines of each failed task.
@@ -129,7 +129,7 @@ impl<'a> Scheduler<'a> {
                 Known::new()
             },
             dry_run: opts.dry_run,
-            probe: None,
+            probe: Probe::NotYet,
             spans: Spans::new(n),
             errors: vec![None; n],
             hashed: vec![false; n],
@@ -153,7 +153,7 @@ impl<'a> Scheduler<'a> {
             }
             for lane in 0..LANES {
                 while !self.stop && lanes.running[lane] < lanes.limits[lane] {
-                    if lane == TRANSFER && self.probe.is_some_and(|p| p.is_some()) {
+                    if lane == TRANSFER && matches!(self.probe, Probe::Waiting(_)) {
                         // The build's first download goes alone until the cache
                         // answers: a failing cache costs one request, not one each.
                         break;
@@ -161,8 +161,8 @@ impl<'a> Scheduler<'a> {
                     let Some((_, std::cmp::Reverse(i))) = self.ready[lane].pop() else {
                         break;
                     };
-                    if self.probe.is_none() && self.plan[i] == Plan::Download {
-                        self.probe = Some(Some(i));
+                    if self.probe == Probe::NotYet && self.plan[i] == Plan::Download {
+                        self.probe = Probe::Waiting(i);
                     }
                     lanes.running[lane] += 1;
                     self.spans.begin(i, self.plan[i]);
@@ -223,8 +223,8 @@ impl<'a> Scheduler<'a> {
             }
             Event::Log(level, message) => console::log(level, &message),
             Event::Answered(i) => {
-                if self.probe == Some(Some(i)) {
-                    self.probe = Some(None);
+                if self.probe == Probe::Waiting(i) {
+                    self.probe = Probe::Answered;
                 }
             }
             Event::RemoteRunning(i, worker) => {
@@ -237,8 +237,8 @@ impl<'a> Scheduler<'a> {
                 }
             }
             Event::Done(i, result) => {
-                if self.probe == Some(Some(i)) {
-                    self.probe = Some(None);
+                if self.probe == Probe::Waiting(i) {
+                    self.probe = Probe::Answered;
                 }
                 let node = &graph.nodes[i];
                 crate::runlog::task_done(&node.qualified, &node.short);
