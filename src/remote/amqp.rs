@@ -25,10 +25,15 @@ pub const RESULTS: &str = "jolt_results";
 
 /// How many times a request may be delivered without an answer before it is
 /// refused: a request whose worker died is tried once more; one that dies again is
-/// taken for a request that kills workers. On a quorum queue this is also its
-/// `x-delivery-limit`: the broker drops a request returned more often (the worker
-/// refuses it, with a reply, at the delivery past the limit).
+/// taken for a request that kills workers. Workers count the deliveries they start
+/// (`commands::worker::deliveries`), on both queue types.
 pub const DELIVERY_LIMIT: u32 = 2;
+
+/// A quorum queue's `x-delivery-limit`: a backstop only, past which the broker drops
+/// a request returned that often. Its count includes deliveries that a node's loss
+/// or restart returned before any worker started them, which are not deaths: a
+/// rolling restart of a cluster returns a waiting request once per node.
+pub const QUORUM_RETURNS: u32 = 20;
 
 /// The request queue of a routing key.
 pub fn task_queue(routing_key: &str) -> String {
@@ -302,7 +307,7 @@ impl AmqpSettings {
                 );
                 args.insert(
                     "x-delivery-limit".into(),
-                    AmqpValue::LongInt(DELIVERY_LIMIT as i32),
+                    AmqpValue::LongInt(QUORUM_RETURNS as i32),
                 );
                 static WARNED: std::sync::Once = std::sync::Once::new();
                 if self.max_priority > 0 {

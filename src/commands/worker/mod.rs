@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::{AmqpSettings, Config, QueueType};
+use crate::config::{AmqpSettings, Config};
 use crate::console;
 use crate::error::usage;
 use crate::error::Exit;
@@ -363,31 +363,19 @@ impl Worker {
             }
             Fleet::Interrupted => return Ok(false),
         }
-        match self.settings.queue_type {
-            // The broker counts the deliveries of a quorum queue's requests.
-            QueueType::Quorum if deliveries(delivery) > MAX_DELIVERIES => {
-                return self
-                    .refuse_redelivered(link, &request, deliveries(delivery))
-                    .map(|()| true);
-            }
-            QueueType::Quorum => {}
-            // A delivery that no worker started came back without a worker's death:
-            // a promoted mirror marks every waiting request redelivered.
-            QueueType::Classic
-                if delivery.redelivered && self.started(&request) >= deliveries(delivery) =>
-            {
-                return self.redelivered(link, delivery, &request).map(|()| true);
-            }
-            QueueType::Classic => {
-                if delivery.redelivered {
-                    console::info(&format!(
-                        "Request for {} {id8} from {}: redelivered, but no worker started it (a broker failover): not counted as a delivery",
-                        request.reference, request.client
-                    ));
-                }
-                self.record_started(&request, deliveries(delivery));
-            }
+        // A delivery that no worker started came back without a worker's death: a
+        // promoted mirror marks every waiting request redelivered, and a quorum queue
+        // returns what a node's loss or restart took. Only started ones count.
+        if delivery.redelivered && self.started(&request) >= deliveries(delivery) {
+            return self.redelivered(link, delivery, &request).map(|()| true);
         }
+        if delivery.redelivered {
+            console::info(&format!(
+                "Request for {} {id8} from {}: redelivered, but no worker started it (a broker failover): not counted as a delivery",
+                request.reference, request.client
+            ));
+        }
+        self.record_started(&request, deliveries(delivery));
         let lock = match self.lock(link, &request)? {
             Some(lock) => lock,
             None => return self.duplicate(link, &request).map(|()| true),
