@@ -2,7 +2,8 @@
 //! itself (see `util::rabbit_cluster`), with a real nginx cache and real workers.
 
 use crate::util::rabbit_cluster::Fleet;
-use crate::util::{alias, finish_within, Workspace};
+use crate::util::rabbit_cluster::Node;
+use crate::util::{alias, finish_within, line_count, Workspace};
 use std::time::Duration;
 
 /// A recipe of `n` tasks, each appending its name to `log` as it runs, and the
@@ -16,6 +17,15 @@ fn tasks(n: usize, log: &std::path::Path, seconds: &str) -> String {
         ));
     }
     recipe + &alias("all", (0..n).map(|i| format!("t{i}")))
+}
+
+/// The `amqp.host` setting that names `nodes`.
+fn brokers(nodes: &[Node]) -> String {
+    let hosts: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    format!("amqp.host={}", hosts.join(","))
 }
 
 /// The tasks `log` says ran, sorted; each must appear once.
@@ -99,24 +109,13 @@ fn a_build_survives_the_sigkill_of_the_node_that_leads_its_quorum_queue() {
             .map(|n| &n.name),
         Some(&leader.name)
     );
-    let elsewhere: Vec<String> = others
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    let settings = [
-        QUORUM.to_string(),
-        format!("amqp.host={}", elsewhere.join(",")),
-    ];
+    let settings = [QUORUM.to_string(), brokers(others)];
     let workers: Vec<_> = (0..3).map(|_| fleet.worker(&settings)).collect();
     let log = fleet.dir.path().join("ran");
     let ws = Workspace::with(&tasks(12, &log, "0.5"));
     let client = fleet.spawn_build(&ws, &settings, &["all"]);
     crate::util::wait_until("three tasks to start", Duration::from_secs(30), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= 3
+        line_count(&log) >= 3
     });
     rabbit.kill(leader);
     let before = std::fs::read_to_string(&log).unwrap().lines().count();
@@ -146,21 +145,13 @@ fn a_client_sends_again_what_a_classic_queue_lost_with_its_node() {
             .map(|n| &n.name),
         Some(&home.name)
     );
-    let elsewhere: Vec<String> = others
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    let settings = [format!("amqp.host={}", elsewhere.join(","))];
+    let settings = [brokers(others)];
     let _workers: Vec<_> = (0..3).map(|_| fleet.worker(&settings)).collect();
     let log = fleet.dir.path().join("ran");
     let ws = Workspace::with(&tasks(12, &log, "0.5"));
     let client = fleet.spawn_build(&ws, &settings, &["all"]);
     crate::util::wait_until("three tasks to start", Duration::from_secs(30), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= 3
+        line_count(&log) >= 3
     });
     rabbit.kill(home);
     let before = std::fs::read_to_string(&log).unwrap().lines().count();
@@ -216,11 +207,7 @@ fn a_rolling_restart_of_every_node_during_a_build_on_quorum_queues_refuses_nothi
     let ws = Workspace::with(&tasks(24, &log, "0.3"));
     let client = fleet.spawn_build(&ws, &quorum, &["all"]);
     crate::util::wait_until("a task to start", Duration::from_secs(30), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= 1
+        line_count(&log) >= 1
     });
     for node in &rabbit.nodes {
         rabbit.ctl(node, &["stop_app"]).unwrap();
@@ -269,21 +256,13 @@ fn two_failovers_of_a_mirrored_classic_queue_refuse_nothing() {
         )
         .unwrap();
     drop(fleet.worker(&[format!("amqp.host=127.0.0.1:{}", home.port)]));
-    let elsewhere: Vec<String> = others
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
-    let settings = [format!("amqp.host={}", elsewhere.join(","))];
+    let settings = [brokers(others)];
     let workers: Vec<_> = (0..2).map(|_| fleet.worker(&settings)).collect();
     let log = fleet.dir.path().join("ran");
     let ws = Workspace::with(&tasks(24, &log, "0.3"));
     let client = fleet.spawn_build(&ws, &settings, &["all"]);
     crate::util::wait_until("a task to start", Duration::from_secs(30), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= 1
+        line_count(&log) >= 1
     });
     // Two failovers: the master's node stops and starts again, twice.
     for _ in 0..2 {
@@ -312,12 +291,7 @@ fn a_request_that_kills_its_workers_on_a_quorum_queue_is_refused_after_two_deliv
         marker.display()
     ));
     let client = fleet.spawn_build(&ws, &quorum, &["deadly"]);
-    let runs = || {
-        std::fs::read_to_string(&marker)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let runs = || line_count(&marker);
     for delivery in 1..=2 {
         let worker = fleet.worker(&quorum);
         crate::util::wait_until("the task to start", Duration::from_secs(60), || {
@@ -325,7 +299,7 @@ fn a_request_that_kills_its_workers_on_a_quorum_queue_is_refused_after_two_deliv
         });
         worker.signal(libc::SIGKILL);
     }
-    // The broker counted both deliveries (`x-delivery-count`): the third is refused.
+    // Both deliveries were started and went unanswered: the third is refused.
     let third = fleet.worker(&quorum);
     let run = finish_within(client, Duration::from_secs(60), "the client");
     run.code(1).contains("delivered 3 times");

@@ -838,12 +838,7 @@ fn a_request_that_kills_its_workers_is_refused_after_two_deliveries() {
         marker.display()
     ));
     let client = c.spawn_build(&ws, &["deadly"]);
-    let runs = || {
-        std::fs::read_to_string(&marker)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let runs = || crate::util::line_count(&marker);
     for delivery in 1..=2 {
         let worker = c.worker();
         wait_until("the task to start", Duration::from_secs(60), || {

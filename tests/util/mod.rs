@@ -909,14 +909,7 @@ impl Cluster {
         overrides: &[&str],
         args: &[&str],
     ) -> std::process::Child {
-        let config = self.config().display().to_string();
-        let mut all = vec!["-c", config.as_str()];
-        for o in overrides {
-            all.extend_from_slice(&["-c", o]);
-        }
-        all.extend_from_slice(&["build", "--network"]);
-        all.extend_from_slice(args);
-        ws.spawn(&all)
+        spawn_network_build(ws, &self.config(), overrides, args)
     }
 }
 
@@ -946,6 +939,31 @@ pub fn finish(child: std::process::Child) -> Run {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Starts `jolt -c CONFIG [-c OVERRIDE]... build --network ARGS` in `ws`.
+pub fn spawn_network_build<S: AsRef<str>>(
+    ws: &Workspace,
+    config: &Path,
+    overrides: &[S],
+    args: &[&str],
+) -> std::process::Child {
+    let config = config.display().to_string();
+    let mut all = vec!["-c", config.as_str()];
+    for o in overrides {
+        all.extend_from_slice(&["-c", o.as_ref()]);
+    }
+    all.extend_from_slice(&["build", "--network"]);
+    all.extend_from_slice(args);
+    ws.spawn(&all)
+}
+
+/// How many lines the file at `path` holds; 0 while it does not exist.
+pub fn line_count(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .count()
 }
 
 /// A binary tree of parameter values, `depth` levels of definitions (`l0` to

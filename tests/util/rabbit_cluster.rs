@@ -438,14 +438,7 @@ impl Fleet {
         overrides: &[String],
         args: &[&str],
     ) -> std::process::Child {
-        let config = self.config().display().to_string();
-        let mut all = vec!["-c", config.as_str()];
-        for o in overrides {
-            all.extend_from_slice(&["-c", o]);
-        }
-        all.extend_from_slice(&["build", "--network"]);
-        all.extend_from_slice(args);
-        ws.spawn(&all)
+        super::spawn_network_build(ws, &self.config(), overrides, args)
     }
 
     /// The request queue of this fleet's routing key.
