@@ -394,12 +394,7 @@ impl Scheduler<'_> {
         cache.mark_used([(node.name(), node.identity.as_str())])?;
         let mut local = node.task.cacheable && cache.is_present(node.name(), &node.identity);
         if local && used && self.hashes() {
-            self.hashed[i] = true;
-            // Under its lock, as any removal; one another process holds is being
-            // checked or uploaded by it.
-            if let Some(_lock) = cache.try_lock(&node.identity)? {
-                local = cache.intact(node.name(), &node.identity);
-            }
+            local = self.intact_once(i)?;
         }
         let (kind, facts) = (self.kind(), self.facts(i, local));
         let plan = choose::choose(kind, facts, &mut Asking { scheduler: self, i });
@@ -494,19 +489,22 @@ impl Scheduler<'_> {
         if self.dry_run {
             return true;
         }
-        for d in seen {
-            if std::mem::replace(&mut self.hashed[d], true) {
-                continue;
-            }
-            let n = &graph.nodes[d];
-            match cache.try_lock(&n.identity) {
-                Ok(Some(_lock)) if !cache.intact(n.name(), &n.identity) => return false,
-                // Intact, or being checked or uploaded by the process holding it.
-                Ok(_) => {}
-                Err(_) => return false,
-            }
+        seen.into_iter()
+            .all(|d| matches!(self.intact_once(d), Ok(true)))
+    }
+
+    /// Whether node `d`'s local artifact is what its manifest says, hashed once per
+    /// build: one that differs is removed (`LocalCache::intact`). Under its lock, as
+    /// any removal; one another process holds is being checked or uploaded by it.
+    fn intact_once(&mut self, d: usize) -> Result<bool> {
+        if std::mem::replace(&mut self.hashed[d], true) {
+            return Ok(true);
         }
-        true
+        let (node, cache) = (&self.graph.nodes[d], self.services.cache);
+        Ok(match cache.try_lock(&node.identity)? {
+            Some(_lock) => cache.intact(node.name(), &node.identity),
+            None => true,
+        })
     }
 
     /// A task that must come from a cache but no cache holds.
