@@ -422,10 +422,12 @@ impl Runner<'_> {
         expanded.map_err(Failure::from)
     }
 
-    /// The environment of node `i`'s commands.
+    /// The environment of node `i`'s commands; `view` is what `i` sees
+    /// ([`graph::visible`]).
     fn environment(
         &self,
         i: usize,
+        view: &[usize],
         builddir: &Path,
         staging: &Path,
     ) -> Result<Vec<(String, String)>, Failure> {
@@ -439,7 +441,7 @@ impl Runner<'_> {
             "JOLT_CACHEDIR".into(),
             self.cache.root.display().to_string(),
         );
-        for d in self.graph.visible(i) {
+        for &d in view {
             let info = self.info(d)?;
             for (name, value) in &info.environ {
                 if name.contains("PATH") {
@@ -483,6 +485,7 @@ impl Runner<'_> {
             .map_err(|e| Failure::new(format!("Cannot create build log: {e}")))?;
         let x = Execution {
             i,
+            view: self.graph.visible(i),
             builddir,
             staging,
             start,
@@ -505,7 +508,7 @@ impl Runner<'_> {
     /// the release), then whatever is left of them is killed.
     fn run_commands(&self, x: &Execution, cwd: &Path) -> Result<(), Failure> {
         let node = &self.graph.nodes[x.i];
-        let env = self.environment(x.i, x.builddir, x.staging)?;
+        let env = self.environment(x.i, &x.view, x.builddir, x.staging)?;
         let groups = Groups::default();
         let shell = TaskShell {
             deadline: node.task.timeout.and_then(|t| x.start.checked_add(t)),
@@ -553,12 +556,14 @@ impl Runner<'_> {
                     node.short
                 ),
             ));
-            let result = self.environment(r, x.builddir, x.staging).and_then(|renv| {
-                rnode.task.acquire.iter().try_for_each(|c| {
-                    let cmd = self.expand(r, c, None)?;
-                    self.command(x.i, &shell.at(&cmd, self.root, &renv))
-                })
-            });
+            let result = self
+                .environment(r, &self.graph.visible(r), x.builddir, x.staging)
+                .and_then(|renv| {
+                    rnode.task.acquire.iter().try_for_each(|c| {
+                        let cmd = self.expand(r, c, None)?;
+                        self.command(x.i, &shell.at(&cmd, self.root, &renv))
+                    })
+                });
             if let Err(f) = result {
                 let failure = Failure {
                     lines: f
@@ -582,19 +587,21 @@ impl Runner<'_> {
         let mut result = Ok(());
         for &r in acquired.iter().rev() {
             let rnode = &self.graph.nodes[r];
-            let released = self.environment(r, x.builddir, x.staging).and_then(|renv| {
-                rnode.task.release.iter().try_for_each(|c| {
-                    let cmd = self.expand(r, c, None)?;
-                    self.command(
-                        x.i,
-                        &Shell {
-                            deadline: Some(Instant::now() + RELEASE_TIMEOUT),
-                            interruptible: false,
-                            ..shell.at(&cmd, self.root, &renv)
-                        },
-                    )
-                })
-            });
+            let released = self
+                .environment(r, &self.graph.visible(r), x.builddir, x.staging)
+                .and_then(|renv| {
+                    rnode.task.release.iter().try_for_each(|c| {
+                        let cmd = self.expand(r, c, None)?;
+                        self.command(
+                            x.i,
+                            &Shell {
+                                deadline: Some(Instant::now() + RELEASE_TIMEOUT),
+                                interruptible: false,
+                                ..shell.at(&cmd, self.root, &renv)
+                            },
+                        )
+                    })
+                });
             if released.is_err() && result.is_ok() {
                 result = released;
             }
@@ -623,7 +630,7 @@ impl Runner<'_> {
             };
             let published = artifact::publish(node.name(), &rule, x.staging)?;
             let began = std::time::SystemTime::now() - x.start.elapsed();
-            self.check_influence(x.i, &published, &[x.builddir, x.staging], began)?;
+            self.check_influence(x.i, &x.view, &published, &[x.builddir, x.staging], began)?;
         }
         Ok(())
     }
@@ -669,6 +676,7 @@ impl Runner<'_> {
     fn check_influence(
         &self,
         i: usize,
+        view: &[usize],
         published: &[PathBuf],
         scratch: &[&Path],
         began: std::time::SystemTime,
@@ -676,7 +684,7 @@ impl Runner<'_> {
         let node = &self.graph.nodes[i];
         let root = fsutil::normalize(self.root);
         let mut elsewhere: Vec<PathBuf> = scratch.iter().map(|p| fsutil::normalize(p)).collect();
-        for d in self.graph.visible(i) {
+        for &d in view {
             if let Some(info) = self.infos[d].get() {
                 elsewhere.push(fsutil::normalize(&info.dir));
             }
@@ -868,6 +876,9 @@ impl Runner<'_> {
 /// One execution of a node: where it builds, where it stages, since when, its log.
 struct Execution<'a> {
     i: usize,
+    /// What the node sees ([`graph::visible`]), walked once for its environment
+    /// and its publish rules' checks.
+    view: Vec<usize>,
     builddir: &'a Path,
     staging: &'a Path,
     start: Instant,
