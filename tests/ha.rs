@@ -196,43 +196,6 @@ fn a_request_the_broker_refuses_is_published_again_until_it_takes_it() {
 }
 
 #[test]
-fn a_rolling_restart_of_every_node_during_a_build_on_quorum_queues_refuses_nothing() {
-    let Some(fleet) = Fleet::start_exclusive() else {
-        return;
-    };
-    let rabbit = fleet.rabbit;
-    let quorum = [QUORUM.to_string()];
-    let workers: Vec<_> = (0..3).map(|_| fleet.worker(&quorum)).collect();
-    let log = fleet.dir.path().join("ran");
-    let ws = Workspace::with(&tasks(24, &log, "0.3"));
-    let client = fleet.spawn_build(&ws, &quorum, &["all"]);
-    crate::util::wait_until("a task to start", Duration::from_secs(30), || {
-        line_count(&log) >= 1
-    });
-    for node in &rabbit.nodes {
-        rabbit.ctl(node, &["stop_app"]).unwrap();
-        rabbit.ctl(node, &["start_app"]).unwrap();
-    }
-    let run = finish_within(client, Duration::from_secs(90), "the build");
-    run.success().lacks("delivered 3 times");
-    // A worker whose node stops loses its lock with its connection, and its request
-    // goes back to the queue: another worker may build that task alongside (at
-    // least once, see docs/architecture.md). Every other task runs once.
-    let lost: usize = workers
-        .iter()
-        .map(|w| w.output().matches("Lost the lock of").count())
-        .sum();
-    let ran: Vec<String> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
-    let unique: std::collections::BTreeSet<&String> = ran.iter().collect();
-    assert_eq!(unique.len(), 24, "{ran:?}");
-    assert!(ran.len() - unique.len() <= lost, "{ran:?}");
-}
-
-#[test]
 fn two_failovers_of_a_mirrored_classic_queue_refuse_nothing() {
     let Some(fleet) = Fleet::start_exclusive() else {
         return;
